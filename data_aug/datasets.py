@@ -1,0 +1,171 @@
+"""Data sets as uint8 images `[3, H, W]` with int64 labels (-1 where there is none).
+
+`load_split(name, root, split)` is the one entry point. Splits: `pretrain` (everything usable without
+labels: STL10 train+unlabeled, ImageFolder train + unlabeled), `train` (labelled, for linear probes)
+and `test`. Fixed-size sets are held as one tensor (`TensorImages.images`); ImageFolder decodes files
+lazily, converting grey, palette and RGBA images to RGB.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from data_aug.stl10 import DataError, download_stl10, read_stl10
+
+SPLITS = ("pretrain", "train", "test")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+DIGITS_SIZE = 32
+
+
+class TensorImages(torch.utils.data.Dataset):
+    """Images held in memory as one uint8 tensor `[N, 3, H, W]` with labels `[N]`."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: list[str]):
+        assert images.dtype == torch.uint8 and images.ndim == 4 and images.shape[1] == 3
+        self.images, self.labels, self.classes = images, labels, classes
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], int(self.labels[index])
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Image files decoded on access to uint8 RGB `[3, H, W]`."""
+
+    def __init__(self, files: list[Path], labels: list[int], classes: list[str]):
+        self.files, self.labels, self.classes = files, torch.tensor(labels, dtype=torch.int64), classes
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return decode_image(self.files[index]), int(self.labels[index])
+
+
+def decode_image(path: Path) -> torch.Tensor:
+    """Decode an image file to uint8 RGB `[3, H, W]`; a damaged file raises DataError naming it."""
+    from torchvision.transforms.functional import pil_to_tensor
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return pil_to_tensor(img.convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise DataError(f"cannot decode image {path} ({err}): remove or replace the file, "
+                        "or set dataset.skip_bad_images: true to skip unreadable files") from None
+
+
+def load_split(name: str, root: str | Path, split: str, download: bool = False,
+               skip_bad_images: bool = False) -> TensorImages | ImageFiles:
+    """Load one split of a data set by name (`stl10`, `cifar10`, `cifar100`, `imagefolder`, `digits`)."""
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} is not one of {', '.join(SPLITS)}")
+    root = Path(root)
+    if name == "stl10":
+        if download:
+            download_stl10(root)
+        stl_split = {"pretrain": "train+unlabeled", "train": "train", "test": "test"}[split]
+        images, labels = read_stl10(root, stl_split)
+        classes = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
+        return TensorImages(images, labels, classes)
+    if name in ("cifar10", "cifar100"):
+        return _load_cifar(name, root, split, download)
+    if name == "digits":
+        return _load_digits(split)
+    if name == "imagefolder":
+        return _load_image_folder(root, split, skip_bad_images)
+    raise ValueError(f"unknown dataset {name!r}")
+
+
+def split_validation(n: int, valid_size: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded, deterministic (train, valid) index split holding out `valid_size` of `n` items."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_valid = int(round(n * valid_size))
+    if valid_size > 0:
+        n_valid = min(max(n_valid, 2), n - 2)  # NT-Xent needs two images on each side
+    return order[n_valid:].sort().values, order[:n_valid].sort().values
+
+
+def _load_cifar(name: str, root: Path, split: str, download: bool) -> TensorImages:
+    from torchvision import datasets
+
+    cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    try:
+        data = cls(str(root), train=split != "test", download=download)
+    except RuntimeError as err:
+        raise DataError(f"{name} not found under {root} ({err}): set dataset.download: true or point "
+                        "dataset.root at the folder holding the extracted archive") from None
+    images = torch.from_numpy(data.data).permute(0, 3, 1, 2).contiguous()
+    return TensorImages(images, torch.tensor(data.targets, dtype=torch.int64), list(data.classes))
+
+
+def _load_digits(split: str) -> TensorImages:
+    """scikit-learn's 8x8 digits, upscaled to 32x32 RGB; a fixed stratified 80/20 train/test split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = torch.from_numpy(digits.images).float().unsqueeze(1) / 16.0  # (N, 1, 8, 8), in [0, 1]
+    x = F.interpolate(x, size=(DIGITS_SIZE, DIGITS_SIZE), mode="bilinear", align_corners=False)
+    images = (x.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    labels = torch.from_numpy(digits.target).long()
+    train_idx, test_idx = train_test_split(range(len(labels)), test_size=0.2, random_state=0, stratify=digits.target)
+    index = torch.tensor(test_idx if split == "test" else train_idx)
+    return TensorImages(images[index], labels[index], [str(i) for i in range(10)])
+
+
+def _load_image_folder(root: Path, split: str, skip_bad_images: bool) -> ImageFiles:
+    train_dir = root / "train"
+    if not train_dir.is_dir():
+        raise DataError(f"ImageFolder root {root} has no train/ folder: lay it out as "
+                        "<root>/train/<class>/*, <root>/test/<class>/* and optionally <root>/unlabeled/**")
+    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    if not classes:
+        raise DataError(f"{train_dir} has no class folders: put images in {train_dir}/<class>/")
+    files, labels = [], []
+    if split in ("pretrain", "train"):
+        files, labels = _class_files(train_dir, classes)
+    if split == "test":
+        test_dir = root / "test"
+        if not test_dir.is_dir():
+            raise DataError(f"ImageFolder root {root} has no test/ folder: evaluation needs <root>/test/<class>/*")
+        unknown = sorted(p.name for p in test_dir.iterdir() if p.is_dir() and p.name not in classes)
+        if unknown:
+            raise DataError(f"{test_dir} has classes not in {train_dir}: {', '.join(unknown)}")
+        files, labels = _class_files(test_dir, classes)
+    if split == "pretrain" and (root / "unlabeled").is_dir():
+        extra = sorted(p for p in (root / "unlabeled").rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        files, labels = files + extra, labels + [-1] * len(extra)
+    if not files:
+        raise DataError(f"no images with suffixes {', '.join(IMAGE_SUFFIXES)} found for split {split!r} under {root}")
+    if skip_bad_images:
+        good = [i for i, f in enumerate(files) if _readable(f)]
+        if len(good) < len(files):
+            warnings.warn(f"skipped {len(files) - len(good)} unreadable image(s) under {root} "
+                          "(dataset.skip_bad_images: true)", stacklevel=2)
+        files, labels = [files[i] for i in good], [labels[i] for i in good]
+    return ImageFiles(files, labels, classes)
+
+
+def _class_files(folder: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        found = sorted(p for p in (folder / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) \
+            if (folder / name).is_dir() else []
+        files += found
+        labels += [label] * len(found)
+    return files, labels
+
+
+def _readable(path: Path) -> bool:
+    try:
+        decode_image(path)
+        return True
+    except DataError:
+        return False

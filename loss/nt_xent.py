@@ -1,0 +1,84 @@
+"""NT-Xent, the normalised temperature-scaled cross-entropy loss (SimCLR, Section 2.1, Algorithm 1)."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def gather_with_grad(z: torch.Tensor) -> torch.Tensor:
+    """Concatenate `z` `[n, D]` from every rank into `[world * n, D]`, in rank order.
+
+    Gradients flow back: the backward pass sums, over all ranks, the gradient each rank's loss sends to
+    every slice and returns to each rank the sum for its own slice (a reduce-scatter). With DDP's averaging
+    of parameter gradients, this gives exactly the gradient of the loss over the global batch. Without an
+    initialised process group (or with one process) it returns `z` unchanged.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return z
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(z), dim=0)
+
+
+class NTXentLoss(nn.Module):
+    """Mean NT-Xent over the 2N anchors of N positive pairs, with negatives from every rank.
+
+    Args:
+        temperature: tau, the softmax temperature (paper: 0.1 to 0.5).
+        use_cosine_similarity: cosine similarity (the paper) if True, else the raw dot product.
+    Memory is O(N^2): one `[2n, 2N]` similarity matrix, never a `[2N, 2N, D]` tensor.
+    """
+
+    def __init__(self, temperature: float = 0.5, use_cosine_similarity: bool = True):
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+        self.use_cosine_similarity = use_cosine_similarity
+
+    def logits(self, z_i: torch.Tensor, z_j: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Similarity logits of the local anchors against all keys, and the index of each positive.
+
+        Args:
+            z_i, z_j: `[n, D]` projections of the two views of this rank's n images.
+        Returns:
+            logits `[2n, 2N]` with the self-similarity set to -inf, and targets `[2n]` (int64).
+        """
+        if z_i.shape != z_j.shape or z_i.ndim != 2:
+            raise ValueError(f"z_i and z_j must both be [N, D], got {tuple(z_i.shape)} and {tuple(z_j.shape)}")
+        z_i, z_j = z_i.float(), z_j.float()  # the softmax over 2N keys needs float32 even under autocast
+        if self.use_cosine_similarity:
+            z_i, z_j = F.normalize(z_i, dim=1), F.normalize(z_j, dim=1)
+        n = z_i.shape[0]
+        all_i, all_j = gather_with_grad(z_i), gather_with_grad(z_j)  # (N, D) each
+        total = all_i.shape[0]
+        if total < 2:
+            raise ValueError("NT-Xent needs at least 2 images in the (global) batch")
+        offset = n * (dist.get_rank() if total != n else 0)
+        anchors = torch.cat([z_i, z_j])  # (2n, D)
+        keys = torch.cat([all_i, all_j])  # (2N, D)
+        logits = anchors @ keys.T / self.temperature  # (2n, 2N)
+        local = torch.arange(n, device=z_i.device)
+        self_index = torch.cat([local + offset, local + offset + total])  # (2n,) position of each anchor in keys
+        targets = torch.cat([local + offset + total, local + offset])  # its other view
+        logits = logits.masked_fill(F.one_hot(self_index, 2 * total).bool(), float("-inf"))
+        return logits, targets
+
+    def forward(self, z_i: torch.Tensor, z_j: torch.Tensor) -> torch.Tensor:
+        logits, targets = self.logits(z_i, z_j)
+        return F.cross_entropy(logits, targets)
+
+    def loss_and_accuracy(self, z_i: torch.Tensor, z_j: torch.Tensor, topk=(1, 5)):
+        """The loss and the contrastive top-k accuracy (%, tensors, no host sync): is the positive ranked first?"""
+        logits, targets = self.logits(z_i, z_j)
+        return F.cross_entropy(logits, targets), contrastive_accuracy(logits.detach(), targets, topk)
+
+
+def contrastive_accuracy(logits: torch.Tensor, targets: torch.Tensor, topk=(1, 5)) -> dict[str, torch.Tensor]:
+    """Percentage of anchors whose positive is among the k most similar keys, for each k in `topk`."""
+    k_max = min(max(topk), logits.shape[1] - 1)
+    top = logits.topk(k_max, dim=1).indices  # (2n, k_max)
+    hit = top == targets[:, None]
+    return {f"top{k}": hit[:, :min(k, k_max)].any(dim=1).float().mean() * 100 for k in topk}

@@ -1,0 +1,86 @@
+"""Load a trained encoder, frozen, from a checkpoint file or a run directory."""
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+from models.resnet_simclr import Encoder
+
+
+class CheckpointLoadError(RuntimeError):
+    """A checkpoint is missing, unreadable or does not hold what was asked; the message says which file."""
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file from a `.pt` path or a run directory (its `checkpoints/last.pt`)."""
+    path = Path(path)
+    if path.is_dir():
+        candidate = path / "checkpoints" / "last.pt"
+        if not candidate.is_file():
+            raise CheckpointLoadError(f"run directory {path} has no checkpoints/last.pt: has it finished an epoch?")
+        return candidate
+    if not path.is_file():
+        raise CheckpointLoadError(f"checkpoint {path} not found: pass a run directory (runs/<name>) or a .pt file")
+    return path
+
+
+def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """`torch.load(path, weights_only=True)` with one clear error for a damaged or unsafe file."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointLoadError(f"checkpoint {path} not found") from None
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else "unsafe pickle"
+        raise CheckpointLoadError(f"checkpoint {path} was refused: it holds objects other than weights "
+                                  f"({first[:200]}); only load files you trust") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
+        raise CheckpointLoadError(f"checkpoint {path} is damaged or not a checkpoint "
+                                  f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointLoadError(f"checkpoint {path} has no 'model' weights: is it a checkpoint of this repo?")
+    return state
+
+
+def encoder_state_dict(model_state: dict) -> dict:
+    """The encoder's part of a full SimCLR state dict (keys without the `encoder.` prefix)."""
+    return {k[len("encoder."):]: v for k, v in model_state.items() if k.startswith("encoder.")}
+
+
+def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> Encoder:
+    """The frozen encoder of a checkpoint: eval mode, no gradients, images in [0, 1] -> features `[B, D]`.
+
+    Args:
+        path: a checkpoint `.pt` or a run directory.
+    Returns:
+        `Encoder` with `feature_dim` and `config` (the training config dict) attributes.
+    """
+    file = resolve_checkpoint(path)
+    state = read_checkpoint(file)
+    model_config = state.get("config", {}).get("model", {})
+    base_model = model_config.get("base_model", "resnet18")
+    encoder = Encoder(base_model, bool(model_config.get("cifar_stem", False)))
+    weights = encoder_state_dict(state["model"])
+    try:
+        encoder.load_state_dict(weights, strict=True)
+    except RuntimeError as err:
+        missing = set(encoder.state_dict()) - set(weights)
+        unexpected = set(weights) - set(encoder.state_dict())
+        raise CheckpointLoadError(
+            f"checkpoint {file} does not fit a {base_model} encoder: {len(missing)} missing keys "
+            f"(e.g. {sorted(missing)[:3]}), {len(unexpected)} unexpected (e.g. {sorted(unexpected)[:3]}), "
+            f"{'shape mismatch' if not missing and not unexpected else ''}".rstrip(", ")) from None
+    encoder.config = state.get("config", {})
+    encoder.checkpoint_path = str(file)
+    return freeze(encoder).to(device)
+
+
+def freeze(module: torch.nn.Module) -> torch.nn.Module:
+    """eval() and requires_grad_(False): BatchNorm in train mode would update the statistics of a frozen model."""
+    module.eval()
+    module.requires_grad_(False)
+    return module

@@ -1,0 +1,70 @@
+"""SimCLR pretraining from a YAML config.
+
+    python run.py                                   # ./config.yaml
+    python run.py --config my.yaml epochs=80 model.base_model=resnet50 loss.temperature=0.2
+    python run.py resume=runs/<name>                # continue an interrupted run
+    torchrun --nproc_per_node=8 run.py batch_size=4096 optimizer.name=lars
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from data_aug.stl10 import DataError
+from models.loading import CheckpointLoadError
+from simclr.checkpoint import CheckpointWriteError
+from simclr.config import ConfigError, load_config
+from simclr.dist import init_distributed, shutdown
+from simclr.run_dir import RunDirBusy
+from simclr.trainer import Preempted, Trainer, TrainingError, find_resume
+
+USER_ERRORS = (DataError, CheckpointLoadError, CheckpointWriteError, TrainingError, RunDirBusy)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="SimCLR pretraining", epilog="overrides: key=value or "
+                                     "section.key=value, e.g. epochs=80 dataset.name=cifar10 resume=runs/<name>")
+    parser.add_argument("--config", default="config.yaml", help="YAML config file (default: ./config.yaml)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, checked like the YAML keys")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        config = load_config(args.config, args.overrides)
+        info = init_distributed(config.device)
+        log = print if info.is_main else (lambda *_: None)
+        resume = find_resume(config, log) if config.resume else None
+        if resume is not None:  # the run's own config, with this command's overrides on top
+            config = load_config(None, args.overrides, base={**resume[1]["config"], "resume": config.resume})
+        run_dir = Trainer(config, info, resume).fit()
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except Preempted as stop:
+        print(str(stop))
+        return 0
+    except RuntimeError as err:
+        if "CUDA" in str(err) or "device" in str(err):
+            print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
+            return 1
+        raise
+    finally:
+        shutdown()
+    if info.is_main:
+        if config.final_eval:
+            from feature_eval.evaluate import evaluate_run
+
+            evaluate_run(run_dir)
+        print(f"done: run dir {run_dir} (checkpoints in {Path(run_dir) / 'checkpoints'}); "
+              f"view with: tensorboard --logdir {Path(run_dir).parent}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

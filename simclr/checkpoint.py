@@ -1,0 +1,121 @@
+"""Atomic checkpoint save, safe load, and the choice of checkpoint to resume from."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from models.loading import CheckpointLoadError, read_checkpoint
+
+VERSION = 1
+LAST, PREVIOUS, BEST = "last.pt", "last.prev.pt", "best.pt"
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written; the previous one is intact."""
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module under DDP and torch.compile wrappers, so saved keys carry no prefixes."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def save_checkpoint(path: str | Path, state: dict, keep_previous: bool = False) -> None:
+    """Write `state` to a temporary file in the same folder, fsync it, then rename it over `path`.
+
+    A crash at any moment leaves either the old or the new file complete. With `keep_previous`, the
+    file being replaced is first renamed to `last.prev.pt`, so a damaged newest file has a fallback.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"version": VERSION, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if keep_previous and path.exists():
+            os.replace(path, path.parent / PREVIOUS)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise CheckpointWriteError(f"could not write checkpoint {path} ({err.strerror or err}); the previous "
+                                   "checkpoint is intact: free disk space or change run_dir, then resume") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load a training checkpoint on the CPU with `weights_only=True`; damaged or unsafe files raise."""
+    state = read_checkpoint(path)
+    missing = [k for k in ("next_epoch", "optimizer", "config") if k not in state]
+    if missing:
+        raise CheckpointLoadError(f"checkpoint {path} lacks {', '.join(missing)}: it is not a training checkpoint "
+                                  "(use fine_tune_from to start from weights only)")
+    return state
+
+
+def candidates(run_dir: Path) -> list[Path]:
+    """Checkpoints of a run dir that could be resumed from, newest first."""
+    folder = run_dir / "checkpoints"
+    return [p for p in (folder / LAST, folder / PREVIOUS) if p.is_file()]
+
+
+def find_resume_state(target: str | Path, auto: bool, log=print) -> tuple[Path, dict] | None:
+    """The checkpoint to resume from and its state.
+
+    `target` is a run dir or a checkpoint file. With `auto`, a run dir without checkpoints gives None
+    (start fresh) and a damaged newest checkpoint is skipped (reported) in favour of an older one;
+    without it, a damaged checkpoint is an error naming the file and the others available.
+    """
+    target = Path(target)
+    if target.is_file():
+        return target, load_checkpoint(target)
+    if not target.is_dir():
+        if auto:
+            return None
+        raise CheckpointLoadError(f"resume={target}: no such run directory or checkpoint file")
+    found = candidates(target)
+    if not found:
+        if auto:
+            return None
+        raise CheckpointLoadError(f"resume={target}: the run directory has no checkpoints/{LAST} "
+                                  f"(or {PREVIOUS}); it has not finished an epoch, start it afresh")
+    errors = []
+    for path in found:
+        try:
+            state = load_checkpoint(path)
+        except CheckpointLoadError as err:
+            if not auto:
+                others = [str(p) for p in found if p != path]
+                raise CheckpointLoadError(f"{err}. Other checkpoints: {', '.join(others) or 'none'}; pass one "
+                                          "with resume=PATH, or use resume=auto to take the newest readable") from None
+            errors.append(str(err))
+            continue
+        for message in errors:
+            log(f"resume: skipped a damaged checkpoint: {message}")
+        return path, state
+    raise CheckpointLoadError("resume: no readable checkpoint in " + str(target) + ": " + "; ".join(errors))

@@ -1,0 +1,72 @@
+"""Device choice and torchrun process groups, in one place."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(setting: str, local_rank: int = 0) -> torch.device:
+    """`auto` -> this process's CUDA device if there is one, else the CPU; `cuda` -> cuda:<local rank>."""
+    if setting == "auto":
+        setting = "cuda" if torch.cuda.is_available() else "cpu"
+    if setting.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device: {setting} was asked for but no CUDA GPU is visible: use device: cpu or auto")
+        if setting == "cuda":
+            setting = f"cuda:{local_rank}"
+        index = torch.device(setting).index or 0
+        if index >= torch.cuda.device_count():
+            raise RuntimeError(f"device: {setting} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
+    return torch.device(setting)
+
+
+def init_distributed(device_setting: str) -> DistInfo:
+    """Join the torchrun process group when launched by torchrun (RANK set); a single process joins none."""
+    if "RANK" not in os.environ:
+        return DistInfo(0, 1, 0, pick_device(device_setting))
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = pick_device(device_setting, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+    return DistInfo(rank, world_size, local_rank, device)
+
+
+def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    """Average a tensor over ranks (identity in a single process)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= dist.get_world_size()
+    return value
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

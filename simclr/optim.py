@@ -1,0 +1,94 @@
+"""Optimisers (Adam, SGD, LARS), learning-rate scaling, and the per-step warmup + cosine schedule."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def scaled_lr(base_lr: float, batch_size: int, rule: str) -> float:
+    """The paper's rules (Appendix B.1): `linear` = base x B/256, `sqrt` = base x sqrt(B), `none` = base."""
+    if rule == "linear":
+        return base_lr * batch_size / 256
+    if rule == "sqrt":
+        return base_lr * math.sqrt(batch_size)
+    return base_lr
+
+
+def _split_decay(model: torch.nn.Module) -> tuple[list, list]:
+    """Weights of convolutions and linear layers decay; BatchNorm parameters and biases do not."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 else decay).append(param)
+    return decay, no_decay
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al. 2017) as used by SimCLR: SGD with momentum whose step for each weight tensor is
+    scaled by the trust ratio `eta * ||w|| / ||g + wd * w||`. Parameter groups with `lars_exclude=True`
+    (BatchNorm and biases) get neither weight decay nor adaptation, as in the paper's code.
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 trust_coefficient: float = 0.001):
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                        trust_coefficient=trust_coefficient, lars_exclude=False)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                update = p.grad
+                if not group["lars_exclude"]:
+                    update = update.add(p, alpha=group["weight_decay"])
+                    w_norm, u_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(update)
+                    trust = torch.where((w_norm > 0) & (u_norm > 0),
+                                        group["trust_coefficient"] * w_norm / u_norm, torch.ones_like(w_norm))
+                    update = update * trust
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = update.clone()
+                else:
+                    state["momentum_buffer"].mul_(group["momentum"]).add_(update)
+                p.add_(state["momentum_buffer"], alpha=-group["lr"])
+        return loss
+
+
+def create_optimizer(model: torch.nn.Module, name: str, lr: float, weight_decay: float,
+                     momentum: float = 0.9) -> torch.optim.Optimizer:
+    """Adam (the seed's default), SGD with momentum, or LARS, with decay excluded from BatchNorm and biases."""
+    decay, no_decay = _split_decay(model)
+    if name == "lars":
+        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True}]
+        return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=lr)
+    raise ValueError(f"unknown optimizer {name!r}: use adam, sgd or lars")
+
+
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int, cosine: bool = True) -> float:
+    """Learning-rate multiplier at `step`: linear warmup to 1, then cosine decay to 0 at `total_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if not cosine:
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def create_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
+                     cosine: bool = True) -> torch.optim.lr_scheduler.LambdaLR:
+    """A scheduler stepped once per optimiser step (not per epoch)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, total_steps, warmup_steps, cosine))

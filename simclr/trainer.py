@@ -1,0 +1,350 @@
+"""SimCLR pretraining: data, model, optimiser, the epoch loop, validation, checkpoints and resume."""
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+from tqdm import tqdm
+
+from data_aug.datasets import load_split, split_validation
+from data_aug.views import TwoViews, create_view_transform
+from loss.nt_xent import NTXentLoss
+from models.loading import CheckpointLoadError, read_checkpoint, resolve_checkpoint
+from models.resnet_simclr import create_model
+from simclr import checkpoint as ckpt
+from simclr.config import Config, ConfigError, config_to_dict
+from simclr.dist import DistInfo, all_reduce_mean, barrier
+from simclr.optim import create_optimizer, create_scheduler, scaled_lr
+from simclr.run_dir import RunLock, RunWriter, default_run_dir
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, impossible sizes); the message says what to change."""
+
+
+class LoaderBatches:
+    """Batches of two views from a DataLoader with a seeded, resumable DistributedSampler.
+
+    `batch_size` is the global batch; each rank loads `batch_size / world_size` images per step.
+    """
+
+    def __init__(self, views: TwoViews, batch_size: int, info: DistInfo, num_workers: int, seed: int):
+        self.views, self.local_batch, self.num_workers = views, batch_size // info.world_size, num_workers
+        self.sampler = DistributedSampler(views, num_replicas=info.world_size, rank=info.rank, shuffle=True,
+                                          seed=seed, drop_last=True)
+        self.steps_per_epoch = len(self.sampler) // self.local_batch
+        self.num_images = len(views)
+        self.pin = info.device.type == "cuda"
+
+    def batches(self, epoch: int, start_step: int = 0):
+        """Yield `(x1, x2)` for steps `start_step ..` of `epoch`: the same images and views whatever the start."""
+        self.sampler.set_epoch(epoch)
+        self.views.set_epoch(epoch)
+        order = list(self.sampler)[start_step * self.local_batch:self.steps_per_epoch * self.local_batch]
+        yield from DataLoader(self.views, batch_size=self.local_batch, sampler=order, drop_last=True,
+                              num_workers=self.num_workers, pin_memory=self.pin)
+
+
+def create_batches(config: Config, info: DistInfo):
+    """Training batches and validation views, from the `pretrain` split minus a seeded validation hold-out."""
+    d = config.dataset
+    if config.batch_size % info.world_size:
+        raise ConfigError(f"batch_size = {config.batch_size}: must be divisible by the number of processes "
+                          f"({info.world_size}); it is the global batch")
+    data = load_split(d.name, d.root, "pretrain", download=d.download and info.is_main,
+                      skip_bad_images=d.skip_bad_images)
+    train_idx, valid_idx = split_validation(len(data), d.valid_size, config.seed)
+    if len(train_idx) < config.batch_size:
+        raise ConfigError(f"batch_size = {config.batch_size}: larger than the training split ({len(train_idx)} "
+                          f"images of {d.name} after holding out valid_size); lower batch_size")
+    transform = create_view_transform(d.crop_size, d.s, d.blur)
+    valid = TwoViews(Subset(data, valid_idx.tolist()), transform, seed=config.seed + 1) if len(valid_idx) else None
+    if d.augment_on == "device":
+        from data_aug.device_views import DeviceBatches
+
+        train = DeviceBatches(data, train_idx, config, info)
+    else:
+        train = LoaderBatches(TwoViews(Subset(data, train_idx.tolist()), transform, config.seed),
+                              config.batch_size, info, d.num_workers, config.seed)
+    return train, valid
+
+
+def resolve_fine_tune(value: str) -> Path:
+    """A checkpoint from a run name under runs/, a run dir, a checkpoint file or a pretrained package."""
+    for candidate in (Path(value), Path("runs") / value):
+        if candidate.exists():
+            return resolve_checkpoint(candidate)
+    try:
+        from pretrained_models import find_package
+    except ImportError:
+        find_package = None
+    if find_package is not None:
+        return find_package(value)
+    raise CheckpointLoadError(f"fine_tune_from = {value!r}: no run dir, checkpoint or package of that name")
+
+
+def load_weights_only(model: nn.Module, source: str, log) -> None:
+    """Initialise `model` from a checkpoint (weights only); the head is kept fresh if its shape differs."""
+    path = resolve_fine_tune(source)
+    if path.suffix == ".safetensors" or path.is_dir():
+        from pretrained_models import read_package_weights
+
+        weights = read_package_weights(path)
+    else:
+        weights = read_checkpoint(path)["model"]
+    own = model.state_dict()
+    usable = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
+    missing = [k for k in own if k not in usable]
+    if any(k.startswith("encoder.") for k in missing):
+        raise CheckpointLoadError(f"fine_tune_from = {source!r}: {path} does not fit this model's encoder "
+                                  f"({len(missing)} keys missing or of another shape, e.g. {missing[:2]}); "
+                                  "check model.base_model and model.cifar_stem")
+    model.load_state_dict(usable, strict=False)
+    log(f"initialised weights from {path}" + (" (projection head kept fresh: other shape)" if missing else ""))
+
+
+def find_resume(config: Config, log=print) -> tuple[Path, dict] | None:
+    """The checkpoint named by `config.resume` (a run dir, a file, or `auto` for run_dir's newest readable)."""
+    auto = config.resume == "auto"
+    if auto and not config.run_dir:
+        raise ConfigError("resume = 'auto': needs run_dir set, so that a restarted job finds its own run")
+    target = Path(config.run_dir if auto else config.resume)
+    found = ckpt.find_resume_state(target, auto=auto, log=log)
+    if found is None:
+        log(f"resume=auto: no checkpoint in {target} yet, starting fresh")
+    else:
+        log(f"resuming from {found[0]} (epoch {found[1]['next_epoch']}, step {found[1].get('step_in_epoch', 0)})")
+    return found
+
+
+class Trainer:
+    """Owns the model, optimiser and loop; `fit()` runs the remaining epochs and returns the run dir."""
+
+    def __init__(self, config: Config, info: DistInfo, resume: tuple[Path, dict] | None = None):
+        """`resume` is `(checkpoint path, state)` from `find_resume`, or None for a fresh run."""
+        self.config, self.info, self.device = config, info, info.device
+        self.resume_state = resume[1] if resume else None
+        self.run_dir = Path(config.run_dir) if config.run_dir else None
+        if resume and self.run_dir is None:
+            path = resume[0]
+            self.run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        if self.run_dir is None:
+            self.run_dir = default_run_dir()
+        self.train_batches, self.valid_views = create_batches(config, self.info)
+        self._build_model()
+        self._stop_signal = None
+
+    def log(self, message: str) -> None:
+        if self.info.is_main:
+            tqdm.write(message)
+
+    def _build_model(self) -> None:
+        c, info = self.config, self.info
+        torch.manual_seed(c.seed)
+        model = create_model(c.model.base_model, c.model.out_dim, c.model.cifar_stem)
+        if c.fine_tune_from and self.resume_state is None:
+            load_weights_only(model, c.fine_tune_from, self.log)
+        sync_bn = c.model.sync_bn if c.model.sync_bn is not None else (info.distributed and self.device.type == "cuda")
+        if sync_bn and info.distributed:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = model.to(self.device)
+        if self.device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        lr = scaled_lr(c.optimizer.lr, c.batch_size, c.optimizer.lr_scaling)
+        self.optimizer = create_optimizer(model, c.optimizer.name, lr, c.weight_decay, c.optimizer.momentum)
+        steps = self.train_batches.steps_per_epoch
+        self.scheduler = create_scheduler(self.optimizer, c.epochs * steps, round(c.optimizer.warmup_epochs * steps),
+                                          c.optimizer.cosine)
+        self.amp_dtype = None
+        if c.fp16_precision:
+            self.amp_dtype = torch.float16 if c.amp_dtype == "float16" else torch.bfloat16
+            if self.device.type != "cuda" and self.amp_dtype == torch.float16:
+                self.amp_dtype = torch.bfloat16
+                self.log("fp16_precision: float16 autocast needs CUDA; using bfloat16 on this device")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.criterion = NTXentLoss(c.loss.temperature, c.loss.use_cosine_similarity)
+        self.train_model = model
+        if info.distributed:
+            self.train_model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if c.compile:
+            self.train_model = torch.compile(self.train_model)
+        self.next_epoch, self.start_step, self.best_valid = 0, 0, math.inf
+        if self.resume_state is not None:
+            self._restore(self.resume_state)
+
+    def _restore(self, state: dict) -> None:
+        try:
+            self.model.load_state_dict(state["model"], strict=True)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+        except (RuntimeError, KeyError, ValueError) as err:
+            raise CheckpointLoadError(f"the resume checkpoint does not fit this model or optimiser "
+                                      f"({str(err).splitlines()[0][:200]}): resume with the run's own config") from None
+        self.next_epoch = state["next_epoch"]
+        self.start_step = state.get("step_in_epoch", 0)
+        self.best_valid = state.get("best_valid_loss", math.inf)
+        torch.set_rng_state(state["rng_cpu"])
+
+    def _state(self, next_epoch: int, step_in_epoch: int = 0) -> dict:
+        return {"model": ckpt.unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "next_epoch": next_epoch, "step_in_epoch": step_in_epoch, "best_valid_loss": self.best_valid,
+                "config": config_to_dict(self.config), "rng_cpu": torch.get_rng_state()}
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
+
+    def train_step(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """One optimiser step on a batch of view pairs; returns the loss and accuracy as device tensors."""
+        n = x1.shape[0]
+        with self._autocast():
+            _, z = self.train_model(torch.cat([x1, x2]))  # both views in one pass: BatchNorm sees all 2n
+            loss, acc = self.criterion.loss_and_accuracy(z[:n], z[n:])
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return loss.detach(), acc
+
+    def _check_finite(self, loss: float, epoch: int, step: int) -> None:
+        if not math.isfinite(loss):
+            lr = self.optimizer.param_groups[0]["lr"]
+            raise TrainingError(f"non-finite loss ({loss}) at epoch {epoch}, step {step}, lr {lr:.3g}: lower "
+                                "optimizer.lr, raise loss.temperature, or use amp_dtype: bfloat16; the last good "
+                                f"checkpoint is kept in {self.run_dir / 'checkpoints'}")
+
+    def train_epoch(self, epoch: int, writer: RunWriter | None) -> float:
+        """Run the steps of one epoch from `self.start_step`; return the mean training loss."""
+        c, steps = self.config, self.train_batches.steps_per_epoch
+        self.train_model.train()
+        total, count = torch.zeros((), device=self.device), 0
+        bar = tqdm(total=steps, initial=self.start_step, desc=f"epoch {epoch + 1}/{c.epochs}",
+                   disable=not self.info.is_main, dynamic_ncols=True, leave=False)
+        tick, tick_images = time.perf_counter(), 0
+        for step, (x1, x2) in enumerate(self.train_batches.batches(epoch, self.start_step), start=self.start_step):
+            loss, acc = self.train_step(self._to_device(x1), self._to_device(x2))
+            total += loss
+            count += 1
+            tick_images += x1.shape[0] * self.info.world_size
+            bar.update(1)
+            global_step = epoch * steps + step + 1
+            if global_step % c.log_every_n_steps == 0 or step + 1 == steps:
+                loss_value = loss.item()  # the only host sync of the step loop
+                self._check_finite(loss_value, epoch, step)
+                speed = tick_images / (time.perf_counter() - tick)
+                lr = self.optimizer.param_groups[0]["lr"]
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{speed:.0f}")
+                if writer:
+                    writer.log({"kind": "step", "epoch": epoch, "step": step, "global_step": global_step,
+                                "loss": loss_value, "lr": lr, "top1": acc["top1"].item(),
+                                "top5": acc["top5"].item(), "images_per_s": speed}, global_step, "train")
+                tick, tick_images = time.perf_counter(), 0
+            if self._should_stop():
+                bar.close()
+                self._preempt(epoch, step + 1)
+        bar.close()
+        self.start_step = 0
+        mean = (all_reduce_mean(total) / max(count, 1)).item()
+        self._check_finite(mean, epoch, steps)
+        return mean
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """NT-Xent and contrastive accuracy on the held-out views (fixed across epochs), averaged over ranks."""
+        self.train_model.eval()
+        views = self.valid_views
+        local = max(2, min(self.config.batch_size // self.info.world_size, len(views) // self.info.world_size))
+        sampler = DistributedSampler(views, num_replicas=self.info.world_size, rank=self.info.rank, shuffle=False)
+        loader = DataLoader(views, batch_size=local, sampler=sampler, drop_last=len(sampler) >= local,
+                            num_workers=self.config.dataset.num_workers)
+        sums, count = torch.zeros(3, device=self.device), 0
+        for x1, x2 in tqdm(loader, desc="validation", disable=not self.info.is_main, leave=False):
+            if x1.shape[0] < 2 and not self.info.distributed:
+                continue
+            with self._autocast():
+                _, z = self.train_model(torch.cat([self._to_device(x1), self._to_device(x2)]))
+                loss, acc = self.criterion.loss_and_accuracy(z[:x1.shape[0]], z[x1.shape[0]:])
+            sums += torch.stack([loss.float(), acc["top1"], acc["top5"]])
+            count += 1
+        sums = all_reduce_mean(sums / max(count, 1))
+        return {"valid_loss": sums[0].item(), "valid_top1": sums[1].item(), "valid_top5": sums[2].item()}
+
+    def _should_stop(self) -> bool:
+        if not self.info.distributed:
+            return self._stop_signal is not None
+        flag = torch.tensor(float(self._stop_signal is not None), device=self.device)
+        return all_reduce_mean(flag).item() > 0  # every rank must stop at the same step
+
+    def _preempt(self, epoch: int, step_in_epoch: int) -> None:
+        if self.info.is_main:
+            ckpt.save_checkpoint(self.run_dir / "checkpoints" / ckpt.LAST, self._state(epoch, step_in_epoch),
+                                 keep_previous=True)
+        barrier()
+        raise Preempted(f"stopped by {self._stop_signal} at epoch {epoch + 1}, step {step_in_epoch}; checkpoint "
+                        f"saved. Continue with: python run.py resume={self.run_dir}")
+
+    def _on_signal(self, signum, frame) -> None:
+        if self._stop_signal is not None:
+            raise KeyboardInterrupt  # a second signal: stop now
+        self._stop_signal = signal.Signals(signum).name
+        self.log(f"{self._stop_signal} received: finishing this step, then saving a checkpoint")
+
+    def fit(self) -> Path:
+        """Train the remaining epochs; return the run dir. Raises `Preempted` after SIGTERM/SIGINT."""
+        c, info = self.config, self.info
+        writer, lock = None, RunLock(self.run_dir)
+        if info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            if info.is_main:
+                writer = RunWriter(self.run_dir, c)
+                self.log(f"run dir {self.run_dir}: {self.train_batches.num_images} training images, "
+                         f"{self.train_batches.steps_per_epoch} steps per epoch, device {self.device}")
+            for epoch in range(self.next_epoch, c.epochs):
+                start = time.perf_counter()
+                record = {"kind": "epoch", "epoch": epoch, "train_loss": self.train_epoch(epoch, writer)}
+                if self.valid_views is not None and ((epoch + 1) % c.eval_every_n_epochs == 0 or epoch + 1 == c.epochs):
+                    record.update(self.validate())
+                record["seconds"] = time.perf_counter() - start
+                is_best = record.get("valid_loss", math.inf) < self.best_valid
+                if is_best:
+                    self.best_valid = record["valid_loss"]
+                if info.is_main:
+                    folder = self.run_dir / "checkpoints"
+                    state = self._state(epoch + 1)
+                    ckpt.save_checkpoint(folder / ckpt.LAST, state, keep_previous=True)
+                    if is_best:
+                        ckpt.save_checkpoint(folder / ckpt.BEST, state)
+                    writer.log(record, epoch + 1, "epoch")
+                    shown = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("kind", "epoch"))
+                    self.log(f"epoch {epoch + 1}/{c.epochs}: {shown}")
+                barrier()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            if writer:
+                writer.close()
+            lock.release()
+        return self.run_dir
+
+
+class Preempted(Exception):
+    """The run stopped on a signal after saving a resumable checkpoint."""
