@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 import zipfile
 from pathlib import Path
 
@@ -35,9 +36,12 @@ def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
     except FileNotFoundError:
         raise CheckpointLoadError(f"checkpoint {path} not found") from None
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else "unsafe pickle"
-        raise CheckpointLoadError(f"checkpoint {path} was refused: it holds objects other than weights "
-                                  f"({first[:200]}); only load files you trust") from None
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if found:
+            raise CheckpointLoadError(f"checkpoint {path} was refused: it holds a pickled object ({found.group(1)}) "
+                                      "that could run code; only weights are loaded (weights_only=True)") from None
+        raise CheckpointLoadError(f"checkpoint {path} is damaged or not a checkpoint (unreadable pickle data): "
+                                  "use another checkpoint") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
         raise CheckpointLoadError(f"checkpoint {path} is damaged or not a checkpoint "
                                   f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})") from None

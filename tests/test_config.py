@@ -1,0 +1,116 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from simclr.config import ConfigError, config_from_dict, config_to_dict, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+SEED_CONFIG = Path(__file__).parent / "data" / "seed_config.yaml"
+
+
+def test_seed_block_loads_unchanged():
+    c = load_config(SEED_CONFIG)
+    assert c.batch_size == 512 and c.epochs == 40 and c.eval_every_n_epochs == 1
+    assert c.weight_decay == float("10e-6") and isinstance(c.weight_decay, float)
+    assert c.dataset.input_shape == (96, 96, 3) and c.dataset.crop_size == 96
+    assert c.fine_tune_from == "resnet-18_80-epochs"
+    assert c.model.out_dim == 256 and c.model.base_model == "resnet18"
+    assert c.dataset.s == 1.0 and c.dataset.num_workers == 0 and c.dataset.valid_size == 0.05
+    assert c.loss.temperature == 0.5 and c.loss.use_cosine_similarity is True
+    assert c.fp16_precision is False
+
+
+def test_repo_config_has_every_seed_key():
+    import yaml
+
+    seed = yaml.safe_load(SEED_CONFIG.read_text())
+    ours = yaml.safe_load((ROOT / "config.yaml").read_text())
+    for key, value in seed.items():
+        assert key in ours
+        if isinstance(value, dict):
+            assert set(value) <= set(ours[key])
+    load_config(ROOT / "config.yaml")
+
+
+@pytest.mark.parametrize("text", ["None", "'None'", "null", "~", "''"])
+def test_fine_tune_from_none_spellings(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"fine_tune_from: {text}\n")
+    assert load_config(path).fine_tune_from is None
+
+
+def test_overrides_are_typed():
+    c = load_config(None, ["epochs=80", "model.base_model=resnet50", "loss.temperature=0.2",
+                           "weight_decay=10e-6", "dataset.input_shape=(32,32,3)", "fp16_precision=true",
+                           "run_dir=runs/x", "resume=auto"])
+    assert c.epochs == 80 and c.model.base_model == "resnet50" and c.loss.temperature == 0.2
+    assert c.weight_decay == 1e-5 and c.dataset.input_shape == (32, 32, 3) and c.fp16_precision is True
+    assert c.run_dir == "runs/x" and c.resume == "auto"
+
+
+def test_input_shape_as_list():
+    assert load_config(None, ["dataset.input_shape=[64, 64, 3]"]).dataset.crop_size == 64
+
+
+@pytest.mark.parametrize("override, key", [
+    ("loss.temperature=0", "loss.temperature"), ("loss.temperature=-1", "loss.temperature"),
+    ("batch_size=1", "batch_size"), ("dataset.valid_size=1", "dataset.valid_size"),
+    ("dataset.valid_size=-0.1", "dataset.valid_size"), ("dataset.input_shape=(96,96)", "dataset.input_shape"),
+    ("dataset.input_shape=(96,96,1)", "dataset.input_shape"), ("model.base_model=vgg16", "model.base_model"),
+    ("epochs=ten", "epochs"), ("epochs=1.5", "epochs"), ("weight_decay=abc", "weight_decay"),
+    ("fp16_precision=maybe", "fp16_precision"), ("bogus=1", "bogus"), ("model.bogus=1", "model.bogus"),
+    ("dataset.name=mnist", "dataset.name"), ("device=tpu", "device"), ("loss.temperature=nan", "loss.temperature"),
+    ("model=3", "model"), ("batch_size=true", "batch_size"),
+])
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    message = str(err.value)
+    assert key in message and "\n" not in message
+
+
+def test_unknown_key_in_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  base_model: resnet18\n  widht: 2\n")
+    with pytest.raises(ConfigError, match="model.widht"):
+        load_config(path)
+
+
+def test_python_tags_are_never_constructed(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("epochs: !!python/object/apply:os.system ['echo pwned > pwned.txt']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+    assert not Path("pwned.txt").exists()
+
+
+def test_roundtrip_through_dict():
+    c = load_config(None, ["dataset.input_shape=(32,32,3)", "model.sync_bn=true"])
+    assert config_from_dict(config_to_dict(c)) == c
+
+
+def _run(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "run.py", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_user_error_exits_2_with_one_line():
+    result = _run("loss.temperature=0")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "loss.temperature" in lines[0] and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args, key", [
+    (["batch_size=1"], "batch_size"), (["dataset.valid_size=1.5"], "dataset.valid_size"),
+    (["dataset.input_shape=(96,96)"], "dataset.input_shape"), (["model.base_model=resnet34"], "model.base_model"),
+    (["nonsense=1"], "nonsense"), (["--config", "missing.yaml"], "missing.yaml"), (["epochs"], "epochs"),
+])
+def test_main_user_errors_return_2_with_one_line(args, key, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    import run
+
+    assert run.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and key in err[0]

@@ -1,0 +1,107 @@
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data_aug.datasets import load_split, split_validation
+from data_aug.stl10 import DataError
+
+
+def test_digits_offline():
+    train, test = load_split("digits", "unused", "train"), load_split("digits", "unused", "test")
+    assert len(train) + len(test) == 1797 and len(test) == 360
+    image, label = train[0]
+    assert image.dtype == torch.uint8 and image.shape == (3, 32, 32) and 0 <= label <= 9
+    assert torch.equal(image[0], image[1]) and torch.equal(image[1], image[2])  # grey as 3 channels
+    assert set(test.labels.tolist()) == set(range(10))
+
+
+def _image_folder(root):
+    for split, n in (("train", 3), ("test", 2)):
+        for cls in ("cat", "dog"):
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(np.full((20 + i, 30, 3), 40 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+    Image.new("L", (17, 13), 128).save(root / "train" / "cat" / "grey.jpg")
+    Image.new("RGBA", (25, 25), (10, 20, 30, 0)).save(root / "train" / "dog" / "alpha.png")
+    Image.new("P", (12, 12)).save(root / "test" / "dog" / "palette.gif")
+    (root / "unlabeled" / "deep").mkdir(parents=True)
+    Image.new("RGB", (40, 40)).save(root / "unlabeled" / "deep" / "u.jpg")
+    (root / "train" / "cat" / "notes.txt").write_text("not an image")
+
+
+def test_image_folder_layout_and_modes(tmp_path):
+    _image_folder(tmp_path)
+    train = load_split("imagefolder", tmp_path, "train")
+    pretrain = load_split("imagefolder", tmp_path, "pretrain")
+    test = load_split("imagefolder", tmp_path, "test")
+    assert train.classes == ["cat", "dog"] and len(train) == 8 and len(pretrain) == 9 and len(test) == 5
+    assert (pretrain.labels == -1).sum() == 1
+    for dataset in (train, test):
+        for i in range(len(dataset)):
+            image, label = dataset[i]
+            assert image.dtype == torch.uint8 and image.shape[0] == 3 and label in (0, 1)
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(DataError, match="no train/ folder"):
+        load_split("imagefolder", tmp_path, "train")
+    _image_folder(tmp_path)
+    (tmp_path / "test" / "horse").mkdir()
+    with pytest.raises(DataError, match="horse"):
+        load_split("imagefolder", tmp_path, "test")
+
+
+def test_bad_image_named_or_skipped(tmp_path):
+    _image_folder(tmp_path)
+    (tmp_path / "train" / "cat" / "empty.jpg").write_bytes(b"")
+    (tmp_path / "train" / "cat" / "text.jpg").write_text("hello")
+    good = tmp_path / "train" / "dog" / "0.png"
+    Image.open(good).convert("RGB").save(tmp_path / "train" / "dog" / "cut.jpg")
+    cut = tmp_path / "train" / "dog" / "cut.jpg"
+    cut.write_bytes(cut.read_bytes()[: len(cut.read_bytes()) // 2])
+    data = load_split("imagefolder", tmp_path, "train")
+    index = [str(f) for f in data.files].index(str(tmp_path / "train" / "cat" / "empty.jpg"))
+    with pytest.raises(DataError, match="empty.jpg.*skip_bad_images"):
+        data[index]
+    with pytest.warns(UserWarning, match="skipped 3 unreadable"):
+        skipped = load_split("imagefolder", tmp_path, "train", skip_bad_images=True)
+    assert len(skipped) == len(data) - 3
+
+
+def test_cifar10_through_torchvision(tmp_path, monkeypatch):
+    from torchvision.datasets import CIFAR10
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"]:
+        batch = {"data": rng.integers(0, 256, (2, 3072), dtype=np.uint8), "labels": [1, 7]}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+    monkeypatch.setattr(CIFAR10, "_check_integrity", lambda self: True)  # our fake files have other md5s
+    monkeypatch.setattr("torchvision.datasets.cifar.check_integrity", lambda *a, **k: True)
+    train = load_split("cifar10", tmp_path, "pretrain")
+    assert train.images.shape == (10, 3, 32, 32) and train.labels.tolist()[:2] == [1, 7]
+    with open(folder / "data_batch_1", "rb") as f:
+        first = pickle.load(f)["data"][0].reshape(3, 32, 32)
+    assert torch.equal(train.images[0], torch.from_numpy(first))
+
+
+def test_cifar_missing_is_clear(tmp_path):
+    with pytest.raises(DataError, match="download"):
+        load_split("cifar10", tmp_path, "train")
+
+
+def test_validation_split_is_seeded_and_disjoint():
+    a_train, a_valid = split_validation(100, 0.1, seed=1)
+    b_train, b_valid = split_validation(100, 0.1, seed=1)
+    c_train, c_valid = split_validation(100, 0.1, seed=2)
+    assert torch.equal(a_valid, b_valid) and not torch.equal(a_valid, c_valid)
+    assert len(a_valid) == 10 and len(set(a_train.tolist()) | set(a_valid.tolist())) == 100
+    assert len(split_validation(100, 0.0, 0)[1]) == 0

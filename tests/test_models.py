@@ -1,0 +1,93 @@
+import pytest
+import torch
+import torchvision
+
+from models import create_model, load_encoder
+from models.loading import CheckpointLoadError
+from simclr.checkpoint import save_checkpoint
+from simclr.config import config_to_dict, load_config
+
+
+@pytest.mark.parametrize("base_model, dim", [("resnet18", 512), ("resnet50", 2048)])
+def test_shapes(base_model, dim):
+    model = create_model(base_model, out_dim=32)
+    h, z = model(torch.rand(2, 3, 64, 64))
+    assert h.shape == (2, dim) and z.shape == (2, 32)
+    assert model.encoder.feature_dim == dim
+
+
+def test_cifar_stem_keeps_resolution():
+    model = create_model("resnet18", 16, cifar_stem=True)
+    assert model.encoder.backbone.conv1.stride == (1, 1)
+    assert isinstance(model.encoder.backbone.maxpool, torch.nn.Identity)
+    h, z = model(torch.rand(2, 3, 32, 32))
+    assert h.shape == (2, 512)
+
+
+def test_every_parameter_gets_a_finite_gradient():
+    from loss.nt_xent import NTXentLoss
+
+    torch.manual_seed(0)
+    model = create_model("resnet18", 16, cifar_stem=True)
+    x = torch.rand(8, 3, 16, 16)
+    _, z = model(x)
+    NTXentLoss(0.5)(z[:4], z[4:]).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_encoder_keys_fit_torchvision():
+    model = create_model("resnet18", 16)
+    result = torchvision.models.resnet18().load_state_dict(
+        {k[len("backbone."):]: v for k, v in model.encoder.state_dict().items()}, strict=False)
+    assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"] and not result.unexpected_keys
+
+
+def _checkpoint(tmp_path, base_model="resnet18", cifar_stem=True):
+    config = load_config(None, [f"model.base_model={base_model}", f"model.cifar_stem={cifar_stem}", "model.out_dim=8"])
+    model = create_model(base_model, 8, cifar_stem)
+    path = tmp_path / "run" / "checkpoints" / "last.pt"
+    save_checkpoint(path, {"model": model.state_dict(), "config": config_to_dict(config), "next_epoch": 1,
+                           "optimizer": {}})
+    return model, path
+
+
+def test_load_encoder_from_file_and_run_dir(tmp_path):
+    model, path = _checkpoint(tmp_path)
+    for source in (path, tmp_path / "run"):
+        encoder = load_encoder(source)
+        assert not encoder.training and not any(p.requires_grad for p in encoder.parameters())
+        x = torch.rand(3, 3, 16, 16)
+        model.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(encoder(x), model.encoder(x))
+    assert torch.load(path, weights_only=True)["model"].keys() == model.state_dict().keys()
+
+
+def test_load_encoder_errors(tmp_path):
+    with pytest.raises(CheckpointLoadError, match="not found"):
+        load_encoder(tmp_path / "missing.pt")
+    with pytest.raises(CheckpointLoadError, match="no checkpoints/last.pt"):
+        load_encoder(tmp_path)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointLoadError, match="damaged"):
+        load_encoder(bad)
+    # weights of another architecture under a resnet18 config
+    _, path = _checkpoint(tmp_path)
+    state = torch.load(path, weights_only=True)
+    state["model"] = create_model("resnet50", 8).state_dict()
+    torch.save(state, path)
+    with pytest.raises(CheckpointLoadError, match="does not fit a resnet18"):
+        load_encoder(path)
+
+
+def test_pickle_that_runs_code_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"model": Evil()}, path)
+    with pytest.raises(CheckpointLoadError, match="refused"):
+        load_encoder(path)

@@ -1,0 +1,84 @@
+import numpy as np
+import pytest
+import torch
+
+from data_aug.datasets import load_split
+from data_aug.stl10 import DataError, read_stl10
+from tests.conftest import write_stl10
+
+
+@pytest.mark.parametrize("split", ["train", "test", "unlabeled"])
+def test_read_matches_written_images_and_labels(stl10_root, split):
+    root, data = stl10_root
+    images, labels = read_stl10(root, split)
+    expected, expected_labels = data[split]
+    assert images.dtype == torch.uint8 and images.shape == (len(expected), 3, 96, 96)
+    assert torch.equal(images, torch.from_numpy(expected))
+    assert labels.dtype == torch.int64
+    if expected_labels is None:
+        assert (labels == -1).all()
+    else:
+        assert torch.equal(labels, torch.from_numpy(expected_labels)) and labels.min() >= 0 and labels.max() <= 9
+
+
+def test_orientation_matches_torchvision(stl10_root, monkeypatch):
+    from torchvision.datasets import STL10
+
+    root, _ = stl10_root
+    monkeypatch.setattr(STL10, "_check_integrity", lambda self: True)  # our tiny files have other md5s
+    reference = STL10(str(root), split="train", download=False)
+    images, labels = read_stl10(root, "train")
+    assert torch.equal(images, torch.from_numpy(reference.data))
+    assert torch.equal(labels, torch.from_numpy(reference.labels.astype(np.int64)))
+
+
+def test_orientation_is_row_major(tmp_path):
+    """A pixel written at (row 0, column 5) in the file's column-major layout reads back at [0, 5]."""
+    folder = tmp_path / "stl10_binary"
+    folder.mkdir()
+    image = np.zeros((1, 3, 96, 96), dtype=np.uint8)
+    image[0, 0, 0, 5] = 255  # row 0, column 5
+    image.transpose(0, 1, 3, 2).tofile(folder / "unlabeled_X.bin")
+    images, _ = read_stl10(tmp_path, "unlabeled")
+    assert images[0, 0, 0, 5] == 255 and images[0, 0, 5, 0] == 0
+
+
+def test_train_plus_unlabeled(stl10_root):
+    root, data = stl10_root
+    images, labels = read_stl10(root, "train+unlabeled")
+    assert len(images) == len(data["train"][0]) + len(data["unlabeled"][0])
+    assert (labels[:6] >= 0).all() and (labels[6:] == -1).all()
+    assert torch.equal(images[6:], torch.from_numpy(data["unlabeled"][0]))
+    pretrain = load_split("stl10", root, "pretrain")
+    assert len(pretrain) == len(images)
+
+
+def test_missing_file_is_named(tmp_path):
+    write_stl10(tmp_path)
+    (tmp_path / "stl10_binary" / "test_X.bin").unlink()
+    with pytest.raises(DataError, match="test_X.bin.*download"):
+        read_stl10(tmp_path, "test")
+
+
+def test_truncated_file_is_named(tmp_path):
+    write_stl10(tmp_path)
+    path = tmp_path / "stl10_binary" / "train_X.bin"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(DataError, match="train_X.bin.*truncated"):
+        read_stl10(tmp_path, "train")
+
+
+def test_label_count_and_range_checked(tmp_path):
+    write_stl10(tmp_path)
+    y = tmp_path / "stl10_binary" / "train_y.bin"
+    y.write_bytes(y.read_bytes()[:-1])
+    with pytest.raises(DataError, match="train_y.bin.*labels"):
+        read_stl10(tmp_path, "train")
+    np.array([0, 1, 2, 3, 4, 11], dtype=np.uint8).tofile(y)
+    with pytest.raises(DataError, match="outside 1..10"):
+        read_stl10(tmp_path, "train")
+
+
+def test_unknown_split():
+    with pytest.raises(ValueError, match="split"):
+        read_stl10("nowhere", "validation")
