@@ -19,6 +19,7 @@ from models.loading import CheckpointLoadError, read_checkpoint, resolve_checkpo
 from models.resnet_simclr import create_model
 from simclr import checkpoint as ckpt
 from simclr.config import Config, ConfigError, config_to_dict
+from simclr.grad_cache import grad_cache_backward
 from simclr.dist import DistInfo, all_reduce_mean, barrier
 from simclr.optim import create_optimizer, create_scheduler, scaled_lr
 from simclr.run_dir import RunLock, RunWriter, default_run_dir
@@ -68,7 +69,11 @@ def create_batches(config: Config, info: DistInfo):
     if d.augment_on == "device":
         from data_aug.device_views import DeviceBatches
 
-        train = DeviceBatches(data, train_idx, config, info)
+        if not hasattr(data, "images"):
+            raise ConfigError(f"dataset.augment_on = 'device': needs a fixed-size data set held in memory "
+                              f"({d.name} is decoded from files); use augment_on: cpu")
+        train = DeviceBatches(data.images[train_idx], config.batch_size, d.crop_size, d.s, d.blur, config.seed,
+                              info.rank, info.world_size, info.device)
     else:
         train = LoaderBatches(TwoViews(Subset(data, train_idx.tolist()), transform, config.seed),
                               config.batch_size, info, d.num_workers, config.seed)
@@ -212,10 +217,14 @@ class Trainer:
     def train_step(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """One optimiser step on a batch of view pairs; returns the loss and accuracy as device tensors."""
         n = x1.shape[0]
-        with self._autocast():
-            _, z = self.train_model(torch.cat([x1, x2]))  # both views in one pass: BatchNorm sees all 2n
-            loss, acc = self.criterion.loss_and_accuracy(z[:n], z[n:])
-        self.scaler.scale(loss).backward()
+        if self.config.grad_cache_chunks > 1:
+            loss, acc = grad_cache_backward(self.train_model, self.criterion, x1, x2, self.config.grad_cache_chunks,
+                                            self._autocast, self.scaler)
+        else:
+            with self._autocast():
+                _, z = self.train_model(torch.cat([x1, x2]))  # both views in one pass: BatchNorm sees all 2n
+                loss, acc = self.criterion.loss_and_accuracy(z[:n], z[n:])
+            self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
