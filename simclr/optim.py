@@ -25,9 +25,25 @@ def _split_decay(model: torch.nn.Module) -> tuple[list, list]:
 
 
 class LARS(torch.optim.Optimizer):
-    """LARS (You et al. 2017) as used by SimCLR: SGD with momentum whose step for each weight tensor is
-    scaled by the trust ratio `eta * ||w|| / ||g + wd * w||`. Parameter groups with `lars_exclude=True`
-    (BatchNorm and biases) get neither weight decay nor adaptation, as in the paper's code.
+    """LARS (You et al. 2017) as SimCLR uses it (Section 2.2, the paper's `lars_optimizer.py`).
+
+    For each weight tensor `w` with gradient `g`, with `classic momentum` (the learning rate inside the
+    momentum buffer, so a schedule changes the step at once, as in the paper's code):
+
+        g <- g + weight_decay * w
+        trust = trust_coefficient * ||w|| / ||g||     (1 if either norm is 0)
+        v <- momentum * v + lr * trust * g
+        w <- w - v
+
+    Parameter groups with `lars_exclude=True` (BatchNorm parameters and biases) get neither the weight
+    decay nor the trust ratio: `v <- momentum * v + lr * g`.
+
+    Args:
+        params: parameters or parameter groups (a group may set `lars_exclude`, `weight_decay`, ...).
+        lr: learning rate (paper: 0.3 x B/256 for batch B).
+        momentum: paper 0.9.
+        weight_decay: paper 1e-6.
+        trust_coefficient: eta, paper 0.001.
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
@@ -47,18 +63,20 @@ class LARS(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 update = p.grad
+                scale = torch.ones((), device=p.device)
                 if not group["lars_exclude"]:
                     update = update.add(p, alpha=group["weight_decay"])
                     w_norm, u_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(update)
-                    trust = torch.where((w_norm > 0) & (u_norm > 0),
-                                        group["trust_coefficient"] * w_norm / u_norm, torch.ones_like(w_norm))
-                    update = update * trust
+                    # Stays on the device: no host sync per tensor.
+                    scale = torch.where((w_norm > 0) & (u_norm > 0),
+                                        group["trust_coefficient"] * w_norm / u_norm, scale)
+                step = update * (scale * group["lr"])
                 state = self.state[p]
                 if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = update.clone()
+                    state["momentum_buffer"] = step.clone()
                 else:
-                    state["momentum_buffer"].mul_(group["momentum"]).add_(update)
-                p.add_(state["momentum_buffer"], alpha=-group["lr"])
+                    state["momentum_buffer"].mul_(group["momentum"]).add_(step)
+                p.sub_(state["momentum_buffer"])
         return loss
 
 
