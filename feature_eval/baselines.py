@@ -1,0 +1,61 @@
+"""Baseline feature extractors: PCA of raw pixels, and the same encoder architecture with random weights."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from feature_eval.features import FeatureSplit, image_batches
+from models.loading import freeze
+from models.resnet_simclr import Encoder
+
+
+def pca_baseline(train_dataset, test_dataset, crop_size: int, n_components: int, batch_size: int = 256,
+                 num_workers: int = 0, seed: int = 0) -> tuple[FeatureSplit, FeatureSplit, dict]:
+    """The seed's PCA baseline: `StandardScaler` on raw pixels, then `PCA(n_components)`, both fitted on train.
+
+    Pixels are those of the deterministic eval view, flattened to `[3 * crop * crop]`. Test images are
+    projected batch by batch, so only the training pixels are held in memory at once.
+
+    Args:
+        train_dataset, test_dataset: items `(uint8 [3, H, W], label)`.
+        n_components: the projection size (the seed used the head's `out_dim`, 256); capped at min(N, pixels).
+    Returns:
+        train `[N, K]` and test `[M, K]` float32 projections, and facts (components, explained variance).
+    """
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import StandardScaler
+
+    pixels, train_labels = [], []
+    for images, labels in image_batches(train_dataset, crop_size, batch_size, num_workers, "pixels (train)"):
+        pixels.append(images.flatten(1).numpy())
+        train_labels.append(labels)
+    train = np.concatenate(pixels)  # (N, P) float32
+    del pixels
+    components = min(n_components, train.shape[0], train.shape[1])
+    scaler = StandardScaler().fit(train)
+    train = scaler.transform(train)  # a scaled copy replaces the pixels: one training-size array at a time
+    pca = PCA(n_components=components, random_state=seed)
+    train_split = FeatureSplit(torch.from_numpy(pca.fit_transform(train).astype(np.float32)),
+                               torch.cat(train_labels).long())
+    del train
+
+    def project(x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(pca.transform(scaler.transform(x)).astype(np.float32))
+
+    projected, test_labels = [], []
+    for images, labels in image_batches(test_dataset, crop_size, batch_size, num_workers, "pixels (test)"):
+        projected.append(project(images.flatten(1).numpy()))
+        test_labels.append(labels)
+    info = {"n_components": components, "explained_variance": float(pca.explained_variance_ratio_.sum())}
+    return train_split, FeatureSplit(torch.cat(projected), torch.cat(test_labels).long()), info
+
+
+def random_encoder(base_model: str, cifar_stem: bool, seed: int) -> Encoder:
+    """The encoder architecture with torchvision's random initialisation (seeded), frozen.
+
+    Its BatchNorm layers keep their initial statistics (mean 0, variance 1), as the untrained network has.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = Encoder(base_model, cifar_stem)
+    return freeze(encoder)

@@ -1,0 +1,333 @@
+"""Evaluation protocols on frozen features: L-BFGS logistic regression, an Adam linear probe, and two KNNs.
+
+Every protocol is a function `(train_features [N, D], train_labels [N], test_features [M, D], test_labels
+[M] or None, ...) -> ClassifierResult`. Labels are integers in `[0, num_classes)`. Test labels, when
+given, are read once, after the classifier is fixed, to compute top-1/top-5; predictions never depend on
+them. Top-k with fewer than k classes is top-min(k, classes).
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+
+@dataclass
+class ClassifierResult:
+    """Scores, predictions and (when test labels were given) accuracies of one protocol.
+
+    Attributes:
+        scores: float `[M, C]`, higher is more likely (logits, decision values or votes).
+        predictions: int64 `[M]`, the first class of the stable descending order of `scores`.
+        top1, top5: accuracy in percent, or None without test labels.
+        details: JSON-able facts about the fit (chosen hyperparameters, convergence, ...).
+    """
+
+    scores: np.ndarray
+    predictions: np.ndarray
+    top1: float | None = None
+    top5: float | None = None
+    details: dict = field(default_factory=dict)
+
+
+def ranked_classes(scores: np.ndarray) -> np.ndarray:
+    """Classes from most to least likely, `[M, C]`; equal scores keep the lower class first (as sklearn's argmax)."""
+    return np.argsort(-np.asarray(scores, dtype=np.float64), axis=1, kind="stable")
+
+
+def topk_accuracy(scores: np.ndarray, labels, ks: tuple[int, ...] = (1, 5)) -> list[float]:
+    """Top-k accuracy in percent for each k of `ks` (k capped at the number of classes).
+
+    Args:
+        scores: `[M, C]`.
+        labels: `[M]` integers.
+    """
+    ranked = ranked_classes(scores)
+    labels = np.asarray(labels).astype(np.int64).reshape(-1, 1)
+    if len(labels) != len(ranked):
+        raise ValueError(f"{len(labels)} labels for {len(ranked)} scored items")
+    return [float(100.0 * (ranked[:, :min(k, ranked.shape[1])] == labels).any(axis=1).mean()) for k in ks]
+
+
+def _finish(scores: np.ndarray, test_labels, details: dict) -> ClassifierResult:
+    scores = np.asarray(scores, dtype=np.float64)
+    result = ClassifierResult(scores, ranked_classes(scores)[:, 0], details=details)
+    if test_labels is not None:  # the one place where test labels are read
+        result.top1, result.top5 = topk_accuracy(scores, np.asarray(test_labels))
+    return result
+
+
+def _numpy(x, dtype) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=dtype)
+
+
+def _num_classes(train_labels: np.ndarray, num_classes: int | None) -> int:
+    if len(train_labels) == 0:
+        raise ValueError("no training items")
+    if train_labels.min() < 0:
+        raise ValueError("training labels must be >= 0 (unlabelled items cannot train a classifier)")
+    found = int(train_labels.max()) + 1
+    if num_classes is not None and num_classes < found:
+        raise ValueError(f"num_classes={num_classes} but training labels go up to {found - 1}")
+    return num_classes or found
+
+
+def standardize(train_features, test_features) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn `StandardScaler` fitted on the training features, in float64: `([N, D], [M, D])`."""
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(_numpy(train_features, np.float64))
+    return scaler.transform(_numpy(train_features, np.float64)), scaler.transform(_numpy(test_features, np.float64))
+
+
+def lbfgs_probe(train_features, train_labels, test_features, test_labels=None, *, num_classes: int | None = None,
+                C: float = 1.0, max_iter: int = 1200, seed: int = 0) -> ClassifierResult:
+    """The seed's linear protocol: `StandardScaler`, then `LogisticRegression(solver="lbfgs")`.
+
+    Args:
+        train_features: `[N, D]`; train_labels: `[N]`; test_features: `[M, D]`; test_labels: `[M]` or None.
+        C: inverse L2 strength; max_iter: L-BFGS iterations (the seed's 1.0 and 1200).
+    Returns:
+        ClassifierResult with decision values as scores (classes absent from training score -inf).
+    """
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    y = _numpy(train_labels, np.int64)
+    classes = _num_classes(y, num_classes)
+    x_train, x_test = standardize(train_features, test_features)
+    clf = LogisticRegression(solver="lbfgs", C=C, max_iter=max_iter, random_state=seed)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        clf.fit(x_train, y)
+    decision = clf.decision_function(x_test)
+    if decision.ndim == 1:  # two classes: sklearn predicts classes_[1] where decision > 0
+        decision = np.stack([np.zeros_like(decision), decision], axis=1)
+    scores = np.full((len(x_test), classes), -np.inf)
+    scores[:, clf.classes_] = decision
+    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+    return _finish(scores, test_labels, {"C": C, "max_iter": max_iter, "iterations": int(np.max(clf.n_iter_)),
+                                          "converged": converged})
+
+
+def holdout_split(labels: np.ndarray, valid_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded (fit, valid) index split of the training items, stratified by class where every class allows it."""
+    from sklearn.model_selection import train_test_split
+
+    n = len(labels)
+    if n < 4:
+        raise ValueError(f"{n} training items are too few to hold out a validation part (need 4)")
+    n_valid = min(max(int(round(n * valid_fraction)), 1), n - 2)
+    index = np.arange(n)
+    counts = np.bincount(labels)
+    counts = counts[counts > 0]
+    stratify = labels if counts.min() >= 2 and len(counts) <= n_valid and len(counts) <= n - n_valid else None
+    fit, valid = train_test_split(index, test_size=n_valid, random_state=seed, stratify=stratify)
+    return np.sort(fit), np.sort(valid)
+
+
+@contextlib.contextmanager
+def _one_cpu_thread(device: torch.device):
+    """One intra-op thread on the CPU: a linear layer on a few hundred rows is dominated by thread hand-offs,
+    which cost more than the arithmetic (10-40x slower per step with two threads on a busy machine)."""
+    if device.type != "cpu":
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+class _LinearStack:
+    """G independent linear classifiers `[D] -> [C]` on standardised features, one per weight decay.
+
+    Training them side by side on the same mini-batches costs about as much as training one, and each
+    follows exactly the trajectory it would follow alone (Adam is element-wise; the L2 term is per layer).
+    """
+
+    def __init__(self, x: torch.Tensor, num_classes: int, weight_decays: tuple[float, ...]):
+        self.mean, std = x.mean(0), x.std(0, unbiased=False)
+        self.std = torch.where(std > 1e-12, std, torch.ones_like(std))  # constant feature: scale 1, as StandardScaler
+        groups = len(weight_decays)
+        # Zero start: the problem is convex, so the fit depends on the data and the batch order only.
+        self.weight = torch.zeros(groups, x.shape[1], num_classes, device=x.device, requires_grad=True)  # (G, D, C)
+        self.bias = torch.zeros(groups, num_classes, device=x.device, requires_grad=True)  # (G, C)
+        self.decay = torch.tensor(weight_decays, dtype=x.dtype, device=x.device).view(groups, 1, 1)
+
+    def logits(self, features: torch.Tensor, standardized: bool = False) -> torch.Tensor:
+        """`[G, M, C]` logits of every layer for features `[M, D]`."""
+        if not standardized:
+            features = (features - self.mean) / self.std
+        return torch.einsum("md,gdc->gmc", features, self.weight) + self.bias[:, None, :]
+
+
+def _fit_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decays: tuple[float, ...], epochs: int,
+                lr: float, batch_size: int, seed: int, checkpoints: tuple[int, ...] = (),
+                score=None) -> tuple[_LinearStack, dict]:
+    """Train one linear layer per weight decay on `x` `[N, D]`, `y` `[N]` with Adam and a seeded batch order.
+
+    Weight decay is Adam's (an L2 term added to the gradient, as `torch.optim.Adam(weight_decay=...)`).
+    Returns the layers and `{epoch: score(layers)}` at each epoch of `checkpoints`.
+    """
+    model = _LinearStack(x, num_classes, weight_decays)
+    x = (x - model.mean) / model.std
+    optimizer = torch.optim.Adam([model.weight, model.bias], lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    scored = {}
+    for epoch in range(1, epochs + 1):
+        for batch in torch.randperm(len(x), generator=generator).split(batch_size):
+            batch = batch.to(x.device)
+            logits = model.logits(x[batch], standardized=True)  # (G, B, C)
+            # Sum of each layer's mean loss: every layer gets exactly the gradient it would get alone.
+            loss = F.cross_entropy(logits.flatten(0, 1), y[batch].repeat(len(logits)), reduction="sum") / len(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            with torch.no_grad():
+                model.weight.grad += model.decay * model.weight
+                model.bias.grad += model.decay[:, :, 0] * model.bias
+            optimizer.step()
+        if epoch in checkpoints:
+            with torch.no_grad():
+                scored[epoch] = score(model)
+    return model, scored
+
+
+def adam_probe(train_features, train_labels, test_features, test_labels=None, *, num_classes: int | None = None,
+               weight_decays: tuple[float, ...] = (0.0, 1e-4, 1e-3, 1e-2), max_epochs: int = 100,
+               eval_every: int = 10, lr: float = 1e-3, batch_size: int = 256, valid_fraction: float = 0.2,
+               seed: int = 0, device: str | torch.device = "cpu") -> ClassifierResult:
+    """A linear layer trained with Adam on standardised features; hyperparameters chosen without the test set.
+
+    Weight decay (from `weight_decays`) and the epoch count (a multiple of `eval_every` up to `max_epochs`)
+    are chosen by accuracy on a seeded, stratified `valid_fraction` of the *training* items, the layers
+    being fitted on the rest. The chosen pair is then refitted on all training items and applied once to
+    the test features. Test labels are read only after that, to score.
+
+    Args:
+        train_features: `[N, D]`; train_labels: `[N]`; test_features: `[M, D]`; test_labels: `[M]` or None.
+    Returns:
+        ClassifierResult with logits as scores; details hold the grid's validation accuracies and the choice.
+    """
+    device = torch.device(device)
+    weight_decays = tuple(float(wd) for wd in weight_decays)
+    x = torch.as_tensor(_numpy(train_features, np.float32), device=device)
+    y_np = _numpy(train_labels, np.int64)
+    classes = _num_classes(y_np, num_classes)
+    y = torch.as_tensor(y_np, device=device)
+    fit, valid = holdout_split(y_np, valid_fraction, seed)
+    fit, valid = torch.as_tensor(fit, device=device), torch.as_tensor(valid, device=device)
+    checkpoints = tuple(range(eval_every, max_epochs + 1, eval_every)) or (max_epochs,)
+
+    def valid_accuracy(model: _LinearStack) -> list[float]:
+        hits = model.logits(x[valid]).argmax(2) == y[valid]  # (G, V)
+        return (hits.double().mean(1) * 100).tolist()
+
+    with _one_cpu_thread(device):
+        _, scored = _fit_linear(x[fit], y[fit], classes, weight_decays, max(checkpoints), lr, batch_size, seed,
+                                checkpoints, valid_accuracy)
+        grid = {(wd, ep): scored[ep][g] for g, wd in enumerate(weight_decays) for ep in checkpoints}
+        # Highest validation accuracy; ties go to the earlier weight decay of the list, then to fewer epochs.
+        best_wd, best_epochs = max(grid, key=lambda c: (grid[c], -weight_decays.index(c[0]), -c[1]))
+        model, _ = _fit_linear(x, y, classes, (best_wd,), best_epochs, lr, batch_size, seed)
+        with torch.no_grad():
+            test = torch.as_tensor(_numpy(test_features, np.float32), device=device)
+            logits = model.logits(test)[0].cpu().numpy()  # (M, C)
+    details = {"weight_decay": best_wd, "epochs": best_epochs, "valid_top1": grid[best_wd, best_epochs],
+               "lr": lr, "batch_size": batch_size, "fit_items": len(fit), "valid_items": len(valid),
+               "valid_top1_grid": {str(wd): {str(ep): grid[wd, ep] for ep in checkpoints} for wd in weight_decays}}
+    return _finish(logits, test_labels, details)
+
+
+def _nearest(queries: torch.Tensor, keys: torch.Tensor, k: int, similarity, query_chunk: int,
+             key_chunk: int, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest `similarity(query_chunk, start, stop)` (against keys[start:stop]) per query, merged over key chunks.
+
+    Memory stays at `query_chunk x (key_chunk + k)` whatever the number of queries or keys.
+    Returns values and key indices, `[M, k]` each, best first.
+    """
+    values, indices = [], []
+    for q in tqdm(queries.split(query_chunk), desc=desc, unit="chunk", leave=False, disable=len(queries) <= query_chunk):
+        best_v = torch.empty(len(q), 0, dtype=q.dtype, device=q.device)
+        best_i = torch.empty(len(q), 0, dtype=torch.int64, device=q.device)
+        for start in range(0, len(keys), key_chunk):
+            sim = similarity(q, start, min(start + key_chunk, len(keys)))  # (chunk, key_chunk)
+            cand_v = torch.cat([best_v, sim], dim=1)
+            cand_i = torch.cat([best_i, torch.arange(start, start + sim.shape[1], device=q.device).expand(len(q), -1)],
+                               dim=1)
+            # A stable sort keeps the earlier key first among equals, so ties break the same way in every chunking.
+            order = torch.sort(cand_v, dim=1, descending=True, stable=True).indices[:, :k]
+            best_v, best_i = cand_v.gather(1, order), cand_i.gather(1, order)
+        values.append(best_v)
+        indices.append(best_i)
+    return torch.cat(values), torch.cat(indices)
+
+
+def knn_classifier(train_features, train_labels, test_features, test_labels=None, *, num_classes: int | None = None,
+                   k: int = 10, query_chunk: int = 256, key_chunk: int = 8192,
+                   device: str | torch.device = "cpu") -> ClassifierResult:
+    """The seed's KNN: majority vote of the k nearest training items, Euclidean on standardised features.
+
+    Matches `KNeighborsClassifier(n_neighbors=k)` on `StandardScaler` output: distances in float64,
+    equal votes go to the lower class. Chunked over test and training items (any count, bounded memory).
+
+    Args:
+        train_features: `[N, D]`; train_labels: `[N]`; test_features: `[M, D]`; test_labels: `[M]` or None.
+    Returns:
+        ClassifierResult with vote counts `[M, C]` as scores.
+    """
+    y_np = _numpy(train_labels, np.int64)
+    classes = _num_classes(y_np, num_classes)
+    k = min(k, len(y_np))
+    x_train, x_test = standardize(train_features, test_features)
+    device = torch.device(device)
+    dtype = torch.float64 if device.type != "mps" else torch.float32
+    keys = torch.as_tensor(x_train, dtype=dtype, device=device)
+    queries = torch.as_tensor(x_test, dtype=dtype, device=device)
+    key_sq = (keys * keys).sum(1)
+
+    def negative_sq_distance(q, start, stop):
+        sq = (q * q).sum(1, keepdim=True) - 2 * q @ keys[start:stop].T + key_sq[start:stop]
+        return -sq.clamp_min(0)
+
+    _, index = _nearest(queries, keys, k, negative_sq_distance, query_chunk, key_chunk, "knn")
+    neighbour_labels = torch.as_tensor(y_np, device=device)[index]  # (M, k)
+    votes = torch.zeros(len(queries), classes, dtype=torch.float64, device=device)
+    votes.scatter_add_(1, neighbour_labels, torch.ones_like(neighbour_labels, dtype=torch.float64))
+    return _finish(votes.cpu().numpy(), test_labels, {"k": k, "metric": "euclidean", "standardized": True})
+
+
+def weighted_knn(train_features, train_labels, test_features, test_labels=None, *, num_classes: int | None = None,
+                 k: int = 200, temperature: float = 0.1, query_chunk: int = 256, key_chunk: int = 8192,
+                 device: str | torch.device = "cpu") -> ClassifierResult:
+    """Weighted cosine KNN (Wu et al. 2018, Section 3.4; DINO's `knn_classifier`).
+
+    Features are L2-normalised; each of the k most similar training items votes for its class with
+    weight `exp(cosine / temperature)`. Chunked over test and training items.
+
+    Args:
+        train_features: `[N, D]`; train_labels: `[N]`; test_features: `[M, D]`; test_labels: `[M]` or None.
+    Returns:
+        ClassifierResult with summed weights `[M, C]` as scores.
+    """
+    y_np = _numpy(train_labels, np.int64)
+    classes = _num_classes(y_np, num_classes)
+    k = min(k, len(y_np))
+    device = torch.device(device)
+    keys = F.normalize(torch.as_tensor(_numpy(train_features, np.float32), device=device), dim=1)  # (N, D)
+    queries = F.normalize(torch.as_tensor(_numpy(test_features, np.float32), device=device), dim=1)  # (M, D)
+    similarity, index = _nearest(queries, keys, k, lambda q, start, stop: q @ keys[start:stop].T,  # cosine
+                                 query_chunk, key_chunk, "weighted knn")
+    weights = (similarity.double() / temperature).exp()  # (M, k)
+    scores = torch.zeros(len(queries), classes, dtype=torch.float64, device=device)
+    scores.scatter_add_(1, torch.as_tensor(y_np, device=device)[index], weights)
+    return _finish(scores.cpu().numpy(), test_labels, {"k": k, "temperature": temperature, "metric": "cosine"})

@@ -1,0 +1,139 @@
+"""Frozen-encoder features: batched extraction with a progress bar, cached on disk by checkpoint and split."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from data_aug.views import Transformed, create_eval_transform
+
+
+@dataclass
+class FeatureSplit:
+    """Features of one split: `features` float32 `[N, D]` and `labels` int64 `[N]`, both on the CPU."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def best_device() -> torch.device:
+    """CUDA if present, else Apple's MPS, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def image_batches(dataset, crop_size: int, batch_size: int, num_workers: int = 0, desc: str = "images"):
+    """Yield `(images, labels)`: float `[B, 3, crop, crop]` in [0, 1] (the deterministic eval view), int64 `[B]`.
+
+    Data sets held in memory (`TensorImages`) are transformed a whole batch at a time, which is several
+    times faster than per image; others go through a DataLoader with `num_workers` workers.
+
+    Args:
+        dataset: items `(uint8 [3, H, W], label)`; `.images`/`.labels` tensors are used when present.
+        crop_size: side of the square view (resize the short side, centre-crop).
+        batch_size: images per batch.
+    """
+    transform = create_eval_transform(crop_size)
+    total = len(dataset)
+    if isinstance(getattr(dataset, "images", None), torch.Tensor) and isinstance(getattr(dataset, "labels", None),
+                                                                                  torch.Tensor):
+        for start in tqdm(range(0, total, batch_size), desc=desc, unit="batch", leave=False):
+            stop = min(start + batch_size, total)
+            yield transform(dataset.images[start:stop]), dataset.labels[start:stop]
+        return
+    loader = DataLoader(Transformed(dataset, transform), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers)
+    for images, labels in tqdm(loader, desc=desc, unit="batch", leave=False):
+        yield images, torch.as_tensor(labels, dtype=torch.int64)
+
+
+def extract_features(encoder: torch.nn.Module, dataset, crop_size: int, batch_size: int = 256,
+                     device: str | torch.device | None = None, num_workers: int = 0,
+                     desc: str = "features") -> FeatureSplit:
+    """Features of every image of `dataset` under a frozen encoder, in dataset order.
+
+    The encoder runs in eval mode under `torch.inference_mode()`: BatchNorm in train mode would update
+    its running statistics and so change the model being evaluated. Its train/eval mode is restored after.
+
+    Args:
+        encoder: maps float images `[B, 3, crop, crop]` in [0, 1] to `[B, D]`.
+        dataset: items `(uint8 [3, H, W], label)`.
+        crop_size: input size of the eval view.
+        batch_size: images per forward pass.
+        device: where the encoder runs (default: `best_device()`); the encoder is moved there.
+    Returns:
+        FeatureSplit with float32 `[N, D]` features and int64 `[N]` labels on the CPU.
+    """
+    device = torch.device(device) if device is not None else best_device()
+    was_training = encoder.training
+    encoder.eval().to(device)
+    features, labels = [], []
+    try:
+        with torch.inference_mode():
+            for images, batch_labels in image_batches(dataset, crop_size, batch_size, num_workers, desc):
+                out = encoder(images.to(device, non_blocking=True))  # (B, D)
+                features.append(out.float().cpu())
+                labels.append(batch_labels)
+    finally:
+        encoder.train(was_training)
+    if not features:
+        raise ValueError(f"{desc}: the data set is empty")
+    return FeatureSplit(torch.cat(features), torch.cat(labels).long())
+
+
+def file_digest(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
+    """SHA-256 of a file's content (hex), read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cached_features(cache_dir: str | Path | None, key: dict, compute: Callable[[], FeatureSplit],
+                    log: Callable[[str], None] = print) -> FeatureSplit:
+    """`compute()` once per `key`: stored as `<cache_dir>/<sha256 of key>.pt` and loaded from there after.
+
+    The key is a JSON-able dict naming everything the features depend on (checkpoint digest, data set,
+    root, split, input size, ...). A file whose stored key or shapes disagree is recomputed. With
+    `cache_dir=None` nothing is read or written. A cache that cannot be written only warns.
+    """
+    if cache_dir is None:
+        return compute()
+    text = json.dumps(key, sort_keys=True)
+    path = Path(cache_dir) / (hashlib.sha256(text.encode()).hexdigest()[:32] + ".pt")
+    if path.is_file():
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            split = FeatureSplit(state["features"], state["labels"])
+            if state.get("key") == text and split.features.ndim == 2 and len(split.features) == len(split.labels):
+                log(f"features: loaded {len(split)} x {split.features.shape[1]} from cache {path}")
+                return split
+        except (OSError, RuntimeError, KeyError, TypeError, EOFError) as err:
+            warnings.warn(f"feature cache {path} is unreadable ({type(err).__name__}); recomputing", stacklevel=2)
+    split = compute()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"key": text, "features": split.features, "labels": split.labels}, f)
+        os.replace(tmp, path)
+    except OSError as err:
+        warnings.warn(f"could not write feature cache {path} ({err.strerror or err}); pass --cache-dir to a "
+                      "writable folder to reuse features", stacklevel=2)
+    return split
