@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from simclr.config import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -40,7 +42,13 @@ def pick_device(setting: str, local_rank: int = 0) -> torch.device:
 
 
 def init_distributed(device_setting: str) -> DistInfo:
-    """Join the torchrun process group when launched by torchrun (RANK set); a single process joins none."""
+    """Join the torchrun process group when launched by torchrun (RANK set); a single process joins none.
+
+    Args:
+        device_setting: the config's `device` (auto, cpu, cuda, cuda:N).
+    Returns:
+        This process's `DistInfo`; the backend is nccl on CUDA and gloo on the CPU.
+    """
     if "RANK" not in os.environ:
         return DistInfo(0, 1, 0, pick_device(device_setting))
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -53,6 +61,33 @@ def init_distributed(device_setting: str) -> DistInfo:
     return DistInfo(rank, world_size, local_rank, device)
 
 
+def resolve_sync_bn(setting: bool | None, info: DistInfo) -> bool:
+    """Whether to convert BatchNorm to SyncBatchNorm (`model.sync_bn`; None = auto).
+
+    SyncBatchNorm computes BatchNorm statistics over the global batch, the paper's "Global BN" (Section
+    2.2: with per-device statistics the two views of an image share a device, and the model can use
+    that leak to solve the task without learning better representations). It only matters with
+    several processes: in one process it is plain BatchNorm, so it is never used there (a single GPU
+    runs without a process group). Auto turns it on for several CUDA processes. PyTorch implements it
+    for GPUs only: with an initialised process group a CPU (gloo) forward in train mode raises, so on
+    CPU auto leaves it off (per-process statistics) and an explicit `true` is a config error.
+
+    Args:
+        setting: `model.sync_bn`: True, False or None (auto).
+        info: this process's rank, world size and device.
+    Returns:
+        True if the model should be converted with `nn.SyncBatchNorm.convert_sync_batchnorm`.
+    """
+    if not info.distributed:
+        return False
+    if setting is None:
+        return info.device.type == "cuda"
+    if setting and info.device.type != "cuda":
+        raise ConfigError(f"model.sync_bn = true: PyTorch's SyncBatchNorm needs CUDA devices, this run uses "
+                          f"{info.device.type}; set model.sync_bn: false (per-process BatchNorm statistics)")
+    return bool(setting)
+
+
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     """Average a tensor over ranks (identity in a single process)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -63,10 +98,12 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
 
 
 def barrier() -> None:
+    """Wait for every rank (no-op in a single process)."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
 
 def shutdown() -> None:
+    """Leave the process group, if this process joined one."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

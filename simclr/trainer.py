@@ -20,7 +20,7 @@ from models.resnet_simclr import create_model
 from simclr import checkpoint as ckpt
 from simclr.config import Config, ConfigError, config_to_dict
 from simclr.grad_cache import grad_cache_backward
-from simclr.dist import DistInfo, all_reduce_mean, barrier
+from simclr.dist import DistInfo, all_reduce_mean, barrier, resolve_sync_bn
 from simclr.optim import create_optimizer, create_scheduler, scaled_lr
 from simclr.run_dir import RunLock, RunWriter, default_run_dir
 
@@ -58,6 +58,9 @@ def create_batches(config: Config, info: DistInfo):
     if config.batch_size % info.world_size:
         raise ConfigError(f"batch_size = {config.batch_size}: must be divisible by the number of processes "
                           f"({info.world_size}); it is the global batch")
+    if config.grad_cache_chunks > config.batch_size // info.world_size:
+        raise ConfigError(f"grad_cache_chunks = {config.grad_cache_chunks}: more chunks than images per process "
+                          f"({config.batch_size // info.world_size}); lower grad_cache_chunks")
     data = load_split(d.name, d.root, "pretrain", download=d.download and info.is_main,
                       skip_bad_images=d.skip_bad_images)
     train_idx, valid_idx = split_validation(len(data), d.valid_size, config.seed)
@@ -155,8 +158,7 @@ class Trainer:
         model = create_model(c.model.base_model, c.model.out_dim, c.model.cifar_stem)
         if c.fine_tune_from and self.resume_state is None:
             load_weights_only(model, c.fine_tune_from, self.log)
-        sync_bn = c.model.sync_bn if c.model.sync_bn is not None else (info.distributed and self.device.type == "cuda")
-        if sync_bn and info.distributed:
+        if resolve_sync_bn(c.model.sync_bn, info):
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = model.to(self.device)
         if self.device.type == "cuda":
