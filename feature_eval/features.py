@@ -124,7 +124,7 @@ def cached_features(cache_dir: str | Path | None, key: dict, compute: Callable[[
             if state.get("key") == text and split.features.ndim == 2 and len(split.features) == len(split.labels):
                 log(f"features: loaded {len(split)} x {split.features.shape[1]} from cache {path}")
                 return split
-        except (OSError, RuntimeError, KeyError, TypeError, EOFError) as err:
+        except Exception as err:  # noqa: BLE001 - any unreadable cache file is only recomputed
             warnings.warn(f"feature cache {path} is unreadable ({type(err).__name__}); recomputing", stacklevel=2)
     split = compute()
     try:

@@ -1,0 +1,381 @@
+"""feature_eval: protocols against scikit-learn and hand computation, the frozen encoder, caching, CLI errors."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.preprocessing import StandardScaler
+
+from feature_eval import evaluate as evaluate_module
+from feature_eval.classifiers import (adam_probe, holdout_split, knn_classifier, lbfgs_probe, topk_accuracy,
+                                      weighted_knn)
+from feature_eval.features import FeatureSplit, cached_features, extract_features
+from models.resnet_simclr import Encoder, create_model
+from simclr.checkpoint import save_checkpoint
+from simclr.config import config_to_dict, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small problems run faster on one thread, and far faster when other processes share the cores."""
+    from threadpoolctl import threadpool_limits
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):  # numpy's BLAS, which scikit-learn uses
+        yield
+    torch.set_num_threads(threads)
+
+
+def make_checkpoint(path: Path, base_model: str = "resnet18", config_model: str | None = None,
+                    input_size: int = 16, out_dim: int = 16) -> Path:
+    """A checkpoint of an untrained model on digits (seeded), as the trainer would save it."""
+    config = load_config(None, ["dataset.name=digits", f"model.out_dim={out_dim}", "epochs=3",
+                                f"model.base_model={config_model or base_model}",
+                                f"dataset.input_shape=({input_size},{input_size},3)"])
+    torch.manual_seed(1)
+    model = create_model(base_model, out_dim)
+    save_checkpoint(path, {"model": model.state_dict(), "config": config_to_dict(config), "next_epoch": 3})
+    return path
+
+
+def features_problem(n_train=300, n_test=90, dim=24, classes=5, seed=0):
+    """Noisy Gaussian clusters: features float32, labels int64."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 1.0, (classes, dim))
+    y_train, y_test = rng.integers(0, classes, n_train), rng.integers(0, classes, n_test)
+    scale = rng.uniform(0.5, 5, dim)  # unequal scales: standardisation matters
+    x_train = ((centres[y_train] + rng.normal(0, 1.2, (n_train, dim))) * scale).astype(np.float32)
+    x_test = ((centres[y_test] + rng.normal(0, 1.2, (n_test, dim))) * scale).astype(np.float32)
+    return x_train, y_train, x_test, y_test
+
+
+# ---------------------------------------------------------------- protocols against references
+
+def test_lbfgs_equals_sklearn_on_the_same_features():
+    x_train, y_train, x_test, y_test = features_problem()
+    result = lbfgs_probe(torch.from_numpy(x_train), torch.from_numpy(y_train), x_test, y_test, C=0.5, max_iter=500)
+    scaler = StandardScaler().fit(x_train.astype(np.float64))
+    clf = LogisticRegression(solver="lbfgs", C=0.5, max_iter=500, random_state=0)
+    clf.fit(scaler.transform(x_train.astype(np.float64)), y_train)
+    reference = scaler.transform(x_test.astype(np.float64))
+    np.testing.assert_array_equal(result.predictions, clf.predict(reference))
+    assert result.top1 == pytest.approx(100 * clf.score(reference, y_test))
+    top5 = np.argsort(-clf.predict_proba(reference), axis=1, kind="stable")[:, :5]
+    assert result.top5 == pytest.approx(100 * (top5 == y_test[:, None]).any(1).mean())
+    assert 40 < result.top1 < 100  # the problem is neither trivial nor hopeless
+    assert result.details["converged"]
+
+
+@pytest.mark.parametrize("n_test, query_chunk, key_chunk", [(90, 256, 8192), (90, 7, 50), (1, 256, 8192), (7, 3, 31)])
+def test_seed_knn_equals_sklearn(n_test, query_chunk, key_chunk):
+    x_train, y_train, x_test, y_test = features_problem(n_test=90)
+    x_test, y_test = x_test[:n_test], y_test[:n_test]
+    result = knn_classifier(x_train, y_train, x_test, y_test, k=10, query_chunk=query_chunk, key_chunk=key_chunk)
+    scaler = StandardScaler().fit(x_train.astype(np.float64))
+    knn = KNeighborsClassifier(n_neighbors=10).fit(scaler.transform(x_train.astype(np.float64)), y_train)
+    reference = scaler.transform(x_test.astype(np.float64))
+    np.testing.assert_array_equal(result.predictions, knn.predict(reference))
+    np.testing.assert_allclose(result.scores, 10 * knn.predict_proba(reference))  # votes
+    assert result.top1 == pytest.approx(100 * knn.score(reference, y_test))
+
+
+def test_weighted_knn_on_ten_points_by_hand():
+    s3 = math.sqrt(3)
+    train = np.array([[1, 0], [2, 0], [1, s3], [0, 3], [-1, 0], [1, -s3], [-1, s3], [0, -1], [-1, -s3], [-5, 0]])
+    labels = np.array([0, 1, 1, 2, 0, 2, 0, 1, 2, 1])
+    # Cosines with (3, 0): 1, 1, .5, 0, -1, .5, -.5, 0, -.5, -1. With (0, -2): 0, 0, -.87, -1, 0, .87, -.87, 1, .87, 0.
+    queries = np.array([[3.0, 0.0], [0.0, -2.0]])
+    e = math.exp
+    result = weighted_knn(train, labels, queries, np.array([1, 2]), k=4, temperature=0.5)
+    # Query 1, k=4: (1, class 0), (1, class 1), (.5, class 1), (.5, class 2); weights exp(cos / 0.5).
+    np.testing.assert_allclose(result.scores[0], [e(2), e(2) + e(1), e(1)], rtol=1e-5)
+    # Query 2, k=4: (1, class 1), (.87, class 2), (.87, class 2), then a cosine-0 tie: the first item (class 0).
+    np.testing.assert_allclose(result.scores[1], [e(0), e(2), 2 * e(s3)], rtol=1e-5)
+    np.testing.assert_array_equal(result.predictions, [1, 2])  # two fairly close neighbours beat one close one
+    assert result.top1 == 100.0 and result.top5 == 100.0  # top-5 of three classes is top-3
+    sharp = weighted_knn(train, labels, queries, None, k=3, temperature=0.1)
+    np.testing.assert_allclose(sharp.scores[1], [0, e(10), 2 * e(10 * s3 / 2)], rtol=1e-5)
+    assert sharp.predictions[1] == 1  # a low temperature lets the closest neighbour win
+    assert sharp.top1 is None
+    # The same answer whatever the chunking, down to one query and two keys at a time.
+    chunked = weighted_knn(train, labels, queries, None, k=4, temperature=0.5, query_chunk=1, key_chunk=2)
+    np.testing.assert_allclose(chunked.scores, result.scores)
+
+
+def test_weighted_knn_matches_a_slow_loop_for_1_and_7_test_items():
+    x_train, y_train, x_test, _ = features_problem(n_train=120, n_test=7)
+    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+    sims = unit(x_test.astype(np.float64)) @ unit(x_train.astype(np.float64)).T
+    expected = np.zeros((7, 5))
+    for i in range(7):
+        for j in np.argsort(-sims[i], kind="stable")[:20]:
+            expected[i, y_train[j]] += math.exp(sims[i, j] / 0.1)
+    for n in (1, 7):
+        got = weighted_knn(x_train, y_train, x_test[:n], None, num_classes=5, k=20, query_chunk=3, key_chunk=16)
+        np.testing.assert_allclose(got.scores, expected[:n], rtol=1e-4)
+
+
+def test_topk_caps_k_at_the_number_of_classes_and_breaks_ties_low():
+    scores = np.array([[0.1, 0.7, 0.2], [0.5, 0.5, 0.0], [0.0, 0.0, 0.0]])
+    assert topk_accuracy(scores, [2, 1, 2], ks=(1, 2, 5)) == pytest.approx([0.0, 200 / 3, 100.0])
+    assert topk_accuracy(scores, [0, 0, 0], ks=(1,)) == pytest.approx([200 / 3])  # ties go to the lower class
+
+
+# ---------------------------------------------------------------- the Adam probe and the test set
+
+class RecordedLabels:
+    """Test labels that write down every read into a shared event list."""
+
+    def __init__(self, labels, events):
+        self.labels, self.events = np.asarray(labels), events
+
+    def __array__(self, dtype=None, copy=None):
+        self.events.append("test labels read")
+        return self.labels if dtype is None else self.labels.astype(dtype)
+
+    def __len__(self):
+        self.events.append("test labels read")
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        self.events.append("test labels read")
+        return self.labels[index]
+
+    def __iter__(self):
+        self.events.append("test labels read")
+        return iter(self.labels)
+
+
+def test_adam_probe_reads_test_labels_only_after_its_last_step(monkeypatch):
+    x_train, y_train, x_test, y_test = features_problem(n_train=200, n_test=60)
+    events = []
+    step = torch.optim.Adam.step
+
+    def recorded_step(self, *args, **kwargs):
+        events.append("step")
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recorded_step)
+    result = adam_probe(x_train, y_train, x_test, RecordedLabels(y_test, events), max_epochs=20, eval_every=5)
+    assert "test labels read" in events and events.count("step") > 20
+    first_read = events.index("test labels read")
+    assert "step" not in events[first_read:], "the probe read test labels before it finished training"
+    assert result.top1 == pytest.approx(100 * (result.predictions == y_test).mean())
+
+
+def test_adam_probe_choice_and_predictions_do_not_depend_on_test_labels():
+    x_train, y_train, x_test, y_test = features_problem(n_train=200, n_test=60)
+    kwargs = dict(max_epochs=20, eval_every=5, weight_decays=(0.0, 1e-2, 1.0))
+    true = adam_probe(x_train, y_train, x_test, y_test, **kwargs)
+    permuted = adam_probe(x_train, y_train, x_test, np.random.default_rng(3).permutation(y_test), **kwargs)
+    unlabelled = adam_probe(x_train, y_train, x_test, None, **kwargs)
+    for other in (permuted, unlabelled):
+        assert other.details == true.details
+        np.testing.assert_array_equal(other.scores, true.scores)
+    assert unlabelled.top1 is None and true.top1 != permuted.top1
+    fit, valid = holdout_split(y_train, 0.2, seed=0)
+    assert true.details["fit_items"] == len(fit) == 160 and true.details["valid_items"] == len(valid) == 40
+    assert not set(fit) & set(valid)
+    grid = true.details["valid_top1_grid"]
+    assert true.details["valid_top1"] == max(acc for by_epoch in grid.values() for acc in by_epoch.values())
+    assert true.top1 > 40
+
+
+def test_adam_probe_batched_grid_equals_one_layer_trained_alone():
+    from feature_eval.classifiers import _fit_linear
+
+    x_train, y_train, _, _ = features_problem(n_train=120)
+    x, y = torch.from_numpy(x_train), torch.from_numpy(y_train)
+    stacked, _ = _fit_linear(x, y, 5, (0.0, 1e-2), epochs=3, lr=1e-3, batch_size=32, seed=0)
+    layer = torch.nn.Linear(x.shape[1], 5)
+    torch.nn.init.zeros_(layer.weight)
+    torch.nn.init.zeros_(layer.bias)
+    optimizer = torch.optim.Adam(layer.parameters(), lr=1e-3, weight_decay=1e-2)
+    generator = torch.Generator().manual_seed(0)
+    xs = (x - x.mean(0)) / x.std(0, unbiased=False)
+    for _ in range(3):
+        for batch in torch.randperm(len(x), generator=generator).split(32):
+            loss = torch.nn.functional.cross_entropy(layer(xs[batch]), y[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    torch.testing.assert_close(stacked.weight[1].detach(), layer.weight.detach().T, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(stacked.bias[1].detach(), layer.bias.detach(), atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- features: frozen, batched, cached
+
+class _Images(torch.utils.data.Dataset):
+    """A data set without `.images`, to exercise the DataLoader path."""
+
+    def __init__(self, images, labels):
+        self.images_, self.labels_ = images, labels
+
+    def __len__(self):
+        return len(self.labels_)
+
+    def __getitem__(self, i):
+        return self.images_[i], int(self.labels_[i])
+
+
+def test_extract_features_leaves_the_encoder_untouched_and_matches_a_plain_loop():
+    from data_aug.datasets import TensorImages
+    from data_aug.views import create_eval_transform
+
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (13, 3, 20, 20), dtype=torch.uint8)
+    labels = torch.arange(13) % 3
+    encoder = Encoder("resnet18")
+    encoder.train()  # as a careless caller might hand it over: BatchNorm would update in this mode
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    got = extract_features(encoder, TensorImages(images, labels, ["a", "b", "c"]), crop_size=16, batch_size=5,
+                           device="cpu")
+    for key, value in encoder.state_dict().items():
+        assert torch.equal(value, before[key]), f"{key} changed during feature extraction"
+    assert encoder.training and all(p.requires_grad for p in encoder.parameters())  # the caller's mode is restored
+    assert not got.features.requires_grad
+    encoder.eval()
+    transform = create_eval_transform(16)
+    with torch.no_grad():
+        expected = torch.cat([encoder(transform(img)[None]) for img in images])
+    torch.testing.assert_close(got.features, expected, atol=1e-4, rtol=1e-4)
+    assert torch.equal(got.labels, labels)
+    loader_path = extract_features(encoder, _Images(images, labels), crop_size=16, batch_size=4, device="cpu")
+    torch.testing.assert_close(loader_path.features, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_cached_features_computes_once_per_key(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return FeatureSplit(torch.randn(4, 3), torch.arange(4))
+
+    first = cached_features(tmp_path, {"split": "train"}, compute, log=lambda *_: None)
+    again = cached_features(tmp_path, {"split": "train"}, compute, log=lambda *_: None)
+    assert len(calls) == 1 and torch.equal(first.features, again.features)
+    cached_features(tmp_path, {"split": "test"}, compute, log=lambda *_: None)
+    assert len(calls) == 2
+    for path in tmp_path.glob("*.pt"):
+        path.write_bytes(b"damaged")
+    with pytest.warns(UserWarning, match="unreadable"):
+        cached_features(tmp_path, {"split": "train"}, compute, log=lambda *_: None)
+    assert len(calls) == 3
+
+
+# ---------------------------------------------------------------- evaluate(), the files, the CLI
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    make_checkpoint(run / "checkpoints" / "last.pt")
+    return run
+
+
+def test_evaluate_writes_table_and_json_and_keeps_the_encoder(tiny_run, monkeypatch):
+    loaded = {}
+    load = evaluate_module.load_encoder
+
+    def recording_load(path, device):
+        encoder = load(path, device)
+        loaded["encoder"], loaded["state"] = encoder, {k: v.clone() for k, v in encoder.state_dict().items()}
+        return encoder
+
+    monkeypatch.setattr(evaluate_module, "load_encoder", recording_load)
+    out = evaluate_module.evaluate(tiny_run, classifiers="lbfgs,knn", baselines="pca,random", device="cpu",
+                                   max_iter=300, log=lambda *_: None)
+    for key, value in loaded["encoder"].state_dict().items():
+        assert torch.equal(value, loaded["state"][key]), f"{key} changed during evaluation"
+    rows = out.results["rows"]
+    assert [(r["classifier"], r["extractor"]) for r in rows] == [
+        (c, e) for c in ("lbfgs", "knn", "weighted_knn") for e in ("simclr", "pca", "random")]
+    assert out.results["splits"]["train"] == 1437 and out.results["splits"]["test"] == 360
+    assert out.results["dataset"]["name"] == "digits" and out.results["dataset"]["input_size"] == 16
+    assert out.results["seed"] == 0 and out.results["trained_epochs"] == 3
+    pca = next(r for r in rows if r["extractor"] == "pca")
+    assert pca["feature_dim"] == 16 and pca["architecture"] is None  # the projection size, out_dim
+    # The lbfgs row is scikit-learn run directly on the same features.
+    train, test = out.features["simclr"]
+    scaler = StandardScaler().fit(train.features.numpy().astype(np.float64))
+    clf = LogisticRegression(solver="lbfgs", C=1.0, max_iter=300, random_state=0).fit(
+        scaler.transform(train.features.numpy().astype(np.float64)), train.labels.numpy())
+    assert rows[0]["top1"] == pytest.approx(100 * clf.score(scaler.transform(test.features.numpy().astype(
+        np.float64)), test.labels.numpy()))
+    knn = KNeighborsClassifier(10).fit(scaler.transform(train.features.numpy().astype(np.float64)), train.labels)
+    assert rows[3]["top1"] == pytest.approx(100 * knn.score(scaler.transform(test.features.numpy().astype(
+        np.float64)), test.labels))
+    # Files: the table in the seed's columns and every number in JSON.
+    table = out.paths["markdown"].read_text()
+    assert out.paths["markdown"] == tiny_run / "eval" / "last_digits.md"
+    assert "| Classifier | Feature extractor | Architecture | Feature dim | Projection dim | Epochs | Top-1 % | " \
+           "Top-5 % |" in table
+    assert f"| {rows[0]['top1']:.1f} |" in table and table.count("\n| ") == 1 + len(rows)
+    saved = json.loads(out.paths["json"].read_text())
+    assert saved["rows"][0]["top1"] == rows[0]["top1"] and saved["checkpoint"].endswith("last.pt")
+    # The second evaluation reads the cached features instead of running the encoder.
+    monkeypatch.setattr(evaluate_module, "extract_features", lambda *a, **k: pytest.fail("features not cached"))
+    again = evaluate_module.evaluate(tiny_run, classifiers="knn", device="cpu", write=False, log=lambda *_: None)
+    assert again.results["rows"][0]["top1"] == rows[3]["top1"] and not again.paths
+
+
+def test_evaluate_run_prints_the_table(tiny_run, monkeypatch, capsys):
+    monkeypatch.setattr(evaluate_module, "RUN_CLASSIFIERS", ("knn",))  # the full default set is run by the quickstart
+    monkeypatch.setattr(evaluate_module, "RUN_BASELINES", ("random",))
+    evaluation = evaluate_module.evaluate_run(tiny_run)
+    printed = capsys.readouterr().out
+    assert "| Weighted KNN (k=200, T=0.1) | Random init |" in printed and evaluation.paths["json"].is_file()
+
+
+def test_evaluate_run_reports_a_user_error_in_one_line(tmp_path, capsys):
+    assert evaluate_module.evaluate_run(tmp_path / "nowhere") is None
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("final_eval: error:") and "nowhere" in err and "\n" not in err
+
+
+def run_cli(argv, capsys) -> tuple[int, str]:
+    code = evaluate_module.main(argv)
+    return code, capsys.readouterr().err.strip()
+
+
+def test_cli_missing_checkpoint_is_one_line_exit_2(tmp_path, capsys):
+    code, err = run_cli(["--checkpoint", str(tmp_path / "missing.pt")], capsys)
+    assert code == 2 and err.count("\n") == 0 and "missing.pt" in err and "not found" in err
+    code, err = run_cli(["--checkpoint", str(tmp_path)], capsys)
+    assert code == 2 and "checkpoints/last.pt" in err
+
+
+def test_cli_other_architecture_is_one_line_exit_2(tmp_path, capsys):
+    path = make_checkpoint(tmp_path / "r50.pt", base_model="resnet50", config_model="resnet18")
+    code, err = run_cli(["--checkpoint", str(path)], capsys)
+    assert code == 2 and err.count("\n") == 0 and "r50.pt" in err and "resnet18" in err
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {"fc.weight": torch.zeros(2, 2)}}, foreign)
+    code, err = run_cli(["--checkpoint", str(foreign)], capsys)
+    assert code == 2 and err.count("\n") == 0 and "foreign.pt" in err
+
+
+def test_cli_bad_options_are_one_line_exit_2(tiny_run, capsys):
+    code, err = run_cli(["--checkpoint", str(tiny_run), "--classifiers", "lbfgs,svm"], capsys)
+    assert code == 2 and "svm" in err and "lbfgs, adam, knn" in err and err.count("\n") == 0
+    code, err = run_cli(["--checkpoint", str(tiny_run), "--dataset", "mnist"], capsys)
+    assert code == 2 and "mnist" in err and err.count("\n") == 0
+    code, err = run_cli(["--checkpoint", str(tiny_run), "--dataset", "stl10", "--root", str(tiny_run / "no")], capsys)
+    assert code == 2 and "STL10" in err and err.count("\n") == 0
+
+
+def test_module_entry_point_has_no_traceback(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "feature_eval.evaluate", "--checkpoint", str(tmp_path / "x.pt")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().startswith("error: checkpoint") and done.stderr.strip().count("\n") == 0
