@@ -7,19 +7,39 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward all-reduces the gradient and returns this rank's slice of it."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(z) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, z.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone(memory_format=torch.contiguous_format)  # never modify autograd's buffer in place
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        n = grad.shape[0] // dist.get_world_size()
+        rank = dist.get_rank()
+        return grad[rank * n:(rank + 1) * n]
+
+
 def gather_with_grad(z: torch.Tensor) -> torch.Tensor:
     """Concatenate `z` `[n, D]` from every rank into `[world * n, D]`, in rank order.
 
     Gradients flow back: the backward pass sums, over all ranks, the gradient each rank's loss sends to
-    every slice and returns to each rank the sum for its own slice (a reduce-scatter). With DDP's averaging
-    of parameter gradients, this gives exactly the gradient of the loss over the global batch. Without an
-    initialised process group (or with one process) it returns `z` unchanged.
+    every slice (an all-reduce of `[world * n, D]`, small next to the encoder's gradients) and returns to
+    each rank the sum for its own slice. So each rank's `z` receives the gradient of the *sum* of all
+    ranks' losses, and DDP's averaging of parameter gradients over ranks turns that into exactly the
+    gradient of the mean loss over the global batch. (A gather that returned only the local loss's
+    gradient would scale it by 1 / world; one without a backward would drop the negatives' gradient.)
+    Every rank must pass the same n. Without an initialised process group, or with one process, it
+    returns `z` unchanged.
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return z
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(z), dim=0)
+    return _GatherWithGrad.apply(z)
 
 
 class NTXentLoss(nn.Module):
@@ -28,7 +48,8 @@ class NTXentLoss(nn.Module):
     Args:
         temperature: tau, the softmax temperature (paper: 0.1 to 0.5).
         use_cosine_similarity: cosine similarity (the paper) if True, else the raw dot product.
-    Memory is O(N^2): one `[2n, 2N]` similarity matrix, never a `[2N, 2N, D]` tensor.
+    Memory is O(N^2): a few `[2n, 2N]` float32 matrices (logits, softmax, their gradient), never a
+    `[2N, 2N, D]` tensor. See bench/loss_scaling.py for measured time and memory up to N = 8192.
     """
 
     def __init__(self, temperature: float = 0.5, use_cosine_similarity: bool = True):
@@ -57,13 +78,14 @@ class NTXentLoss(nn.Module):
         if total < 2:
             raise ValueError("NT-Xent needs at least 2 images in the (global) batch")
         offset = n * (dist.get_rank() if total != n else 0)
-        anchors = torch.cat([z_i, z_j])  # (2n, D)
+        anchors = torch.cat([z_i, z_j]) / self.temperature  # (2n, D): dividing here, not the (2n, 2N) logits
         keys = torch.cat([all_i, all_j])  # (2N, D)
-        logits = anchors @ keys.T / self.temperature  # (2n, 2N)
+        logits = anchors @ keys.T  # (2n, 2N)
         local = torch.arange(n, device=z_i.device)
         self_index = torch.cat([local + offset, local + offset + total])  # (2n,) position of each anchor in keys
         targets = torch.cat([local + offset + total, local + offset])  # its other view
-        logits = logits.masked_fill(F.one_hot(self_index, 2 * total).bool(), float("-inf"))
+        # scatter, not a (2n, 2N) one-hot mask: that was 8 bytes per logit (2 GiB at N = 8192)
+        logits = logits.scatter(1, self_index[:, None], float("-inf"))
         return logits, targets
 
     def forward(self, z_i: torch.Tensor, z_j: torch.Tensor) -> torch.Tensor:

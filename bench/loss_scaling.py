@@ -1,0 +1,200 @@
+"""Time and peak memory of NT-Xent forward + backward as the batch grows (N = 256 ... 8192 pairs, D = 128).
+
+    python -m bench.loss_scaling                       # CPU, writes its section of docs/BENCHMARKS.md
+    python -m bench.loss_scaling --device cuda         # the same on the GPU
+    python -m bench.loss_scaling --sizes 256 512 --no-write
+
+Each batch size runs in a fresh process, so that the CPU's peak resident memory (`ru_maxrss`) belongs
+to that size alone; the table reports the peak above the memory held before the loss ran (inputs
+included). On CUDA it reports `torch.cuda.max_memory_allocated` above the same starting point. The seed's
+loss (sthalles/SimCLR), which broadcasts a `[2N, 2N, D]` tensor to get cosine similarities, is measured
+beside it for the small sizes only: its memory grows as N^2 D.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO / "docs" / "BENCHMARKS.md"
+START, END = "<!-- bench/loss_scaling.py: start -->", "<!-- bench/loss_scaling.py: end -->"
+GIB = 2**30
+
+
+class SeedNTXentLoss(nn.Module):
+    """The seed's NT-Xent (sthalles/SimCLR `loss/nt_xent.py`), kept only to measure what it cost.
+
+    Its cosine similarity broadcasts `[2N, 1, D]` against `[1, 2N, D]`, materialising `[2N, 2N, D]`.
+    """
+
+    def __init__(self, batch_size: int, temperature: float):
+        super().__init__()
+        self.batch_size, self.temperature = batch_size, temperature
+        index = torch.arange(2 * batch_size)
+        other = (index + batch_size) % (2 * batch_size)
+        mask = torch.ones(2 * batch_size, 2 * batch_size, dtype=torch.bool)
+        mask[index, index] = mask[index, other] = False  # neither itself nor its positive is a negative
+        self.register_buffer("mask", mask)
+
+    def forward(self, zis: torch.Tensor, zjs: torch.Tensor) -> torch.Tensor:
+        representations = torch.cat([zjs, zis], dim=0)
+        similarity = F.cosine_similarity(representations.unsqueeze(1), representations.unsqueeze(0), dim=-1)
+        positives = torch.cat([torch.diag(similarity, self.batch_size), torch.diag(similarity, -self.batch_size)])
+        negatives = similarity[self.mask].view(2 * self.batch_size, -1)
+        logits = torch.cat([positives[:, None], negatives], dim=1) / self.temperature
+        labels = torch.zeros(2 * self.batch_size, dtype=torch.long, device=zis.device)
+        return F.cross_entropy(logits, labels, reduction="sum") / (2 * self.batch_size)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_one(n: int, dim: int, device: torch.device, which: str, repeats: int) -> dict:
+    """Forward + backward of one loss on random `[n, dim]` projections; median seconds and peak extra GiB."""
+    from loss.nt_xent import NTXentLoss
+
+    torch.manual_seed(0)
+    criterion = NTXentLoss(temperature=0.5) if which == "ntxent" else SeedNTXentLoss(n, 0.5)
+    criterion = criterion.to(device)
+    z1 = torch.randn(n, dim, device=device, requires_grad=True)
+    z2 = torch.randn(n, dim, device=device, requires_grad=True)
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        start_mem = torch.cuda.memory_allocated(device)
+    else:
+        start_mem = _rss_bytes()
+    times = []
+    for _ in range(repeats + 1):  # the first run warms up and is not timed
+        z1.grad = z2.grad = None
+        _sync(device)
+        tick = time.perf_counter()
+        criterion(z1, z2).backward()
+        _sync(device)
+        times.append(time.perf_counter() - tick)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) - start_mem
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - start_mem  # ru_maxrss is in KiB
+    return {"n": n, "which": which, "seconds": statistics.median(times[1:]), "peak_gib": max(peak, 0) / GIB,
+            "repeats": repeats}
+
+
+def _run_in_subprocess(n: int, dim: int, device: str, which: str, repeats: int) -> dict:
+    cmd = [sys.executable, "-m", "bench.loss_scaling", "--one", str(n), "--dim", str(dim), "--device", device,
+           "--which", which, "--repeats", str(repeats)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"n": n, "which": which, "error": (done.stderr.strip().splitlines() or ["failed"])[-1][:120]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads"
+
+
+def format_table(rows: list[dict], device: torch.device, dim: int) -> str:
+    """The markdown section: one line per N, the seed's loss beside ours where it was measured."""
+    seed = {r["n"]: r for r in rows if r["which"] == "seed"}
+    ours = [r for r in rows if r["which"] == "ntxent"]
+    memory = "peak extra RSS" if device.type == "cpu" else "peak extra allocated"
+    lines = [f"### NT-Xent forward + backward vs batch size ({device.type})", "",
+             f"`python -m bench.loss_scaling{' --device cuda' if device.type == 'cuda' else ''}`: "
+             f"{_machine(device)}; torch {torch.__version__}; D = {dim}, float32, median of the timed runs "
+             f"after one warm-up; {memory} over the inputs.", "",
+             f"| N pairs (2N views) | `[2N, 2N]` logits | loss/nt_xent.py: time | memory | "
+             f"seed's loss: time | memory |",
+             "|---:|---:|---:|---:|---:|---:|"]
+
+    def cells(r):
+        if r is None:
+            return "not run", ""
+        if "error" in r:
+            return f"failed: {r['error']}", ""
+        return f"{r['seconds']:.3f} s", f"{r['peak_gib']:.2f} GiB"
+
+    for r in ours:
+        logits = (2 * r["n"]) ** 2 * 4 / GIB
+        lines.append(f"| {r['n']} ({2 * r['n']}) | {logits:.3f} GiB | {' | '.join(cells(r))} | "
+                     f"{' | '.join(cells(seed.get(r['n'])))} |")
+    lines += ["", "The seed's loss materialises `[2N, 2N, D]` (at N = 8192: 2N x 2N x 128 x 4 bytes = 128 GiB for "
+              "the similarity alone, more with its backward); it is run only for the smallest sizes."]
+    return "\n".join(lines)
+
+
+def write_section(text: str, path: Path = BENCHMARKS) -> None:
+    """Replace this benchmark's marked section of docs/BENCHMARKS.md (append it if absent); others are kept."""
+    section = f"{START}\n{text}\n{END}"
+    old = path.read_text() if path.exists() else "# Benchmarks\n"
+    if START in old and END in old:
+        head, rest = old.split(START, 1)
+        new = head + section + rest.split(END, 1)[1]
+    else:
+        new = old.rstrip("\n") + "\n\n" + section + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(new)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096, 8192])
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--seed-up-to", type=int, default=512, help="run the seed's [2N,2N,D] loss up to this N")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-write", action="store_true", help="print the table, leave docs/BENCHMARKS.md alone")
+    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--which", default="ntxent", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA GPU is visible", file=sys.stderr)
+        return 1
+    if args.one is not None:
+        print(json.dumps(measure_one(args.one, args.dim, device, args.which, args.repeats)))
+        return 0
+    rows = []
+    jobs = [(n, "ntxent") for n in args.sizes] + [(n, "seed") for n in args.sizes if n <= args.seed_up_to]
+    for n, which in jobs:
+        repeats = args.repeats if n <= 2048 or device.type == "cuda" else 1
+        row = _run_in_subprocess(n, args.dim, args.device, which, repeats)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    table = format_table(rows, device, args.dim)
+    print(table)
+    if not args.no_write:
+        write_section(table)
+        print(f"wrote {BENCHMARKS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
