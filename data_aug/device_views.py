@@ -232,20 +232,22 @@ def adjust_hue(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """Per-image hue shift in HSV space by `factor` `[M]` turns (in [-0.5, 0.5]); images `[M, 3, H, W]` in [0, 1].
 
     The same map as torchvision's `adjust_hue` (RGB -> HSV, shift H, back), written without the HSV
-    stack: value and chroma are kept, and each channel is `max - chroma * clamp(min(k, 4 - k), 0, 1)`.
+    stack: max and min are kept, and with the shifted hue h in sixths of a turn each channel is
+    `min + (max - min) * clamp(2 - |3 - |h - c||, 0, 1)`, c = 3, 5, 1 for R, G, B (the textbook HSV -> RGB
+    in terms of the circular distance between h and each channel's sector).
     """
     r, g, b = images.unbind(dim=1)
-    low, high = torch.aminmax(images, dim=1)  # (M, H, W)
+    high = torch.maximum(torch.maximum(r, g), b)  # (M, H, W); faster than aminmax over a channel axis
+    low = torch.minimum(torch.minimum(r, g), b)
     chroma = high - low
-    inverse = torch.where(chroma > 0, chroma, torch.ones_like(chroma)).reciprocal_()
-    is_r = high == r
-    is_g = (high == g) & ~is_r
+    inverse = chroma.clamp(min=1e-12).reciprocal_()  # zero chroma: the difference below is zero too
+    is_r, is_g = high == r, high == g  # ties go to red, then green, as in torchvision
     difference = torch.where(is_r, g - b, torch.where(is_g, b - r, r - g))
     sector = torch.where(is_r, 0.0, torch.where(is_g, 2.0, 4.0)) + 6 * factor[:, None, None]
-    hue6 = torch.remainder(torch.addcmul(sector, difference, inverse), 6)  # shifted hue in sixths of a turn
-    sector_offset = torch.arange(5.0, 0.0, -2.0, device=images.device)[None, :, None, None]  # R, G, B: 5, 3, 1
-    k = torch.remainder(hue6[:, None] + sector_offset, 6)  # HSV -> RGB: channel c uses (n_c + 6h) mod 6
-    return high[:, None] - chroma[:, None] * torch.minimum(k, 4 - k).clamp_(0, 1)  # (M, 3, H, W)
+    hue6 = torch.remainder(torch.addcmul(sector, difference, inverse), 6)  # shifted hue in [0, 6)
+    centre = torch.tensor([3.0, 5.0, 1.0], device=images.device)[None, :, None, None]
+    weight = (hue6[:, None] - centre).abs_().sub_(3).abs_().neg_().add_(2).clamp_(0, 1)  # (M, 3, H, W)
+    return torch.addcmul(low[:, None], chroma[:, None], weight)
 
 
 def _blend_op(images: torch.Tensor, op: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -286,7 +288,7 @@ def color_jitter(images: torch.Tensor, apply: torch.Tensor, factors: torch.Tenso
     for before_hue in (True, False):
         if not before_hue:
             shifted = adjust_hue(images, factors[:, _HUE])
-            images = torch.where(apply[:, None, None, None], shifted, images)
+            images = torch.lerp(images, shifted, apply.to(images.dtype)[:, None, None, None])  # exact for 0 / 1
         for k in range(3):
             active = apply & ((k < hue_position) if before_hue else (k >= hue_position))
             op = others[:, k]
@@ -296,7 +298,7 @@ def color_jitter(images: torch.Tensor, apply: torch.Tensor, factors: torch.Tenso
 
 def rgb_to_grayscale(images: torch.Tensor, gray: torch.Tensor) -> torch.Tensor:
     """Replace each image `[M, 3, H, W]` where `gray` `[M]` by its grayscale on all three channels."""
-    return torch.where(gray[:, None, None, None], _luma(images).expand_as(images), images)
+    return torch.lerp(images, _luma(images), gray.to(images.dtype)[:, None, None, None])  # exact for 0 / 1
 
 
 def _blur_weights(sigma: torch.Tensor, apply: torch.Tensor, kernel_size: int, size: int) -> torch.Tensor:
@@ -391,7 +393,7 @@ class DeviceBatches:
         self.crop_size, self.s, self.blur, self.seed = crop_size, s, blur, seed
         self.rank, self.world_size = rank, world_size
         self.kernel_size = blur_kernel_size(crop_size)
-        self.chunk = chunk if chunk is not None else (64 if self.device.type == "cpu" else None)
+        self.chunk = chunk if chunk is not None else (32 if self.device.type == "cpu" else None)
         self.num_images = images.shape[0]
         self.steps_per_epoch = self.num_images // batch_size
         self._permutation: tuple[int, torch.Tensor] | None = None
