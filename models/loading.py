@@ -36,9 +36,9 @@ def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
     except FileNotFoundError:
         raise CheckpointLoadError(f"checkpoint {path} not found") from None
     except pickle.UnpicklingError as err:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        found = re.search(r"unsupported GLOBAL (\S+)|Unsupported global: GLOBAL (\S+)", str(err))
         if found:
-            raise CheckpointLoadError(f"checkpoint {path} was refused: it holds a pickled object ({found.group(1)}) "
+            raise CheckpointLoadError(f"checkpoint {path} was refused: it holds a pickled object ({found.group(1) or found.group(2)}) "
                                       "that could run code; only weights are loaded (weights_only=True)") from None
         raise CheckpointLoadError(f"checkpoint {path} is damaged or not a checkpoint (unreadable pickle data): "
                                   "use another checkpoint") from None

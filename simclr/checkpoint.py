@@ -38,7 +38,8 @@ def save_checkpoint(path: str | Path, state: dict, keep_previous: bool = False) 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
+        os.close(fd)
+        with open(tmp, "wb") as f:
             torch.save({"version": VERSION, **state}, f)
             f.flush()
             os.fsync(f.fileno())

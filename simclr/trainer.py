@@ -184,6 +184,7 @@ class Trainer:
         if c.compile:
             self.train_model = torch.compile(self.train_model)
         self.next_epoch, self.start_step, self.best_valid = 0, 0, math.inf
+        self.skipped_steps = torch.zeros((), dtype=torch.int64, device=self.device)
         if self.resume_state is not None:
             self._restore(self.resume_state)
 
@@ -227,6 +228,11 @@ class Trainer:
                 _, z = self.train_model(torch.cat([x1, x2]))  # both views in one pass: BatchNorm sees all 2n
                 loss, acc = self.criterion.loss_and_accuracy(z[:n], z[n:])
             self.scaler.scale(loss).backward()
+        if self.scaler.is_enabled():
+            # GradScaler skips steps whose gradients overflow; count them on the device (no host sync).
+            self.scaler.unscale_(self.optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf"))
+            self.skipped_steps += ~torch.isfinite(norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -257,14 +263,18 @@ class Trainer:
             global_step = epoch * steps + step + 1
             if global_step % c.log_every_n_steps == 0 or step + 1 == steps:
                 loss_value = loss.item()  # the only host sync of the step loop
-                self._check_finite(loss_value, epoch, step)
+                if not self.scaler.is_enabled():  # under float16 a GradScaler skips overflowing steps instead
+                    self._check_finite(loss_value, epoch, step)
                 speed = tick_images / (time.perf_counter() - tick)
                 lr = self.optimizer.param_groups[0]["lr"]
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{speed:.0f}")
                 if writer:
-                    writer.log({"kind": "step", "epoch": epoch, "step": step, "global_step": global_step,
-                                "loss": loss_value, "lr": lr, "top1": acc["top1"].item(),
-                                "top5": acc["top5"].item(), "images_per_s": speed}, global_step, "train")
+                    record = {"kind": "step", "epoch": epoch, "step": step, "global_step": global_step,
+                              "loss": loss_value, "lr": lr, "top1": acc["top1"].item(),
+                              "top5": acc["top5"].item(), "images_per_s": speed}
+                    if self.scaler.is_enabled():
+                        record["skipped_steps"] = int(self.skipped_steps.item())  # float16 overflow, not fatal
+                    writer.log(record, global_step, "train")
                 tick, tick_images = time.perf_counter(), 0
             if self._should_stop():
                 bar.close()
@@ -272,7 +282,8 @@ class Trainer:
         bar.close()
         self.start_step = 0
         mean = (all_reduce_mean(total) / max(count, 1)).item()
-        self._check_finite(mean, epoch, steps)
+        if not self.scaler.is_enabled():
+            self._check_finite(mean, epoch, steps)
         return mean
 
     @torch.no_grad()
@@ -323,6 +334,8 @@ class Trainer:
         if info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             lock.acquire()
+            for stale in (self.run_dir / "checkpoints").glob("*.tmp"):  # left by a process killed mid-write
+                stale.unlink(missing_ok=True)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             if info.is_main:

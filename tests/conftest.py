@@ -41,6 +41,22 @@ def stl10_root(tmp_path):
     return tmp_path, data
 
 
-TINY_OVERRIDES = ["dataset.name=digits", "dataset.input_shape=(16,16,3)", "batch_size=8", "epochs=2",
-                  "model.out_dim=16", "dataset.valid_size=0.05", "log_every_n_steps=1", "device=cpu",
-                  "dataset.num_workers=0", "seed=0"]
+SEED_CONFIG = Path(__file__).parent / "data" / "seed_config.yaml"
+
+
+def tiny_args(root: Path, run_dir: Path, *extra: str) -> list[str]:
+    """run.py arguments for a seconds-long CPU run on tiny STL10 files (the seed's config, overridden)."""
+    return ["--config", str(SEED_CONFIG), "fine_tune_from=None", f"dataset.root={root}", "dataset.name=stl10",
+            "dataset.download=false", "dataset.input_shape=(32,32,3)", "batch_size=4", "epochs=2",
+            "model.out_dim=8", "dataset.valid_size=0.2", "log_every_n_steps=1", "device=cpu",
+            f"run_dir={run_dir}", "seed=0", *extra]
+
+
+def final_weights(run_dir: Path) -> dict:
+    return torch.load(Path(run_dir) / "checkpoints" / "last.pt", weights_only=True)["model"]
+
+
+def assert_same_weights(a: dict, b: dict, atol: float = 1e-6) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=key)

@@ -1,0 +1,193 @@
+"""Fault injection: SIGKILL at any moment, SIGTERM/SIGINT preemption, damaged checkpoints, full disk, locks."""
+import errno
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import run
+from models.loading import CheckpointLoadError
+from simclr import checkpoint as ckpt
+from simclr.checkpoint import CheckpointWriteError, find_resume_state, save_checkpoint
+from simclr.run_dir import RunDirBusy, RunLock
+from simclr.trainer import Trainer
+from tests.conftest import assert_same_weights, final_weights, tiny_args, write_stl10
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stl")
+    write_stl10(root, n_train=6, n_test=4, n_unlabeled=10)
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(data_root, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "reference"
+    assert run.main(tiny_args(data_root, run_dir)) == 0
+    return final_weights(run_dir)
+
+
+def all_checkpoints_readable(run_dir: Path) -> None:
+    for path in (run_dir / "checkpoints").glob("*.pt"):
+        ckpt.load_checkpoint(path)  # raises if any file on disk is damaged
+
+
+def kill_at(args: list[str], marker: str, count: int) -> None:
+    """Start the marked runner and SIGKILL it when `marker` has been printed `count` times."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fault_runner.py"), *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    seen = 0
+    try:
+        for line in proc.stdout:
+            if line.strip() == f"@@{marker}":
+                seen += 1
+                if seen == count:
+                    proc.send_signal(signal.SIGKILL)
+                    break
+    finally:
+        proc.wait(timeout=60)
+    assert seen == count, f"the run ended before {marker} #{count}"
+
+
+def test_sigkill_at_any_moment_then_resume_gives_the_same_weights(data_root, reference, tmp_path):
+    run_dir = tmp_path / "killed"
+    # 3 steps per epoch; each kill lands at another moment, and each restart resumes from what is on disk.
+    kill_at(tiny_args(data_root, run_dir), "step", 2)  # during epoch 1, before any checkpoint
+    assert not (run_dir / "checkpoints" / "last.pt").exists()
+    kill_at(tiny_args(data_root, run_dir, "resume=auto"), "validate", 1)  # during validation of epoch 1
+    kill_at(tiny_args(data_root, run_dir, "resume=auto"), "saving:last", 1)  # half-way through the first last.pt
+    assert not (run_dir / "checkpoints" / "last.pt").exists()
+    kill_at(tiny_args(data_root, run_dir, "resume=auto"), "saving:last", 2)  # epoch 1 saved; killed saving epoch 2
+    all_checkpoints_readable(run_dir)
+    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["next_epoch"] == 1
+    assert run.main([f"resume={run_dir}"]) == 0
+    all_checkpoints_readable(run_dir)
+    assert_same_weights(final_weights(run_dir), reference)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_preemption_saves_position_and_resumes_mid_epoch(data_root, reference, tmp_path, monkeypatch, capsys, signum):
+    run_dir = tmp_path / "preempted"
+    original = Trainer.train_step
+    calls = []
+
+    def signal_on_fifth_step(self, x1, x2):
+        out = original(self, x1, x2)
+        calls.append(1)
+        if len(calls) == 5:  # epoch 2, step 2 of 3
+            os.kill(os.getpid(), signum)
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", signal_on_fifth_step)
+    assert run.main(tiny_args(data_root, run_dir)) == 0
+    out = capsys.readouterr().out
+    assert f"resume={run_dir}" in out and signal.Signals(signum).name in out
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert state["next_epoch"] == 1 and state["step_in_epoch"] == 2
+    monkeypatch.setattr(Trainer, "train_step", original)
+    calls.clear()
+    counting = original
+
+    def count_steps(self, x1, x2):
+        calls.append(1)
+        return counting(self, x1, x2)
+
+    monkeypatch.setattr(Trainer, "train_step", count_steps)
+    assert run.main([f"resume={run_dir}"]) == 0
+    assert len(calls) == 1  # only the last step of epoch 2 was left
+    assert_same_weights(final_weights(run_dir), reference)
+
+
+def test_resume_auto_starts_fresh_then_resumes(data_root, tmp_path, capsys):
+    run_dir = tmp_path / "auto"
+    assert run.main(tiny_args(data_root, run_dir, "resume=auto", "epochs=1")) == 0
+    assert "starting fresh" in capsys.readouterr().out
+    assert run.main(tiny_args(data_root, run_dir, "resume=auto", "epochs=2")) == 0
+    assert "resuming from" in capsys.readouterr().out
+    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["next_epoch"] == 2
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty", "garbage"])
+def test_damaged_checkpoint(data_root, tmp_path, capsys, damage):
+    run_dir = tmp_path / "damaged"
+    assert run.main(tiny_args(data_root, run_dir)) == 0
+    last = run_dir / "checkpoints" / "last.pt"
+    prev = run_dir / "checkpoints" / "last.prev.pt"
+    assert prev.is_file()
+    data = last.read_bytes()
+    last.write_bytes({"truncate": data[: len(data) // 3], "empty": b"", "garbage": os.urandom(5000)}[damage])
+    capsys.readouterr()
+    assert run.main([f"resume={run_dir}"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(last) in err[0] and str(prev) in err[0]
+    path, state = find_resume_state(run_dir, auto=True, log=lambda m: capsys.readouterr() or print(m))
+    assert path == prev and state["next_epoch"] == 1
+
+
+def test_code_running_pickle_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    path = tmp_path / "run" / "checkpoints" / "last.pt"
+    path.parent.mkdir(parents=True)
+    torch.save({"model": {}, "next_epoch": 1, "optimizer": Evil(), "config": {}}, path)
+    with pytest.raises(CheckpointLoadError, match="could run code"):
+        find_resume_state(tmp_path / "run", auto=False)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_full_disk_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoints" / "last.pt"
+    save_checkpoint(path, {"model": {"w": torch.ones(3)}, "next_epoch": 1})
+
+    def no_space(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt.torch, "save", no_space)
+    with pytest.raises(CheckpointWriteError, match="No space left.*previous checkpoint is intact"):
+        save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "next_epoch": 2}, keep_previous=True)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["next_epoch"] == 1
+    assert [p.name for p in path.parent.iterdir()] == ["last.pt"]
+
+
+def test_live_lock_refuses_and_stale_lock_is_taken_over(tmp_path):
+    import socket
+
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        (tmp_path / ".lock").write_text(f"{socket.gethostname()} {sleeper.pid}")
+        with pytest.raises(RunDirBusy, match="in use"):
+            RunLock(tmp_path).acquire()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    lock = RunLock(tmp_path)
+    lock.acquire()  # its owner is dead now
+    assert (tmp_path / ".lock").read_text().endswith(str(os.getpid()))
+    lock.release()
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_second_run_into_a_busy_run_dir_refuses(data_root, tmp_path, capsys):
+    import socket
+
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        run_dir = tmp_path / "busy"
+        run_dir.mkdir()
+        (run_dir / ".lock").write_text(f"{socket.gethostname()} {sleeper.pid}")
+        assert run.main(tiny_args(data_root, run_dir)) == 1
+        assert "in use" in capsys.readouterr().err
+    finally:
+        sleeper.kill()
+        sleeper.wait()

@@ -1,0 +1,122 @@
+"""End-to-end training on tiny STL10 files: smoke run, run directory, resume equality, fine-tuning, errors."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import run
+from loss.nt_xent import NTXentLoss
+from simclr.config import load_config
+from simclr.dist import init_distributed
+from simclr.trainer import Trainer
+from tests.conftest import assert_same_weights, final_weights, tiny_args, write_stl10
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stl")
+    write_stl10(root, n_train=6, n_test=4, n_unlabeled=10)
+    return root
+
+
+@pytest.fixture(scope="module")
+def straight_run(data_root, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "straight"
+    assert run.main(tiny_args(data_root, run_dir)) == 0
+    return run_dir
+
+
+def test_run_directory_contents(straight_run, capsys):
+    files = {p.name for p in straight_run.iterdir()}
+    assert {"config.yaml", "meta.jsonl", "metrics.jsonl", "checkpoints"} <= files
+    assert any(name.startswith("events.out.tfevents") for name in files)
+    config = yaml.safe_load((straight_run / "config.yaml").read_text())
+    assert config["batch_size"] == 4 and config["dataset"]["input_shape"] == [32, 32, 3]
+    meta = json.loads((straight_run / "meta.jsonl").read_text().splitlines()[0])
+    assert meta["git_commit"] and meta["torch"] == torch.__version__
+    records = [json.loads(line) for line in (straight_run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["kind"] == "step"]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert len(epochs) == 2 and all("valid_loss" in r and "valid_top1" in r for r in epochs)
+    assert steps and all({"loss", "lr", "top1", "top5", "images_per_s"} <= set(r) for r in steps)
+    state = torch.load(straight_run / "checkpoints" / "last.pt", weights_only=True)
+    assert state["next_epoch"] == 2 and state["version"] == 1
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in state["model"])
+    assert {"optimizer", "scheduler", "scaler", "config", "rng_cpu"} <= set(state)
+    assert (straight_run / "checkpoints" / "best.pt").is_file()
+    assert not (straight_run / ".lock").exists()
+
+
+def test_learning_rate_follows_cosine_per_step(straight_run):
+    records = [json.loads(line) for line in (straight_run / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in records if r["kind"] == "step"]
+    assert all(a > b for a, b in zip(lrs, lrs[1:])) and lrs[-1] == pytest.approx(0, abs=1e-12)
+
+
+def test_interrupted_run_resumes_to_the_same_weights(data_root, straight_run, tmp_path, monkeypatch):
+    run_dir = tmp_path / "interrupted"
+    original = Trainer.train_epoch
+
+    def crash_in_second_epoch(self, epoch, writer):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return original(self, epoch, writer)
+
+    monkeypatch.setattr(Trainer, "train_epoch", crash_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        run.main(tiny_args(data_root, run_dir))
+    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["next_epoch"] == 1
+    monkeypatch.setattr(Trainer, "train_epoch", original)
+    assert run.main(["resume=" + str(run_dir)]) == 0
+    assert_same_weights(final_weights(run_dir), final_weights(straight_run))
+
+
+def test_one_epoch_then_resume_to_two_with_constant_lr(data_root, tmp_path):
+    straight, split = tmp_path / "a", tmp_path / "b"
+    assert run.main(tiny_args(data_root, straight, "optimizer.cosine=false")) == 0
+    assert run.main(tiny_args(data_root, split, "optimizer.cosine=false", "epochs=1")) == 0
+    assert run.main([f"resume={split / 'checkpoints' / 'last.pt'}", "epochs=2"]) == 0
+    assert_same_weights(final_weights(split), final_weights(straight))
+
+
+def test_fine_tune_from_initialises_weights_only(data_root, straight_run, tmp_path):
+    config = load_config(None, tiny_args(data_root, tmp_path / "ft")[2:] + [f"fine_tune_from={straight_run}"])
+    trainer = Trainer(config, init_distributed("cpu"))
+    assert_same_weights(trainer.model.state_dict(), final_weights(straight_run))
+    assert trainer.next_epoch == 0 and not trainer.optimizer.state
+
+
+def test_fine_tune_from_unknown_name_is_a_clear_error(data_root, tmp_path, capsys):
+    assert run.main(tiny_args(data_root, tmp_path / "x", "fine_tune_from=resnet-18_80-epochs")) == 1
+    err = capsys.readouterr().err
+    assert "resnet-18_80-epochs" in err and "Traceback" not in err
+
+
+def test_non_finite_loss_stops_with_a_hint(data_root, tmp_path, monkeypatch, capsys):
+    def nan_loss(self, z_i, z_j, topk=(1, 5)):
+        loss = (z_i.sum() + z_j.sum()) * float("nan")
+        return loss, {"top1": loss.detach(), "top5": loss.detach()}
+
+    monkeypatch.setattr(NTXentLoss, "loss_and_accuracy", nan_loss)
+    assert run.main(tiny_args(data_root, tmp_path / "nan")) == 1
+    err = capsys.readouterr().err
+    assert "non-finite loss" in err and "lr" in err
+    assert not (tmp_path / "nan" / "checkpoints" / "last.pt").exists()
+
+
+def test_batch_larger_than_data_is_a_config_error(data_root, tmp_path, capsys):
+    assert run.main(tiny_args(data_root, tmp_path / "big", "batch_size=64")) == 2
+    assert "batch_size" in capsys.readouterr().err
+
+
+def test_missing_data_is_a_clear_error(tmp_path, capsys):
+    assert run.main(tiny_args(tmp_path / "empty", tmp_path / "r")) == 1
+    err = capsys.readouterr().err
+    assert "train_X.bin" in err and "dataset.download" in err
+
+
+def test_mixed_precision_on_cpu_uses_bfloat16(data_root, tmp_path, capsys):
+    assert run.main(tiny_args(data_root, tmp_path / "amp", "fp16_precision=true", "epochs=1")) == 0
+    assert "bfloat16" in capsys.readouterr().out
