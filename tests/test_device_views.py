@@ -376,3 +376,30 @@ def test_cuda_batches_never_sync_with_the_host_and_match_the_cpu_ops():
     on_gpu = dv.make_views(source, params, 96, 11)
     on_cpu = dv.make_views(source.cpu(), dv.ViewParams(**{k: v.cpu() for k, v in vars(params).items()}), 96, 11)
     torch.testing.assert_close(on_gpu.cpu(), on_cpu, atol=2e-3, rtol=0)  # TF32 matmuls, if enabled, round more
+
+
+# ---------- the throughput benchmark ----------
+
+def test_benchmark_appends_runs_to_its_own_section(tmp_path):
+    from bench import throughput
+
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text("# Benchmarks\n\n<!-- other: start -->\nother table\n<!-- other: end -->\n")
+    throughput.append_run("### run one", path)
+    throughput.append_run("### run two", path)
+    text = path.read_text()
+    assert text.count(throughput.START) == 1 and text.count("## Training throughput") == 1
+    assert "other table" in text and text.index("### run one") < text.index("### run two") < text.index(throughput.END)
+
+
+def test_benchmark_runs_end_to_end_on_the_cpu(tmp_path, capsys):
+    from bench import throughput
+
+    out = tmp_path / "BENCHMARKS.md"
+    assert throughput.main(["--device", "cpu", "--crop", "32", "--batch-size", "4", "--steps", "1", "--warmup", "1",
+                            "--workers", "0", "--per-core-views", "16", "--output", str(out)]) == 0
+    text = out.read_text()
+    for row in ("model alone on pre-made views", "full step, CPU pipeline", "full step, device pipeline",
+                "CPU pipeline alone", "device pipeline alone", "per core", "torch " + torch.__version__):
+        assert row in text
+    assert "appended to" in capsys.readouterr().out

@@ -1,0 +1,304 @@
+"""Training throughput: the model alone, and the full step fed by the CPU (PIL) or the device view pipeline.
+
+    python -m bench.throughput --device cuda     # ResNet-18, 96x96, batch 512, bf16, channels_last
+    python -m bench.throughput --device cpu      # batch 32, a few steps: about a minute on 2 cores
+
+One run, one device, synthetic uint8 images of the crop size (the pipelines' cost does not depend on
+content). Rows: images/s of the training step (NT-Xent, Adam, autocast, as in simclr/trainer.py) on
+pre-made views (the ceiling), fed by the DataLoader + PIL pipeline with one worker per core, and fed by
+`data_aug.device_views.DeviceBatches`; views/s of each pipeline alone; and views per CPU-second of one
+thread for both pipelines (the per-core comparison, robust to other load on a shared machine). The table
+is printed and appended, with hardware, versions and settings, to its section of docs/BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+
+from data_aug.datasets import TensorImages
+from data_aug.device_views import DeviceBatches
+from data_aug.views import TwoViews, create_view_transform
+from loss.nt_xent import NTXentLoss
+from models.resnet_simclr import create_model
+from simclr.dist import DistInfo
+from simclr.optim import create_optimizer
+from simclr.trainer import LoaderBatches
+
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO / "docs" / "BENCHMARKS.md"
+START, END = "<!-- bench/throughput.py: start -->", "<!-- bench/throughput.py: end -->"
+STL10_IMAGES = 105_000  # STL10 train + unlabeled
+SECTION_HEAD = """## Training throughput (bench/throughput.py)
+
+`python -m bench.throughput --device cuda|cpu`. images/s counts images (each makes two views) through the
+whole training step: forward of both views, NT-Xent, backward, Adam. "model alone" runs the step on one
+pre-made batch already on the device: the ceiling no data pipeline can beat. "CPU pipeline" is the
+DataLoader + PIL path (`dataset.augment_on: cpu`) with one worker per core; "device pipeline" is
+`dataset.augment_on: device`. Per core: views per CPU-second of a single thread (`time.process_time`), both
+pipelines in the same process, so other load on the machine does not bias the ratio. Runs are appended,
+newest last."""
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def core_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def synthetic_images(count: int, side: int, seed: int = 0) -> torch.Tensor:
+    """Smooth random colour images with fine noise, uint8 `[count, 3, side, side]`, made in slices."""
+    g = torch.Generator().manual_seed(seed)
+    out = torch.empty(count, 3, side, side, dtype=torch.uint8)
+    for start in range(0, count, 1024):
+        n = min(1024, count - start)
+        coarse = torch.rand(n, 3, max(2, side // 8), max(2, side // 8), generator=g)
+        smooth = torch.nn.functional.interpolate(coarse, size=(side, side), mode="bilinear", align_corners=False)
+        image = 0.8 * smooth + 0.2 * torch.rand(n, 3, side, side, generator=g)
+        out[start:start + n] = (image * 255).round().to(torch.uint8)
+    return out
+
+
+class TrainStep:
+    """The trainer's step (simclr/trainer.py `train_step`): autocast forward of both views, NT-Xent, backward, Adam."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, amp: torch.dtype | None, compile_model: bool):
+        self.model, self.device, self.amp = model, device, amp
+        self.run_model = torch.compile(model) if compile_model else model
+        self.criterion = NTXentLoss(0.5, True)
+        self.optimizer = create_optimizer(model, "adam", 3e-4, 1e-5)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+
+    def __call__(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        n = x1.shape[0]
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            _, z = self.run_model(torch.cat([x1, x2]))
+            loss, _ = self.criterion.loss_and_accuracy(z[:n], z[n:])
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(batches, warmup: int, steps: int, device: torch.device, work) -> float:
+    """Seconds for `steps` calls of `work(x1, x2)` on successive batches, after `warmup` untimed ones."""
+    iterator = iter(batches)
+    for _ in range(warmup):
+        work(*next(iterator))
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        work(*next(iterator))
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _to_device(device: torch.device, channels_last: bool):
+    def move(x1, x2):
+        x1, x2 = x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
+        if channels_last:
+            x1, x2 = (x.contiguous(memory_format=torch.channels_last) for x in (x1, x2))
+        return x1, x2
+    return move
+
+
+def per_core_rates(images: torch.Tensor, crop: int, views: int) -> tuple[float, float]:
+    """Views per CPU-second of one thread: the PIL pipeline, then the device pipeline on the CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pairs = TwoViews(TensorImages(images, torch.zeros(len(images), dtype=torch.int64), ["x"]),
+                         create_view_transform(crop), seed=0)
+        pairs[0]
+        start = time.process_time()
+        for i in range(views // 2):
+            pairs[i % len(pairs)]
+        pil = 2 * (views // 2) / (time.process_time() - start)
+        batch = min(len(images), max(32, views // 2))
+        device_batches = DeviceBatches(images[:batch], batch, crop, 1.0, True, seed=0, device="cpu")
+        device_batches.make_batch(0, 0)
+        start = time.process_time()
+        made = 0
+        while made < views:
+            device_batches.make_batch(0, 0)
+            made += 2 * batch
+        device = made / (time.process_time() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return pil, device
+
+
+def run(args) -> dict:
+    """Measure every row; returns the numbers and settings for the table."""
+    device = torch.device(args.device)
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[args.amp]
+    channels_last = device.type == "cuda" and not args.no_channels_last
+    total_steps = args.warmup + args.steps
+    images = synthetic_images(args.batch_size * total_steps, args.crop)
+    info = DistInfo(0, 1, 0, device)
+    results = {"load": os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")}
+
+    torch.manual_seed(0)
+    model = create_model(args.model, 128, False).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model.train()
+    step = TrainStep(model, device, amp, args.compile)
+    device_batches = DeviceBatches(images, args.batch_size, args.crop, 1.0, True, seed=0, device=device)
+    loader = LoaderBatches(TwoViews(TensorImages(images, torch.zeros(len(images), dtype=torch.int64), ["x"]),
+                                    create_view_transform(args.crop), seed=0), args.batch_size, info, args.workers, 0)
+    move = _to_device(device, channels_last)
+    views = args.batch_size * 2
+
+    print("model alone on pre-made views ...", flush=True)
+    fixed = device_batches.make_batch(0, 0)
+    seconds = timed(iter(lambda: fixed, None), args.warmup, args.steps, device, step)
+    results["ceiling"] = args.batch_size * args.steps / seconds
+
+    print(f"full step, CPU pipeline ({args.workers} workers) ...", flush=True)
+    seconds = timed(loader.batches(0), args.warmup, args.steps, device, lambda a, b: step(*move(a, b)))
+    results["cpu_step"] = args.batch_size * args.steps / seconds
+
+    print("full step, device pipeline ...", flush=True)
+    seconds = timed(device_batches.batches(1), args.warmup, args.steps, device, step)
+    results["device_step"] = args.batch_size * args.steps / seconds
+
+    print("CPU pipeline alone ...", flush=True)
+    seconds = timed(loader.batches(1), args.warmup, args.steps, device, lambda a, b: move(a, b))
+    results["cpu_views"] = views * args.steps / seconds
+
+    print("device pipeline alone ...", flush=True)
+    seconds = timed(device_batches.batches(2), args.warmup, args.steps, device, lambda a, b: None)
+    results["device_views"] = views * args.steps / seconds
+
+    print("per core (one thread, CPU time) ...", flush=True)
+    results["pil_core"], results["device_core"] = per_core_rates(images, args.crop, args.per_core_views)
+    return results
+
+
+def format_run(args, results: dict, command: str) -> str:
+    """One run as a markdown block: settings, the table, and the derived targets."""
+    device = torch.device(args.device)
+    hardware = f"{cpu_name()}, {core_count()} cores"
+    if device.type == "cuda":
+        hardware = f"{torch.cuda.get_device_name(device)}; host {hardware}"
+    r = results
+    ceiling = r["ceiling"]
+    threads = torch.get_num_threads()
+    lines = [
+        f"### {datetime.date.today().isoformat()}, {device.type}: {hardware}", "",
+        f"`{command}`; torch {torch.__version__}, torchvision {torchvision.__version__}; {args.model}, "
+        f"{args.crop}x{args.crop}, batch {args.batch_size}, autocast {args.amp}, channels_last "
+        f"{'on' if device.type == 'cuda' and not args.no_channels_last else 'off'}, torch.compile "
+        f"{'on' if args.compile else 'off'}; {args.steps} timed steps after {args.warmup} warm-up; "
+        f"{args.workers} DataLoader workers; {threads} torch threads; load average {r['load']:.2f} at start.", "",
+        "| measurement | images/s | views/s | vs model alone |",
+        "|---|---:|---:|---:|",
+        f"| model alone on pre-made views (ceiling) | {ceiling:,.0f} | {2 * ceiling:,.0f} | 1.00 |",
+        f"| full step, CPU pipeline (PIL, {args.workers} workers) | {r['cpu_step']:,.0f} | {2 * r['cpu_step']:,.0f} | "
+        f"{r['cpu_step'] / ceiling:.2f} |",
+        f"| full step, device pipeline | {r['device_step']:,.0f} | {2 * r['device_step']:,.0f} | "
+        f"{r['device_step'] / ceiling:.2f} |",
+        f"| CPU pipeline alone (PIL, {args.workers} workers) | | {r['cpu_views']:,.0f} | |",
+        f"| device pipeline alone ({device.type}) | | {r['device_views']:,.0f} | |",
+        "",
+        "| per core: views per CPU-second, one thread | PIL pipeline | device pipeline on the CPU | ratio |",
+        "|---|---:|---:|---:|",
+        f"| {args.crop}x{args.crop} views | {r['pil_core']:,.0f} | {r['device_core']:,.0f} | "
+        f"{r['device_core'] / r['pil_core']:.2f} |",
+        "",
+        f"Full step with the device pipeline: {r['device_step'] / ceiling:.2f}x the model-only ceiling, "
+        f"{r['device_step'] / r['cpu_step']:.2f}x the CPU pipeline with {args.workers} workers. At this rate an "
+        f"STL10 epoch ({STL10_IMAGES:,} images, two views each) takes {STL10_IMAGES / r['device_step']:,.1f} s "
+        f"(CPU pipeline: {STL10_IMAGES / r['cpu_step']:,.1f} s). Feeding the ceiling with PIL would take about "
+        f"{2 * ceiling / r['pil_core']:,.1f} cores.",
+    ]
+    return "\n".join(lines)
+
+
+def append_run(block: str, path: Path = BENCHMARKS) -> None:
+    """Append a run to this benchmark's marked section of docs/BENCHMARKS.md (created if absent); the rest is kept."""
+    old = path.read_text() if path.exists() else "# Benchmarks\n"
+    if START in old and END in old:
+        head, rest = old.split(START, 1)
+        section, tail = rest.split(END, 1)
+        new = head + START + section.rstrip("\n") + "\n\n" + block + "\n" + END + tail
+    else:
+        new = old.rstrip("\n") + "\n\n" + START + "\n" + SECTION_HEAD + "\n\n" + block + "\n" + END + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(new)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    parser.add_argument("--model", default="resnet18", choices=["resnet18", "resnet50"])
+    parser.add_argument("--crop", type=int, default=96, help="view side (and synthetic image side)")
+    parser.add_argument("--batch-size", type=int, help="images per step (default 512 on CUDA, 32 on the CPU)")
+    parser.add_argument("--steps", type=int, help="timed steps per row (default 20 on CUDA, 3 on the CPU)")
+    parser.add_argument("--warmup", type=int, help="untimed steps first (default 5 on CUDA, 1 on the CPU)")
+    parser.add_argument("--amp", choices=["bf16", "fp16", "none"], help="autocast dtype (default bf16 on CUDA)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (slow first steps: "
+                        "raise --warmup)")
+    parser.add_argument("--no-channels-last", action="store_true", help="keep NCHW on CUDA")
+    parser.add_argument("--workers", type=int, default=core_count(), help="DataLoader workers (default: cores)")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, one per core)")
+    parser.add_argument("--per-core-views", type=int, help="views for the per-core rows (default 1024 / 256)")
+    parser.add_argument("--no-write", action="store_true", help="print the table, leave docs/BENCHMARKS.md alone")
+    parser.add_argument("--output", type=Path, default=BENCHMARKS, help="the markdown file to append to")
+    args = parser.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    defaults = {"batch_size": (512, 32), "steps": (20, 3), "warmup": (5, 1), "amp": ("bf16", "none"),
+                "per_core_views": (1024, 256)}
+    for key, (on_cuda, on_cpu) in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, on_cuda if cuda else on_cpu)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA GPU is visible; use --device cpu", file=sys.stderr)
+        return 1
+    if min(args.batch_size, args.steps) < 1 or args.warmup < 0 or args.batch_size < 2:
+        print("error: --batch-size must be >= 2, --steps >= 1 and --warmup >= 0", file=sys.stderr)
+        return 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    command = "python -m bench.throughput " + " ".join(sys.argv[1:] if argv is None else argv)
+    results = run(args)
+    block = format_run(args, results, command.strip())
+    print(block)
+    if not args.no_write:
+        append_run(block, args.output)
+        print(f"appended to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
