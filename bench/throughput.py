@@ -168,7 +168,8 @@ def run(args) -> dict:
         model = model.to(memory_format=torch.channels_last)
     model.train()
     step = TrainStep(model, device, amp, args.compile)
-    device_batches = DeviceBatches(images, args.batch_size, args.crop, 1.0, True, seed=0, device=device)
+    device_batches = DeviceBatches(images, args.batch_size, args.crop, 1.0, True, seed=0, device=device,
+                                   compile=args.compile)
     loader = LoaderBatches(TwoViews(TensorImages(images, torch.zeros(len(images), dtype=torch.int64), ["x"]),
                                     create_view_transform(args.crop), seed=0), args.batch_size, info, args.workers, 0)
     move = _to_device(device, channels_last)
@@ -262,8 +263,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="timed steps per row (default 20 on CUDA, 3 on the CPU)")
     parser.add_argument("--warmup", type=int, help="untimed steps first (default 5 on CUDA, 1 on the CPU)")
     parser.add_argument("--amp", choices=["bf16", "fp16", "none"], help="autocast dtype (default bf16 on CUDA)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model (slow first steps: "
-                        "raise --warmup)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model and the device pipeline's "
+                        "ops (the first steps compile: warm-up takes a minute or more)")
     parser.add_argument("--no-channels-last", action="store_true", help="keep NCHW on CUDA")
     parser.add_argument("--workers", type=int, default=core_count(), help="DataLoader workers (default: cores)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, one per core)")

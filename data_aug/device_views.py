@@ -245,7 +245,8 @@ def adjust_hue(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     difference = torch.where(is_r, g - b, torch.where(is_g, b - r, r - g))
     sector = torch.where(is_r, 0.0, torch.where(is_g, 2.0, 4.0)) + 6 * factor[:, None, None]
     hue6 = torch.remainder(torch.addcmul(sector, difference, inverse), 6)  # shifted hue in [0, 6)
-    centre = torch.tensor([3.0, 5.0, 1.0], device=images.device)[None, :, None, None]
+    # 3, 5, 1 made on the device: torch.tensor([...], device="cuda") would wait for the queued GPU work
+    centre = torch.arange(3.0, 9.0, 2.0, device=images.device).remainder_(6)[None, :, None, None]
     weight = (hue6[:, None] - centre).abs_().sub_(3).abs_().neg_().add_(2).clamp_(0, 1)  # (M, 3, H, W)
     return torch.addcmul(low[:, None], chroma[:, None], weight)
 
@@ -376,10 +377,13 @@ class DeviceBatches:
         rank, world_size: this process and the number of processes.
         device: where images live and views are made.
         chunk: views made per pass on the CPU (cache-sized work); None: the whole batch at once (GPU default).
+        compile: run the view-making ops through `torch.compile` (fullgraph), which fuses the element-wise
+            colour ops into a few kernels; the first batch then takes a minute or more to compile.
     """
 
     def __init__(self, images: torch.Tensor, batch_size: int, crop_size: int, s: float, blur: bool, seed: int,
-                 rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu", chunk: int | None = None):
+                 rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu", chunk: int | None = None,
+                 compile: bool = False):
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be uint8 [N, 3, H, W], got {images.dtype} {tuple(images.shape)}")
         if batch_size % world_size:
@@ -397,6 +401,7 @@ class DeviceBatches:
         self.num_images = images.shape[0]
         self.steps_per_epoch = self.num_images // batch_size
         self._permutation: tuple[int, torch.Tensor] | None = None
+        self._make_views = torch.compile(make_views, fullgraph=True, dynamic=False) if compile else make_views
 
     def _generator(self, epoch: int, step: int) -> torch.Generator:
         generator = torch.Generator(device=self.device)
@@ -426,7 +431,7 @@ class DeviceBatches:
         chunk = self.chunk or self.local_batch
         views = []
         for view_params in (first, second):
-            parts = [make_views(images[i:i + chunk], view_params[i:i + chunk], self.crop_size, self.kernel_size)
+            parts = [self._make_views(images[i:i + chunk], view_params[i:i + chunk], self.crop_size, self.kernel_size)
                      for i in range(0, self.local_batch, chunk)]
             view = parts[0] if len(parts) == 1 else torch.cat(parts)
             if self.device.type == "cuda":
