@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -121,7 +122,7 @@ def _machine(device: torch.device) -> str:
     return f"{cpu}, {torch.get_num_threads()} threads"
 
 
-def format_table(rows: list[dict], device: torch.device, dim: int) -> str:
+def format_table(rows: list[dict], device: torch.device, dim: int, load: float | None = None) -> str:
     """The markdown section: one line per N, the seed's loss beside ours where it was measured."""
     seed = {r["n"]: r for r in rows if r["which"] == "seed"}
     ours = [r for r in rows if r["which"] == "ntxent"]
@@ -129,14 +130,16 @@ def format_table(rows: list[dict], device: torch.device, dim: int) -> str:
     lines = [f"### NT-Xent forward + backward vs batch size ({device.type})", "",
              f"`python -m bench.loss_scaling{' --device cuda' if device.type == 'cuda' else ''}`: "
              f"{_machine(device)}; torch {torch.__version__}; D = {dim}, float32, median of the timed runs "
-             f"after one warm-up; {memory} over the inputs.", "",
+             f"after one warm-up; {memory} over the inputs."
+             + (f" CPU load average {load:.1f} when it started (on a shared machine, times are upper bounds)."
+                if load is not None else ""), "",
              f"| N pairs (2N views) | `[2N, 2N]` logits | loss/nt_xent.py: time | memory | "
              f"seed's loss: time | memory |",
              "|---:|---:|---:|---:|---:|---:|"]
 
     def cells(r):
         if r is None:
-            return "not run", ""
+            return "(not run)", ""
         if "error" in r:
             return f"failed: {r['error']}", ""
         return f"{r['seconds']:.3f} s", f"{r['peak_gib']:.2f} GiB"
@@ -181,14 +184,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.one is not None:
         print(json.dumps(measure_one(args.one, args.dim, device, args.which, args.repeats)))
         return 0
-    rows = []
+    rows, load = [], os.getloadavg()[0] if device.type == "cpu" else None
     jobs = [(n, "ntxent") for n in args.sizes] + [(n, "seed") for n in args.sizes if n <= args.seed_up_to]
     for n, which in jobs:
         repeats = args.repeats if n <= 2048 or device.type == "cuda" else 1
         row = _run_in_subprocess(n, args.dim, args.device, which, repeats)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    table = format_table(rows, device, args.dim)
+    table = format_table(rows, device, args.dim, load)
     print(table)
     if not args.no_write:
         write_section(table)

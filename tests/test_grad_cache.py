@@ -159,3 +159,31 @@ def test_too_many_chunks_is_an_error():
     x1, x2 = _views(4)
     with pytest.raises(ValueError, match="chunks"):
         grad_cache_backward(TinySimCLR(), NTXentLoss(), x1, x2, 5, contextlib.nullcontext, _NoScale())
+
+
+def test_trainer_step_with_chunks_equals_the_plain_step(tmp_path):
+    """The trainer's wiring: grad_cache_chunks=2 and =1 give the same weights after one SGD step
+    (BatchNorm in eval mode, where the two are exactly equal)."""
+    from simclr.config import load_config
+    from simclr.dist import DistInfo
+    from simclr.trainer import Trainer
+    from tests.conftest import write_stl10
+
+    write_stl10(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    x1, x2 = torch.rand(4, 3, 32, 32, generator=g), torch.rand(4, 3, 32, 32, generator=g)
+    before, after = [], []
+    for chunks in (1, 2):
+        config = load_config(None, [f"dataset.root={tmp_path}", "dataset.name=stl10", "dataset.download=false",
+                                    "dataset.input_shape=(32,32,3)", "batch_size=4", "model.out_dim=8",
+                                    "optimizer.name=sgd", "optimizer.lr=0.5", "device=cpu", "epochs=1",
+                                    f"run_dir={tmp_path / f'run{chunks}'}", f"grad_cache_chunks={chunks}"])
+        trainer = Trainer(config, DistInfo(0, 1, 0, torch.device("cpu")))
+        trainer.train_model.eval()
+        before.append({k: v.clone() for k, v in trainer.model.state_dict().items()})
+        loss, acc = trainer.train_step(x1, x2)
+        assert torch.isfinite(loss) and "top1" in acc
+        after.append({k: v.clone() for k, v in trainer.model.state_dict().items()})
+    _assert_grads_close(before[1], before[0], rtol=0, atol=0)  # same start
+    assert any(not torch.allclose(after[0][k], before[0][k]) for k in after[0])  # the step moved the weights
+    _assert_grads_close(after[1], after[0], rtol=1e-4, atol=1e-6)
