@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except Preempted as stop:
-        print(str(stop))
+        if info.is_main:  # under torchrun every rank stops; one message is enough
+            print(str(stop))
         return 0
     except RuntimeError as err:
         if "CUDA" in str(err) or "device" in str(err):

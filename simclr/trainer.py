@@ -20,7 +20,7 @@ from models.resnet_simclr import create_model
 from simclr import checkpoint as ckpt
 from simclr.config import Config, ConfigError, config_to_dict
 from simclr.grad_cache import grad_cache_backward
-from simclr.dist import DistInfo, all_reduce_mean, barrier, resolve_sync_bn
+from simclr.dist import DistInfo, all_reduce_mean, barrier, broadcast_object, resolve_sync_bn
 from simclr.optim import create_optimizer, create_scheduler, scaled_lr
 from simclr.run_dir import RunLock, RunWriter, default_run_dir
 
@@ -142,8 +142,8 @@ class Trainer:
         if resume and self.run_dir is None:
             path = resume[0]
             self.run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-        if self.run_dir is None:
-            self.run_dir = default_run_dir()
+        if self.run_dir is None:  # rank 0's clock names it: every rank must print and resume the same dir
+            self.run_dir = Path(broadcast_object(str(default_run_dir())))
         self.train_batches, self.valid_views = create_batches(config, self.info)
         self._build_model()
         self._stop_signal = None
