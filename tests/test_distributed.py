@@ -239,3 +239,39 @@ def test_batch_not_divisible_by_world_size_is_a_config_error():
                          ["batch_size=15"])
     with pytest.raises(ConfigError, match="batch_size = 15: must be divisible by the number of processes"):
         create_batches(config, DistInfo(1, 2, 1, torch.device("cpu")))
+
+
+def _torchrun(cwd: Path, data: Path, *overrides: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO / "run.py"),
+           "--config", str(REPO / "tests" / "data" / "seed_config.yaml"), "fine_tune_from=None",
+           f"dataset.root={data}", "dataset.name=stl10", "dataset.download=false", "dataset.input_shape=(32,32,3)",
+           "batch_size=4", "model.out_dim=8", "dataset.valid_size=0.2", "log_every_n_steps=1", "device=cpu",
+           "seed=0", *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=150)
+
+
+def test_torchrun_two_processes_rank0_writes_and_resume_continues(tmp_path):
+    """The real launcher end to end: 2 gloo ranks train one epoch, then resume to a second."""
+    from tests.conftest import write_stl10
+
+    data = tmp_path / "data"
+    write_stl10(data)  # 16 images: 13 for training after valid_size, 3 steps of 4 per epoch
+    first = _torchrun(tmp_path, data, "epochs=1")  # no run_dir: runs/<time>_<host>, named by rank 0
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert first.stdout.count("training images") == 1 and first.stdout.count("done: run dir") == 1  # rank 0 logs
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "runs"]
+    (run_dir,) = (tmp_path / "runs").iterdir()  # one run dir: rank 1 created none of its own
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert state["next_epoch"] == 1 and not any(k.startswith("module.") for k in state["model"])
+
+    second = _torchrun(tmp_path, data, f"resume={run_dir}", "epochs=2")
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert second.stdout.count("resuming from") == 1
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert state["next_epoch"] == 2
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r["epoch"] for r in records if r.get("kind") == "epoch"]
+    assert epochs == [0, 1]  # one record per epoch: written once, by rank 0, and the resume did not repeat epoch 0
+    assert all("valid_loss" in r for r in records if r.get("kind") == "epoch")
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == [run_dir.name]
