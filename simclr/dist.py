@@ -57,7 +57,9 @@ def init_distributed(device_setting: str) -> DistInfo:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+        # device_id binds NCCL to this process's GPU (otherwise barrier() has to guess which one)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
+                                device_id=device if device.type == "cuda" else None)
     return DistInfo(rank, world_size, local_rank, device)
 
 
