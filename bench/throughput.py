@@ -210,13 +210,15 @@ def format_run(args, results: dict, command: str) -> str:
     r = results
     ceiling = r["ceiling"]
     threads = torch.get_num_threads()
+    env = "".join(f"; {k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY") if k in os.environ)
     lines = [
         f"### {datetime.date.today().isoformat()}, {device.type}: {hardware}", "",
         f"`{command}`; torch {torch.__version__}, torchvision {torchvision.__version__}; {args.model}, "
         f"{args.crop}x{args.crop}, batch {args.batch_size}, autocast {args.amp}, channels_last "
         f"{'on' if device.type == 'cuda' and not args.no_channels_last else 'off'}, torch.compile "
         f"{'on' if args.compile else 'off'}; {args.steps} timed steps after {args.warmup} warm-up; "
-        f"{args.workers} DataLoader workers; {threads} torch threads; load average {r['load']:.2f} at start.", "",
+        f"{args.workers} DataLoader workers; {threads} torch threads{env}; load average {r['load']:.2f} at start.",
+        "",
         "| measurement | images/s | views/s | vs model alone |",
         "|---|---:|---:|---:|",
         f"| model alone on pre-made views (ceiling) | {ceiling:,.0f} | {2 * ceiling:,.0f} | 1.00 |",

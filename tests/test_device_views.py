@@ -403,3 +403,12 @@ def test_benchmark_runs_end_to_end_on_the_cpu(tmp_path, capsys):
                 "CPU pipeline alone", "device pipeline alone", "per core", "torch " + torch.__version__):
         assert row in text
     assert "appended to" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (compiling on the CPU takes minutes)")
+def test_compiled_view_ops_match_eager_on_cuda():
+    images = _uint8_images(count=128, side=96)
+    eager = dv.DeviceBatches(images, 64, 96, 1.0, True, seed=0, device="cuda").make_batch(0, 1)
+    compiled = dv.DeviceBatches(images, 64, 96, 1.0, True, seed=0, device="cuda", compile=True).make_batch(0, 1)
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
