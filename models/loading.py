@@ -1,4 +1,4 @@
-"""Load a trained encoder, frozen, from a checkpoint file or a run directory."""
+"""Load a trained encoder, frozen, from a checkpoint file, a run directory or a pretrained package."""
 from __future__ import annotations
 
 import pickle
@@ -16,21 +16,44 @@ class CheckpointLoadError(RuntimeError):
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file from a `.pt` path or a run directory (its `checkpoints/last.pt`)."""
-    path = Path(path)
+    """The weights file of a `.pt`, a run dir (`checkpoints/last.pt`), a package dir or file, or a package name.
+
+    Package names are looked up in `pretrained_models/` (`pretrained_models.find_package`); an unknown name
+    raises with the available ones listed.
+    """
+    text, path = str(path), Path(path)
     if path.is_dir():
         candidate = path / "checkpoints" / "last.pt"
-        if not candidate.is_file():
-            raise CheckpointLoadError(f"run directory {path} has no checkpoints/last.pt: has it finished an epoch?")
-        return candidate
-    if not path.is_file():
-        raise CheckpointLoadError(f"checkpoint {path} not found: pass a run directory (runs/<name>) or a .pt file")
-    return path
+        if candidate.is_file():
+            return candidate
+        # The package format belongs to pretrained_models/, imported here only when a package is asked for.
+        from pretrained_models import is_package_dir, weights_file
+
+        if is_package_dir(path):
+            return weights_file(path)
+        raise CheckpointLoadError(f"run directory {path} has no checkpoints/last.pt: has it finished an epoch? "
+                                  "(nor is it a pretrained package: no model.safetensors)")
+    if path.is_file():
+        return path
+    from pretrained_models import find_package, is_package_name, weights_file
+
+    if is_package_name(text):
+        return weights_file(find_package(text))
+    raise CheckpointLoadError(f"checkpoint {path} not found: pass a run directory (runs/<name>), a .pt file, "
+                              "a package dir or a package name (pretrained_models/<name>)")
 
 
 def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """`torch.load(path, weights_only=True)` with one clear error for a damaged or unsafe file."""
+    """`torch.load(path, weights_only=True)` with one clear error for a damaged or unsafe file.
+
+    A package's `.safetensors` is read by `pretrained_models.read_package` into the same shape
+    (`model`, `config`, `next_epoch`); `map_location` is then ignored (its tensors are on the CPU).
+    """
     path = Path(path)
+    if path.suffix == ".safetensors":
+        from pretrained_models import read_package
+
+        return read_package(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
@@ -59,7 +82,8 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> Encode
     """The frozen encoder of a checkpoint: eval mode, no gradients, images in [0, 1] -> features `[B, D]`.
 
     Args:
-        path: a checkpoint `.pt` or a run directory.
+        path: a checkpoint `.pt`, a run directory, a pretrained package directory or its `model.safetensors`,
+            or a package name (e.g. `resnet-18_40-epochs` for `pretrained_models/resnet-18_40-epochs/`).
     Returns:
         `Encoder` with `feature_dim` and `config` (the training config dict) attributes.
     """

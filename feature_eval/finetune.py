@@ -1,0 +1,515 @@
+"""Semi-supervised fine-tuning: the encoder and a linear head trained end to end on a fraction of the labels.
+
+    python -m feature_eval.finetune --checkpoint runs/<name> --label-fraction 0.01
+    python -m feature_eval.finetune --checkpoint resnet-18_40-epochs --label-fraction 0.1 --baselines random
+
+The paper's protocol (Section 6 and Appendix B.5): a seeded, class-balanced `--label-fraction` of the
+labelled `train` split; random resized crops (scale 0.08-1) and horizontal flips only; SGD with Nesterov
+momentum 0.9, learning rate `base_lr x batch / 256` with cosine decay and no warmup, no weight decay; 60
+epochs for 1 % of the labels or fewer, 30 otherwise; at test time the resize + centre crop of feature_eval.
+The base learning rate is chosen from `--lrs` by top-1 on a held-out part of the labelled fraction after
+fine-tuning on the rest; the encoder is then fine-tuned on the whole fraction and scored once on `test`.
+Writes `<run_dir>/eval/<checkpoint>_<dataset>_finetune-<pct>pct.md` and `.json` (feature_eval's format).
+Exit status 2 with one line on stderr for a bad checkpoint, data set or option.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import math
+import platform
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.transforms.v2 import functional as TF
+from tqdm import tqdm
+
+from data_aug.datasets import TensorImages, load_split
+from data_aug.device_views import resized_crop, sample_crop_boxes
+from feature_eval.baselines import random_encoder
+from feature_eval.classifiers import holdout_split, topk_accuracy
+from feature_eval.evaluate import (ARCHITECTURES, EXTRACTOR_NAMES, USER_ERRORS, EvalError, default_run_dir,
+                                   markdown_table, parse_names)
+from feature_eval.features import best_device, file_digest, image_batches
+from models.loading import load_encoder, read_checkpoint, resolve_checkpoint
+
+DEFAULT_LRS = (0.05, 0.1, 0.2)  # per 256 images; the paper's 0.05 (0.8 at batch 4096) and two larger steps
+BASELINES = ("random",)
+
+
+@dataclass
+class FineTuneResult:
+    """What `finetune_evaluate` found.
+
+    Attributes:
+        results: JSON-able record (rows, checkpoint, data set, label subset, selection grid, timings).
+        table: the markdown table of `results["rows"]` (feature_eval's columns).
+        models: extractor key (`simclr`, `random`) -> the fine-tuned `FineTuned` model (on the CPU).
+        paths: written files (`markdown`, `json`), empty when nothing was written.
+    """
+
+    results: dict
+    table: str
+    models: dict[str, nn.Module]
+    paths: dict[str, Path] = field(default_factory=dict)
+
+
+class FineTuned(nn.Module):
+    """Encoder f and a linear classifier on h: float images `[B, 3, S, S]` in [0, 1] -> logits `[B, C]`."""
+
+    def __init__(self, encoder: nn.Module, num_classes: int):
+        super().__init__()
+        self.encoder = encoder
+        self.classifier = nn.Linear(encoder.feature_dim, num_classes)
+        # As the paper's code: a small random head, so early gradients reach the encoder without large logits.
+        nn.init.normal_(self.classifier.weight, std=0.01)
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.encoder(x))
+
+
+def default_epochs(label_fraction: float) -> int:
+    """The paper's schedule (Appendix B.5): 60 epochs for 1 % of the labels or fewer, 30 for more."""
+    return 60 if label_fraction <= 0.01 else 30
+
+
+def fraction_tag(label_fraction: float) -> str:
+    """`0.01 -> "1pct"`, `0.1 -> "10pct"`, `0.005 -> "0.5pct"` (file names and row names)."""
+    return f"{round(label_fraction * 100, 6):g}pct"
+
+
+def label_subset(labels, fraction: float, seed: int) -> np.ndarray:
+    """A seeded, class-balanced subset of the labelled items: about `fraction * N / C` of each class.
+
+    Every class gets `floor(fraction * N / C)` items (at least 1) and a seeded choice of classes one more,
+    so that the total is `round(fraction * N)`; a class with fewer items gives all it has. Each class's
+    items are taken in one seeded order that does not depend on `fraction`, so for a given seed the 1 %
+    subset lies inside the 10 % one. `fraction >= 1` takes every labelled item.
+
+    Args:
+        labels: int `[N]`; negative labels (unlabelled items) are never chosen.
+        fraction: in (0, 1].
+        seed: the subset's seed.
+    Returns:
+        int64 `[K]` sorted indices into `labels`.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    labelled = np.flatnonzero(labels >= 0)
+    if not 0 < fraction <= 1:
+        raise ValueError(f"label fraction {fraction} must be in (0, 1]")
+    if fraction >= 1:
+        return labelled
+    classes = np.unique(labels[labelled])
+    total = int(round(fraction * len(labelled)))
+    base = max(1, total // len(classes))
+    extra = max(0, total - base * len(classes))
+    bonus = set(np.random.default_rng([seed, 1]).permutation(len(classes))[:extra].tolist())
+    chosen = []
+    for position, c in enumerate(classes):
+        members = np.flatnonzero(labels == c)
+        order = np.random.default_rng([seed, 2, int(c)]).permutation(members)
+        chosen.append(order[:base + (position in bonus)])
+    return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def _subset(dataset, indices: np.ndarray):
+    """`dataset` restricted to `indices`, kept in memory as `TensorImages` where it was (fast batched views)."""
+    if isinstance(dataset, TensorImages):
+        index = torch.as_tensor(indices, dtype=torch.int64)
+        return TensorImages(dataset.images[index], dataset.labels[index], dataset.classes)
+    return torch.utils.data.Subset(dataset, [int(i) for i in indices])
+
+
+def _batch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch) & (2**63 - 1)
+
+
+def crop_flip_batches(dataset, input_size: int, batch_size: int, seed: int, epoch: int,
+                      device: torch.device):
+    """Yield `(images, labels)` of one epoch: random resized crop (scale 0.08-1) + horizontal flip, nothing else.
+
+    The order and the crops are a function of (seed, epoch). In-memory images are cropped a batch at a
+    time on `device` (torchvision's RandomResizedCrop law and antialiased resize); others one by one.
+    A last batch of one image is dropped: BatchNorm cannot normalise a single image in train mode.
+
+    Args:
+        dataset: items `(uint8 [3, H, W], label)` (`TensorImages` or any data set).
+        input_size: side of the square views.
+    Yields:
+        float `[B, 3, input_size, input_size]` in [0, 1] and int64 `[B]`, on `device`.
+    """
+    generator = torch.Generator().manual_seed(_batch_seed(seed, epoch))
+    order = torch.randperm(len(dataset), generator=generator)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        if len(rows) < 2:
+            break
+        flip = torch.rand(len(rows), generator=generator) < 0.5
+        if isinstance(dataset, TensorImages):
+            images = dataset.images[rows].to(device).float().mul_(1 / 255)  # (B, 3, H, W)
+            boxes = sample_crop_boxes(len(rows), images.shape[-2], images.shape[-1], generator)
+            views = resized_crop(images, boxes.to(device), input_size, flip.to(device)).clamp(0, 1)
+            yield views.contiguous(), dataset.labels[rows].to(device)
+            continue
+        views, labels = [], []
+        for row, mirror in zip(rows.tolist(), flip.tolist()):
+            image, label = dataset[row]
+            top, left, height, width = (int(v) for v in sample_crop_boxes(1, image.shape[-2], image.shape[-1],
+                                                                          generator)[0])
+            view = TF.resized_crop(image, top, left, height, width, [input_size, input_size], antialias=True)
+            views.append(TF.horizontal_flip(view) if mirror else view)
+            labels.append(label)
+        yield torch.stack(views).float().div_(255).to(device), torch.as_tensor(labels, dtype=torch.int64).to(device)
+
+
+def finetune(encoder: nn.Module, dataset, num_classes: int, *, input_size: int, epochs: int, batch_size: int,
+             base_lr: float, momentum: float = 0.9, seed: int = 0, device: str | torch.device = "cpu",
+             desc: str = "fine-tune") -> FineTuned:
+    """Fine-tune `encoder` and a new linear head end to end on `dataset` (crop + flip views, cross-entropy).
+
+    SGD with Nesterov momentum, no weight decay, lr `base_lr * batch / 256` decayed by a per-step cosine
+    to 0, no warmup (Appendix B.5). BatchNorm is in train mode: the whole network adapts. The encoder is
+    trained in place (pass a copy to keep the original) and its parameters are unfrozen.
+
+    Args:
+        encoder: maps float images `[B, 3, S, S]` in [0, 1] to `[B, D]`; has `feature_dim`.
+        dataset: labelled items `(uint8 [3, H, W], label)` with labels in `[0, num_classes)`; at least 2.
+        batch_size: capped at the data set's size (and the lr scaled by the batch actually used).
+        seed: head initialisation, order and views.
+    Returns:
+        The trained `FineTuned` model (encoder + classifier) on `device`, in eval mode.
+    """
+    device = torch.device(device)
+    if len(dataset) < 2:
+        raise EvalError(f"{desc}: {len(dataset)} labelled image(s) are too few to fine-tune on (need 2); "
+                        "raise --label-fraction")
+    batch_size = min(batch_size, len(dataset))
+    torch.manual_seed(seed)
+    model = FineTuned(encoder, num_classes).to(device)
+    model.requires_grad_(True)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    lr = base_lr * batch_size / 256
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, nesterov=True, weight_decay=0.0)
+    steps_per_epoch = sum(1 for start in range(0, len(dataset), batch_size) if len(dataset) - start >= 2)
+    total = max(1, epochs * steps_per_epoch)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    model.train()
+    bar = tqdm(range(epochs), desc=desc, unit="epoch", leave=False)
+    for epoch in bar:
+        for images, labels in crop_flip_batches(dataset, input_size, batch_size, seed, epoch, device):
+            with amp:
+                logits = model(images)  # (B, C)
+            loss = F.cross_entropy(logits.float(), labels)
+            if not torch.isfinite(loss):
+                raise EvalError(f"{desc}: non-finite loss at epoch {epoch + 1} with base lr {base_lr}: "
+                                "lower the values of --lrs")
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            schedule.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return model.eval()
+
+
+def predict(model: nn.Module, dataset, input_size: int, batch_size: int = 256,
+            device: str | torch.device = "cpu", desc: str = "predict") -> tuple[np.ndarray, np.ndarray]:
+    """Logits `[M, C]` (float64) and labels `[M]` of `dataset` under `model` in eval mode, on the eval view."""
+    device = torch.device(device)
+    model.eval()
+    logits, labels = [], []
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        for images, batch_labels in image_batches(dataset, input_size, batch_size, 0, desc):
+            logits.append(model(images.to(device)).float().cpu())
+            labels.append(batch_labels)
+    return torch.cat(logits).double().numpy(), torch.cat(labels).numpy()
+
+
+def select_lr(encoder: nn.Module, labelled, num_classes: int, lrs: tuple[float, ...], *, input_size: int,
+              epochs: int, batch_size: int, momentum: float, valid_fraction: float, seed: int,
+              device: torch.device, desc: str = "") -> tuple[float, dict]:
+    """The base lr of `lrs` with the best held-out top-1 (then the lowest held-out loss); the test split is not seen.
+
+    The labelled subset is split (seeded, stratified where every class allows) into a fit part and a
+    `valid_fraction` hold-out; each lr fine-tunes a copy of `encoder` on the fit part.
+
+    Args:
+        labelled: the labelled subset, items `(uint8 [3, H, W], label)`.
+    Returns:
+        (chosen base lr, facts: fit/hold-out sizes and each lr's hold-out top-1 and loss).
+    """
+    if len(lrs) == 1:
+        return lrs[0], {"chosen_by": "only value of --lrs (no hold-out)"}
+    labels = np.asarray(labelled.labels if hasattr(labelled, "labels") else [y for _, y in labelled])
+    try:
+        fit, valid = holdout_split(labels, valid_fraction, seed)
+    except ValueError as err:
+        raise EvalError(f"{err}: raise --label-fraction, or pass one value to --lrs to skip the selection") from None
+    fit_set, valid_set = _subset(labelled, fit), _subset(labelled, valid)
+    grid = {}
+    for lr in lrs:
+        model = finetune(copy.deepcopy(encoder), fit_set, num_classes, input_size=input_size, epochs=epochs,
+                         batch_size=batch_size, base_lr=lr, momentum=momentum, seed=seed, device=device,
+                         desc=f"{desc}select lr {lr:g}")
+        logits, valid_labels = predict(model, valid_set, input_size, device=device, desc="hold-out")
+        loss = float(F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(valid_labels)))
+        grid[lr] = {"valid_top1": topk_accuracy(logits, valid_labels, (1,))[0], "valid_loss": loss}
+        tqdm.write(f"{desc}base lr {lr:g}: hold-out top-1 {grid[lr]['valid_top1']:.1f}%, loss {loss:.3f}")
+    chosen = max(lrs, key=lambda lr: (grid[lr]["valid_top1"], -grid[lr]["valid_loss"]))
+    return chosen, {"chosen_by": "hold-out top-1, then hold-out loss", "fit_items": len(fit),
+                    "valid_items": len(valid), "grid": {f"{lr:g}": grid[lr] for lr in lrs}}
+
+
+def finetune_evaluate(checkpoint: str | Path, *, label_fraction: float, dataset: str | None = None,
+                      root: str | Path | None = None, input_size: int | None = None, epochs: int | None = None,
+                      batch_size: int = 64, lrs: tuple[float, ...] = DEFAULT_LRS, momentum: float = 0.9,
+                      valid_fraction: float = 0.2, baselines=(), seed: int = 0,
+                      device: str | torch.device | None = None, eval_batch_size: int = 256,
+                      out_dir: str | Path | None = None, write: bool = True, download: bool = False,
+                      command: str | None = None, log: Callable[[str], None] = print) -> FineTuneResult:
+    """Fine-tune a checkpoint's encoder on `label_fraction` of the labels and report top-1/top-5 on test.
+
+    Args:
+        checkpoint: a run dir, a `.pt`, a package dir or `.safetensors`, or a package name.
+        label_fraction: fraction of the labelled `train` split, e.g. 0.01, 0.1 or 1.0 (class-balanced, seeded).
+        dataset, root, input_size: default to the checkpoint's training config.
+        epochs: fine-tuning epochs (default: 60 for <= 1 % of labels, 30 otherwise).
+        batch_size: images per step (capped at the labelled subset); lr = base lr x batch / 256.
+        lrs: base learning rates to choose from on the hold-out (one value: no hold-out, no choice).
+        valid_fraction: part of the labelled subset held out to choose the lr.
+        baselines: `("random",)` also fine-tunes a randomly initialised encoder the same way (supervised
+            from scratch on the same labels).
+        seed: label subset, hold-out split, head initialisation, order and views.
+        out_dir: default `<run_dir>/eval` (a package's `eval/`).
+        command: recorded in the JSON (default: this process's command line).
+    Returns:
+        FineTuneResult (results dict, markdown table, fine-tuned models, written paths).
+    Raises:
+        EvalError, CheckpointLoadError, DataError: user errors, each with a one-line message.
+    """
+    started = time.perf_counter()
+    if not 0 < label_fraction <= 1:
+        raise EvalError(f"--label-fraction {label_fraction}: must be in (0, 1], e.g. 0.01, 0.1 or 1.0")
+    lrs = tuple(float(lr) for lr in lrs)
+    if not lrs or any(not lr > 0 for lr in lrs):
+        raise EvalError(f"--lrs {','.join(map(str, lrs))}: give one or more positive base learning rates")
+    baselines = parse_names(baselines, BASELINES, "--baselines")
+    device = _device(device)
+    file = resolve_checkpoint(checkpoint)
+    encoder = load_encoder(file, "cpu")
+    config = encoder.config if isinstance(encoder.config, dict) else {}
+    data_config, model_config = config.get("dataset", {}) or {}, config.get("model", {}) or {}
+    dataset = dataset or data_config.get("name")
+    root = Path(root if root is not None else data_config.get("root", "data"))
+    input_size = int(input_size or (data_config.get("input_shape") or [0])[0])
+    epochs = epochs if epochs is not None else default_epochs(label_fraction)
+    if not dataset:
+        raise EvalError(f"checkpoint {file} does not name its data set: pass --dataset NAME (and --root DIR)")
+    if input_size < 8:
+        raise EvalError(f"input size {input_size or 'unknown'}: pass --input-size N (N >= 8, e.g. 96 for STL10)")
+    try:
+        train_set = load_split(dataset, root, "train", download=download)
+        test_set = load_split(dataset, root, "test", download=download)
+    except ValueError as err:
+        raise EvalError(f"--dataset {dataset}: {err}; choose stl10, cifar10, cifar100, imagefolder or digits") from None
+    classes = list(getattr(train_set, "classes", [])) or [str(i) for i in range(int(train_set.labels.max()) + 1)]
+    indices = label_subset(train_set.labels.numpy(), label_fraction, seed)
+    labelled = _subset(train_set, indices)
+    counts = np.bincount(train_set.labels.numpy()[indices], minlength=len(classes))
+    if (counts > 0).sum() < 2:
+        raise EvalError(f"{dataset} under {root}: the labelled subset has fewer than two classes; "
+                        "raise --label-fraction")
+    base_model = model_config.get("base_model", "resnet18")
+    cifar_stem = bool(model_config.get("cifar_stem", False))
+    architecture = ARCHITECTURES.get(base_model, base_model) + (" (CIFAR stem)" if cifar_stem else "")
+    trained_epochs = read_checkpoint(file).get("next_epoch", config.get("epochs"))
+    tag = fraction_tag(label_fraction)
+    log(f"fine-tuning {file} on {tag[:-3]}% of {dataset} train labels ({len(indices)} images, "
+        f"{counts.min()}-{counts.max()} per class), {epochs} epochs, {input_size}px, on {device}; "
+        f"base lr from {', '.join(f'{lr:g}' for lr in lrs)}")
+
+    starts = {"simclr": (encoder, trained_epochs)}
+    if "random" in baselines:
+        starts["random"] = (random_encoder(base_model, cifar_stem, seed), 0)
+    options = dict(input_size=input_size, epochs=epochs, batch_size=batch_size, momentum=momentum, seed=seed,
+                   device=device)
+    rows, models, selections, timings = [], {}, {}, {}
+    for extractor, (start, pretrained_epochs) in starts.items():
+        tic = time.perf_counter()
+        name = EXTRACTOR_NAMES[extractor]
+        chosen, selection = select_lr(start, labelled, len(classes), lrs, valid_fraction=valid_fraction,
+                                      desc=f"{name}: ", **options)
+        model = finetune(copy.deepcopy(start), labelled, len(classes), base_lr=chosen, desc=f"{name}: final",
+                         **options)
+        logits, test_labels = predict(model, test_set, input_size, eval_batch_size, device, desc="test")
+        top1, top5 = topk_accuracy(logits, test_labels)  # the one place test labels are read
+        seconds = round(time.perf_counter() - tic, 3)
+        timings[f"finetune_{extractor}"] = seconds
+        selections[extractor] = selection
+        models[extractor] = model.cpu()
+        rows.append({"classifier": "finetune", "classifier_name": f"Fine-tuned end to end ({tag[:-3]}% labels)",
+                     "extractor": extractor, "extractor_name": name, "architecture": architecture,
+                     "feature_dim": start.feature_dim, "projection_dim": None, "epochs": pretrained_epochs,
+                     "top1": top1, "top5": top5, "seconds": seconds,
+                     "details": {"base_lr": chosen, "lr": chosen * min(batch_size, len(indices)) / 256,
+                                 "finetune_epochs": epochs, "batch_size": min(batch_size, len(indices)),
+                                 "selection": selection}})
+        log(f"{rows[-1]['classifier_name']:<34} {name:<12} top-1 {top1:6.2f}%  top-5 {top5:6.2f}%  "
+            f"(base lr {chosen:g}, {seconds:.1f} s)")
+
+    timings["total"] = round(time.perf_counter() - started, 3)
+    results = {
+        "protocol": "finetune",
+        "command": command or " ".join(["python -m feature_eval.finetune"] + [shlex.quote(a) for a in sys.argv[1:]]),
+        "checkpoint": str(file), "checkpoint_sha256": file_digest(file), "trained_epochs": trained_epochs,
+        "dataset": {"name": dataset, "root": str(root), "input_size": input_size, "classes": classes},
+        "splits": {"fit": f"{tag[:-3]}% of train (class-balanced)", "report": "test", "train": len(train_set),
+                   "labelled": len(indices), "test": len(test_set)},
+        "label_subset": {"fraction": label_fraction, "seed": seed,
+                         "per_class": {c: int(n) for c, n in zip(classes, counts)},
+                         "indices": indices.tolist() if len(indices) <= 5000 else None},
+        "seed": seed, "device": str(device),
+        "options": {"label_fraction": label_fraction, "epochs": epochs, "batch_size": batch_size, "lrs": list(lrs),
+                    "momentum": momentum, "valid_fraction": valid_fraction, "baselines": list(baselines),
+                    "augmentation": "random resized crop (scale 0.08-1) + horizontal flip",
+                    "optimizer": "SGD, Nesterov momentum, no weight decay, cosine decay, no warmup"},
+        "selection": selections, "rows": rows, "timings_s": timings,
+        "machine": {"host": platform.node(), "cpu_threads": torch.get_num_threads(), "python": platform.python_version(),
+                    "torch": torch.__version__,
+                    "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
+        "finished": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+    table = markdown_table(rows)
+    outcome = FineTuneResult(results, table, models)
+    if write:
+        out_dir = Path(out_dir) if out_dir is not None else default_run_dir(file) / "eval"
+        outcome.paths = write_results(results, table, out_dir, f"{file.stem}_{dataset}_finetune-{tag}")
+    return outcome
+
+
+def write_results(results: dict, table: str, out_dir: Path, stem: str) -> dict[str, Path]:
+    """Write `<out_dir>/<stem>.md` (a caption and the table) and `<out_dir>/<stem>.json`."""
+    data, splits = results["dataset"], results["splits"]
+    per_class = results["label_subset"]["per_class"].values()
+    caption = (f"`{results['checkpoint']}` fine-tuned end to end on {splits['fit']} of {data['name']} "
+               f"({splits['labelled']} of {splits['train']} images, {min(per_class)}-{max(per_class)} per class, "
+               f"{data['input_size']}px, crop + flip only, base lr chosen on a hold-out of those labels), scored "
+               f"on test ({splits['test']}); seed {results['seed']}, {results['timings_s']['total']:.0f} s on "
+               f"{results['device']}. Command: `{results['command']}`")
+    paths = {"markdown": out_dir / f"{stem}.md", "json": out_dir / f"{stem}.json"}
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        paths["markdown"].write_text(caption + "\n\n" + table + "\n")
+        paths["json"].write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
+    except OSError as err:
+        raise EvalError(f"cannot write results to {out_dir} ({err.strerror or err}): pass --out-dir DIR") from None
+    return paths
+
+
+def _device(device) -> torch.device:
+    if device is None or str(device) == "auto":
+        return best_device()
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise EvalError(f"--device {device!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EvalError(f"--device {device}: CUDA is not available on this machine; use --device cpu or auto")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise EvalError(f"--device {device}: MPS is not available on this machine; use --device cpu or auto")
+    return device
+
+
+def _positive_floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers, e.g. 0.05,0.1") from None
+    if not values or any(not (v > 0 and math.isfinite(v)) for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: give one or more positive numbers, e.g. 0.05,0.1,0.2")
+    return values
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; use e.g. 0.01, 0.1 or 1.0") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{value:g} must be in (0, 1], e.g. 0.01 for 1% of the labels")
+    return value
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m feature_eval.finetune", description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", required=True,
+                        help="run dir, checkpoint .pt, package dir or package name (pretrained_models/<name>)")
+    parser.add_argument("--label-fraction", type=_fraction, default=0.01,
+                        help="fraction of the labelled train split, class-balanced (default 0.01; the paper's "
+                             "0.01 and 0.1; 1.0 for all)")
+    parser.add_argument("--dataset", help="data set name (default: the checkpoint's dataset.name)")
+    parser.add_argument("--root", help="data set folder (default: the checkpoint's dataset.root)")
+    parser.add_argument("--input-size", type=int, help="crop size (default: the checkpoint's input_shape)")
+    parser.add_argument("--download", action="store_true", help="download the data set if it is missing")
+    parser.add_argument("--epochs", type=int, help="fine-tuning epochs (default: 60 for <= 1%% of labels, else 30)")
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="images per step, capped at the labelled subset (default 64); lr = base lr x batch/256")
+    parser.add_argument("--lrs", type=_positive_floats, default=DEFAULT_LRS,
+                        help="base learning rates per 256 images to choose from on the hold-out "
+                             f"(default {','.join(f'{v:g}' for v in DEFAULT_LRS)}); one value skips the choice")
+    parser.add_argument("--momentum", type=float, default=0.9, help="Nesterov momentum (the paper's 0.9)")
+    parser.add_argument("--valid-fraction", type=float, default=0.2,
+                        help="part of the labelled subset held out to choose the lr (default 0.2)")
+    parser.add_argument("--baselines", default="none",
+                        help="random: also fine-tune a randomly initialised encoder (supervised from scratch); "
+                             "none (default)")
+    parser.add_argument("--seed", type=int, default=0, help="label subset, hold-out, head init, order and views")
+    parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
+    parser.add_argument("--eval-batch-size", type=int, default=256, help="images per forward pass when scoring")
+    parser.add_argument("--out-dir", help="where to write the table and JSON (default: <run_dir>/eval)")
+    args = parser.parse_args(argv)
+    for name in ("epochs", "batch_size", "eval_batch_size", "input_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0 < args.valid_fraction < 1:
+        parser.error("--valid-fraction must be in (0, 1), e.g. 0.2")
+    if not 0 <= args.momentum < 1:
+        parser.error("--momentum must be in [0, 1)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    command = " ".join(["python -m feature_eval.finetune"] + [shlex.quote(a) for a in argv])
+    try:
+        outcome = finetune_evaluate(args.checkpoint, label_fraction=args.label_fraction, dataset=args.dataset,
+                                    root=args.root, input_size=args.input_size, epochs=args.epochs,
+                                    batch_size=args.batch_size, lrs=args.lrs, momentum=args.momentum,
+                                    valid_fraction=args.valid_fraction, baselines=args.baselines, seed=args.seed,
+                                    device=args.device, eval_batch_size=args.eval_batch_size, out_dir=args.out_dir,
+                                    download=args.download, command=command)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(outcome.table)
+    print(f"wrote {outcome.paths['markdown']} and {outcome.paths['json']} "
+          f"({outcome.results['timings_s']['total']:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

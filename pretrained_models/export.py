@@ -1,0 +1,424 @@
+"""Package a training run as a pretrained model: safetensors weights, config, evaluation results, model card.
+
+    python -m pretrained_models.export runs/<name> --as resnet-18_40-epochs     # its checkpoints/last.pt
+    python -m pretrained_models.export runs/<name>/checkpoints/best.pt --as my-encoder
+    python -m pretrained_models.export --list
+    python -m pretrained_models.export --refresh resnet-18_40-epochs    # card from the package's own eval/
+
+Writes `pretrained_models/<name>/` (see pretrained_models/README.md for the format) and refreshes the list
+of packages in pretrained_models/README.md. Evaluation results under `<run_dir>/eval/*.json` are copied
+when they scored these exact weights (their `checkpoint_sha256` matches). Exit status 2 with one line on
+stderr for a bad source, name or destination.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from models.loading import CheckpointLoadError, encoder_state_dict, read_checkpoint, resolve_checkpoint
+from models.resnet_simclr import create_model
+from pretrained_models import (CARD_FILE, CONFIG_FILE, EVAL_DIR, FORMAT, FORMAT_VERSION, MANIFEST_FILE, PACKAGES_DIR,
+                               WEIGHTS_FILE, file_sha256, find_package, is_package_name, list_packages, read_manifest,
+                               torchvision_file)
+
+ARCHITECTURES = {"resnet18": "ResNet-18", "resnet50": "ResNet-50"}
+INDEX_START, INDEX_END = "<!-- packages:start -->", "<!-- packages:end -->"
+_SPLIT_IMAGES = {"stl10": "train + unlabeled, 105,000 images", "cifar10": "train, 50,000 images",
+                 "cifar100": "train, 50,000 images", "digits": "scikit-learn digits, 80% train split",
+                 "imagefolder": "<root>/train and <root>/unlabeled"}
+
+
+class ExportError(ValueError):
+    """A user error (source, package name, destination); its message is one line that says how to fix it."""
+
+
+def default_name(base_model: str, epochs: int | None) -> str:
+    """The repo's naming scheme, e.g. `resnet-18_40-epochs` (as the seed's `resnet-18_80-epochs`)."""
+    arch = re.sub(r"^resnet(\d+)$", r"resnet-\1", base_model)
+    return f"{arch}_{epochs}-epochs" if epochs is not None else arch
+
+
+def torchvision_state_dict(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The encoder trunk of a full SimCLR state dict under plain torchvision ResNet keys (`conv1.weight`, ...; no `fc`)."""
+    prefix = "backbone."
+    return {k[len(prefix):]: v for k, v in encoder_state_dict(model_state).items() if k.startswith(prefix)}
+
+
+def export_package(source: str | Path, name: str | None = None, *, root: str | Path | None = None,
+                   force: bool = False, log: Callable[[str], None] = print) -> Path:
+    """Write the package `<root>/<name>/` from a run directory or a checkpoint `.pt`.
+
+    Args:
+        source: a run directory (its `checkpoints/last.pt`) or a checkpoint file.
+        name: package name (default: `resnet-18_<epochs>-epochs` style).
+        root: packages folder (default: `pretrained_models/`); its README.md list is refreshed.
+        force: replace an existing package of that name.
+    Returns:
+        The package folder.
+    Raises:
+        ExportError, CheckpointLoadError: user errors, each with a one-line message.
+    """
+    root = Path(root) if root is not None else PACKAGES_DIR
+    file = resolve_checkpoint(source)
+    if file.suffix == ".safetensors":
+        raise ExportError(f"{source} is already a package ({file}); export a run dir or a checkpoint .pt")
+    state = read_checkpoint(file)
+    config = state.get("config") if isinstance(state.get("config"), dict) else {}
+    model_config = config.get("model") or {}
+    base_model = model_config.get("base_model", "resnet18")
+    cifar_stem = bool(model_config.get("cifar_stem", False))
+    head_out = state["model"].get("head.net.2.weight")
+    out_dim = int(head_out.shape[0]) if isinstance(head_out, torch.Tensor) else int(model_config.get("out_dim", 256))
+    model = create_model(base_model, out_dim, cifar_stem)
+    try:
+        model.load_state_dict(state["model"], strict=True)
+    except RuntimeError as err:
+        raise ExportError(f"checkpoint {file} does not fit a {base_model} SimCLR model "
+                          f"({str(err).splitlines()[0][:160]}): is it a checkpoint of this repo?") from None
+    epochs = state.get("next_epoch")
+    name = name or default_name(base_model, epochs)
+    if not is_package_name(name):
+        raise ExportError(f"--as {name!r}: a package name is letters, digits, '.', '_' and '-' (no '/', no .pt), "
+                          "e.g. resnet-18_40-epochs")
+    dest = root / name
+    if dest.exists() and not force:
+        raise ExportError(f"package {dest} already exists: pass --force to replace it, or choose another --as name")
+
+    run_dir = file.resolve().parent.parent if file.resolve().parent.name == "checkpoints" else file.resolve().parent
+    checkpoint_sha256 = file_sha256(file)
+    evaluations = _matching_evaluations(run_dir / EVAL_DIR, {checkpoint_sha256}, log)
+    meta = _first_json_line(run_dir / "meta.jsonl")
+    last_epoch = _last_epoch_metrics(run_dir / "metrics.jsonl")
+
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a package is as readable as any file here
+    except OSError as err:
+        raise ExportError(f"cannot write into {root} ({err.strerror or err}): pass --packages-dir DIR") from None
+    try:
+        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(weights, str(tmp / WEIGHTS_FILE), metadata={
+            "format": FORMAT, "format_version": str(FORMAT_VERSION), "name": name, "base_model": base_model,
+            "cifar_stem": str(cifar_stem).lower(), "out_dim": str(out_dim), "feature_dim": str(model.encoder.feature_dim),
+            "epochs": "" if epochs is None else str(epochs)})
+        save_file(torchvision_state_dict(weights), str(tmp / torchvision_file(base_model)), metadata={
+            "format": "torchvision", "base_model": base_model, "cifar_stem": str(cifar_stem).lower(),
+            "input": "float RGB in [0, 1], normalised with mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225)"})
+        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
+        eval_files = []
+        if evaluations:
+            (tmp / EVAL_DIR).mkdir()
+            for path, _ in evaluations:
+                for companion in (path, path.with_suffix(".md")):
+                    if companion.is_file():
+                        shutil.copy2(companion, tmp / EVAL_DIR / companion.name)
+                        eval_files.append(f"{EVAL_DIR}/{companion.name}")
+        for weights_name in (WEIGHTS_FILE, torchvision_file(base_model)):
+            os.chmod(tmp / weights_name, 0o666 & ~_umask())
+        files = {f: {"sha256": file_sha256(tmp / f), "bytes": (tmp / f).stat().st_size}
+                 for f in (WEIGHTS_FILE, torchvision_file(base_model))}
+        manifest = {
+            "name": name, "format": FORMAT, "format_version": FORMAT_VERSION,
+            "base_model": base_model, "cifar_stem": cifar_stem, "feature_dim": model.encoder.feature_dim,
+            "out_dim": out_dim, "epochs": epochs, "configured_epochs": config.get("epochs"),
+            "source": {"checkpoint": str(file), "checkpoint_sha256": checkpoint_sha256, "run_dir": str(run_dir),
+                       "git_commit": meta.get("git_commit"), "command": meta.get("command"),
+                       "final_epoch_metrics": last_epoch},
+            "files": files, "evaluations": eval_files,
+            "exported": datetime.datetime.now().isoformat(timespec="seconds"),
+        }
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        (tmp / CARD_FILE).write_text(model_card(manifest, config, [r for _, r in evaluations]))
+        _replace(tmp, dest)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ExportError(f"cannot write package {dest} ({err.strerror or err}): free space or pass --packages-dir DIR") \
+            from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    update_index(root)
+    log(f"exported {file} -> {dest} ({', '.join(sorted(os.listdir(dest)))}); "
+        f"{len(evaluations)} evaluation result(s) copied")
+    return dest
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _replace(tmp: Path, dest: Path) -> None:
+    """Move the finished package into place; an old one is removed only after the new one is complete."""
+    old = None
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def refresh_package(folder: str | Path, log: Callable[[str], None] = print) -> Path:
+    """Rebuild a package's model card and manifest from the evaluation results in its own `eval/` folder.
+
+    Results count when they scored the package's weights or its source checkpoint (same sha256), e.g.
+    after `python -m feature_eval.evaluate --checkpoint <name>`, which writes into the package's `eval/`.
+    """
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if not manifest:
+        raise ExportError(f"{folder} has no {MANIFEST_FILE}: it is not a package made by this exporter")
+    try:
+        config = yaml.safe_load((folder / CONFIG_FILE).read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ExportError(f"{folder / CONFIG_FILE} is unreadable ({err}): re-export the package") from None
+    digests = {manifest["source"].get("checkpoint_sha256")} | {f["sha256"] for f in manifest["files"].values()}
+    evaluations = _matching_evaluations(folder / EVAL_DIR, digests, log)
+    manifest["evaluations"] = [f"{EVAL_DIR}/{p.name}" for path, _ in evaluations
+                               for p in (path, path.with_suffix(".md")) if p.is_file()]
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    (folder / CARD_FILE).write_text(model_card(manifest, config, [r for _, r in evaluations]))
+    update_index(folder.parent)
+    log(f"refreshed {folder / CARD_FILE}: {len(evaluations)} evaluation result(s)")
+    return folder
+
+
+def _matching_evaluations(folder: Path, digests: set[str], log) -> list[tuple[Path, dict]]:
+    """`(path, results)` of the evaluation JSON files in `folder` that scored weights with one of these sha256s."""
+    found = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            results = json.loads(path.read_text())
+        except (OSError, ValueError):
+            log(f"skipped {path}: unreadable JSON")
+            continue
+        if not isinstance(results, dict) or "rows" not in results:
+            continue
+        if results.get("checkpoint_sha256") not in digests:
+            log(f"skipped {path}: it scored other weights (checkpoint sha256 differs); evaluate again to include it")
+            continue
+        found.append((path, results))
+    return found
+
+
+def _first_json_line(path: Path) -> dict:
+    try:
+        line = path.read_text().splitlines()[0]
+        value = json.loads(line)
+        return value if isinstance(value, dict) else {}
+    except (OSError, IndexError, ValueError):
+        return {}
+
+
+def _last_epoch_metrics(path: Path) -> dict:
+    last = {}
+    try:
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            if isinstance(record, dict) and record.get("kind") == "epoch":
+                last = record
+    except (OSError, ValueError):
+        pass
+    return {k: v for k, v in last.items() if k in ("epoch", "train_loss", "valid_loss", "valid_top1", "valid_top5")}
+
+
+def evaluation_command(results: dict, checkpoint: str | None = None) -> str:
+    """The command that produced an evaluation JSON (its `command`, else rebuilt from its options), optionally
+    pointed at another `--checkpoint`."""
+    command = results.get("command")
+    if not command:
+        data, options = results.get("dataset", {}), results.get("options", {})
+        command = (f"python -m feature_eval.evaluate --checkpoint {results.get('checkpoint', '<checkpoint>')} "
+                   f"--dataset {data.get('name')} --root {data.get('root')} --input-size {data.get('input_size')} "
+                   f"--classifiers {','.join(options.get('classifiers', []))}")
+        if options.get("baselines"):
+            command += f" --baselines {','.join(options['baselines'])}"
+        command += f" --seed {results.get('seed', 0)}"
+    if checkpoint is not None:
+        command = re.sub(r"--checkpoint \S+", lambda _: f"--checkpoint {checkpoint}", command)
+    return command
+
+
+def model_card(manifest: dict, config: dict, evaluations: list[dict]) -> str:
+    """The package's README.md: data, epochs, batch, recipe, evaluation numbers with their commands, sha256, usage."""
+    name, base_model = manifest["name"], manifest["base_model"]
+    arch = ARCHITECTURES.get(base_model, base_model) + (" (CIFAR stem: 3x3 conv1, no max-pool)"
+                                                       if manifest["cifar_stem"] else "")
+    data, opt, loss = config.get("dataset", {}) or {}, config.get("optimizer", {}) or {}, config.get("loss", {}) or {}
+    dataset = data.get("name", "?")
+    size = (data.get("input_shape") or ["?"])[0]
+    lines = [f"# {name}", "",
+             f"A SimCLR {arch} encoder and its projection head, trained by this repository "
+             f"(`python run.py`), packaged by `python -m pretrained_models.export`.", "",
+             "| | |", "|---|---|",
+             f"| Data | {dataset}, pretraining split ({_SPLIT_IMAGES.get(dataset, 'pretrain split')}), "
+             f"{size}x{size} px, {data.get('valid_size', '?')} held out for validation |",
+             f"| Epochs | {manifest.get('epochs')} (of {manifest.get('configured_epochs')} configured) |",
+             f"| Batch | {config.get('batch_size', '?')} (global) |",
+             f"| Recipe | {opt.get('name', '?')} lr {opt.get('lr', '?')} (scaling {opt.get('lr_scaling', 'none')}, "
+             f"warmup {opt.get('warmup_epochs', 0)} epochs, cosine {opt.get('cosine', True)}), weight decay "
+             f"{config.get('weight_decay', '?')}, NT-Xent temperature {loss.get('temperature', '?')}, colour strength "
+             f"s={data.get('s', '?')}, blur {data.get('blur', '?')}, mixed precision "
+             f"{config.get('fp16_precision', False)}, seed {config.get('seed', '?')} |",
+             f"| Model | {arch}, feature dim {manifest['feature_dim']}, projection dim {manifest['out_dim']} |"]
+    source = manifest.get("source", {})
+    if source.get("final_epoch_metrics"):
+        metrics = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                            for k, v in source["final_epoch_metrics"].items())
+        lines.append(f"| Last epoch | {metrics} |")
+    lines.append(f"| Source | `{source.get('checkpoint')}` (git {source.get('git_commit') or 'unknown'}), "
+                 f"exported {manifest.get('exported')} |")
+    if source.get("command"):
+        lines.append(f"| Training command | `{source['command']}` |")
+    lines += ["", "Full training config: [config.yaml](config.yaml).", "", "## Evaluation", ""]
+    if not evaluations:
+        lines += ["No evaluation results were found for these exact weights. Produce them with",
+                  "", "```", f"python -m feature_eval.evaluate --checkpoint {name} --classifiers lbfgs,adam,knn",
+                  "```", ""]
+    for results in evaluations:
+        data_info = results.get("dataset", {})
+        lines += [f"On {data_info.get('name')} ({data_info.get('input_size')} px), fit on "
+                  f"{results.get('splits', {}).get('fit', 'train')}, scored on test "
+                  f"({results.get('splits', {}).get('test', '?')} images):", "",
+                  "| Protocol | Feature extractor | Top-1 % | Top-5 % |", "|---|---|---|---|"]
+        for row in results.get("rows", []):
+            top1, top5 = row.get("top1"), row.get("top5")
+            lines.append(f"| {row.get('classifier_name')} | {row.get('extractor_name')} | "
+                         f"{'-' if top1 is None else f'{top1:.1f}'} | {'-' if top5 is None else f'{top5:.1f}'} |")
+        lines += ["", f"Produced by `{evaluation_command(results)}`; from this package: "
+                      f"`{evaluation_command(results, name)}`.", ""]
+    if manifest.get("evaluations"):
+        lines += ["Result files: " + ", ".join(f"[{f}]({f})" for f in manifest["evaluations"]) + ".", ""]
+    lines += ["## Files", "", "| File | Bytes | sha256 |", "|---|---|---|"]
+    for file, info in manifest["files"].items():
+        lines.append(f"| {file} | {info['bytes']} | `{info['sha256']}` |")
+    lines += ["", "The weights are not in git (`.gitignore`: `pretrained_models/*/*.safetensors`). With downloaded "
+              f"weights, put `{WEIGHTS_FILE}` (and, for plain torchvision use, `{torchvision_file(base_model)}`) in "
+              f"`pretrained_models/{name}/`, next to this card, and check `sha256sum {WEIGHTS_FILE}` against the table: "
+              "loading refuses a file whose sha256 differs from package.json.", "",
+              "## Use", "", "```bash",
+              f"python run.py fine_tune_from={name}                   # continue pretraining from these weights",
+              f"python -m feature_eval.evaluate --checkpoint {name}     # linear / KNN evaluation",
+              f"python -m feature_eval.finetune --checkpoint {name} --label-fraction 0.01", "```", "", "```python",
+              "import models",
+              f'encoder = models.load_encoder("pretrained_models/{name}")  # frozen; images in [0, 1], '
+              "normalised inside", "```", "", "Plain torchvision (normalise with ImageNet mean/std yourself):", "",
+              "```python", "import torch, torchvision", "from safetensors.torch import load_file", "",
+              f"net = torchvision.models.{base_model}()"]
+    if manifest["cifar_stem"]:
+        lines += ["net.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)  # this encoder's CIFAR stem",
+                  "net.maxpool = torch.nn.Identity()"]
+    lines += [f'missing, unexpected = net.load_state_dict(load_file("pretrained_models/{name}/'
+              f'{torchvision_file(base_model)}"), strict=False)',
+              "# missing == ['fc.weight', 'fc.bias']: add your own classifier, or net.fc = torch.nn.Identity()", "```",
+              ""]
+    return "\n".join(lines)
+
+
+def package_summary(folder: Path) -> dict:
+    """One row of the packages list: name, architecture, data, epochs, batch, linear/KNN top-1, weights present."""
+    manifest = read_manifest(folder)
+    try:
+        config = yaml.safe_load((folder / CONFIG_FILE).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        config = {}
+    linear = knn = None
+    for entry in manifest.get("evaluations", []):
+        if not entry.endswith(".json"):
+            continue
+        try:
+            results = json.loads((folder / entry).read_text())
+        except (OSError, ValueError):
+            continue
+        for row in results.get("rows", []):
+            if row.get("extractor") == "simclr" and row.get("classifier") == "lbfgs" and linear is None:
+                linear = row.get("top1")
+            if row.get("extractor") == "simclr" and row.get("classifier") == "knn" and knn is None:
+                knn = row.get("top1")
+    data = config.get("dataset", {}) if isinstance(config, dict) else {}
+    return {"name": folder.name, "architecture": ARCHITECTURES.get(manifest.get("base_model"), manifest.get("base_model")),
+            "data": data.get("name"), "epochs": manifest.get("epochs"),
+            "batch": config.get("batch_size") if isinstance(config, dict) else None, "linear_top1": linear,
+            "knn_top1": knn, "weights": (folder / WEIGHTS_FILE).is_file()}
+
+
+def update_index(root: Path) -> bool:
+    """Rewrite the packages list between the markers of `<root>/README.md`; False where there are no markers."""
+    readme = root / "README.md"
+    try:
+        text = readme.read_text()
+    except OSError:
+        return False
+    if INDEX_START not in text or INDEX_END not in text:
+        return False
+    rows = [package_summary(root / name) for name in list_packages(root)]
+
+    def cell(value, digits=None):
+        return "-" if value is None else (f"{value:.1f}" if digits else str(value))
+
+    lines = ["| Package | Architecture | Data | Epochs | Batch | Linear top-1 % | KNN top-1 % | Weights here |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| [{r['name']}]({r['name']}/README.md) | {cell(r['architecture'])} | {cell(r['data'])} | "
+              f"{cell(r['epochs'])} | {cell(r['batch'])} | {cell(r['linear_top1'], 1)} | {cell(r['knn_top1'], 1)} | "
+              f"{'yes' if r['weights'] else 'no (download)'} |" for r in rows]
+    body = "\n".join(lines) if rows else "None yet: nothing trained by this repo has been packaged here."
+    head, rest = text.split(INDEX_START, 1)
+    tail = rest.split(INDEX_END, 1)[1]
+    readme.write_text(f"{head}{INDEX_START}\n{body}\n{INDEX_END}{tail}")
+    return True
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m pretrained_models.export", description=__doc__.split("\n")[0])
+    parser.add_argument("source", nargs="?", help="run directory (runs/<name>) or checkpoint .pt file")
+    parser.add_argument("--as", dest="name", help="package name (default: e.g. resnet-18_40-epochs)")
+    parser.add_argument("--packages-dir", help="where packages live (default: pretrained_models/)")
+    parser.add_argument("--force", action="store_true", help="replace an existing package of that name")
+    parser.add_argument("--list", action="store_true", help="list the packages present and exit")
+    parser.add_argument("--refresh", metavar="NAME",
+                        help="rebuild package NAME's model card from the results in its eval/ folder and exit")
+    args = parser.parse_args(argv)
+    if not args.list and not args.refresh and not args.source:
+        parser.error("pass a run directory or checkpoint to export (or --list, or --refresh NAME)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    root = Path(args.packages_dir) if args.packages_dir else PACKAGES_DIR
+    if args.list:
+        rows = [package_summary(root / name) for name in list_packages(root)]
+        for r in rows:
+            print(f"{r['name']}: {r['architecture']}, {r['data']}, {r['epochs']} epochs, batch {r['batch']}, "
+                  f"linear top-1 {r['linear_top1']}, weights {'present' if r['weights'] else 'missing'}")
+        if not rows:
+            print(f"no packages in {root}")
+        return 0
+    try:
+        if args.refresh:
+            refresh_package(find_package(args.refresh, root))
+        else:
+            export_package(args.source, args.name, root=root, force=args.force)
+    except (ExportError, CheckpointLoadError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
