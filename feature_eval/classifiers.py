@@ -250,13 +250,15 @@ def adam_probe(train_features, train_labels, test_features, test_labels=None, *,
 
 def _nearest(queries: torch.Tensor, keys: torch.Tensor, k: int, similarity, query_chunk: int,
              key_chunk: int, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k largest `similarity(query_chunk, start, stop)` (against keys[start:stop]) per query, merged over key chunks.
+    """The k largest `similarity(query_chunk, start, stop)` (against `keys[start:stop]`) per query.
 
-    Memory stays at `query_chunk x (key_chunk + k)` whatever the number of queries or keys.
+    Key chunks are merged into a running top-k, so memory stays at `query_chunk x (key_chunk + k)` whatever
+    the number of queries or keys.
     Returns values and key indices, `[M, k]` each, best first.
     """
     values, indices = [], []
-    for q in tqdm(queries.split(query_chunk), desc=desc, unit="chunk", leave=False, disable=len(queries) <= query_chunk):
+    chunks = queries.split(query_chunk)
+    for q in tqdm(chunks, desc=desc, unit="chunk", leave=False, disable=len(chunks) == 1):
         best_v = torch.empty(len(q), 0, dtype=q.dtype, device=q.device)
         best_i = torch.empty(len(q), 0, dtype=torch.int64, device=q.device)
         for start in range(0, len(keys), key_chunk):

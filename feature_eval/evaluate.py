@@ -209,8 +209,8 @@ def evaluate(checkpoint: str | Path, *, dataset: str | None = None, root: str | 
                     "weighted_knn_temperature": weighted_knn_temperature},
         "baselines": {name: extractors[name] for name in baselines},
         "rows": rows, "timings_s": timings,
-        "machine": {"host": platform.node(), "cpu_threads": torch.get_num_threads(), "python": platform.python_version(),
-                    "torch": torch.__version__,
+        "machine": {"host": platform.node(), "cpu_threads": torch.get_num_threads(),
+                    "python": platform.python_version(), "torch": torch.__version__,
                     "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
         "finished": datetime.datetime.now().isoformat(timespec="seconds"),
     }
@@ -263,7 +263,8 @@ def _protocols(classifiers, device, num_classes, seed, C, max_iter, knn_k, weigh
                          lambda a, b, c, d: adam_probe(a, b, c, d, num_classes=num_classes, seed=seed, device=device)))
         elif name == "knn":
             rows.append(("knn", f"KNN (k={knn_k}, Euclidean)",
-                         lambda a, b, c, d: knn_classifier(a, b, c, d, num_classes=num_classes, k=knn_k, device=device)))
+                         lambda a, b, c, d: knn_classifier(a, b, c, d, num_classes=num_classes, k=knn_k,
+                                                           device=device)))
             rows.append(("weighted_knn", f"Weighted KNN (k={weighted_k}, T={temperature:g})",
                          lambda a, b, c, d: weighted_knn(a, b, c, d, num_classes=num_classes, k=weighted_k,
                                                          temperature=temperature, device=device)))
