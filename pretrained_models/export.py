@@ -279,7 +279,7 @@ def model_card(manifest: dict, config: dict, evaluations: list[dict]) -> str:
     source = manifest.get("source", {})
     if source.get("final_epoch_metrics"):
         metrics = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                            for k, v in source["final_epoch_metrics"].items())
+                            for k, v in source["final_epoch_metrics"].items() if k != "epoch")
         lines.append(f"| Last epoch | {metrics} |")
     lines.append(f"| Source | `{source.get('checkpoint')}` (git {source.get('git_commit') or 'unknown'}), "
                  f"exported {manifest.get('exported')} |")

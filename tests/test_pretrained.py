@@ -1,0 +1,340 @@
+"""pretrained_models: the package format, every loader path (name, package dir, weights file, run dir,
+checkpoint) and every error, plain torchvision weights, and `fine_tune_from=<package>` end to end."""
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+import torchvision
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import pretrained_models
+import run
+from feature_eval.evaluate import evaluate
+from models import CheckpointLoadError, load_encoder
+from models.loading import resolve_checkpoint
+from models.resnet_simclr import create_model
+from pretrained_models import export as export_module
+from pretrained_models.export import export_package, refresh_package
+from simclr.checkpoint import save_checkpoint
+from simclr.config import config_to_dict, load_config
+from simclr.dist import init_distributed
+from simclr.trainer import Trainer
+from tests.conftest import SEED_CONFIG, assert_same_weights, tiny_args, write_stl10
+
+INDEX = "# Packages\n\n<!-- packages:start -->\nold list\n<!-- packages:end -->\n\ntail text\n"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_run(run_dir, cifar_stem=False, out_dim=8, seed=1):
+    """A run dir with an untrained (seeded) checkpoint as the trainer saves it, for tiny STL10 at 32px."""
+    config = load_config(SEED_CONFIG, ["fine_tune_from=None", "dataset.name=stl10", f"model.out_dim={out_dim}",
+                                       f"model.cifar_stem={str(cifar_stem).lower()}", "dataset.input_shape=(32,32,3)",
+                                       "epochs=5", "batch_size=4"])
+    torch.manual_seed(seed)
+    model = create_model("resnet18", out_dim, cifar_stem)
+    with torch.no_grad():  # BatchNorm statistics away from their defaults, so that they are checked too
+        for name, buffer in model.named_buffers():
+            if name.endswith(("running_mean", "running_var")):
+                buffer.uniform_(0.5, 1.5)
+    path = run_dir / "checkpoints" / "last.pt"
+    save_checkpoint(path, {"model": model.state_dict(), "config": config_to_dict(config), "next_epoch": 3,
+                           "optimizer": {}})
+    (run_dir / "meta.jsonl").write_text(json.dumps({"git_commit": "abc123", "command": "run.py epochs=5"}) + "\n")
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"kind": "epoch", "epoch": 2, "train_loss": 1.5}) + "\n")
+    return model, path
+
+
+def write_eval(run_dir, sha256, name, top1):
+    """An evaluation JSON as feature_eval writes it, with a linear and a KNN row."""
+    rows = [{"classifier": c, "classifier_name": n, "extractor": "simclr", "extractor_name": "SimCLR",
+             "top1": top1 + i, "top5": 99.0} for i, (c, n) in enumerate([("lbfgs", "Logistic regression (L-BFGS)"),
+                                                                      ("knn", "KNN (k=10, Euclidean)")])]
+    results = {"checkpoint": "runs/x/checkpoints/last.pt", "checkpoint_sha256": sha256,
+               "dataset": {"name": "stl10", "root": "data", "input_size": 32}, "splits": {"fit": "train", "test": 4},
+               "options": {"classifiers": ["lbfgs", "knn"], "baselines": []}, "seed": 0, "rows": rows}
+    folder = run_dir / "eval"
+    folder.mkdir(exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps(results))
+    (folder / f"{name}.md").write_text("| table |\n")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A run with a matching and a stale evaluation, exported into a packages folder with an index README."""
+    tmp = tmp_path_factory.mktemp("pkg")
+    run_dir, root = tmp / "runs" / "r1", tmp / "packages"
+    model, checkpoint = make_run(run_dir)
+    write_eval(run_dir, pretrained_models.file_sha256(checkpoint), "last_stl10", 41.5)
+    write_eval(run_dir, "0" * 64, "old_stl10", 10.0)
+    root.mkdir()
+    (root / "README.md").write_text(INDEX)
+    logs = []
+    folder = export_package(run_dir, "resnet-18_3-epochs", root=root, log=logs.append)
+    return {"model": model, "checkpoint": checkpoint, "run_dir": run_dir, "root": root, "folder": folder,
+            "logs": logs}
+
+
+@pytest.fixture
+def packages_root(exported, monkeypatch):
+    """Make the exported packages folder the one that names are looked up in."""
+    monkeypatch.setattr(pretrained_models, "PACKAGES_DIR", exported["root"])
+    return exported["root"]
+
+
+def test_package_holds_safetensors_config_results_and_card(exported):
+    folder, model = exported["folder"], exported["model"]
+    assert {p.name for p in folder.iterdir()} == {"model.safetensors", "torchvision_resnet18.safetensors",
+                                                  "config.yaml", "package.json", "eval", "README.md"}
+    for name in ("model.safetensors", "torchvision_resnet18.safetensors"):  # safetensors: a JSON header, no pickle
+        raw = (folder / name).read_bytes()
+        header = json.loads(raw[8:8 + struct.unpack("<Q", raw[:8])[0]])
+        assert "__metadata__" in header and b"\x80\x04" not in raw[:2]
+    weights = load_file(folder / "model.safetensors")
+    assert_same_weights(weights, model.state_dict(), atol=0)
+    assert any(k.startswith("head.net.") for k in weights) and any(k.startswith("encoder.backbone.") for k in weights)
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        assert f.metadata()["base_model"] == "resnet18" and f.metadata()["out_dim"] == "8"
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    assert config == torch.load(exported["checkpoint"], weights_only=True)["config"]
+    manifest = json.loads((folder / "package.json").read_text())
+    for name, info in manifest["files"].items():
+        assert info["sha256"] == pretrained_models.file_sha256(folder / name)
+        assert info["bytes"] == (folder / name).stat().st_size
+    assert manifest["epochs"] == 3 and manifest["source"]["git_commit"] == "abc123"
+    # Only the evaluation of these exact weights is copied; the stale one is named in the log.
+    assert sorted(p.name for p in (folder / "eval").iterdir()) == ["last_stl10.json", "last_stl10.md"]
+    assert any("old_stl10.json" in line and "other weights" in line for line in exported["logs"])
+
+
+def test_model_card_has_data_recipe_numbers_commands_sha_and_download_place(exported):
+    card = (exported["folder"] / "README.md").read_text()
+    sha = pretrained_models.file_sha256(exported["folder"] / "model.safetensors")
+    for expected in ("stl10", "32x32", "| Epochs | 3 (of 5 configured) |", "| Batch | 4 (global) |",
+                     "NT-Xent temperature 0.5", "weight decay 1e-05", "41.5", "42.5",  # linear and KNN top-1
+                     "python -m feature_eval.evaluate --checkpoint runs/x/checkpoints/last.pt --dataset stl10",
+                     "--checkpoint resnet-18_3-epochs", sha, "put `model.safetensors`",
+                     "pretrained_models/resnet-18_3-epochs/", "`run.py epochs=5`"):
+        assert expected in card, expected
+    assert "10.0" not in card  # the stale evaluation's numbers
+
+
+def test_index_lists_the_packages_and_keeps_the_rest(exported):
+    text = (exported["root"] / "README.md").read_text()
+    assert "old list" not in text and text.startswith("# Packages") and text.endswith("tail text\n")
+    line = next(line for line in text.splitlines() if "resnet-18_3-epochs" in line)
+    assert "ResNet-18" in line and "stl10" in line and "41.5" in line and "42.5" in line and "| yes |" in line
+
+
+def test_torchvision_resnet18_loads_the_exported_trunk_with_only_fc_missing(exported):
+    net = torchvision.models.resnet18()
+    missing, unexpected = net.load_state_dict(load_file(exported["folder"] / "torchvision_resnet18.safetensors"),
+                                              strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
+    net.fc = torch.nn.Identity()
+    net.eval()
+    encoder = exported["model"].encoder.eval()
+    x = torch.rand(2, 3, 32, 32)
+    normalised = torchvision.transforms.functional.normalize(x, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    with torch.no_grad():
+        torch.testing.assert_close(net(normalised), encoder(x))
+
+
+def test_cifar_stem_trunk_loads_into_torchvision_with_the_documented_stem(tmp_path):
+    make_run(tmp_path / "run", cifar_stem=True)
+    folder = export_package(tmp_path / "run", "cifar", root=tmp_path / "packages", log=lambda _: None)
+    weights = load_file(folder / "torchvision_resnet18.safetensors")
+    with pytest.raises(RuntimeError, match="size mismatch"):  # a plain stem does not fit: the card says so
+        torchvision.models.resnet18().load_state_dict(weights, strict=False)
+    net = torchvision.models.resnet18()
+    net.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    net.maxpool = torch.nn.Identity()
+    missing, unexpected = net.load_state_dict(weights, strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
+    assert "net.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)" in (folder / "README.md").read_text()
+
+
+@pytest.mark.parametrize("source", ["name", "package dir", "weights file", "run dir", "checkpoint"])
+def test_load_encoder_accepts_every_source(exported, packages_root, source):
+    folder = exported["folder"]
+    path = {"name": "resnet-18_3-epochs", "package dir": folder, "weights file": folder / "model.safetensors",
+            "run dir": exported["run_dir"], "checkpoint": exported["checkpoint"]}[source]
+    encoder = load_encoder(path)
+    assert not encoder.training and not any(p.requires_grad for p in encoder.parameters())
+    assert encoder.config["model"]["out_dim"] == 8 and encoder.config["dataset"]["name"] == "stl10"
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(x), exported["model"].encoder.eval()(x))
+
+
+def test_a_downloaded_weights_file_alone_is_enough(exported, tmp_path):
+    lone = tmp_path / "downloads" / "model.safetensors"
+    lone.parent.mkdir()
+    lone.write_bytes((exported["folder"] / "model.safetensors").read_bytes())
+    encoder = load_encoder(lone)
+    assert encoder.config["model"] == {"base_model": "resnet18", "cifar_stem": False, "out_dim": 8}
+    assert load_encoder(lone.parent).checkpoint_path == str(lone)  # a folder with only the weights is a package
+
+
+@pytest.mark.parametrize("form", ["name", "package dir", "weights file"])
+def test_fine_tune_from_package_initialises_the_model(exported, packages_root, tmp_path, form):
+    data_root = tmp_path / "data"
+    write_stl10(data_root)
+    value = {"name": "resnet-18_3-epochs", "package dir": exported["folder"],
+             "weights file": exported["folder"] / "model.safetensors"}[form]
+    config = load_config(None, tiny_args(data_root, tmp_path / "ft")[2:] + [f"fine_tune_from={value}"])
+    trainer = Trainer(config, init_distributed("cpu"))
+    assert_same_weights(trainer.model.state_dict(), exported["model"].state_dict())
+    assert trainer.next_epoch == 0 and not trainer.optimizer.state
+
+
+def test_run_py_fine_tune_from_package_name_end_to_end(exported, packages_root, tmp_path, capsys):
+    data_root = tmp_path / "data"
+    write_stl10(data_root)
+    run_dir = tmp_path / "ft"
+    assert run.main(tiny_args(data_root, run_dir, "fine_tune_from=resnet-18_3-epochs", "epochs=1")) == 0
+    assert f"initialised weights from {exported['folder']}" in capsys.readouterr().out
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert state["next_epoch"] == 1 and state["config"]["fine_tune_from"] == "resnet-18_3-epochs"
+    changed = [k for k, v in exported["model"].state_dict().items() if not torch.equal(v, state["model"][k])]
+    assert changed  # it trained on from the package's weights
+
+
+def test_feature_eval_accepts_a_package_name(exported, packages_root, tmp_path):
+    data_root = tmp_path / "data"
+    write_stl10(data_root, n_train=12, n_test=4)
+    evaluation = evaluate("resnet-18_3-epochs", dataset="stl10", root=data_root, input_size=16, classifiers="knn",
+                          device="cpu", out_dir=tmp_path / "out", cache=False, log=lambda _: None)
+    assert evaluation.results["checkpoint"] == str(exported["folder"] / "model.safetensors")
+    assert evaluation.results["trained_epochs"] == 3 and evaluation.results["rows"][0]["projection_dim"] == 8
+    assert evaluation.results["checkpoint_sha256"] == pretrained_models.file_sha256(
+        exported["folder"] / "model.safetensors")
+
+
+def test_refresh_adds_evaluations_of_the_package_itself(tmp_path):
+    make_run(tmp_path / "run")
+    folder = export_package(tmp_path / "run", "p", root=tmp_path / "packages", log=lambda _: None)
+    assert "No evaluation results" in (folder / "README.md").read_text()
+    write_eval(folder, pretrained_models.file_sha256(folder / "model.safetensors"), "model_stl10", 55.5)
+    refresh_package(folder, log=lambda _: None)
+    assert "55.5" in (folder / "README.md").read_text()
+    assert json.loads((folder / "package.json").read_text())["evaluations"] == ["eval/model_stl10.json",
+                                                                                "eval/model_stl10.md"]
+
+
+# ---------------------------------------------------------------- errors
+
+def test_unknown_name_lists_the_available_packages(exported, packages_root):
+    for call in (lambda: pretrained_models.find_package("resnet-50_1000-epochs"),
+                 lambda: load_encoder("resnet-50_1000-epochs"), lambda: resolve_checkpoint("resnet-50_1000-epochs")):
+        with pytest.raises(CheckpointLoadError, match=r"no pretrained package 'resnet-50_1000-epochs'.*"
+                                                      r"available: resnet-18_3-epochs"):
+            call()
+
+
+def test_unknown_name_with_no_packages_says_how_to_make_one(tmp_path):
+    with pytest.raises(CheckpointLoadError, match="available: none yet; make one with python -m "
+                                                  "pretrained_models.export"):
+        pretrained_models.find_package("anything", root=tmp_path)
+
+
+def test_run_py_unknown_package_is_one_line_exit_1(exported, packages_root, tmp_path, capsys):
+    data_root = tmp_path / "data"
+    write_stl10(data_root)
+    assert run.main(tiny_args(data_root, tmp_path / "x", "fine_tune_from=nope")) == 1
+    err = capsys.readouterr().err
+    assert "'nope'" in err and "resnet-18_3-epochs" in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_missing_weights_say_where_to_put_the_download(exported, tmp_path):
+    folder = tmp_path / "packages" / "card-only"
+    folder.mkdir(parents=True)
+    for name in ("package.json", "README.md", "config.yaml"):
+        (folder / name).write_bytes((exported["folder"] / name).read_bytes())
+    for call in (lambda: pretrained_models.find_package("card-only", root=folder.parent), lambda: load_encoder(folder)):
+        with pytest.raises(CheckpointLoadError, match=rf"has no model.safetensors.*download.*{folder}/model.safetensors"):
+            call()
+
+
+def test_altered_weights_are_refused(exported, tmp_path):
+    folder = tmp_path / "altered"
+    folder.mkdir()
+    for name in ("package.json", "config.yaml"):
+        (folder / name).write_bytes((exported["folder"] / name).read_bytes())
+    weights = load_file(exported["folder"] / "model.safetensors")
+    weights["head.net.0.bias"] = weights["head.net.0.bias"] + 1
+    with safe_open(str(exported["folder"] / "model.safetensors"), "pt") as f:
+        save_file(weights, str(folder / "model.safetensors"), metadata=f.metadata())
+    with pytest.raises(CheckpointLoadError, match="differs from the sha256"):
+        load_encoder(folder)
+
+
+def test_damaged_foreign_and_torchvision_files_are_clear_errors(exported, tmp_path):
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(b"\x00" * 40)
+    with pytest.raises(CheckpointLoadError, match="damaged or not a safetensors file"):
+        load_encoder(damaged)
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, str(foreign))
+    with pytest.raises(CheckpointLoadError, match="not a SimCLR package"):
+        load_encoder(foreign)
+    with pytest.raises(CheckpointLoadError, match="plain torchvision weights"):
+        load_encoder(exported["folder"] / "torchvision_resnet18.safetensors")
+
+
+def test_package_weights_of_another_architecture_do_not_fit(exported, packages_root, tmp_path):
+    data_root = tmp_path / "data"
+    write_stl10(data_root)
+    config = load_config(None, tiny_args(data_root, tmp_path / "ft")[2:] + ["fine_tune_from=resnet-18_3-epochs",
+                                                                             "model.cifar_stem=true"])
+    with pytest.raises(CheckpointLoadError, match="does not fit this model's encoder"):
+        Trainer(config, init_distributed("cpu"))
+
+
+def test_export_errors_are_one_line_exit_2(exported, tmp_path, capsys):
+    root = str(exported["root"])
+    cases = [([str(exported["run_dir"]), "--as", "resnet-18_3-epochs", "--packages-dir", root], "already exists"),
+             ([str(exported["run_dir"]), "--as", "../evil", "--packages-dir", root], "a package name is"),
+             ([str(tmp_path / "nothing"), "--packages-dir", root], "not found"),
+             ([str(exported["folder"]), "--as", "again", "--packages-dir", root], "already a package"),
+             (["--refresh", "nope", "--packages-dir", root], "no pretrained package 'nope'")]
+    for argv, message in cases:
+        assert export_module.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    with pytest.raises(SystemExit) as stop:
+        export_module.main([])
+    assert stop.value.code == 2
+
+
+def test_export_rejects_weights_that_do_not_fit_their_config(tmp_path, capsys):
+    _, path = make_run(tmp_path / "run")
+    state = torch.load(path, weights_only=True)
+    state["config"]["model"]["base_model"] = "resnet50"
+    torch.save(state, path)
+    assert export_module.main([str(tmp_path / "run"), "--packages-dir", str(tmp_path / "p")]) == 2
+    assert "does not fit a resnet50" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists() or not any((tmp_path / "p").iterdir())
+
+
+def test_force_replaces_a_package_and_the_default_name_follows_the_scheme(tmp_path):
+    make_run(tmp_path / "a", seed=1)
+    make_run(tmp_path / "b", seed=2)
+    root = tmp_path / "packages"
+    first = export_package(tmp_path / "a", root=root, log=lambda _: None)
+    assert first.name == "resnet-18_3-epochs"
+    second = export_package(tmp_path / "b", root=root, force=True, log=lambda _: None)
+    assert second == first and [p.name for p in root.iterdir()] == ["resnet-18_3-epochs"]  # no temporary left
+    b_weights = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert_same_weights(pretrained_models.read_package_weights(second), b_weights, atol=0)
