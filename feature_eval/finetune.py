@@ -38,8 +38,7 @@ from data_aug.datasets import TensorImages, load_split
 from data_aug.device_views import resized_crop, sample_crop_boxes
 from feature_eval.baselines import random_encoder
 from feature_eval.classifiers import holdout_split, topk_accuracy
-from feature_eval.evaluate import (ARCHITECTURES, EXTRACTOR_NAMES, USER_ERRORS, EvalError, default_run_dir,
-                                   markdown_table, parse_names)
+from feature_eval.evaluate import ARCHITECTURES, EXTRACTOR_NAMES, USER_ERRORS, EvalError, markdown_table, parse_names
 from feature_eval.features import best_device, file_digest, image_batches
 from models.loading import load_encoder, read_checkpoint, resolve_checkpoint
 
@@ -394,7 +393,7 @@ def finetune_evaluate(checkpoint: str | Path, *, label_fraction: float, dataset:
     table = markdown_table(rows)
     outcome = FineTuneResult(results, table, models)
     if write:
-        out_dir = Path(out_dir) if out_dir is not None else default_run_dir(file) / "eval"
+        out_dir = Path(out_dir) if out_dir is not None else _default_out_dir(file)
         outcome.paths = write_results(results, table, out_dir, f"{file.stem}_{dataset}_finetune-{tag}")
     return outcome
 
@@ -416,6 +415,12 @@ def write_results(results: dict, table: str, out_dir: Path, stem: str) -> dict[s
     except OSError as err:
         raise EvalError(f"cannot write results to {out_dir} ({err.strerror or err}): pass --out-dir DIR") from None
     return paths
+
+
+def _default_out_dir(checkpoint_file: Path) -> Path:
+    """`<run_dir>/eval` for `<run_dir>/checkpoints/<file>.pt`, else `eval/` next to the file (a package's own)."""
+    parent = checkpoint_file.resolve().parent
+    return (parent.parent if parent.name == "checkpoints" else parent) / "eval"
 
 
 def _device(device) -> torch.device:

@@ -1,0 +1,225 @@
+"""feature_eval.finetune: the balanced label subset, crop+flip views against torchvision, end-to-end fine-tuning
+changing the encoder, the lr chosen without the test set, feature_eval's output format, CLI errors."""
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+from data_aug.datasets import TensorImages
+from data_aug.device_views import sample_crop_boxes
+from feature_eval import finetune as finetune_module
+from feature_eval.baselines import random_encoder
+from feature_eval.classifiers import topk_accuracy
+from feature_eval.evaluate import COLUMNS
+from feature_eval.finetune import (FineTuned, crop_flip_batches, default_epochs, finetune, finetune_evaluate, fraction_tag,
+                                   label_subset, main)
+from models.resnet_simclr import create_model
+from simclr.checkpoint import save_checkpoint
+from simclr.config import config_to_dict, load_config
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """A run dir with an untrained (seeded) resnet18 checkpoint configured for digits at 16px."""
+    run_dir = tmp_path_factory.mktemp("runs") / "digits"
+    config = load_config(None, ["dataset.name=digits", "model.out_dim=8", "epochs=3", "dataset.input_shape=(16,16,3)"])
+    torch.manual_seed(3)
+    model = create_model("resnet18", 8)
+    save_checkpoint(run_dir / "checkpoints" / "last.pt", {"model": model.state_dict(),
+                                                          "config": config_to_dict(config), "next_epoch": 3})
+    return run_dir
+
+
+def uneven_labels(seed=0):
+    """Ten classes of 60-120 items, shuffled, with some unlabelled (-1) items among them."""
+    rng = np.random.default_rng(seed)
+    labels = np.concatenate([np.full(n, c) for c, n in enumerate(rng.integers(60, 121, 10))] + [np.full(50, -1)])
+    return rng.permutation(labels)
+
+
+# ---------------------------------------------------------------- the label subset
+
+@pytest.mark.parametrize("fraction", [0.01, 0.05, 0.1, 0.5])
+def test_label_subset_is_class_balanced_with_the_right_total(fraction):
+    labels = uneven_labels()
+    labelled = int((labels >= 0).sum())
+    subset = label_subset(labels, fraction, seed=0)
+    counts = np.bincount(labels[subset], minlength=10)
+    assert labels[subset].min() >= 0 and len(np.unique(subset)) == len(subset)
+    assert counts.max() - counts.min() <= 1 and counts.min() >= 1
+    assert len(subset) == max(10, round(fraction * labelled))
+
+
+def test_label_subset_is_reproducible_nested_and_seeded():
+    labels = uneven_labels()
+    small, large = label_subset(labels, 0.01, seed=4), label_subset(labels, 0.1, seed=4)
+    np.testing.assert_array_equal(small, label_subset(labels.copy(), 0.01, seed=4))
+    assert set(small) <= set(large)  # 1 % of the labels lies inside 10 % for the same seed
+    assert set(label_subset(labels, 0.1, seed=5)) != set(large)
+    np.testing.assert_array_equal(label_subset(labels, 1.0, seed=4), np.flatnonzero(labels >= 0))
+
+
+def test_label_subset_takes_all_of_a_small_class_and_refuses_bad_fractions():
+    labels = np.array([0] * 100 + [1] * 100 + [2] * 3)
+    counts = np.bincount(labels[label_subset(labels, 0.3, seed=0)])
+    assert counts[2] == 3 and sorted(counts[:2].tolist()) in ([20, 20], [20, 21])
+    for bad in (0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="must be in"):
+            label_subset(labels, bad, seed=0)
+
+
+def test_schedule_and_names_follow_the_paper():
+    assert default_epochs(0.01) == 60 and default_epochs(0.1) == 30 and default_epochs(1.0) == 30
+    assert [fraction_tag(f) for f in (0.01, 0.1, 1.0, 0.005)] == ["1pct", "10pct", "100pct", "0.5pct"]
+
+
+# ---------------------------------------------------------------- views
+
+def test_crop_flip_views_match_torchvision_and_nothing_else_is_applied():
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (5, 3, 20, 24), dtype=torch.uint8)
+    data = TensorImages(images, torch.arange(5), [str(i) for i in range(5)])
+    batches = list(crop_flip_batches(data, 12, 2, seed=7, epoch=3, device=torch.device("cpu")))
+    assert [len(y) for _, y in batches] == [2, 2]  # the last batch of one image is dropped (BatchNorm)
+    # The reference: the same random draws, then torchvision's resized crop and flip image by image.
+    generator = torch.Generator().manual_seed(finetune_module._batch_seed(7, 3))
+    order = torch.randperm(5, generator=generator)
+    for start, (views, labels) in zip((0, 2), batches):
+        rows = order[start:start + 2]
+        flip = torch.rand(2, generator=generator) < 0.5
+        boxes = sample_crop_boxes(2, 20, 24, generator)
+        assert labels.tolist() == rows.tolist()
+        for view, row, box, mirror in zip(views, rows, boxes.int().tolist(), flip):
+            expected = TF.resized_crop(images[row].float() / 255, *box, [12, 12], antialias=True)
+            expected = TF.horizontal_flip(expected) if mirror else expected
+            torch.testing.assert_close(view, expected.clamp(0, 1), atol=2e-5, rtol=0)
+    again = list(crop_flip_batches(data, 12, 2, seed=7, epoch=3, device=torch.device("cpu")))
+    torch.testing.assert_close(again[0][0], batches[0][0])
+    other = next(crop_flip_batches(data, 12, 2, seed=7, epoch=4, device=torch.device("cpu")))[0]
+    assert not torch.equal(other, batches[0][0])
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_views_keep_colours_no_jitter_grayscale_or_blur(in_memory):
+    colours = torch.tensor([[255, 0, 0], [10, 200, 30], [90, 90, 250], [0, 0, 0]], dtype=torch.uint8)
+    images = colours[:, :, None, None].expand(-1, -1, 16, 16).contiguous()
+    data = TensorImages(images, torch.arange(4), list("abcd"))
+    if not in_memory:
+        data = torch.utils.data.Subset(data, range(4))
+    for views, labels in crop_flip_batches(data, 8, 4, seed=0, epoch=0, device=torch.device("cpu")):
+        expected = colours[labels].float()[:, :, None, None].expand_as(views) / 255
+        torch.testing.assert_close(views, expected, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- fine-tuning
+
+def test_finetune_changes_the_encoder_end_to_end_and_is_reproducible():
+    torch.manual_seed(0)
+    data = TensorImages(torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8), torch.arange(8) % 2, ["a", "b"])
+    original = random_encoder("resnet18", False, seed=0)
+    kwargs = dict(input_size=16, epochs=2, batch_size=4, base_lr=2.0, seed=1, device="cpu")
+    model = finetune(copy.deepcopy(original), data, 2, **kwargs)
+    tuned, before = model.encoder.state_dict(), original.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], tuned[k])]
+    assert any(k.endswith("conv1.weight") for k in changed) and "backbone.layer4.1.conv2.weight" in changed
+    assert any(k.endswith("running_mean") for k in changed)  # BatchNorm trained too: the whole network adapts
+    assert "backbone.conv1.weight" in changed  # gradients reached the first layer
+    assert not original.training and not any(p.requires_grad for p in original.parameters())  # the copy trained
+    torch.manual_seed(1)  # the head as finetune initialised it
+    initial_head = FineTuned(original, 2).classifier.weight
+    assert not model.training and not torch.equal(model.classifier.weight, initial_head)
+    again = finetune(copy.deepcopy(original), data, 2, **kwargs)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(again.state_dict()[key], value, msg=key)
+
+
+def test_lr_is_chosen_on_the_labelled_hold_out_and_test_is_scored_once(digits_run, tmp_path, monkeypatch):
+    events = []
+    original_predict, original_finetune = finetune_module.predict, finetune_module.finetune
+
+    def recording_predict(model, dataset, *args, **kwargs):
+        events.append(("predict", kwargs["desc"], len(dataset)))
+        return original_predict(model, dataset, *args, **kwargs)
+
+    def recording_finetune(encoder, dataset, *args, **kwargs):
+        events.append(("finetune", kwargs["desc"], len(dataset)))
+        return original_finetune(encoder, dataset, *args, **kwargs)
+
+    monkeypatch.setattr(finetune_module, "predict", recording_predict)
+    monkeypatch.setattr(finetune_module, "finetune", recording_finetune)
+    result = finetune_evaluate(digits_run, label_fraction=0.02, epochs=1, batch_size=16, lrs=(0.05, 0.4),
+                               device="cpu", out_dir=tmp_path / "out", command="test", log=lambda _: None)
+    labelled = result.results["splits"]["labelled"]
+    assert labelled == 29 and [e[0] for e in events] == ["finetune", "predict"] * 2 + ["finetune", "predict"]
+    selection = result.results["selection"]["simclr"]
+    fit, valid = selection["fit_items"], selection["valid_items"]
+    assert fit + valid == labelled and [e[2] for e in events[:4]] == [fit, valid, fit, valid]
+    assert events[4] == ("finetune", "SimCLR: final", labelled) and events[5][1:] == ("test", 360)
+    assert set(selection["grid"]) == {"0.05", "0.4"}
+    per_class = result.results["label_subset"]["per_class"]
+    assert sum(per_class.values()) == 29 and max(per_class.values()) - min(per_class.values()) <= 1
+    # The reported numbers are those of the returned model on the test split.
+    from data_aug.datasets import load_split
+
+    logits, labels = original_predict(result.models["simclr"], load_split("digits", "data", "test"), 16)
+    row = result.results["rows"][0]
+    assert [row["top1"], row["top5"]] == pytest.approx(topk_accuracy(logits, labels), abs=1e-9)
+    assert row["details"]["base_lr"] in (0.05, 0.4) and row["details"]["batch_size"] == 16
+    # feature_eval's format: the same table columns and JSON row keys, in <out>/<ckpt>_<data>_finetune-<pct>.*
+    assert result.paths["json"].name == "last_digits_finetune-2pct.json"
+    written = json.loads(result.paths["json"].read_text())
+    assert written["rows"][0]["top1"] == row["top1"] and written["checkpoint_sha256"] and written["command"] == "test"
+    header = result.paths["markdown"].read_text().split("\n\n")[1].splitlines()[0]
+    assert header == "| " + " | ".join(COLUMNS) + " |"
+
+
+def test_cli_runs_on_tiny_data_and_one_lr_skips_the_hold_out(digits_run, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["--checkpoint", str(digits_run), "--label-fraction", "0.01", "--epochs", "1", "--lrs", "0.1",
+                 "--device", "cpu", "--out-dir", str(out), "--baselines", "random"]) == 0
+    results = json.loads((out / "last_digits_finetune-1pct.json").read_text())
+    assert [r["extractor"] for r in results["rows"]] == ["simclr", "random"]
+    assert results["selection"]["simclr"] == {"chosen_by": "only value of --lrs (no hold-out)"}
+    assert results["command"].startswith("python -m feature_eval.finetune --checkpoint")
+    assert results["options"]["augmentation"].startswith("random resized crop")
+    assert "Fine-tuned end to end (1% labels)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--label-fraction", "0"], "must be in (0, 1]"),
+    (["--label-fraction", "1.5"], "must be in (0, 1]"),
+    (["--label-fraction", "ten"], "is not a number"),
+    (["--lrs", "0.1,-1"], "positive numbers"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--valid-fraction", "1"], "--valid-fraction must be in (0, 1)"),
+])
+def test_cli_bad_options_exit_2(digits_run, argv, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--checkpoint", str(digits_run), *argv])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--checkpoint", "no-such-package"], "no pretrained package 'no-such-package'"),
+    (["--checkpoint", "/nonexistent/run/last.pt"], "not found"),
+    (["--dataset", "mnist"], "--dataset mnist"),
+    (["--baselines", "pca"], "--baselines: unknown pca"),
+])
+def test_cli_user_errors_are_one_line_exit_2(digits_run, extra, message, capsys):
+    argv = ["--checkpoint", str(digits_run), "--device", "cpu"]
+    assert main(argv + extra) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
