@@ -85,10 +85,18 @@ def parse_names(text: str | tuple | list, allowed: tuple[str, ...], option: str)
     return tuple(dict.fromkeys(names))
 
 
-def default_run_dir(checkpoint_file: Path) -> Path:
-    """The run directory of `<run>/checkpoints/<file>.pt`, else the folder holding the file."""
+def default_out_dir(checkpoint_file: Path) -> Path:
+    """`<run_dir>/eval` for `<run_dir>/checkpoints/<file>.pt`, else `eval/` next to the file (for a pretrained
+    package, its own `eval/`, from which `pretrained_models.export --refresh` builds the model card)."""
     parent = checkpoint_file.resolve().parent
-    return parent.parent if parent.name == "checkpoints" else parent
+    return (parent.parent if parent.name == "checkpoints" else parent) / "eval"
+
+
+def default_cache_dir(checkpoint_file: Path, out_dir: Path) -> Path:
+    """`<out_dir>/cache`; for a pretrained package `runs/eval_cache/<package>`, so packages hold no caches."""
+    if checkpoint_file.suffix == ".safetensors":
+        return Path("runs") / "eval_cache" / checkpoint_file.resolve().parent.name
+    return out_dir / "cache"
 
 
 def evaluate(checkpoint: str | Path, *, dataset: str | None = None, root: str | Path | None = None,
@@ -101,15 +109,18 @@ def evaluate(checkpoint: str | Path, *, dataset: str | None = None, root: str | 
     """Evaluate a checkpoint's frozen encoder: fit on the `train` split, report on `test`.
 
     Args:
-        checkpoint: a run directory (its `checkpoints/last.pt`) or a `.pt` file.
+        checkpoint: a run directory (its `checkpoints/last.pt`), a `.pt` file, or a pretrained package
+            (name, folder or `model.safetensors`; see `models.loading.resolve_checkpoint`).
         dataset, root, input_size: default to the checkpoint's training config (`dataset.name`,
             `dataset.root`, `dataset.input_shape[0]`).
         classifiers: subset of `lbfgs`, `adam`, `knn` (`knn` gives two rows: the seed's k=10 Euclidean
             vote and the weighted cosine KNN); a comma-separated string works too.
         baselines: subset of `pca` (raw pixels, PCA to `model.out_dim`) and `random` (random-init encoder).
         device: where features are extracted and the Adam/KNN classifiers run (default: the best one).
-        out_dir: where the table and JSON go (default `<run_dir>/eval`); nothing is written when `write` is False.
-        cache, cache_dir: feature cache (default `<out_dir>/cache`), keyed by checkpoint content and split.
+        out_dir: where the table and JSON go (default `<run_dir>/eval`, or the package's `eval/`); nothing is
+            written when `write` is False.
+        cache, cache_dir: feature cache (default `<out_dir>/cache`, `runs/eval_cache/<package>` for a package),
+            keyed by checkpoint content and split.
         seed: random-init weights, PCA, the Adam probe's hold-out split and batch order.
         C, max_iter: the L-BFGS logistic regression's (the seed's 1.0 and 1200).
     Returns:
@@ -137,9 +148,8 @@ def evaluate(checkpoint: str | Path, *, dataset: str | None = None, root: str | 
     train_set, test_set = _load_splits(dataset, root, download)
     classes = list(getattr(train_set, "classes", [])) or [str(i) for i in range(int(train_set.labels.max()) + 1)]
 
-    run_dir = default_run_dir(file)
-    out_dir = Path(out_dir) if out_dir is not None else run_dir / "eval"
-    cache_dir = (Path(cache_dir) if cache_dir is not None else out_dir / "cache") if cache else None
+    out_dir = Path(out_dir) if out_dir is not None else default_out_dir(file)
+    cache_dir = (Path(cache_dir) if cache_dir is not None else default_cache_dir(file, out_dir)) if cache else None
     digest = file_digest(file)
     trained_epochs = read_checkpoint(file).get("next_epoch", config.get("epochs"))
     base_model = model_config.get("base_model", "resnet18")
@@ -327,7 +337,8 @@ def evaluate_run(run_dir: str | Path, log: Callable[[str], None] = print) -> Eva
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m feature_eval.evaluate", description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="run directory (runs/<name>) or checkpoint .pt file")
+    parser.add_argument("--checkpoint", required=True,
+                        help="run directory (runs/<name>), checkpoint .pt file, or pretrained package name/folder")
     parser.add_argument("--classifiers", default=",".join(DEFAULT_CLASSIFIERS),
                         help=f"comma-separated, from {','.join(CLASSIFIERS)} (default: %(default)s)")
     parser.add_argument("--baselines", default="none",
@@ -340,7 +351,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass (lower it on OOM)")
     parser.add_argument("--num-workers", type=int, default=0, help="decoding workers for image folders")
     parser.add_argument("--out-dir", help="where to write the table and JSON (default: <run_dir>/eval)")
-    parser.add_argument("--cache-dir", help="feature cache folder (default: <out-dir>/cache)")
+    parser.add_argument("--cache-dir", help="feature cache folder (default: <out-dir>/cache; "
+                        "runs/eval_cache/<package> for a package)")
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write cached features")
     parser.add_argument("--seed", type=int, default=0, help="random-init weights, PCA, Adam hold-out and batches")
     parser.add_argument("--C", type=float, default=1.0, help="L-BFGS logistic regression inverse L2 strength")
