@@ -51,7 +51,7 @@ def default_name(base_model: str, epochs: int | None) -> str:
 
 
 def torchvision_state_dict(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The encoder trunk of a full SimCLR state dict under plain torchvision ResNet keys (`conv1.weight`, ...; no `fc`)."""
+    """The encoder trunk of a full SimCLR state dict under plain torchvision keys (`conv1.weight`, ...; no `fc`)."""
     prefix = "backbone."
     return {k[len(prefix):]: v for k, v in encoder_state_dict(model_state).items() if k.startswith(prefix)}
 
@@ -112,7 +112,8 @@ def export_package(source: str | Path, name: str | None = None, *, root: str | P
         weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(weights, str(tmp / WEIGHTS_FILE), metadata={
             "format": FORMAT, "format_version": str(FORMAT_VERSION), "name": name, "base_model": base_model,
-            "cifar_stem": str(cifar_stem).lower(), "out_dim": str(out_dim), "feature_dim": str(model.encoder.feature_dim),
+            "cifar_stem": str(cifar_stem).lower(), "out_dim": str(out_dim),
+            "feature_dim": str(model.encoder.feature_dim),
             "epochs": "" if epochs is None else str(epochs)})
         save_file(torchvision_state_dict(weights), str(tmp / torchvision_file(base_model)), metadata={
             "format": "torchvision", "base_model": base_model, "cifar_stem": str(cifar_stem).lower(),
@@ -145,8 +146,8 @@ def export_package(source: str | Path, name: str | None = None, *, root: str | P
         _replace(tmp, dest)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise ExportError(f"cannot write package {dest} ({err.strerror or err}): free space or pass --packages-dir DIR") \
-            from None
+        raise ExportError(f"cannot write package {dest} ({err.strerror or err}): free space or pass "
+                          "--packages-dir DIR") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -309,8 +310,8 @@ def model_card(manifest: dict, config: dict, evaluations: list[dict]) -> str:
         lines.append(f"| {file} | {info['bytes']} | `{info['sha256']}` |")
     lines += ["", "The weights are not in git (`.gitignore`: `pretrained_models/*/*.safetensors`). With downloaded "
               f"weights, put `{WEIGHTS_FILE}` (and, for plain torchvision use, `{torchvision_file(base_model)}`) in "
-              f"`pretrained_models/{name}/`, next to this card, and check `sha256sum {WEIGHTS_FILE}` against the table: "
-              "loading refuses a file whose sha256 differs from package.json.", "",
+              f"`pretrained_models/{name}/`, next to this card, and check `sha256sum {WEIGHTS_FILE}` against the "
+              "table: loading refuses a file whose sha256 differs from package.json.", "",
               "## Use", "", "```bash",
               f"python run.py fine_tune_from={name}                   # continue pretraining from these weights",
               f"python -m feature_eval.evaluate --checkpoint {name}     # linear / KNN evaluation",
@@ -351,7 +352,8 @@ def package_summary(folder: Path) -> dict:
             if row.get("extractor") == "simclr" and row.get("classifier") == "knn" and knn is None:
                 knn = row.get("top1")
     data = config.get("dataset", {}) if isinstance(config, dict) else {}
-    return {"name": folder.name, "architecture": ARCHITECTURES.get(manifest.get("base_model"), manifest.get("base_model")),
+    base_model = manifest.get("base_model")
+    return {"name": folder.name, "architecture": ARCHITECTURES.get(base_model, base_model),
             "data": data.get("name"), "epochs": manifest.get("epochs"),
             "batch": config.get("batch_size") if isinstance(config, dict) else None, "linear_top1": linear,
             "knn_top1": knn, "weights": (folder / WEIGHTS_FILE).is_file()}

@@ -16,8 +16,8 @@ from feature_eval import finetune as finetune_module
 from feature_eval.baselines import random_encoder
 from feature_eval.classifiers import topk_accuracy
 from feature_eval.evaluate import COLUMNS
-from feature_eval.finetune import (FineTuned, crop_flip_batches, default_epochs, finetune, finetune_evaluate, fraction_tag,
-                                   label_subset, main)
+from feature_eval.finetune import (FineTuned, crop_flip_batches, default_epochs, finetune, finetune_evaluate,
+                                   fraction_tag, label_subset, main)
 from models.resnet_simclr import create_model
 from simclr.checkpoint import save_checkpoint
 from simclr.config import config_to_dict, load_config

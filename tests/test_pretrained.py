@@ -263,7 +263,7 @@ def test_missing_weights_say_where_to_put_the_download(exported, tmp_path):
     for name in ("package.json", "README.md", "config.yaml"):
         (folder / name).write_bytes((exported["folder"] / name).read_bytes())
     for call in (lambda: pretrained_models.find_package("card-only", root=folder.parent), lambda: load_encoder(folder)):
-        with pytest.raises(CheckpointLoadError, match=rf"has no model.safetensors.*download.*{folder}/model.safetensors"):
+        with pytest.raises(CheckpointLoadError, match=rf"no model.safetensors.*download.*{folder}/model.safetensors"):
             call()
 
 
