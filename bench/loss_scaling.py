@@ -29,7 +29,6 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO / "docs" / "BENCHMARKS.md"
-START, END = "<!-- bench/loss_scaling.py: start -->", "<!-- bench/loss_scaling.py: end -->"
 GIB = 2**30
 
 
@@ -127,7 +126,7 @@ def format_table(rows: list[dict], device: torch.device, dim: int, load: float |
     seed = {r["n"]: r for r in rows if r["which"] == "seed"}
     ours = [r for r in rows if r["which"] == "ntxent"]
     memory = "peak extra RSS" if device.type == "cpu" else "peak extra allocated"
-    lines = [f"### NT-Xent forward + backward vs batch size ({device.type})", "",
+    lines = [f"## NT-Xent loss: time and memory vs batch size, {device.type} (bench/loss_scaling.py)", "",
              f"`python -m bench.loss_scaling{' --device cuda' if device.type == 'cuda' else ''}`: "
              f"{_machine(device)}; torch {torch.__version__}; D = {dim}, float32, median of the timed runs "
              f"after one warm-up; {memory} over the inputs."
@@ -153,13 +152,18 @@ def format_table(rows: list[dict], device: torch.device, dim: int, load: float |
     return "\n".join(lines)
 
 
-def write_section(text: str, path: Path = BENCHMARKS) -> None:
-    """Replace this benchmark's marked section of docs/BENCHMARKS.md (append it if absent); others are kept."""
-    section = f"{START}\n{text}\n{END}"
+def write_section(text: str, device_type: str, path: Path = BENCHMARKS) -> None:
+    """Replace this benchmark's section for `device_type` in docs/BENCHMARKS.md (append it if absent).
+
+    Sections are delimited by HTML comments, so other benchmarks' sections and the other device's
+    table are kept as they are.
+    """
+    start, end = f"<!-- bench/loss_scaling.py {device_type}: start -->", f"<!-- bench/loss_scaling.py {device_type}: end -->"
+    section = f"{start}\n{text}\n{end}"
     old = path.read_text() if path.exists() else "# Benchmarks\n"
-    if START in old and END in old:
-        head, rest = old.split(START, 1)
-        new = head + section + rest.split(END, 1)[1]
+    if start in old and end in old:
+        head, rest = old.split(start, 1)
+        new = head + section + rest.split(end, 1)[1]
     else:
         new = old.rstrip("\n") + "\n\n" + section + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -194,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     table = format_table(rows, device, args.dim, load)
     print(table)
     if not args.no_write:
-        write_section(table)
+        write_section(table, device.type)
         print(f"wrote {BENCHMARKS}")
     return 0
 
