@@ -237,8 +237,9 @@ def format_run(args, results: dict, command: str) -> str:
         f"Full step with the device pipeline: {r['device_step'] / ceiling:.2f}x the model-only ceiling, "
         f"{r['device_step'] / r['cpu_step']:.2f}x the CPU pipeline with {args.workers} workers. At this rate an "
         f"STL10 epoch ({STL10_IMAGES:,} images, two views each) takes {STL10_IMAGES / r['device_step']:,.1f} s "
-        f"(CPU pipeline: {STL10_IMAGES / r['cpu_step']:,.1f} s). Feeding the ceiling with PIL would take about "
-        f"{2 * ceiling / r['pil_core']:,.1f} cores.",
+        f"(CPU pipeline: {STL10_IMAGES / r['cpu_step']:,.1f} s)."
+        + (f" Feeding the ceiling with PIL would take about {2 * ceiling / r['pil_core']:,.0f} cores."
+           if device.type == "cuda" else ""),
     ]
     return "\n".join(lines)
 
