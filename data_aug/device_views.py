@@ -12,7 +12,10 @@ Each op is written to match torchvision's tensor functional op (`torchvision.tra
 every image with the same parameters (tests/test_device_views.py states the tolerances). The resized crop
 and the blur are separable linear maps, so they run as batched matrix products with per-image matrices:
 the crop's matrices hold exactly the weights of torchvision's antialiased bilinear resize, the flip reverses
-them, and the blur's hold the Gaussian taps with reflect padding. The colour ops are element-wise.
+them, and the blur's hold the Gaussian taps with reflect padding. (`torchvision.ops.roi_align` would
+also crop in batch, but near a crop's edge it samples pixels outside the crop, where resized_crop
+repeats the edge, and it has no antialiasing weights; the matrices reproduce resized_crop exactly and
+run as GEMMs.) The colour ops are element-wise.
 Nothing here reads a tensor back to the host, so the step never waits for the device.
 """
 from __future__ import annotations
@@ -303,7 +306,7 @@ def rgb_to_grayscale(images: torch.Tensor, gray: torch.Tensor) -> torch.Tensor:
 
 
 def _blur_weights(sigma: torch.Tensor, apply: torch.Tensor, kernel_size: int, size: int) -> torch.Tensor:
-    """`[M, size, size]` matrices of torchvision's 1-D Gaussian blur with reflect padding (identity where not `apply`)."""
+    """`[M, size, size]` matrices of torchvision's 1-D Gaussian blur, reflect padding; identity where not `apply`."""
     radius = kernel_size // 2
     if radius >= size:
         raise ValueError(f"blur kernel {kernel_size} is too large for {size}-pixel views (reflect padding)")
