@@ -113,7 +113,7 @@ def jitter_ranges(s: float) -> list[tuple[float, float]]:
 
 
 def sample_view_params(count: int, height: int, width: int, s: float, blur: bool,
-                       generator: torch.Generator) -> ViewParams:
+                       generator: torch.Generator, min_crop_scale: float = 0.08) -> ViewParams:
     """Independent random parameters of `count` views of `height` x `width` images (laws as the module doc).
 
     Args:
@@ -122,6 +122,7 @@ def sample_view_params(count: int, height: int, width: int, s: float, blur: bool
         s: colour distortion strength (ColorJitter(0.8s, 0.8s, 0.8s, 0.2s)).
         blur: whether the blur is in the pipeline at all (False: `blur` is all False).
         generator: the random stream; its device is where the parameters are made.
+        min_crop_scale: smallest crop area fraction (paper: 0.08).
     Returns:
         ViewParams with M rows.
     """
@@ -130,7 +131,7 @@ def sample_view_params(count: int, height: int, width: int, s: float, blur: bool
     def uniform(*shape, low=0.0, high=1.0):
         return torch.empty(*shape, device=device).uniform_(low, high, generator=generator)
 
-    boxes = sample_crop_boxes(count, height, width, generator)
+    boxes = sample_crop_boxes(count, height, width, generator, scale=(min_crop_scale, 1.0))
     flip = uniform(count) < 0.5
     jitter = uniform(count) < 0.8
     factors = torch.stack([uniform(count, low=low, high=high) for low, high in jitter_ranges(s)], dim=1)
@@ -380,13 +381,14 @@ class DeviceBatches:
         rank, world_size: this process and the number of processes.
         device: where images live and views are made.
         chunk: views made per pass on the CPU (cache-sized work); None: the whole batch at once (GPU default).
+        min_crop_scale: smallest crop area fraction (`dataset.min_crop_scale`, paper 0.08).
         compile: run the view-making ops through `torch.compile` (fullgraph), which fuses the element-wise
             colour ops into a few kernels; the first batch then takes a minute or more to compile.
     """
 
     def __init__(self, images: torch.Tensor, batch_size: int, crop_size: int, s: float, blur: bool, seed: int,
                  rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu", chunk: int | None = None,
-                 compile: bool = False):
+                 compile: bool = False, min_crop_scale: float = 0.08):
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be uint8 [N, 3, H, W], got {images.dtype} {tuple(images.shape)}")
         if batch_size % world_size:
@@ -394,10 +396,13 @@ class DeviceBatches:
         if images.shape[0] < batch_size:
             raise ValueError(f"batch_size {batch_size} is larger than the {images.shape[0]} images")
         jitter_ranges(s)  # fail now on an impossible s, not at the first step
+        if not 0 < min_crop_scale <= 1:
+            raise ValueError(f"min_crop_scale {min_crop_scale} must be in (0, 1]")
         self.device = torch.device(device)
         self.images = images.to(self.device)
         self.batch_size, self.local_batch = batch_size, batch_size // world_size
         self.crop_size, self.s, self.blur, self.seed = crop_size, s, blur, seed
+        self.min_crop_scale = min_crop_scale
         self.rank, self.world_size = rank, world_size
         self.kernel_size = blur_kernel_size(crop_size)
         self.chunk = chunk if chunk is not None else (32 if self.device.type == "cpu" else None)
@@ -427,7 +432,7 @@ class DeviceBatches:
         """The two views `(x1, x2)` of this rank's images at a step, each `[batch/world, 3, crop, crop]` float32."""
         height, width = self.images.shape[-2:]
         params = sample_view_params(2 * self.batch_size, height, width, self.s, self.blur,
-                                    self._generator(epoch, step))
+                                    self._generator(epoch, step), self.min_crop_scale)
         mine = slice(self.rank * self.local_batch, (self.rank + 1) * self.local_batch)
         first, second = params[:self.batch_size][mine], params[self.batch_size:][mine]
         images = self.images[self.indices(epoch, step)].float().mul_(1 / 255)  # as to_dtype(scale=True)

@@ -222,6 +222,17 @@ def test_crop_law_before_rejection_is_uniform_area_and_log_uniform_ratio():
     assert stats.kstest(log_ratio.numpy(), stats.uniform(math.log(3 / 4), math.log(16 / 9)).cdf).pvalue > 1e-3
 
 
+def test_min_crop_scale_bounds_the_crop_area():
+    images = _uint8_images(count=64, side=96)
+    batches = dv.DeviceBatches(images, 64, 32, 1.0, True, seed=0, min_crop_scale=0.5)
+    params = dv.sample_view_params(DRAWS, 96, 96, 1.0, True, torch.Generator().manual_seed(0), min_crop_scale=0.5)
+    area = params.boxes[:, 2] * params.boxes[:, 3] / 96**2
+    assert area.min() >= (math.sqrt(0.5) - 0.5 / 96) ** 2 and area.min() < 0.52
+    assert batches.make_batch(0, 0)[0].shape == (64, 3, 32, 32)
+    with pytest.raises(ValueError, match="min_crop_scale"):
+        dv.DeviceBatches(images, 64, 32, 1.0, True, seed=0, min_crop_scale=0)
+
+
 def test_crop_falls_back_to_the_central_crop_when_nothing_fits():
     # a 1x50 image: no box of ratio in [3/4, 4/3] fits, as in torchvision the crop is central with ratio 4/3
     boxes = dv.sample_crop_boxes(20, 1, 50, torch.Generator().manual_seed(0))
