@@ -11,16 +11,16 @@ def blur_kernel_size(crop_size: int) -> int:
     return size if size % 2 else size + 1
 
 
-def create_view_transform(crop_size: int, s: float = 1.0, blur: bool = True) -> v2.Compose:
+def create_view_transform(crop_size: int, s: float = 1.0, blur: bool = True, min_scale: float = 0.08) -> v2.Compose:
     """One random view of a uint8 `[3, H, W]` image as float `[3, crop, crop]` in [0, 1].
 
-    Random resized crop (scale 0.08-1), horizontal flip, colour jitter (0.8s, 0.8s, 0.8s, 0.2s) with
+    Random resized crop (area fraction `min_scale`-1, paper 0.08), horizontal flip, colour jitter (0.8s, 0.8s, 0.8s, 0.2s) with
     p=0.8, grayscale with p=0.2 and, when `blur`, Gaussian blur (sigma 0.1-2.0) with p=0.5.
     Randomness comes from torch's global generator, which `TwoViews` seeds per image.
     """
     steps = [
         v2.ToPILImage(),  # PIL's colour ops are several times faster than tensor ops per image on the CPU
-        v2.RandomResizedCrop(crop_size, scale=(0.08, 1.0), antialias=True),
+        v2.RandomResizedCrop(crop_size, scale=(min_scale, 1.0), antialias=True),
         v2.RandomHorizontalFlip(),
         v2.RandomApply([v2.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8),
         v2.RandomGrayscale(p=0.2),

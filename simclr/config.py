@@ -48,6 +48,7 @@ class DatasetConfig:
     root: str = "data"
     download: bool = True
     blur: bool = True
+    min_crop_scale: float = 0.08
     augment_on: str = "cpu"
     skip_bad_images: bool = False
 
@@ -289,6 +290,8 @@ def validate(config: Config) -> None:
     _require(d.name in DATASETS, "dataset.name", d.name, f"allowed: {', '.join(DATASETS)}")
     _require(0 <= d.valid_size < 1, "dataset.valid_size", d.valid_size, "must be in [0, 1)")
     _require(0 <= d.s <= 4, "dataset.s", d.s, "colour-jitter strength must be in [0, 4] (paper: 1.0)")
+    _require(0 < d.min_crop_scale <= 1, "dataset.min_crop_scale", d.min_crop_scale,
+             "must be in (0, 1] (paper: 0.08, the smallest crop's share of the image area)")
     _require(0 <= d.num_workers <= 256, "dataset.num_workers", d.num_workers, "must be in [0, 256]")
     _require(d.augment_on in AUGMENT_ON, "dataset.augment_on", d.augment_on, f"allowed: {', '.join(AUGMENT_ON)}")
     _require(c.loss.temperature > 0, "loss.temperature", c.loss.temperature, "must be > 0 (paper: 0.1 to 1.0)")

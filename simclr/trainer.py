@@ -67,7 +67,7 @@ def create_batches(config: Config, info: DistInfo):
     if len(train_idx) < config.batch_size:
         raise ConfigError(f"batch_size = {config.batch_size}: larger than the training split ({len(train_idx)} "
                           f"images of {d.name} after holding out valid_size); lower batch_size")
-    transform = create_view_transform(d.crop_size, d.s, d.blur)
+    transform = create_view_transform(d.crop_size, d.s, d.blur, d.min_crop_scale)
     valid = TwoViews(Subset(data, valid_idx.tolist()), transform, seed=config.seed + 1) if len(valid_idx) else None
     if d.augment_on == "device":
         from data_aug.device_views import DeviceBatches
@@ -76,7 +76,8 @@ def create_batches(config: Config, info: DistInfo):
             raise ConfigError(f"dataset.augment_on = 'device': needs a fixed-size data set held in memory "
                               f"({d.name} is decoded from files); use augment_on: cpu")
         train = DeviceBatches(data.images[train_idx], config.batch_size, d.crop_size, d.s, d.blur, config.seed,
-                              info.rank, info.world_size, info.device)
+                              info.rank, info.world_size, info.device, compile=config.compile,
+                              min_crop_scale=d.min_crop_scale)
     else:
         train = LoaderBatches(TwoViews(Subset(data, train_idx.tolist()), transform, config.seed),
                               config.batch_size, info, d.num_workers, config.seed)
@@ -261,7 +262,8 @@ class Trainer:
             tick_images += x1.shape[0] * self.info.world_size
             bar.update(1)
             global_step = epoch * steps + step + 1
-            if global_step % c.log_every_n_steps == 0 or step + 1 == steps:
+            at_log = global_step % c.log_every_n_steps == 0 or step + 1 == steps
+            if at_log:
                 loss_value = loss.item()  # the only host sync of the step loop
                 if not self.scaler.is_enabled():  # under float16 a GradScaler skips overflowing steps instead
                     self._check_finite(loss_value, epoch, step)
@@ -276,7 +278,8 @@ class Trainer:
                         record["skipped_steps"] = int(self.skipped_steps.item())  # float16 overflow, not fatal
                     writer.log(record, global_step, "train")
                 tick, tick_images = time.perf_counter(), 0
-            if self._should_stop():
+            # Several processes must agree on the stop step: they compare flags only at log steps (a sync).
+            if (at_log or not self.info.distributed) and self._should_stop():
                 bar.close()
                 self._preempt(epoch, step + 1)
         bar.close()
