@@ -70,7 +70,8 @@ class FineTuned(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.classifier = nn.Linear(encoder.feature_dim, num_classes)
-        # As the paper's code: a small random head, so early gradients reach the encoder without large logits.
+        # As the paper's released code (normal, std 0.01): small logits at first, so the first steps do not
+        # push large gradients from a random head into the pretrained encoder.
         nn.init.normal_(self.classifier.weight, std=0.01)
         nn.init.zeros_(self.classifier.bias)
 
@@ -122,12 +123,18 @@ def label_subset(labels, fraction: float, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(chosen)).astype(np.int64)
 
 
+class Diverged(EvalError):
+    """The fine-tuning loss became non-finite (the learning rate is too high)."""
+
+
 def _subset(dataset, indices: np.ndarray):
-    """`dataset` restricted to `indices`, kept in memory as `TensorImages` where it was (fast batched views)."""
+    """`dataset` restricted to `indices` with its `labels`, kept as `TensorImages` where it was (batched views)."""
+    index = torch.as_tensor(indices, dtype=torch.int64)
     if isinstance(dataset, TensorImages):
-        index = torch.as_tensor(indices, dtype=torch.int64)
         return TensorImages(dataset.images[index], dataset.labels[index], dataset.classes)
-    return torch.utils.data.Subset(dataset, [int(i) for i in indices])
+    subset = torch.utils.data.Subset(dataset, index.tolist())
+    subset.labels = dataset.labels[index]  # read without decoding a single image
+    return subset
 
 
 def _batch_seed(seed: int, epoch: int) -> int:
@@ -213,7 +220,7 @@ def finetune(encoder: nn.Module, dataset, num_classes: int, *, input_size: int, 
                 logits = model(images)  # (B, C)
             loss = F.cross_entropy(logits.float(), labels)
             if not torch.isfinite(loss):
-                raise EvalError(f"{desc}: non-finite loss at epoch {epoch + 1} with base lr {base_lr}: "
+                raise Diverged(f"{desc}: non-finite loss at epoch {epoch + 1} with base lr {base_lr}: "
                                 "lower the values of --lrs")
             loss.backward()
             optimizer.step()
@@ -251,7 +258,7 @@ def select_lr(encoder: nn.Module, labelled, num_classes: int, lrs: tuple[float, 
     """
     if len(lrs) == 1:
         return lrs[0], {"chosen_by": "only value of --lrs (no hold-out)"}
-    labels = np.asarray(labelled.labels if hasattr(labelled, "labels") else [y for _, y in labelled])
+    labels = labelled.labels.numpy()
     try:
         fit, valid = holdout_split(labels, valid_fraction, seed)
     except ValueError as err:
@@ -259,14 +266,22 @@ def select_lr(encoder: nn.Module, labelled, num_classes: int, lrs: tuple[float, 
     fit_set, valid_set = _subset(labelled, fit), _subset(labelled, valid)
     grid = {}
     for lr in lrs:
-        model = finetune(copy.deepcopy(encoder), fit_set, num_classes, input_size=input_size, epochs=epochs,
-                         batch_size=batch_size, base_lr=lr, momentum=momentum, seed=seed, device=device,
-                         desc=f"{desc}select lr {lr:g}")
+        try:
+            model = finetune(copy.deepcopy(encoder), fit_set, num_classes, input_size=input_size, epochs=epochs,
+                             batch_size=batch_size, base_lr=lr, momentum=momentum, seed=seed, device=device,
+                             desc=f"{desc}select lr {lr:g}")
+        except Diverged as err:  # a too-high lr is a result of the search, not the end of it
+            grid[lr] = {"valid_top1": None, "valid_loss": None, "diverged": True}
+            tqdm.write(f"{desc}base lr {lr:g}: diverged ({err})")
+            continue
         logits, valid_labels = predict(model, valid_set, input_size, device=device, desc="hold-out")
         loss = float(F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(valid_labels)))
         grid[lr] = {"valid_top1": topk_accuracy(logits, valid_labels, (1,))[0], "valid_loss": loss}
         tqdm.write(f"{desc}base lr {lr:g}: hold-out top-1 {grid[lr]['valid_top1']:.1f}%, loss {loss:.3f}")
-    chosen = max(lrs, key=lambda lr: (grid[lr]["valid_top1"], -grid[lr]["valid_loss"]))
+    if all(entry.get("diverged") for entry in grid.values()):
+        raise EvalError(f"every base lr of --lrs {','.join(f'{lr:g}' for lr in lrs)} diverged: pass smaller ones")
+    finished = [lr for lr in lrs if not grid[lr].get("diverged")]
+    chosen = max(finished, key=lambda lr: (grid[lr]["valid_top1"], -grid[lr]["valid_loss"]))
     return chosen, {"chosen_by": "hold-out top-1, then hold-out loss", "fit_items": len(fit),
                     "valid_items": len(valid), "grid": {f"{lr:g}": grid[lr] for lr in lrs}}
 
@@ -301,7 +316,7 @@ def finetune_evaluate(checkpoint: str | Path, *, label_fraction: float, dataset:
     started = time.perf_counter()
     if not 0 < label_fraction <= 1:
         raise EvalError(f"--label-fraction {label_fraction}: must be in (0, 1], e.g. 0.01, 0.1 or 1.0")
-    lrs = tuple(float(lr) for lr in lrs)
+    lrs = tuple(dict.fromkeys(float(lr) for lr in lrs))
     if not lrs or any(not lr > 0 for lr in lrs):
         raise EvalError(f"--lrs {','.join(map(str, lrs))}: give one or more positive base learning rates")
     baselines = parse_names(baselines, BASELINES, "--baselines")

@@ -223,3 +223,18 @@ def test_cli_user_errors_are_one_line_exit_2(digits_run, extra, message, capsys)
     assert main(argv + extra) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_diverging_lr_is_skipped_in_the_search_and_reported(monkeypatch):
+    torch.manual_seed(0)
+    data = TensorImages(torch.randint(0, 256, (10, 3, 16, 16), dtype=torch.uint8), torch.arange(10) % 2, ["a", "b"])
+    encoder = random_encoder("resnet18", False, seed=0)
+    kwargs = dict(input_size=16, epochs=1, batch_size=4, momentum=0.9, valid_fraction=0.4, seed=0,
+                  device=torch.device("cpu"))
+    with pytest.raises(finetune_module.Diverged, match="non-finite loss.*lower the values of --lrs"):
+        finetune(copy.deepcopy(encoder), data, 2, input_size=16, epochs=1, batch_size=4, base_lr=float("inf"))
+    chosen, facts = finetune_module.select_lr(encoder, data, 2, (float("inf"), 0.05), **kwargs)
+    assert chosen == 0.05 and facts["grid"]["inf"]["diverged"] and facts["grid"]["0.05"]["valid_top1"] is not None
+    json.dumps(facts, allow_nan=False)  # the record stays valid JSON
+    with pytest.raises(finetune_module.EvalError, match=r"every base lr of --lrs inf,1e\+30 diverged"):
+        finetune_module.select_lr(encoder, data, 2, (float("inf"), 1e30), **kwargs)
