@@ -129,7 +129,8 @@ def read_package(path: str | Path) -> dict:
     expected = manifest.get("files", {}).get(file.name, {}).get("sha256")
     if expected and file_sha256(file) != expected:
         raise CheckpointLoadError(f"{file} differs from the sha256 in {file.parent / MANIFEST_FILE} "
-                                  f"({expected[:12]}...): the download is incomplete or the file was replaced; download it again")
+                                  f"({expected[:12]}...): the download is incomplete or the file was replaced; "
+                                  "download it again")
     try:
         with safe_open(str(file), "pt") as f:
             metadata = f.metadata() or {}

@@ -222,6 +222,21 @@ def test_feature_eval_accepts_a_package_name(exported, packages_root, tmp_path):
         exported["folder"] / "model.safetensors")
 
 
+def test_finetune_accepts_a_package_name(exported, packages_root, tmp_path):
+    from feature_eval.finetune import finetune_evaluate
+
+    data_root = tmp_path / "data"
+    write_stl10(data_root, n_train=12, n_test=4)
+    result = finetune_evaluate("resnet-18_3-epochs", label_fraction=1.0, dataset="stl10", root=data_root,
+                               input_size=16, epochs=1, lrs=(0.1,), device="cpu", out_dir=tmp_path / "out",
+                               log=lambda _: None)
+    assert result.results["checkpoint"] == str(exported["folder"] / "model.safetensors")
+    assert result.results["splits"]["labelled"] == 12
+    assert result.paths["json"].name == "model_stl10_finetune-100pct.json"
+    key = "backbone.conv1.weight"
+    assert not torch.equal(result.models["simclr"].encoder.state_dict()[key], exported["model"].encoder.state_dict()[key])
+
+
 def test_refresh_adds_evaluations_of_the_package_itself(tmp_path):
     make_run(tmp_path / "run")
     folder = export_package(tmp_path / "run", "p", root=tmp_path / "packages", log=lambda _: None)
