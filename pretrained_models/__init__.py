@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 
 from models.loading import CheckpointLoadError
 
