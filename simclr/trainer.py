@@ -166,6 +166,9 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         lr = scaled_lr(c.optimizer.lr, c.batch_size, c.optimizer.lr_scaling)
+        if c.optimizer.name in ("sgd", "lars") and lr < 0.01:
+            self.log(f"note: optimizer.name={c.optimizer.name} with learning rate {lr:g}, an Adam-sized rate; the "
+                     "paper's LARS recipe is optimizer.lr=0.3 optimizer.lr_scaling=linear optimizer.warmup_epochs=10")
         self.optimizer = create_optimizer(model, c.optimizer.name, lr, c.weight_decay, c.optimizer.momentum)
         steps = self.train_batches.steps_per_epoch
         self.scheduler = create_scheduler(self.optimizer, c.epochs * steps, round(c.optimizer.warmup_epochs * steps),
