@@ -132,8 +132,8 @@ def format_table(rows: list[dict], device: torch.device, dim: int, load: float |
              f"after one warm-up; {memory} over the inputs."
              + (f" CPU load average {load:.1f} when it started (on a shared machine, times are upper bounds)."
                 if load is not None else ""), "",
-             f"| N pairs (2N views) | `[2N, 2N]` logits | loss/nt_xent.py: time | memory | "
-             f"seed's loss: time | memory |",
+             "| N pairs (2N views) | `[2N, 2N]` logits | loss/nt_xent.py: time | memory | "
+             "seed's loss: time | memory |",
              "|---:|---:|---:|---:|---:|---:|"]
 
     def cells(r):

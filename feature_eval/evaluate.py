@@ -133,7 +133,7 @@ def evaluate(checkpoint: str | Path, *, dataset: str | None = None, root: str | 
     baselines = parse_names(baselines, BASELINES, "--baselines")
     if not classifiers:
         raise EvalError(f"--classifiers: name at least one of {', '.join(CLASSIFIERS)}")
-    device = _check_device(device)
+    device = check_device(device)
     file = resolve_checkpoint(checkpoint)
     encoder = load_encoder(file, device)
     config = encoder.config if isinstance(encoder.config, dict) else {}
@@ -231,7 +231,8 @@ def evaluate(checkpoint: str | Path, *, dataset: str | None = None, root: str | 
     return evaluation
 
 
-def _check_device(device) -> torch.device:
+def check_device(device) -> torch.device:
+    """The device named by a `--device` option (`auto`: the best one here); EvalError if it is not usable."""
     if device is None or str(device) == "auto":
         return best_device()
     try:

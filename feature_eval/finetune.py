@@ -38,8 +38,9 @@ from data_aug.datasets import TensorImages, load_split
 from data_aug.device_views import resized_crop, sample_crop_boxes
 from feature_eval.baselines import random_encoder
 from feature_eval.classifiers import holdout_split, topk_accuracy
-from feature_eval.evaluate import ARCHITECTURES, EXTRACTOR_NAMES, USER_ERRORS, EvalError, markdown_table, parse_names
-from feature_eval.features import best_device, file_digest, image_batches
+from feature_eval.evaluate import (ARCHITECTURES, EXTRACTOR_NAMES, USER_ERRORS, EvalError, check_device, markdown_table,
+                                    parse_names)
+from feature_eval.features import file_digest, image_batches
 from models.loading import load_encoder, read_checkpoint, resolve_checkpoint
 
 DEFAULT_LRS = (0.05, 0.1, 0.2)  # per 256 images; the paper's 0.05 (0.8 at batch 4096) and two larger steps
@@ -320,7 +321,7 @@ def finetune_evaluate(checkpoint: str | Path, *, label_fraction: float, dataset:
     if not lrs or any(not lr > 0 for lr in lrs):
         raise EvalError(f"--lrs {','.join(map(str, lrs))}: give one or more positive base learning rates")
     baselines = parse_names(baselines, BASELINES, "--baselines")
-    device = _device(device)
+    device = check_device(device)
     file = resolve_checkpoint(checkpoint)
     encoder = load_encoder(file, "cpu")
     config = encoder.config if isinstance(encoder.config, dict) else {}
@@ -437,20 +438,6 @@ def _default_out_dir(checkpoint_file: Path) -> Path:
     """`<run_dir>/eval` for `<run_dir>/checkpoints/<file>.pt`, else `eval/` next to the file (a package's own)."""
     parent = checkpoint_file.resolve().parent
     return (parent.parent if parent.name == "checkpoints" else parent) / "eval"
-
-
-def _device(device) -> torch.device:
-    if device is None or str(device) == "auto":
-        return best_device()
-    try:
-        device = torch.device(device)
-    except RuntimeError:
-        raise EvalError(f"--device {device!r}: use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise EvalError(f"--device {device}: CUDA is not available on this machine; use --device cpu or auto")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise EvalError(f"--device {device}: MPS is not available on this machine; use --device cpu or auto")
-    return device
 
 
 def _positive_floats(text: str) -> tuple[float, ...]:

@@ -95,7 +95,7 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> Encode
     weights = encoder_state_dict(state["model"])
     try:
         encoder.load_state_dict(weights, strict=True)
-    except RuntimeError as err:
+    except RuntimeError:
         missing = set(encoder.state_dict()) - set(weights)
         unexpected = set(weights) - set(encoder.state_dict())
         raise CheckpointLoadError(

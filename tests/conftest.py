@@ -60,3 +60,21 @@ def assert_same_weights(a: dict, b: dict, atol: float = 1e-6) -> None:
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=key)
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory):
+    """Tiny STL10 files shared by the training tests (6 train, 4 test, 10 unlabeled images)."""
+    root = tmp_path_factory.mktemp("stl")
+    write_stl10(root, n_train=6, n_test=4, n_unlabeled=10)
+    return root
+
+
+@pytest.fixture(scope="session")
+def straight_run(data_root, tmp_path_factory):
+    """An uninterrupted 2-epoch run on `data_root`: the reference for every resume test."""
+    import run
+
+    run_dir = tmp_path_factory.mktemp("runs") / "straight"
+    assert run.main(tiny_args(data_root, run_dir)) == 0
+    return run_dir

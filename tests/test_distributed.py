@@ -91,7 +91,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     try:
         torch.set_num_threads(1)
         z1, z2, x1, x2 = _data()
-        n, local = N // WORLD, slice(rank * N // WORLD, (rank + 1) * N // WORLD)
+        local = slice(rank * N // WORLD, (rank + 1) * N // WORLD)
         res = {}
         criterion = NTXentLoss(temperature=0.5)
         a, b = z1[local].clone().requires_grad_(), z2[local].clone().requires_grad_()

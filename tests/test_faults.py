@@ -15,23 +15,14 @@ from simclr import checkpoint as ckpt
 from simclr.checkpoint import CheckpointWriteError, find_resume_state, save_checkpoint
 from simclr.run_dir import RunDirBusy, RunLock
 from simclr.trainer import Trainer
-from tests.conftest import assert_same_weights, final_weights, tiny_args, write_stl10
+from tests.conftest import assert_same_weights, final_weights, tiny_args
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("stl")
-    write_stl10(root, n_train=6, n_test=4, n_unlabeled=10)
-    return root
-
-
-@pytest.fixture(scope="module")
-def reference(data_root, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("runs") / "reference"
-    assert run.main(tiny_args(data_root, run_dir)) == 0
-    return final_weights(run_dir)
+def reference(straight_run):
+    return final_weights(straight_run)
 
 
 def all_checkpoints_readable(run_dir: Path) -> None:

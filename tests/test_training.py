@@ -1,6 +1,5 @@
 """End-to-end training on tiny STL10 files: smoke run, run directory, resume equality, fine-tuning, errors."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,21 +10,7 @@ from loss.nt_xent import NTXentLoss
 from simclr.config import load_config
 from simclr.dist import init_distributed
 from simclr.trainer import Trainer
-from tests.conftest import assert_same_weights, final_weights, tiny_args, write_stl10
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("stl")
-    write_stl10(root, n_train=6, n_test=4, n_unlabeled=10)
-    return root
-
-
-@pytest.fixture(scope="module")
-def straight_run(data_root, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("runs") / "straight"
-    assert run.main(tiny_args(data_root, run_dir)) == 0
-    return run_dir
+from tests.conftest import assert_same_weights, final_weights, tiny_args
 
 
 def test_run_directory_contents(straight_run, capsys):
