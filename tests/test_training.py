@@ -105,3 +105,36 @@ def test_missing_data_is_a_clear_error(tmp_path, capsys):
 def test_mixed_precision_on_cpu_uses_bfloat16(data_root, tmp_path, capsys):
     assert run.main(tiny_args(data_root, tmp_path / "amp", "fp16_precision=true", "epochs=1")) == 0
     assert "bfloat16" in capsys.readouterr().out
+
+
+def test_float16_overflow_steps_are_skipped_counted_and_logged(data_root, tmp_path, monkeypatch):
+    """With a GradScaler, an overflowing step is skipped (weights unchanged), counted, and the run goes on."""
+    config = load_config(None, tiny_args(data_root, tmp_path / "fp16")[2:] + ["epochs=1"])
+    trainer = Trainer(config, init_distributed("cpu"))
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)  # what float16 on CUDA uses
+    original = NTXentLoss.loss_and_accuracy
+    calls = []
+
+    def overflow_once(self, z_i, z_j, topk=(1, 5)):
+        loss, acc = original(self, z_i, z_j, topk)
+        calls.append(1)
+        return (loss * float("inf"), acc) if len(calls) == 2 else (loss, acc)
+
+    monkeypatch.setattr(NTXentLoss, "loss_and_accuracy", overflow_once)
+    before = {}
+
+    def snapshot_before_second_step(self, x1, x2, step=Trainer.train_step):
+        if len(calls) == 1:
+            before.update({k: v.detach().clone() for k, v in self.model.named_parameters()})
+        out = step(self, x1, x2)
+        if len(calls) == 2:
+            # the overflowing step changed no weight (BatchNorm's running statistics move in any forward)
+            assert_same_weights({k: v.detach() for k, v in self.model.named_parameters()}, before)
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", snapshot_before_second_step)
+    trainer.fit()
+    assert trainer.skipped_steps.item() == 1
+    records = [json.loads(line) for line in (tmp_path / "fp16" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in records if r["kind"] == "step"][-1] == 1
+    assert (tmp_path / "fp16" / "checkpoints" / "last.pt").is_file()
