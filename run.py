@@ -11,15 +11,17 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
 from data_aug.stl10 import DataError
 from models.loading import CheckpointLoadError
 from simclr.checkpoint import CheckpointWriteError
 from simclr.config import ConfigError, load_config
-from simclr.dist import init_distributed, shutdown
+from simclr.dist import DeviceError, init_distributed, shutdown
 from simclr.run_dir import RunDirBusy
 from simclr.trainer import Preempted, Trainer, TrainingError, find_resume
 
-USER_ERRORS = (DataError, CheckpointLoadError, CheckpointWriteError, TrainingError, RunDirBusy)
+USER_ERRORS = (DataError, CheckpointLoadError, CheckpointWriteError, TrainingError, RunDirBusy, DeviceError)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -50,11 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         if info.is_main:  # under torchrun every rank stops; one message is enough
             print(str(stop))
         return 0
-    except RuntimeError as err:
-        if "CUDA" in str(err) or "device" in str(err):
-            print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
-            return 1
-        raise
+    except torch.cuda.OutOfMemoryError:
+        print("error: the GPU ran out of memory: lower batch_size, use grad_cache_chunks, or set "
+              "fp16_precision: true", file=sys.stderr)
+        return 1
     finally:
         shutdown()
     if info.is_main:

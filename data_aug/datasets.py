@@ -98,8 +98,9 @@ def _load_cifar(name: str, root: Path, split: str, download: bool) -> TensorImag
     cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
     try:
         data = cls(str(root), train=split != "test", download=download)
-    except RuntimeError as err:
-        raise DataError(f"{name} not found under {root} ({err}): set dataset.download: true or point "
+    except (OSError, RuntimeError) as err:  # not found, no network, or a checksum mismatch
+        action = "check the network and disk space" if download else "set dataset.download: true"
+        raise DataError(f"{name} could not be loaded from {root} ({err}): {action}, or point "
                         "dataset.root at the folder holding the extracted archive") from None
     images = torch.from_numpy(data.data).permute(0, 3, 1, 2).contiguous()
     return TensorImages(images, torch.tensor(data.targets, dtype=torch.int64), list(data.classes))

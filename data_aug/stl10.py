@@ -54,7 +54,11 @@ def download_stl10(root: str | Path) -> None:
     folder = Path(root) / "stl10_binary"
     if all((folder / name).is_file() for pair in _FILES.values() for name in pair if name):
         return
-    download_and_extract_archive(URL, str(root), filename="stl10_binary.tar.gz", md5=ARCHIVE_MD5)
+    try:
+        download_and_extract_archive(URL, str(root), filename="stl10_binary.tar.gz", md5=ARCHIVE_MD5)
+    except (OSError, RuntimeError) as err:  # no network, a full disk, a checksum mismatch
+        raise DataError(f"downloading STL10 into {root} failed ({err}): check the network and disk space, or "
+                        f"fetch {URL} yourself and extract it so that {folder} holds the .bin files") from None
 
 
 def _count_images(path: Path) -> int:

@@ -289,7 +289,8 @@ def validate(config: Config) -> None:
     _require(m.out_dim >= 1, "model.out_dim", m.out_dim, "must be at least 1")
     _require(d.name in DATASETS, "dataset.name", d.name, f"allowed: {', '.join(DATASETS)}")
     _require(0 <= d.valid_size < 1, "dataset.valid_size", d.valid_size, "must be in [0, 1)")
-    _require(0 <= d.s <= 4, "dataset.s", d.s, "colour-jitter strength must be in [0, 4] (paper: 1.0)")
+    _require(0 <= d.s <= 2.5, "dataset.s", d.s, "colour-jitter strength must be in [0, 2.5] (hue 0.2s <= 0.5; "
+             "paper: 1.0)")
     _require(0 < d.min_crop_scale <= 1, "dataset.min_crop_scale", d.min_crop_scale,
              "must be in (0, 1] (paper: 0.08, the smallest crop's share of the image area)")
     _require(0 <= d.num_workers <= 256, "dataset.num_workers", d.num_workers, "must be in [0, 256]")

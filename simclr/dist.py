@@ -26,18 +26,22 @@ class DistInfo:
         return self.world_size > 1
 
 
+class DeviceError(RuntimeError):
+    """The configured device is not usable here; the message says what to set instead."""
+
+
 def pick_device(setting: str, local_rank: int = 0) -> torch.device:
     """`auto` -> this process's CUDA device if there is one, else the CPU; `cuda` -> cuda:<local rank>."""
     if setting == "auto":
         setting = "cuda" if torch.cuda.is_available() else "cpu"
     if setting.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise RuntimeError(f"device: {setting} was asked for but no CUDA GPU is visible: use device: cpu or auto")
+            raise DeviceError(f"device: {setting} was asked for but no CUDA GPU is visible: use device: cpu or auto")
         if setting == "cuda":
             setting = f"cuda:{local_rank}"
         index = torch.device(setting).index or 0
         if index >= torch.cuda.device_count():
-            raise RuntimeError(f"device: {setting} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
+            raise DeviceError(f"device: {setting} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
     return torch.device(setting)
 
 
@@ -53,6 +57,9 @@ def init_distributed(device_setting: str) -> DistInfo:
         return DistInfo(0, 1, 0, pick_device(device_setting))
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if world_size > 1 and device_setting.startswith("cuda:"):
+        raise DeviceError(f"device: {device_setting} under torchrun would put every process on one GPU: use "
+                          "device: cuda (or auto), and each process takes the GPU of its LOCAL_RANK")
     device = pick_device(device_setting, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)

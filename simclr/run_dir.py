@@ -8,6 +8,7 @@ import platform
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -35,16 +36,28 @@ def git_commit() -> str:
         return "unknown"
 
 
+STALE_SECONDS = 600
+
+
 class RunLock:
     """An exclusive lock file `<run_dir>/.lock` holding the owner's host and pid.
 
-    A lock left by a crashed process (same host, pid no longer alive) is taken over, so a crash never
-    leaves the directory stuck.
+    A lock left by a crashed process is taken over, so a crash never leaves the directory stuck: on the
+    same host when its pid is gone, from another host (a requeued cluster job) when its owner has not
+    refreshed it for `STALE_SECONDS` (the trainer refreshes it as it steps).
     """
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / ".lock"
         self.held = False
+        self._touched = 0.0
+
+    def refresh(self, every: float = 30.0) -> None:
+        """Mark the owner alive (at most once per `every` seconds: cheap to call each step)."""
+        now = time.monotonic()
+        if self.held and now - self._touched > every:
+            os.utime(self.path)
+            self._touched = now
 
     def acquire(self) -> None:
         me = f"{socket.gethostname()} {os.getpid()}"
@@ -53,7 +66,7 @@ class RunLock:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 owner = self.path.read_text(errors="replace").strip() if self.path.exists() else ""
-                if _alive(owner):
+                if _alive(owner, self.path):
                     raise RunDirBusy(f"run_dir {self.path.parent} is in use by process {owner!r}: wait for it, "
                                      "stop it, or choose another run_dir") from None
                 self.path.unlink(missing_ok=True)  # stale: its owner is gone
@@ -70,13 +83,16 @@ class RunLock:
             self.held = False
 
 
-def _alive(owner: str) -> bool:
+def _alive(owner: str, path: Path) -> bool:
     parts = owner.split()
     if len(parts) != 2 or not parts[1].isdigit():
         return False
     host, pid = parts[0], int(parts[1])
-    if host != socket.gethostname():
-        return True  # cannot check another machine's processes: assume the owner is alive
+    if host != socket.gethostname():  # another machine's pid cannot be checked: go by the last refresh
+        try:
+            return time.time() - path.stat().st_mtime < STALE_SECONDS
+        except FileNotFoundError:
+            return False
     if pid == os.getpid():
         return False
     try:

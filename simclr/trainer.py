@@ -61,7 +61,11 @@ def create_batches(config: Config, info: DistInfo):
     if config.grad_cache_chunks > config.batch_size // info.world_size:
         raise ConfigError(f"grad_cache_chunks = {config.grad_cache_chunks}: more chunks than images per process "
                           f"({config.batch_size // info.world_size}); lower grad_cache_chunks")
-    data = load_split(d.name, d.root, "pretrain", download=d.download and info.is_main,
+    if d.download and info.distributed and d.name != "imagefolder":  # one download per machine; others wait
+        if info.local_rank == 0:
+            load_split(d.name, d.root, "test", download=True)
+        barrier()
+    data = load_split(d.name, d.root, "pretrain", download=d.download and not info.distributed,
                       skip_bad_images=d.skip_bad_images)
     train_idx, valid_idx = split_validation(len(data), d.valid_size, config.seed)
     if len(train_idx) < config.batch_size:
@@ -145,6 +149,9 @@ class Trainer:
             self.run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
         if self.run_dir is None:  # rank 0's clock names it: every rank must print and resume the same dir
             self.run_dir = Path(broadcast_object(str(default_run_dir())))
+        if resume is None and ckpt.candidates(self.run_dir):
+            raise ConfigError(f"run_dir = {str(self.run_dir)!r}: already holds a run with checkpoints; continue it "
+                              f"with resume={self.run_dir}, or choose another run_dir")
         self.train_batches, self.valid_views = create_batches(config, self.info)
         self._build_model()
         self._stop_signal = None
@@ -188,11 +195,17 @@ class Trainer:
         if c.compile:
             self.train_model = torch.compile(self.train_model)
         self.next_epoch, self.start_step, self.best_valid = 0, 0, math.inf
+        self.epoch_progress = (0.0, 0)
         self.skipped_steps = torch.zeros((), dtype=torch.int64, device=self.device)
         if self.resume_state is not None:
             self._restore(self.resume_state)
 
     def _restore(self, state: dict) -> None:
+        saved = state["config"].get("optimizer", {}).get("name", "adam")
+        if saved != self.config.optimizer.name:
+            raise CheckpointLoadError(f"optimizer.name = {self.config.optimizer.name!r}: the run being resumed used "
+                                      f"{saved!r}, whose state cannot drive another optimiser; resume with "
+                                      f"optimizer.name={saved}, or start a new run with fine_tune_from=<run dir>")
         try:
             self.model.load_state_dict(state["model"], strict=True)
             self.optimizer.load_state_dict(state["optimizer"])
@@ -203,6 +216,7 @@ class Trainer:
                                       f"({str(err).splitlines()[0][:200]}): resume with the run's own config") from None
         self.next_epoch = state["next_epoch"]
         self.start_step = state.get("step_in_epoch", 0)
+        self.epoch_progress = (state.get("epoch_loss_sum", 0.0), state.get("epoch_steps", 0))
         self.best_valid = state.get("best_valid_loss", math.inf)
         torch.set_rng_state(state["rng_cpu"])
 
@@ -254,7 +268,8 @@ class Trainer:
         """Run the steps of one epoch from `self.start_step`; return the mean training loss."""
         c, steps = self.config, self.train_batches.steps_per_epoch
         self.train_model.train()
-        total, count = torch.zeros((), device=self.device), 0
+        loss_sum, count = self.epoch_progress if self.start_step else (0.0, 0)  # steps done before a preemption
+        total = torch.tensor(loss_sum, device=self.device)
         bar = tqdm(total=steps, initial=self.start_step, desc=f"epoch {epoch + 1}/{c.epochs}",
                    disable=not self.info.is_main, dynamic_ncols=True, leave=False)
         tick, tick_images = time.perf_counter(), 0
@@ -262,6 +277,7 @@ class Trainer:
             loss, acc = self.train_step(self._to_device(x1), self._to_device(x2))
             total += loss
             count += 1
+            self.lock.refresh()
             tick_images += x1.shape[0] * self.info.world_size
             bar.update(1)
             global_step = epoch * steps + step + 1
@@ -284,7 +300,7 @@ class Trainer:
             # Several processes must agree on the stop step: they compare flags only at log steps (a sync).
             if (at_log or not self.info.distributed) and self._should_stop():
                 bar.close()
-                self._preempt(epoch, step + 1)
+                self._preempt(epoch, step + 1, loss, total, count)
         bar.close()
         self.start_step = 0
         mean = (all_reduce_mean(total) / max(count, 1)).item()
@@ -303,6 +319,7 @@ class Trainer:
                             num_workers=self.config.dataset.num_workers)
         sums, count = torch.zeros(3, device=self.device), 0
         for x1, x2 in tqdm(loader, desc="validation", disable=not self.info.is_main, leave=False):
+            self.lock.refresh()
             if x1.shape[0] < 2 and not self.info.distributed:
                 continue
             with self._autocast():
@@ -319,10 +336,13 @@ class Trainer:
         flag = torch.tensor(float(self._stop_signal is not None), device=self.device)
         return all_reduce_mean(flag).item() > 0  # every rank must stop at the same step
 
-    def _preempt(self, epoch: int, step_in_epoch: int) -> None:
+    def _preempt(self, epoch: int, step_in_epoch: int, loss: torch.Tensor, total: torch.Tensor, count: int) -> None:
+        if not self.scaler.is_enabled():
+            self._check_finite(loss.item(), epoch, step_in_epoch)  # never save weights after a NaN step
         if self.info.is_main:
-            ckpt.save_checkpoint(self.run_dir / "checkpoints" / ckpt.LAST, self._state(epoch, step_in_epoch),
-                                 keep_previous=True)
+            state = self._state(epoch, step_in_epoch)
+            state.update(epoch_loss_sum=total.item(), epoch_steps=count)
+            ckpt.save_checkpoint(self.run_dir / "checkpoints" / ckpt.LAST, state, keep_previous=True)
         barrier()
         raise Preempted(f"stopped by {self._stop_signal} at epoch {epoch + 1}, step {step_in_epoch}; checkpoint "
                         f"saved. Continue with: python run.py resume={self.run_dir}")
@@ -336,7 +356,8 @@ class Trainer:
     def fit(self) -> Path:
         """Train the remaining epochs; return the run dir. Raises `Preempted` after SIGTERM/SIGINT."""
         c, info = self.config, self.info
-        writer, lock = None, RunLock(self.run_dir)
+        writer = None
+        lock = self.lock = RunLock(self.run_dir)
         if info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             lock.acquire()

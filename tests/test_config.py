@@ -62,7 +62,7 @@ def test_input_shape_as_list():
     ("epochs=ten", "epochs"), ("epochs=1.5", "epochs"), ("weight_decay=abc", "weight_decay"),
     ("fp16_precision=maybe", "fp16_precision"), ("bogus=1", "bogus"), ("model.bogus=1", "model.bogus"),
     ("dataset.name=mnist", "dataset.name"), ("device=tpu", "device"), ("loss.temperature=nan", "loss.temperature"),
-    ("model=3", "model"), ("batch_size=true", "batch_size"),
+    ("model=3", "model"), ("batch_size=true", "batch_size"), ("dataset.s=3", "dataset.s"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as err:

@@ -182,3 +182,64 @@ def test_second_run_into_a_busy_run_dir_refuses(data_root, tmp_path, capsys):
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_lock_from_another_host_is_stale_only_when_not_refreshed(tmp_path):
+    from simclr.run_dir import STALE_SECONDS
+
+    lock_file = tmp_path / ".lock"
+    lock_file.write_text("some-other-node 4242")  # a job on another machine: its pid cannot be checked
+    with pytest.raises(RunDirBusy, match="some-other-node"):
+        RunLock(tmp_path).acquire()  # refreshed just now: alive
+    old = lock_file.stat().st_mtime - STALE_SECONDS - 60
+    os.utime(lock_file, (old, old))
+    lock = RunLock(tmp_path)
+    lock.acquire()  # its owner stopped refreshing it: a requeued job takes over
+    lock.release()
+
+
+def test_fresh_run_never_writes_over_another_run(straight_run, data_root, capsys):
+    before = (straight_run / "checkpoints" / "last.pt").read_bytes()
+    assert run.main(tiny_args(data_root, straight_run)) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and f"resume={straight_run}" in err
+    assert (straight_run / "checkpoints" / "last.pt").read_bytes() == before
+
+
+def test_resume_with_another_optimiser_is_refused(straight_run, capsys):
+    assert run.main([f"resume={straight_run}", "optimizer.name=lars", "epochs=3"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'adam'" in err[0] and "optimizer.name=adam" in err[0]
+
+
+def test_preemption_on_the_last_step_keeps_the_epoch_loss(data_root, tmp_path, monkeypatch):
+    import json
+
+    run_dir = tmp_path / "last_step"
+    original = Trainer.train_step
+    calls = []
+
+    def signal_on_third_step(self, x1, x2):
+        out = original(self, x1, x2)
+        calls.append(1)
+        if len(calls) == 3:  # the last of epoch 1's three steps
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", signal_on_third_step)
+    assert run.main(tiny_args(data_root, run_dir)) == 0
+    monkeypatch.setattr(Trainer, "train_step", original)
+    assert run.main([f"resume={run_dir}"]) == 0
+    epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+              if json.loads(line)["kind"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [0, 1] and epochs[0]["train_loss"] > 0.5
+
+
+def test_cuda_index_under_torchrun_is_refused(monkeypatch):
+    from simclr.dist import DeviceError, init_distributed
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(DeviceError, match="device: cuda"):
+        init_distributed("cuda:0")

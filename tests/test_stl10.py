@@ -82,3 +82,14 @@ def test_label_count_and_range_checked(tmp_path):
 def test_unknown_split():
     with pytest.raises(ValueError, match="split"):
         read_stl10("nowhere", "validation")
+
+
+def test_failed_download_is_a_clear_error(tmp_path, monkeypatch):
+    import urllib.error
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr("torchvision.datasets.utils.download_and_extract_archive", offline)
+    with pytest.raises(DataError, match="downloading STL10.*failed.*network"):
+        load_split("stl10", tmp_path, "pretrain", download=True)
