@@ -26,8 +26,8 @@ from data_aug.datasets import load_split
 from data_aug.stl10 import DataError
 from feature_eval.baselines import pca_baseline, random_encoder
 from feature_eval.classifiers import ClassifierResult, adam_probe, knn_classifier, lbfgs_probe, weighted_knn
-from feature_eval.features import FeatureSplit, best_device, cached_features, extract_features, file_digest
-from models.loading import CheckpointLoadError, load_encoder, read_checkpoint, resolve_checkpoint
+from feature_eval.features import FeatureSplit, best_device, cached_features, extract_features
+from models.loading import CheckpointLoadError, file_sha256, load_encoder, read_checkpoint, resolve_checkpoint
 
 CLASSIFIERS = ("lbfgs", "adam", "knn")
 BASELINES = ("pca", "random")
@@ -150,7 +150,7 @@ def evaluate(checkpoint: str | Path, *, dataset: str | None = None, root: str | 
 
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(file)
     cache_dir = (Path(cache_dir) if cache_dir is not None else default_cache_dir(file, out_dir)) if cache else None
-    digest = file_digest(file)
+    digest = file_sha256(file)
     trained_epochs = read_checkpoint(file).get("next_epoch", config.get("epochs"))
     base_model = model_config.get("base_model", "resnet18")
     cifar_stem = bool(model_config.get("cifar_stem", False))

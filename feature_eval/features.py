@@ -96,15 +96,6 @@ def extract_features(encoder: torch.nn.Module, dataset, crop_size: int, batch_si
     return FeatureSplit(torch.cat(features), torch.cat(labels).long())
 
 
-def file_digest(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
-    """SHA-256 of a file's content (hex), read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def cached_features(cache_dir: str | Path | None, key: dict, compute: Callable[[], FeatureSplit],
                     log: Callable[[str], None] = print) -> FeatureSplit:
     """`compute()` once per `key`: stored as `<cache_dir>/<sha256 of key>.pt` and loaded from there after.

@@ -40,8 +40,8 @@ from feature_eval.baselines import random_encoder
 from feature_eval.classifiers import holdout_split, topk_accuracy
 from feature_eval.evaluate import (ARCHITECTURES, EXTRACTOR_NAMES, USER_ERRORS, EvalError, check_device, markdown_table,
                                     parse_names)
-from feature_eval.features import file_digest, image_batches
-from models.loading import load_encoder, read_checkpoint, resolve_checkpoint
+from feature_eval.features import image_batches
+from models.loading import file_sha256, load_encoder, read_checkpoint, resolve_checkpoint
 
 DEFAULT_LRS = (0.05, 0.1, 0.2)  # per 256 images; the paper's 0.05 (0.8 at batch 4096) and two larger steps
 BASELINES = ("random",)
@@ -388,7 +388,7 @@ def finetune_evaluate(checkpoint: str | Path, *, label_fraction: float, dataset:
     results = {
         "protocol": "finetune",
         "command": command or " ".join(["python -m feature_eval.finetune"] + [shlex.quote(a) for a in sys.argv[1:]]),
-        "checkpoint": str(file), "checkpoint_sha256": file_digest(file), "trained_epochs": trained_epochs,
+        "checkpoint": str(file), "checkpoint_sha256": file_sha256(file), "trained_epochs": trained_epochs,
         "dataset": {"name": dataset, "root": str(root), "input_size": input_size, "classes": classes},
         "splits": {"fit": f"{tag[:-3]}% of train (class-balanced)", "report": "test", "train": len(train_set),
                    "labelled": len(indices), "test": len(test_set)},

@@ -1,6 +1,7 @@
 """Load a trained encoder, frozen, from a checkpoint file, a run directory or a pretrained package."""
 from __future__ import annotations
 
+import hashlib
 import pickle
 import re
 import zipfile
@@ -71,6 +72,15 @@ def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointLoadError(f"checkpoint {path} has no 'model' weights: is it a checkpoint of this repo?")
     return state
+
+
+def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
+    """SHA-256 of a file's content (hex), read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def encoder_state_dict(model_state: dict) -> dict:

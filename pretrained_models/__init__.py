@@ -14,7 +14,6 @@ A package is a folder `pretrained_models/<name>/` holding
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -24,7 +23,7 @@ import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from models.loading import CheckpointLoadError
+from models.loading import CheckpointLoadError, file_sha256
 
 PACKAGES_DIR = Path(__file__).resolve().parent
 WEIGHTS_FILE = "model.safetensors"
@@ -88,15 +87,6 @@ def weights_file(path: str | Path) -> Path:
         raise CheckpointLoadError(f"package {file.parent} has no {WEIGHTS_FILE}: the weights stay out of git; "
                                   f"download them (see {file.parent / CARD_FILE}) and put the file at {file}")
     return file
-
-
-def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
-    """SHA-256 of a file's content (hex)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_manifest(folder: str | Path) -> dict:

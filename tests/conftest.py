@@ -78,3 +78,16 @@ def straight_run(data_root, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("runs") / "straight"
     assert run.main(tiny_args(data_root, run_dir)) == 0
     return run_dir
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch and one BLAS thread: tiny problems are faster so, and far faster when other
+    processes share the two cores (OpenMP threads spin while they wait)."""
+    from threadpoolctl import threadpool_limits
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(threads)

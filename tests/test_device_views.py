@@ -24,14 +24,7 @@ from data_aug import device_views as dv
 from data_aug.views import blur_kernel_size, create_view_transform
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these tests check values, not speed, and on a busy shared machine two threads
-    waiting on each other make small tensor ops many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _images(count: int, height: int, width: int, seed: int = 0) -> torch.Tensor:

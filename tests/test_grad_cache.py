@@ -161,15 +161,6 @@ def test_too_many_chunks_is_an_error():
         grad_cache_backward(TinySimCLR(), NTXentLoss(), x1, x2, 5, contextlib.nullcontext, _NoScale())
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny convolutions are slower on two threads than on one when other jobs share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_trainer_step_with_chunks_equals_the_plain_step(tmp_path, one_thread):
     """The trainer's wiring: grad_cache_chunks=2 and =1 give the same weights after one SGD step
     (BatchNorm in eval mode, where the two are exactly equal)."""

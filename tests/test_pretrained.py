@@ -29,12 +29,7 @@ from tests.conftest import SEED_CONFIG, assert_same_weights, tiny_args, write_st
 INDEX = "# Packages\n\n<!-- packages:start -->\nold list\n<!-- packages:end -->\n\ntail text\n"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_run(run_dir, cifar_stem=False, out_dim=8, seed=1):
