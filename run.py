@@ -27,7 +27,8 @@ USER_ERRORS = (DataError, CheckpointLoadError, CheckpointWriteError, TrainingErr
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="SimCLR pretraining", epilog="overrides: key=value or "
                                      "section.key=value, e.g. epochs=80 dataset.name=cifar10 resume=runs/<name>")
-    parser.add_argument("--config", default="config.yaml", help="YAML config file (default: ./config.yaml)")
+    parser.add_argument("--config", help="YAML config file (default: ./config.yaml); with resume, the run's own "
+                        "config.yaml is used instead and only key=value overrides apply")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, checked like the YAML keys")
     return parser.parse_args(argv)
 
@@ -35,12 +36,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        config = load_config(args.config, args.overrides)
+        config = load_config(args.config or "config.yaml", args.overrides)
         info = init_distributed(config.device)
         log = print if info.is_main else (lambda *_: None)
         resume = find_resume(config, log) if config.resume else None
         if resume is not None:  # the run's own config, with this command's overrides on top
-            config = load_config(None, args.overrides, base={**resume[1]["config"], "resume": config.resume})
+            if args.config:
+                log(f"note: resuming with the run's own config; --config {args.config} is not applied "
+                    "(key=value overrides are)")
+            # it continues in the folder it was resumed from (None: the checkpoint's run dir), even if copied or moved
+            here = config.run_dir if config.resume == "auto" else None
+            config = load_config(None, args.overrides, base={**resume[1]["config"], "resume": config.resume,
+                                                             "run_dir": here})
         run_dir = Trainer(config, info, resume).fit()
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)

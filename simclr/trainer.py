@@ -218,12 +218,14 @@ class Trainer:
         self.start_step = state.get("step_in_epoch", 0)
         self.epoch_progress = (state.get("epoch_loss_sum", 0.0), state.get("epoch_steps", 0))
         self.best_valid = state.get("best_valid_loss", math.inf)
+        self.skipped_steps.fill_(state.get("skipped_steps", 0))
         torch.set_rng_state(state["rng_cpu"])
 
     def _state(self, next_epoch: int, step_in_epoch: int = 0) -> dict:
         return {"model": ckpt.unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "next_epoch": next_epoch, "step_in_epoch": step_in_epoch, "best_valid_loss": self.best_valid,
+                "skipped_steps": int(self.skipped_steps.item()),  # float16 overflow steps so far, whole run
                 "config": config_to_dict(self.config), "rng_cpu": torch.get_rng_state()}
 
     def _autocast(self):

@@ -1,5 +1,6 @@
 """End-to-end training on tiny STL10 files: smoke run, run directory, resume equality, fine-tuning, errors."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -7,9 +8,9 @@ import yaml
 
 import run
 from loss.nt_xent import NTXentLoss
-from simclr.config import load_config
+from simclr.config import config_to_dict, load_config
 from simclr.dist import init_distributed
-from simclr.trainer import Trainer
+from simclr.trainer import Trainer, find_resume
 from tests.conftest import assert_same_weights, final_weights, tiny_args
 
 
@@ -102,6 +103,19 @@ def test_missing_data_is_a_clear_error(tmp_path, capsys):
     assert "train_X.bin" in err and "dataset.download" in err
 
 
+def test_resume_of_a_copied_run_stays_in_the_copy_and_ignores_another_config_file(data_root, straight_run, tmp_path, capsys):
+    finished = shutil.copytree(straight_run, tmp_path / "finished")
+    other = tmp_path / "other.yaml"
+    other.write_text("epochs: 7\n")
+    meta_lines = len((straight_run / "meta.jsonl").read_text().splitlines())
+    assert run.main(["--config", str(other), "resume=" + str(finished)]) == 0  # finished: nothing left to do
+    assert f"--config {other} is not applied" in capsys.readouterr().out
+    # a copied run continues in the copy, not in the folder named by its saved config
+    assert len((finished / "meta.jsonl").read_text().splitlines()) == meta_lines + 1
+    assert len((straight_run / "meta.jsonl").read_text().splitlines()) == meta_lines
+    assert torch.load(finished / "checkpoints" / "last.pt", weights_only=True)["config"]["epochs"] == 2
+
+
 def test_mixed_precision_on_cpu_uses_bfloat16(data_root, tmp_path, capsys):
     assert run.main(tiny_args(data_root, tmp_path / "amp", "fp16_precision=true", "epochs=1")) == 0
     assert "bfloat16" in capsys.readouterr().out
@@ -137,4 +151,6 @@ def test_float16_overflow_steps_are_skipped_counted_and_logged(data_root, tmp_pa
     assert trainer.skipped_steps.item() == 1
     records = [json.loads(line) for line in (tmp_path / "fp16" / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_steps"] for r in records if r["kind"] == "step"][-1] == 1
-    assert (tmp_path / "fp16" / "checkpoints" / "last.pt").is_file()
+    assert torch.load(tmp_path / "fp16" / "checkpoints" / "last.pt", weights_only=True)["skipped_steps"] == 1
+    resumed = load_config(None, ["epochs=2"], base={**config_to_dict(config), "resume": str(tmp_path / "fp16")})
+    assert Trainer(resumed, init_distributed("cpu"), find_resume(resumed)).skipped_steps.item() == 1  # whole-run count
