@@ -361,6 +361,15 @@ def stream_seed(seed: int, epoch: int, step: int) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
+def gather_to_device(images: torch.Tensor, indices: torch.Tensor, device: torch.device | str,
+                     chunk: int = 8192) -> torch.Tensor:
+    """`images[indices]` made on `device` a chunk at a time, so the host never holds a second full copy."""
+    out = torch.empty((len(indices), *images.shape[1:]), dtype=images.dtype, device=device)
+    for start in range(0, len(indices), chunk):
+        out[start:start + chunk] = images[indices[start:start + chunk]].to(device)
+    return out
+
+
 class DeviceBatches:
     """Batches of two views made on the training device from a uint8 image tensor held there once.
 

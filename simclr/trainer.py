@@ -74,14 +74,14 @@ def create_batches(config: Config, info: DistInfo):
     transform = create_view_transform(d.crop_size, d.s, d.blur, d.min_crop_scale)
     valid = TwoViews(Subset(data, valid_idx.tolist()), transform, seed=config.seed + 1) if len(valid_idx) else None
     if d.augment_on == "device":
-        from data_aug.device_views import DeviceBatches
+        from data_aug.device_views import DeviceBatches, gather_to_device
 
         if not hasattr(data, "images"):
             raise ConfigError(f"dataset.augment_on = 'device': needs a fixed-size data set held in memory "
                               f"({d.name} is decoded from files); use augment_on: cpu")
-        train = DeviceBatches(data.images[train_idx], config.batch_size, d.crop_size, d.s, d.blur, config.seed,
-                              info.rank, info.world_size, info.device, compile=config.compile,
-                              min_crop_scale=d.min_crop_scale)
+        images = gather_to_device(data.images, train_idx, info.device)  # no second host copy of the split
+        train = DeviceBatches(images, config.batch_size, d.crop_size, d.s, d.blur, config.seed, info.rank,
+                              info.world_size, info.device, compile=config.compile, min_crop_scale=d.min_crop_scale)
     else:
         train = LoaderBatches(TwoViews(Subset(data, train_idx.tolist()), transform, config.seed),
                               config.batch_size, info, d.num_workers, config.seed)

@@ -313,6 +313,13 @@ def test_each_epoch_visits_each_image_at_most_once_and_ranks_split_the_global_ba
     assert not torch.equal(single.permutation(0), single.permutation(1))
 
 
+def test_gather_to_device_equals_indexing_in_any_chunking():
+    images = torch.randint(0, 256, (11, 3, 4, 5), dtype=torch.uint8)
+    indices = torch.randperm(11)[:9]
+    for chunk in (1, 4, 9, 100):
+        assert torch.equal(dv.gather_to_device(images, indices, "cpu", chunk=chunk), images[indices])
+
+
 def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="uint8"):
         dv.DeviceBatches(torch.zeros(32, 3, 8, 8), 16, 8, 1.0, True, 0)
