@@ -115,6 +115,39 @@ def broadcast_object(value):
     return value
 
 
+class StopVote:
+    """Whether any process asked to stop, agreed on by all processes one step later, without a device sync.
+
+    `ask(flag)` starts an asynchronous all-reduce of this step's flag on a gloo (CPU) process group and
+    returns the result of the previous call's, which has long arrived: every process gets the same answer
+    at the same call, so all stop at the same step, and nothing waits for the GPU. In one process the
+    flag is returned at once.
+    """
+
+    def __init__(self, info: DistInfo):
+        self.distributed = info.distributed
+        self.group = dist.new_group(backend="gloo") if self.distributed else None  # every rank creates it
+        self.pending: tuple | None = None
+
+    def ask(self, flag: bool) -> bool:
+        """Send this step's flag; return whether any process had asked to stop at the previous call."""
+        if not self.distributed:
+            return flag
+        previous = self.collect()
+        value = torch.tensor([float(flag)])
+        self.pending = (dist.all_reduce(value, group=self.group, async_op=True), value)
+        return previous
+
+    def collect(self) -> bool:
+        """Wait for the exchange in flight, if any (call before leaving the step loop for good)."""
+        if self.pending is None:
+            return False
+        work, value = self.pending
+        self.pending = None
+        work.wait()
+        return value.item() > 0
+
+
 def barrier() -> None:
     """Wait for every rank (no-op in a single process)."""
     if dist.is_available() and dist.is_initialized():

@@ -20,7 +20,7 @@ from models.resnet_simclr import create_model
 from simclr import checkpoint as ckpt
 from simclr.config import Config, ConfigError, config_to_dict
 from simclr.grad_cache import grad_cache_backward
-from simclr.dist import DistInfo, all_reduce_mean, barrier, broadcast_object, resolve_sync_bn
+from simclr.dist import DistInfo, StopVote, all_reduce_mean, barrier, broadcast_object, resolve_sync_bn
 from simclr.optim import create_optimizer, create_scheduler, scaled_lr
 from simclr.run_dir import RunLock, RunWriter, default_run_dir
 
@@ -155,6 +155,7 @@ class Trainer:
         self.train_batches, self.valid_views = create_batches(config, self.info)
         self._build_model()
         self._stop_signal = None
+        self.stop_vote = StopVote(info)
 
     def log(self, message: str) -> None:
         if self.info.is_main:
@@ -299,8 +300,8 @@ class Trainer:
                         record["skipped_steps"] = int(self.skipped_steps.item())  # float16 overflow, not fatal
                     writer.log(record, global_step, "train")
                 tick, tick_images = time.perf_counter(), 0
-            # Several processes must agree on the stop step: they compare flags only at log steps (a sync).
-            if (at_log or not self.info.distributed) and self._should_stop():
+            # Several processes agree on the stop step one step late (StopVote: no wait for the device).
+            if self.stop_vote.ask(self._stop_signal is not None):
                 bar.close()
                 self._preempt(epoch, step + 1, loss, total, count)
         bar.close()
@@ -332,28 +333,25 @@ class Trainer:
         sums = all_reduce_mean(sums / max(count, 1))
         return {"valid_loss": sums[0].item(), "valid_top1": sums[1].item(), "valid_top5": sums[2].item()}
 
-    def _should_stop(self) -> bool:
-        if not self.info.distributed:
-            return self._stop_signal is not None
-        flag = torch.tensor(float(self._stop_signal is not None), device=self.device)
-        return all_reduce_mean(flag).item() > 0  # every rank must stop at the same step
-
     def _preempt(self, epoch: int, step_in_epoch: int, loss: torch.Tensor, total: torch.Tensor, count: int) -> None:
         if not self.scaler.is_enabled():
             self._check_finite(loss.item(), epoch, step_in_epoch)  # never save weights after a NaN step
+        self.stop_vote.collect()
         if self.info.is_main:
             state = self._state(epoch, step_in_epoch)
             state.update(epoch_loss_sum=total.item(), epoch_steps=count)
             ckpt.save_checkpoint(self.run_dir / "checkpoints" / ckpt.LAST, state, keep_previous=True)
         barrier()
-        raise Preempted(f"stopped by {self._stop_signal} at epoch {epoch + 1}, step {step_in_epoch}; checkpoint "
-                        f"saved. Continue with: python run.py resume={self.run_dir}")
+        by = self._stop_signal or "a signal to another process"
+        raise Preempted(f"stopped by {by} at epoch {epoch + 1}, step {step_in_epoch}; checkpoint saved. "
+                        f"Continue with: python run.py resume={self.run_dir}")
 
     def _on_signal(self, signum, frame) -> None:
         if self._stop_signal is not None:
             raise KeyboardInterrupt  # a second signal: stop now
         self._stop_signal = signal.Signals(signum).name
-        self.log(f"{self._stop_signal} received: finishing this step, then saving a checkpoint")
+        self.log(f"{self._stop_signal} received: finishing this step, then saving a checkpoint"
+                 + (" (under torchrun: after the next step, when all processes agree)" if self.info.distributed else ""))
 
     def fit(self) -> Path:
         """Train the remaining epochs; return the run dir. Raises `Preempted` after SIGTERM/SIGINT."""
@@ -390,6 +388,7 @@ class Trainer:
                     shown = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("kind", "epoch"))
                     self.log(f"epoch {epoch + 1}/{c.epochs}: {shown}")
                 barrier()
+            self.stop_vote.collect()
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)

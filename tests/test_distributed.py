@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from loss.nt_xent import NTXentLoss
 from simclr.config import ConfigError, load_config
-from simclr.dist import DistInfo, all_reduce_mean, broadcast_object, init_distributed, resolve_sync_bn
+from simclr.dist import DistInfo, StopVote, all_reduce_mean, broadcast_object, init_distributed, resolve_sync_bn
 from simclr.grad_cache import grad_cache_backward
 from simclr.optim import create_optimizer
 
@@ -102,6 +102,9 @@ def _worker(rank: int, port: int, out: str) -> None:
         res["loss"], res["grad_z1"], res["grad_z2"] = loss.detach(), a.grad, b.grad
         res["loss_mean"] = all_reduce_mean(loss.detach())
         res["broadcast"] = broadcast_object(f"runs/named-by-rank-{rank}")
+        vote = StopVote(DistInfo(rank, WORLD, rank, torch.device("cpu")))
+        res["votes"] = [vote.ask(rank == 1 and call == 2) for call in range(5)]  # only rank 1 asks, at call 2
+        res["vote_left"] = vote.collect()
         for name, bn_train, opt, chunks in [("sgd", False, "sgd", 1), ("lars", False, "lars", 1),
                                             ("sgd_bn_train", True, "sgd", 1), ("cached", False, "sgd", 2)]:
             ddp = nn.parallel.DistributedDataParallel(_model(bn_train))
@@ -157,6 +160,13 @@ def test_loss_equals_single_process_loss_on_concatenated_batch(ranks):
         mine = torch.cat([full[rank * n:(rank + 1) * n], full[N + rank * n:N + (rank + 1) * n]])
         torch.testing.assert_close(res["per_anchor"], mine)
         torch.testing.assert_close(res["loss_mean"], full.mean())
+
+
+def test_every_rank_agrees_to_stop_at_the_same_step_one_step_late(ranks):
+    assert [r["votes"] for r in ranks] == [[False, False, False, True, False]] * WORLD
+    assert [r["vote_left"] for r in ranks] == [False] * WORLD
+    single = StopVote(DistInfo(0, 1, 0, torch.device("cpu")))
+    assert [single.ask(flag) for flag in (False, True)] == [False, True]  # one process: at once, no group
 
 
 def test_run_dir_name_comes_from_rank_0(ranks):
@@ -285,3 +295,42 @@ def test_torchrun_resumes_a_run_and_only_rank0_writes(tmp_path, capsys):
     assert epochs == [0, 1]  # one record per epoch: rank 1 wrote none, and the resume did not repeat epoch 0
     assert all("valid_loss" in r for r in records if r.get("kind") == "epoch")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "run"]  # no run dir of rank 1's own
+
+
+def _worker_pid(launcher: subprocess.Popen, rank: int) -> int | None:
+    """The pid of torchrun's worker process with RANK=`rank`, once it exists."""
+    children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children")
+    for pid in children.read_text().split() if children.exists() else []:
+        with contextlib.suppress(OSError):
+            if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                return int(pid)
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds torchrun's workers through /proc")
+def test_sigterm_to_one_torchrun_process_stops_every_process_at_the_same_step(tmp_path):
+    """SIGTERM reaches only rank 1: both ranks stop after the next step, rank 0 saves, and all exit 0."""
+    import signal
+
+    from tests.conftest import write_stl10
+
+    data, run_dir = tmp_path / "data", tmp_path / "run"
+    write_stl10(data)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO / "run.py"),
+           *_tiny_run_args(data), f"run_dir={run_dir}", "epochs=200", "log_every_n_steps=1000"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    launcher = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "checkpoints" / "last.pt").exists():  # an epoch done: both ranks are training
+            assert launcher.poll() is None and time.monotonic() < deadline, "torchrun ended or hung before epoch 1"
+            time.sleep(0.2)
+        os.kill(_worker_pid(launcher, 1), signal.SIGTERM)
+        out, err = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 0, err[-2000:]
+    assert out.count("stopped by a signal to another process") == 1 and "Continue with" in out
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert state["next_epoch"] < 200 and state["step_in_epoch"] > 0  # the position inside the epoch
