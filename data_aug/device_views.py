@@ -25,6 +25,7 @@ import math
 from dataclasses import dataclass, fields
 
 import torch
+from torch.utils.data import DistributedSampler
 
 from data_aug.views import blur_kernel_size
 
@@ -444,17 +445,43 @@ class DeviceBatches:
                                     self._generator(epoch, step), self.min_crop_scale)
         mine = slice(self.rank * self.local_batch, (self.rank + 1) * self.local_batch)
         first, second = params[:self.batch_size][mine], params[self.batch_size:][mine]
-        images = self.images[self.indices(epoch, step)].float().mul_(1 / 255)  # as to_dtype(scale=True)
-        chunk = self.chunk or self.local_batch
+        return self._pair(self.indices(epoch, step), first, second)
+
+    def _pair(self, indices: torch.Tensor, first: ViewParams, second: ViewParams) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two views of `self.images[indices]`, one per parameter set, made `chunk` images at a time."""
+        images = self.images[indices].float().mul_(1 / 255)  # as to_dtype(scale=True)
+        chunk = self.chunk or len(indices)
         views = []
         for view_params in (first, second):
             parts = [self._make_views(images[i:i + chunk], view_params[i:i + chunk], self.crop_size, self.kernel_size)
-                     for i in range(0, self.local_batch, chunk)]
+                     for i in range(0, len(indices), chunk)]
             view = parts[0] if len(parts) == 1 else torch.cat(parts)
             if self.device.type == "cuda":
                 view = view.contiguous(memory_format=torch.channels_last)  # the layout the model runs in
             views.append(view)
         return views[0], views[1]
+
+    def fixed_batches(self, local_batch: int):
+        """This rank's share of all images, in order, as `(x1, x2)` batches that are the same at every call.
+
+        For validation: ranks get equal shares (DistributedSampler's, padded by repeating images), cut into
+        batches of `local_batch` (a shorter last batch only when the share is smaller than one batch), and
+        batch k's views are drawn from a stream seeded by (seed, rank, k), not by the epoch.
+        """
+        order = list(DistributedSampler(range(self.num_images), self.world_size, self.rank, shuffle=False))
+        order = torch.tensor(order, dtype=torch.int64).to(self.device)
+        end = len(order) - len(order) % local_batch if len(order) >= local_batch else len(order)
+        height, width = self.images.shape[-2:]
+        for k, start in enumerate(range(0, end, local_batch)):
+            indices = order[start:start + local_batch]
+            params = sample_view_params(2 * len(indices), height, width, self.s, self.blur,
+                                        self._generator(-1 - self.rank, k), self.min_crop_scale)
+            yield self._pair(indices, params[:len(indices)], params[len(indices):])
+
+    def fixed_batch_count(self, local_batch: int) -> int:
+        """How many batches `fixed_batches(local_batch)` yields."""
+        share = math.ceil(self.num_images / self.world_size)
+        return share // local_batch if share >= local_batch else 1
 
     def batches(self, epoch: int, start_step: int = 0):
         """Yield `(x1, x2)` for steps `start_step ..` of `epoch`: the same views whatever the start."""

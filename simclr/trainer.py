@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 from data_aug.datasets import load_split, split_validation
+from data_aug.device_views import DeviceBatches, gather_to_device
 from data_aug.views import TwoViews, create_view_transform
 from loss.nt_xent import NTXentLoss
 from models.loading import CheckpointLoadError, read_checkpoint, resolve_checkpoint
@@ -74,14 +75,16 @@ def create_batches(config: Config, info: DistInfo):
     transform = create_view_transform(d.crop_size, d.s, d.blur, d.min_crop_scale)
     valid = TwoViews(Subset(data, valid_idx.tolist()), transform, seed=config.seed + 1) if len(valid_idx) else None
     if d.augment_on == "device":
-        from data_aug.device_views import DeviceBatches, gather_to_device
-
         if not hasattr(data, "images"):
             raise ConfigError(f"dataset.augment_on = 'device': needs a fixed-size data set held in memory "
                               f"({d.name} is decoded from files); use augment_on: cpu")
         images = gather_to_device(data.images, train_idx, info.device)  # no second host copy of the split
         train = DeviceBatches(images, config.batch_size, d.crop_size, d.s, d.blur, config.seed, info.rank,
                               info.world_size, info.device, compile=config.compile, min_crop_scale=d.min_crop_scale)
+        if len(valid_idx) >= info.world_size:  # validation views made there too, the same at every epoch
+            valid = DeviceBatches(gather_to_device(data.images, valid_idx, info.device), info.world_size,
+                                  d.crop_size, d.s, d.blur, config.seed + 1, info.rank, info.world_size, info.device,
+                                  min_crop_scale=d.min_crop_scale)
     else:
         train = LoaderBatches(TwoViews(Subset(data, train_idx.tolist()), transform, config.seed),
                               config.batch_size, info, d.num_workers, config.seed)
@@ -311,17 +314,25 @@ class Trainer:
             self._check_finite(mean, epoch, steps)
         return mean
 
+    def _valid_batches(self):
+        """This rank's validation batches `(x1, x2)` (equal counts and sizes on every rank) and their number."""
+        views = self.valid_views
+        n = views.num_images if isinstance(views, DeviceBatches) else len(views)
+        local = max(2, min(self.config.batch_size // self.info.world_size, n // self.info.world_size))
+        if isinstance(views, DeviceBatches):
+            return views.fixed_batches(local), views.fixed_batch_count(local)
+        sampler = DistributedSampler(views, num_replicas=self.info.world_size, rank=self.info.rank, shuffle=False)
+        loader = DataLoader(views, batch_size=local, sampler=sampler, drop_last=len(sampler) >= local,
+                            num_workers=self.config.dataset.num_workers)
+        return loader, len(loader)
+
     @torch.no_grad()
     def validate(self) -> dict:
         """NT-Xent and contrastive accuracy on the held-out views (fixed across epochs), averaged over ranks."""
         self.train_model.eval()
-        views = self.valid_views
-        local = max(2, min(self.config.batch_size // self.info.world_size, len(views) // self.info.world_size))
-        sampler = DistributedSampler(views, num_replicas=self.info.world_size, rank=self.info.rank, shuffle=False)
-        loader = DataLoader(views, batch_size=local, sampler=sampler, drop_last=len(sampler) >= local,
-                            num_workers=self.config.dataset.num_workers)
+        batches, total = self._valid_batches()
         sums, count = torch.zeros(3, device=self.device), 0
-        for x1, x2 in tqdm(loader, desc="validation", disable=not self.info.is_main, leave=False):
+        for x1, x2 in tqdm(batches, total=total, desc="validation", disable=not self.info.is_main, leave=False):
             self.lock.refresh()
             if x1.shape[0] < 2 and not self.info.distributed:
                 continue

@@ -320,6 +320,21 @@ def test_gather_to_device_equals_indexing_in_any_chunking():
         assert torch.equal(dv.gather_to_device(images, indices, "cpu", chunk=chunk), images[indices])
 
 
+def test_fixed_batches_repeat_and_take_this_ranks_share_in_order():
+    images = torch.randint(0, 256, (10, 3, 16, 16), dtype=torch.uint8)
+    batches = dv.DeviceBatches(images, 2, 16, 0.0, False, seed=3, rank=1, world_size=2, min_crop_scale=1.0)
+    first, again = list(batches.fixed_batches(2)), list(batches.fixed_batches(2))
+    assert len(first) == batches.fixed_batch_count(2) == 2  # rank 1's share: images 1, 3, 5, 7, 9 -> 2 full batches
+    assert all(torch.equal(a, b) for pa, pb in zip(first, again) for a, b in zip(pa, pb))
+    assert not torch.equal(first[0][0], first[0][1])  # two different views of each image
+    expected = images[[1, 3, 5, 7]].float() / 255
+    gray = dv._luma(expected).expand(-1, 3, -1, -1)  # full-image crops, no jitter or blur: only flip and grayscale
+    for view in torch.cat([first[0][0], first[1][0]]), torch.cat([first[0][1], first[1][1]]):
+        for v, x, g in zip(view, expected, gray):
+            assert any(torch.allclose(v, c, atol=1e-5) for c in (x, x.flip(-1), g, g.flip(-1)))
+    assert len(list(dv.DeviceBatches(images, 2, 16, 1.0, True, seed=0, world_size=2).fixed_batches(8))) == 1
+
+
 def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="uint8"):
         dv.DeviceBatches(torch.zeros(32, 3, 8, 8), 16, 8, 1.0, True, 0)
@@ -355,6 +370,7 @@ def test_view_statistics_match_the_pil_reference_pipeline():
 def test_trainer_takes_two_steps_on_the_device_path(tmp_path):
     from simclr.config import load_config
     from simclr.dist import DistInfo
+    from simclr.run_dir import RunLock
     from simclr.trainer import Trainer
 
     config = load_config("configs/tiny.yaml", [f"run_dir={tmp_path / 'run'}", "batch_size=32",
@@ -368,6 +384,10 @@ def test_trainer_takes_two_steps_on_the_device_path(tmp_path):
         loss, _ = trainer.train_step(x1, x2)
         assert torch.isfinite(loss)
     assert all(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()) if a.ndim > 1)
+    assert isinstance(trainer.valid_views, dv.DeviceBatches)  # validation views are made on the device too
+    trainer.lock = RunLock(tmp_path / "run")
+    first = trainer.validate()
+    assert first == trainer.validate() and set(first) == {"valid_loss", "valid_top1", "valid_top5"}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
