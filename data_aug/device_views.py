@@ -25,7 +25,6 @@ import math
 from dataclasses import dataclass, fields
 
 import torch
-from torch.utils.data import DistributedSampler
 
 from data_aug.views import blur_kernel_size
 
@@ -468,8 +467,7 @@ class DeviceBatches:
         batches of `local_batch` (a shorter last batch only when the share is smaller than one batch), and
         batch k's views are drawn from a stream seeded by (seed, rank, k), not by the epoch.
         """
-        order = list(DistributedSampler(range(self.num_images), self.world_size, self.rank, shuffle=False))
-        order = torch.tensor(order, dtype=torch.int64).to(self.device)
+        order = self.share()
         end = len(order) - len(order) % local_batch if len(order) >= local_batch else len(order)
         height, width = self.images.shape[-2:]
         for k, start in enumerate(range(0, end, local_batch)):
@@ -477,6 +475,11 @@ class DeviceBatches:
             params = sample_view_params(2 * len(indices), height, width, self.s, self.blur,
                                         self._generator(-1 - self.rank, k), self.min_crop_scale)
             yield self._pair(indices, params[:len(indices)], params[len(indices):])
+
+    def share(self) -> torch.Tensor:
+        """This rank's image indices in DistributedSampler's unshuffled order (padded by wrapping), on the device."""
+        total = math.ceil(self.num_images / self.world_size) * self.world_size
+        return torch.arange(self.rank, total, self.world_size, device=self.device) % self.num_images
 
     def fixed_batch_count(self, local_batch: int) -> int:
         """How many batches `fixed_batches(local_batch)` yields."""

@@ -18,6 +18,7 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 from scipy import stats
+from torch.utils.data import DistributedSampler
 from torchvision.transforms import v2
 
 from data_aug import device_views as dv
@@ -333,6 +334,10 @@ def test_fixed_batches_repeat_and_take_this_ranks_share_in_order():
         for v, x, g in zip(view, expected, gray):
             assert any(torch.allclose(v, c, atol=1e-5) for c in (x, x.flip(-1), g, g.flip(-1)))
     assert len(list(dv.DeviceBatches(images, 2, 16, 1.0, True, seed=0, world_size=2).fixed_batches(8))) == 1
+    for world in (1, 3, 4, 10):  # the same shares as DistributedSampler, padding included
+        for rank in range(world):
+            mine = dv.DeviceBatches(images, world, 16, 0.0, False, seed=0, rank=rank, world_size=world)
+            assert mine.share().tolist() == list(DistributedSampler(range(10), world, rank, shuffle=False))
 
 
 def test_bad_arguments_raise():
