@@ -69,7 +69,12 @@ class NTXentLoss(nn.Module):
         """
         if z_i.shape != z_j.shape or z_i.ndim != 2:
             raise ValueError(f"z_i and z_j must both be [N, D], got {tuple(z_i.shape)} and {tuple(z_j.shape)}")
-        z_i, z_j = z_i.float(), z_j.float()  # the softmax over 2N keys needs float32 even under autocast
+        # float32 even under autocast: bfloat16 logits (spacing 0.0625 at |logit| 10, tau = 0.1) would blur the
+        # gaps between the positive and the hard negatives, and the matmul would drop back to it under autocast
+        with torch.autocast(z_i.device.type, enabled=False):
+            return self._logits(z_i.float(), z_j.float())
+
+    def _logits(self, z_i: torch.Tensor, z_j: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.use_cosine_similarity:
             z_i, z_j = F.normalize(z_i, dim=1), F.normalize(z_j, dim=1)
         n = z_i.shape[0]

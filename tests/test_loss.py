@@ -91,3 +91,20 @@ def test_bad_inputs():
         NTXentLoss(0.0)
     with pytest.raises(ValueError):
         NTXentLoss(0.5)(torch.randn(3, 4), torch.randn(2, 4))
+
+
+def test_logits_stay_float32_under_autocast():
+    """Under bf16 autocast the similarity matmul must not drop to bfloat16 (tau = 0.1: logits up to 10)."""
+    g = torch.Generator().manual_seed(0)
+    z_i, z_j = torch.randn(64, 32, generator=g), torch.randn(64, 32, generator=g)
+    criterion = NTXentLoss(temperature=0.1)
+    reference, _ = criterion.logits(z_i, z_j)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, _ = criterion.logits(z_i.bfloat16(), z_j.bfloat16())
+        loss = criterion(z_i, z_j)
+    assert logits.dtype == torch.float32 and loss.dtype == torch.float32
+    finite = torch.isfinite(reference)
+    # only the inputs' rounding to bfloat16 remains (the matmul itself in bfloat16 was off by up to 0.035)
+    z_ref, _ = criterion.logits(z_i.bfloat16().float(), z_j.bfloat16().float())
+    assert torch.equal(logits[finite], z_ref[finite])
+    assert loss.item() == pytest.approx(criterion(z_i, z_j).item(), abs=1e-6)
