@@ -96,6 +96,21 @@ def create_optimizer(model: torch.nn.Module, name: str, lr: float, weight_decay:
     raise ValueError(f"unknown optimizer {name!r}: use adam, sgd or lars")
 
 
+def match_state_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give each optimiser state tensor shaped like its parameter the parameter's memory layout, in place.
+
+    `load_state_dict` keeps the saved layout, so a checkpoint from a contiguous model (a CPU run) restored
+    into a channels_last one (CUDA) would leave Adam's moments with other strides than their parameters:
+    fused Adam then stops with an error on CUDA and pairs the wrong elements on the CPU.
+    """
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
+
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int, cosine: bool = True) -> float:
     """Learning-rate multiplier at `step`: linear warmup to 1, then cosine decay to 0 at `total_steps`."""
     if step < warmup_steps:

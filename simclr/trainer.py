@@ -22,7 +22,7 @@ from simclr import checkpoint as ckpt
 from simclr.config import Config, ConfigError, config_to_dict
 from simclr.grad_cache import grad_cache_backward
 from simclr.dist import DistInfo, StopVote, all_reduce_mean, barrier, broadcast_object, resolve_sync_bn
-from simclr.optim import create_optimizer, create_scheduler, scaled_lr
+from simclr.optim import create_optimizer, create_scheduler, match_state_layout, scaled_lr
 from simclr.run_dir import RunLock, RunWriter, default_run_dir
 
 
@@ -213,8 +213,10 @@ class Trainer:
         try:
             self.model.load_state_dict(state["model"], strict=True)
             self.optimizer.load_state_dict(state["optimizer"])
+            match_state_layout(self.optimizer)  # e.g. a CPU checkpoint resumed into a channels_last CUDA model
             self.scheduler.load_state_dict(state["scheduler"])
-            self.scaler.load_state_dict(state["scaler"])
+            if self.scaler.is_enabled() and state["scaler"]:  # empty: saved without float16 (CPU, bfloat16)
+                self.scaler.load_state_dict(state["scaler"])
         except (RuntimeError, KeyError, ValueError) as err:
             raise CheckpointLoadError(f"the resume checkpoint does not fit this model or optimiser "
                                       f"({str(err).splitlines()[0][:200]}): resume with the run's own config") from None

@@ -1,13 +1,14 @@
 """LARS against its formula, weight-decay exclusions, learning-rate scaling and the per-step schedule."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
 import torch.nn as nn
 
-from simclr.optim import LARS, create_optimizer, create_scheduler, scaled_lr, warmup_cosine
+from simclr.optim import LARS, create_optimizer, create_scheduler, match_state_layout, scaled_lr, warmup_cosine
 
 
 def _tiny_model() -> nn.Module:
@@ -123,3 +124,33 @@ def test_schedule_without_warmup_or_cosine():
     assert warmup_cosine(0, 10, 0) == pytest.approx(1.0)
     assert warmup_cosine(5, 10, 0) == pytest.approx(0.5)
     assert [warmup_cosine(s, 10, 2, cosine=False) for s in range(4)] == pytest.approx([0.5, 1.0, 1.0, 1.0])
+
+
+def test_restored_adam_state_takes_the_parameters_layout():
+    """A contiguous checkpoint restored into a channels_last model steps as it would in the contiguous one."""
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(64, 2))
+
+    def step(net, optimizer):
+        torch.manual_seed(1)
+        net(torch.randn(2, 3, 6, 6)).square().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    saved = model()
+    adam = torch.optim.Adam(saved.parameters(), lr=0.1)
+    step(saved, adam)
+    results = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        net = model().to(memory_format=layout)
+        net.load_state_dict(saved.state_dict())
+        optimizer = torch.optim.Adam(net.parameters(), lr=0.1, fused=True)  # fused: what CUDA runs
+        optimizer.load_state_dict(copy.deepcopy(adam.state_dict()))  # as torch.load gives it: not shared
+        match_state_layout(optimizer)
+        for p in net.parameters():
+            assert all(v.stride() == p.stride() for v in optimizer.state[p].values() if v.shape == p.shape)
+        step(net, optimizer)
+        results.append([p.detach().clone() for p in net.parameters()])
+    for contiguous, channels_last in zip(*results):
+        torch.testing.assert_close(channels_last, contiguous, atol=1e-6, rtol=1e-5)

@@ -116,6 +116,17 @@ def test_resume_of_a_copied_run_stays_in_the_copy_and_ignores_another_config_fil
     assert torch.load(finished / "checkpoints" / "last.pt", weights_only=True)["config"]["epochs"] == 2
 
 
+def test_float16_resume_of_a_run_saved_without_a_scaler_starts_a_fresh_scale(data_root, straight_run, tmp_path):
+    """A CPU or bfloat16 run saves an empty scaler state; resuming it under float16 (CUDA) must not fail."""
+    state = torch.load(straight_run / "checkpoints" / "last.pt", weights_only=True)
+    assert state["scaler"] == {}
+    config = load_config(None, tiny_args(data_root, tmp_path / "fp16")[2:])
+    trainer = Trainer(config, init_distributed("cpu"))
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)  # enabled, as float16 on CUDA makes it
+    trainer._restore(state)
+    assert trainer.scaler.get_scale() == 2.0**10 and trainer.next_epoch == 2
+
+
 def test_mixed_precision_on_cpu_uses_bfloat16(data_root, tmp_path, capsys):
     assert run.main(tiny_args(data_root, tmp_path / "amp", "fp16_precision=true", "epochs=1")) == 0
     assert "bfloat16" in capsys.readouterr().out
