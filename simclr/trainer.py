@@ -282,6 +282,7 @@ class Trainer:
                    disable=not self.info.is_main, dynamic_ncols=True, leave=False)
         tick, tick_images = time.perf_counter(), 0
         for step, (x1, x2) in enumerate(self.train_batches.batches(epoch, self.start_step), start=self.start_step):
+            lr = self.optimizer.param_groups[0]["lr"]  # this step's rate: the scheduler moves it after the step
             loss, acc = self.train_step(self._to_device(x1), self._to_device(x2))
             total += loss
             count += 1
@@ -295,7 +296,6 @@ class Trainer:
                 if not self.scaler.is_enabled():  # under float16 a GradScaler skips overflowing steps instead
                     self._check_finite(loss_value, epoch, step)
                 speed = tick_images / (time.perf_counter() - tick)
-                lr = self.optimizer.param_groups[0]["lr"]
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{speed:.0f}")
                 if writer:
                     record = {"kind": "step", "epoch": epoch, "step": step, "global_step": global_step,

@@ -10,6 +10,7 @@ import run
 from loss.nt_xent import NTXentLoss
 from simclr.config import config_to_dict, load_config
 from simclr.dist import init_distributed
+from simclr.optim import warmup_cosine
 from simclr.trainer import Trainer, find_resume
 from tests.conftest import assert_same_weights, final_weights, tiny_args
 
@@ -37,8 +38,9 @@ def test_run_directory_contents(straight_run, capsys):
 
 def test_learning_rate_follows_cosine_per_step(straight_run):
     records = [json.loads(line) for line in (straight_run / "metrics.jsonl").read_text().splitlines()]
-    lrs = [r["lr"] for r in records if r["kind"] == "step"]
-    assert all(a > b for a, b in zip(lrs, lrs[1:])) and lrs[-1] == pytest.approx(0, abs=1e-12)
+    lrs = [r["lr"] for r in records if r["kind"] == "step"]  # each step's own rate, logged every step here
+    assert lrs == pytest.approx([3e-4 * warmup_cosine(t, 6, 0) for t in range(6)], rel=1e-12)  # 2 epochs x 3 steps
+    assert lrs[0] == pytest.approx(3e-4) and all(a > b > 0 for a, b in zip(lrs, lrs[1:]))
 
 
 def test_interrupted_run_resumes_to_the_same_weights(data_root, straight_run, tmp_path, monkeypatch):
