@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -17,11 +18,11 @@ from data_aug.stl10 import DataError
 from models.loading import CheckpointLoadError
 from simclr.checkpoint import CheckpointWriteError
 from simclr.config import ConfigError, load_config
-from simclr.dist import DeviceError, init_distributed, shutdown
+from simclr.dist import init_distributed, shutdown
 from simclr.run_dir import RunDirBusy
 from simclr.trainer import Preempted, Trainer, TrainingError, find_resume
 
-USER_ERRORS = (DataError, CheckpointLoadError, CheckpointWriteError, TrainingError, RunDirBusy, DeviceError)
+USER_ERRORS = (DataError, CheckpointLoadError, CheckpointWriteError, TrainingError, RunDirBusy)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -35,6 +36,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    rank = int(os.environ.get("RANK", "0"))  # torchrun's process rank (0 without torchrun)
     try:
         config = load_config(args.config or "config.yaml", args.overrides)
         info = init_distributed(config.device)
@@ -50,10 +52,11 @@ def main(argv: list[str] | None = None) -> int:
                                                              "run_dir": here})
         run_dir = Trainer(config, info, resume).fit()
     except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
+        if rank == 0:  # every process reads the same config: under torchrun, say it once
+            print(f"config error: {err}", file=sys.stderr)
         return 2
     except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {err}" if rank == 0 else f"error (rank {rank}): {err}", file=sys.stderr)
         return 1
     except Preempted as stop:
         if info.is_main:  # under torchrun every rank stops; one message is enough

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torchvision
 
+from bench import device_arg
 from data_aug.datasets import TensorImages
 from data_aug.device_views import DeviceBatches
 from data_aug.views import TwoViews, create_view_transform
@@ -259,7 +260,8 @@ def append_run(block: str, path: Path = BENCHMARKS) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    parser.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cuda, cuda:N or cpu (default: cuda if visible)")
     parser.add_argument("--model", default="resnet18", choices=["resnet18", "resnet50"])
     parser.add_argument("--crop", type=int, default=96, help="view side (and synthetic image side)")
     parser.add_argument("--batch-size", type=int, help="images per step (default 512 on CUDA, 32 on the CPU)")
@@ -286,12 +288,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("error: --device cuda but no CUDA GPU is visible; use --device cpu", file=sys.stderr)
-        return 1
     if min(args.batch_size, args.steps) < 1 or args.warmup < 0 or args.batch_size < 2:
         print("error: --batch-size must be >= 2, --steps >= 1 and --warmup >= 0", file=sys.stderr)
-        return 1
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     command = "python -m bench.throughput " + " ".join(sys.argv[1:] if argv is None else argv)

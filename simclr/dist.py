@@ -26,8 +26,8 @@ class DistInfo:
         return self.world_size > 1
 
 
-class DeviceError(RuntimeError):
-    """The configured device is not usable here; the message says what to set instead."""
+class DeviceError(ConfigError):
+    """The configured device is not usable here (a config error: exit 2); the message says what to set instead."""
 
 
 def pick_device(setting: str, local_rank: int = 0) -> torch.device:

@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from simclr.config import ConfigError, config_from_dict, config_to_dict, load_config
 
@@ -114,3 +115,25 @@ def test_main_user_errors_return_2_with_one_line(args, key, capsys, monkeypatch)
     assert run.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and key in err[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_device_that_is_not_here_is_a_config_error(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    import run
+
+    assert run.main(["device=cuda"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("config error: device: cuda") and "device: cpu" in err[0]
+
+
+def test_under_torchrun_only_rank_0_prints_a_config_error(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    import run
+
+    monkeypatch.setenv("RANK", "1")
+    assert run.main(["loss.temperature=0"]) == 2
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    assert run.main(["loss.temperature=0"]) == 2
+    assert "loss.temperature" in capsys.readouterr().err

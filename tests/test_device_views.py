@@ -448,3 +448,15 @@ def test_compiled_view_ops_match_eager_on_cuda():
     compiled = dv.DeviceBatches(images, 64, 96, 1.0, True, seed=0, device="cuda", compile=True).make_batch(0, 1)
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("device", ["gpu", "mps"] + ([] if torch.cuda.is_available() else ["cuda"]))
+def test_benchmarks_refuse_a_bad_device_in_one_line(device, capsys):
+    from bench import loss_scaling, throughput
+
+    for bench in (throughput, loss_scaling):
+        with pytest.raises(SystemExit) as stop:
+            bench.main(["--device", device, "--no-write"])
+        assert stop.value.code == 2
+        err = capsys.readouterr().err
+        assert f"--device: {device!r}" in err and "Traceback" not in err
