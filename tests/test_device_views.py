@@ -404,6 +404,7 @@ def test_cuda_batches_never_sync_with_the_host_and_match_the_cpu_ops():
     torch.cuda.set_sync_debug_mode("error")
     try:
         x1, x2 = batches.make_batch(0, 1)
+        batches.make_batch(1, 0)  # a new epoch: its permutation is drawn on the GPU too
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert x1.is_cuda and x1.is_contiguous(memory_format=torch.channels_last)
@@ -439,6 +440,29 @@ def test_benchmark_runs_end_to_end_on_the_cpu(tmp_path, capsys):
                 "CPU pipeline alone", "device pipeline alone", "per core", "torch " + torch.__version__):
         assert row in text
     assert "appended to" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_training_step_never_syncs_with_the_host(tmp_path):
+    """The trainer's whole step (device views, bf16 forward, NT-Xent, backward, fused Adam, schedule)."""
+    from simclr.config import load_config
+    from simclr.dist import DistInfo
+    from simclr.trainer import Trainer
+
+    config = load_config("configs/tiny.yaml", [f"run_dir={tmp_path / 'run'}", "device=cuda", "batch_size=32",
+                                               "dataset.augment_on=device", "fp16_precision=true",
+                                               "amp_dtype=bfloat16"])
+    trainer = Trainer(config, DistInfo(0, 1, 0, torch.device("cuda")))
+    batches = trainer.train_batches.batches(0)
+    for _ in range(2):  # the first steps allocate optimiser state
+        trainer.train_step(*next(batches))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, acc = trainer.train_step(*next(batches))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert loss.is_cuda and torch.isfinite(loss) and acc["top1"].is_cuda
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (compiling on the CPU takes minutes)")
