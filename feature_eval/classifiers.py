@@ -117,13 +117,16 @@ def lbfgs_probe(train_features, train_labels, test_features, test_labels=None, *
                                           "converged": converged})
 
 
+MIN_HOLDOUT_ITEMS = 4  # two to fit, at least one to validate, and room to round
+
+
 def holdout_split(labels: np.ndarray, valid_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded (fit, valid) index split of the training items, stratified by class where every class allows it."""
     from sklearn.model_selection import train_test_split
 
     n = len(labels)
-    if n < 4:
-        raise ValueError(f"{n} training items are too few to hold out a validation part (need 4)")
+    if n < MIN_HOLDOUT_ITEMS:
+        raise ValueError(f"{n} training items are too few to hold out a validation part (need {MIN_HOLDOUT_ITEMS})")
     n_valid = min(max(int(round(n * valid_fraction)), 1), n - 2)
     index = np.arange(n)
     counts = np.bincount(labels)

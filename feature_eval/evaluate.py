@@ -13,7 +13,9 @@ import argparse
 import datetime
 import json
 import platform
+import shlex
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +27,9 @@ import torch
 from data_aug.datasets import load_split
 from data_aug.stl10 import DataError
 from feature_eval.baselines import pca_baseline, random_encoder
-from feature_eval.classifiers import ClassifierResult, adam_probe, knn_classifier, lbfgs_probe, weighted_knn
-from feature_eval.features import FeatureSplit, best_device, cached_features, extract_features
+from feature_eval.classifiers import (MIN_HOLDOUT_ITEMS, ClassifierResult, adam_probe, knn_classifier, lbfgs_probe,
+                                      weighted_knn)
+from feature_eval.features import FeatureSplit, best_device, cached_features, data_fingerprint, extract_features
 from models.loading import CheckpointLoadError, file_sha256, load_encoder, read_checkpoint, resolve_checkpoint
 
 CLASSIFIERS = ("lbfgs", "adam", "knn")
@@ -104,7 +107,7 @@ def evaluate(checkpoint: str | Path, *, dataset: str | None = None, root: str | 
              device: str | torch.device | None = None, num_workers: int = 0, out_dir: str | Path | None = None,
              write: bool = True, cache: bool = True, cache_dir: str | Path | None = None, seed: int = 0,
              C: float = 1.0, max_iter: int = 1200, knn_k: int = 10, weighted_knn_k: int = 200,
-             weighted_knn_temperature: float = 0.1, download: bool = False,
+             weighted_knn_temperature: float = 0.1, download: bool = False, command: str | None = None,
              log: Callable[[str], None] = print) -> Evaluation:
     """Evaluate a checkpoint's frozen encoder: fit on the `train` split, report on `test`.
 
@@ -123,6 +126,7 @@ def evaluate(checkpoint: str | Path, *, dataset: str | None = None, root: str | 
             keyed by checkpoint content and split.
         seed: random-init weights, PCA, the Adam probe's hold-out split and batch order.
         C, max_iter: the L-BFGS logistic regression's (the seed's 1.0 and 1200).
+        command: the command line that asked for this evaluation, recorded in the JSON (model cards quote it).
     Returns:
         Evaluation (results dict, markdown table, features, per-row ClassifierResults, written paths).
     Raises:
@@ -140,15 +144,21 @@ def evaluate(checkpoint: str | Path, *, dataset: str | None = None, root: str | 
     data_config, model_config = config.get("dataset", {}) or {}, config.get("model", {}) or {}
     dataset = dataset or data_config.get("name")
     root = Path(root if root is not None else data_config.get("root", "data"))
-    input_size = int(input_size or (data_config.get("input_shape") or [0])[0])
+    trained_size = int((data_config.get("input_shape") or [0])[0])
+    input_size = int(input_size or trained_size)
     if not dataset:
         raise EvalError(f"checkpoint {file} does not name its data set: pass --dataset NAME (and --root DIR)")
     if input_size < 8:
         raise EvalError(f"input size {input_size or 'unknown'}: pass --input-size N (N >= 8, e.g. 96 for STL10)")
     train_set, test_set = _load_splits(dataset, root, download)
+    if "adam" in classifiers and len(train_set) < MIN_HOLDOUT_ITEMS:
+        raise EvalError(f"--classifiers adam: the train split has {len(train_set)} images, too few to tune on a "
+                        f"hold-out (need {MIN_HOLDOUT_ITEMS}); use --classifiers lbfgs,knn")
     classes = list(getattr(train_set, "classes", [])) or [str(i) for i in range(int(train_set.labels.max()) + 1)]
 
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(file)
+    if write:
+        _check_writable(out_dir)  # now, not after minutes of feature extraction
     cache_dir = (Path(cache_dir) if cache_dir is not None else default_cache_dir(file, out_dir)) if cache else None
     digest = file_sha256(file)
     trained_epochs = read_checkpoint(file).get("next_epoch", config.get("epochs"))
@@ -161,10 +171,11 @@ def evaluate(checkpoint: str | Path, *, dataset: str | None = None, root: str | 
 
     timings: dict[str, float] = {}
     data_key = {"dataset": dataset, "root": str(root.resolve()), "input_size": input_size}
+    fingerprints = {"train": data_fingerprint(train_set), "test": data_fingerprint(test_set)} if cache_dir else {}
 
     def encode(extractor: str, model: torch.nn.Module, key: dict) -> tuple[FeatureSplit, FeatureSplit]:
         tic = time.perf_counter()
-        splits = tuple(cached_features(cache_dir, {**key, **data_key, "split": split, "items": len(data)},
+        splits = tuple(cached_features(cache_dir, {**key, **data_key, "split": split, "data": fingerprints[split]},
                                        lambda data=data, split=split: extract_features(
                                            model, data, input_size, batch_size, device, num_workers,
                                            f"{EXTRACTOR_NAMES[extractor]} features ({split})"), log)
@@ -210,7 +221,7 @@ def evaluate(checkpoint: str | Path, *, dataset: str | None = None, root: str | 
 
     timings["total"] = round(time.perf_counter() - started, 3)
     results = {
-        "checkpoint": str(file), "checkpoint_sha256": digest, "trained_epochs": trained_epochs,
+        "command": command, "checkpoint": str(file), "checkpoint_sha256": digest, "trained_epochs": trained_epochs,
         "dataset": {"name": dataset, "root": str(root), "input_size": input_size, "classes": classes},
         "splits": {"fit": "train", "report": "test", "train": len(train_set), "test": len(test_set)},
         "seed": seed, "device": str(device),
@@ -227,8 +238,19 @@ def evaluate(checkpoint: str | Path, *, dataset: str | None = None, root: str | 
     table = markdown_table(rows)
     evaluation = Evaluation(results, table, classes, features, outcomes)
     if write:
-        evaluation.paths = write_results(results, table, out_dir, f"{file.stem}_{dataset}")
+        size = f"_{input_size}px" if input_size != trained_size else ""  # another size: another experiment
+        evaluation.paths = write_results(results, table, out_dir, f"{file.stem}_{dataset}{size}")
     return evaluation
+
+
+def _check_writable(folder: Path) -> None:
+    """EvalError unless `folder` exists or can be made, and a file can be written in it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise EvalError(f"cannot write results to {folder} ({err.strerror or err}): pass --out-dir DIR") from None
 
 
 def check_device(device) -> torch.device:
@@ -252,6 +274,8 @@ def _load_splits(dataset: str, root: Path, download: bool):
         test_set = load_split(dataset, root, "test", download=download)
     except ValueError as err:  # unknown data set name
         raise EvalError(f"--dataset {dataset}: {err}; choose stl10, cifar10, cifar100, imagefolder or digits") from None
+    except DataError as err:  # the loaders speak of the training config's key; here it is an option
+        raise DataError(str(err).replace("set dataset.download: true", "pass --download")) from None
     if len(test_set) == 0:
         raise EvalError(f"{dataset} under {root} has an empty test split")
     present = torch.unique(train_set.labels)
@@ -326,7 +350,9 @@ def evaluate_run(run_dir: str | Path, log: Callable[[str], None] = print) -> Eva
     as one line and gives None: the training run itself has succeeded.
     """
     try:
-        evaluation = evaluate(run_dir, classifiers=RUN_CLASSIFIERS, baselines=RUN_BASELINES, log=log)
+        command = (f"python -m feature_eval.evaluate --checkpoint {shlex.quote(str(run_dir))} --classifiers "
+                   f"{','.join(RUN_CLASSIFIERS)} --baselines {','.join(RUN_BASELINES)}")
+        evaluation = evaluate(run_dir, classifiers=RUN_CLASSIFIERS, baselines=RUN_BASELINES, command=command, log=log)
     except USER_ERRORS as err:
         print(f"final_eval: error: {err}", file=sys.stderr)
         return None
@@ -365,6 +391,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for name in ("batch_size", "max_iter", "knn_k", "weighted_knn_k"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.input_size is not None and args.input_size < 8:
+        parser.error("--input-size must be at least 8 (e.g. 96 for STL10)")
     if args.num_workers < 0:
         parser.error("--num-workers must be >= 0")
     if not args.C > 0 or not args.weighted_knn_temperature > 0:
@@ -373,14 +401,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
     try:
         evaluation = evaluate(args.checkpoint, dataset=args.dataset, root=args.root, input_size=args.input_size,
                               classifiers=args.classifiers, baselines=args.baselines, batch_size=args.batch_size,
                               device=args.device, num_workers=args.num_workers, out_dir=args.out_dir,
                               cache=not args.no_cache, cache_dir=args.cache_dir, seed=args.seed, C=args.C,
                               max_iter=args.max_iter, knn_k=args.knn_k, weighted_knn_k=args.weighted_knn_k,
-                              weighted_knn_temperature=args.weighted_knn_temperature, download=args.download)
+                              weighted_knn_temperature=args.weighted_knn_temperature, download=args.download,
+                              command=shlex.join(["python", "-m", "feature_eval.evaluate", *argv]))
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

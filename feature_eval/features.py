@@ -96,6 +96,23 @@ def extract_features(encoder: torch.nn.Module, dataset, crop_size: int, batch_si
     return FeatureSplit(torch.cat(features), torch.cat(labels).long())
 
 
+def data_fingerprint(dataset) -> str:
+    """A digest of what a data set holds, for cache keys: images and labels of an in-memory set, or each
+    file's path, size, modification time and label for an image folder (a moved or replaced file changes it)."""
+    digest = hashlib.blake2b(digest_size=16)
+    labels = torch.as_tensor(dataset.labels, dtype=torch.int64).contiguous()
+    digest.update(labels.numpy())
+    images = getattr(dataset, "images", None)
+    if isinstance(images, torch.Tensor):
+        digest.update(str(tuple(images.shape)).encode())
+        digest.update(images.contiguous().numpy())
+    else:
+        for path in dataset.files:
+            stat = Path(path).stat()
+            digest.update(f"{Path(path).resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
 def cached_features(cache_dir: str | Path | None, key: dict, compute: Callable[[], FeatureSplit],
                     log: Callable[[str], None] = print) -> FeatureSplit:
     """`compute()` once per `key`: stored as `<cache_dir>/<sha256 of key>.pt` and loaded from there after.

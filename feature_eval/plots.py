@@ -16,6 +16,8 @@ def embed_2d(features, max_points: int = 2000, seed: int = 0) -> tuple[np.ndarra
 
     features = np.asarray(features, dtype=np.float32)
     rows = np.sort(np.random.default_rng(seed).permutation(len(features))[:max_points])
+    if len(rows) < 2:  # t-SNE needs two points; one point sits at the origin
+        return np.zeros((len(rows), 2), dtype=np.float32), rows
     perplexity = float(min(30.0, max(1.0, (len(rows) - 1) / 3)))
     points = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(features[rows])
     return points, rows

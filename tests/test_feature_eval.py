@@ -372,6 +372,75 @@ def test_cli_bad_options_are_one_line_exit_2(tiny_run, capsys):
     assert code == 2 and "mnist" in err and err.count("\n") == 0
     code, err = run_cli(["--checkpoint", str(tiny_run), "--dataset", "stl10", "--root", str(tiny_run / "no")], capsys)
     assert code == 2 and "STL10" in err and err.count("\n") == 0
+    assert "pass --download" in err and "dataset.download" not in err  # the option of this command, not a config key
+    with pytest.raises(SystemExit) as stop:
+        evaluate_module.main(["--checkpoint", str(tiny_run), "--input-size", "0"])
+    assert stop.value.code == 2 and "--input-size" in capsys.readouterr().err
+
+
+def write_image_folder(root: Path, layout: dict[str, dict[str, int]]) -> None:
+    """`<root>/<split>/<class>/<i>.png` with `layout[split][class]` seeded random 20x20 images."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, classes in layout.items():
+        for name, count in classes.items():
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+
+
+def test_feature_cache_follows_the_data_not_only_its_size(tiny_run, tmp_path):
+    """Relabelling an image (moving it to another class folder) must not reuse the old features and labels."""
+    root = tmp_path / "images"
+    write_image_folder(root, {"train": {"a": 3, "b": 3}, "test": {"a": 2, "b": 2}})
+    options = dict(dataset="imagefolder", root=root, classifiers="knn", device="cpu", write=False,
+                   cache_dir=tmp_path / "cache", log=lambda *_: None)
+    first = evaluate_module.evaluate(tiny_run, **options)
+    assert first.features["simclr"][0].labels.tolist() == [0, 0, 0, 1, 1, 1]
+    (root / "train" / "a" / "2.png").rename(root / "train" / "b" / "9.png")
+    second = evaluate_module.evaluate(tiny_run, **options)
+    assert second.features["simclr"][0].labels.tolist() == [0, 0, 1, 1, 1, 1]
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 3  # the unchanged test split was reused
+
+
+def test_data_fingerprint_changes_with_pixels_labels_and_files(tmp_path):
+    from data_aug.datasets import TensorImages, load_split
+    from feature_eval.features import data_fingerprint
+
+    images, labels = torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.tensor([0, 1, 0, 1])
+    base = data_fingerprint(TensorImages(images, labels, ["a", "b"]))
+    assert base == data_fingerprint(TensorImages(images.clone(), labels.clone(), ["a", "b"]))
+    changed = images.clone()
+    changed[3, 2, 7, 7] = 1
+    assert data_fingerprint(TensorImages(changed, labels, ["a", "b"])) != base
+    assert data_fingerprint(TensorImages(images, labels.flip(0), ["a", "b"])) != base
+    write_image_folder(tmp_path, {"train": {"a": 2, "b": 2}})
+    before = data_fingerprint(load_split("imagefolder", tmp_path, "train"))
+    (tmp_path / "train" / "a" / "0.png").write_bytes((tmp_path / "train" / "b" / "1.png").read_bytes())
+    assert data_fingerprint(load_split("imagefolder", tmp_path, "train")) != before  # same name, new content
+
+
+def test_adam_probe_on_too_few_training_images_is_a_one_line_error(tiny_run, tmp_path, capsys):
+    root = tmp_path / "images"
+    write_image_folder(root, {"train": {"a": 2, "b": 1}, "test": {"a": 1, "b": 1}})
+    code, err = run_cli(["--checkpoint", str(tiny_run), "--dataset", "imagefolder", "--root", str(root),
+                         "--classifiers", "adam", "--device", "cpu", "--no-cache"], capsys)
+    assert code == 2 and err.count("\n") == 0 and "3 images" in err and "--classifiers lbfgs,knn" in err
+
+
+def test_cli_records_its_command_and_checks_the_output_folder_first(tiny_run, tmp_path, capsys, monkeypatch):
+    argv = ["--checkpoint", str(tiny_run), "--classifiers", "knn", "--knn-k", "3", "--device", "cpu",
+            "--out-dir", str(tmp_path / "out")]
+    assert evaluate_module.main(argv) == 0
+    saved = json.loads((tmp_path / "out" / "last_digits.json").read_text())
+    assert saved["command"] == "python -m feature_eval.evaluate " + " ".join(argv)
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    monkeypatch.setattr(evaluate_module, "extract_features", lambda *a, **k: pytest.fail("extracted first"))
+    code, err = run_cli(argv[:-1] + [str(blocked / "out")], capsys)
+    assert code == 2 and "cannot write results" in err and err.count("\n") == 0
 
 
 def test_module_entry_point_has_no_traceback(tmp_path):
@@ -379,3 +448,11 @@ def test_module_entry_point_has_no_traceback(tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().startswith("error: checkpoint") and done.stderr.strip().count("\n") == 0
+
+
+@pytest.mark.parametrize("n", [1, 2, 7])
+def test_embedding_works_for_tiny_test_sets(n):
+    from feature_eval.plots import embed_2d
+
+    points, rows = embed_2d(np.random.default_rng(0).normal(size=(n, 4)))
+    assert points.shape == (n, 2) and rows.tolist() == list(range(n)) and np.isfinite(points).all()
