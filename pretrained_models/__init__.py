@@ -34,6 +34,8 @@ EVAL_DIR = "eval"
 FORMAT = "simclr-package"
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# A name with a file's suffix could replace a file of this folder (export.py, README.md) or pass for one.
+_FILE_SUFFIXES = (".py", ".md", ".json", ".yaml", ".yml", ".safetensors", ".pt", ".pth")
 
 
 def torchvision_file(base_model: str) -> str:
@@ -42,8 +44,9 @@ def torchvision_file(base_model: str) -> str:
 
 
 def is_package_name(text: str) -> bool:
-    """Whether `text` could name a package (letters, digits, `.`, `_`, `-`; no path separators, no suffix)."""
-    return bool(_NAME.match(text)) and not text.endswith((".pt", ".pth", ".safetensors"))
+    """Whether `text` could name a package: letters, digits, `.`, `_`, `-`, starting with a letter or digit
+    (so never `.hidden`, `_private` or `__init__`), no path separator, no file suffix (`.py`, `.md`, `.json`, ...)."""
+    return bool(_NAME.match(text)) and not text.lower().endswith(_FILE_SUFFIXES)
 
 
 def is_package_dir(path: str | Path) -> bool:

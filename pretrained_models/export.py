@@ -30,8 +30,8 @@ from safetensors.torch import save_file
 from models.loading import CheckpointLoadError, encoder_state_dict, read_checkpoint, resolve_checkpoint
 from models.resnet_simclr import create_model
 from pretrained_models import (CARD_FILE, CONFIG_FILE, EVAL_DIR, FORMAT, FORMAT_VERSION, MANIFEST_FILE, PACKAGES_DIR,
-                               WEIGHTS_FILE, file_sha256, find_package, is_package_name, list_packages, read_manifest,
-                               torchvision_file)
+                               WEIGHTS_FILE, file_sha256, find_package, is_package_dir, is_package_name, list_packages,
+                               read_manifest, torchvision_file)
 
 ARCHITECTURES = {"resnet18": "ResNet-18", "resnet50": "ResNet-50"}
 INDEX_START, INDEX_END = "<!-- packages:start -->", "<!-- packages:end -->"
@@ -64,7 +64,7 @@ def export_package(source: str | Path, name: str | None = None, *, root: str | P
         source: a run directory (its `checkpoints/last.pt`) or a checkpoint file.
         name: package name (default: `resnet-18_<epochs>-epochs` style).
         root: packages folder (default: `pretrained_models/`); its README.md list is refreshed.
-        force: replace an existing package of that name.
+        force: replace an existing package of that name (never a file or a folder that is not a package).
     Returns:
         The package folder.
     Raises:
@@ -90,9 +90,12 @@ def export_package(source: str | Path, name: str | None = None, *, root: str | P
     epochs = state.get("next_epoch")
     name = name or default_name(base_model, epochs)
     if not is_package_name(name):
-        raise ExportError(f"--as {name!r}: a package name is letters, digits, '.', '_' and '-' (no '/', no .pt), "
-                          "e.g. resnet-18_40-epochs")
+        raise ExportError(f"--as {name!r}: a package name is letters, digits, '.', '_' and '-', starts with a letter "
+                          "or digit and has no file suffix (.py, .md, .json, ...), e.g. resnet-18_40-epochs")
     dest = root / name
+    if (dest.exists() or dest.is_symlink()) and not is_package_dir(dest):
+        raise ExportError(f"--as {name!r}: {dest} exists and is not a package, so it is never replaced; "
+                          "choose another --as name")
     if dest.exists() and not force:
         raise ExportError(f"package {dest} already exists: pass --force to replace it, or choose another --as name")
 

@@ -348,3 +348,21 @@ def test_force_replaces_a_package_and_the_default_name_follows_the_scheme(tmp_pa
     assert second == first and [p.name for p in root.iterdir()] == ["resnet-18_3-epochs"]  # no temporary left
     b_weights = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=True)["model"]
     assert_same_weights(pretrained_models.read_package_weights(second), b_weights, atol=0)
+
+
+@pytest.mark.parametrize("name", ["export.py", "README.md", "__init__.py", "__init__", "package.json",
+                                  "model.safetensors", ".hidden", "_private", "assets", "LICENSE"])
+def test_force_never_replaces_what_is_not_a_package(tmp_path, capsys, name):
+    make_run(tmp_path / "run")
+    root = tmp_path / "packages"
+    root.mkdir()
+    for entry in ("export.py", "README.md", "__init__.py", "LICENSE"):
+        (root / entry).write_text(f"{entry} stays\n")
+    (root / "assets").mkdir()
+    (root / "assets" / "logo.txt").write_text("logo\n")
+    before = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+    assert export_module.main([str(tmp_path / "run"), "--as", name, "--force", "--packages-dir", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert repr(name) in err and err.count("\n") == 1 and "Traceback" not in err
+    assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == before
+    assert (root / "export.py").read_text() == "export.py stays\n"
