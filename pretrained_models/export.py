@@ -6,8 +6,9 @@
     python -m pretrained_models.export --refresh resnet-18_40-epochs    # card from the package's own eval/
 
 Writes `pretrained_models/<name>/` (see pretrained_models/README.md for the format) and refreshes the list
-of packages in pretrained_models/README.md. Evaluation results under `<run_dir>/eval/*.json` are copied
-when they scored these exact weights (their `checkpoint_sha256` matches). Exit status 2 with one line on
+of packages in pretrained_models/README.md. Evaluation results under `<run_dir>/eval/*.json`, and with
+--force those in the replaced package's own `eval/`, are kept when they scored these exact weights (their
+`checkpoint_sha256` is the checkpoint's or the new `model.safetensors`'); the others are named and left out. Exit status 2 with one line on
 stderr for a bad source, name or destination.
 """
 from __future__ import annotations
@@ -64,7 +65,8 @@ def export_package(source: str | Path, name: str | None = None, *, root: str | P
         source: a run directory (its `checkpoints/last.pt`) or a checkpoint file.
         name: package name (default: `resnet-18_<epochs>-epochs` style).
         root: packages folder (default: `pretrained_models/`); its README.md list is refreshed.
-        force: replace an existing package of that name (never a file or a folder that is not a package).
+        force: replace an existing package of that name (never a file or a folder that is not a package); its
+            `eval/` results of these same weights are kept.
     Returns:
         The package folder.
     Raises:
@@ -101,7 +103,6 @@ def export_package(source: str | Path, name: str | None = None, *, root: str | P
 
     run_dir = file.resolve().parent.parent if file.resolve().parent.name == "checkpoints" else file.resolve().parent
     checkpoint_sha256 = file_sha256(file)
-    evaluations = _matching_evaluations(run_dir / EVAL_DIR, {checkpoint_sha256}, log)
     meta = _first_json_line(run_dir / "meta.jsonl")
     last_epoch = _last_epoch_metrics(run_dir / "metrics.jsonl")
 
@@ -122,6 +123,19 @@ def export_package(source: str | Path, name: str | None = None, *, root: str | P
             "format": "torchvision", "base_model": base_model, "cifar_stem": str(cifar_stem).lower(),
             "input": "float RGB in [0, 1], normalised with mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225)"})
         (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
+        for weights_name in (WEIGHTS_FILE, torchvision_file(base_model)):
+            os.chmod(tmp / weights_name, 0o666 & ~_umask())
+        files = {f: {"sha256": file_sha256(tmp / f), "bytes": (tmp / f).stat().st_size}
+                 for f in (WEIGHTS_FILE, torchvision_file(base_model))}
+        # Results of the package being replaced (feature_eval run on it) stay when they scored these same weights:
+        # the same source checkpoint (safetensors orders its metadata at random, so the file's sha256 differs).
+        digests = {checkpoint_sha256, files[WEIGHTS_FILE]["sha256"]}
+        replaced = _readable_manifest(dest)
+        if replaced.get("source", {}).get("checkpoint_sha256") == checkpoint_sha256:
+            digests |= _package_digests(replaced)
+        evaluations = list({path.name: (path, results) for folder, skipped in (
+            (dest / EVAL_DIR, "dropped (from the replaced package)"), (run_dir / EVAL_DIR, "skipped"))
+            for path, results in _matching_evaluations(folder, digests, log, skipped)}.values())
         eval_files = []
         if evaluations:
             (tmp / EVAL_DIR).mkdir()
@@ -130,10 +144,6 @@ def export_package(source: str | Path, name: str | None = None, *, root: str | P
                     if companion.is_file():
                         shutil.copy2(companion, tmp / EVAL_DIR / companion.name)
                         eval_files.append(f"{EVAL_DIR}/{companion.name}")
-        for weights_name in (WEIGHTS_FILE, torchvision_file(base_model)):
-            os.chmod(tmp / weights_name, 0o666 & ~_umask())
-        files = {f: {"sha256": file_sha256(tmp / f), "bytes": (tmp / f).stat().st_size}
-                 for f in (WEIGHTS_FILE, torchvision_file(base_model))}
         manifest = {
             "name": name, "format": FORMAT, "format_version": FORMAT_VERSION,
             "base_model": base_model, "cifar_stem": cifar_stem, "feature_dim": model.encoder.feature_dim,
@@ -191,8 +201,7 @@ def refresh_package(folder: str | Path, log: Callable[[str], None] = print) -> P
         config = yaml.safe_load((folder / CONFIG_FILE).read_text()) or {}
     except (OSError, yaml.YAMLError) as err:
         raise ExportError(f"{folder / CONFIG_FILE} is unreadable ({err}): re-export the package") from None
-    digests = {manifest["source"].get("checkpoint_sha256")} | {f["sha256"] for f in manifest["files"].values()}
-    evaluations = _matching_evaluations(folder / EVAL_DIR, digests, log)
+    evaluations = _matching_evaluations(folder / EVAL_DIR, _package_digests(manifest), log)
     manifest["evaluations"] = [f"{EVAL_DIR}/{p.name}" for path, _ in evaluations
                                for p in (path, path.with_suffix(".md")) if p.is_file()]
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -202,8 +211,23 @@ def refresh_package(folder: str | Path, log: Callable[[str], None] = print) -> P
     return folder
 
 
-def _matching_evaluations(folder: Path, digests: set[str], log) -> list[tuple[Path, dict]]:
-    """`(path, results)` of the evaluation JSON files in `folder` that scored weights with one of these sha256s."""
+def _readable_manifest(folder: Path) -> dict:
+    """`package.json` of `folder`, or `{}` where it is missing or damaged."""
+    try:
+        return read_manifest(folder)
+    except CheckpointLoadError:
+        return {}
+
+
+def _package_digests(manifest: dict) -> set[str]:
+    """The sha256s that identify a package's weights: its source checkpoint's and each of its weights files'."""
+    return ({manifest.get("source", {}).get("checkpoint_sha256")}
+            | {f.get("sha256") for f in manifest.get("files", {}).values()}) - {None}
+
+
+def _matching_evaluations(folder: Path, digests: set[str], log, skipped: str = "skipped") -> list[tuple[Path, dict]]:
+    """`(path, results)` of the evaluation JSON files in `folder` that scored weights with one of these sha256s
+    (their `checkpoint_sha256`); each other one is logged as `skipped`."""
     found = []
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
         try:
@@ -214,7 +238,7 @@ def _matching_evaluations(folder: Path, digests: set[str], log) -> list[tuple[Pa
         if not isinstance(results, dict) or "rows" not in results:
             continue
         if results.get("checkpoint_sha256") not in digests:
-            log(f"skipped {path}: it scored other weights (checkpoint sha256 differs); evaluate again to include it")
+            log(f"{skipped} {path}: it scored other weights (checkpoint sha256 differs); evaluate again to include it")
             continue
         found.append((path, results))
     return found

@@ -366,3 +366,23 @@ def test_force_never_replaces_what_is_not_a_package(tmp_path, capsys, name):
     assert repr(name) in err and err.count("\n") == 1 and "Traceback" not in err
     assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == before
     assert (root / "export.py").read_text() == "export.py stays\n"
+
+
+def test_force_keeps_the_package_evaluations_of_identical_weights_and_drops_the_others(tmp_path):
+    make_run(tmp_path / "a", seed=1)
+    make_run(tmp_path / "b", seed=2)
+    root = tmp_path / "packages"
+    folder = export_package(tmp_path / "a", "p", root=root, log=lambda _: None)
+    write_eval(folder, pretrained_models.file_sha256(folder / "model.safetensors"), "model_stl10", 55.5)
+    write_eval(folder, "f" * 64, "other_stl10", 12.0)
+    logs = []
+    export_package(tmp_path / "a", "p", root=root, force=True, log=logs.append)  # the same weights again
+    assert sorted(p.name for p in (folder / "eval").iterdir()) == ["model_stl10.json", "model_stl10.md"]
+    assert json.loads((folder / "package.json").read_text())["evaluations"] == ["eval/model_stl10.json",
+                                                                                "eval/model_stl10.md"]
+    assert "55.5" in (folder / "README.md").read_text() and "12.0" not in (folder / "README.md").read_text()
+    assert any("other_stl10.json" in line and "other weights" in line for line in logs)
+    logs.clear()
+    export_package(tmp_path / "b", "p", root=root, force=True, log=logs.append)  # other weights
+    assert not (folder / "eval").exists() and "55.5" not in (folder / "README.md").read_text()
+    assert any("model_stl10.json" in line and "other weights" in line for line in logs)
