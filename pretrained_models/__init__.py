@@ -64,16 +64,15 @@ def list_packages(root: str | Path | None = None) -> list[str]:
 
 
 def find_package(name: str, root: str | Path | None = None) -> Path:
-    """The folder of the package called `name` under `root` (default: this folder).
+    """The folder of the package called `name` under `root` (default: this folder), with or without its weights
+    (a clone has only the small files; `weights_file` says where downloaded weights go).
 
     Raises:
-        CheckpointLoadError: no such package (the message lists the available ones), or its weights are
-            missing (the message says where to put downloaded weights).
+        CheckpointLoadError: no such package (the message lists the available ones).
     """
     root = Path(root) if root is not None else PACKAGES_DIR
     folder = root / name
     if is_package_name(name) and is_package_dir(folder):
-        weights_file(folder)  # raises with the download hint when only the card and manifest are there
         return folder
     available = list_packages(root)
     listing = ", ".join(available) if available else "none yet; make one with python -m pretrained_models.export " \

@@ -3,7 +3,7 @@
     python -m pretrained_models.export runs/<name> --as resnet-18_40-epochs     # its checkpoints/last.pt
     python -m pretrained_models.export runs/<name>/checkpoints/best.pt --as my-encoder
     python -m pretrained_models.export --list
-    python -m pretrained_models.export --refresh resnet-18_40-epochs    # card from the package's own eval/
+    python -m pretrained_models.export --refresh resnet-18_40-epochs    # card from its eval/; no weights needed
 
 Writes `pretrained_models/<name>/` (see pretrained_models/README.md for the format) and refreshes the list
 of packages in pretrained_models/README.md. Evaluation results under `<run_dir>/eval/*.json`, and with
@@ -192,6 +192,7 @@ def refresh_package(folder: str | Path, log: Callable[[str], None] = print) -> P
 
     Results count when they scored the package's weights or its source checkpoint (same sha256), e.g.
     after `python -m feature_eval.evaluate --checkpoint <name>`, which writes into the package's `eval/`.
+    Only `package.json`, `config.yaml` and `eval/` are read: the weights may be absent (as after a clone).
     """
     folder = Path(folder)
     manifest = read_manifest(folder)

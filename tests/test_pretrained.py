@@ -267,12 +267,13 @@ def test_run_py_unknown_package_is_one_line_exit_1(exported, packages_root, tmp_
     assert "'nope'" in err and "resnet-18_3-epochs" in err and "Traceback" not in err and err.count("\n") == 1
 
 
-def test_missing_weights_say_where_to_put_the_download(exported, tmp_path):
+def test_missing_weights_say_where_to_put_the_download(exported, tmp_path, monkeypatch):
     folder = tmp_path / "packages" / "card-only"
     folder.mkdir(parents=True)
     for name in ("package.json", "README.md", "config.yaml"):
         (folder / name).write_bytes((exported["folder"] / name).read_bytes())
-    for call in (lambda: pretrained_models.find_package("card-only", root=folder.parent), lambda: load_encoder(folder)):
+    monkeypatch.setattr(pretrained_models, "PACKAGES_DIR", folder.parent)
+    for call in (lambda: load_encoder("card-only"), lambda: load_encoder(folder)):
         with pytest.raises(CheckpointLoadError, match=rf"no model.safetensors.*download.*{folder}/model.safetensors"):
             call()
 
@@ -386,3 +387,17 @@ def test_force_keeps_the_package_evaluations_of_identical_weights_and_drops_the_
     export_package(tmp_path / "b", "p", root=root, force=True, log=logs.append)  # other weights
     assert not (folder / "eval").exists() and "55.5" not in (folder / "README.md").read_text()
     assert any("model_stl10.json" in line and "other weights" in line for line in logs)
+
+
+def test_refresh_needs_no_weights_as_after_a_clone(tmp_path, capsys):
+    make_run(tmp_path / "run")
+    root = tmp_path / "packages"
+    root.mkdir()
+    (root / "README.md").write_text(INDEX)
+    folder = export_package(tmp_path / "run", "p", root=root, log=lambda _: None)
+    write_eval(folder, pretrained_models.file_sha256(folder / "model.safetensors"), "model_stl10", 55.5)
+    for weights in folder.glob("*.safetensors"):  # gitignored: a clone has only the small files
+        weights.unlink()
+    assert export_module.main(["--refresh", "p", "--packages-dir", str(root)]) == 0, capsys.readouterr().err
+    assert "55.5" in (folder / "README.md").read_text()
+    assert "no (download)" in (root / "README.md").read_text()
