@@ -36,9 +36,9 @@ from pretrained_models import (CARD_FILE, CONFIG_FILE, EVAL_DIR, FORMAT, FORMAT_
 
 ARCHITECTURES = {"resnet18": "ResNet-18", "resnet50": "ResNet-50"}
 INDEX_START, INDEX_END = "<!-- packages:start -->", "<!-- packages:end -->"
-_SPLIT_IMAGES = {"stl10": "train + unlabeled, 105,000 images", "cifar10": "train, 50,000 images",
-                 "cifar100": "train, 50,000 images", "digits": "scikit-learn digits, 80% train split",
-                 "imagefolder": "<root>/train and <root>/unlabeled"}
+# No image counts: a run does not record how many images it trained on (a data set folder may hold a subset).
+_PRETRAIN_SPLITS = {"stl10": "train + unlabeled", "cifar10": "train", "cifar100": "train",
+                    "digits": "train (scikit-learn digits' 80% split)", "imagefolder": "train + unlabeled"}
 
 
 class ExportError(ValueError):
@@ -291,12 +291,15 @@ def model_card(manifest: dict, config: dict, evaluations: list[dict]) -> str:
     data, opt, loss = config.get("dataset", {}) or {}, config.get("optimizer", {}) or {}, config.get("loss", {}) or {}
     dataset = data.get("name", "?")
     size = (data.get("input_shape") or ["?"])[0]
+    counted = next((r["splits"] for r in evaluations if _counts_split(r, data)), None)
     lines = [f"# {name}", "",
              f"A SimCLR {arch} encoder and its projection head, trained by this repository "
              f"(`python run.py`), packaged by `python -m pretrained_models.export`.", "",
              "| | |", "|---|---|",
-             f"| Data | {dataset}, pretraining split ({_SPLIT_IMAGES.get(dataset, 'pretrain split')}), "
-             f"{size}x{size} px, {data.get('valid_size', '?')} held out for validation |",
+             f"| Data | {dataset} (`{data.get('root', '?')}`), pretrained on its "
+             f"{_PRETRAIN_SPLITS.get(dataset, 'pretrain')} split, {size}x{size} px, {data.get('valid_size', '?')} "
+             "of it held out for validation" + (f"; the evaluation below counted {counted['train']:,} labelled train "
+                                                f"and {counted['test']:,} test images" if counted else "") + " |",
              f"| Epochs | {manifest.get('epochs')} (of {manifest.get('configured_epochs')} configured) |",
              f"| Batch | {config.get('batch_size', '?')} (global) |",
              f"| Recipe | {opt.get('name', '?')} lr {opt.get('lr', '?')} (scaling {opt.get('lr_scaling', 'none')}, "
@@ -321,9 +324,12 @@ def model_card(manifest: dict, config: dict, evaluations: list[dict]) -> str:
                   "```", ""]
     for results in evaluations:
         data_info = results.get("dataset", {})
-        lines += [f"On {data_info.get('name')} ({data_info.get('input_size')} px), fit on "
-                  f"{results.get('splits', {}).get('fit', 'train')}, scored on test "
-                  f"({results.get('splits', {}).get('test', '?')} images):", "",
+        splits = results.get("splits", {})
+        fit = splits.get("fit", "train")
+        if fit == "train" and isinstance(splits.get("train"), int):
+            fit = f"train ({splits['train']:,} images)"
+        lines += [f"On {data_info.get('name')} ({data_info.get('input_size')} px), fit on {fit}, scored on test "
+                  f"({splits.get('test', '?')} images):", "",
                   "| Protocol | Feature extractor | Top-1 % | Top-5 % |", "|---|---|---|---|"]
         for row in results.get("rows", []):
             top1, top5 = row.get("top1"), row.get("top5")
@@ -357,6 +363,14 @@ def model_card(manifest: dict, config: dict, evaluations: list[dict]) -> str:
               "# missing == ['fc.weight', 'fc.bias']: add your own classifier, or net.fc = torch.nn.Identity()", "```",
               ""]
     return "\n".join(lines)
+
+
+def _counts_split(results: dict, data: dict) -> bool:
+    """Whether an evaluation counted the labelled train and test images of the training data set (same name and root)."""
+    splits, evaluated = results.get("splits", {}), results.get("dataset", {})
+    return (evaluated.get("name") == data.get("name") and evaluated.get("root") is not None
+            and Path(str(evaluated["root"])) == Path(str(data.get("root")))
+            and all(isinstance(splits.get(k), int) for k in ("train", "test")))
 
 
 def package_summary(folder: Path) -> dict:

@@ -401,3 +401,23 @@ def test_refresh_needs_no_weights_as_after_a_clone(tmp_path, capsys):
     assert export_module.main(["--refresh", "p", "--packages-dir", str(root)]) == 0, capsys.readouterr().err
     assert "55.5" in (folder / "README.md").read_text()
     assert "no (download)" in (root / "README.md").read_text()
+
+
+def data_row(folder):
+    return next(line for line in (folder / "README.md").read_text().splitlines() if line.startswith("| Data |"))
+
+
+def test_model_card_claims_no_image_count_that_was_not_counted(tmp_path):
+    make_run(tmp_path / "run")
+    folder = export_package(tmp_path / "run", "p", root=tmp_path / "packages", log=lambda _: None)
+    row = data_row(folder)
+    assert "stl10" in row and "train + unlabeled" in row and "105,000" not in row and "images" not in row
+    write_eval(folder, pretrained_models.file_sha256(folder / "model.safetensors"), "model_stl10", 55.5)
+    path = folder / "eval" / "model_stl10.json"
+    results = json.loads(path.read_text())
+    results["dataset"]["root"] = yaml.safe_load((folder / "config.yaml").read_text())["dataset"]["root"]
+    results["splits"] = {"fit": "train", "report": "test", "train": 86, "test": 20}
+    path.write_text(json.dumps(results))
+    refresh_package(folder, log=lambda _: None)
+    assert "86 labelled train and 20 test images" in data_row(folder) and "105,000" not in data_row(folder)
+    assert "fit on train (86 images), scored on test (20 images)" in (folder / "README.md").read_text()
