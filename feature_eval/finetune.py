@@ -351,9 +351,12 @@ def finetune_evaluate(checkpoint: str | Path, *, label_fraction: float, dataset:
     architecture = ARCHITECTURES.get(base_model, base_model) + (" (CIFAR stem)" if cifar_stem else "")
     trained_epochs = read_checkpoint(file).get("next_epoch", config.get("epochs"))
     tag = fraction_tag(label_fraction)
-    log(f"fine-tuning {file} on {tag[:-3]}% of {dataset} train labels ({len(indices)} images, "
-        f"{counts.min()}-{counts.max()} per class), {epochs} epochs, {input_size}px, on {device}; "
-        f"base lr from {', '.join(f'{lr:g}' for lr in lrs)}")
+    # The subset is what was fit, not the fraction asked for: at least one image per class can make it larger.
+    labelled_total = int((train_set.labels >= 0).sum())
+    share = f"{100 * len(indices) / labelled_total:.3g}%"
+    fit = f"{len(indices)} of {labelled_total} train images ({share}; --label-fraction {label_fraction:g})"
+    log(f"fine-tuning {file} on {fit} of {dataset}, {counts.min()}-{counts.max()} per class, {epochs} epochs, "
+        f"{input_size}px, on {device}; base lr from {', '.join(f'{lr:g}' for lr in lrs)}")
 
     starts = {"simclr": (encoder, trained_epochs)}
     if "random" in baselines:
@@ -374,7 +377,7 @@ def finetune_evaluate(checkpoint: str | Path, *, label_fraction: float, dataset:
         timings[f"finetune_{extractor}"] = seconds
         selections[extractor] = selection
         models[extractor] = model.cpu()
-        rows.append({"classifier": "finetune", "classifier_name": f"Fine-tuned end to end ({tag[:-3]}% labels)",
+        rows.append({"classifier": "finetune", "classifier_name": f"Fine-tuned end to end ({share} labels)",
                      "extractor": extractor, "extractor_name": name, "architecture": architecture,
                      "feature_dim": start.feature_dim, "projection_dim": None, "epochs": pretrained_epochs,
                      "top1": top1, "top5": top5, "seconds": seconds,
@@ -390,7 +393,7 @@ def finetune_evaluate(checkpoint: str | Path, *, label_fraction: float, dataset:
         "command": command or " ".join(["python -m feature_eval.finetune"] + [shlex.quote(a) for a in sys.argv[1:]]),
         "checkpoint": str(file), "checkpoint_sha256": file_sha256(file), "trained_epochs": trained_epochs,
         "dataset": {"name": dataset, "root": str(root), "input_size": input_size, "classes": classes},
-        "splits": {"fit": f"{tag[:-3]}% of train (class-balanced)", "report": "test", "train": len(train_set),
+        "splits": {"fit": fit, "report": "test", "train": len(train_set),
                    "labelled": len(indices), "test": len(test_set)},
         "label_subset": {"fraction": label_fraction, "seed": seed,
                          "per_class": {c: int(n) for c, n in zip(classes, counts)},
@@ -419,11 +422,11 @@ def write_results(results: dict, table: str, out_dir: Path, stem: str) -> dict[s
     """Write `<out_dir>/<stem>.md` (a caption and the table) and `<out_dir>/<stem>.json`."""
     data, splits = results["dataset"], results["splits"]
     per_class = results["label_subset"]["per_class"].values()
-    caption = (f"`{results['checkpoint']}` fine-tuned end to end on {splits['fit']} of {data['name']} "
-               f"({splits['labelled']} of {splits['train']} images, {min(per_class)}-{max(per_class)} per class, "
-               f"{data['input_size']}px, crop + flip only, base lr chosen on a hold-out of those labels), scored "
-               f"on test ({splits['test']}); seed {results['seed']}, {results['timings_s']['total']:.0f} s on "
-               f"{results['device']}. Command: `{results['command']}`")
+    caption = (f"`{results['checkpoint']}` fine-tuned end to end on {data['name']}: fit on {splits['fit']}, "
+               f"class-balanced ({min(per_class)}-{max(per_class)} per class), {data['input_size']}px, crop + flip "
+               f"only, base lr chosen on a hold-out of those labels; scored on test ({splits['test']}); seed "
+               f"{results['seed']}, {results['timings_s']['total']:.0f} s on {results['device']}. "
+               f"Command: `{results['command']}`")
     paths = {"markdown": out_dir / f"{stem}.md", "json": out_dir / f"{stem}.json"}
     try:
         out_dir.mkdir(parents=True, exist_ok=True)

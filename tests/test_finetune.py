@@ -190,7 +190,7 @@ def test_cli_runs_on_tiny_data_and_one_lr_skips_the_hold_out(digits_run, tmp_pat
     assert results["selection"]["simclr"] == {"chosen_by": "only value of --lrs (no hold-out)"}
     assert results["command"].startswith("python -m feature_eval.finetune --checkpoint")
     assert results["options"]["augmentation"].startswith("random resized crop")
-    assert "Fine-tuned end to end (1% labels)" in capsys.readouterr().out
+    assert "Fine-tuned end to end (0.974% labels)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -233,3 +233,14 @@ def test_a_diverging_lr_is_skipped_in_the_search_and_reported(monkeypatch):
     json.dumps(facts, allow_nan=False)  # the record stays valid JSON
     with pytest.raises(finetune_module.EvalError, match=r"every base lr of --lrs inf,1e\+30 diverged"):
         finetune_module.select_lr(encoder, data, 2, (float("inf"), 1e30), **kwargs)
+
+
+def test_the_real_share_of_labels_is_reported_when_each_class_needs_one(digits_run, tmp_path):
+    # 0.1 % of 1437 digits would be 1 image; every one of the 10 classes gets one, so 10 (0.696 %) are used.
+    result = finetune_evaluate(digits_run, label_fraction=0.001, epochs=1, lrs=(0.1,), device="cpu",
+                               out_dir=tmp_path, command="test", log=lambda _: None)
+    fit = "10 of 1437 train images (0.696%; --label-fraction 0.001)"
+    assert result.results["splits"]["fit"] == fit and result.results["splits"]["labelled"] == 10
+    assert result.results["rows"][0]["classifier_name"] == "Fine-tuned end to end (0.696% labels)"
+    caption = result.paths["markdown"].read_text().split("\n\n")[0]
+    assert f"fit on {fit}" in caption and "0.1%" not in caption
