@@ -297,7 +297,8 @@ def finetune_evaluate(checkpoint: str | Path, *, label_fraction: float, dataset:
     """Fine-tune a checkpoint's encoder on `label_fraction` of the labels and report top-1/top-5 on test.
 
     Args:
-        checkpoint: a run dir, a `.pt`, a package dir or `.safetensors`, or a package name.
+        checkpoint: a run dir or name, a `.pt`, a package dir or `.safetensors`, or a package name
+            (`models.loading.resolve_checkpoint`).
         label_fraction: fraction of the labelled `train` split, e.g. 0.01, 0.1 or 1.0 (class-balanced, seeded).
         dataset, root, input_size: default to the checkpoint's training config.
         epochs: fine-tuning epochs (default: 60 for <= 1 % of labels, 30 otherwise).
@@ -466,7 +467,8 @@ def _fraction(text: str) -> float:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m feature_eval.finetune", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True,
-                        help="run dir, checkpoint .pt, package dir or package name (pretrained_models/<name>)")
+                        help="run dir or name (runs/<name>), checkpoint .pt, package dir or package name "
+                             "(pretrained_models/<name>)")
     parser.add_argument("--label-fraction", type=_fraction, default=0.01,
                         help="fraction of the labelled train split, class-balanced (default 0.01; the paper's "
                              "0.01 and 0.1; 1.0 for all)")

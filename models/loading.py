@@ -16,32 +16,48 @@ class CheckpointLoadError(RuntimeError):
     """A checkpoint is missing, unreadable or does not hold what was asked; the message says which file."""
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """The weights file of a `.pt`, a run dir (`checkpoints/last.pt`), a package dir or file, or a package name.
+RUNS_DIR = Path("runs")  # where run.py puts runs by default, relative to the working directory
 
-    Package names are looked up in `pretrained_models/` (`pretrained_models.find_package`); an unknown name
-    raises with the available ones listed.
+
+def resolve_checkpoint(source: str | Path) -> Path:
+    """The weights file that `source` names: the one lookup of every loader (`fine_tune_from`, `load_encoder`,
+    feature_eval, `pretrained_models.export`), in this order:
+
+    1. an existing path: a checkpoint `.pt` or a package's `.safetensors` (that file), a run dir (its
+       `checkpoints/last.pt`), a package dir (its `model.safetensors`);
+    2. a bare name: the run `runs/<name>` or the package `pretrained_models/<name>`; a name that is both is an
+       error naming both paths (pass the path of the one you mean);
+    3. otherwise an error (for an unknown name, one that lists the packages present).
+
+    Returns:
+        A checkpoint `.pt` or a `model.safetensors`: `read_checkpoint` reads both (`read_package_weights`
+        reads the second).
+    Raises:
+        CheckpointLoadError: nothing there, an ambiguous name, a run without `checkpoints/last.pt`, a package
+            without its weights (the message says where to put a download).
     """
-    text, path = str(path), Path(path)
-    if path.is_dir():
-        candidate = path / "checkpoints" / "last.pt"
-        if candidate.is_file():
-            return candidate
-        # The package format belongs to pretrained_models/, imported here only when a package is asked for.
-        from pretrained_models import is_package_dir, weights_file
+    # The package format belongs to pretrained_models/, which imports this module: imported here, when needed.
+    from pretrained_models import PACKAGES_DIR, find_package, is_package_dir, is_package_name, weights_file
 
+    path = Path(source)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        if (path / "checkpoints" / "last.pt").is_file():
+            return path / "checkpoints" / "last.pt"
         if is_package_dir(path):
             return weights_file(path)
         raise CheckpointLoadError(f"run directory {path} has no checkpoints/last.pt: has it finished an epoch? "
                                   "(nor is it a pretrained package: no model.safetensors)")
-    if path.is_file():
-        return path
-    from pretrained_models import find_package, is_package_name, weights_file
-
-    if is_package_name(text):
-        return weights_file(find_package(text))
-    raise CheckpointLoadError(f"checkpoint {path} not found: pass a run directory (runs/<name>), a .pt file, "
-                              "a package dir or a package name (pretrained_models/<name>)")
+    name = str(source)
+    if not is_package_name(name):
+        raise CheckpointLoadError(f"checkpoint {path} not found: pass a run directory (runs/<name>), a .pt file, "
+                                  "a package dir or a package name (pretrained_models/<name>)")
+    run, package = RUNS_DIR / name, PACKAGES_DIR / name
+    if run.is_dir() and is_package_dir(package):
+        raise CheckpointLoadError(f"{name!r} is both the run {run} and the package {package}: pass the path of the "
+                                  "one you mean")
+    return resolve_checkpoint(run) if run.is_dir() else weights_file(find_package(name))
 
 
 def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
@@ -93,7 +109,7 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> Encode
 
     Args:
         path: a checkpoint `.pt`, a run directory, a pretrained package directory or its `model.safetensors`,
-            or a package name (e.g. `resnet-18_40-epochs` for `pretrained_models/resnet-18_40-epochs/`).
+            a run name (`runs/<name>`) or a package name (`pretrained_models/<name>`): see `resolve_checkpoint`.
     Returns:
         `Encoder` with `feature_dim` and `config` (the training config dict) attributes.
     """

@@ -62,7 +62,8 @@ def export_package(source: str | Path, name: str | None = None, *, root: str | P
     """Write the package `<root>/<name>/` from a run directory or a checkpoint `.pt`.
 
     Args:
-        source: a run directory (its `checkpoints/last.pt`) or a checkpoint file.
+        source: a run directory or run name (its `checkpoints/last.pt`) or a checkpoint file
+            (`models.loading.resolve_checkpoint`).
         name: package name (default: `resnet-18_<epochs>-epochs` style).
         root: packages folder (default: `pretrained_models/`); its README.md list is refreshed.
         force: replace an existing package of that name (never a file or a folder that is not a package); its
@@ -429,7 +430,7 @@ def update_index(root: Path) -> bool:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m pretrained_models.export", description=__doc__.split("\n")[0])
-    parser.add_argument("source", nargs="?", help="run directory (runs/<name>) or checkpoint .pt file")
+    parser.add_argument("source", nargs="?", help="run directory or run name (runs/<name>), or checkpoint .pt file")
     parser.add_argument("--as", dest="name", help="package name (default: e.g. resnet-18_40-epochs)")
     parser.add_argument("--packages-dir", help="where packages live (default: pretrained_models/)")
     parser.add_argument("--force", action="store_true", help="replace an existing package of that name")

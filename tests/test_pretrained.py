@@ -421,3 +421,28 @@ def test_model_card_claims_no_image_count_that_was_not_counted(tmp_path):
     refresh_package(folder, log=lambda _: None)
     assert "86 labelled train and 20 test images" in data_row(folder) and "105,000" not in data_row(folder)
     assert "fit on train (86 images), scored on test (20 images)" in (folder / "README.md").read_text()
+
+
+def test_one_resolver_a_bare_run_name_works_and_a_run_and_package_of_one_name_is_an_error(
+        exported, packages_root, tmp_path, monkeypatch, capsys):
+    from feature_eval import finetune as finetune_module
+
+    monkeypatch.chdir(tmp_path)  # runs/ is the working directory's, as for run.py
+    make_run(tmp_path / "runs" / "stl")
+    make_run(tmp_path / "runs" / "resnet-18_3-epochs", seed=2)  # the package's name too
+    assert resolve_checkpoint("stl") == tmp_path.joinpath("runs", "stl", "checkpoints", "last.pt").relative_to(tmp_path)
+    assert load_encoder("stl").checkpoint_path == "runs/stl/checkpoints/last.pt"
+    assert export_module.main(["stl", "--as", "from-stl", "--packages-dir", str(tmp_path / "pk")]) == 0
+    both = r"'resnet-18_3-epochs' is both the run runs/resnet-18_3-epochs and the package .*resnet-18_3-epochs: pass"
+    for call in (resolve_checkpoint, load_encoder):
+        with pytest.raises(CheckpointLoadError, match=both):
+            call("resnet-18_3-epochs")
+    capsys.readouterr()
+    for main, argv in ((export_module.main, ["resnet-18_3-epochs", "--as", "x", "--packages-dir", str(tmp_path)]),
+                       (finetune_module.main, ["--checkpoint", "resnet-18_3-epochs", "--device", "cpu"])):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "is both the run" in err and err.count("\n") == 1
+    # A path says which one.
+    assert resolve_checkpoint("runs/resnet-18_3-epochs").parts[-3:] == ("resnet-18_3-epochs", "checkpoints", "last.pt")
+    assert resolve_checkpoint(exported["folder"]) == exported["folder"] / "model.safetensors"
