@@ -175,7 +175,7 @@ def evaluate(checkpoint: str | Path, *, dataset: str | None = None, root: str | 
 
     def encode(extractor: str, model: torch.nn.Module, key: dict) -> tuple[FeatureSplit, FeatureSplit]:
         tic = time.perf_counter()
-        splits = tuple(cached_features(cache_dir, {**key, **data_key, "split": split, "data": fingerprints[split]},
+        splits = tuple(cached_features(cache_dir, {**key, **data_key, "split": split, "data": fingerprints.get(split)},
                                        lambda data=data, split=split: extract_features(
                                            model, data, input_size, batch_size, device, num_workers,
                                            f"{EXTRACTOR_NAMES[extractor]} features ({split})"), log)

@@ -57,7 +57,12 @@ def resolve_checkpoint(source: str | Path) -> Path:
     if run.is_dir() and is_package_dir(package):
         raise CheckpointLoadError(f"{name!r} is both the run {run} and the package {package}: pass the path of the "
                                   "one you mean")
-    return resolve_checkpoint(run) if run.is_dir() else weights_file(find_package(name))
+    if run.is_dir():
+        return resolve_checkpoint(run)
+    try:
+        return weights_file(find_package(name))
+    except CheckpointLoadError as err:
+        raise CheckpointLoadError(str(err) if package.exists() else f"no run {run} and {err}") from None
 
 
 def read_checkpoint(path: str | Path, map_location="cpu") -> dict:

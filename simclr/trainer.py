@@ -91,23 +91,12 @@ def create_batches(config: Config, info: DistInfo):
     return train, valid
 
 
-def resolve_fine_tune(value: str) -> Path:
-    """A checkpoint from a run name under runs/, a run dir, a checkpoint file or a pretrained package."""
-    for candidate in (Path(value), Path("runs") / value):
-        if candidate.exists():
-            return resolve_checkpoint(candidate)
-    try:
-        from pretrained_models import find_package
-    except ImportError:
-        find_package = None
-    if find_package is not None:
-        return find_package(value)
-    raise CheckpointLoadError(f"fine_tune_from = {value!r}: no run dir, checkpoint or package of that name")
-
-
 def load_weights_only(model: nn.Module, source: str, log) -> None:
     """Initialise `model` from a checkpoint (weights only); the head is kept fresh if its shape differs."""
-    path = resolve_fine_tune(source)
+    try:  # a path, a run name under runs/ or a package name, looked up as by every other loader
+        path = resolve_checkpoint(source)
+    except CheckpointLoadError as err:
+        raise CheckpointLoadError(f"fine_tune_from = {source!r}: {err}") from None
     if path.suffix == ".safetensors" or path.is_dir():
         from pretrained_models import read_package_weights
 
