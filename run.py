@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -34,6 +35,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def one_line(err: Exception) -> str:
+    """A user error's message; one raised in a DataLoader worker arrives wrapped in the worker's traceback."""
+    text = str(err).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     rank = int(os.environ.get("RANK", "0"))  # torchrun's process rank (0 without torchrun)
@@ -56,8 +65,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"config error: {err}", file=sys.stderr)
         return 2
     except USER_ERRORS as err:
-        print(f"error: {err}" if rank == 0 else f"error (rank {rank}): {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}" if rank == 0 else f"error (rank {rank}): {one_line(err)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # a second SIGINT/SIGTERM while the first was being handled
+        print("interrupted: stopped at once by a second signal, without a checkpoint of the current epoch; the last "
+              "saved one is kept (continue with python run.py resume=<run dir>)", file=sys.stderr)
+        return 130
     except Preempted as stop:
         if info.is_main:  # under torchrun every rank stops; one message is enough
             print(str(stop))
@@ -74,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
             evaluate_run(run_dir)
         print(f"done: run dir {run_dir} (checkpoints in {Path(run_dir) / 'checkpoints'}); "
-              f"view with: tensorboard --logdir {Path(run_dir).parent}")
+              f"view with: tensorboard --logdir {shlex.quote(str(Path(run_dir).parent))}")
     return 0
 
 

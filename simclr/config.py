@@ -139,6 +139,8 @@ def replace(config: Config, **changes) -> Config:
 
 
 def _read_yaml(path: Path) -> dict:
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory: pass a YAML file with --config PATH")
     if not path.is_file():
         raise ConfigError(f"config file {path} not found: pass an existing file with --config PATH")
     try:
@@ -286,7 +288,7 @@ def validate(config: Config) -> None:
     _require(c.batch_size % c.grad_cache_chunks == 0, "grad_cache_chunks", c.grad_cache_chunks,
              f"must divide batch_size ({c.batch_size})")
     _require(m.base_model in BASE_MODELS, "model.base_model", m.base_model, f"allowed: {', '.join(BASE_MODELS)}")
-    _require(m.out_dim >= 1, "model.out_dim", m.out_dim, "must be at least 1")
+    _require(1 <= m.out_dim <= 65536, "model.out_dim", m.out_dim, "must be in [1, 65536] (paper: 128)")
     _require(d.name in DATASETS, "dataset.name", d.name, f"allowed: {', '.join(DATASETS)}")
     _require(0 <= d.valid_size < 1, "dataset.valid_size", d.valid_size, "must be in [0, 1)")
     _require(0 <= d.s <= 2.5, "dataset.s", d.s, "colour-jitter strength must be in [0, 2.5] (hue 0.2s <= 0.5; "

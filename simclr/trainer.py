@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shlex
 import signal
 import time
 from pathlib import Path
@@ -30,6 +31,13 @@ class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss, impossible sizes); the message says what to change."""
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: SIGTERM/SIGINT sent to the whole process group (SLURM, Ctrl-C) are the main
+    process's to handle; a worker killed by them would crash the step that is finishing before the checkpoint."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class LoaderBatches:
     """Batches of two views from a DataLoader with a seeded, resumable DistributedSampler.
 
@@ -50,7 +58,7 @@ class LoaderBatches:
         self.views.set_epoch(epoch)
         order = list(self.sampler)[start_step * self.local_batch:self.steps_per_epoch * self.local_batch]
         yield from DataLoader(self.views, batch_size=self.local_batch, sampler=order, drop_last=True,
-                              num_workers=self.num_workers, pin_memory=self.pin)
+                              num_workers=self.num_workers, pin_memory=self.pin, worker_init_fn=ignore_stop_signals)
 
 
 def create_batches(config: Config, info: DistInfo):
@@ -69,6 +77,9 @@ def create_batches(config: Config, info: DistInfo):
     data = load_split(d.name, d.root, "pretrain", download=d.download and not info.distributed,
                       skip_bad_images=d.skip_bad_images)
     train_idx, valid_idx = split_validation(len(data), d.valid_size, config.seed)
+    if len(valid_idx) == 1:
+        raise ConfigError(f"dataset.valid_size = {d.valid_size}: holds out 1 of {len(data)} images, and NT-Xent needs "
+                          "two to compare; raise it, or set 0 for no validation")
     if len(train_idx) < config.batch_size:
         raise ConfigError(f"batch_size = {config.batch_size}: larger than the training split ({len(train_idx)} "
                           f"images of {d.name} after holding out valid_size); lower batch_size")
@@ -91,11 +102,22 @@ def create_batches(config: Config, info: DistInfo):
     return train, valid
 
 
+# The original repository's pretrained models: its config.yaml names one, and it trained from scratch when the
+# folder was missing. They are not shipped here, so a copy of that config warns and trains from scratch too.
+SEED_PACKAGES = ("resnet-18_40-epochs", "resnet-18_80-epochs", "resnet-18_100-epochs", "resnet-50_40-epochs",
+                 "resnet-50_80-epochs")
+
+
 def load_weights_only(model: nn.Module, source: str, log) -> None:
     """Initialise `model` from a checkpoint (weights only); the head is kept fresh if its shape differs."""
     try:  # a path, a run name under runs/ or a package name, looked up as by every other loader
         path = resolve_checkpoint(source)
     except CheckpointLoadError as err:
+        if source in SEED_PACKAGES:
+            log(f"warning: fine_tune_from = {source!r} is one of the original repository's pretrained models, which "
+                "are not shipped here (pretrained_models/README.md); training from scratch, as the original did "
+                "without them. Set fine_tune_from: None to silence this.")
+            return
         raise CheckpointLoadError(f"fine_tune_from = {source!r}: {err}") from None
     if path.suffix == ".safetensors" or path.is_dir():
         from pretrained_models import read_package_weights
@@ -255,11 +277,15 @@ class Trainer:
         return loss.detach(), acc
 
     def _check_finite(self, loss: float, epoch: int, step: int) -> None:
+        """TrainingError for a NaN/Inf `loss`, found at 0-based (epoch, step): the loss is read only at log steps."""
         if not math.isfinite(loss):
             lr = self.optimizer.param_groups[0]["lr"]
-            raise TrainingError(f"non-finite loss ({loss}) at epoch {epoch}, step {step}, lr {lr:.3g}: lower "
-                                "optimizer.lr, raise loss.temperature, or use amp_dtype: bfloat16; the last good "
-                                f"checkpoint is kept in {self.run_dir / 'checkpoints'}")
+            kept = ckpt.candidates(self.run_dir)
+            where = (f"the last good checkpoint is kept: {kept[0]}" if kept else "no checkpoint was written (it went "
+                     "wrong in the first epoch)")
+            raise TrainingError(f"non-finite loss ({loss}) found at epoch {epoch + 1}, step {step + 1} (the loss is "
+                                f"checked every log_every_n_steps={self.config.log_every_n_steps} steps), lr {lr:.3g}: "
+                                "lower optimizer.lr, raise loss.temperature, or use amp_dtype: bfloat16; " + where)
 
     def train_epoch(self, epoch: int, writer: RunWriter | None) -> float:
         """Run the steps of one epoch from `self.start_step`; return the mean training loss."""
@@ -302,7 +328,7 @@ class Trainer:
         self.start_step = 0
         mean = (all_reduce_mean(total) / max(count, 1)).item()
         if not self.scaler.is_enabled():
-            self._check_finite(mean, epoch, steps)
+            self._check_finite(mean, epoch, steps - 1)
         return mean
 
     def _valid_batches(self):
@@ -314,7 +340,7 @@ class Trainer:
             return views.fixed_batches(local), views.fixed_batch_count(local)
         sampler = DistributedSampler(views, num_replicas=self.info.world_size, rank=self.info.rank, shuffle=False)
         loader = DataLoader(views, batch_size=local, sampler=sampler, drop_last=len(sampler) >= local,
-                            num_workers=self.config.dataset.num_workers)
+                            num_workers=self.config.dataset.num_workers, worker_init_fn=ignore_stop_signals)
         return loader, len(loader)
 
     @torch.no_grad()
@@ -337,7 +363,7 @@ class Trainer:
 
     def _preempt(self, epoch: int, step_in_epoch: int, loss: torch.Tensor, total: torch.Tensor, count: int) -> None:
         if not self.scaler.is_enabled():
-            self._check_finite(loss.item(), epoch, step_in_epoch)  # never save weights after a NaN step
+            self._check_finite(loss.item(), epoch, step_in_epoch - 1)  # never save weights after a NaN step
         self.stop_vote.collect()
         if self.info.is_main:
             state = self._state(epoch, step_in_epoch)
@@ -346,7 +372,7 @@ class Trainer:
         barrier()
         by = self._stop_signal or "a signal to another process"
         raise Preempted(f"stopped by {by} at epoch {epoch + 1}, step {step_in_epoch}; checkpoint saved. "
-                        f"Continue with: python run.py resume={self.run_dir}")
+                        f"Continue with: python run.py {shlex.quote(f'resume={self.run_dir}')}")
 
     def _on_signal(self, signum, frame) -> None:
         if self._stop_signal is not None:

@@ -107,6 +107,7 @@ def test_cli_user_error_exits_2_with_one_line():
     (["batch_size=1"], "batch_size"), (["dataset.valid_size=1.5"], "dataset.valid_size"),
     (["dataset.input_shape=(96,96)"], "dataset.input_shape"), (["model.base_model=resnet34"], "model.base_model"),
     (["nonsense=1"], "nonsense"), (["--config", "missing.yaml"], "missing.yaml"), (["epochs"], "epochs"),
+    (["--config", "configs"], "is a directory"), (["model.out_dim=2147483647"], "model.out_dim"),
 ])
 def test_main_user_errors_return_2_with_one_line(args, key, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)

@@ -243,3 +243,47 @@ def test_cuda_index_under_torchrun_is_refused(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     with pytest.raises(DeviceError, match="device: cuda"):
         init_distributed("cuda:0")
+
+
+def test_sigterm_to_the_whole_process_group_with_dataloader_workers_is_a_clean_stop(data_root, tmp_path):
+    """SLURM and a terminal's Ctrl-C signal every process of the job, DataLoader workers included: the workers
+    must leave the signal to the main process, which finishes the step, saves and exits 0."""
+    run_dir = tmp_path / "group"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fault_runner.py"),
+                             *tiny_args(data_root, run_dir, "dataset.num_workers=2", "epochs=3")],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        for line in proc.stdout:
+            if line.strip() == "@@step":  # the first step is done: the workers are up
+                os.killpg(proc.pid, signal.SIGTERM)
+                break
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-1500:]
+    assert "Continue with" in out and "Traceback" not in err
+    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["step_in_epoch"] >= 1
+
+
+def test_a_bad_image_met_by_a_worker_and_a_second_signal_end_in_one_line(tmp_path, monkeypatch, capsys):
+    from data_aug.stl10 import DataError
+
+    wrapped = DataError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+                        "last):\n  File \"x.py\", line 1, in f\ndata_aug.stl10.DataError: cannot decode image "
+                        "/d/a b.jpg (truncated): remove or replace the file")
+    assert run.one_line(wrapped) == "cannot decode image /d/a b.jpg (truncated): remove or replace the file"
+
+    def raise_(error):
+        def fit(self):
+            raise error
+        return fit
+
+    monkeypatch.setattr(Trainer, "__init__", lambda self, *a: None)
+    for error, code, expected in ((wrapped, 1, "error: cannot decode image"), (KeyboardInterrupt(), 130,
+                                                                                "interrupted: stopped at once")):
+        monkeypatch.setattr(Trainer, "fit", raise_(error))
+        assert run.main(["device=cpu", f"run_dir={tmp_path}"]) == code
+        err = capsys.readouterr().err
+        assert err.startswith(expected) and err.count("\n") == 1

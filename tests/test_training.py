@@ -77,9 +77,19 @@ def test_fine_tune_from_initialises_weights_only(data_root, straight_run, tmp_pa
 
 
 def test_fine_tune_from_unknown_name_is_a_clear_error(data_root, tmp_path, capsys):
-    assert run.main(tiny_args(data_root, tmp_path / "x", "fine_tune_from=resnet-18_80-epochs")) == 1
+    assert run.main(tiny_args(data_root, tmp_path / "x", "fine_tune_from=resnet-18_8O-epochs")) == 1  # a typo
     err = capsys.readouterr().err
-    assert "resnet-18_80-epochs" in err and "Traceback" not in err
+    assert "resnet-18_8O-epochs" in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_the_seed_config_with_its_missing_pretrained_model_trains_from_scratch_with_a_warning(data_root, tmp_path,
+                                                                                               capsys):
+    """The seed's config.yaml says fine_tune_from: 'resnet-18_80-epochs', a model the original shipped."""
+    args = [a for a in tiny_args(data_root, tmp_path / "seed", "epochs=1") if a != "fine_tune_from=None"]
+    assert run.main(args) == 0
+    out = capsys.readouterr().out
+    assert "'resnet-18_80-epochs' is one of the original repository's pretrained models" in out
+    assert "training from scratch" in out
 
 
 def test_non_finite_loss_stops_with_a_hint(data_root, tmp_path, monkeypatch, capsys):
@@ -90,8 +100,18 @@ def test_non_finite_loss_stops_with_a_hint(data_root, tmp_path, monkeypatch, cap
     monkeypatch.setattr(NTXentLoss, "loss_and_accuracy", nan_loss)
     assert run.main(tiny_args(data_root, tmp_path / "nan")) == 1
     err = capsys.readouterr().err
-    assert "non-finite loss" in err and "lr" in err
+    assert "non-finite loss (nan) found at epoch 1, step 1 " in err and "lr" in err  # 1-based, as the progress bar
+    assert "no checkpoint was written" in err
     assert not (tmp_path / "nan" / "checkpoints" / "last.pt").exists()
+
+
+def test_a_validation_hold_out_of_one_image_is_a_config_error(tmp_path, capsys):
+    from tests.conftest import write_stl10
+
+    write_stl10(tmp_path / "three", n_train=1, n_test=2, n_unlabeled=2)  # 3 images: 2 to train leave 1 to validate
+    assert run.main(tiny_args(tmp_path / "three", tmp_path / "v", "batch_size=2")) == 2
+    err = capsys.readouterr().err
+    assert "dataset.valid_size" in err and "1 of 3" in err
 
 
 def test_batch_larger_than_data_is_a_config_error(data_root, tmp_path, capsys):
