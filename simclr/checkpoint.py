@@ -33,27 +33,40 @@ def save_checkpoint(path: str | Path, state: dict, keep_previous: bool = False) 
 
     A crash at any moment leaves either the old or the new file complete. With `keep_previous`, the
     file being replaced is first renamed to `last.prev.pt`, so a damaged newest file has a fallback.
+
+    Raises:
+        CheckpointWriteError: the write failed (full disk, quota, file size limit); nothing on disk changed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         os.close(fd)
-        with open(tmp, "wb") as f:
-            torch.save({"version": VERSION, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, "wb") as f:
+                torch.save({"version": VERSION, **state}, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except RuntimeError as err:
+            # torch's zip writer reports a short write (full disk) as RuntimeError: "[enforce fail at
+            # inline_container.cc:...] . unexpected pos ..."; only the write is guarded, so other bugs still raise.
+            detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise _write_error(path, f"a short write, as on a full disk or over a quota; torch: {detail}") from None
         if keep_previous and path.exists():
             os.replace(path, path.parent / PREVIOUS)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except OSError as err:
         Path(tmp).unlink(missing_ok=True)
-        raise CheckpointWriteError(f"could not write checkpoint {path} ({err.strerror or err}); the previous "
-                                   "checkpoint is intact: free disk space or change run_dir, then resume") from None
+        raise _write_error(path, err.strerror or str(err)) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _write_error(path: Path, reason: str) -> CheckpointWriteError:
+    return CheckpointWriteError(f"could not write checkpoint {path} ({reason}); the previous checkpoint is intact: "
+                                "free disk space or change run_dir, then resume")
 
 
 def _fsync_dir(folder: Path) -> None:
