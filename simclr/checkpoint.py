@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 import torch
@@ -34,16 +34,21 @@ def save_checkpoint(path: str | Path, state: dict, keep_previous: bool = False) 
     A crash at any moment leaves either the old or the new file complete. With `keep_previous`, the
     file being replaced is first renamed to `last.prev.pt`, so a damaged newest file has a fallback.
 
+    The file gets the permissions of any other file the run writes (0o666 less the umask), so others
+    on a shared machine can read it as they read config.yaml.
+
     Raises:
         CheckpointWriteError: the write failed (full disk, quota, file size limit); nothing on disk changed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
-        os.close(fd)
+        fd, tmp = _create_temp(path)
+    except OSError as err:
+        raise _write_error(path, err.strerror or str(err)) from None
+    try:
         try:
-            with open(tmp, "wb") as f:
+            with os.fdopen(fd, "wb") as f:
                 torch.save({"version": VERSION, **state}, f)
                 f.flush()
                 os.fsync(f.fileno())
@@ -67,6 +72,21 @@ def save_checkpoint(path: str | Path, state: dict, keep_previous: bool = False) 
 def _write_error(path: Path, reason: str) -> CheckpointWriteError:
     return CheckpointWriteError(f"could not write checkpoint {path} ({reason}); the previous checkpoint is intact: "
                                 "free disk space or change run_dir, then resume")
+
+
+def _create_temp(path: Path) -> tuple[int, str]:
+    """A new file `<name>.<random>.tmp` next to `path`, opened for writing.
+
+    Created with mode 0o666 so that the kernel applies the umask (and a folder's default ACL), as for
+    any `open()`; `tempfile.mkstemp` would make it 0o600, readable by its owner alone.
+    """
+    for _ in range(100):
+        tmp = path.parent / f"{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), str(tmp)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary file next to {path}")
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -1,4 +1,5 @@
 """Checkpoint and run-dir files on disk: a real full disk, a damaged last.pt, permissions, logs after restarts."""
+import errno
 import json
 import os
 import shlex
@@ -56,3 +57,34 @@ def test_file_size_limit_is_a_checkpoint_write_error(tmp_path):
     assert out.stdout.startswith(f"ERROR could not write checkpoint {path}") and "previous checkpoint is intact" in out.stdout
     assert torch.load(path, weights_only=True)["next_epoch"] == 1
     assert [p.name for p in path.parent.iterdir()] == ["last.pt"]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX permissions")
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077], ids=oct)
+def test_checkpoint_mode_follows_the_umask(tmp_path, umask):
+    """Readable by the group and others as config.yaml is (0o666 less the umask), not private 0o600."""
+    old = os.umask(umask)
+    try:
+        path = tmp_path / "last.pt"
+        save_checkpoint(path, {"model": {}, "next_epoch": 1})
+        save_checkpoint(path, {"model": {}, "next_epoch": 2}, keep_previous=True)
+        other = tmp_path / "other"
+        other.write_text("")
+    finally:
+        os.umask(old)
+    for name in ("last.pt", "last.prev.pt"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask == stat.S_IMODE(other.stat().st_mode)
+
+
+def test_unwritable_folder_is_a_checkpoint_write_error(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"model": {}, "next_epoch": 1})
+
+    def refuse(*args, **kwargs):  # as in a folder of another user (root, running these tests, ignores chmod)
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(ckpt.os, "open", refuse)
+    with pytest.raises(CheckpointWriteError, match="Permission denied.*previous checkpoint is intact"):
+        save_checkpoint(path, {"model": {}, "next_epoch": 2}, keep_previous=True)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["next_epoch"] == 1
