@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import secrets
+import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -32,13 +34,15 @@ def save_checkpoint(path: str | Path, state: dict, keep_previous: bool = False) 
     """Write `state` to a temporary file in the same folder, fsync it, then rename it over `path`.
 
     A crash at any moment leaves either the old or the new file complete. With `keep_previous`, the
-    file being replaced is first renamed to `last.prev.pt`, so a damaged newest file has a fallback.
+    file being replaced is first renamed to `last.prev.pt`, so a damaged newest file has a fallback; a
+    file being replaced that is itself damaged (the one `resume=auto` skipped) is moved aside to
+    `<name>.damaged` instead, so it never takes the place of a good `last.prev.pt`.
 
     The file gets the permissions of any other file the run writes (0o666 less the umask), so others
     on a shared machine can read it as they read config.yaml.
 
     Raises:
-        CheckpointWriteError: the write failed (full disk, quota, file size limit); nothing on disk changed.
+        CheckpointWriteError: the write failed (full disk, quota, file size limit); the previous checkpoint is intact.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -58,7 +62,14 @@ def save_checkpoint(path: str | Path, state: dict, keep_previous: bool = False) 
             detail = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise _write_error(path, f"a short write, as on a full disk or over a quota; torch: {detail}") from None
         if keep_previous and path.exists():
-            os.replace(path, path.parent / PREVIOUS)
+            if is_complete_checkpoint(path):
+                os.replace(path, path.parent / PREVIOUS)
+            else:
+                damaged = path.with_name(path.name + ".damaged")
+                os.replace(path, damaged)
+                kept = path.parent / PREVIOUS
+                warnings.warn(f"{path} was damaged (not a complete checkpoint): moved it to {damaged}"
+                              + (f" and kept {kept} as the fallback" if kept.exists() else ""), stacklevel=2)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except OSError as err:
@@ -89,6 +100,27 @@ def _create_temp(path: Path) -> tuple[int, str]:
     raise FileExistsError(f"could not create a temporary file next to {path}")
 
 
+def is_complete_checkpoint(path: str | Path) -> bool:
+    """Whether `path` is a whole file written by `torch.save`, read without loading its tensors.
+
+    torch.save writes a zip archive whose central directory is the last thing in the file, so a
+    truncated, empty or overwritten file has none and fails to open; the pickle (`*/data.pkl`, a few
+    kB) is then read in full, which checks its CRC-32 (torch.load itself does not). That covers what a
+    crash, a full disk or a bad copy leave behind, for the cost of reading the directory and the
+    pickle rather than every tensor (a full `torch.load` reads gigabytes for a large model's
+    optimiser state, every epoch). Tensor bytes are not checked, as torch.load does not check them.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickles = [name for name in archive.namelist() if name.endswith("/data.pkl")]
+            if len(pickles) != 1:
+                return False
+            archive.read(pickles[0])  # raises BadZipFile on a CRC mismatch
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zipfile.LargeZipFile):
+        return False
+    return True
+
+
 def _fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -113,7 +145,7 @@ def load_checkpoint(path: str | Path) -> dict:
 
 
 def candidates(run_dir: Path) -> list[Path]:
-    """Checkpoints of a run dir that could be resumed from, newest first."""
+    """Checkpoints of a run dir that could be resumed from, newest first (never a `*.damaged` file set aside)."""
     folder = run_dir / "checkpoints"
     return [p for p in (folder / LAST, folder / PREVIOUS) if p.is_file()]
 

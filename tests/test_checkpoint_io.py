@@ -2,11 +2,15 @@
 import errno
 import json
 import os
+import re
 import shlex
 import stat
+import struct
 import subprocess
 import sys
 import textwrap
+import warnings
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -88,3 +92,61 @@ def test_unwritable_folder_is_a_checkpoint_write_error(tmp_path, monkeypatch):
         save_checkpoint(path, {"model": {}, "next_epoch": 2}, keep_previous=True)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True)["next_epoch"] == 1
+
+
+def _training_state(next_epoch: int) -> dict:
+    return {"model": {"w": torch.full((3,), float(next_epoch))}, "next_epoch": next_epoch, "optimizer": {}, "config": {}}
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty", "garbage", "pickle_bitflip"])
+def test_damaged_last_never_replaces_a_good_previous(tmp_path, damage):
+    """resume=auto skipped a damaged last.pt for last.prev.pt: the next save keeps last.prev.pt."""
+    folder = tmp_path / "checkpoints"
+    save_checkpoint(folder / "last.pt", _training_state(1))
+    save_checkpoint(folder / "last.pt", _training_state(2), keep_previous=True)
+    last = folder / "last.pt"
+    data = bytearray(last.read_bytes())
+    if damage == "pickle_bitflip":  # the file's structure is whole, its pickle is not (torch.load may not notice)
+        with zipfile.ZipFile(last) as archive:
+            header = next(i for i in archive.infolist() if i.filename.endswith("/data.pkl")).header_offset
+        name_len, extra_len = struct.unpack("<HH", data[header + 26:header + 30])  # zip local file header
+        data[header + 30 + name_len + extra_len + 2] ^= 0x01
+    last.write_bytes({"truncate": bytes(data[: len(data) // 2]), "empty": b"", "garbage": os.urandom(5000),
+                      "pickle_bitflip": bytes(data)}[damage])
+    damaged = last.read_bytes()
+    if damage != "pickle_bitflip":
+        path, state = find_resume_state(tmp_path, auto=True, log=lambda message: None)
+        assert path == folder / "last.prev.pt" and state["next_epoch"] == 1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        save_checkpoint(last, _training_state(3), keep_previous=True)
+    assert torch.load(folder / "last.prev.pt", weights_only=True)["next_epoch"] == 1
+    assert torch.load(last, weights_only=True)["next_epoch"] == 3
+    assert (folder / "last.pt.damaged").read_bytes() == damaged
+    assert len(caught) == 1 and re.search("last.pt was damaged.*last.pt.damaged.*last.prev.pt", str(caught[0].message))
+    assert candidates(tmp_path) == [last, folder / "last.prev.pt"]
+    # the next save rotates as usual: the complete last.pt becomes the fallback
+    save_checkpoint(last, _training_state(4), keep_previous=True)
+    assert torch.load(folder / "last.prev.pt", weights_only=True)["next_epoch"] == 3
+
+
+def test_complete_checkpoint_is_rotated(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, _training_state(1))
+    assert ckpt.is_complete_checkpoint(path)
+    save_checkpoint(path, _training_state(2), keep_previous=True)
+    assert torch.load(tmp_path / "last.prev.pt", weights_only=True)["next_epoch"] == 1
+    assert not (tmp_path / "last.pt.damaged").exists()
+
+
+def test_damaged_files_aside_are_not_resumed_from(tmp_path):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    save_checkpoint(folder / "last.pt.damaged", _training_state(5))  # even a readable one is never a candidate
+    assert candidates(tmp_path) == []
+    assert find_resume_state(tmp_path, auto=True) is None
+    with pytest.raises(ckpt.CheckpointLoadError, match="has no checkpoints/last.pt"):
+        find_resume_state(tmp_path, auto=False)
+    save_checkpoint(folder / "last.prev.pt", _training_state(1))
+    path, state = find_resume_state(tmp_path, auto=True)
+    assert path == folder / "last.prev.pt" and state["next_epoch"] == 1
