@@ -47,12 +47,12 @@ def save_checkpoint(path: str | Path, state: dict, keep_previous: bool = False) 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fd, tmp = _create_temp(path)
+        tmp = _create_temp(path)
     except OSError as err:
         raise _write_error(path, err.strerror or str(err)) from None
     try:
         try:
-            with os.fdopen(fd, "wb") as f:
+            with open(tmp, "wb") as f:
                 torch.save({"version": VERSION, **state}, f)
                 f.flush()
                 os.fsync(f.fileno())
@@ -85,8 +85,8 @@ def _write_error(path: Path, reason: str) -> CheckpointWriteError:
                                 "free disk space or change run_dir, then resume")
 
 
-def _create_temp(path: Path) -> tuple[int, str]:
-    """A new file `<name>.<random>.tmp` next to `path`, opened for writing.
+def _create_temp(path: Path) -> str:
+    """A new empty file `<name>.<random>.tmp` next to `path`.
 
     Created with mode 0o666 so that the kernel applies the umask (and a folder's default ACL), as for
     any `open()`; `tempfile.mkstemp` would make it 0o600, readable by its owner alone.
@@ -94,9 +94,10 @@ def _create_temp(path: Path) -> tuple[int, str]:
     for _ in range(100):
         tmp = path.parent / f"{path.name}.{secrets.token_hex(4)}.tmp"
         try:
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), str(tmp)
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         except FileExistsError:
             continue
+        return str(tmp)
     raise FileExistsError(f"could not create a temporary file next to {path}")
 
 
