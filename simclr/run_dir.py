@@ -5,6 +5,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import socket
 import subprocess
 import sys
@@ -107,21 +108,44 @@ def _alive(owner: str, path: Path) -> bool:
 class RunWriter:
     """Writes the run's records. Create it only on the main process."""
 
-    def __init__(self, run_dir: Path, config: Config):
+    def __init__(self, run_dir: Path, config: Config, resume_step: int | None = None, resume_epoch: int = 0):
+        """Record a start (or resume) of the run in `run_dir` and open its metrics and TensorBoard logs.
+
+        Args:
+            resume_step: optimiser steps done by the checkpoint being resumed (`next_epoch * steps_per_epoch
+                + step_in_epoch`), 0 for a fresh start. Records of work after it (an attempt killed after its
+                last checkpoint, or an earlier run into this folder when 0) are dropped from metrics.jsonl:
+                it keeps step records with `global_step <= resume_step`, epoch records with
+                `epoch < resume_epoch`, and no other line (nor a half-written one). TensorBoard hides events
+                at steps `>= resume_step + 1` of earlier event files (`purge_step`, for every tag). None
+                leaves both logs as they are and appends.
+            resume_epoch: the checkpoint's `next_epoch` (0 for a fresh start).
+
+        Epoch tags are logged at step `epoch + 1`, far below the global steps: the purge keeps every epoch
+        event up to `resume_epoch` (`resume_epoch <= resume_step` with one step or more per epoch), but
+        neither can it hide an epoch event past the checkpoint. One exists only after resuming from an older
+        checkpoint than the newest (`resume=auto` falling back to last.prev.pt): TensorBoard then shows that
+        epoch twice, metrics.jsonl once.
+        """
         from torch.utils.tensorboard import SummaryWriter
 
         self.run_dir = run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
-        meta = {"git_commit": git_commit(), "command": " ".join(sys.argv), "host": socket.gethostname(),
+        meta = {"git_commit": git_commit(), "command": _command_line(), "host": socket.gethostname(),
                 "python": platform.python_version(), "started": datetime.datetime.now().isoformat(timespec="seconds")}
         import torch
 
         meta["torch"] = torch.__version__
         with open(run_dir / "meta.jsonl", "a") as f:  # one line per start, resumes included
             f.write(json.dumps(meta) + "\n")
+        purge_step = None
+        if resume_step is not None:
+            _keep_records_until(run_dir / "metrics.jsonl", resume_step, resume_epoch)
+            if any(run_dir.glob("events.out.tfevents.*")):
+                purge_step = resume_step + 1
         self.metrics = open(run_dir / "metrics.jsonl", "a")
-        self.tensorboard = SummaryWriter(str(run_dir))
+        self.tensorboard = SummaryWriter(str(run_dir), purge_step=purge_step)
 
     def log(self, record: dict, step: int, prefix: str) -> None:
         self.metrics.write(json.dumps(record) + "\n")
@@ -133,3 +157,43 @@ class RunWriter:
     def close(self) -> None:
         self.metrics.close()
         self.tensorboard.close()
+
+
+def _command_line() -> str:
+    """The command that started this process, quoted so that it can be pasted into a shell."""
+    argv = sys.argv if sys.argv and sys.argv[0] else ["python"]
+    return shlex.join((["python"] if argv[0].endswith(".py") else []) + argv)
+
+
+def _keep_records_until(path: Path, step: int, epoch: int) -> None:
+    """Rewrite metrics.jsonl atomically with the step records up to global step `step` and the epoch
+    records of epochs before `epoch`; any other line, a half-written one included, is dropped."""
+    if not path.exists():
+        return
+    kept = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(record, dict):
+                continue
+            if record.get("kind") == "step" and isinstance(record.get("global_step"), int):
+                done = record["global_step"] <= step
+            elif record.get("kind") == "epoch" and isinstance(record.get("epoch"), int):
+                done = record["epoch"] < epoch
+            else:
+                done = False
+            if done:
+                kept.append(line.rstrip("\n") + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")  # one writer per run dir: its lock is held
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -150,3 +150,89 @@ def test_damaged_files_aside_are_not_resumed_from(tmp_path):
     save_checkpoint(folder / "last.prev.pt", _training_state(1))
     path, state = find_resume_state(tmp_path, auto=True)
     assert path == folder / "last.prev.pt" and state["next_epoch"] == 1
+
+
+STEPS_PER_EPOCH = 4
+
+
+def _attempt(run_dir: Path, resume: tuple[int, int] | None, until_step: int, monkeypatch) -> None:
+    """One training attempt's logs as trainer.py writes them: step records every step, epoch records (at
+    TensorBoard step epoch + 1) when an epoch ends, from the resumed position (next_epoch, step_in_epoch)
+    to `until_step`; the process then dies (the writer is left unclosed, its last line half-written)."""
+    from simclr.config import load_config
+    from simclr.run_dir import RunWriter
+
+    next_epoch, step_in_epoch = resume or (0, 0)
+    done = next_epoch * STEPS_PER_EPOCH + step_in_epoch
+    monkeypatch.setattr(sys, "argv", ["run.py", f"run_dir={run_dir}"])
+    writer = RunWriter(run_dir, load_config(None), resume_step=done, resume_epoch=next_epoch)
+    for global_step in range(done + 1, until_step + 1):
+        epoch, step = divmod(global_step - 1, STEPS_PER_EPOCH)
+        writer.log({"kind": "step", "epoch": epoch, "step": step, "global_step": global_step, "loss": 1.0 / global_step},
+                   global_step, "train")
+        if step + 1 == STEPS_PER_EPOCH:
+            writer.log({"kind": "epoch", "epoch": epoch, "train_loss": 1.0 / (epoch + 1)}, epoch + 1, "epoch")
+    writer.metrics.write('{"kind": "step", "epoch": 9, "glo')  # SIGKILL in the middle of a line
+    writer.metrics.flush()
+    writer.tensorboard.flush()
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_metrics_after_restarts_are_those_of_one_uninterrupted_run(tmp_path, monkeypatch):
+    straight, restarted = tmp_path / "straight", tmp_path / "restarted"
+    _attempt(straight, None, 3 * STEPS_PER_EPOCH, monkeypatch)
+    _attempt(restarted, None, 6, monkeypatch)  # killed in epoch 1 at step 6; its checkpoint: epoch 1 done (4 steps)
+    _attempt(restarted, (1, 0), 11, monkeypatch)  # preempted at step 10 (checkpoint), killed at 11
+    _attempt(restarted, (2, 2), 3 * STEPS_PER_EPOCH, monkeypatch)
+    # only the half-written line of the last attempt is left (as the kill left it); earlier ones are dropped
+    assert (restarted / "metrics.jsonl").read_text().count('"epoch": 9, "glo') == 1
+    lines = (restarted / "metrics.jsonl").read_text().splitlines()[:-1]
+    assert lines == (straight / "metrics.jsonl").read_text().splitlines()[:-1]
+    assert [r["global_step"] for r in map(json.loads, lines) if r["kind"] == "step"] == list(range(1, 13))
+    assert [r["epoch"] for r in map(json.loads, lines) if r["kind"] == "epoch"] == [0, 1, 2]
+
+
+def test_fresh_start_drops_the_metrics_of_an_earlier_run(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    _attempt(run_dir, None, 5, monkeypatch)  # killed before any checkpoint
+    _attempt(run_dir, None, 2, monkeypatch)
+    assert [r["global_step"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()[:-1])] \
+        == [1, 2]
+
+
+def test_without_resume_step_the_metrics_are_appended_to(tmp_path):
+    from simclr.config import load_config
+    from simclr.run_dir import RunWriter
+
+    (tmp_path / "metrics.jsonl").write_text('{"kind": "step", "global_step": 7}\n')
+    RunWriter(tmp_path, load_config(None)).close()
+    assert _records(tmp_path) == [{"kind": "step", "global_step": 7}]
+
+
+def test_tensorboard_hides_the_steps_of_killed_attempts(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    _attempt(run_dir, None, 6, monkeypatch)
+    _attempt(run_dir, (1, 0), 11, monkeypatch)
+    _attempt(run_dir, (2, 2), 3 * STEPS_PER_EPOCH, monkeypatch)
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == list(range(1, 13))
+    assert [e.value for e in loss] == pytest.approx([1.0 / s for s in range(1, 13)])
+    assert [e.step for e in events.Scalars("epoch/train_loss")] == [1, 2, 3]
+
+
+def test_meta_command_can_be_pasted_into_a_shell(tmp_path, monkeypatch):
+    from simclr.config import load_config
+    from simclr.run_dir import RunWriter
+
+    argv = ["run.py", f"run_dir={tmp_path / 'my runs' / 'a'}", "dataset.root=it's here"]
+    monkeypatch.setattr(sys, "argv", argv)
+    RunWriter(tmp_path, load_config(None), resume_step=0).close()
+    command = json.loads((tmp_path / "meta.jsonl").read_text().splitlines()[-1])["command"]
+    assert shlex.split(command) == ["python", *argv]
