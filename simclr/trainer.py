@@ -394,7 +394,9 @@ class Trainer:
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             if info.is_main:
-                writer = RunWriter(self.run_dir, c)
+                # drop records of work done after the checkpoint being resumed (a killed attempt's), none when fresh
+                writer = RunWriter(self.run_dir, c, resume_epoch=self.next_epoch,
+                                   resume_step=self.next_epoch * self.train_batches.steps_per_epoch + self.start_step)
                 self.log(f"run dir {self.run_dir}: {self.train_batches.num_images} training images, "
                          f"{self.train_batches.steps_per_epoch} steps per epoch, device {self.device}")
             for epoch in range(self.next_epoch, c.epochs):
@@ -412,7 +414,7 @@ class Trainer:
                     ckpt.save_checkpoint(folder / ckpt.LAST, state, keep_previous=True)
                     if is_best:
                         ckpt.save_checkpoint(folder / ckpt.BEST, state)
-                    writer.log(record, epoch + 1, "epoch")
+                    writer.log(record, (epoch + 1) * self.train_batches.steps_per_epoch, "epoch")  # train tags' axis
                     shown = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("kind", "epoch"))
                     self.log(f"epoch {epoch + 1}/{c.epochs}: {shown}")
                 barrier()

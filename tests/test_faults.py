@@ -1,5 +1,6 @@
 """Fault injection: SIGKILL at any moment, SIGTERM/SIGINT preemption, damaged checkpoints, full disk, locks."""
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -47,7 +48,7 @@ def kill_at(args: list[str], marker: str, count: int) -> None:
     assert seen == count, f"the run ended before {marker} #{count}"
 
 
-def test_sigkill_at_any_moment_then_resume_gives_the_same_weights(data_root, reference, tmp_path):
+def test_sigkill_at_any_moment_then_resume_gives_the_same_weights(data_root, reference, straight_run, tmp_path):
     run_dir = tmp_path / "killed"
     # 3 steps per epoch; each kill lands at another moment, and each restart resumes from what is on disk.
     kill_at(tiny_args(data_root, run_dir), "step", 2)  # during epoch 1, before any checkpoint
@@ -61,6 +62,13 @@ def test_sigkill_at_any_moment_then_resume_gives_the_same_weights(data_root, ref
     assert run.main([f"resume={run_dir}"]) == 0
     all_checkpoints_readable(run_dir)
     assert_same_weights(final_weights(run_dir), reference)
+    # the killed attempts' records past each checkpoint are gone: the log reads as the uninterrupted run's
+    assert metric_positions(run_dir) == metric_positions(straight_run)
+
+
+def metric_positions(run_dir: Path) -> list[tuple]:
+    return [(r["kind"], r.get("global_step"), r["epoch"])
+            for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
