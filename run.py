@@ -19,7 +19,7 @@ from data_aug.stl10 import DataError
 from models.loading import CheckpointLoadError
 from simclr.checkpoint import CheckpointWriteError
 from simclr.config import ConfigError, load_config
-from simclr.dist import init_distributed, shutdown
+from simclr.dist import DeviceError, init_distributed, shutdown
 from simclr.run_dir import RunDirBusy
 from simclr.trainer import Preempted, Trainer, TrainingError, find_resume
 
@@ -59,17 +59,21 @@ def main(argv: list[str] | None = None) -> int:
             here = config.run_dir if config.resume == "auto" else None
             config = load_config(None, args.overrides, base={**resume[1]["config"], "resume": config.resume,
                                                              "run_dir": here})
-        run_dir = Trainer(config, info, resume).fit()
+        trainer = Trainer(config, info, resume)
+        run_dir = trainer.fit()
     except ConfigError as err:
         if rank == 0:  # every process reads the same config: under torchrun, say it once
             print(f"config error: {err}", file=sys.stderr)
+        elif isinstance(err, DeviceError):  # but each finds its own device
+            print(f"config error (rank {rank}): {err}", file=sys.stderr)
         return 2
     except USER_ERRORS as err:
         print(f"error: {one_line(err)}" if rank == 0 else f"error (rank {rank}): {one_line(err)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # a second SIGINT/SIGTERM while the first was being handled
-        print("interrupted: stopped at once by a second signal, without a checkpoint of the current epoch; the last "
-              "saved one is kept (continue with python run.py resume=<run dir>)", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C before training started, or a second one while the first was handled
+        if rank == 0:
+            print("interrupted: stopped at once, without saving; checkpoints already written are kept (continue "
+                  "with python run.py resume=<run dir>)", file=sys.stderr)
         return 130
     except Preempted as stop:
         if info.is_main:  # under torchrun every rank stops; one message is enough
@@ -82,7 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutdown()
     if info.is_main:
-        if config.final_eval:
+        if config.final_eval and trainer.stop_requested:
+            print(f"final_eval skipped: {trainer.stop_requested} arrived as training finished; run it with python -m "
+                  f"feature_eval.evaluate --checkpoint {shlex.quote(str(run_dir))}")
+        elif config.final_eval:
             from feature_eval.evaluate import evaluate_run
 
             evaluate_run(run_dir)

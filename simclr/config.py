@@ -197,8 +197,8 @@ def _build(cls, raw, prefix: str):
     for key in raw:
         if not isinstance(key, str) or key not in known:
             allowed = ", ".join(sorted(known))
-            raise ConfigError(f"unknown key {prefix}{key if isinstance(key, str) else _show(key)}: "
-                              f"allowed keys here are {allowed}")
+            shown = key if isinstance(key, str) and key.isprintable() else _show(key)  # one line, whatever the key
+            raise ConfigError(f"unknown key {prefix}{shown}: allowed keys here are {allowed}")
     values = {}
     for f in dataclasses.fields(cls):
         if f.name not in raw:

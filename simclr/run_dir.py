@@ -121,11 +121,8 @@ class RunWriter:
                 leaves both logs as they are and appends.
             resume_epoch: the checkpoint's `next_epoch` (0 for a fresh start).
 
-        Epoch tags are logged at step `epoch + 1`, far below the global steps: the purge keeps every epoch
-        event up to `resume_epoch` (`resume_epoch <= resume_step` with one step or more per epoch), but
-        neither can it hide an epoch event past the checkpoint. One exists only after resuming from an older
-        checkpoint than the newest (`resume=auto` falling back to last.prev.pt): TensorBoard then shows that
-        epoch twice, metrics.jsonl once.
+        The trainer logs epoch tags at the global step where the epoch ends, so the purge treats them like
+        the step tags: events of epochs past the checkpoint go, earlier ones stay.
         """
         from torch.utils.tensorboard import SummaryWriter
 

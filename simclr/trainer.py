@@ -17,7 +17,7 @@ from data_aug.datasets import load_split, split_validation
 from data_aug.device_views import DeviceBatches, gather_to_device
 from data_aug.views import TwoViews, create_view_transform
 from loss.nt_xent import NTXentLoss
-from models.loading import CheckpointLoadError, read_checkpoint, resolve_checkpoint
+from models.loading import RUNS_DIR, CheckpointLoadError, read_checkpoint, resolve_checkpoint
 from models.resnet_simclr import create_model
 from simclr import checkpoint as ckpt
 from simclr.config import Config, ConfigError, config_to_dict
@@ -78,8 +78,8 @@ def create_batches(config: Config, info: DistInfo):
                       skip_bad_images=d.skip_bad_images)
     train_idx, valid_idx = split_validation(len(data), d.valid_size, config.seed)
     if len(valid_idx) == 1:
-        raise ConfigError(f"dataset.valid_size = {d.valid_size}: holds out 1 of {len(data)} images, and NT-Xent needs "
-                          "two to compare; raise it, or set 0 for no validation")
+        raise ConfigError(f"dataset.valid_size = {d.valid_size}: holds out 1 of {len(data)} images (NT-Xent needs "
+                          "two to compare, and two must stay to train); with so few images set 0 (no validation)")
     if len(train_idx) < config.batch_size:
         raise ConfigError(f"batch_size = {config.batch_size}: larger than the training split ({len(train_idx)} "
                           f"images of {d.name} after holding out valid_size); lower batch_size")
@@ -113,7 +113,9 @@ def load_weights_only(model: nn.Module, source: str, log) -> None:
     try:  # a path, a run name under runs/ or a package name, looked up as by every other loader
         path = resolve_checkpoint(source)
     except CheckpointLoadError as err:
-        if source in SEED_PACKAGES:
+        from pretrained_models import PACKAGES_DIR
+
+        if source in SEED_PACKAGES and not (RUNS_DIR / source).exists() and not (PACKAGES_DIR / source).exists():
             log(f"warning: fine_tune_from = {source!r} is one of the original repository's pretrained models, which "
                 "are not shipped here (pretrained_models/README.md); training from scratch, as the original did "
                 "without them. Set fine_tune_from: None to silence this.")
@@ -170,6 +172,12 @@ class Trainer:
         self._build_model()
         self._stop_signal = None
         self.stop_vote = StopVote(info)
+
+    @property
+    def stop_requested(self) -> str | None:
+        """The signal that asked this run to stop, if one came (after `fit`, also one that came too late to
+        stop training: the caller then skips what would come next, such as the final evaluation)."""
+        return self._stop_signal
 
     def log(self, message: str) -> None:
         if self.info.is_main:
@@ -362,8 +370,8 @@ class Trainer:
         return {"valid_loss": sums[0].item(), "valid_top1": sums[1].item(), "valid_top5": sums[2].item()}
 
     def _preempt(self, epoch: int, step_in_epoch: int, loss: torch.Tensor, total: torch.Tensor, count: int) -> None:
-        if not self.scaler.is_enabled():
-            self._check_finite(loss.item(), epoch, step_in_epoch - 1)  # never save weights after a NaN step
+        if not self.scaler.is_enabled():  # never save weights after a NaN step, on any rank
+            self._check_finite(all_reduce_mean(loss.detach().float()).item(), epoch, step_in_epoch - 1)
         self.stop_vote.collect()
         if self.info.is_main:
             state = self._state(epoch, step_in_epoch)
@@ -396,7 +404,7 @@ class Trainer:
             if info.is_main:
                 # drop records of work done after the checkpoint being resumed (a killed attempt's), none when fresh
                 writer = RunWriter(self.run_dir, c, resume_epoch=self.next_epoch,
-                                   resume_step=self.next_epoch * self.train_batches.steps_per_epoch + self.start_step)
+                                   resume_step=self.scheduler.last_epoch)  # optimiser steps done, as saved
                 self.log(f"run dir {self.run_dir}: {self.train_batches.num_images} training images, "
                          f"{self.train_batches.steps_per_epoch} steps per epoch, device {self.device}")
             for epoch in range(self.next_epoch, c.epochs):
@@ -409,16 +417,18 @@ class Trainer:
                 if is_best:
                     self.best_valid = record["valid_loss"]
                 if info.is_main:
+                    # the record first: killed before the checkpoint, the resume drops it and logs the rerun epoch
+                    writer.log(record, self.scheduler.last_epoch, "epoch")  # on the train tags' (global step) axis
                     folder = self.run_dir / "checkpoints"
                     state = self._state(epoch + 1)
                     ckpt.save_checkpoint(folder / ckpt.LAST, state, keep_previous=True)
                     if is_best:
                         ckpt.save_checkpoint(folder / ckpt.BEST, state)
-                    writer.log(record, (epoch + 1) * self.train_batches.steps_per_epoch, "epoch")  # train tags' axis
                     shown = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("kind", "epoch"))
                     self.log(f"epoch {epoch + 1}/{c.epochs}: {shown}")
                 barrier()
-            self.stop_vote.collect()
+            if self.stop_vote.collect():  # a signal during the last step or validation, on any process
+                self._stop_signal = self._stop_signal or "a signal to another process"
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)

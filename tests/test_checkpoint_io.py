@@ -139,6 +139,31 @@ def test_complete_checkpoint_is_rotated(tmp_path):
     assert not (tmp_path / "last.pt.damaged").exists()
 
 
+@pytest.mark.parametrize("method, flags", [(99, 0), (0, 1), (8, 0)])  # unknown, encrypted, deflate on stored data
+def test_a_damaged_zip_directory_is_incomplete_not_an_exception(tmp_path, method, flags):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, _training_state(1))
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        name = next(i.filename for i in archive.infolist() if i.filename.endswith("/data.pkl"))
+    entry = data.index(b"PK\x01\x02")  # the central directory's first entry
+    while data[entry + 46:entry + 46 + len(name)] != name.encode():
+        entry = data.index(b"PK\x01\x02", entry + 4)
+    struct.pack_into("<HH", data, entry + 8, flags, method)  # general purpose flags, compression method
+    path.write_bytes(bytes(data))
+    assert ckpt.is_complete_checkpoint(path) is False
+
+
+def test_other_runtime_errors_while_saving_are_not_called_a_full_disk(tmp_path, monkeypatch):
+    def cuda_failure(obj, f, *args, **kwargs):
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+    monkeypatch.setattr(ckpt.torch, "save", cuda_failure)
+    with pytest.raises(RuntimeError, match="device-side assert"):
+        save_checkpoint(tmp_path / "last.pt", _training_state(1))
+    assert not list(tmp_path.iterdir())  # the temporary file is gone
+
+
 def test_damaged_files_aside_are_not_resumed_from(tmp_path):
     folder = tmp_path / "checkpoints"
     folder.mkdir()

@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 
 from simclr.config import ConfigError, config_from_dict, config_to_dict, load_config
@@ -79,6 +80,15 @@ def test_unknown_key_in_yaml(tmp_path):
         load_config(path)
 
 
+@pytest.mark.parametrize("key", ["\n", "a\nb", "tab\there", None, 3])
+def test_an_unknown_key_is_named_on_one_line_whatever_it_holds(tmp_path, key):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({key: None}))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "\n" not in str(err.value) and "unknown key" in str(err.value)
+
+
 def test_python_tags_are_never_constructed(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("epochs: !!python/object/apply:os.system ['echo pwned > pwned.txt']\n")
@@ -126,6 +136,18 @@ def test_a_device_that_is_not_here_is_a_config_error(capsys, monkeypatch):
     assert run.main(["device=cuda"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("config error: device: cuda") and "device: cpu" in err[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_under_torchrun_every_rank_reports_its_own_device_error(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    import run
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert run.main(["device=cuda"]) == 2
+    assert capsys.readouterr().err.startswith("config error (rank 1): device: cuda")
 
 
 def test_under_torchrun_only_rank_0_prints_a_config_error(capsys, monkeypatch):

@@ -1,5 +1,6 @@
 """End-to-end training on tiny STL10 files: smoke run, run directory, resume equality, fine-tuning, errors."""
 import json
+import os
 import shutil
 
 import pytest
@@ -89,6 +90,32 @@ def test_the_seed_config_with_its_missing_pretrained_model_trains_from_scratch_w
     out = capsys.readouterr().out
     assert "'resnet-18_80-epochs' is one of the original repository's pretrained models" in out
     assert "training from scratch" in out
+
+
+def test_a_seed_model_name_that_exists_here_is_never_replaced_by_training_from_scratch(data_root, tmp_path, capsys,
+                                                                                        monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "resnet-18_80-epochs").mkdir(parents=True)  # a run of that name, not finished
+    args = [a for a in tiny_args(data_root, tmp_path / "seed", "epochs=1") if a != "fine_tune_from=None"]
+    assert run.main(args) == 1
+    err = capsys.readouterr().err
+    assert "fine_tune_from = 'resnet-18_80-epochs'" in err and "no checkpoints/last.pt" in err
+
+
+def test_a_stop_signal_as_training_finishes_skips_the_final_evaluation(data_root, tmp_path, capsys, monkeypatch):
+    import signal
+
+    validate = Trainer.validate
+
+    def signalled_validation(self):
+        os.kill(os.getpid(), signal.SIGTERM)  # during the last epoch's validation: training is already done
+        return validate(self)
+
+    monkeypatch.setattr(Trainer, "validate", signalled_validation)
+    assert run.main(tiny_args(data_root, tmp_path / "late", "epochs=1", "final_eval=true")) == 0
+    out = capsys.readouterr().out
+    assert "final_eval skipped: SIGTERM" in out and "done: run dir" in out
+    assert not (tmp_path / "late" / "eval").exists()
 
 
 def test_non_finite_loss_stops_with_a_hint(data_root, tmp_path, monkeypatch, capsys):
