@@ -71,9 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {one_line(err)}" if rank == 0 else f"error (rank {rank}): {one_line(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C before training started, or a second one while the first was handled
-        if rank == 0:
-            print("interrupted: stopped at once, without saving; checkpoints already written are kept (continue "
-                  "with python run.py resume=<run dir>)", file=sys.stderr)
+        print(("interrupted: " if rank == 0 else f"interrupted (rank {rank}): ") + "stopped at once, without saving; "
+              "checkpoints already written are kept (continue with python run.py resume=<run dir>)", file=sys.stderr)
         return 130
     except Preempted as stop:
         if info.is_main:  # under torchrun every rank stops; one message is enough

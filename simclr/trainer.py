@@ -241,6 +241,12 @@ class Trainer:
                                       f"({str(err).splitlines()[0][:200]}): resume with the run's own config") from None
         self.next_epoch = state["next_epoch"]
         self.start_step = state.get("step_in_epoch", 0)
+        saved_world = state.get("world_size", self.info.world_size)
+        if self.start_step and saved_world != self.info.world_size and isinstance(self.train_batches, LoaderBatches):
+            self.log(f"warning: this checkpoint was saved in the middle of epoch {self.next_epoch + 1} by {saved_world} "
+                     f"process(es), and {self.info.world_size} continue it: the DataLoader's order depends on that "
+                     "number, so the rest of this epoch visits some images twice and others not at all (exact again "
+                     "from the next epoch; augment_on: device has no such limit)")
         self.epoch_progress = (state.get("epoch_loss_sum", 0.0), state.get("epoch_steps", 0))
         self.best_valid = state.get("best_valid_loss", math.inf)
         self.skipped_steps.fill_(state.get("skipped_steps", 0))
@@ -251,6 +257,7 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "next_epoch": next_epoch, "step_in_epoch": step_in_epoch, "best_valid_loss": self.best_valid,
                 "skipped_steps": int(self.skipped_steps.item()),  # float16 overflow steps so far, whole run
+                "world_size": self.info.world_size,
                 "config": config_to_dict(self.config), "rng_cpu": torch.get_rng_state()}
 
     def _autocast(self):
@@ -373,14 +380,26 @@ class Trainer:
         if not self.scaler.is_enabled():  # never save weights after a NaN step, on any rank
             self._check_finite(all_reduce_mean(loss.detach().float()).item(), epoch, step_in_epoch - 1)
         self.stop_vote.collect()
+        loss_sum = all_reduce_mean(total).item()  # every rank resumes from the same partial sum
         if self.info.is_main:
             state = self._state(epoch, step_in_epoch)
-            state.update(epoch_loss_sum=total.item(), epoch_steps=count)
+            state.update(epoch_loss_sum=loss_sum, epoch_steps=count)
             ckpt.save_checkpoint(self.run_dir / "checkpoints" / ckpt.LAST, state, keep_previous=True)
         barrier()
-        by = self._stop_signal or "a signal to another process"
-        raise Preempted(f"stopped by {by} at epoch {epoch + 1}, step {step_in_epoch}; checkpoint saved. "
-                        f"Continue with: python run.py {shlex.quote(f'resume={self.run_dir}')}")
+        raise Preempted(f"stopped by {self._stop_signal or 'a signal to another process'} at epoch {epoch + 1}, "
+                        f"step {step_in_epoch}; checkpoint saved. {self._continue_with()}")
+
+    def _continue_with(self) -> str:
+        resume = shlex.quote(f"resume={self.run_dir}")
+        if self.info.distributed:
+            return (f"Continue with the same torchrun command plus {resume} (e.g. torchrun "
+                    f"--nproc_per_node={self.info.world_size} run.py {resume})")
+        return f"Continue with: python run.py {resume}"
+
+    def _agree_to_stop(self) -> bool:
+        """Whether any process was asked to stop, agreed now (a blocking exchange: use between epochs only)."""
+        earlier = self.stop_vote.ask(self._stop_signal is not None)
+        return self.stop_vote.collect() or earlier
 
     def _on_signal(self, signum, frame) -> None:
         if self._stop_signal is not None:
@@ -427,8 +446,11 @@ class Trainer:
                     shown = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("kind", "epoch"))
                     self.log(f"epoch {epoch + 1}/{c.epochs}: {shown}")
                 barrier()
-            if self.stop_vote.collect():  # a signal during the last step or validation, on any process
-                self._stop_signal = self._stop_signal or "a signal to another process"
+                if self._agree_to_stop():  # a signal during the epoch's last step or validation, on any process
+                    self._stop_signal = self._stop_signal or "a signal to another process"
+                    if epoch + 1 < c.epochs:  # this epoch's checkpoint is the place to stop: no step wasted
+                        raise Preempted(f"stopped by {self._stop_signal} after epoch {epoch + 1}; checkpoint saved. "
+                                        f"{self._continue_with()}")
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)

@@ -295,3 +295,32 @@ def test_a_bad_image_met_by_a_worker_and_a_second_signal_end_in_one_line(tmp_pat
         assert run.main(["device=cpu", f"run_dir={tmp_path}"]) == code
         err = capsys.readouterr().err
         assert err.startswith(expected) and err.count("\n") == 1
+
+
+def test_a_signal_during_validation_stops_at_the_epoch_boundary(data_root, reference, tmp_path, monkeypatch, capsys):
+    run_dir = tmp_path / "boundary"
+    validate = Trainer.validate
+
+    def signalled_validation(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return validate(self)
+
+    monkeypatch.setattr(Trainer, "validate", signalled_validation)
+    assert run.main(tiny_args(data_root, run_dir)) == 0
+    assert "stopped by SIGTERM after epoch 1; checkpoint saved" in capsys.readouterr().out
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert state["next_epoch"] == 1 and state["step_in_epoch"] == 0  # no step of epoch 2 was spent
+    monkeypatch.setattr(Trainer, "validate", validate)
+    assert run.main([f"resume={run_dir}"]) == 0
+    assert_same_weights(final_weights(run_dir), reference)
+
+
+def test_mid_epoch_resume_by_another_number_of_processes_warns(straight_run, tmp_path, capsys):
+    from simclr.config import config_to_dict, load_config
+    from simclr.dist import init_distributed
+
+    path = straight_run / "checkpoints" / "last.pt"
+    state = {**torch.load(path, weights_only=True), "next_epoch": 1, "step_in_epoch": 1, "world_size": 2}
+    config = load_config(None, [f"run_dir={tmp_path / 'r'}"], base=state["config"])
+    Trainer(config, init_distributed("cpu"), (path, state))
+    assert "saved in the middle of epoch 2 by 2 process(es), and 1 continue it" in capsys.readouterr().out
