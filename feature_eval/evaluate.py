@@ -158,7 +158,7 @@ def evaluate(checkpoint: str | Path, *, dataset: str | None = None, root: str | 
 
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(file)
     if write:
-        _check_writable(out_dir)  # now, not after minutes of feature extraction
+        check_writable(out_dir)  # now, not after minutes of feature extraction
     cache_dir = (Path(cache_dir) if cache_dir is not None else default_cache_dir(file, out_dir)) if cache else None
     digest = file_sha256(file)
     trained_epochs = read_checkpoint(file).get("next_epoch", config.get("epochs"))
@@ -243,7 +243,7 @@ def evaluate(checkpoint: str | Path, *, dataset: str | None = None, root: str | 
     return evaluation
 
 
-def _check_writable(folder: Path) -> None:
+def check_writable(folder: Path) -> None:
     """EvalError unless `folder` exists or can be made, and a file can be written in it."""
     try:
         folder.mkdir(parents=True, exist_ok=True)

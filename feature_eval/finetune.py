@@ -38,8 +38,8 @@ from data_aug.datasets import TensorImages, load_split
 from data_aug.device_views import resized_crop, sample_crop_boxes
 from feature_eval.baselines import random_encoder
 from feature_eval.classifiers import holdout_split, topk_accuracy
-from feature_eval.evaluate import (ARCHITECTURES, EXTRACTOR_NAMES, USER_ERRORS, EvalError, check_device, markdown_table,
-                                    parse_names)
+from feature_eval.evaluate import (ARCHITECTURES, EXTRACTOR_NAMES, USER_ERRORS, EvalError, check_device,
+                                   check_writable, markdown_table, parse_names)
 from feature_eval.features import image_batches
 from models.loading import file_sha256, load_encoder, read_checkpoint, resolve_checkpoint
 
@@ -329,12 +329,16 @@ def finetune_evaluate(checkpoint: str | Path, *, label_fraction: float, dataset:
     data_config, model_config = config.get("dataset", {}) or {}, config.get("model", {}) or {}
     dataset = dataset or data_config.get("name")
     root = Path(root if root is not None else data_config.get("root", "data"))
-    input_size = int(input_size or (data_config.get("input_shape") or [0])[0])
+    trained_size = int((data_config.get("input_shape") or [0])[0])
+    input_size = int(input_size or trained_size)
     epochs = epochs if epochs is not None else default_epochs(label_fraction)
     if not dataset:
         raise EvalError(f"checkpoint {file} does not name its data set: pass --dataset NAME (and --root DIR)")
     if input_size < 8:
         raise EvalError(f"input size {input_size or 'unknown'}: pass --input-size N (N >= 8, e.g. 96 for STL10)")
+    out_dir = Path(out_dir) if out_dir is not None else _default_out_dir(file)
+    if write:
+        check_writable(out_dir)  # now, not after hours of fine-tuning
     try:
         train_set = load_split(dataset, root, "train", download=download)
         test_set = load_split(dataset, root, "test", download=download)
@@ -414,8 +418,8 @@ def finetune_evaluate(checkpoint: str | Path, *, label_fraction: float, dataset:
     table = markdown_table(rows)
     outcome = FineTuneResult(results, table, models)
     if write:
-        out_dir = Path(out_dir) if out_dir is not None else _default_out_dir(file)
-        outcome.paths = write_results(results, table, out_dir, f"{file.stem}_{dataset}_finetune-{tag}")
+        size = f"_{input_size}px" if input_size != trained_size else ""  # as feature_eval.evaluate names its files
+        outcome.paths = write_results(results, table, out_dir, f"{file.stem}_{dataset}{size}_finetune-{tag}")
     return outcome
 
 

@@ -50,6 +50,8 @@ def resolve_checkpoint(source: str | Path) -> Path:
         raise CheckpointLoadError(f"run directory {path} has no checkpoints/last.pt: has it finished an epoch? "
                                   "(nor is it a pretrained package: no model.safetensors)")
     name = str(source)
+    if not is_package_name(name) and (RUNS_DIR / name).is_dir():  # a run name that no package could have
+        return resolve_checkpoint(RUNS_DIR / name)
     if not is_package_name(name):
         raise CheckpointLoadError(f"checkpoint {path} not found: pass a run directory (runs/<name>), a .pt file, "
                                   "a package dir or a package name (pretrained_models/<name>)")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import shlex
 import os
 import re
 import shutil
@@ -28,7 +29,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from models.loading import CheckpointLoadError, encoder_state_dict, read_checkpoint, resolve_checkpoint
+from models.loading import RUNS_DIR, CheckpointLoadError, encoder_state_dict, read_checkpoint, resolve_checkpoint
 from models.resnet_simclr import create_model
 from pretrained_models import (CARD_FILE, CONFIG_FILE, EVAL_DIR, FORMAT, FORMAT_VERSION, MANIFEST_FILE, PACKAGES_DIR,
                                WEIGHTS_FILE, file_sha256, find_package, is_package_dir, is_package_name, list_packages,
@@ -96,6 +97,9 @@ def export_package(source: str | Path, name: str | None = None, *, root: str | P
         raise ExportError(f"--as {name!r}: a package name is letters, digits, '.', '_' and '-', starts with a letter "
                           "or digit and has no file suffix (.py, .md, .json, ...), e.g. resnet-18_40-epochs")
     dest = root / name
+    if root.resolve() == PACKAGES_DIR.resolve() and (RUNS_DIR / name).is_dir() and not force:
+        raise ExportError(f"--as {name!r}: {RUNS_DIR / name} is a run of that name, and a bare name would then mean "
+                          "both (loaders refuse such a name); choose another name, or pass --force")
     if (dest.exists() or dest.is_symlink()) and not is_package_dir(dest):
         raise ExportError(f"--as {name!r}: {dest} exists and is not a package, so it is never replaced; "
                           "choose another --as name")
@@ -279,8 +283,19 @@ def evaluation_command(results: dict, checkpoint: str | None = None) -> str:
         if options.get("baselines"):
             command += f" --baselines {','.join(options['baselines'])}"
         command += f" --seed {results.get('seed', 0)}"
-    if checkpoint is not None:
-        command = re.sub(r"--checkpoint \S+", lambda _: f"--checkpoint {checkpoint}", command)
+    if checkpoint is not None:  # the same command on the package: its checkpoint, and its own eval/ as output
+        words, out, skip = shlex.split(command), [], False
+        for word in words:
+            if skip:
+                skip = False
+            elif word in ("--checkpoint", "--out-dir"):
+                out += ["--checkpoint", checkpoint] if word == "--checkpoint" else []
+                skip = True
+            elif word.startswith("--checkpoint="):
+                out += ["--checkpoint", checkpoint]
+            elif not word.startswith("--out-dir="):
+                out.append(word)
+        command = shlex.join(out)
     return command
 
 

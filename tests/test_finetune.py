@@ -244,3 +244,18 @@ def test_the_real_share_of_labels_is_reported_when_each_class_needs_one(digits_r
     assert result.results["rows"][0]["classifier_name"] == "Fine-tuned end to end (0.696% labels)"
     caption = result.paths["markdown"].read_text().split("\n\n")[0]
     assert f"fit on {fit}" in caption and "0.1%" not in caption
+
+
+def test_cli_checks_the_output_folder_before_fine_tuning_and_names_another_size(digits_run, tmp_path, capsys,
+                                                                                monkeypatch):
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    argv = ["--checkpoint", str(digits_run), "--label-fraction", "0.01", "--epochs", "1", "--lrs", "0.1",
+            "--device", "cpu"]
+    original = finetune_module.finetune
+    monkeypatch.setattr(finetune_module, "finetune", lambda *a, **k: pytest.fail("fine-tuned before the check"))
+    assert main(argv + ["--out-dir", str(blocked / "out")]) == 2
+    assert "cannot write results" in capsys.readouterr().err
+    monkeypatch.setattr(finetune_module, "finetune", original)
+    assert main(argv + ["--out-dir", str(tmp_path / "out"), "--input-size", "24"]) == 0
+    assert (tmp_path / "out" / "last_digits_24px_finetune-1pct.json").is_file()

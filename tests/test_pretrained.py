@@ -446,3 +446,27 @@ def test_one_resolver_a_bare_run_name_works_and_a_run_and_package_of_one_name_is
     # A path says which one.
     assert resolve_checkpoint("runs/resnet-18_3-epochs").parts[-3:] == ("resnet-18_3-epochs", "checkpoints", "last.pt")
     assert resolve_checkpoint(exported["folder"]) == exported["folder"] / "model.safetensors"
+
+
+def test_card_commands_are_rebuilt_word_by_word_for_the_package():
+    spaced = {"command": "python -m feature_eval.evaluate --checkpoint 'runs/img run' --knn-k 3 --out-dir /tmp/x"}
+    assert export_module.evaluation_command(spaced, "img-enc") == \
+        "python -m feature_eval.evaluate --checkpoint img-enc --knn-k 3"  # the package's own eval/, no stale path
+    joined = {"command": "python -m feature_eval.evaluate --checkpoint=runs/t --out-dir=/x --seed 1"}
+    assert export_module.evaluation_command(joined, "pk") == "python -m feature_eval.evaluate --checkpoint pk --seed 1"
+    assert export_module.evaluation_command(joined) == joined["command"]
+
+
+def test_a_package_may_not_take_the_name_of_a_run_and_a_run_name_with_a_space_resolves(exported, tmp_path,
+                                                                                        monkeypatch, capsys):
+    import models.loading
+
+    runs, packages = tmp_path / "runs", tmp_path / "packages"
+    make_run(runs / "enc")
+    make_run(runs / "my run")
+    monkeypatch.setattr(export_module, "PACKAGES_DIR", packages)
+    monkeypatch.setattr(export_module, "RUNS_DIR", runs)
+    monkeypatch.setattr(models.loading, "RUNS_DIR", runs)
+    with pytest.raises(export_module.ExportError, match="runs/enc is a run of that name"):
+        export_package(runs / "enc", "enc", root=packages, log=lambda *_: None)
+    assert resolve_checkpoint("my run") == runs / "my run" / "checkpoints" / "last.pt"
