@@ -464,8 +464,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         rows = [package_summary(root / name) for name in list_packages(root)]
         for r in rows:
+            top1 = "-" if r["linear_top1"] is None else f"{r['linear_top1']:.1f}%"
             print(f"{r['name']}: {r['architecture']}, {r['data']}, {r['epochs']} epochs, batch {r['batch']}, "
-                  f"linear top-1 {r['linear_top1']}, weights {'present' if r['weights'] else 'missing'}")
+                  f"linear top-1 {top1}, weights {'present' if r['weights'] else 'missing'}")
         if not rows:
             print(f"no packages in {root}")
         return 0

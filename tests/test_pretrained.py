@@ -470,3 +470,9 @@ def test_a_package_may_not_take_the_name_of_a_run_and_a_run_name_with_a_space_re
     with pytest.raises(export_module.ExportError, match="runs/enc is a run of that name"):
         export_package(runs / "enc", "enc", root=packages, log=lambda *_: None)
     assert resolve_checkpoint("my run") == runs / "my run" / "checkpoints" / "last.pt"
+
+
+def test_list_prints_each_package_with_a_rounded_linear_top1(exported, capsys):
+    assert export_module.main(["--list", "--packages-dir", str(exported["root"])]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("resnet-18_3-epochs: ") and "linear top-1 41.5%, weights present" in out
