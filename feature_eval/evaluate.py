@@ -13,6 +13,7 @@ import argparse
 import datetime
 import json
 import platform
+import re
 import shlex
 import sys
 import tempfile
@@ -238,9 +239,21 @@ def evaluate(checkpoint: str | Path, *, dataset: str | None = None, root: str | 
     table = markdown_table(rows)
     evaluation = Evaluation(results, table, classes, features, outcomes)
     if write:
-        size = f"_{input_size}px" if input_size != trained_size else ""  # another size: another experiment
-        evaluation.paths = write_results(results, table, out_dir, f"{file.stem}_{dataset}{size}")
+        evaluation.paths = write_results(results, table, out_dir, results_stem(file, dataset, root, input_size,
+                                                                              data_config))
     return evaluation
+
+
+def results_stem(checkpoint_file: Path, dataset: str, root: Path, input_size: int, trained: dict) -> str:
+    """`<checkpoint>_<dataset>`, then `_<root folder>` when the data's root is not the one trained on and
+    `_<size>px` when the input size is not: other data or another size never overwrite the training data's
+    results. `trained` is the checkpoint's `dataset` config (`root`, `input_shape`)."""
+    stem = f"{checkpoint_file.stem}_{dataset}"
+    if Path(root).resolve() != Path(trained.get("root") or "data").resolve():
+        stem += "_" + (re.sub(r"[^A-Za-z0-9._-]+", "-", Path(root).resolve().name) or "root")
+    if input_size != int((trained.get("input_shape") or [0])[0]):
+        stem += f"_{input_size}px"
+    return stem
 
 
 def check_writable(folder: Path) -> None:

@@ -39,7 +39,7 @@ from data_aug.device_views import resized_crop, sample_crop_boxes
 from feature_eval.baselines import random_encoder
 from feature_eval.classifiers import holdout_split, topk_accuracy
 from feature_eval.evaluate import (ARCHITECTURES, EXTRACTOR_NAMES, USER_ERRORS, EvalError, check_device,
-                                   check_writable, markdown_table, parse_names)
+                                   check_writable, markdown_table, parse_names, results_stem)
 from feature_eval.features import image_batches
 from models.loading import file_sha256, load_encoder, read_checkpoint, resolve_checkpoint
 
@@ -418,8 +418,8 @@ def finetune_evaluate(checkpoint: str | Path, *, label_fraction: float, dataset:
     table = markdown_table(rows)
     outcome = FineTuneResult(results, table, models)
     if write:
-        size = f"_{input_size}px" if input_size != trained_size else ""  # as feature_eval.evaluate names its files
-        outcome.paths = write_results(results, table, out_dir, f"{file.stem}_{dataset}{size}_finetune-{tag}")
+        stem = results_stem(file, dataset, root, input_size, data_config)  # as feature_eval.evaluate names its files
+        outcome.paths = write_results(results, table, out_dir, f"{stem}_finetune-{tag}")
     return outcome
 
 

@@ -227,7 +227,7 @@ def test_finetune_accepts_a_package_name(exported, packages_root, tmp_path):
                                log=lambda _: None)
     assert result.results["checkpoint"] == str(exported["folder"] / "model.safetensors")
     assert result.results["splits"]["labelled"] == 12
-    assert result.paths["json"].name == "model_stl10_16px_finetune-100pct.json"  # trained at 32 px
+    assert result.paths["json"].name == "model_stl10_data_16px_finetune-100pct.json"  # other root, other size
     key = "backbone.conv1.weight"
     assert not torch.equal(result.models["simclr"].encoder.state_dict()[key], exported["model"].encoder.state_dict()[key])
 
