@@ -16,6 +16,7 @@ import argparse
 import datetime
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -293,9 +294,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    command = "python -m bench.throughput " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = shlex.join(["python", "-m", "bench.throughput", *(sys.argv[1:] if argv is None else argv)])
     results = run(args)
-    block = format_run(args, results, command.strip())
+    block = format_run(args, results, command)
     print(block)
     if not args.no_write:
         append_run(block, args.output)

@@ -468,9 +468,8 @@ class DeviceBatches:
         batch k's views are drawn from a stream seeded by (seed, rank, k), not by the epoch.
         """
         order = self.share()
-        end = len(order) - len(order) % local_batch if len(order) >= local_batch else len(order)
         height, width = self.images.shape[-2:]
-        for k, start in enumerate(range(0, end, local_batch)):
+        for k, start in enumerate(self._fixed_starts(len(order), local_batch)):
             indices = order[start:start + local_batch]
             params = sample_view_params(2 * len(indices), height, width, self.s, self.blur,
                                         self._generator(-1 - self.rank, k), self.min_crop_scale)
@@ -483,8 +482,12 @@ class DeviceBatches:
 
     def fixed_batch_count(self, local_batch: int) -> int:
         """How many batches `fixed_batches(local_batch)` yields."""
-        share = math.ceil(self.num_images / self.world_size)
-        return share // local_batch if share >= local_batch else 1
+        return len(self._fixed_starts(math.ceil(self.num_images / self.world_size), local_batch))
+
+    @staticmethod
+    def _fixed_starts(share: int, local_batch: int) -> range:
+        """Batch starts in a share: whole batches only, or one short batch when the share is smaller than one."""
+        return range(0, share - share % local_batch if share >= local_batch else share, local_batch)
 
     def batches(self, epoch: int, start_step: int = 0):
         """Yield `(x1, x2)` for steps `start_step ..` of `epoch`: the same views whatever the start."""

@@ -427,10 +427,14 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(evaluation.table)
-    print(f"wrote {evaluation.paths['markdown']} and {evaluation.paths['json']} "
-          f"({evaluation.results['timings_s']['total']:.1f} s)")
+    print_written(evaluation.table, evaluation.paths, evaluation.results)
     return 0
+
+
+def print_written(table: str, paths: dict[str, Path], results: dict) -> None:
+    """The end of a CLI run (here and in feature_eval.finetune): the table, the files written, the time taken."""
+    print(table)
+    print(f"wrote {paths['markdown']} and {paths['json']} ({results['timings_s']['total']:.1f} s)")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,8 @@ from data_aug.device_views import resized_crop, sample_crop_boxes
 from feature_eval.baselines import random_encoder
 from feature_eval.classifiers import holdout_split, topk_accuracy
 from feature_eval.evaluate import (ARCHITECTURES, EXTRACTOR_NAMES, USER_ERRORS, EvalError, check_device,
-                                   check_writable, markdown_table, parse_names, results_stem)
+                                   check_writable, markdown_table, parse_names, print_written,
+                                   results_stem)
 from feature_eval.features import image_batches
 from models.loading import file_sha256, load_encoder, read_checkpoint, resolve_checkpoint
 
@@ -395,7 +396,7 @@ def finetune_evaluate(checkpoint: str | Path, *, label_fraction: float, dataset:
     timings["total"] = round(time.perf_counter() - started, 3)
     results = {
         "protocol": "finetune",
-        "command": command or " ".join(["python -m feature_eval.finetune"] + [shlex.quote(a) for a in sys.argv[1:]]),
+        "command": command or shlex.join(["python", "-m", "feature_eval.finetune", *sys.argv[1:]]),
         "checkpoint": str(file), "checkpoint_sha256": file_sha256(file), "trained_epochs": trained_epochs,
         "dataset": {"name": dataset, "root": str(root), "input_size": input_size, "classes": classes},
         "splits": {"fit": fit, "report": "test", "train": len(train_set),
@@ -511,7 +512,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    command = " ".join(["python -m feature_eval.finetune"] + [shlex.quote(a) for a in argv])
+    command = shlex.join(["python", "-m", "feature_eval.finetune", *argv])
     try:
         outcome = finetune_evaluate(args.checkpoint, label_fraction=args.label_fraction, dataset=args.dataset,
                                     root=args.root, input_size=args.input_size, epochs=args.epochs,
@@ -522,9 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(outcome.table)
-    print(f"wrote {outcome.paths['markdown']} and {outcome.paths['json']} "
-          f"({outcome.results['timings_s']['total']:.1f} s)")
+    print_written(outcome.table, outcome.paths, outcome.results)
     return 0
 
 

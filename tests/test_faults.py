@@ -317,7 +317,7 @@ def test_a_signal_during_validation_stops_at_the_epoch_boundary(data_root, refer
 
 
 def test_mid_epoch_resume_by_another_number_of_processes_warns(straight_run, tmp_path, capsys):
-    from simclr.config import config_to_dict, load_config
+    from simclr.config import load_config
     from simclr.dist import init_distributed
 
     path = straight_run / "checkpoints" / "last.pt"
