@@ -3,7 +3,10 @@ checkpoint) and every error, plain torchvision weights, and `fine_tune_from=<pac
 from __future__ import annotations
 
 import json
+import shutil
 import struct
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,7 +29,8 @@ from simclr.dist import init_distributed
 from simclr.trainer import Trainer
 from tests.conftest import SEED_CONFIG, assert_same_weights, tiny_args, write_stl10
 
-INDEX = "# Packages\n\n<!-- packages:start -->\nold list\n<!-- packages:end -->\n\ntail text\n"
+README = "# Packages\n\nThe format, described by hand; export must never rewrite it.\n"
+REPO = Path(__file__).resolve().parent.parent
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -67,14 +71,14 @@ def write_eval(run_dir, sha256, name, top1):
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """A run with a matching and a stale evaluation, exported into a packages folder with an index README."""
+    """A run with a matching and a stale evaluation, exported into a packages folder with a README of its own."""
     tmp = tmp_path_factory.mktemp("pkg")
     run_dir, root = tmp / "runs" / "r1", tmp / "packages"
     model, checkpoint = make_run(run_dir)
     write_eval(run_dir, pretrained_models.file_sha256(checkpoint), "last_stl10", 41.5)
     write_eval(run_dir, "0" * 64, "old_stl10", 10.0)
     root.mkdir()
-    (root / "README.md").write_text(INDEX)
+    (root / "README.md").write_text(README)
     logs = []
     folder = export_package(run_dir, "resnet-18_3-epochs", root=root, log=logs.append)
     return {"model": model, "checkpoint": checkpoint, "run_dir": run_dir, "root": root, "folder": folder,
@@ -125,9 +129,9 @@ def test_model_card_has_data_recipe_numbers_commands_sha_and_download_place(expo
     assert "10.0" not in card  # the stale evaluation's numbers
 
 
-def test_index_lists_the_packages_and_keeps_the_rest(exported):
-    text = (exported["root"] / "README.md").read_text()
-    assert "old list" not in text and text.startswith("# Packages") and text.endswith("tail text\n")
+def test_index_lists_the_packages_in_its_own_file_and_leaves_the_readme_alone(exported):
+    assert (exported["root"] / "README.md").read_text() == README
+    text = (exported["root"] / "INDEX.md").read_text()
     line = next(line for line in text.splitlines() if "resnet-18_3-epochs" in line)
     assert "ResNet-18" in line and "stl10" in line and "41.5" in line and "42.5" in line and "| yes |" in line
 
@@ -346,7 +350,7 @@ def test_force_replaces_a_package_and_the_default_name_follows_the_scheme(tmp_pa
     first = export_package(tmp_path / "a", root=root, log=lambda _: None)
     assert first.name == "resnet-18_3-epochs"
     second = export_package(tmp_path / "b", root=root, force=True, log=lambda _: None)
-    assert second == first and [p.name for p in root.iterdir()] == ["resnet-18_3-epochs"]  # no temporary left
+    assert second == first and sorted(p.name for p in root.iterdir()) == ["INDEX.md", "resnet-18_3-epochs"]  # no temp
     b_weights = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=True)["model"]
     assert_same_weights(pretrained_models.read_package_weights(second), b_weights, atol=0)
 
@@ -393,14 +397,40 @@ def test_refresh_needs_no_weights_as_after_a_clone(tmp_path, capsys):
     make_run(tmp_path / "run")
     root = tmp_path / "packages"
     root.mkdir()
-    (root / "README.md").write_text(INDEX)
+    (root / "README.md").write_text(README)
     folder = export_package(tmp_path / "run", "p", root=root, log=lambda _: None)
     write_eval(folder, pretrained_models.file_sha256(folder / "model.safetensors"), "model_stl10", 55.5)
     for weights in folder.glob("*.safetensors"):  # gitignored: a clone has only the small files
         weights.unlink()
     assert export_module.main(["--refresh", "p", "--packages-dir", str(root)]) == 0, capsys.readouterr().err
     assert "55.5" in (folder / "README.md").read_text()
-    assert "no (download)" in (root / "README.md").read_text()
+    assert "no (download)" in (root / "INDEX.md").read_text()
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_export_and_refresh_leave_a_clean_checkout(tmp_path):
+    """A copy of pretrained_models/ in a fresh git repo with this repo's .gitignore: after an export, a refresh and
+    an evaluation result written into the package, `git status` shows nothing (no -dirty commit for later runs)."""
+    repo = tmp_path / "clone"
+    (repo / "pretrained_models").mkdir(parents=True)
+    shutil.copy(REPO / ".gitignore", repo / ".gitignore")
+    for name in ("README.md", "__init__.py", "export.py"):
+        shutil.copy(REPO / "pretrained_models" / name, repo / "pretrained_models" / name)
+
+    def git(*args):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True,
+                              capture_output=True, text=True).stdout
+
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "clone")
+    make_run(tmp_path / "run")
+    root = repo / "pretrained_models"
+    folder = export_package(tmp_path / "run", "p", root=root, log=lambda _: None)
+    write_eval(folder, pretrained_models.file_sha256(folder / "model.safetensors"), "model_stl10", 55.5)
+    refresh_package(folder, log=lambda _: None)
+    assert (root / "INDEX.md").is_file() and "55.5" in (folder / "README.md").read_text()
+    assert git("status", "--porcelain", "--untracked-files=all") == ""
 
 
 def data_row(folder):
