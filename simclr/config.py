@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import math
 import re
 import types
@@ -150,8 +151,7 @@ def _read_yaml(path: Path) -> dict:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"config file {path} is not valid YAML: {first}") from None
+        raise ConfigError(f"config file {path} is not valid YAML{_yaml_problem(err, text)}") from None
     except RecursionError:
         raise ConfigError(f"config file {path} is nested too deeply to be a config") from None
     if data is None:
@@ -159,6 +159,33 @@ def _read_yaml(path: Path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys to values, got {type(data).__name__}")
     return data
+
+
+def _yaml_problem(err: yaml.YAMLError, text: str) -> str:
+    """` at line L, column C: <problem> (<context> started at line N); <advice>` from a YAML error, on one line."""
+    mark = getattr(err, "problem_mark", None)
+    line = column = None
+    if mark is not None:
+        line, column = mark.line + 1, mark.column + 1  # yaml counts from 0, editors from 1
+    elif isinstance(getattr(err, "position", None), int):  # a ReaderError: a character YAML does not allow
+        before = text[:err.position]
+        line, column = before.count("\n") + 1, err.position - (before.rfind("\n") + 1) + 1
+    problem = getattr(err, "problem", None) or type(err).__name__
+    if getattr(err, "reason", None):
+        character = getattr(err, "character", None)  # a code point (an int) when the text was a str
+        problem = err.reason + (f" (found U+{character:04X})" if isinstance(character, int) else "")
+    context, context_mark = getattr(err, "context", None), getattr(err, "context_mark", None)
+    if context and context_mark is not None and context_mark.line + 1 != line:
+        problem = f"{problem} ({context} started at line {context_mark.line + 1})"
+    elif context:
+        problem = f"{problem} ({context})"
+    problem = " ".join(str(problem).split())
+    advice = "fix that line" if line is not None else "fix the file"
+    if "mapping values are not allowed" in problem:
+        advice += " (quote a value that holds ': ')"
+    elif "'\\t'" in problem:
+        advice += " (indent with spaces, not tabs)"
+    return (f" at line {line}, column {column}" if line is not None else "") + f": {problem}; {advice}"
 
 
 def _parse_override(item: str) -> tuple[str, object]:
@@ -198,7 +225,9 @@ def _build(cls, raw, prefix: str):
         if not isinstance(key, str) or key not in known:
             allowed = ", ".join(sorted(known))
             shown = key if isinstance(key, str) and key.isprintable() else _show(key)  # one line, whatever the key
-            raise ConfigError(f"unknown key {prefix}{shown}: allowed keys here are {allowed}")
+            hint = _suggest(cls, key, prefix) if isinstance(key, str) else None
+            raise ConfigError(f"unknown key {prefix}{shown}: " + (f"did you mean {hint}? " if hint else "")
+                              + f"allowed keys here are {allowed}")
     values = {}
     for f in dataclasses.fields(cls):
         if f.name not in raw:
@@ -210,6 +239,20 @@ def _build(cls, raw, prefix: str):
         else:
             values[f.name] = _coerce(name, raw[f.name], hint)
     return cls(**values)
+
+
+def _suggest(cls, key: str, prefix: str) -> str | None:
+    """The known key closest to a misspelt `key` (`batch_sise` -> `batch_size`), or the section holding that exact
+    key (`temperature` at the top level -> `loss.temperature`); None when nothing is close."""
+    fields = dataclasses.fields(cls)
+    close = difflib.get_close_matches(key, [f.name for f in fields], n=1, cutoff=0.75)
+    if close:
+        return prefix + close[0]
+    for f in fields:
+        section = f.default_factory
+        if dataclasses.is_dataclass(section) and key in {g.name for g in dataclasses.fields(section)}:
+            return f"{prefix}{f.name}.{key}"
+    return None
 
 
 def _coerce(name: str, value, hint):

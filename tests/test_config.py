@@ -80,6 +80,40 @@ def test_unknown_key_in_yaml(tmp_path):
         load_config(path)
 
 
+@pytest.mark.parametrize("override, suggestion", [
+    ("batch_sise=3", "did you mean batch_size?"), ("dataset.nmae=x", "did you mean dataset.name?"),
+    ("epoch=3", "did you mean epochs?"), ("temperature=0.2", "did you mean loss.temperature?"),
+    ("lr=0.1", "did you mean optimizer.lr?")])
+def test_a_misspelt_or_misplaced_key_gets_a_suggestion(override, suggestion):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert suggestion in str(err.value) and "allowed keys here are" in str(err.value)
+
+
+def test_a_yaml_key_typo_gets_a_suggestion_and_a_distant_one_none(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  base_modle: resnet18\n")
+    with pytest.raises(ConfigError, match=r"unknown key model.base_modle: did you mean model.base_model\?"):
+        load_config(path)
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["xyzzy=1"])
+    assert "did you mean" not in str(err.value)
+
+
+@pytest.mark.parametrize("text, where", [
+    ("batch_size: 4\ndataset: {name: stl10\nepochs: 3\n", "at line 3, column 7: expected ',' or '}'"),
+    ("batch_size: 4\nrun_dir: runs/a: b\n", "at line 2, column 16: mapping values are not allowed here"),
+    ("epochs: 1\n\tseed: 2\n", "at line 2, column 1: found character '\\t'"),
+    ('epochs: 1\nrun_dir: "a\x01"\n', "at line 2, column 12: special characters are not allowed (found U+0001)")])
+def test_a_yaml_syntax_error_names_line_and_column(tmp_path, text, where):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert message.startswith(f"config file {path} is not valid YAML {where}") and "\n" not in message, message
+
+
 @pytest.mark.parametrize("key", ["\n", "a\nb", "tab\there", None, 3])
 def test_an_unknown_key_is_named_on_one_line_whatever_it_holds(tmp_path, key):
     path = tmp_path / "c.yaml"
