@@ -419,7 +419,7 @@ def package_summary(folder: Path) -> dict:
 
 
 def update_index(root: Path) -> Path:
-    """Write the packages list to `<root>/INDEX.md` (generated and gitignored: never a tracked file); return its path."""
+    """Write the packages list to `<root>/INDEX.md` (generated, gitignored: never a tracked file); return its path."""
     rows = [package_summary(root / name) for name in list_packages(root)]
 
     def cell(value, digits=None):
