@@ -185,6 +185,10 @@ class Trainer:
 
     def _build_model(self) -> None:
         c, info = self.config, self.info
+        # Adam's second moments of tiny gradients underflow into denormal floats, which x86 CPUs handle
+        # 5-10x slower: on a 2-core CPU a ResNet-18 step went from about 1 s to 0.15-0.25 s (16-32 px views,
+        # batch 64). Values below 1e-38 become 0; CUDA kernels already flush them.
+        torch.set_flush_denormal(True)
         torch.manual_seed(c.seed)
         model = create_model(c.model.base_model, c.model.out_dim, c.model.cifar_stem)
         if c.fine_tune_from and self.resume_state is None:
