@@ -3,6 +3,7 @@
     python -m bench.loss_scaling                       # CPU, writes its section of docs/BENCHMARKS.md
     python -m bench.loss_scaling --device cuda         # the same on the GPU
     python -m bench.loss_scaling --sizes 256 512 --no-write
+    python -m bench.loss_scaling --device cuda --sizes 256 1024 4096 16384 --output out/loss.md
 
 Each batch size runs in a fresh process, so that the CPU's peak resident memory (`ru_maxrss`) belongs
 to that size alone; the table reports the peak above the memory held before the loss ran (inputs
@@ -180,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed-up-to", type=int, default=512, help="run the seed's [2N,2N,D] loss up to this N")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-write", action="store_true", help="print the table, leave docs/BENCHMARKS.md alone")
+    parser.add_argument("--output", type=Path, default=BENCHMARKS, help="the markdown file whose section for this "
+                        "device is replaced (created if absent; default docs/BENCHMARKS.md)")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--which", default="ntxent", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -197,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     table = format_table(rows, device, args.dim, load)
     print(table)
     if not args.no_write:
-        write_section(table, device.type)
-        print(f"wrote {BENCHMARKS}")
+        write_section(table, device.type, args.output)
+        print(f"wrote {args.output}")
     return 0
 
 

@@ -1,0 +1,230 @@
+#!/usr/bin/env bash
+# The GPU checks of issue 14 in one run of at most BUDGET_S seconds (480 by default), every result in one folder.
+#
+#   bash bench/gpu_check.sh [OUT_DIR]              # on a CUDA machine; OUT_DIR defaults to $OUT, else bench_out/<time>
+#   bash bench/gpu_check.sh --dry-run [OUT_DIR]    # the same parts on the CPU with tiny sizes (also: DRY_RUN=1)
+#
+# Parts, in this order, each under its own `timeout` (capped by what is left of the budget, so one that hangs
+# cannot eat the run; a part with less than MIN_PART_S left is skipped and says so):
+#   env            hardware, driver, versions, disks                                   -> env.log
+#   synth_*        synthetic STL10 in the real binary format under DATA_DIR (in the background during the tests):
+#                  full size (5,000 + 8,000 + 100,000 images, 3.1 GB) and a smaller set for the CPU-pipeline run
+#   cuda_tests     the CUDA-only tests (skipif(not torch.cuda.is_available())), listed by bench/cuda_tests.py
+#   run_device     python run.py on the full set, augment_on=device, bf16, 3 epochs of 105,000 images, GPU sampled
+#   run_cpu        the same with the default augment_on=cpu (DataLoader, one worker per core), about 200 steps
+#   throughput     python -m bench.throughput --device cuda (bf16, channels_last)      -> throughput.md
+#   loss_scaling   python -m bench.loss_scaling --device cuda, N = 256 ... 16384       -> loss_scaling.md
+#   throughput_compile   the same as throughput with --compile --warmup 10            -> throughput_compile.md
+# Each part logs to <part>.log; summary.txt lists every part (passed / failed / timed out / skipped, seconds)
+# and the headline numbers. Exit status 0 when no part failed or timed out.
+#
+# Environment: OUT, DRY_RUN=1, DATA_DIR (synthetic data and the runs' checkpoints; default bench_data, kept out
+# of OUT so that gigabytes do not travel back), BUDGET_S, PYTHON.
+set -u
+cd "$(dirname "$0")/.." || exit 1
+
+DRY_RUN=${DRY_RUN:-0}
+OUT_ARG=""
+for arg in "$@"; do
+  case $arg in
+    --dry-run) DRY_RUN=1 ;;
+    -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -*) echo "error: unknown option $arg: use --dry-run, --help or an output folder" >&2; exit 2 ;;
+    *) OUT_ARG=$arg ;;
+  esac
+done
+OUT=${OUT_ARG:-${OUT:-bench_out/$(date +%Y-%m-%d_%H-%M-%S)}}
+mkdir -p "$OUT" || { echo "error: cannot create the output folder $OUT" >&2; exit 2; }
+OUT=$(cd "$OUT" && pwd)
+DATA_DIR=${DATA_DIR:-bench_data}
+mkdir -p "$DATA_DIR" || { echo "error: cannot create DATA_DIR=$DATA_DIR" >&2; exit 2; }
+DATA_DIR=$(cd "$DATA_DIR" && pwd)
+PYTHON=${PYTHON:-python}
+export PYTHONUNBUFFERED=1
+CORES=$(nproc)
+MIN_PART_S=20    # a part with less time than this left is skipped
+RESERVE_S=10     # kept back for the summary
+
+if [ "$DRY_RUN" = 1 ]; then
+  MODE="dry run on the CPU (tiny sizes: checks the script, not the speed)"
+  BUDGET_S=${BUDGET_S:-900}
+  DEVICE=cpu
+  export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}  # shared small machines: spinning OpenMP waits stall torch
+  FULL=(--train 64 --test 32 --unlabeled 192)
+  SMALL=(--train 64 --test 16 --unlabeled 96)
+  RUN_SIZE=(dataset.input_shape="(32,32,3)" batch_size=32 log_every_n_steps=2 model.out_dim=32)
+  DEVICE_EPOCHS=2; CPU_EPOCHS=2; WORKERS=$CORES
+  THROUGHPUT=(--device cpu --crop 32 --batch-size 8 --steps 1 --warmup 1 --workers 1 --per-core-views 32)
+  COMPILE=("${THROUGHPUT[@]}" --compile)
+  LOSS=(--device cpu --sizes 64 128 --seed-up-to 64 --repeats 1)
+  LIMITS=(env=60 synth=120 cuda_tests=180 run=240 throughput=180 loss_scaling=120 throughput_compile=420 summary=60)
+else
+  MODE="GPU run"
+  BUDGET_S=${BUDGET_S:-480}
+  DEVICE=cuda
+  FULL=(--train 5000 --test 8000 --unlabeled 100000)      # the real STL10: 105,000 pretraining images
+  SMALL=(--train 5000 --test 100 --unlabeled 49000)       # 54,000: about 100 steps of 512 an epoch after validation
+  RUN_SIZE=()                                             # config.yaml: resnet18, 96 px, batch 512, log every 50 steps
+  DEVICE_EPOCHS=3; CPU_EPOCHS=2; WORKERS=$CORES
+  THROUGHPUT=(--device cuda)                              # batch 512, bf16, channels_last, 20 steps after 5
+  COMPILE=(--device cuda --compile --warmup 10)
+  LOSS=(--device cuda --sizes 256 512 1024 2048 4096 8192 16384)
+  LIMITS=(env=30 synth=120 cuda_tests=150 run=150 throughput=90 loss_scaling=100 throughput_compile=200 summary=30)
+fi
+if [ "$DRY_RUN" != 1 ] && ! "$PYTHON" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+  echo "error: torch sees no CUDA GPU here: run this on a GPU machine, or add --dry-run for the CPU" >&2
+  exit 2
+fi
+RUN_COMMON=(dataset.name=stl10 dataset.download=false fine_tune_from=None fp16_precision=true amp_dtype=bfloat16
+            device=$DEVICE seed=0 "${RUN_SIZE[@]}")
+
+limit_of() { local kv; for kv in "${LIMITS[@]}"; do [ "${kv%%=*}" = "$1" ] && echo "${kv#*=}"; done; }
+
+T0=$SECONDS
+PARTS="$OUT/parts.tsv"
+: > "$PARTS"
+echo "gpu_check: $MODE; output $OUT; data $DATA_DIR; budget ${BUDGET_S} s" | tee "$OUT/progress.log"
+
+# run_part NAME LIMIT COMMAND...: run COMMAND under `timeout`, its output in NAME.log, its outcome in parts.tsv.
+run_part() {
+  local name=$1 limit=$2; shift 2
+  local left=$(( BUDGET_S - (SECONDS - T0) - RESERVE_S ))
+  if [ "$left" -lt "$MIN_PART_S" ]; then
+    printf '%s\tskipped\t0\t%s\t%s\n' "$name" "$limit" "no time left in the ${BUDGET_S} s budget" >> "$PARTS"
+    echo "-- $name: skipped (no time left)" | tee -a "$OUT/progress.log"
+    return 1
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  echo "-- $name (limit ${limit} s, at $(( SECONDS - T0 )) s): $*" | tee -a "$OUT/progress.log"
+  local start=$SECONDS rc status note=""
+  timeout --kill-after=15 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  rc=$?
+  case $rc in
+    0) status=passed ;;
+    124|137) status="timed out"; note="killed after ${limit} s" ;;
+    *) status=failed; note="exit $rc: $(grep -v '^\s*$' "$OUT/$name.log" | tail -n 1 | cut -c1-160)" ;;
+  esac
+  printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$status" "$(( SECONDS - start ))" "$limit" "$note" >> "$PARTS"
+  echo "-- $name: $status in $(( SECONDS - start )) s" | tee -a "$OUT/progress.log"
+  return "$rc"
+}
+
+env_info() {
+  echo "date: $(date -Is)"; echo "host: $(hostname)"; echo "mode: $MODE"
+  echo "git: $(git rev-parse HEAD 2>/dev/null)$(git diff --quiet HEAD 2>/dev/null || echo ' (with local changes)')"
+  echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //'), $CORES cores"
+  echo "memory: $(free -g | awk '/^Mem:/ {print $2 " GiB, " $7 " GiB available"}')"
+  "$PYTHON" -c "import sys, torch, torchvision, numpy; print('python', sys.version.split()[0], '| torch', torch.__version__, \
+'| torchvision', torchvision.__version__, '| numpy', numpy.__version__, '| CUDA', torch.version.cuda, \
+'| cuDNN', torch.backends.cudnn.version(), '| GPU', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none')"
+  if "$PYTHON" -c "import pynvml" 2> /dev/null; then echo "pynvml: importable"; else echo "pynvml: not importable"; fi
+  if command -v nvidia-smi > /dev/null; then
+    nvidia-smi --query-gpu=name,driver_version,memory.total,power.limit,clocks.max.sm --format=csv
+    nvidia-smi
+  else
+    echo "nvidia-smi: not found (no NVIDIA driver here)"
+  fi
+  echo "disks:"; df -hT "$DATA_DIR" "$OUT"
+}
+
+# train NAME ROOT OVERRIDES...: run.py into DATA_DIR/runs/NAME with the GPU sampled; its records (not the
+# checkpoints) are copied to OUT/NAME, also when the run fails.
+train() {
+  local name=$1 root=$2 monitor rc
+  shift 2
+  local run_dir="$DATA_DIR/runs/$name"
+  rm -rf "$run_dir" "${OUT:?}/$name"
+  "$PYTHON" -m bench.gpu_monitor --csv "$OUT/${name}_gpu.csv" &
+  monitor=$!
+  "$PYTHON" run.py dataset.root="$root" run_dir="$run_dir" "$@"
+  rc=$?
+  kill -TERM "$monitor"
+  wait "$monitor"
+  mkdir -p "$OUT/$name"
+  cp "$run_dir"/config.yaml "$run_dir"/meta.jsonl "$run_dir"/metrics.jsonl "$run_dir"/events.out.tfevents.* \
+    "$OUT/$name/" 2> /dev/null
+  return "$rc"
+}
+export -f env_info train
+export MODE CORES PYTHON DATA_DIR OUT
+
+# run_and_summarize NAME ROOT OVERRIDES...: the run as one part, then its summary (of the epochs that finished).
+run_and_summarize() {
+  local name=$1
+  run_part "$name" "$(limit_of run)" bash -c 'train "$@"' _ "$@"
+  if [ ! -s "$OUT/$name/metrics.jsonl" ]; then
+    printf '%s\tskipped\t0\t0\t%s\n' "${name}_summary" "no metrics.jsonl: the run finished no step" >> "$PARTS"
+    return 1
+  fi
+  run_part "${name}_summary" "$(limit_of summary)" "$PYTHON" -m bench.run_summary "$OUT/$name" \
+    --gpu-csv "$OUT/${name}_gpu.csv" --json "$OUT/${name}_summary.json" --target-epoch-seconds 10 --target-busy 90
+}
+
+run_part env "$(limit_of env)" bash -c env_info
+
+# The data is written while the tests run (they need the GPU, not the disk).
+{
+  run_part synth_full "$(limit_of synth)" "$PYTHON" -m bench.stl10_synth "$DATA_DIR/stl10_full" "${FULL[@]}"
+  run_part synth_small "$(limit_of synth)" "$PYTHON" -m bench.stl10_synth "$DATA_DIR/stl10_small" "${SMALL[@]}"
+} &
+SYNTH=$!
+mapfile -t CUDA_TESTS < <("$PYTHON" -m bench.cuda_tests)
+if [ "${#CUDA_TESTS[@]}" -gt 0 ]; then
+  run_part cuda_tests "$(limit_of cuda_tests)" "$PYTHON" -m pytest -q -rs -p no:cacheprovider \
+    --junitxml="$OUT/cuda_tests.xml" "${CUDA_TESTS[@]}"
+else
+  printf '%s\tfailed\t0\t0\t%s\n' cuda_tests "bench/cuda_tests.py found no CUDA-only test" >> "$PARTS"
+fi
+wait "$SYNTH"
+
+if grep -q "^synth_full	passed" "$PARTS"; then
+  run_and_summarize run_device "$DATA_DIR/stl10_full" "${RUN_COMMON[@]}" dataset.augment_on=device \
+    dataset.valid_size=0 epochs=$DEVICE_EPOCHS
+else
+  printf '%s\tskipped\t0\t0\t%s\n' run_device "no data: synth_full did not pass" >> "$PARTS"
+fi
+if grep -q "^synth_small	passed" "$PARTS"; then
+  run_and_summarize run_cpu "$DATA_DIR/stl10_small" "${RUN_COMMON[@]}" dataset.augment_on=cpu \
+    dataset.num_workers=$WORKERS epochs=$CPU_EPOCHS
+else
+  printf '%s\tskipped\t0\t0\t%s\n' run_cpu "no data: synth_small did not pass" >> "$PARTS"
+fi
+run_part throughput "$(limit_of throughput)" "$PYTHON" -m bench.throughput "${THROUGHPUT[@]}" \
+  --output "$OUT/throughput.md"
+run_part loss_scaling "$(limit_of loss_scaling)" "$PYTHON" -m bench.loss_scaling "${LOSS[@]}" \
+  --output "$OUT/loss_scaling.md"
+run_part throughput_compile "$(limit_of throughput_compile)" "$PYTHON" -m bench.throughput "${COMPILE[@]}" \
+  --output "$OUT/throughput_compile.md"
+
+# ---------- summary ----------
+{
+  echo "gpu_check: $MODE, $(date -Is), $(( SECONDS - T0 )) s of a ${BUDGET_S} s budget"
+  echo "output: $OUT"
+  grep -m1 '^python' "$OUT/env.log"
+  grep -m1 -A1 '^name, driver_version' "$OUT/env.log" | tail -n 1
+  echo
+  printf '%-20s %-10s %8s %8s  %s\n' part status seconds limit note
+  while IFS=$'\t' read -r name status seconds limit note; do
+    printf '%-20s %-10s %8s %8s  %s\n' "$name" "$status" "$seconds" "$limit" "$note"
+  done < "$PARTS"
+  echo
+  echo "== cuda_tests"; grep -E 'passed|failed|skipped|error' "$OUT/cuda_tests.log" 2> /dev/null | tail -n 6
+  for name in run_device run_cpu; do
+    echo "== $name"; cat "$OUT/${name}_summary.log" 2> /dev/null
+  done
+  for name in throughput throughput_compile; do
+    echo "== $name"
+    grep -E '^\||^Full step' "$OUT/$name.md" 2> /dev/null
+  done
+  echo "== loss_scaling"; grep -E '^\|' "$OUT/loss_scaling.md" 2> /dev/null
+  if [ "$DRY_RUN" = 1 ]; then
+    echo
+    echo "Dry run: no CUDA here, so the CUDA-only tests were collected and skipped, no GPU utilisation was sampled"
+    echo "(the monitor recorded 'no GPU'), and every figure above measures a tiny CPU run, not the targets."
+  fi
+} > "$OUT/summary.txt"
+cat "$OUT/summary.txt"
+if cut -f2 "$PARTS" | grep -qE '^(failed|timed out)$'; then
+  exit 1
+fi
+exit 0
