@@ -1,0 +1,96 @@
+"""Pictures a run writes into its directory: `views.png` (what the views do to the data) and `curves.png`
+(loss, contrastive top-1 and learning rate per step, from metrics.jsonl), for readers without TensorBoard."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from data_aug.view_grid import draw_view_grid, pick_images, sample_views, save_png, view_settings
+from simclr.config import DatasetConfig
+
+VIEW_IMAGES = 8  # rows of views.png
+VIEWS_PER_IMAGE = 6
+
+
+def views_picture(images, dataset: DatasetConfig, seed: int) -> np.ndarray:
+    """The views grid of a run: `VIEW_IMAGES` seeded picks from `images` (the training split, an indexable of
+    images or (image, label) pairs), each next to `VIEWS_PER_IMAGE` views from the run's own pipeline.
+
+    `python -m simclr.preview` and the trainer both call this, so the preview is the picture the run writes.
+    """
+    chosen = pick_images(images, min(VIEW_IMAGES, len(images)), seed)
+    settings = dict(crop_size=dataset.crop_size, s=dataset.s, blur=dataset.blur,
+                    min_crop_scale=dataset.min_crop_scale, augment_on=dataset.augment_on)
+    views = sample_views(chosen, VIEWS_PER_IMAGE, seed=seed, **settings)
+    return draw_view_grid(chosen, views, f"{dataset.name}: " + view_settings(**settings))
+
+
+def write_views(path: Path, picture: np.ndarray, tensorboard=None, step: int = 0) -> None:
+    """Save the views grid as a PNG and, given a SummaryWriter, as the TensorBoard image `views`."""
+    save_png(picture, path)
+    if tensorboard is not None:
+        tensorboard.add_image("views", picture, step, dataformats="HWC")
+
+
+def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
+    """The step and epoch records of a metrics.jsonl (a half-written last line is skipped)."""
+    steps, epochs = [], []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and record.get("kind") == "step" and "global_step" in record:
+                steps.append(record)
+            elif isinstance(record, dict) and record.get("kind") == "epoch":
+                epochs.append(record)
+    return steps, epochs
+
+
+def draw_curves(steps: list[dict], epochs: list[dict], title: str) -> np.ndarray:
+    """Training loss, contrastive top-1 and learning rate against the global step; validation (when the run
+    has it) as points at the end of its epoch. Returns a uint8 `[H, W, 3]` picture."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    x = [r["global_step"] for r in steps]
+    epoch_end = {}  # the last step of an epoch is always logged
+    for r in steps:
+        epoch_end[r.get("epoch")] = max(epoch_end.get(r.get("epoch"), 0), r["global_step"])
+    marker = "o" if len(x) <= 30 else None  # a line through one or two points is hard to see
+    figure = Figure(figsize=(13, 3.6), dpi=100)
+    canvas = FigureCanvasAgg(figure)
+    panels = (("loss", "valid_loss", "NT-Xent loss"), ("top1", "valid_top1", "contrastive top-1 %"),
+              ("lr", None, "learning rate"))
+    for ax, (key, valid_key, label) in zip(figure.subplots(1, 3), panels):
+        ax.plot(x, [r.get(key, np.nan) for r in steps], marker=marker, markersize=3, linewidth=1.2, label="train")
+        valid = [(epoch_end[r["epoch"]], r[valid_key]) for r in epochs
+                 if valid_key and valid_key in r and r.get("epoch") in epoch_end]
+        if valid:
+            ax.plot(*zip(*valid), "o--", color="tab:orange", markersize=5, linewidth=1, label="validation")
+            ax.legend(fontsize=8)
+        for end in sorted(epoch_end.values())[:-1]:
+            ax.axvline(end, color="0.85", linewidth=0.8, zorder=0)  # epoch boundaries
+        ax.set_xlabel("step")
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3)
+        if key == "lr":
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def write_curves(run_dir: Path, total_epochs: int) -> Path:
+    """Draw `<run_dir>/curves.png` from `<run_dir>/metrics.jsonl`; returns its path."""
+    steps, epochs = read_metrics(run_dir / "metrics.jsonl")
+    done = len({r.get("epoch") for r in epochs})
+    last = steps[-1]["global_step"] if steps else 0
+    path = run_dir / "curves.png"
+    save_png(draw_curves(steps, epochs, f"{run_dir.name}: {done} of {total_epochs} epochs, {last} steps "
+                                        "(vertical lines: epoch ends)"), path)
+    return path
