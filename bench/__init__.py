@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 
 def device_arg(value: str) -> str:
     """argparse type for `--device`: cpu, cuda or cuda:N, and a CUDA device only where one is visible."""
+    import torch  # here, so that the torch-free scripts of this package (gpu_monitor, stl10_synth) start at once
+
     try:
         device = torch.device(value)
     except RuntimeError:

@@ -7,11 +7,13 @@
 # Parts, in this order, each under its own `timeout` (capped by what is left of the budget, so one that hangs
 # cannot eat the run; a part with less than MIN_PART_S left is skipped and says so):
 #   env            hardware, driver, versions, disks                                   -> env.log
-#   synth_*        synthetic STL10 in the real binary format under DATA_DIR (in the background during the tests):
-#                  full size (5,000 + 8,000 + 100,000 images, 3.1 GB) and a smaller set for the CPU-pipeline run
+#   synth          synthetic STL10 in the real binary format under DATA_DIR, full size (5,000 + 8,000 + 100,000
+#                  images, 3.1 GB), written in the background while the tests run
 #   cuda_tests     the CUDA-only tests (skipif(not torch.cuda.is_available())), listed by bench/cuda_tests.py
-#   run_device     python run.py on the full set, augment_on=device, bf16, 3 epochs of 105,000 images, GPU sampled
-#   run_cpu        the same with the default augment_on=cpu (DataLoader, one worker per core), about 200 steps
+#   run_device     python run.py on it, augment_on=device, bf16, valid_size=0: 3 epochs of 105,000 images (205
+#                  steps of 512), GPU sampled every 0.2 s; then run_device_summary: s/epoch, img/s, GPU busy
+#   run_cpu        the same with the default augment_on=cpu (DataLoader, one worker per core) and the default
+#                  valid_size (0.05): one epoch, 194 steps; then run_cpu_summary
 #   throughput     python -m bench.throughput --device cuda (bf16, channels_last)      -> throughput.md
 #   loss_scaling   python -m bench.loss_scaling --device cuda, N = 256 ... 16384       -> loss_scaling.md
 #   throughput_compile   the same as throughput with --compile --warmup 10            -> throughput_compile.md
@@ -28,7 +30,7 @@ OUT_ARG=""
 for arg in "$@"; do
   case $arg in
     --dry-run) DRY_RUN=1 ;;
-    -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 0 ;;
     -*) echo "error: unknown option $arg: use --dry-run, --help or an output folder" >&2; exit 2 ;;
     *) OUT_ARG=$arg ;;
   esac
@@ -41,6 +43,7 @@ mkdir -p "$DATA_DIR" || { echo "error: cannot create DATA_DIR=$DATA_DIR" >&2; ex
 DATA_DIR=$(cd "$DATA_DIR" && pwd)
 PYTHON=${PYTHON:-python}
 export PYTHONUNBUFFERED=1
+export TQDM_MININTERVAL=${TQDM_MININTERVAL:-5}  # progress bars in the logs: a line every 5 s, not every step
 CORES=$(nproc)
 MIN_PART_S=20    # a part with less time than this left is skipped
 RESERVE_S=10     # kept back for the summary
@@ -50,10 +53,9 @@ if [ "$DRY_RUN" = 1 ]; then
   BUDGET_S=${BUDGET_S:-900}
   DEVICE=cpu
   export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}  # shared small machines: spinning OpenMP waits stall torch
-  FULL=(--train 64 --test 32 --unlabeled 192)
-  SMALL=(--train 64 --test 16 --unlabeled 96)
+  SYNTH=(--train 64 --test 32 --unlabeled 192)
   RUN_SIZE=(dataset.input_shape="(32,32,3)" batch_size=32 log_every_n_steps=2 model.out_dim=32)
-  DEVICE_EPOCHS=2; CPU_EPOCHS=2; WORKERS=$CORES
+  DEVICE_EPOCHS=2
   THROUGHPUT=(--device cpu --crop 32 --batch-size 8 --steps 1 --warmup 1 --workers 1 --per-core-views 32)
   COMPILE=("${THROUGHPUT[@]}" --compile)
   LOSS=(--device cpu --sizes 64 128 --seed-up-to 64 --repeats 1)
@@ -62,10 +64,9 @@ else
   MODE="GPU run"
   BUDGET_S=${BUDGET_S:-480}
   DEVICE=cuda
-  FULL=(--train 5000 --test 8000 --unlabeled 100000)      # the real STL10: 105,000 pretraining images
-  SMALL=(--train 5000 --test 100 --unlabeled 49000)       # 54,000: about 100 steps of 512 an epoch after validation
+  SYNTH=(--train 5000 --test 8000 --unlabeled 100000)     # the real STL10: 105,000 pretraining images
   RUN_SIZE=()                                             # config.yaml: resnet18, 96 px, batch 512, log every 50 steps
-  DEVICE_EPOCHS=3; CPU_EPOCHS=2; WORKERS=$CORES
+  DEVICE_EPOCHS=3
   THROUGHPUT=(--device cuda)                              # batch 512, bf16, channels_last, 20 steps after 5
   COMPILE=(--device cuda --compile --warmup 10)
   LOSS=(--device cuda --sizes 256 512 1024 2048 4096 8192 16384)
@@ -76,7 +77,7 @@ if [ "$DRY_RUN" != 1 ] && ! "$PYTHON" -c "import sys, torch; sys.exit(not torch.
   exit 2
 fi
 RUN_COMMON=(dataset.name=stl10 dataset.download=false fine_tune_from=None fp16_precision=true amp_dtype=bfloat16
-            device=$DEVICE seed=0 "${RUN_SIZE[@]}")
+            device=$DEVICE seed=0 ${RUN_SIZE[@]+"${RUN_SIZE[@]}"})
 
 limit_of() { local kv; for kv in "${LIMITS[@]}"; do [ "${kv%%=*}" = "$1" ] && echo "${kv#*=}"; done; }
 
@@ -148,26 +149,27 @@ train() {
 export -f env_info train
 export MODE CORES PYTHON DATA_DIR OUT
 
-# run_and_summarize NAME ROOT OVERRIDES...: the run as one part, then its summary (of the epochs that finished).
+# run_and_summarize NAME TARGETS ROOT OVERRIDES...: the run as one part, then its summary (of the steps that
+# finished), with the issue's targets checked when TARGETS is "targets".
 run_and_summarize() {
-  local name=$1
-  run_part "$name" "$(limit_of run)" bash -c 'train "$@"' _ "$@"
+  local name=$1 targets=()
+  [ "$2" = targets ] && targets=(--target-epoch-seconds 10 --target-busy 90)
+  shift 2
+  run_part "$name" "$(limit_of run)" bash -c 'train "$@"' _ "$name" "$@"
   if [ ! -s "$OUT/$name/metrics.jsonl" ]; then
     printf '%s\tskipped\t0\t0\t%s\n' "${name}_summary" "no metrics.jsonl: the run finished no step" >> "$PARTS"
     return 1
   fi
   run_part "${name}_summary" "$(limit_of summary)" "$PYTHON" -m bench.run_summary "$OUT/$name" \
-    --gpu-csv "$OUT/${name}_gpu.csv" --json "$OUT/${name}_summary.json" --target-epoch-seconds 10 --target-busy 90
+    --gpu-csv "$OUT/${name}_gpu.csv" --json "$OUT/${name}_summary.json" ${targets[@]+"${targets[@]}"}
 }
 
 run_part env "$(limit_of env)" bash -c env_info
 
 # The data is written while the tests run (they need the GPU, not the disk).
-{
-  run_part synth_full "$(limit_of synth)" "$PYTHON" -m bench.stl10_synth "$DATA_DIR/stl10_full" "${FULL[@]}"
-  run_part synth_small "$(limit_of synth)" "$PYTHON" -m bench.stl10_synth "$DATA_DIR/stl10_small" "${SMALL[@]}"
-} &
-SYNTH=$!
+STL10="$DATA_DIR/stl10"
+run_part synth "$(limit_of synth)" "$PYTHON" -m bench.stl10_synth "$STL10" "${SYNTH[@]}" &
+SYNTH_PID=$!
 mapfile -t CUDA_TESTS < <("$PYTHON" -m bench.cuda_tests)
 if [ "${#CUDA_TESTS[@]}" -gt 0 ]; then
   run_part cuda_tests "$(limit_of cuda_tests)" "$PYTHON" -m pytest -q -rs -p no:cacheprovider \
@@ -175,19 +177,15 @@ if [ "${#CUDA_TESTS[@]}" -gt 0 ]; then
 else
   printf '%s\tfailed\t0\t0\t%s\n' cuda_tests "bench/cuda_tests.py found no CUDA-only test" >> "$PARTS"
 fi
-wait "$SYNTH"
+wait "$SYNTH_PID"
 
-if grep -q "^synth_full	passed" "$PARTS"; then
-  run_and_summarize run_device "$DATA_DIR/stl10_full" "${RUN_COMMON[@]}" dataset.augment_on=device \
-    dataset.valid_size=0 epochs=$DEVICE_EPOCHS
+if grep -q "^synth	passed" "$PARTS"; then
+  run_and_summarize run_device targets "$STL10" "${RUN_COMMON[@]}" dataset.augment_on=device dataset.valid_size=0 \
+    epochs=$DEVICE_EPOCHS
+  run_and_summarize run_cpu none "$STL10" "${RUN_COMMON[@]}" dataset.augment_on=cpu dataset.num_workers=$CORES epochs=1
 else
-  printf '%s\tskipped\t0\t0\t%s\n' run_device "no data: synth_full did not pass" >> "$PARTS"
-fi
-if grep -q "^synth_small	passed" "$PARTS"; then
-  run_and_summarize run_cpu "$DATA_DIR/stl10_small" "${RUN_COMMON[@]}" dataset.augment_on=cpu \
-    dataset.num_workers=$WORKERS epochs=$CPU_EPOCHS
-else
-  printf '%s\tskipped\t0\t0\t%s\n' run_cpu "no data: synth_small did not pass" >> "$PARTS"
+  printf '%s\tskipped\t0\t0\t%s\n' run_device "no data: synth did not pass" run_cpu "no data: synth did not pass" \
+    >> "$PARTS"
 fi
 run_part throughput "$(limit_of throughput)" "$PYTHON" -m bench.throughput "${THROUGHPUT[@]}" \
   --output "$OUT/throughput.md"

@@ -43,8 +43,8 @@ def read_records(run_dir: Path) -> tuple[list[dict], list[dict]]:
             steps.append(record)
         elif isinstance(record, dict) and record.get("kind") == "epoch":
             epochs.append(record)
-    if not epochs:
-        raise SummaryError(f"{path} has no epoch record: the run did not finish an epoch")
+    if not steps and not epochs:
+        raise SummaryError(f"{path} has no step or epoch record: the run stopped before its first log step")
     return steps, epochs
 
 
@@ -102,18 +102,24 @@ def summarize_run(run_dir: str | Path, gpu_csv: str | Path | None = None) -> dic
                 row["gpu_samples"] = len(window)
                 row["gpu_memory_max_mib"] = max(s[2] for s in window)
         rows.append(row)
-    later = rows[1:] or rows
-    steady = {"epochs": [r["epoch"] for r in later], "seconds": statistics.median(r["seconds"] for r in later)}
-    rates = [r["images_per_s"] for r in later if r["images_per_s"]]
-    if rates:
-        steady["images_per_s"] = statistics.median(rates)
-        steady["stl10_epoch_seconds"] = STL10_IMAGES / steady["images_per_s"]
-    busy = [r["gpu_busy_percent"] for r in later if "gpu_busy_percent" in r]
-    if busy:
-        steady["gpu_busy_percent"] = statistics.median(busy)
     # images_per_s of step records: each covers the steps since the previous record; an epoch's first includes its start
     step_rates = [r["images_per_s"] for r in steps
                   if any(o["epoch"] == r["epoch"] and o["global_step"] < r["global_step"] for o in steps)]
+    later = rows[1:] or rows
+    steady = {"epochs": [r["epoch"] for r in later]}
+    if later:
+        steady["seconds"] = statistics.median(r["seconds"] for r in later)
+        rates = [r["images_per_s"] for r in later if r["images_per_s"]]
+        busy = [r["gpu_busy_percent"] for r in later if "gpu_busy_percent" in r]
+    else:  # cut short before its first epoch ended: the step records and every sample are all there is
+        rates = [statistics.median(step_rates or [r["images_per_s"] for r in steps])]
+        busy = [statistics.fmean(s[1] for s in samples)] if samples else []
+        steady["gpu_window"] = "the whole run (no epoch finished)"
+    if rates:
+        steady["images_per_s"] = statistics.median(rates)
+        steady["stl10_epoch_seconds"] = STL10_IMAGES / steady["images_per_s"]
+    if busy:
+        steady["gpu_busy_percent"] = statistics.median(busy)
     summary = {"run_dir": str(run_dir), "batch_size": batch, "model": config["model"]["base_model"],
                "crop": config["dataset"]["input_shape"][0], "augment_on": config["dataset"]["augment_on"],
                "amp": config["amp_dtype"] if config["fp16_precision"] else "none", "device": config["device"],
@@ -137,12 +143,20 @@ def format_summary(summary: dict, target_seconds: float | None = None, target_bu
         lines.append(f"epoch {r['epoch']}: {r['seconds']:.2f} s{' (with validation)' if r['validated'] else ''}, "
                      f"{rate}, {busy}")
     st = s["steady"]
-    which = f"epochs {st['epochs'][0]}-{st['epochs'][-1]}" if len(st["epochs"]) > 1 else f"epoch {st['epochs'][0]}"
-    line = f"steady state ({which}, median): {st['seconds']:.2f} s per epoch"
+    if not st["epochs"]:
+        line = "no epoch finished; from the step records"
+    elif len(st["epochs"]) > 1:
+        line = f"steady state (epochs {st['epochs'][0]}-{st['epochs'][-1]}, median): {st['seconds']:.2f} s per epoch"
+    else:
+        first = " (the only one: includes the start-up)" if st["epochs"] == [1] else ""
+        line = f"steady state (epoch {st['epochs'][0]}{first}): {st['seconds']:.2f} s per epoch"
     if "images_per_s" in st:
         line += (f", {st['images_per_s']:,.0f} img/s; an STL10 epoch ({STL10_IMAGES:,} images) at this rate: "
-                 f"{st['stl10_epoch_seconds']:.2f} s")
-    line += f"; GPU busy {st['gpu_busy_percent']:.1f}%" if "gpu_busy_percent" in st else f"; GPU busy n/a ({s['gpu_note']})"
+                 f"{st['stl10_epoch_seconds']:,.1f} s")
+    if "gpu_busy_percent" in st:
+        line += f"; GPU busy {st['gpu_busy_percent']:.1f}%" + (f" over {st['gpu_window']}" if "gpu_window" in st else "")
+    else:
+        line += f"; GPU busy n/a ({s['gpu_note']})"
     lines.append(line)
     if s["step_images_per_s_median"]:
         lines.append(f"step records (median images_per_s, each epoch's first left out): "
@@ -150,7 +164,7 @@ def format_summary(summary: dict, target_seconds: float | None = None, target_bu
     if target_seconds is not None and "stl10_epoch_seconds" in st:
         met = st["stl10_epoch_seconds"] <= target_seconds
         lines.append(f"target: an STL10 epoch <= {target_seconds:g} s: {'met' if met else 'MISSED'} "
-                     f"({st['stl10_epoch_seconds']:.2f} s)")
+                     f"({st['stl10_epoch_seconds']:,.1f} s)")
     if target_busy is not None:
         value = st.get("gpu_busy_percent")
         lines.append(f"target: GPU busy >= {target_busy:g}%: " + ("n/a (no GPU samples)" if value is None else
