@@ -46,7 +46,7 @@ export PYTHONUNBUFFERED=1
 export TQDM_MININTERVAL=${TQDM_MININTERVAL:-5}  # progress bars in the logs: a line every 5 s, not every step
 CORES=$(nproc)
 MIN_PART_S=20    # a part with less time than this left is skipped
-RESERVE_S=10     # kept back for the summary
+RESERVE_S=15     # kept back for the run summaries and summary.txt
 
 if [ "$DRY_RUN" = 1 ]; then
   MODE="dry run on the CPU (tiny sizes: checks the script, not the speed)"
@@ -86,16 +86,20 @@ PARTS="$OUT/parts.tsv"
 : > "$PARTS"
 echo "gpu_check: $MODE; output $OUT; data $DATA_DIR; budget ${BUDGET_S} s" | tee "$OUT/progress.log"
 
-# run_part NAME LIMIT COMMAND...: run COMMAND under `timeout`, its output in NAME.log, its outcome in parts.tsv.
+# run_part [--always] NAME LIMIT COMMAND...: run COMMAND under `timeout`, its output in NAME.log, its outcome in
+# parts.tsv. The limit is capped by what is left of the budget; --always (the seconds-long summaries) runs it
+# under its own limit even when the budget is spent.
 run_part() {
+  local always=0
+  [ "$1" = --always ] && { always=1; shift; }
   local name=$1 limit=$2; shift 2
   local left=$(( BUDGET_S - (SECONDS - T0) - RESERVE_S ))
-  if [ "$left" -lt "$MIN_PART_S" ]; then
+  if [ "$always" = 0 ] && [ "$left" -lt "$MIN_PART_S" ]; then
     printf '%s\tskipped\t0\t%s\t%s\n' "$name" "$limit" "no time left in the ${BUDGET_S} s budget" >> "$PARTS"
     echo "-- $name: skipped (no time left)" | tee -a "$OUT/progress.log"
     return 1
   fi
-  [ "$limit" -gt "$left" ] && limit=$left
+  [ "$always" = 0 ] && [ "$limit" -gt "$left" ] && limit=$left
   echo "-- $name (limit ${limit} s, at $(( SECONDS - T0 )) s): $*" | tee -a "$OUT/progress.log"
   local start=$SECONDS rc status note=""
   timeout --kill-after=15 "$limit" "$@" > "$OUT/$name.log" 2>&1
@@ -112,7 +116,11 @@ run_part() {
 
 env_info() {
   echo "date: $(date -Is)"; echo "host: $(hostname)"; echo "mode: $MODE"
-  echo "git: $(git rev-parse HEAD 2>/dev/null)$(git diff --quiet HEAD 2>/dev/null || echo ' (with local changes)')"
+  if git rev-parse HEAD > /dev/null 2>&1; then
+    echo "git: $(git rev-parse HEAD)$(git diff --quiet HEAD 2> /dev/null || echo ' (with local changes)')"
+  else
+    echo "git: no repository here (a copied working tree): take the commit from the machine that sent it"
+  fi
   echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //'), $CORES cores"
   echo "memory: $(free -g | awk '/^Mem:/ {print $2 " GiB, " $7 " GiB available"}')"
   "$PYTHON" -c "import sys, torch, torchvision, numpy; print('python', sys.version.split()[0], '| torch', torch.__version__, \
@@ -128,22 +136,17 @@ env_info() {
   echo "disks:"; df -hT "$DATA_DIR" "$OUT"
 }
 
-# train NAME ROOT OVERRIDES...: run.py into DATA_DIR/runs/NAME with the GPU sampled; its records (not the
-# checkpoints) are copied to OUT/NAME, also when the run fails.
+# train NAME ROOT OVERRIDES...: run.py into DATA_DIR/runs/NAME with the GPU sampled into OUT/NAME_gpu.csv.
+# Stopped by its part's timeout, both get SIGTERM: the trainer saves and exits, the monitor writes its CSV.
 train() {
   local name=$1 root=$2 monitor rc
   shift 2
-  local run_dir="$DATA_DIR/runs/$name"
-  rm -rf "$run_dir" "${OUT:?}/$name"
   "$PYTHON" -m bench.gpu_monitor --csv "$OUT/${name}_gpu.csv" &
   monitor=$!
-  "$PYTHON" run.py dataset.root="$root" run_dir="$run_dir" "$@"
+  "$PYTHON" run.py dataset.root="$root" run_dir="$DATA_DIR/runs/$name" "$@"
   rc=$?
   kill -TERM "$monitor"
   wait "$monitor"
-  mkdir -p "$OUT/$name"
-  cp "$run_dir"/config.yaml "$run_dir"/meta.jsonl "$run_dir"/metrics.jsonl "$run_dir"/events.out.tfevents.* \
-    "$OUT/$name/" 2> /dev/null
   return "$rc"
 }
 export -f env_info train
@@ -155,12 +158,16 @@ run_and_summarize() {
   local name=$1 targets=()
   [ "$2" = targets ] && targets=(--target-epoch-seconds 10 --target-busy 90)
   shift 2
+  rm -rf "${DATA_DIR:?}/runs/$name" "${OUT:?}/$name"
   run_part "$name" "$(limit_of run)" bash -c 'train "$@"' _ "$name" "$@"
+  mkdir -p "$OUT/$name"  # the run's records, not its checkpoints, also after a failure or a timeout
+  cp "$DATA_DIR/runs/$name"/{config.yaml,meta.jsonl,metrics.jsonl} "$DATA_DIR/runs/$name"/events.out.tfevents.* \
+    "$OUT/$name/" 2> /dev/null
   if [ ! -s "$OUT/$name/metrics.jsonl" ]; then
-    printf '%s\tskipped\t0\t0\t%s\n' "${name}_summary" "no metrics.jsonl: the run finished no step" >> "$PARTS"
+    printf '%s\tskipped\t0\t0\t%s\n' "${name}_summary" "no metrics.jsonl: the run logged no step" >> "$PARTS"
     return 1
   fi
-  run_part "${name}_summary" "$(limit_of summary)" "$PYTHON" -m bench.run_summary "$OUT/$name" \
+  run_part --always "${name}_summary" "$(limit_of summary)" "$PYTHON" -m bench.run_summary "$OUT/$name" \
     --gpu-csv "$OUT/${name}_gpu.csv" --json "$OUT/${name}_summary.json" ${targets[@]+"${targets[@]}"}
 }
 

@@ -68,13 +68,19 @@ def _open_nvml(gpu: int):
 
 
 def _parse_smi_line(line: str) -> tuple[float, float, float] | None:
-    """`(Unix time, util %, memory MiB)` from a line such as `2026/11/30 10:01:02.345, 97, 20480`, else None."""
+    """`(Unix time, util %, memory MiB)` from a line such as `2026/11/30 10:01:02.345, 97, 20480`, else None.
+
+    A timestamp in another format is replaced by the time the line is read."""
     parts = [p.strip() for p in line.split(",")]
     try:
-        when = datetime.datetime.strptime(parts[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()  # local time, as time.time
-        return when, float(parts[1]), float(parts[2])
+        util, memory = float(parts[1]), float(parts[2])
     except (IndexError, ValueError):  # a header, a blank line or "[N/A]"
         return None
+    try:
+        when = datetime.datetime.strptime(parts[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()  # local time, as time.time
+    except ValueError:
+        when = time.time()
+    return when, util, memory
 
 
 class GpuMonitor:

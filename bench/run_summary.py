@@ -148,7 +148,7 @@ def format_summary(summary: dict, target_seconds: float | None = None, target_bu
     elif len(st["epochs"]) > 1:
         line = f"steady state (epochs {st['epochs'][0]}-{st['epochs'][-1]}, median): {st['seconds']:.2f} s per epoch"
     else:
-        first = " (the only one: includes the start-up)" if st["epochs"] == [1] else ""
+        first = ", the only one: includes the start-up" if st["epochs"] == [1] else ""
         line = f"steady state (epoch {st['epochs'][0]}{first}): {st['seconds']:.2f} s per epoch"
     if "images_per_s" in st:
         line += (f", {st['images_per_s']:,.0f} img/s; an STL10 epoch ({STL10_IMAGES:,} images) at this rate: "
