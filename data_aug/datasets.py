@@ -170,3 +170,24 @@ def _readable(path: Path) -> bool:
         return True
     except DataError:
         return False
+
+
+def decode_all(data: ImageFiles, desc: str = "decoding images") -> TensorImages:
+    """An image folder decoded once into memory, for views made in batch (`augment_on: device`).
+
+    Raises:
+        DataError: the images do not all have the same size (they cannot form one tensor), naming two sizes.
+    """
+    from tqdm import tqdm
+
+    images, first = [], None
+    for path in tqdm(data.files, desc=desc, unit="image", leave=False, disable=None):
+        image = decode_image(path)
+        if first is None:
+            first = (path, tuple(image.shape[1:]))
+        elif tuple(image.shape[1:]) != first[1]:
+            raise DataError(f"dataset.augment_on = 'device' needs images of one size: {first[0]} is "
+                            f"{first[1][1]}x{first[1][0]}, {path} is {image.shape[2]}x{image.shape[1]}; resize them "
+                            "to one size, or use dataset.augment_on: cpu")
+        images.append(image)
+    return TensorImages(torch.stack(images), data.labels.clone(), data.classes)

@@ -1,12 +1,18 @@
 """Baseline feature extractors: PCA of raw pixels, and the same encoder architecture with random weights."""
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Callable
+
 import numpy as np
 import torch
 
-from feature_eval.features import FeatureSplit, image_batches
-from models.loading import freeze
+from feature_eval.features import FeatureSplit, cached_features, data_fingerprint, extract_features, image_batches
+from models.loading import RUNS_DIR, freeze
 from models.resnet_simclr import Encoder
+
+# Baselines do not depend on the run: their features are shared by every run evaluated on the same data.
+BASELINE_CACHE = RUNS_DIR / "eval_cache" / "baselines"
 
 
 def pca_baseline(train_dataset, test_dataset, crop_size: int, n_components: int, batch_size: int = 256,
@@ -59,3 +65,46 @@ def random_encoder(base_model: str, cifar_stem: bool, seed: int) -> Encoder:
         torch.manual_seed(seed)
         encoder = Encoder(base_model, cifar_stem)
     return freeze(encoder)
+
+
+def random_init_features(base_model: str, cifar_stem: bool, seed: int, train_dataset, test_dataset, crop_size: int,
+                         batch_size: int = 256, device: str | torch.device = "cpu", num_workers: int = 0,
+                         cache_dir: str | Path | None = None,
+                         log: Callable[[str], None] = print) -> tuple[FeatureSplit, FeatureSplit]:
+    """Features of both splits under `random_encoder(base_model, cifar_stem, seed)`, cached across runs.
+
+    The cache key names the architecture, seed, torch version, eval size and each split's content digest,
+    so a run on the same data reuses them and other data never does (pass `BASELINE_CACHE` to share them
+    with `feature_eval.evaluate`). `cache_dir=None` caches nothing.
+    """
+    encoder = random_encoder(base_model, cifar_stem, seed)
+    key = {"extractor": "random", "base_model": base_model, "cifar_stem": cifar_stem, "seed": seed,
+           "torch": torch.__version__, "input_size": crop_size}
+    return tuple(cached_features(cache_dir, {**key, "split": name, "data": data_fingerprint(data)},
+                                 lambda data=data, name=name: extract_features(
+                                     encoder, data, crop_size, batch_size, device, num_workers,
+                                     f"Random init features ({name})"), log)
+                 for name, data in (("train", train_dataset), ("test", test_dataset)))
+
+
+def pca_features(train_dataset, test_dataset, crop_size: int, n_components: int, batch_size: int = 256,
+                 num_workers: int = 0, seed: int = 0, cache_dir: str | Path | None = None,
+                 log: Callable[[str], None] = print) -> tuple[FeatureSplit, FeatureSplit, dict]:
+    """`pca_baseline`, cached across runs by both splits' content digests, eval size, components and seed."""
+    import sklearn
+
+    key = {"extractor": "pca", "n_components": n_components, "seed": seed, "input_size": crop_size,
+           "sklearn": sklearn.__version__, "train": data_fingerprint(train_dataset),
+           "test": data_fingerprint(test_dataset)}
+    computed: list = []
+
+    def compute(index: int) -> FeatureSplit:
+        if not computed:
+            computed.extend(pca_baseline(train_dataset, test_dataset, crop_size, n_components, batch_size,
+                                         num_workers, seed))
+        return computed[index]
+
+    train = cached_features(cache_dir, {**key, "split": "train"}, lambda: compute(0), log)
+    test = cached_features(cache_dir, {**key, "split": "test"}, lambda: compute(1), log)
+    info = computed[2] if computed else {"n_components": int(train.features.shape[1]), "explained_variance": None}
+    return train, test, info

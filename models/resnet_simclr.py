@@ -38,29 +38,53 @@ class Encoder(nn.Module):
 
 
 class ProjectionHead(nn.Module):
-    """g(h) = W2 ReLU(W1 h), the nonlinear head the contrastive loss is applied to (Section 2.1)."""
+    """The nonlinear head g(h) the contrastive loss is applied to (Section 2.1).
 
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int):
+    With the defaults, g(h) = W2 ReLU(W1 h), the paper's and the original repository's. `num_layers`
+    linear layers in all (SimCLR v2 uses 3); with `batch_norm`, as in the official implementation, every
+    linear layer is followed by BatchNorm (the last one without a learned scale and shift), and the
+    linear layers then have no bias, which BatchNorm would cancel.
+
+    Args:
+        in_dim: feature size D of the encoder; hidden_dim: width of the hidden layers; out_dim: size of z.
+        num_layers: linear layers, >= 1 (1: a linear projection, no ReLU).
+        batch_norm: BatchNorm after each linear layer.
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2, batch_norm: bool = False):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        layers: list[nn.Module] = []
+        for i in range(num_layers):
+            last = i == num_layers - 1
+            width = out_dim if last else hidden_dim
+            layers.append(nn.Linear(in_dim if i == 0 else hidden_dim, width, bias=not batch_norm))
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(width, affine=not last))
+            if not last:
+                layers.append(nn.ReLU(inplace=True))
+        self.net = nn.Sequential(*layers)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.net(h)
+        return self.net(h)  # (B, out_dim)
 
 
 class ResNetSimCLR(nn.Module):
     """Encoder f and projection head g: `forward(x)` returns `(h, z)`, `[B, D]` and `[B, out_dim]`."""
 
-    def __init__(self, base_model: str = "resnet18", out_dim: int = 256, cifar_stem: bool = False):
+    def __init__(self, base_model: str = "resnet18", out_dim: int = 256, cifar_stem: bool = False,
+                 head_layers: int = 2, head_bn: bool = False):
         super().__init__()
         self.encoder = Encoder(base_model, cifar_stem)
         dim = self.encoder.feature_dim
-        self.head = ProjectionHead(dim, dim, out_dim)
+        self.head = ProjectionHead(dim, dim, out_dim, head_layers, head_bn)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.encoder(x)
         return h, self.head(h)
 
 
-def create_model(base_model: str, out_dim: int, cifar_stem: bool = False) -> ResNetSimCLR:
-    return ResNetSimCLR(base_model, out_dim, cifar_stem)
+def create_model(base_model: str, out_dim: int, cifar_stem: bool = False, head_layers: int = 2,
+                 head_bn: bool = False) -> ResNetSimCLR:
+    return ResNetSimCLR(base_model, out_dim, cifar_stem, head_layers, head_bn)

@@ -30,6 +30,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+import startup
 from models.loading import RUNS_DIR, CheckpointLoadError, encoder_state_dict, read_checkpoint, resolve_checkpoint
 from models.resnet_simclr import create_model
 from pretrained_models import (CARD_FILE, CONFIG_FILE, EVAL_DIR, FORMAT, FORMAT_VERSION, MANIFEST_FILE, PACKAGES_DIR,
@@ -84,9 +85,12 @@ def export_package(source: str | Path, name: str | None = None, *, root: str | P
     model_config = config.get("model") or {}
     base_model = model_config.get("base_model", "resnet18")
     cifar_stem = bool(model_config.get("cifar_stem", False))
-    head_out = state["model"].get("head.net.2.weight")
+    head_layers, head_bn = int(model_config.get("head_layers", 2)), bool(model_config.get("head_bn", False))
+    head_weights = [k for k in state["model"] if k.startswith("head.net.") and k.endswith(".weight")
+                    and state["model"][k].ndim == 2]  # the linear layers'; the last one's rows are out_dim
+    head_out = state["model"][max(head_weights, key=lambda k: int(k.split(".")[2]))] if head_weights else None
     out_dim = int(head_out.shape[0]) if isinstance(head_out, torch.Tensor) else int(model_config.get("out_dim", 256))
-    model = create_model(base_model, out_dim, cifar_stem)
+    model = create_model(base_model, out_dim, cifar_stem, head_layers, head_bn)
     try:
         model.load_state_dict(state["model"], strict=True)
     except RuntimeError as err:
@@ -145,8 +149,8 @@ def export_package(source: str | Path, name: str | None = None, *, root: str | P
         eval_files = []
         if evaluations:
             (tmp / EVAL_DIR).mkdir()
-            for path, _ in evaluations:
-                for companion in (path, path.with_suffix(".md")):
+            for path, results in evaluations:
+                for companion in evaluation_files(path, results):
                     if companion.is_file():
                         shutil.copy2(companion, tmp / EVAL_DIR / companion.name)
                         eval_files.append(f"{EVAL_DIR}/{companion.name}")
@@ -209,8 +213,8 @@ def refresh_package(folder: str | Path, log: Callable[[str], None] = print) -> P
     except (OSError, yaml.YAMLError) as err:
         raise ExportError(f"{folder / CONFIG_FILE} is unreadable ({err}): re-export the package") from None
     evaluations = _matching_evaluations(folder / EVAL_DIR, _package_digests(manifest), log)
-    manifest["evaluations"] = [f"{EVAL_DIR}/{p.name}" for path, _ in evaluations
-                               for p in (path, path.with_suffix(".md")) if p.is_file()]
+    manifest["evaluations"] = [f"{EVAL_DIR}/{p.name}" for path, results in evaluations
+                               for p in evaluation_files(path, results) if p.is_file()]
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     (folder / CARD_FILE).write_text(model_card(manifest, config, [r for _, r in evaluations]))
     update_index(folder.parent)
@@ -249,6 +253,12 @@ def _matching_evaluations(folder: Path, digests: set[str], log, skipped: str = "
             continue
         found.append((path, results))
     return found
+
+
+def evaluation_files(path: Path, results: dict) -> list[Path]:
+    """An evaluation's JSON, its markdown table and the pictures the table shows (t-SNE, confusion matrices)."""
+    pictures = results.get("pictures") if isinstance(results.get("pictures"), dict) else {}
+    return [path, path.with_suffix(".md")] + [path.with_name(Path(str(name)).name) for name in pictures.values()]
 
 
 def _first_json_line(path: Path) -> dict:
@@ -454,6 +464,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    with startup.one_line_warnings():  # no CPU policy: exporting computes nothing in parallel
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     root = Path(args.packages_dir) if args.packages_dir else PACKAGES_DIR
     if args.list:
         rows = [package_summary(root / name) for name in list_packages(root)]

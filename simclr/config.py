@@ -36,6 +36,8 @@ class ModelConfig:
     out_dim: int = 256
     base_model: str = "resnet18"
     cifar_stem: bool = False
+    head_layers: int = 2
+    head_bn: bool = False
     sync_bn: typing.Optional[bool] = None  # None (or "auto"): on when several CUDA processes train
 
 
@@ -332,6 +334,8 @@ def validate(config: Config) -> None:
              f"must divide batch_size ({c.batch_size})")
     _require(m.base_model in BASE_MODELS, "model.base_model", m.base_model, f"allowed: {', '.join(BASE_MODELS)}")
     _require(1 <= m.out_dim <= 65536, "model.out_dim", m.out_dim, "must be in [1, 65536] (paper: 128)")
+    _require(1 <= m.head_layers <= 4, "model.head_layers", m.head_layers,
+             "must be in [1, 4] linear layers (paper and original repo: 2; SimCLR v2: 3)")
     _require(d.name in DATASETS, "dataset.name", d.name, f"allowed: {', '.join(DATASETS)}")
     _require(0 <= d.valid_size < 1, "dataset.valid_size", d.valid_size, "must be in [0, 1)")
     _require(0 <= d.s <= 2.5, "dataset.s", d.s, "colour-jitter strength must be in [0, 2.5] (hue 0.2s <= 0.5; "

@@ -35,6 +35,14 @@ def write_stl10(root: Path, n_train: int = 6, n_test: int = 4, n_unlabeled: int 
     return out
 
 
+@pytest.fixture(autouse=True)
+def _baseline_cache_in_tmp(tmp_path_factory, monkeypatch):
+    """Baseline features are cached under runs/ of the working directory: keep tests out of the checkout's."""
+    import feature_eval.baselines
+
+    monkeypatch.setattr(feature_eval.baselines, "BASELINE_CACHE", tmp_path_factory.getbasetemp() / "baselines")
+
+
 @pytest.fixture
 def stl10_root(tmp_path):
     data = write_stl10(tmp_path)

@@ -1,3 +1,4 @@
+from pathlib import Path
 import pickle
 
 import numpy as np
@@ -105,3 +106,28 @@ def test_validation_split_is_seeded_and_disjoint():
     assert torch.equal(a_valid, b_valid) and not torch.equal(a_valid, c_valid)
     assert len(a_valid) == 10 and len(set(a_train.tolist()) | set(a_valid.tolist())) == 100
     assert len(split_validation(100, 0.0, 0)[1]) == 0
+
+
+def test_an_image_folder_of_one_size_trains_with_device_views(tmp_path):
+    """augment_on: device decodes a same-size image folder once and makes its views in batch."""
+    import run
+    from data_aug.datasets import decode_all
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("test", 2)):
+        for cls in ("a", "b"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(tmp_path / split / cls / f"{i}.png")
+    folder = load_split("imagefolder", tmp_path, "pretrain")
+    held = decode_all(folder)
+    assert held.images.shape == (12, 3, 12, 12) and torch.equal(held.images[3], folder[3][0])
+    assert torch.equal(held.labels, folder.labels)
+    code = run.main(["--config", str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"), "dataset.name=imagefolder", f"dataset.root={tmp_path}",
+                     "dataset.input_shape=8,8,3", "batch_size=4", "epochs=1", "final_eval=false", "model.out_dim=4",
+                     "dataset.valid_size=0", f"run_dir={tmp_path / 'run'}", "device=cpu"])
+    assert code == 0 and (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
+    # Images of several sizes cannot be held as one tensor: one line naming two of them.
+    Image.fromarray(np.zeros((20, 16, 3), dtype=np.uint8)).save(tmp_path / "train" / "b" / "big.png")
+    with pytest.raises(DataError, match=r"one size: .* is 12x12, .*big\.png is 16x20.*augment_on: cpu"):
+        decode_all(load_split("imagefolder", tmp_path, "pretrain"))

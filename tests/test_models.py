@@ -91,3 +91,45 @@ def test_pickle_that_runs_code_is_refused(tmp_path):
     torch.save({"model": Evil()}, path)
     with pytest.raises(CheckpointLoadError, match="refused"):
         load_encoder(path)
+
+
+def test_projection_head_default_is_the_papers_two_layer_mlp():
+    head = create_model("resnet18", 16).head.net
+    assert [type(m).__name__ for m in head] == ["Linear", "ReLU", "Linear"]
+    assert head[0].bias is not None and head[2].out_features == 16
+
+
+@pytest.mark.parametrize("layers", [1, 2, 3])
+def test_projection_head_depth_and_batch_norm(layers):
+    head = create_model("resnet18", 16, head_layers=layers, head_bn=True).head
+    linears = [m for m in head.net if isinstance(m, torch.nn.Linear)]
+    norms = [m for m in head.net if isinstance(m, torch.nn.BatchNorm1d)]
+    assert len(linears) == layers and len(norms) == layers
+    assert all(m.bias is None for m in linears)  # BatchNorm would cancel a bias
+    assert not norms[-1].affine and all(m.affine for m in norms[:-1])
+    assert sum(isinstance(m, torch.nn.ReLU) for m in head.net) == layers - 1
+    head.train()
+    z = head(torch.randn(64, 512) * 7 + 3)  # (B, out_dim)
+    assert z.shape == (64, 16)
+    assert torch.allclose(z.mean(0), torch.zeros(16), atol=1e-4)  # the last BatchNorm normalises each output
+    assert torch.allclose(z.var(0, unbiased=False), torch.ones(16), atol=1e-2)
+
+
+def test_head_keys_come_from_the_config_in_training(tmp_path):
+    from simclr.trainer import Trainer
+    from simclr.dist import DistInfo
+
+    config = load_config(None, ["dataset.name=digits", "model.head_layers=3", "model.head_bn=true", "device=cpu",
+                                "batch_size=8", "model.out_dim=8", f"run_dir={tmp_path / 'run'}",
+                                "dataset.input_shape=(16,16,3)"])
+    trainer = Trainer(config, DistInfo(0, 1, 0, torch.device("cpu")))
+    assert sum(isinstance(m, torch.nn.Linear) for m in trainer.model.head.net) == 3
+    assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in trainer.model.head.net) == 3
+
+
+@pytest.mark.parametrize("override", ["model.head_layers=0", "model.head_layers=5", "model.head_bn=maybe"])
+def test_head_keys_are_validated(override):
+    from simclr.config import ConfigError
+
+    with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
+        load_config(None, [override])

@@ -1,0 +1,267 @@
+"""Recipe study: short pretraining runs (seeds x config variants), each scored against random-init and PCA.
+
+    python -m bench.learning                                  # the study behind configs/quickstart.yaml (digits)
+    python -m bench.learning --dataset imagefolder --root /data/x --epochs 50 --device cuda \\
+        --variants "loss.temperature=0.2" "model.head_bn=true"
+
+Every variant is the base config (`--config`, default the quickstart's) plus `key=value` overrides, trained once
+per seed (the same seeds for every variant). Each encoder is then scored with the feature_eval protocols
+(L-BFGS logistic regression and KNN, k=10, on standardised features) next to a random-init encoder of the same
+architecture and seed and PCA on raw pixels, at the same eval view. Nothing is chosen on test labels: by
+default (`--report holdout`) the classifiers are fitted on 80% of the labelled `train` split and scored on the
+other 20% (seeded, stratified, the same for every run); `--report test` fits on `train` and scores `test`, for
+a recipe already chosen. Baseline features are cached in `runs/eval_cache/baselines` and reused across runs.
+
+Prints one table (mean and standard deviation over seeds of top-1, of its margin over the better baseline, and
+of the pretraining time) and appends it, with the machine, versions and command, to docs/BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import platform
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_aug.datasets import ImageFiles, TensorImages, load_split
+from data_aug.stl10 import DataError
+from feature_eval import baselines
+from feature_eval.classifiers import holdout_split, knn_classifier, lbfgs_probe
+from feature_eval.features import FeatureSplit, extract_features
+from models.loading import load_encoder
+from simclr.config import ConfigError, load_config
+from simclr.dist import init_distributed
+from simclr.trainer import Trainer
+
+REPO = Path(__file__).resolve().parent.parent
+BENCHMARKS = REPO / "docs" / "BENCHMARKS.md"
+CLASSIFIERS = ("lbfgs", "knn")
+HOLDOUT_FRACTION, HOLDOUT_SEED = 0.2, 0
+BASE = "base"
+
+
+@dataclass
+class Scores:
+    """Top-1 % per classifier for each seed of one feature extractor, and pretraining seconds."""
+
+    top1: dict[str, list[float]] = field(default_factory=lambda: {c: [] for c in CLASSIFIERS})
+    seconds: list[float] = field(default_factory=list)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(REPO / "configs" / "quickstart.yaml"),
+                        help="base config of every run (default: configs/quickstart.yaml)")
+    parser.add_argument("--variants", nargs="*", default=None,
+                        help='variants, each a quoted string of key=value overrides, e.g. "loss.temperature=0.5 '
+                             'model.head_bn=true"; the base config is always studied too (default: the built-in '
+                             "study, see DEFAULT_VARIANTS)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of every variant")
+    parser.add_argument("--dataset", help="dataset.name of every run (e.g. imagefolder)")
+    parser.add_argument("--root", help="dataset.root of every run")
+    parser.add_argument("--input-size", type=int, help="view and eval size (dataset.input_shape N,N,3)")
+    parser.add_argument("--epochs", type=int, help="epochs of every run")
+    parser.add_argument("--device", help="device of every run and of the evaluation (auto, cpu, cuda, cuda:N)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="more overrides for every run, e.g. batch_size=128 dataset.num_workers=2")
+    parser.add_argument("--report", choices=("holdout", "test"), default="holdout",
+                        help="holdout: fit on 80%% of train, score the other 20%% (choose recipes here); test: fit "
+                             "on train, score test (only for a recipe already chosen)")
+    parser.add_argument("--out-dir", help="where the runs go (default: runs/learning/<date>_<time>)")
+    parser.add_argument("--no-append", action="store_true", help="do not append the table to docs/BENCHMARKS.md")
+    return parser.parse_args(argv)
+
+
+# The study behind configs/quickstart.yaml: one knob at a time around its recipe.
+DEFAULT_VARIANTS = (
+    "loss.temperature=0.5",
+    "model.head_bn=false model.head_layers=2",
+    "optimizer.lr=3e-4",
+    "dataset.min_crop_scale=0.08",
+    "dataset.s=1.0",
+)
+
+
+def common_overrides(args: argparse.Namespace) -> list[str]:
+    out = []
+    if args.dataset:
+        out.append(f"dataset.name={args.dataset}")
+    if args.root:
+        out.append(f"dataset.root={args.root}")
+    if args.input_size:
+        out.append(f"dataset.input_shape={args.input_size},{args.input_size},3")
+    if args.epochs:
+        out.append(f"epochs={args.epochs}")
+    if args.device:
+        out.append(f"device={args.device}")
+    return out + list(args.set) + ["final_eval=false", "resume=None", "fine_tune_from=None"]
+
+
+def check_variants(args: argparse.Namespace, variants: list[str]) -> None:
+    """Build every run's config before training anything: a bad variant fails in one line, naming it."""
+    for variant in variants:
+        for seed in args.seeds:
+            try:
+                load_config(args.config, common_overrides(args) + variant_overrides(variant) + [f"seed={seed}"])
+            except ConfigError as err:
+                raise ConfigError(f"variant {variant!r}: {err}") from None
+
+
+def variant_overrides(variant: str) -> list[str]:
+    return [] if variant == BASE else shlex.split(variant)
+
+
+def subset(data, index: np.ndarray):
+    """The items `index` of a data set from `load_split`, as the same kind of data set."""
+    if isinstance(data, TensorImages):
+        idx = torch.as_tensor(index)
+        return TensorImages(data.images[idx], data.labels[idx], data.classes)
+    assert isinstance(data, ImageFiles)
+    return ImageFiles([data.files[i] for i in index], data.labels[torch.as_tensor(index)].tolist(), data.classes)
+
+
+def split_for_report(config, report: str):
+    """(fit set, report set) of labelled images: a fixed stratified hold-out of `train`, or (train, test)."""
+    d = config.dataset
+    train = load_split(d.name, d.root, "train", download=d.download)
+    if report == "test":
+        return train, load_split(d.name, d.root, "test", download=d.download)
+    fit, held = holdout_split(train.labels.numpy(), HOLDOUT_FRACTION, HOLDOUT_SEED)
+    return subset(train, fit), subset(train, held)
+
+
+def score(features: tuple[FeatureSplit, FeatureSplit], device: torch.device) -> dict[str, float]:
+    fit, report = features
+    return {"lbfgs": lbfgs_probe(fit.features, fit.labels, report.features, report.labels).top1,
+            "knn": knn_classifier(fit.features, fit.labels, report.features, report.labels, k=10, device=device).top1}
+
+
+def mean_sd(values: list[float]) -> str:
+    if not values:
+        return "-"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.1f} ± {sd:.1f}"
+
+
+def study(args: argparse.Namespace) -> str:
+    variants = [BASE] + list(DEFAULT_VARIANTS if args.variants is None else args.variants)
+    check_variants(args, variants)
+    out_dir = Path(args.out_dir or Path("runs") / "learning" / datetime.datetime.now().strftime("%Y%m%d_%H%M%S"))
+    results: dict[str, Scores] = {v: Scores() for v in variants}
+    baseline_scores: dict[tuple[str, int], dict[str, float]] = {}  # (baseline, seed) -> top-1 per classifier
+    margins: dict[str, dict[str, list[float]]] = {v: {c: [] for c in CLASSIFIERS} for v in variants}
+    splits: dict[tuple, tuple] = {}
+    total = len(variants) * len(args.seeds)
+    for i, (variant, seed) in enumerate(((v, s) for v in variants for s in args.seeds), start=1):
+        run_dir = out_dir / f"{variant_slug(variant)}_seed{seed}"
+        config = load_config(args.config, common_overrides(args) + variant_overrides(variant)
+                             + [f"seed={seed}", f"run_dir={run_dir}"])
+        print(f"[{i}/{total}] {variant} seed {seed} -> {run_dir}", flush=True)
+        info = init_distributed(config.device)
+        tic = time.perf_counter()
+        Trainer(config, info).fit()
+        seconds = time.perf_counter() - tic
+        d, size = config.dataset, config.dataset.crop_size
+        data_key = (d.name, d.root, size, args.report)
+        if data_key not in splits:
+            splits[data_key] = split_for_report(config, args.report)
+        fit, report = splits[data_key]
+        encoder = load_encoder(run_dir, info.device)
+        simclr = tuple(extract_features(encoder, part, size, device=info.device, desc=f"SimCLR features ({name})")
+                       for name, part in (("fit", fit), ("report", report)))
+        found = score(simclr, info.device)
+        results[variant].seconds.append(seconds)
+        best = {c: -math.inf for c in CLASSIFIERS}
+        for name, compute in baseline_extractors(config, seed, fit, report, info.device):
+            if (name, seed) not in baseline_scores:  # the same for every variant with this seed, data and size
+                baseline_scores[name, seed] = score(compute(), info.device)
+            best = {c: max(best[c], baseline_scores[name, seed][c]) for c in CLASSIFIERS}
+        for c in CLASSIFIERS:
+            results[variant].top1[c].append(found[c])
+            margins[variant][c].append(found[c] - best[c])
+        print(f"[{i}/{total}] {variant} seed {seed}: L-BFGS {found['lbfgs']:.1f} (margin {margins[variant]['lbfgs'][-1]:+.1f}), "
+              f"KNN {found['knn']:.1f} (margin {margins[variant]['knn'][-1]:+.1f}), pretraining {seconds:.0f} s",
+              flush=True)
+    return render(args, variants, results, margins, baseline_scores, splits)
+
+
+def baseline_extractors(config, seed: int, fit, report, device: torch.device):
+    """(name, features function) of the baselines for a run: random init of its architecture and seed, and PCA
+    to its projection size, both at its eval size; features are cached across runs (`BASELINE_CACHE`)."""
+    m, size = config.model, config.dataset.crop_size
+    stem = ", CIFAR stem" if m.cifar_stem else ""
+    yield (f"Random init ({m.base_model}{stem}, {size}px)",
+           lambda: baselines.random_init_features(m.base_model, m.cifar_stem, seed, fit, report, size, device=device,
+                                                  cache_dir=baselines.BASELINE_CACHE))
+    yield (f"PCA ({m.out_dim} components, {size}px)",
+           lambda: baselines.pca_features(fit, report, size, m.out_dim, seed=seed,
+                                          cache_dir=baselines.BASELINE_CACHE)[:2])
+
+
+def variant_slug(variant: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in variant)[:80] or BASE
+
+
+def render(args, variants, results, margins, baseline_scores, splits) -> str:
+    fit, report = next(iter(splits.values()))
+    where = ("fitted on 80% of the labelled train split, scored on the other 20% (seeded, stratified)"
+             if args.report == "holdout" else "fitted on the train split, scored on the test split")
+    lines = [f"Top-1 % {where}: {len(fit)} fit / {len(report)} scored images; mean ± sd over seeds "
+             f"{', '.join(map(str, args.seeds))}; margin = SimCLR minus the better of random init and PCA, same seed.",
+             "",
+             "| Feature extractor | L-BFGS top-1 | L-BFGS margin | KNN (k=10) top-1 | KNN margin | pretraining s |",
+             "|---|---|---|---|---|---|"]
+    for variant in variants:
+        r, m = results[variant], margins[variant]
+        label = "SimCLR, base config" if variant == BASE else f"SimCLR, `{variant}`"
+        lines.append(f"| {label} | {mean_sd(r.top1['lbfgs'])} | {mean_sd(m['lbfgs'])} | {mean_sd(r.top1['knn'])} | "
+                     f"{mean_sd(m['knn'])} | {mean_sd(r.seconds)} |")
+    for name in dict.fromkeys(name for name, _ in baseline_scores):
+        per_seed = [scores for (n, _), scores in baseline_scores.items() if n == name]
+        lbfgs, knn = ([s[c] for s in per_seed] for c in CLASSIFIERS)
+        lines.append(f"| {name} | {mean_sd(lbfgs)} | - | {mean_sd(knn)} | - | - |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    import sklearn
+    return (f"{cpu}, {torch.get_num_threads()} torch threads, {gpu}; Python {platform.python_version()}, torch "
+            f"{torch.__version__}, scikit-learn {sklearn.__version__}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    started = time.perf_counter()
+    try:
+        table = study(args)
+    except (ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    command = shlex.join(["python", "-m", "bench.learning", *(sys.argv[1:] if argv is None else argv)])
+    minutes = (time.perf_counter() - started) / 60
+    print(table)
+    if not args.no_append:
+        with open(BENCHMARKS, "a") as f:
+            f.write(f"\n## Recipe study ({datetime.date.today().isoformat()})\n\n`{command}` ({minutes:.0f} min)\n\n"
+                    f"Machine: {machine()}.\n\n{table}\n")
+        print(f"appended to {BENCHMARKS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
