@@ -72,6 +72,7 @@ else
   LOSS=(--device cuda --sizes 256 512 1024 2048 4096 8192 16384)
   LIMITS=(env=30 synth=120 cuda_tests=150 run=150 throughput=90 loss_scaling=100 throughput_compile=200 summary=30)
 fi
+T0=$SECONDS
 if [ "$DRY_RUN" != 1 ] && ! "$PYTHON" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
   echo "error: torch sees no CUDA GPU here: run this on a GPU machine, or add --dry-run for the CPU" >&2
   exit 2
@@ -81,7 +82,6 @@ RUN_COMMON=(dataset.name=stl10 dataset.download=false fine_tune_from=None fp16_p
 
 limit_of() { local kv; for kv in "${LIMITS[@]}"; do [ "${kv%%=*}" = "$1" ] && echo "${kv#*=}"; done; }
 
-T0=$SECONDS
 PARTS="$OUT/parts.tsv"
 : > "$PARTS"
 echo "gpu_check: $MODE; output $OUT; data $DATA_DIR; budget ${BUDGET_S} s" | tee "$OUT/progress.log"
