@@ -37,7 +37,7 @@ def sample_views(images: Sequence[torch.Tensor], num_views: int, *, crop_size: i
     """`num_views` random views of each image, from the pipeline `augment_on` names.
 
     Args:
-        images: K uint8 `[3, H, W]` tensors (one size for `device`, as its data sets are).
+        images: K uint8 `[3, H, W]` tensors (of one size for `device`: ValueError otherwise).
         crop_size, s, blur, min_crop_scale: the view settings (`dataset.*` of the config).
         augment_on: `cpu` (per-image PIL transform) or `device` (batched tensor ops, here on the CPU).
         seed: the views' random stream.
@@ -51,6 +51,10 @@ def sample_views(images: Sequence[torch.Tensor], num_views: int, *, crop_size: i
             return torch.stack([torch.stack([transform(image) for _ in range(num_views)]) for image in images])
     if augment_on != "device":
         raise ValueError(f"augment_on {augment_on!r}: expected cpu or device")
+    sizes = sorted({f"{image.shape[2]}x{image.shape[1]}" for image in images})
+    if len(sizes) > 1:
+        raise ValueError(f"dataset.augment_on = 'device' needs images of one size, these are {', '.join(sizes)}: "
+                         "resize them to one size, or use dataset.augment_on: cpu")
     batch = torch.stack(list(images)).float().mul_(1 / 255)  # as DeviceBatches: to_dtype(scale=True)
     height, width = batch.shape[-2:]
     params = sample_view_params(len(images) * num_views, height, width, s, blur,
