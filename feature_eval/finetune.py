@@ -27,6 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import startup  # standard library only
+
+if __name__ == "__main__":  # as a command: the CPU policy goes into the environment before torch loads OpenMP
+    startup.prepare_cpu(startup.device_from_argv(sys.argv[1:]), owner="feature_eval.finetune")
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -46,6 +51,9 @@ from models.loading import file_sha256, load_encoder, read_checkpoint, resolve_c
 
 DEFAULT_LRS = (0.05, 0.1, 0.2)  # per 256 images; the paper's 0.05 (0.8 at batch 4096) and two larger steps
 BASELINES = ("random",)
+# The evaluation table's columns, with both epoch counts: the checkpoint's pretraining and this fine-tuning.
+FINETUNE_COLUMNS = ("Classifier", "Feature extractor", "Architecture", "Feature dim", "Projection dim",
+                    "Pretrain epochs", "Fine-tune epochs", "Top-1 %", "Top-5 %")
 
 
 @dataclass
@@ -215,7 +223,7 @@ def finetune(encoder: nn.Module, dataset, num_classes: int, *, input_size: int, 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     model.train()
-    bar = tqdm(range(epochs), desc=desc, unit="epoch", leave=False)
+    bar = tqdm(range(epochs), desc=desc, unit="epoch", leave=False, disable=None)
     for epoch in bar:
         for images, labels in crop_flip_batches(dataset, input_size, batch_size, seed, epoch, device):
             with amp:
@@ -416,7 +424,7 @@ def finetune_evaluate(checkpoint: str | Path, *, label_fraction: float, dataset:
                     "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
         "finished": datetime.datetime.now().isoformat(timespec="seconds"),
     }
-    table = markdown_table(rows)
+    table = markdown_table(rows, FINETUNE_COLUMNS)
     outcome = FineTuneResult(results, table, models)
     if write:
         stem = results_stem(file, dataset, root, input_size, data_config)  # as feature_eval.evaluate names its files
@@ -514,12 +522,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     command = shlex.join(["python", "-m", "feature_eval.finetune", *argv])
     try:
-        outcome = finetune_evaluate(args.checkpoint, label_fraction=args.label_fraction, dataset=args.dataset,
-                                    root=args.root, input_size=args.input_size, epochs=args.epochs,
-                                    batch_size=args.batch_size, lrs=args.lrs, momentum=args.momentum,
-                                    valid_fraction=args.valid_fraction, baselines=args.baselines, seed=args.seed,
-                                    device=args.device, eval_batch_size=args.eval_batch_size, out_dir=args.out_dir,
-                                    download=args.download, command=command)
+        with startup.one_line_warnings():
+            outcome = finetune_evaluate(args.checkpoint, label_fraction=args.label_fraction, dataset=args.dataset,
+                                        root=args.root, input_size=args.input_size, epochs=args.epochs,
+                                        batch_size=args.batch_size, lrs=args.lrs, momentum=args.momentum,
+                                        valid_fraction=args.valid_fraction, baselines=args.baselines, seed=args.seed,
+                                        device=args.device, eval_batch_size=args.eval_batch_size,
+                                        out_dir=args.out_dir, download=args.download, command=command)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -15,9 +15,8 @@ from data_aug.device_views import sample_crop_boxes
 from feature_eval import finetune as finetune_module
 from feature_eval.baselines import random_encoder
 from feature_eval.classifiers import topk_accuracy
-from feature_eval.evaluate import COLUMNS
-from feature_eval.finetune import (FineTuned, crop_flip_batches, default_epochs, finetune, finetune_evaluate,
-                                   fraction_tag, label_subset, main)
+from feature_eval.finetune import (FINETUNE_COLUMNS, FineTuned, crop_flip_batches, default_epochs, finetune,
+                                   finetune_evaluate, fraction_tag, label_subset, main)
 from models.resnet_simclr import create_model
 from simclr.checkpoint import save_checkpoint
 from simclr.config import config_to_dict, load_config
@@ -173,12 +172,14 @@ def test_lr_is_chosen_on_the_labelled_hold_out_and_test_is_scored_once(digits_ru
     row = result.results["rows"][0]
     assert [row["top1"], row["top5"]] == pytest.approx(topk_accuracy(logits, labels), abs=1e-9)
     assert row["details"]["base_lr"] in (0.05, 0.4) and row["details"]["batch_size"] == 16
-    # feature_eval's format: the same table columns and JSON row keys, in <out>/<ckpt>_<data>_finetune-<pct>.*
+    # feature_eval's format (both epoch counts) and JSON row keys, in <out>/<ckpt>_<data>_finetune-<pct>.*
     assert result.paths["json"].name == "last_digits_finetune-2pct.json"
     written = json.loads(result.paths["json"].read_text())
     assert written["rows"][0]["top1"] == row["top1"] and written["checkpoint_sha256"] and written["command"] == "test"
-    header = result.paths["markdown"].read_text().split("\n\n")[1].splitlines()[0]
-    assert header == "| " + " | ".join(COLUMNS) + " |"
+    table = result.paths["markdown"].read_text().split("\n\n")[1].splitlines()
+    assert table[0] == "| " + " | ".join(FINETUNE_COLUMNS) + " |"
+    cells = dict(zip(FINETUNE_COLUMNS, (cell.strip() for cell in table[2].strip("|").split("|"))))
+    assert cells["Pretrain epochs"] == "3" and cells["Fine-tune epochs"] == "1"  # the checkpoint's 3, this run's 1
 
 
 def test_cli_runs_on_tiny_data_and_one_lr_skips_the_hold_out(digits_run, tmp_path, capsys):

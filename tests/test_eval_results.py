@@ -1,0 +1,155 @@
+"""What `feature_eval.evaluate` leaves on disk: pictures next to the table, rows kept across reruns."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from feature_eval import evaluate as evaluate_module
+from feature_eval.plots import embed_2d
+from pretrained_models.export import evaluation_command, model_card
+from tests.test_feature_eval import make_checkpoint
+
+QUIET = dict(device="cpu", log=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    make_checkpoint(run / "checkpoints" / "last.pt")
+    return run
+
+
+def table_rows(markdown: str) -> list[tuple[str, str]]:
+    """(classifier, extractor) names of the rows of the markdown table."""
+    lines = [line for line in markdown.splitlines() if line.startswith("| ") and not line.startswith("| Classifier")]
+    return [tuple(cell.strip() for cell in line.strip("|").split("|")[:2]) for line in lines]
+
+
+def assert_picture(path, min_size):
+    picture = np.asarray(Image.open(path).convert("RGB"))
+    assert picture.shape[1] >= min_size[0] and picture.shape[0] >= min_size[1], picture.shape
+    assert picture.std() > 20 and len(np.unique(picture.reshape(-1, 3), axis=0)) > 50
+
+
+def test_evaluate_draws_tsne_and_confusion_next_to_the_table(run_dir, tmp_path, capsys, one_thread):
+    out = tmp_path / "out"
+    assert evaluate_module.main(["--checkpoint", str(run_dir), "--classifiers", "lbfgs,knn", "--max-iter", "50",
+                                 "--device", "cpu", "--out-dir", str(out)]) == 0
+    assert f"pictures: {out / 'last_digits_tsne.png'} and {out / 'last_digits_confusion.png'}" in \
+        capsys.readouterr().out
+    assert_picture(out / "last_digits_tsne.png", (700, 500))
+    assert_picture(out / "last_digits_confusion.png", (3 * 400, 400))  # a panel per SimCLR row: 3
+    markdown = (out / "last_digits.md").read_text()
+    assert "![t-SNE of the SimCLR test features, coloured by class](last_digits_tsne.png)" in markdown
+    assert "(last_digits_confusion.png)" in markdown
+    assert "How to read it: with no baselines" in markdown and "--baselines random,pca" in markdown
+    saved = json.loads((out / "last_digits.json").read_text())
+    assert saved["pictures"] == {"tsne": "last_digits_tsne.png", "confusion": "last_digits_confusion.png"}
+    counts = np.asarray(saved["rows"][0]["confusion"])
+    assert counts.shape == (10, 10) and counts.sum() == 360 and "confusion" not in saved["rows"][0]["details"]
+    assert 100 * np.trace(counts) / 360 == pytest.approx(saved["rows"][0]["top1"])
+    # --no-plots draws nothing and takes away the pictures of the earlier table
+    assert evaluate_module.main(["--checkpoint", str(run_dir), "--classifiers", "knn", "--device", "cpu",
+                                 "--out-dir", str(out), "--no-plots"]) == 0
+    assert not list(out.glob("*.png")) and "![" not in (out / "last_digits.md").read_text()
+
+
+def test_tsne_embeds_a_seeded_subsample():
+    features = np.random.default_rng(0).normal(size=(3000, 8))
+    points, rows = embed_2d(features, max_points=60, seed=4)
+    assert points.shape == (60, 2) and len(set(rows.tolist())) == 60 and rows.max() < 3000
+    assert np.array_equal(rows, embed_2d(features, max_points=60, seed=4)[1])
+    assert not np.array_equal(rows, embed_2d(features, max_points=60, seed=5)[1])
+
+
+def test_a_smaller_rerun_keeps_the_earlier_rows_and_says_so(run_dir, tmp_path, one_thread):
+    out, logged = tmp_path / "out", []
+    options = dict(out_dir=out, plots=False, device="cpu", log=logged.append)
+    first = evaluate_module.evaluate(run_dir, classifiers="knn", baselines="random", command=(
+        f"python -m feature_eval.evaluate --checkpoint {run_dir} --classifiers knn --baselines random"), **options)
+    assert len(first.results["rows"]) == 4
+    second = evaluate_module.evaluate(run_dir, classifiers="lbfgs", max_iter=50, command=(
+        f"python -m feature_eval.evaluate --checkpoint {run_dir} --classifiers=lbfgs --max-iter 50"), **options)
+    pairs = [(r["classifier"], r["extractor"]) for r in second.results["rows"]]
+    assert pairs == [("lbfgs", "simclr"), ("knn", "simclr"), ("knn", "random"), ("weighted_knn", "simclr"),
+                     ("weighted_knn", "random")]  # the earlier 4 and the new 1, in the table's order
+    assert any(line.startswith("earlier evaluation in") and "4 row(s): kept 4: KNN" in line for line in logged)
+    saved = json.loads((out / "last_digits.json").read_text())
+    markdown = (out / "last_digits.md").read_text()
+    # JSON and markdown tell the same story, and the recorded command reproduces every row
+    assert [(r["classifier_name"], r["extractor_name"]) for r in saved["rows"]] == table_rows(markdown)
+    assert saved["options"]["classifiers"] == ["knn", "lbfgs"] and saved["options"]["baselines"] == ["random"]
+    assert saved["command"] == (f"python -m feature_eval.evaluate --checkpoint {run_dir} --max-iter 50 "
+                                "--classifiers knn,lbfgs --baselines random")
+    assert "Kept from the evaluation of" in markdown and "KNN (k=10, Euclidean) / Random init" in markdown
+    kept = next(r for r in saved["rows"] if r["classifier"] == "knn" and r["extractor"] == "random")
+    assert kept["top1"] == first.results["rows"][1]["top1"] and kept["evaluated"] == first.results["finished"]
+    # the model card of a package made from this run lists all five rows and that command
+    card = model_card({"name": "p", "base_model": "resnet18", "cifar_stem": False, "feature_dim": 512,
+                       "out_dim": 16, "files": {}}, {}, [saved])
+    assert card.count("| SimCLR |") == 3 and card.count("| Random init |") == 2
+    assert evaluation_command(saved) in card
+    # the same rows again replace themselves; the others stay
+    logged.clear()
+    third = evaluate_module.evaluate(run_dir, classifiers="knn", max_iter=50, **options)
+    assert len(third.results["rows"]) == 5 and third.results["earlier"]["replaced"] == [
+        "KNN (k=10, Euclidean) / SimCLR", "Weighted KNN (k=200, T=0.1) / SimCLR"]
+    assert any("kept 3: " in line and "; replaced 2 evaluated again: " in line for line in logged)
+
+
+def test_rows_of_other_settings_are_dropped_not_mixed(run_dir, tmp_path, one_thread):
+    out, logged = tmp_path / "out", []
+    options = dict(out_dir=out, plots=False, device="cpu", log=logged.append)
+    evaluate_module.evaluate(run_dir, classifiers="lbfgs,knn", max_iter=50, **options)
+    # another --max-iter: the L-BFGS row goes, the KNN rows (no such option) stay
+    again = evaluate_module.evaluate(run_dir, classifiers="adam", max_iter=60, **options)
+    assert [r["classifier"] for r in again.results["rows"]] == ["adam", "knn", "weighted_knn"]
+    assert again.results["earlier"]["dropped"] == ["Logistic regression (L-BFGS) / SimCLR"]
+    assert any("dropped 1 made with other --max-iter: Logistic regression" in line for line in logged)
+    markdown = (out / "last_digits.md").read_text()
+    assert "Dropped from the evaluation of" in markdown and "as made with other --max-iter" in markdown
+    assert len(table_rows(markdown)) == 3
+    assert json.loads((out / "last_digits.json").read_text())["rows"] == again.results["rows"]
+    # another seed changes every row: none is kept
+    last = evaluate_module.evaluate(run_dir, classifiers="knn", seed=1, **options)
+    assert len(last.results["rows"]) == 2 and last.results["earlier"]["reason"] == "other --seed"
+    assert last.results["earlier"]["dropped"] == ["Linear (Adam, hold-out tuned) / SimCLR"]
+
+
+def test_a_damaged_earlier_file_is_replaced(run_dir, tmp_path):
+    out, logged = tmp_path / "out", []
+    out.mkdir()
+    (out / "last_digits.json").write_text("{not json")
+    result = evaluate_module.evaluate(run_dir, classifiers="knn", out_dir=out, plots=False, device="cpu",
+                                      log=logged.append)
+    assert len(result.results["rows"]) == 2 and any("was unreadable" in line for line in logged)
+
+
+def test_how_to_read_names_the_baselines_present():
+    sentence = evaluate_module.how_to_read([{"extractor": "simclr"}, {"extractor": "random"}, {"extractor": "pca"}])
+    assert sentence.startswith("How to read it: compare each SimCLR row") and "untrained" in sentence
+    assert "PCA" in sentence and sentence.count(".") == 1
+    assert "PCA" not in evaluate_module.how_to_read([{"extractor": "simclr"}, {"extractor": "random"}])
+
+
+def test_tsne_of_identical_features_puts_them_at_the_origin():
+    """An untrained or collapsed encoder gives every image the same features; scikit-learn's t-SNE would divide
+    by their zero spread and crash the process in its Barnes-Hut tree."""
+    points, rows = embed_2d(np.ones((4, 8)))
+    assert rows.tolist() == [0, 1, 2, 3] and not points.any()
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        embed_2d(np.full((4, 8), np.nan))
+
+
+def test_an_exported_package_carries_the_pictures_its_table_shows(tmp_path, one_thread):
+    from pretrained_models.export import export_package
+
+    make_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    evaluate_module.evaluate(tmp_path / "run", classifiers="knn", **QUIET)
+    folder = export_package(tmp_path / "run", "p", root=tmp_path / "packages", log=lambda _: None)
+    names = {"last_digits.json", "last_digits.md", "last_digits_tsne.png", "last_digits_confusion.png"}
+    assert {p.name for p in (folder / "eval").iterdir()} == names
+    manifest = json.loads((folder / "package.json").read_text())
+    assert {Path(entry).name for entry in manifest["evaluations"]} == names
