@@ -13,17 +13,11 @@ import shlex
 import sys
 from pathlib import Path
 
-import torch
+import startup
+from simclr.config import Config, ConfigError, load_config  # no torch: a config error is printed in a blink
 
-from data_aug.stl10 import DataError
-from models.loading import CheckpointLoadError
-from simclr.checkpoint import CheckpointWriteError
-from simclr.config import ConfigError, load_config
-from simclr.dist import DeviceError, init_distributed, shutdown
-from simclr.run_dir import RunDirBusy
-from simclr.trainer import Preempted, Trainer, TrainingError, find_resume
-
-USER_ERRORS = (DataError, CheckpointLoadError, CheckpointWriteError, TrainingError, RunDirBusy)
+# torch and the trainer are imported in train(), after the config is valid and startup.prepare_cpu has set the
+# OpenMP environment that torch reads once, as it loads.
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -46,8 +40,30 @@ def one_line(err: Exception) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     rank = int(os.environ.get("RANK", "0"))  # torchrun's process rank (0 without torchrun)
+    with startup.one_line_warnings():
+        try:
+            config = load_config(args.config or "config.yaml", args.overrides)
+        except ConfigError as err:
+            if rank == 0:  # every process reads the same config: under torchrun, say it once
+                print(f"config error: {err}", file=sys.stderr)
+            return 2
+        cpu = startup.prepare_cpu(config.device, owner="run.py")
+        return train(args, config, rank, cpu)
+
+
+def train(args: argparse.Namespace, config: Config, rank: int, cpu: dict) -> int:
+    """Resume or start the run of a valid `config`, then evaluate it (`final_eval`); the exit status."""
+    import torch
+
+    from data_aug.stl10 import DataError
+    from models.loading import CheckpointLoadError
+    from simclr.checkpoint import CheckpointWriteError
+    from simclr.dist import DeviceError, init_distributed, shutdown
+    from simclr.run_dir import RunDirBusy
+    from simclr.trainer import Preempted, Trainer, TrainingError, describe_resume, find_resume
+
+    user_errors = (DataError, CheckpointLoadError, CheckpointWriteError, TrainingError, RunDirBusy)
     try:
-        config = load_config(args.config or "config.yaml", args.overrides)
         info = init_distributed(config.device)
         log = print if info.is_main else (lambda *_: None)
         resume = find_resume(config, log) if config.resume else None
@@ -59,6 +75,12 @@ def main(argv: list[str] | None = None) -> int:
             here = config.run_dir if config.resume == "auto" else None
             config = load_config(None, args.overrides, base={**resume[1]["config"], "resume": config.resume,
                                                              "run_dir": here})
+            unfinished, message = describe_resume(*resume, config.epochs)
+            log(message)
+            if not unfinished:
+                return 0
+        if info.device.type == "cpu":
+            log(startup.describe_cpu(cpu, torch.get_num_threads()))
         trainer = Trainer(config, info, resume)
         run_dir = trainer.fit()
     except ConfigError as err:
@@ -67,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         elif isinstance(err, DeviceError):  # but each finds its own device
             print(f"config error (rank {rank}): {err}", file=sys.stderr)
         return 2
-    except USER_ERRORS as err:
+    except user_errors as err:
         print(f"error: {one_line(err)}" if rank == 0 else f"error (rank {rank}): {one_line(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C before training started, or a second one while the first was handled

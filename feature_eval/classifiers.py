@@ -261,7 +261,7 @@ def _nearest(queries: torch.Tensor, keys: torch.Tensor, k: int, similarity, quer
     """
     values, indices = [], []
     chunks = queries.split(query_chunk)
-    for q in tqdm(chunks, desc=desc, unit="chunk", leave=False, disable=len(chunks) == 1):
+    for q in tqdm(chunks, desc=desc, unit="chunk", leave=False, disable=True if len(chunks) == 1 else None):
         best_v = torch.empty(len(q), 0, dtype=q.dtype, device=q.device)
         best_i = torch.empty(len(q), 0, dtype=torch.int64, device=q.device)
         for start in range(0, len(keys), key_chunk):

@@ -52,13 +52,13 @@ def image_batches(dataset, crop_size: int, batch_size: int, num_workers: int = 0
     total = len(dataset)
     if isinstance(getattr(dataset, "images", None), torch.Tensor) and isinstance(getattr(dataset, "labels", None),
                                                                                   torch.Tensor):
-        for start in tqdm(range(0, total, batch_size), desc=desc, unit="batch", leave=False):
+        for start in tqdm(range(0, total, batch_size), desc=desc, unit="batch", leave=False, disable=None):
             stop = min(start + batch_size, total)
             yield transform(dataset.images[start:stop]), dataset.labels[start:stop]
         return
     loader = DataLoader(Transformed(dataset, transform), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers)
-    for images, labels in tqdm(loader, desc=desc, unit="batch", leave=False):
+    for images, labels in tqdm(loader, desc=desc, unit="batch", leave=False, disable=None):
         yield images, torch.as_tensor(labels, dtype=torch.int64)
 
 

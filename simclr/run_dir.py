@@ -134,6 +134,9 @@ class RunWriter:
         import torch
 
         meta["torch"] = torch.__version__
+        # the CPU policy in force (run.py sets the OpenMP ones where the user did not; docs/CPU.md)
+        meta["cpu"] = {"torch_threads": torch.get_num_threads(), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+                       "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
         with open(run_dir / "meta.jsonl", "a") as f:  # one line per start, resumes included
             f.write(json.dumps(meta) + "\n")
         purge_step = None

@@ -147,9 +147,26 @@ def find_resume(config: Config, log=print) -> tuple[Path, dict] | None:
     found = ckpt.find_resume_state(target, auto=auto, log=log)
     if found is None:
         log(f"resume=auto: no checkpoint in {target} yet, starting fresh")
-    else:
-        log(f"resuming from {found[0]} (epoch {found[1]['next_epoch']}, step {found[1].get('step_in_epoch', 0)})")
-    return found
+    return found  # the caller says where it resumes, once the run's config gives the number of epochs
+
+
+def run_dir_of(checkpoint: Path) -> Path:
+    """The run dir a checkpoint belongs to (`<run>/checkpoints/last.pt` -> `<run>`)."""
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+
+
+def describe_resume(checkpoint: Path, state: dict, epochs: int) -> tuple[bool, str]:
+    """Whether a resume has anything left to train, and the line that says so; epochs counted from 1, as in every
+    message (the checkpoint's `next_epoch` counts from 0: it is the number of epochs finished)."""
+    done, step = state["next_epoch"], state.get("step_in_epoch", 0)
+    if done >= epochs:
+        run = shlex.quote(str(run_dir_of(checkpoint)))
+        return False, (f"nothing to resume: {checkpoint} has already trained {done} epoch(s) (epochs={epochs}), so "
+                       "the run is finished and its evaluation is not repeated. Train longer with python run.py "
+                       f"resume={run} epochs=<more>; evaluate again with python -m feature_eval.evaluate "
+                       f"--checkpoint {run}")
+    where = f"at epoch {done + 1}, step {step}" if step else f"after epoch {done}" if done else "at epoch 1"
+    return True, f"resuming from {checkpoint} {where} (epochs={epochs})"
 
 
 class Trainer:
@@ -161,8 +178,7 @@ class Trainer:
         self.resume_state = resume[1] if resume else None
         self.run_dir = Path(config.run_dir) if config.run_dir else None
         if resume and self.run_dir is None:
-            path = resume[0]
-            self.run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+            self.run_dir = run_dir_of(resume[0])
         if self.run_dir is None:  # rank 0's clock names it: every rank must print and resume the same dir
             self.run_dir = Path(broadcast_object(str(default_run_dir())))
         if resume is None and ckpt.candidates(self.run_dir):
@@ -313,7 +329,7 @@ class Trainer:
         loss_sum, count = self.epoch_progress if self.start_step else (0.0, 0)  # steps done before a preemption
         total = torch.tensor(loss_sum, device=self.device)
         bar = tqdm(total=steps, initial=self.start_step, desc=f"epoch {epoch + 1}/{c.epochs}",
-                   disable=not self.info.is_main, dynamic_ncols=True, leave=False)
+                   disable=None if self.info.is_main else True, dynamic_ncols=True, leave=False)
         tick, tick_images = time.perf_counter(), 0
         for step, (x1, x2) in enumerate(self.train_batches.batches(epoch, self.start_step), start=self.start_step):
             lr = self.optimizer.param_groups[0]["lr"]  # this step's rate: the scheduler moves it after the step
@@ -368,7 +384,8 @@ class Trainer:
         self.train_model.eval()
         batches, total = self._valid_batches()
         sums, count = torch.zeros(3, device=self.device), 0
-        for x1, x2 in tqdm(batches, total=total, desc="validation", disable=not self.info.is_main, leave=False):
+        for x1, x2 in tqdm(batches, total=total, desc="validation", disable=None if self.info.is_main else True,
+                           leave=False):
             self.lock.refresh()
             if x1.shape[0] < 2 and not self.info.distributed:
                 continue

@@ -147,6 +147,15 @@ def test_cli_user_error_exits_2_with_one_line():
     assert len(lines) == 1 and "loss.temperature" in lines[0] and "Traceback" not in result.stderr
 
 
+def test_a_config_error_is_reported_before_torch_is_imported():
+    """Importing torch and the trainer takes seconds: a typo must be answered without them."""
+    code = ("import sys, run\nrc = run.main(['batch_sise=3'])\n"
+            "assert rc == 2 and 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)[:5]")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip() == done.stderr.strip().splitlines()[0] and "did you mean batch_size?" in done.stderr
+
+
 @pytest.mark.parametrize("args, key", [
     (["batch_size=1"], "batch_size"), (["dataset.valid_size=1.5"], "dataset.valid_size"),
     (["dataset.input_shape=(96,96)"], "dataset.input_shape"), (["model.base_model=resnet34"], "model.base_model"),

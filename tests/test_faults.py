@@ -87,7 +87,7 @@ def test_preemption_saves_position_and_resumes_mid_epoch(data_root, reference, t
     monkeypatch.setattr(Trainer, "train_step", signal_on_fifth_step)
     assert run.main(tiny_args(data_root, run_dir)) == 0
     out = capsys.readouterr().out
-    assert f"resume={run_dir}" in out and signal.Signals(signum).name in out
+    assert f"resume={run_dir}" in out and f"stopped by {signal.Signals(signum).name} at epoch 2, step 2;" in out
     state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert state["next_epoch"] == 1 and state["step_in_epoch"] == 2
     monkeypatch.setattr(Trainer, "train_step", original)
@@ -102,6 +102,9 @@ def test_preemption_saves_position_and_resumes_mid_epoch(data_root, reference, t
     assert run.main([f"resume={run_dir}"]) == 0
     assert len(calls) == 1  # only the last step of epoch 2 was left
     assert_same_weights(final_weights(run_dir), reference)
+    # the same 1-based position in both messages
+    resumed = capsys.readouterr().out
+    assert f"resuming from {run_dir / 'checkpoints' / 'last.pt'} at epoch 2, step 2 (epochs=2)" in resumed
 
 
 def test_resume_auto_starts_fresh_then_resumes(data_root, tmp_path, capsys):

@@ -61,6 +61,25 @@ def test_interrupted_run_resumes_to_the_same_weights(data_root, straight_run, tm
     assert_same_weights(final_weights(run_dir), final_weights(straight_run))
 
 
+def test_resuming_a_finished_run_says_so_and_neither_trains_nor_evaluates(straight_run, tmp_path, capsys):
+    finished = tmp_path / "finished"
+    shutil.copytree(straight_run, finished)
+    before = {name: (finished / name).read_bytes() for name in ("meta.jsonl", "metrics.jsonl", "checkpoints/last.pt")}
+    assert run.main([f"resume={finished}", "final_eval=true"]) == 0
+    out = capsys.readouterr().out
+    assert "nothing to resume" in out and "has already trained 2 epoch(s) (epochs=2)" in out
+    assert f"python -m feature_eval.evaluate --checkpoint {finished}" in out and "resuming from" not in out
+    assert "final_eval" not in out and not (finished / "eval").exists()
+    assert {name: (finished / name).read_bytes() for name in before} == before  # no new start recorded, no training
+
+
+def test_a_log_that_is_not_a_terminal_gets_no_progress_bars(data_root, tmp_path, capsys):
+    assert run.main(tiny_args(data_root, tmp_path / "r", "epochs=1")) == 0
+    captured = capsys.readouterr()  # pytest's capture is not a TTY, as a log file or a notebook's output
+    assert "it/s" not in captured.err + captured.out and "epoch 1/1:" in captured.out
+    assert "\r" not in captured.err + captured.out
+
+
 def test_one_epoch_then_resume_to_two_with_constant_lr(data_root, tmp_path):
     straight, split = tmp_path / "a", tmp_path / "b"
     assert run.main(tiny_args(data_root, straight, "optimizer.cosine=false")) == 0
