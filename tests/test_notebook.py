@@ -53,6 +53,8 @@ def test_notebook_runs_end_to_end(tiny_checkpoint, monkeypatch):
 
     outputs = [out for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs]
     assert not [out for out in outputs if out.output_type == "error"]
+    streams = "".join(out.get("text", "") for out in outputs if out.output_type == "stream")
+    assert "%|" not in streams and "\r" not in streams, streams[:300]  # no progress bars saved with the notebook
     tables = [out.data["text/markdown"] for out in outputs if "text/markdown" in out.get("data", {})]
     assert len(tables) == 1 and "| Logistic regression (L-BFGS) | SimCLR | ResNet-18 | 512 | 8 | 1 |" in tables[0]
     assert "| Weighted KNN (k=200, T=0.1) | SimCLR |" in tables[0]
