@@ -145,13 +145,53 @@ def _load_image_folder(root: Path, split: str, skip_bad_images: bool) -> ImageFi
         files, labels = files + extra, labels + [-1] * len(extra)
     if not files:
         raise DataError(f"no images with suffixes {', '.join(IMAGE_SUFFIXES)} found for split {split!r} under {root}")
-    if skip_bad_images:
-        good = [i for i, f in enumerate(files) if _readable(f)]
-        if len(good) < len(files):
-            warnings.warn(f"skipped {len(files) - len(good)} unreadable image(s) under {root} "
-                          "(dataset.skip_bad_images: true)", stacklevel=2)
-        files, labels = [files[i] for i in good], [labels[i] for i in good]
+    # Found now, not mid-epoch: a damaged file would otherwise stop a run before its first checkpoint.
+    bad = find_bad_images(files, thorough=skip_bad_images, desc=f"checking {split} images")
+    if bad and not skip_bad_images:
+        path, reason = next(iter(bad.items()))
+        raise DataError(f"{len(bad)} of {len(files)} images under {root} cannot be decoded, e.g. {path} ({reason}): "
+                        "remove or replace them, or set dataset.skip_bad_images: true to train without them")
+    if bad:
+        warnings.warn(f"skipped {len(bad)} unreadable image(s) under {root} (dataset.skip_bad_images: true)",
+                      stacklevel=2)
+        kept = [i for i, f in enumerate(files) if f not in bad]
+        files, labels = [files[i] for i in kept], [labels[i] for i in kept]
     return ImageFiles(files, labels, classes)
+
+
+def find_bad_images(files: list[Path], thorough: bool = False, desc: str = "checking images") -> dict[Path, str]:
+    """The files that cannot be decoded, each with the reason, found before training rather than mid-epoch.
+
+    A PNG or JPEG counts as whole when its header parses and its last bytes close it (the IEND chunk, the EOI
+    marker): about 0.04 ms a file, 0.2 s for 4,000 small images (docs/CPU.md). Any other file, or one whose end
+    is not where it should be (cut short, or followed by padding), is decoded in full. `thorough` decodes every
+    file in full (as `dataset.skip_bad_images` does, so that a run that skips never meets a bad file later).
+    A progress bar shows on a terminal for large folders.
+    """
+    from tqdm import tqdm
+
+    bad = {}
+    for path in tqdm(files, desc=desc, unit="image", leave=False, disable=True if len(files) < 20000 else None):
+        if thorough or not _looks_whole(path):
+            try:
+                with Image.open(path) as img:
+                    img.load()
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+                bad[path] = " ".join(str(err).split()) or type(err).__name__
+    return bad
+
+
+def _looks_whole(path: Path) -> bool:
+    """Whether the header of `path` parses and the file ends as a complete PNG or JPEG does; False for a damaged
+    file and for every other format (the caller then decodes it)."""
+    try:
+        with open(path, "rb") as f, Image.open(f) as img:
+            kind = img.format
+            f.seek(max(0, f.seek(0, 2) - 12))
+            tail = f.read()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return False
+    return (kind == "PNG" and tail[4:8] == b"IEND") or (kind == "JPEG" and tail.endswith(b"\xff\xd9"))
 
 
 def _class_files(folder: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
@@ -163,13 +203,6 @@ def _class_files(folder: Path, classes: list[str]) -> tuple[list[Path], list[int
         labels += [label] * len(found)
     return files, labels
 
-
-def _readable(path: Path) -> bool:
-    try:
-        decode_image(path)
-        return True
-    except DataError:
-        return False
 
 
 def decode_all(data: ImageFiles, desc: str = "decoding images") -> TensorImages:

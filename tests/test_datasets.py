@@ -64,13 +64,44 @@ def test_bad_image_named_or_skipped(tmp_path):
     Image.open(good).convert("RGB").save(tmp_path / "train" / "dog" / "cut.jpg")
     cut = tmp_path / "train" / "dog" / "cut.jpg"
     cut.write_bytes(cut.read_bytes()[: len(cut.read_bytes()) // 2])
-    data = load_split("imagefolder", tmp_path, "train")
-    index = [str(f) for f in data.files].index(str(tmp_path / "train" / "cat" / "empty.jpg"))
-    with pytest.raises(DataError, match="empty.jpg.*skip_bad_images"):
-        data[index]
+    with pytest.raises(DataError, match=r"3 of 11 images under .* cannot be decoded, e.g. .*empty.jpg .*skip_bad"):
+        load_split("imagefolder", tmp_path, "train")  # up front, not when the bad file's turn comes
     with pytest.warns(UserWarning, match="skipped 3 unreadable"):
         skipped = load_split("imagefolder", tmp_path, "train", skip_bad_images=True)
-    assert len(skipped) == len(data) - 3
+    assert len(skipped) == 8 and not {"empty.jpg", "text.jpg", "cut.jpg"} & {f.name for f in skipped.files}
+    assert torch.equal(skipped.labels, torch.tensor([0] * 4 + [1] * 4))
+
+
+def test_the_quick_check_finds_cut_files_and_accepts_padded_ones(tmp_path):
+    from data_aug.datasets import find_bad_images
+
+    rng = np.random.default_rng(0)
+    files = []
+    for suffix in (".png", ".jpg", ".bmp"):
+        whole, cut, padded = (tmp_path / f"{name}{suffix}" for name in ("whole", "cut", "padded"))
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(whole)
+        data = whole.read_bytes()
+        cut.write_bytes(data[:-40])
+        padded.write_bytes(data + b"\0" * 16)  # some cameras and tools leave bytes after the end
+        files += [whole, cut, padded]
+    bad = find_bad_images(files)
+    assert sorted(p.name for p in bad) == ["cut.bmp", "cut.jpg", "cut.png"] and all(bad.values())
+    assert sorted(find_bad_images(files, thorough=True)) == sorted(bad)
+
+
+def test_a_bad_image_stops_training_before_the_run_dir_exists(tmp_path, capsys):
+    import run
+
+    _image_folder(tmp_path / "data")
+    (tmp_path / "data" / "train" / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 30)
+    run_dir = tmp_path / "run"
+    args = ["--config", str(Path(__file__).parent / "data" / "seed_config.yaml"), "fine_tune_from=None",
+            "dataset.name=imagefolder", f"dataset.root={tmp_path / 'data'}", "dataset.input_shape=(16,16,3)",
+            "batch_size=2", "epochs=1", "device=cpu", f"run_dir={run_dir}"]
+    assert run.main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: 1 of 10 images under") and "broken.png" in err and len(err.splitlines()) == 1
+    assert not run_dir.exists()
 
 
 def test_cifar10_through_torchvision(tmp_path, monkeypatch):
