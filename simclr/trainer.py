@@ -13,7 +13,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
-from data_aug.datasets import load_split, split_validation
+from data_aug.datasets import decode_all, load_split, split_validation
 from data_aug.device_views import DeviceBatches, gather_to_device
 from data_aug.views import TwoViews, create_view_transform
 from loss.nt_xent import NTXentLoss
@@ -25,6 +25,7 @@ from simclr.grad_cache import grad_cache_backward
 from simclr.dist import DistInfo, StopVote, all_reduce_mean, barrier, broadcast_object, resolve_sync_bn
 from simclr.optim import create_optimizer, create_scheduler, match_state_layout, scaled_lr
 from simclr.run_dir import RunLock, RunWriter, default_run_dir
+from simclr.run_plots import views_picture, write_curves, write_views
 
 
 class TrainingError(RuntimeError):
@@ -86,9 +87,8 @@ def create_batches(config: Config, info: DistInfo):
     transform = create_view_transform(d.crop_size, d.s, d.blur, d.min_crop_scale)
     valid = TwoViews(Subset(data, valid_idx.tolist()), transform, seed=config.seed + 1) if len(valid_idx) else None
     if d.augment_on == "device":
-        if not hasattr(data, "images"):
-            raise ConfigError(f"dataset.augment_on = 'device': needs a fixed-size data set held in memory "
-                              f"({d.name} is decoded from files); use augment_on: cpu")
+        if not hasattr(data, "images"):  # an image folder: decoded once, if its images share one size
+            data = decode_all(data)
         images = gather_to_device(data.images, train_idx, info.device)  # no second host copy of the split
         train = DeviceBatches(images, config.batch_size, d.crop_size, d.s, d.blur, config.seed, info.rank,
                               info.world_size, info.device, compile=config.compile, min_crop_scale=d.min_crop_scale)
@@ -206,7 +206,7 @@ class Trainer:
         # batch 64). Values below 1e-38 become 0; CUDA kernels already flush them.
         torch.set_flush_denormal(True)
         torch.manual_seed(c.seed)
-        model = create_model(c.model.base_model, c.model.out_dim, c.model.cifar_stem)
+        model = create_model(c.model.base_model, c.model.out_dim, c.model.cifar_stem, c.model.head_layers, c.model.head_bn)
         if c.fine_tune_from and self.resume_state is None:
             load_weights_only(model, c.fine_tune_from, self.log)
         if resolve_sync_bn(c.model.sync_bn, info):
@@ -429,6 +429,22 @@ class Trainer:
         self.log(f"{self._stop_signal} received: finishing this step, then saving a checkpoint"
                  + (" (under torchrun: after the next step, when all processes agree)" if self.info.distributed else ""))
 
+    def _write_views(self, writer: RunWriter) -> None:
+        """`views.png` and the TensorBoard image `views`: training images next to views this run's pipeline makes."""
+        batches = self.train_batches
+        images = batches.images if isinstance(batches, DeviceBatches) else batches.views.dataset
+        picture = views_picture(images, self.config.dataset, self.config.seed)
+        try:  # pictures are for reading: never worth stopping the run for
+            write_views(self.run_dir / "views.png", picture, writer.tensorboard, self.scheduler.last_epoch)
+        except OSError as err:
+            self.log(f"warning: could not write {self.run_dir / 'views.png'} ({err.strerror or err})")
+
+    def _write_curves(self) -> None:
+        try:
+            write_curves(self.run_dir, self.config.epochs)
+        except OSError as err:
+            self.log(f"warning: could not write {self.run_dir / 'curves.png'} ({err.strerror or err})")
+
     def fit(self) -> Path:
         """Train the remaining epochs; return the run dir. Raises `Preempted` after SIGTERM/SIGINT."""
         c, info = self.config, self.info
@@ -447,6 +463,7 @@ class Trainer:
                                    resume_step=self.scheduler.last_epoch)  # optimiser steps done, as saved
                 self.log(f"run dir {self.run_dir}: {self.train_batches.num_images} training images, "
                          f"{self.train_batches.steps_per_epoch} steps per epoch, device {self.device}")
+                self._write_views(writer)  # before the first step: what the views do to this data
             for epoch in range(self.next_epoch, c.epochs):
                 start = time.perf_counter()
                 record = {"kind": "epoch", "epoch": epoch, "train_loss": self.train_epoch(epoch, writer)}
@@ -464,8 +481,8 @@ class Trainer:
                     ckpt.save_checkpoint(folder / ckpt.LAST, state, keep_previous=True)
                     if is_best:
                         ckpt.save_checkpoint(folder / ckpt.BEST, state)
-                    shown = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("kind", "epoch"))
-                    self.log(f"epoch {epoch + 1}/{c.epochs}: {shown}")
+                    self.log(f"epoch {epoch + 1}/{c.epochs}: {epoch_summary(record)}")
+                    self._write_curves()
                 barrier()
                 if self._agree_to_stop():  # a signal during the epoch's last step or validation, on any process
                     self._stop_signal = self._stop_signal or "a signal to another process"
@@ -479,6 +496,14 @@ class Trainer:
                 writer.close()
             lock.release()
         return self.run_dir
+
+
+def epoch_summary(record: dict) -> str:
+    """An epoch record as people read it: losses to 4 decimals, accuracies in % to 1, the time in whole tenths
+    of a second (metrics.jsonl keeps the full values)."""
+    shown = [f"{k} {v:.1f}%" if k.endswith(("top1", "top5")) else f"{k} {v:.4f}"
+             for k, v in record.items() if k not in ("kind", "epoch", "seconds")]
+    return ", ".join(shown) + (f" ({record['seconds']:.1f} s)" if "seconds" in record else "")
 
 
 class Preempted(Exception):
