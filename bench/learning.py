@@ -83,10 +83,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 # The study behind configs/quickstart.yaml: one knob at a time around its recipe.
 DEFAULT_VARIANTS = (
+    "model.head_bn=false model.head_layers=2",  # the original repository's head
+    "model.head_layers=2",
+    "batch_size=64",
+    "batch_size=256",
     "loss.temperature=0.5",
-    "model.head_bn=false model.head_layers=2",
-    "optimizer.lr=3e-4",
-    "dataset.min_crop_scale=0.08",
+    "optimizer.lr=3e-3",
     "dataset.s=1.0",
 )
 
@@ -148,8 +150,9 @@ def score(features: tuple[FeatureSplit, FeatureSplit], device: torch.device) -> 
 def mean_sd(values: list[float]) -> str:
     if not values:
         return "-"
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.1f} ± {sd:.1f}"
+    if len(values) == 1:  # one seed: no spread to show
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
 def study(args: argparse.Namespace) -> str:

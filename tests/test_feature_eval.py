@@ -464,3 +464,31 @@ def test_results_of_other_data_or_sizes_get_their_own_file_names(tmp_path):
     assert stem(Path("runs/r/checkpoints/last.pt"), "stl10", tmp_path / "data", 96, trained) == "last_stl10"
     assert stem(Path("last.pt"), "imagefolder", tmp_path / "my set", 96, trained) == "last_imagefolder_my-set"
     assert stem(Path("last.pt"), "stl10", tmp_path / "data", 64, trained) == "last_stl10_64px"
+
+
+def test_baseline_features_are_shared_by_every_checkpoint_on_the_same_data(tmp_path, monkeypatch):
+    import feature_eval.baselines as baselines
+
+    first = make_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt")
+    torch.manual_seed(5)
+    second = tmp_path / "b" / "checkpoints" / "last.pt"
+    state = torch.load(first, weights_only=True)
+    state["model"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in state["model"].items()}
+    save_checkpoint(second, state)
+    out = evaluate_module.evaluate(tmp_path / "a", classifiers="knn", baselines="pca,random", device="cpu",
+                                   write=False, log=lambda *_: None)
+    assert any(baselines.BASELINE_CACHE.glob("*.pt"))  # the conftest points it at a temporary folder
+    # Another run on the same data: its own features are computed, the baselines' are read back.
+    calls = []
+    monkeypatch.setattr(baselines, "extract_features", lambda *a, **k: calls.append(a) or pytest.fail("random"))
+    monkeypatch.setattr(baselines, "pca_baseline", lambda *a, **k: pytest.fail("PCA recomputed"))
+    again = evaluate_module.evaluate(tmp_path / "b", classifiers="knn", baselines="pca,random", device="cpu",
+                                     write=False, log=lambda *_: None)
+    rows = {(r["classifier"], r["extractor"]): r["top1"] for r in out.results["rows"]}
+    rows_again = {(r["classifier"], r["extractor"]): r["top1"] for r in again.results["rows"]}
+    assert all(rows[k] == rows_again[k] for k in rows if k[1] != "simclr") and not calls
+    assert again.results["baselines"]["pca"]["feature_dim"] == 16
+    # Other data (another eval size) never reuses them.
+    with pytest.raises(pytest.fail.Exception, match="PCA recomputed"):
+        evaluate_module.evaluate(tmp_path / "b", classifiers="knn", baselines="pca", device="cpu", input_size=12,
+                                 write=False, log=lambda *_: None)

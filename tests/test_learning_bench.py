@@ -32,8 +32,8 @@ def test_study_table_has_every_variant_and_both_baselines(tmp_path, capsys, monk
                                                 "| Random init (resnet18, 8px)", "| PCA (8 components, 8px)"]
     assert "scored on the other 20%" in table and "seeds 0, 1" in table
     for row in rows:  # mean ± sd over the two seeds, in [0, 100]
-        top1 = float(row.split(" | ")[1].split(" ± ")[0])
-        assert 0 <= top1 <= 100
+        top1, sd = map(float, row.split(" | ")[1].split(" ± "))
+        assert 0 <= top1 <= 100 and sd >= 0
     # Four runs (two variants x two seeds), each with its own run dir and checkpoint.
     assert len(list((tmp_path / "runs").glob("*_seed*/checkpoints/last.pt"))) == 4
     assert len([line for line in out.splitlines() if "L-BFGS" in line and "pretraining" in line]) == 4
