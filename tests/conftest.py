@@ -1,12 +1,17 @@
 """Shared fixtures: tiny data sets in real on-disk formats and tiny training configs."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
+# Before torch loads OpenMP, as run.py does (startup.py, docs/CPU.md): on a shared machine spinning OpenMP
+# threads made CPU training several times slower. Only the wait policy: subprocess tests inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
