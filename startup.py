@@ -78,9 +78,9 @@ def prepare_cpu(device: str, owner: str) -> dict:
     record = {"omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
               "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
     if "torch" in sys.modules:  # too late: OpenMP has read its environment (a test, a notebook)
-        return {**record, "set_by": "unchanged: torch was already imported"}
+        return {**record, "set_by": "nobody: torch was already imported"}
     if not may_use_cpu(device):
-        return {**record, "set_by": "unchanged: the GPU computes"}
+        return {**record, "set_by": "nobody: the GPU computes"}
     chosen = []
     if record["omp_wait_policy"] is None:
         os.environ["OMP_WAIT_POLICY"] = record["omp_wait_policy"] = "PASSIVE"

@@ -45,7 +45,7 @@ def test_nothing_is_set_once_torch_is_loaded(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     assert "torch" in sys.modules  # as in this test process
     record = startup.prepare_cpu("cpu", owner="test")
-    assert record["set_by"].startswith("unchanged") and not any(name in os.environ for name in POLICY)
+    assert record["set_by"] == "nobody: torch was already imported" and not any(name in os.environ for name in POLICY)
 
 
 @pytest.mark.parametrize("text, expected", [("150000 100000", 2), ("50000 100000", 1), ("max 100000", None),
