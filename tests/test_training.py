@@ -232,3 +232,22 @@ def test_float16_overflow_steps_are_skipped_counted_and_logged(data_root, tmp_pa
     assert torch.load(tmp_path / "fp16" / "checkpoints" / "last.pt", weights_only=True)["skipped_steps"] == 1
     resumed = load_config(None, ["epochs=2"], base={**config_to_dict(config), "resume": str(tmp_path / "fp16")})
     assert Trainer(resumed, init_distributed("cpu"), find_resume(resumed)).skipped_steps.item() == 1  # whole-run count
+
+
+def test_training_flushes_denormals_and_gives_ieee_floats_back(data_root, tmp_path, monkeypatch):
+    """Denormal floats made CPU steps 5-10x slower; they are flushed during fit() only."""
+    import torch
+
+    from simclr import trainer as trainer_module
+
+    seen = []
+    step = trainer_module.Trainer.train_step
+
+    def recording_step(self, x1, x2):
+        seen.append(torch.tensor(1e-40).item())  # 0.0 while denormals are flushed
+        return step(self, x1, x2)
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", recording_step)
+    assert run.main(tiny_args(data_root, tmp_path / "run", "epochs=1")) == 0
+    assert seen and all(value == 0.0 for value in seen)
+    assert torch.tensor(1e-40).item() != 0.0
