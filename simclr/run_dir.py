@@ -165,28 +165,33 @@ def _command_line() -> str:
     return shlex.join((["python"] if argv[0].endswith(".py") else []) + argv)
 
 
-def _keep_records_until(path: Path, step: int, epoch: int) -> None:
-    """Rewrite metrics.jsonl atomically with the step records up to global step `step` and the epoch
-    records of epochs before `epoch`; any other line, a half-written one included, is dropped."""
-    if not path.exists():
-        return
-    kept = []
+def read_records(path: Path):
+    """Yield `(line, record)` for each JSON object line of a metrics.jsonl; half-written or other lines are skipped."""
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             try:
                 record = json.loads(line)
             except ValueError:
                 continue
-            if not isinstance(record, dict):
-                continue
-            if record.get("kind") == "step" and isinstance(record.get("global_step"), int):
-                done = record["global_step"] <= step
-            elif record.get("kind") == "epoch" and isinstance(record.get("epoch"), int):
-                done = record["epoch"] < epoch
-            else:
-                done = False
-            if done:
-                kept.append(line.rstrip("\n") + "\n")
+            if isinstance(record, dict):
+                yield line, record
+
+
+def _keep_records_until(path: Path, step: int, epoch: int) -> None:
+    """Rewrite metrics.jsonl atomically with the step records up to global step `step` and the epoch
+    records of epochs before `epoch`; any other line, a half-written one included, is dropped."""
+    if not path.exists():
+        return
+    kept = []
+    for line, record in read_records(path):
+        if record.get("kind") == "step" and isinstance(record.get("global_step"), int):
+            done = record["global_step"] <= step
+        elif record.get("kind") == "epoch" and isinstance(record.get("epoch"), int):
+            done = record["epoch"] < epoch
+        else:
+            done = False
+        if done:
+            kept.append(line.rstrip("\n") + "\n")
     tmp = path.with_name(f".{path.name}.tmp")  # one writer per run dir: its lock is held
     try:
         with open(tmp, "w", encoding="utf-8") as f:

@@ -2,13 +2,13 @@
 (loss, contrastive top-1 and learning rate per step, from metrics.jsonl), for readers without TensorBoard."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from data_aug.view_grid import draw_view_grid, pick_images, sample_views, save_png, view_settings
 from simclr.config import DatasetConfig
+from simclr.run_dir import read_records
 
 VIEW_IMAGES = 8  # rows of views.png
 VIEWS_PER_IMAGE = 6
@@ -37,16 +37,11 @@ def write_views(path: Path, picture: np.ndarray, tensorboard=None, step: int = 0
 def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
     """The step and epoch records of a metrics.jsonl (a half-written last line is skipped)."""
     steps, epochs = [], []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and record.get("kind") == "step" and "global_step" in record:
-                steps.append(record)
-            elif isinstance(record, dict) and record.get("kind") == "epoch":
-                epochs.append(record)
+    for _, record in read_records(path):
+        if record.get("kind") == "step" and "global_step" in record:
+            steps.append(record)
+        elif record.get("kind") == "epoch":
+            epochs.append(record)
     return steps, epochs
 
 
