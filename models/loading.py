@@ -1,21 +1,39 @@
-"""Load a trained encoder, frozen, from a checkpoint file, a run directory or a pretrained package."""
+"""Read what training leaves: which file a name means, the state it holds (upgraded to the current format), the
+frozen encoder, and the weights-only start of `fine_tune_from`. Checkpoints and packages are read alike."""
 from __future__ import annotations
 
-import hashlib
 import pickle
 import re
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
+import models.packages as packages
+from models.files import CheckpointLoadError, file_sha256  # noqa: F401 - every loader's error and digest, here too
 from models.resnet_simclr import Encoder
 
-
-class CheckpointLoadError(RuntimeError):
-    """A checkpoint is missing, unreadable or does not hold what was asked; the message says which file."""
-
-
 RUNS_DIR = Path("runs")  # where run.py puts runs by default, relative to the working directory
+CHECKPOINTS = "checkpoints"  # a run's checkpoints live in <run_dir>/checkpoints/
+CHECKPOINT_VERSION = 1  # the format `version` simclr/checkpoint.py writes and `upgrade_checkpoint` reads
+
+# The model section of a version-1 config, as the code that wrote it built the model: `head_layers` and `head_bn`
+# came later (a file without them has the paper's 2-layer head without BatchNorm). The other keys are in every
+# version-1 file; a config without them (written by hand) gets the original repository's (sthalles/SimCLR)
+# model: ResNet-18 with the ImageNet stem and a 256-d projection. A package's weights file alone names its
+# encoder in its metadata (models.packages) and gets the head keys from here.
+_V1_MODEL = {"base_model": "resnet18", "out_dim": 256, "cifar_stem": False, "head_layers": 2, "head_bn": False}
+
+# The original repository's pretrained models: its config.yaml names one, and it trained from scratch when the
+# folder was missing. They are not shipped here, so a copy of that config warns and trains from scratch too.
+SEED_PACKAGES = ("resnet-18_40-epochs", "resnet-18_80-epochs", "resnet-18_100-epochs", "resnet-50_40-epochs",
+                 "resnet-50_80-epochs")
+
+
+def run_dir_of(checkpoint: Path) -> Path:
+    """The run dir a checkpoint belongs to: `<run>/checkpoints/last.pt` -> `<run>`; any other file -> its folder
+    (a package's `model.safetensors` -> the package). Pass a resolved path where the file may be `./last.pt`."""
+    return checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS else checkpoint.parent
 
 
 def resolve_checkpoint(source: str | Path) -> Path:
@@ -29,54 +47,49 @@ def resolve_checkpoint(source: str | Path) -> Path:
     3. otherwise an error (for an unknown name, one that lists the packages present).
 
     Returns:
-        A checkpoint `.pt` or a `model.safetensors`: `read_checkpoint` reads both (`read_package_weights`
-        reads the second).
+        A checkpoint `.pt` or a `model.safetensors`: `read_checkpoint` reads both.
     Raises:
         CheckpointLoadError: nothing there, an ambiguous name, a run without `checkpoints/last.pt`, a package
             without its weights (the message says where to put a download).
     """
-    # The package format belongs to pretrained_models/, which imports this module: imported here, when needed.
-    from pretrained_models import PACKAGES_DIR, find_package, is_package_dir, is_package_name, weights_file
-
     path = Path(source)
     if path.is_file():
         return path
     if path.is_dir():
-        if (path / "checkpoints" / "last.pt").is_file():
-            return path / "checkpoints" / "last.pt"
-        if is_package_dir(path):
-            return weights_file(path)
+        if (path / CHECKPOINTS / "last.pt").is_file():
+            return path / CHECKPOINTS / "last.pt"
+        if packages.is_package_dir(path):
+            return packages.weights_file(path)
         raise CheckpointLoadError(f"run directory {path} has no checkpoints/last.pt: has it finished an epoch? "
                                   "(nor is it a pretrained package: no model.safetensors)")
     name = str(source)
-    if not is_package_name(name) and (RUNS_DIR / name).is_dir():  # a run name that no package could have
+    if not packages.is_package_name(name) and (RUNS_DIR / name).is_dir():  # a run name that no package could have
         return resolve_checkpoint(RUNS_DIR / name)
-    if not is_package_name(name):
+    if not packages.is_package_name(name):
         raise CheckpointLoadError(f"checkpoint {path} not found: pass a run directory (runs/<name>), a .pt file, "
                                   "a package dir or a package name (pretrained_models/<name>)")
-    run, package = RUNS_DIR / name, PACKAGES_DIR / name
-    if run.is_dir() and is_package_dir(package):
+    run, package = RUNS_DIR / name, packages.PACKAGES_DIR / name
+    if run.is_dir() and packages.is_package_dir(package):
         raise CheckpointLoadError(f"{name!r} is both the run {run} and the package {package}: pass the path of the "
                                   "one you mean")
     if run.is_dir():
         return resolve_checkpoint(run)
     try:
-        return weights_file(find_package(name))
+        return packages.weights_file(packages.find_package(name))
     except CheckpointLoadError as err:
         raise CheckpointLoadError(str(err) if package.exists() else f"no run {run} and {err}") from None
 
 
 def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """`torch.load(path, weights_only=True)` with one clear error for a damaged or unsafe file.
+    """The state in a checkpoint `.pt` (`torch.load(weights_only=True)`) or a package's `.safetensors`, upgraded
+    to the current format (`upgrade_checkpoint`), with one clear error for a damaged or unsafe file.
 
-    A package's `.safetensors` is read by `pretrained_models.read_package` into the same shape
-    (`model`, `config`, `next_epoch`); `map_location` is then ignored (its tensors are on the CPU).
+    A package is read by `models.packages.read_package` into the same shape (`model`, `config`, `next_epoch`);
+    `map_location` is then ignored (its tensors are on the CPU).
     """
     path = Path(path)
     if path.suffix == ".safetensors":
-        from pretrained_models import read_package
-
-        return read_package(path)
+        return upgrade_checkpoint(packages.read_package(path), path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
@@ -93,16 +106,31 @@ def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
                                   f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})") from None
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointLoadError(f"checkpoint {path} has no 'model' weights: is it a checkpoint of this repo?")
-    return state
+    return upgrade_checkpoint(state, path)
 
 
-def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
-    """SHA-256 of a file's content (hex), read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
+def upgrade_checkpoint(state: dict, path: str | Path) -> dict:
+    """`state` in the current format, whatever format `version` wrote it: the one place that knows old formats.
+
+    Fills, in the saved `config`, the keys its version may lack, so that every reader after this (`load_encoder`,
+    feature_eval, the exporter, a resume) reads fields strictly. The file itself is never changed.
+
+    Raises:
+        CheckpointLoadError: written by a newer version of this code.
+    """
+    version = state.get("version", 1)
+    if not isinstance(version, int) or version > CHECKPOINT_VERSION:
+        raise CheckpointLoadError(f"checkpoint {path} has format version {version!r}; this code reads up to "
+                                  f"{CHECKPOINT_VERSION}: update the repository to load it")
+    config = state.get("config")
+    if not isinstance(config, dict):
+        return state  # no training config (a bare weights file written by hand): nothing to upgrade
+    return {**state, "config": {**config, "model": {**_V1_MODEL, **(config.get("model") or {})}}}
+
+
+def trained_epochs(state: dict) -> int | None:
+    """Epochs a checkpoint or package has trained: its `next_epoch` (None for a package exported without it)."""
+    return state["next_epoch"] if "next_epoch" in state else (state.get("config") or {}).get("epochs")
 
 
 def encoder_state_dict(model_state: dict) -> dict:
@@ -117,13 +145,16 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> Encode
         path: a checkpoint `.pt`, a run directory, a pretrained package directory or its `model.safetensors`,
             a run name (`runs/<name>`) or a package name (`pretrained_models/<name>`): see `resolve_checkpoint`.
     Returns:
-        `Encoder` with `feature_dim` and `config` (the training config dict) attributes.
+        `Encoder` with `feature_dim`, `config` (the saved training config dict, upgraded), `checkpoint_path` and
+        `trained_epochs` attributes.
     """
     file = resolve_checkpoint(path)
     state = read_checkpoint(file)
-    model_config = state.get("config", {}).get("model", {})
-    base_model = model_config.get("base_model", "resnet18")
-    encoder = Encoder(base_model, bool(model_config.get("cifar_stem", False)))
+    if not isinstance(state.get("config"), dict):
+        raise CheckpointLoadError(f"checkpoint {file} has no training config, so its architecture is unknown: is it "
+                                  "a checkpoint of this repo?")
+    model = state["config"]["model"]
+    encoder = Encoder(model["base_model"], model["cifar_stem"])
     weights = encoder_state_dict(state["model"])
     try:
         encoder.load_state_dict(weights, strict=True)
@@ -131,11 +162,12 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> Encode
         missing = set(encoder.state_dict()) - set(weights)
         unexpected = set(weights) - set(encoder.state_dict())
         raise CheckpointLoadError(
-            f"checkpoint {file} does not fit a {base_model} encoder: {len(missing)} missing keys "
+            f"checkpoint {file} does not fit a {model['base_model']} encoder: {len(missing)} missing keys "
             f"(e.g. {sorted(missing)[:3]}), {len(unexpected)} unexpected (e.g. {sorted(unexpected)[:3]}), "
             f"{'shape mismatch' if not missing and not unexpected else ''}".rstrip(", ")) from None
-    encoder.config = state.get("config", {})
+    encoder.config = state["config"]
     encoder.checkpoint_path = str(file)
+    encoder.trained_epochs = trained_epochs(state)
     return freeze(encoder).to(device)
 
 
@@ -144,3 +176,33 @@ def freeze(module: torch.nn.Module) -> torch.nn.Module:
     module.eval()
     module.requires_grad_(False)
     return module
+
+
+def load_weights_only(model: nn.Module, source: str, log) -> None:
+    """Initialise `model` from a checkpoint or package (weights only: `fine_tune_from`); the head is kept fresh
+    if its shape differs.
+
+    Raises:
+        CheckpointLoadError: `source` names nothing (except one of `SEED_PACKAGES`: a warning, then nothing is
+            loaded), or its encoder does not fit `model`'s.
+    """
+    try:  # a path, a run name under runs/ or a package name, looked up as by every other loader
+        path = resolve_checkpoint(source)
+    except CheckpointLoadError as err:
+        if (source in SEED_PACKAGES and not (RUNS_DIR / source).exists()
+                and not (packages.PACKAGES_DIR / source).exists()):
+            log(f"warning: fine_tune_from = {source!r} is one of the original repository's pretrained models, which "
+                "are not shipped here (pretrained_models/README.md); training from scratch, as the original did "
+                "without them. Set fine_tune_from: None to silence this.")
+            return
+        raise CheckpointLoadError(f"fine_tune_from = {source!r}: {err}") from None
+    weights = read_checkpoint(path)["model"]
+    own = model.state_dict()
+    usable = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
+    missing = [k for k in own if k not in usable]
+    if any(k.startswith("encoder.") for k in missing):
+        raise CheckpointLoadError(f"fine_tune_from = {source!r}: {path} does not fit this model's encoder "
+                                  f"({len(missing)} keys missing or of another shape, e.g. {missing[:2]}); "
+                                  "check model.base_model and model.cifar_stem")
+    model.load_state_dict(usable, strict=False)
+    log(f"initialised weights from {path}" + (" (projection head kept fresh: other shape)" if missing else ""))

@@ -31,11 +31,12 @@ import yaml
 from safetensors.torch import save_file
 
 import startup
-from models.loading import RUNS_DIR, CheckpointLoadError, encoder_state_dict, read_checkpoint, resolve_checkpoint
+from models.loading import (RUNS_DIR, CheckpointLoadError, encoder_state_dict, file_sha256, read_checkpoint,
+                            resolve_checkpoint, run_dir_of)
+from models.packages import (CARD_FILE, CONFIG_FILE, EVAL_DIR, FORMAT, FORMAT_VERSION, MANIFEST_FILE, PACKAGES_DIR,
+                             WEIGHTS_FILE, find_package, is_package_dir, is_package_name, list_packages, read_manifest,
+                             torchvision_file)
 from models.resnet_simclr import create_model
-from pretrained_models import (CARD_FILE, CONFIG_FILE, EVAL_DIR, FORMAT, FORMAT_VERSION, MANIFEST_FILE, PACKAGES_DIR,
-                               WEIGHTS_FILE, file_sha256, find_package, is_package_dir, is_package_name, list_packages,
-                               read_manifest, torchvision_file)
 
 ARCHITECTURES = {"resnet18": "ResNet-18", "resnet50": "ResNet-50"}
 INDEX_FILE = "INDEX.md"  # generated, gitignored (as the package folders); README.md is tracked and never written
@@ -111,7 +112,7 @@ def export_package(source: str | Path, name: str | None = None, *, root: str | P
     if dest.exists() and not force:
         raise ExportError(f"package {dest} already exists: pass --force to replace it, or choose another --as name")
 
-    run_dir = file.resolve().parent.parent if file.resolve().parent.name == "checkpoints" else file.resolve().parent
+    run_dir = run_dir_of(file.resolve())
     checkpoint_sha256 = file_sha256(file)
     meta = _first_json_line(run_dir / "meta.jsonl")
     last_epoch = _last_epoch_metrics(run_dir / "metrics.jsonl")

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from models.loading import CheckpointLoadError, read_checkpoint
+from models.loading import CHECKPOINT_VERSION, CheckpointLoadError, read_checkpoint
 
-VERSION = 1
+VERSION = CHECKPOINT_VERSION  # the format that models.loading.read_checkpoint reads (and upgrades older ones to)
 LAST, PREVIOUS, BEST = "last.pt", "last.prev.pt", "best.pt"
 
 
@@ -101,6 +101,13 @@ def _create_temp(path: Path) -> str:
             continue
         return str(tmp)
     raise FileExistsError(f"could not create a temporary file next to {path}")
+
+
+def remove_stale_temp_files(folder: Path) -> None:
+    """Delete the `*.tmp` files that a process killed while saving left in `folder` (call only under the run's lock:
+    another writer's temporary file would go too)."""
+    for stale in folder.glob("*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def is_complete_checkpoint(path: str | Path) -> bool:

@@ -17,7 +17,7 @@ from data_aug.datasets import decode_all, load_split, split_validation
 from data_aug.device_views import DeviceBatches, gather_to_device
 from data_aug.views import TwoViews, create_view_transform
 from loss.nt_xent import NTXentLoss
-from models.loading import RUNS_DIR, CheckpointLoadError, read_checkpoint, resolve_checkpoint
+from models.loading import CheckpointLoadError, load_weights_only, run_dir_of
 from models.resnet_simclr import create_model
 from simclr import checkpoint as ckpt
 from simclr.config import Config, ConfigError, config_to_dict
@@ -102,42 +102,6 @@ def create_batches(config: Config, info: DistInfo):
     return train, valid
 
 
-# The original repository's pretrained models: its config.yaml names one, and it trained from scratch when the
-# folder was missing. They are not shipped here, so a copy of that config warns and trains from scratch too.
-SEED_PACKAGES = ("resnet-18_40-epochs", "resnet-18_80-epochs", "resnet-18_100-epochs", "resnet-50_40-epochs",
-                 "resnet-50_80-epochs")
-
-
-def load_weights_only(model: nn.Module, source: str, log) -> None:
-    """Initialise `model` from a checkpoint (weights only); the head is kept fresh if its shape differs."""
-    try:  # a path, a run name under runs/ or a package name, looked up as by every other loader
-        path = resolve_checkpoint(source)
-    except CheckpointLoadError as err:
-        from pretrained_models import PACKAGES_DIR
-
-        if source in SEED_PACKAGES and not (RUNS_DIR / source).exists() and not (PACKAGES_DIR / source).exists():
-            log(f"warning: fine_tune_from = {source!r} is one of the original repository's pretrained models, which "
-                "are not shipped here (pretrained_models/README.md); training from scratch, as the original did "
-                "without them. Set fine_tune_from: None to silence this.")
-            return
-        raise CheckpointLoadError(f"fine_tune_from = {source!r}: {err}") from None
-    if path.suffix == ".safetensors" or path.is_dir():
-        from pretrained_models import read_package_weights
-
-        weights = read_package_weights(path)
-    else:
-        weights = read_checkpoint(path)["model"]
-    own = model.state_dict()
-    usable = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
-    missing = [k for k in own if k not in usable]
-    if any(k.startswith("encoder.") for k in missing):
-        raise CheckpointLoadError(f"fine_tune_from = {source!r}: {path} does not fit this model's encoder "
-                                  f"({len(missing)} keys missing or of another shape, e.g. {missing[:2]}); "
-                                  "check model.base_model and model.cifar_stem")
-    model.load_state_dict(usable, strict=False)
-    log(f"initialised weights from {path}" + (" (projection head kept fresh: other shape)" if missing else ""))
-
-
 def find_resume(config: Config, log=print) -> tuple[Path, dict] | None:
     """The checkpoint named by `config.resume` (a run dir, a file, or `auto` for run_dir's newest readable)."""
     auto = config.resume == "auto"
@@ -148,11 +112,6 @@ def find_resume(config: Config, log=print) -> tuple[Path, dict] | None:
     if found is None:
         log(f"resume=auto: no checkpoint in {target} yet, starting fresh")
     return found  # the caller says where it resumes, once the run's config gives the number of epochs
-
-
-def run_dir_of(checkpoint: Path) -> Path:
-    """The run dir a checkpoint belongs to (`<run>/checkpoints/last.pt` -> `<run>`)."""
-    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
 
 
 def describe_resume(checkpoint: Path, state: dict, epochs: int) -> tuple[bool, str]:

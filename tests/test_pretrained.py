@@ -15,7 +15,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import pretrained_models
+import models.packages as packages
 import run
 from feature_eval.evaluate import evaluate
 from models import CheckpointLoadError, load_encoder
@@ -75,7 +75,7 @@ def exported(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pkg")
     run_dir, root = tmp / "runs" / "r1", tmp / "packages"
     model, checkpoint = make_run(run_dir)
-    write_eval(run_dir, pretrained_models.file_sha256(checkpoint), "last_stl10", 41.5)
+    write_eval(run_dir, packages.file_sha256(checkpoint), "last_stl10", 41.5)
     write_eval(run_dir, "0" * 64, "old_stl10", 10.0)
     root.mkdir()
     (root / "README.md").write_text(README)
@@ -88,7 +88,7 @@ def exported(tmp_path_factory):
 @pytest.fixture
 def packages_root(exported, monkeypatch):
     """Make the exported packages folder the one that names are looked up in."""
-    monkeypatch.setattr(pretrained_models, "PACKAGES_DIR", exported["root"])
+    monkeypatch.setattr(packages, "PACKAGES_DIR", exported["root"])
     return exported["root"]
 
 
@@ -109,7 +109,7 @@ def test_package_holds_safetensors_config_results_and_card(exported):
     assert config == torch.load(exported["checkpoint"], weights_only=True)["config"]
     manifest = json.loads((folder / "package.json").read_text())
     for name, info in manifest["files"].items():
-        assert info["sha256"] == pretrained_models.file_sha256(folder / name)
+        assert info["sha256"] == packages.file_sha256(folder / name)
         assert info["bytes"] == (folder / name).stat().st_size
     assert manifest["epochs"] == 3 and manifest["source"]["git_commit"] == "abc123"
     # Only the evaluation of these exact weights is copied; the stale one is named in the log.
@@ -119,7 +119,7 @@ def test_package_holds_safetensors_config_results_and_card(exported):
 
 def test_model_card_has_data_recipe_numbers_commands_sha_and_download_place(exported):
     card = (exported["folder"] / "README.md").read_text()
-    sha = pretrained_models.file_sha256(exported["folder"] / "model.safetensors")
+    sha = packages.file_sha256(exported["folder"] / "model.safetensors")
     for expected in ("stl10", "32x32", "| Epochs | 3 (of 5 configured) |", "| Batch | 4 (global) |",
                      "NT-Xent temperature 0.5", "weight decay 1e-05", "41.5", "42.5",  # linear and KNN top-1
                      "python -m feature_eval.evaluate --checkpoint runs/x/checkpoints/last.pt --dataset stl10",
@@ -182,7 +182,9 @@ def test_a_downloaded_weights_file_alone_is_enough(exported, tmp_path):
     lone.parent.mkdir()
     lone.write_bytes((exported["folder"] / "model.safetensors").read_bytes())
     encoder = load_encoder(lone)
-    assert encoder.config["model"] == {"base_model": "resnet18", "cifar_stem": False, "out_dim": 8}
+    # The metadata names the encoder; the head keys are those every reader gets for a file that lacks them.
+    assert encoder.config["model"] == {"base_model": "resnet18", "cifar_stem": False, "out_dim": 8,
+                                       "head_layers": 2, "head_bn": False}
     assert load_encoder(lone.parent).checkpoint_path == str(lone)  # a folder with only the weights is a package
 
 
@@ -217,7 +219,7 @@ def test_feature_eval_accepts_a_package_name(exported, packages_root, tmp_path):
                           device="cpu", out_dir=tmp_path / "out", cache=False, log=lambda _: None)
     assert evaluation.results["checkpoint"] == str(exported["folder"] / "model.safetensors")
     assert evaluation.results["trained_epochs"] == 3 and evaluation.results["rows"][0]["projection_dim"] == 8
-    assert evaluation.results["checkpoint_sha256"] == pretrained_models.file_sha256(
+    assert evaluation.results["checkpoint_sha256"] == packages.file_sha256(
         exported["folder"] / "model.safetensors")
 
 
@@ -240,7 +242,7 @@ def test_refresh_adds_evaluations_of_the_package_itself(tmp_path):
     make_run(tmp_path / "run")
     folder = export_package(tmp_path / "run", "p", root=tmp_path / "packages", log=lambda _: None)
     assert "No evaluation results" in (folder / "README.md").read_text()
-    write_eval(folder, pretrained_models.file_sha256(folder / "model.safetensors"), "model_stl10", 55.5)
+    write_eval(folder, packages.file_sha256(folder / "model.safetensors"), "model_stl10", 55.5)
     refresh_package(folder, log=lambda _: None)
     assert "55.5" in (folder / "README.md").read_text()
     assert json.loads((folder / "package.json").read_text())["evaluations"] == ["eval/model_stl10.json",
@@ -250,7 +252,7 @@ def test_refresh_adds_evaluations_of_the_package_itself(tmp_path):
 # ---------------------------------------------------------------- errors
 
 def test_unknown_name_lists_the_available_packages(exported, packages_root):
-    for call in (lambda: pretrained_models.find_package("resnet-50_1000-epochs"),
+    for call in (lambda: packages.find_package("resnet-50_1000-epochs"),
                  lambda: load_encoder("resnet-50_1000-epochs"), lambda: resolve_checkpoint("resnet-50_1000-epochs")):
         with pytest.raises(CheckpointLoadError, match=r"no pretrained package 'resnet-50_1000-epochs'.*"
                                                       r"available: resnet-18_3-epochs"):
@@ -260,7 +262,7 @@ def test_unknown_name_lists_the_available_packages(exported, packages_root):
 def test_unknown_name_with_no_packages_says_how_to_make_one(tmp_path):
     with pytest.raises(CheckpointLoadError, match="available: none yet; make one with python -m "
                                                   "pretrained_models.export"):
-        pretrained_models.find_package("anything", root=tmp_path)
+        packages.find_package("anything", root=tmp_path)
 
 
 def test_run_py_unknown_package_is_one_line_exit_1(exported, packages_root, tmp_path, capsys):
@@ -276,7 +278,7 @@ def test_missing_weights_say_where_to_put_the_download(exported, tmp_path, monke
     folder.mkdir(parents=True)
     for name in ("package.json", "README.md", "config.yaml"):
         (folder / name).write_bytes((exported["folder"] / name).read_bytes())
-    monkeypatch.setattr(pretrained_models, "PACKAGES_DIR", folder.parent)
+    monkeypatch.setattr(packages, "PACKAGES_DIR", folder.parent)
     for call in (lambda: load_encoder("card-only"), lambda: load_encoder(folder)):
         with pytest.raises(CheckpointLoadError, match=rf"no model.safetensors.*download.*{folder}/model.safetensors"):
             call()
@@ -352,7 +354,7 @@ def test_force_replaces_a_package_and_the_default_name_follows_the_scheme(tmp_pa
     second = export_package(tmp_path / "b", root=root, force=True, log=lambda _: None)
     assert second == first and sorted(p.name for p in root.iterdir()) == ["INDEX.md", "resnet-18_3-epochs"]  # no temp
     b_weights = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=True)["model"]
-    assert_same_weights(pretrained_models.read_package_weights(second), b_weights, atol=0)
+    assert_same_weights(packages.read_package_weights(second), b_weights, atol=0)
 
 
 @pytest.mark.parametrize("name", ["export.py", "README.md", "__init__.py", "__init__", "package.json",
@@ -378,7 +380,7 @@ def test_force_keeps_the_package_evaluations_of_identical_weights_and_drops_the_
     make_run(tmp_path / "b", seed=2)
     root = tmp_path / "packages"
     folder = export_package(tmp_path / "a", "p", root=root, log=lambda _: None)
-    write_eval(folder, pretrained_models.file_sha256(folder / "model.safetensors"), "model_stl10", 55.5)
+    write_eval(folder, packages.file_sha256(folder / "model.safetensors"), "model_stl10", 55.5)
     write_eval(folder, "f" * 64, "other_stl10", 12.0)
     logs = []
     export_package(tmp_path / "a", "p", root=root, force=True, log=logs.append)  # the same weights again
@@ -399,7 +401,7 @@ def test_refresh_needs_no_weights_as_after_a_clone(tmp_path, capsys):
     root.mkdir()
     (root / "README.md").write_text(README)
     folder = export_package(tmp_path / "run", "p", root=root, log=lambda _: None)
-    write_eval(folder, pretrained_models.file_sha256(folder / "model.safetensors"), "model_stl10", 55.5)
+    write_eval(folder, packages.file_sha256(folder / "model.safetensors"), "model_stl10", 55.5)
     for weights in folder.glob("*.safetensors"):  # gitignored: a clone has only the small files
         weights.unlink()
     assert export_module.main(["--refresh", "p", "--packages-dir", str(root)]) == 0, capsys.readouterr().err
@@ -427,7 +429,7 @@ def test_export_and_refresh_leave_a_clean_checkout(tmp_path):
     make_run(tmp_path / "run")
     root = repo / "pretrained_models"
     folder = export_package(tmp_path / "run", "p", root=root, log=lambda _: None)
-    write_eval(folder, pretrained_models.file_sha256(folder / "model.safetensors"), "model_stl10", 55.5)
+    write_eval(folder, packages.file_sha256(folder / "model.safetensors"), "model_stl10", 55.5)
     refresh_package(folder, log=lambda _: None)
     assert (root / "INDEX.md").is_file() and "55.5" in (folder / "README.md").read_text()
     assert git("status", "--porcelain", "--untracked-files=all") == ""
@@ -442,7 +444,7 @@ def test_model_card_claims_no_image_count_that_was_not_counted(tmp_path):
     folder = export_package(tmp_path / "run", "p", root=tmp_path / "packages", log=lambda _: None)
     row = data_row(folder)
     assert "stl10" in row and "train + unlabeled" in row and "105,000" not in row and "images" not in row
-    write_eval(folder, pretrained_models.file_sha256(folder / "model.safetensors"), "model_stl10", 55.5)
+    write_eval(folder, packages.file_sha256(folder / "model.safetensors"), "model_stl10", 55.5)
     path = folder / "eval" / "model_stl10.json"
     results = json.loads(path.read_text())
     results["dataset"]["root"] = yaml.safe_load((folder / "config.yaml").read_text())["dataset"]["root"]
