@@ -37,7 +37,9 @@ def one_line(err: Exception) -> str:
     return text
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, on_event=None) -> int:
+    """Train as the command line says; the exit status. `on_event(name)` is called by the run's guard after every
+    step (`"step"`) and as validation starts (`"validate"`): the tests' way to inject a fault at a chosen moment."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     rank = int(os.environ.get("RANK", "0"))  # torchrun's process rank (0 without torchrun)
     with startup.one_line_warnings():
@@ -48,10 +50,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"config error: {err}", file=sys.stderr)
             return 2
         cpu = startup.prepare_cpu(config.device, owner="run.py")
-        return train(args, config, rank, cpu)
+        return train(args, config, rank, cpu, on_event)
 
 
-def train(args: argparse.Namespace, config: Config, rank: int, cpu: dict) -> int:
+def train(args: argparse.Namespace, config: Config, rank: int, cpu: dict, on_event=None) -> int:
     """Resume or start the run of a valid `config`, then evaluate it (`final_eval`); the exit status."""
     import torch
 
@@ -60,28 +62,23 @@ def train(args: argparse.Namespace, config: Config, rank: int, cpu: dict) -> int
     from simclr.checkpoint import CheckpointWriteError
     from simclr.dist import DeviceError, init_distributed, shutdown
     from simclr.run_dir import RunDirBusy
-    from simclr.trainer import Preempted, Trainer, TrainingError, describe_resume, find_resume
+    from simclr.guard import Preempted
+    from simclr.trainer import Trainer, TrainingError, describe_resume, find_resume
 
     user_errors = (DataError, CheckpointLoadError, CheckpointWriteError, TrainingError, RunDirBusy)
     try:
         info = init_distributed(config.device)
         log = print if info.is_main else (lambda *_: None)
         resume = find_resume(config, log) if config.resume else None
-        if resume is not None:  # the run's own config, with this command's overrides on top
-            if args.config:
-                log(f"note: resuming with the run's own config; --config {args.config} is not applied "
-                    "(key=value overrides are)")
-            # it continues in the folder it was resumed from (None: the checkpoint's run dir), even if copied or moved
-            here = config.run_dir if config.resume == "auto" else None
-            config = load_config(None, args.overrides, base={**resume[1]["config"], "resume": config.resume,
-                                                             "run_dir": here})
+        if resume is not None:
+            config = resumed_config(args, config, resume[1], log)
             unfinished, message = describe_resume(*resume, config.epochs)
             log(message)
             if not unfinished:
                 return 0
         if info.device.type == "cpu":
             log(startup.describe_cpu(cpu, torch.get_num_threads()))
-        trainer = Trainer(config, info, resume)
+        trainer = Trainer(config, info, resume, on_event)
         run_dir = trainer.fit()
     except ConfigError as err:
         if rank == 0:  # every process reads the same config: under torchrun, say it once
@@ -117,6 +114,16 @@ def train(args: argparse.Namespace, config: Config, rank: int, cpu: dict) -> int
         print(f"done: run dir {run_dir} (checkpoints in {Path(run_dir) / 'checkpoints'}); "
               f"view with: tensorboard --logdir {shlex.quote(str(Path(run_dir).parent))}")
     return 0
+
+
+def resumed_config(args: argparse.Namespace, config: Config, state: dict, log) -> Config:
+    """The config a resumed run goes on with: the run's own, with this command's key=value overrides on top."""
+    if args.config:
+        log(f"note: resuming with the run's own config; --config {args.config} is not applied "
+            "(key=value overrides are)")
+    # it continues in the folder it was resumed from (None: the checkpoint's run dir), even if copied or moved
+    here = config.run_dir if config.resume == "auto" else None
+    return load_config(None, args.overrides, base={**state["config"], "resume": config.resume, "run_dir": here})
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
 One run, one device, synthetic uint8 images of the crop size (the pipelines' cost does not depend on
 content). Rows: images/s of the training step (NT-Xent, Adam, autocast, as in simclr/trainer.py) on
 pre-made views (the ceiling), fed by the DataLoader + PIL pipeline with one worker per core, and fed by
-`data_aug.device_views.DeviceBatches`; views/s of each pipeline alone; and views per CPU-second of one
+`data_aug.batches.DeviceBatches`; views/s of each pipeline alone; and views per CPU-second of one
 thread for both pipelines (the per-core comparison, robust to other load on a shared machine). The table
 is printed and appended, with hardware, versions and settings, to its section of docs/BENCHMARKS.md.
 """
@@ -26,13 +26,11 @@ import torchvision
 
 from bench import device_arg
 from data_aug.datasets import TensorImages
-from data_aug.device_views import DeviceBatches
-from data_aug.views import TwoViews, create_view_transform
+from data_aug.batches import DeviceBatches, LoaderBatches
+from data_aug.views import TwoViews, ViewSettings, create_view_transform
 from loss.nt_xent import NTXentLoss
 from models.resnet_simclr import create_model
-from simclr.dist import DistInfo
 from simclr.optim import create_optimizer
-from simclr.trainer import LoaderBatches
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO / "docs" / "BENCHMARKS.md"
@@ -134,14 +132,14 @@ def per_core_rates(images: torch.Tensor, crop: int, views: int) -> tuple[float, 
     torch.set_num_threads(1)
     try:
         pairs = TwoViews(TensorImages(images, torch.zeros(len(images), dtype=torch.int64), ["x"]),
-                         create_view_transform(crop), seed=0)
+                         create_view_transform(ViewSettings(crop)), seed=0)
         pairs[0]
         start = time.process_time()
         for i in range(views // 2):
             pairs[i % len(pairs)]
         pil = 2 * (views // 2) / (time.process_time() - start)
         batch = min(len(images), max(32, views // 2))
-        device_batches = DeviceBatches(images[:batch], batch, crop, 1.0, True, seed=0, device="cpu")
+        device_batches = DeviceBatches(images[:batch], batch, ViewSettings(crop), seed=0, device="cpu")
         device_batches.make_batch(0, 0)
         start = time.process_time()
         made = 0
@@ -161,7 +159,6 @@ def run(args) -> dict:
     channels_last = device.type == "cuda" and not args.no_channels_last
     total_steps = args.warmup + args.steps
     images = synthetic_images(args.batch_size * total_steps, args.crop)
-    info = DistInfo(0, 1, 0, device)
     results = {"load": os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")}
 
     torch.manual_seed(0)
@@ -170,12 +167,12 @@ def run(args) -> dict:
         model = model.to(memory_format=torch.channels_last)
     model.train()
     step = TrainStep(model, device, amp, args.compile)
-    device_batches = DeviceBatches(images, args.batch_size, args.crop, 1.0, True, seed=0, device=device,
-                                   compile=args.compile)
+    views = ViewSettings(args.crop)
+    device_batches = DeviceBatches(images, args.batch_size, views, seed=0, device=device, compile=args.compile)
     loader = LoaderBatches(TwoViews(TensorImages(images, torch.zeros(len(images), dtype=torch.int64), ["x"]),
-                                    create_view_transform(args.crop), seed=0), args.batch_size, info, args.workers, 0)
+                                    create_view_transform(views), seed=0), args.batch_size, seed=0,
+                           num_workers=args.workers, pin_memory=device.type == "cuda")
     move = _to_device(device, channels_last)
-    views = args.batch_size * 2
 
     print("model alone on pre-made views ...", flush=True)
     fixed = device_batches.make_batch(0, 0)
@@ -192,11 +189,11 @@ def run(args) -> dict:
 
     print("CPU pipeline alone ...", flush=True)
     seconds = timed(loader.batches(1), args.warmup, args.steps, device, lambda a, b: move(a, b))
-    results["cpu_views"] = views * args.steps / seconds
+    results["cpu_views"] = 2 * args.batch_size * args.steps / seconds
 
     print("device pipeline alone ...", flush=True)
     seconds = timed(device_batches.batches(2), args.warmup, args.steps, device, lambda a, b: None)
-    results["device_views"] = views * args.steps / seconds
+    results["device_views"] = 2 * args.batch_size * args.steps / seconds
 
     print("per core (one thread, CPU time) ...", flush=True)
     results["pil_core"], results["device_core"] = per_core_rates(images, args.crop, args.per_core_views)

@@ -1,4 +1,5 @@
-"""The paper's view pipeline (Appendix A) in batch form on the training device, and the batch source using it.
+"""The paper's view pipeline (Appendix A) in batch form, on the training device (`data_aug.batches.DeviceBatches`
+uses it).
 
 `data_aug.views.create_view_transform` makes one view at a time with PIL on the CPU; here a whole batch of
 views is made at once, with tensor ops, on the device that holds the uint8 images (a GPU, or the CPU).
@@ -20,13 +21,12 @@ Nothing here reads a tensor back to the host, so the step never waits for the de
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass, fields
 
 import torch
 
-from data_aug.views import blur_kernel_size
+from data_aug.views import ViewSettings
 
 _LUMA = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights (ITU-R 601-2)
 _BRIGHTNESS, _CONTRAST, _SATURATION, _HUE = range(4)  # ColorJitter's op ids, as in its fn_idx
@@ -106,23 +106,20 @@ def sample_crop_boxes(count: int, height: int, width: int, generator: torch.Gene
 
 
 def jitter_ranges(s: float) -> list[tuple[float, float]]:
-    """ColorJitter(0.8s, 0.8s, 0.8s, 0.2s)'s factor ranges: brightness, contrast, saturation, hue."""
-    if not 0 <= 0.2 * s <= 0.5:
-        raise ValueError(f"colour distortion strength s = {s}: must be in [0, 2.5] (hue shift 0.2s <= 0.5)")
+    """ColorJitter(0.8s, 0.8s, 0.8s, 0.2s)'s factor ranges: brightness, contrast, saturation, hue (`ViewSettings`
+    checks that s is in [0, 2.5])."""
     return [(max(0.0, 1 - 0.8 * s), 1 + 0.8 * s)] * 3 + [(-0.2 * s, 0.2 * s)]
 
 
-def sample_view_params(count: int, height: int, width: int, s: float, blur: bool,
-                       generator: torch.Generator, min_crop_scale: float = 0.08) -> ViewParams:
+def sample_view_params(count: int, height: int, width: int, views: ViewSettings,
+                       generator: torch.Generator) -> ViewParams:
     """Independent random parameters of `count` views of `height` x `width` images (laws as the module doc).
 
     Args:
         count: number of views M.
         height, width: source image size.
-        s: colour distortion strength (ColorJitter(0.8s, 0.8s, 0.8s, 0.2s)).
-        blur: whether the blur is in the pipeline at all (False: `blur` is all False).
+        views: the pipeline's settings (`views.blur` False: `blur` is all False).
         generator: the random stream; its device is where the parameters are made.
-        min_crop_scale: smallest crop area fraction (paper: 0.08).
     Returns:
         ViewParams with M rows.
     """
@@ -131,13 +128,13 @@ def sample_view_params(count: int, height: int, width: int, s: float, blur: bool
     def uniform(*shape, low=0.0, high=1.0):
         return torch.empty(*shape, device=device).uniform_(low, high, generator=generator)
 
-    boxes = sample_crop_boxes(count, height, width, generator, scale=(min_crop_scale, 1.0))
+    boxes = sample_crop_boxes(count, height, width, generator, scale=(views.min_crop_scale, 1.0))
     flip = uniform(count) < 0.5
     jitter = uniform(count) < 0.8
-    factors = torch.stack([uniform(count, low=low, high=high) for low, high in jitter_ranges(s)], dim=1)
+    factors = torch.stack([uniform(count, low=low, high=high) for low, high in jitter_ranges(views.s)], dim=1)
     order = torch.argsort(uniform(count, 4), dim=1)  # a uniform random permutation per view, like randperm(4)
     gray = uniform(count) < 0.2
-    blurred = (uniform(count) < 0.5) & blur
+    blurred = (uniform(count) < 0.5) & views.blur
     sigma = uniform(count, low=0.1, high=2.0)
     return ViewParams(boxes, flip, jitter, factors, order, gray, blurred, sigma)
 
@@ -353,143 +350,3 @@ def make_views(images: torch.Tensor, params: ViewParams, size: int, kernel_size:
     views = rgb_to_grayscale(views, params.gray)
     views = gaussian_blur(views, params.sigma, kernel_size, params.blur)
     return views.clamp(0, 1).contiguous()  # matrix products can leave values a rounding error outside [0, 1]
-
-
-def stream_seed(seed: int, epoch: int, step: int) -> int:
-    """A 63-bit seed for the random stream of (run seed, epoch, step); step -1 is the epoch's permutation."""
-    digest = hashlib.blake2b(f"device_views/{seed}/{epoch}/{step}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
-
-
-def gather_to_device(images: torch.Tensor, indices: torch.Tensor, device: torch.device | str,
-                     chunk: int = 8192) -> torch.Tensor:
-    """`images[indices]` made on `device` a chunk at a time, so the host never holds a second full copy."""
-    out = torch.empty((len(indices), *images.shape[1:]), dtype=images.dtype, device=device)
-    for start in range(0, len(indices), chunk):
-        out[start:start + chunk] = images[indices[start:start + chunk]].to(device)
-    return out
-
-
-class DeviceBatches:
-    """Batches of two views made on the training device from a uint8 image tensor held there once.
-
-    Each epoch is one seeded permutation of all images; global step t takes positions
-    `[t * batch_size, (t + 1) * batch_size)` of it (the last partial batch is dropped) and rank r its
-    r-th slice of `batch_size / world_size` images. The views' parameters are drawn for the whole global
-    batch from a generator on the device seeded by (seed, epoch, step), so batches are a pure function of
-    (seed, epoch, step): a resumed run sees the same views, and the ranks' slices together are exactly
-    the batch a single process would make.
-
-    Args:
-        images: `[N, 3, H, W]` uint8 training images (moved to `device` once).
-        batch_size: global batch size (divisible by `world_size`).
-        crop_size: view side.
-        s: colour distortion strength.
-        blur: whether views are blurred (p=0.5).
-        seed: run seed.
-        rank, world_size: this process and the number of processes.
-        device: where images live and views are made.
-        chunk: views made per pass on the CPU (cache-sized work); None: the whole batch at once (GPU default).
-        min_crop_scale: smallest crop area fraction (`dataset.min_crop_scale`, paper 0.08).
-        compile: run the view-making ops through `torch.compile` (fullgraph), which fuses the element-wise
-            colour ops into a few kernels; the first batch then takes a minute or more to compile.
-    """
-
-    def __init__(self, images: torch.Tensor, batch_size: int, crop_size: int, s: float, blur: bool, seed: int,
-                 rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu", chunk: int | None = None,
-                 compile: bool = False, min_crop_scale: float = 0.08):
-        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be uint8 [N, 3, H, W], got {images.dtype} {tuple(images.shape)}")
-        if batch_size % world_size:
-            raise ValueError(f"batch_size {batch_size} is not divisible by world_size {world_size}")
-        if images.shape[0] < batch_size:
-            raise ValueError(f"batch_size {batch_size} is larger than the {images.shape[0]} images")
-        jitter_ranges(s)  # fail now on an impossible s, not at the first step
-        if not 0 < min_crop_scale <= 1:
-            raise ValueError(f"min_crop_scale {min_crop_scale} must be in (0, 1]")
-        self.device = torch.device(device)
-        self.images = images.to(self.device)
-        self.batch_size, self.local_batch = batch_size, batch_size // world_size
-        self.crop_size, self.s, self.blur, self.seed = crop_size, s, blur, seed
-        self.min_crop_scale = min_crop_scale
-        self.rank, self.world_size = rank, world_size
-        self.kernel_size = blur_kernel_size(crop_size)
-        self.chunk = chunk if chunk is not None else (32 if self.device.type == "cpu" else None)
-        self.num_images = images.shape[0]
-        self.steps_per_epoch = self.num_images // batch_size
-        self._permutation: tuple[int, torch.Tensor] | None = None
-        self._make_views = torch.compile(make_views, fullgraph=True, dynamic=False) if compile else make_views
-
-    def _generator(self, epoch: int, step: int) -> torch.Generator:
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(stream_seed(self.seed, epoch, step))
-        return generator
-
-    def permutation(self, epoch: int) -> torch.Tensor:
-        """The epoch's order of all N images, `[N]` int64 on the device (cached for the current epoch)."""
-        if self._permutation is None or self._permutation[0] != epoch:
-            order = torch.randperm(self.num_images, generator=self._generator(epoch, -1), device=self.device)
-            self._permutation = (epoch, order)
-        return self._permutation[1]
-
-    def indices(self, epoch: int, step: int) -> torch.Tensor:
-        """This rank's image indices `[batch_size / world_size]` for a step."""
-        start = step * self.batch_size + self.rank * self.local_batch
-        return self.permutation(epoch)[start:start + self.local_batch]
-
-    def make_batch(self, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The two views `(x1, x2)` of this rank's images at a step, each `[batch/world, 3, crop, crop]` float32."""
-        height, width = self.images.shape[-2:]
-        params = sample_view_params(2 * self.batch_size, height, width, self.s, self.blur,
-                                    self._generator(epoch, step), self.min_crop_scale)
-        mine = slice(self.rank * self.local_batch, (self.rank + 1) * self.local_batch)
-        first, second = params[:self.batch_size][mine], params[self.batch_size:][mine]
-        return self._pair(self.indices(epoch, step), first, second)
-
-    def _pair(self, indices: torch.Tensor, first: ViewParams, second: ViewParams) -> tuple[torch.Tensor, torch.Tensor]:
-        """Two views of `self.images[indices]`, one per parameter set, made `chunk` images at a time."""
-        images = self.images[indices].float().mul_(1 / 255)  # as to_dtype(scale=True)
-        chunk = self.chunk or len(indices)
-        views = []
-        for view_params in (first, second):
-            parts = [self._make_views(images[i:i + chunk], view_params[i:i + chunk], self.crop_size, self.kernel_size)
-                     for i in range(0, len(indices), chunk)]
-            view = parts[0] if len(parts) == 1 else torch.cat(parts)
-            if self.device.type == "cuda":
-                view = view.contiguous(memory_format=torch.channels_last)  # the layout the model runs in
-            views.append(view)
-        return views[0], views[1]
-
-    def fixed_batches(self, local_batch: int):
-        """This rank's share of all images, in order, as `(x1, x2)` batches that are the same at every call.
-
-        For validation: ranks get equal shares (DistributedSampler's, padded by repeating images), cut into
-        batches of `local_batch` (a shorter last batch only when the share is smaller than one batch), and
-        batch k's views are drawn from a stream seeded by (seed, rank, k), not by the epoch.
-        """
-        order = self.share()
-        height, width = self.images.shape[-2:]
-        for k, start in enumerate(self._fixed_starts(len(order), local_batch)):
-            indices = order[start:start + local_batch]
-            params = sample_view_params(2 * len(indices), height, width, self.s, self.blur,
-                                        self._generator(-1 - self.rank, k), self.min_crop_scale)
-            yield self._pair(indices, params[:len(indices)], params[len(indices):])
-
-    def share(self) -> torch.Tensor:
-        """This rank's image indices in DistributedSampler's unshuffled order (padded by wrapping), on the device."""
-        total = math.ceil(self.num_images / self.world_size) * self.world_size
-        return torch.arange(self.rank, total, self.world_size, device=self.device) % self.num_images
-
-    def fixed_batch_count(self, local_batch: int) -> int:
-        """How many batches `fixed_batches(local_batch)` yields."""
-        return len(self._fixed_starts(math.ceil(self.num_images / self.world_size), local_batch))
-
-    @staticmethod
-    def _fixed_starts(share: int, local_batch: int) -> range:
-        """Batch starts in a share: whole batches only, or one short batch when the share is smaller than one."""
-        return range(0, share - share % local_batch if share >= local_batch else share, local_batch)
-
-    def batches(self, epoch: int, start_step: int = 0):
-        """Yield `(x1, x2)` for steps `start_step ..` of `epoch`: the same views whatever the start."""
-        for step in range(start_step, self.steps_per_epoch):
-            yield self.make_batch(epoch, step)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from data_aug.device_views import make_views, sample_view_params
-from data_aug.views import blur_kernel_size, create_view_transform
+from data_aug.views import ViewSettings, blur_kernel_size, create_view_transform
 
 
 def pick_images(dataset, count: int, seed: int) -> list[torch.Tensor]:
@@ -32,20 +32,20 @@ def pick_images(dataset, count: int, seed: int) -> list[torch.Tensor]:
     return images
 
 
-def sample_views(images: Sequence[torch.Tensor], num_views: int, *, crop_size: int, s: float, blur: bool,
-                 min_crop_scale: float, augment_on: str, seed: int) -> torch.Tensor:
+def sample_views(images: Sequence[torch.Tensor], num_views: int, views: ViewSettings, *, augment_on: str,
+                 seed: int) -> torch.Tensor:
     """`num_views` random views of each image, from the pipeline `augment_on` names.
 
     Args:
         images: K uint8 `[3, H, W]` tensors (of one size for `device`: ValueError otherwise).
-        crop_size, s, blur, min_crop_scale: the view settings (`dataset.*` of the config).
+        views: the view settings.
         augment_on: `cpu` (per-image PIL transform) or `device` (batched tensor ops, here on the CPU).
         seed: the views' random stream.
     Returns:
         float `[K, num_views, 3, crop_size, crop_size]` in [0, 1].
     """
     if augment_on == "cpu":
-        transform = create_view_transform(crop_size, s, blur, min_crop_scale)
+        transform = create_view_transform(views)
         with torch.random.fork_rng(devices=[]):  # the transform draws from the global generator
             torch.manual_seed(seed)
             return torch.stack([torch.stack([transform(image) for _ in range(num_views)]) for image in images])
@@ -57,10 +57,10 @@ def sample_views(images: Sequence[torch.Tensor], num_views: int, *, crop_size: i
                          "resize them to one size, or use dataset.augment_on: cpu")
     batch = torch.stack(list(images)).float().mul_(1 / 255)  # as DeviceBatches: to_dtype(scale=True)
     height, width = batch.shape[-2:]
-    params = sample_view_params(len(images) * num_views, height, width, s, blur,
-                                torch.Generator().manual_seed(seed), min_crop_scale)
-    views = make_views(batch.repeat_interleave(num_views, dim=0), params, crop_size, blur_kernel_size(crop_size))
-    return views.reshape(len(images), num_views, *views.shape[1:])
+    params = sample_view_params(len(images) * num_views, height, width, views, torch.Generator().manual_seed(seed))
+    made = make_views(batch.repeat_interleave(num_views, dim=0), params, views.crop_size,
+                      blur_kernel_size(views.crop_size))
+    return made.reshape(len(images), num_views, *made.shape[1:])
 
 
 def draw_view_grid(images: Sequence[torch.Tensor], views: torch.Tensor, title: str) -> np.ndarray:
@@ -138,11 +138,11 @@ def _wrap(draw, text: str, font, width: int) -> list[str]:
     return lines
 
 
-def view_settings(crop_size: int, s: float, blur: bool, min_crop_scale: float, augment_on: str) -> str:
+def describe_views(views: ViewSettings, augment_on: str) -> str:
     """One line naming the settings a grid shows, with the config keys that change them."""
-    return (f"{crop_size} px views (dataset.input_shape), crop {min_crop_scale:g}-1 of the area "
-            f"(dataset.min_crop_scale), colour strength s={s:g} (dataset.s), blur {'on' if blur else 'off'} "
-            f"(dataset.blur), made on {augment_on} (dataset.augment_on)")
+    return (f"{views.crop_size} px views (dataset.input_shape), crop {views.min_crop_scale:g}-1 of the area "
+            f"(dataset.min_crop_scale), colour strength s={views.s:g} (dataset.s), blur "
+            f"{'on' if views.blur else 'off'} (dataset.blur), made on {augment_on} (dataset.augment_on)")
 
 
 def save_png(picture: np.ndarray, path) -> None:

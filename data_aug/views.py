@@ -1,5 +1,7 @@
-"""The paper's view pipeline (Appendix A) on the CPU, per image, and the two-view data set."""
+"""The paper's view pipeline (Appendix A) on the CPU, per image, its settings, and the two-view data set."""
 from __future__ import annotations
+
+from dataclasses import dataclass, fields
 
 import torch
 from torchvision.transforms import v2
@@ -11,22 +13,53 @@ def blur_kernel_size(crop_size: int) -> int:
     return size if size % 2 else size + 1
 
 
-def create_view_transform(crop_size: int, s: float = 1.0, blur: bool = True, min_scale: float = 0.08) -> v2.Compose:
+@dataclass(frozen=True)
+class ViewSettings:
+    """What the view pipeline does, the same for the CPU (`create_view_transform`) and the device
+    (`data_aug.device_views`) pipelines; built from the config with `ViewSettings.of(config.dataset)`.
+
+    Attributes:
+        crop_size: view side in pixels.
+        s: colour distortion strength, ColorJitter(0.8s, 0.8s, 0.8s, 0.2s) with p=0.8 (paper: 1.0).
+        blur: whether a view is blurred with p=0.5 (sigma 0.1-2, kernel about 10% of the side).
+        min_crop_scale: smallest crop area fraction of the random resized crop (paper: 0.08).
+    """
+
+    crop_size: int
+    s: float = 1.0
+    blur: bool = True
+    min_crop_scale: float = 0.08
+
+    def __post_init__(self):
+        if not 0 <= 0.2 * self.s <= 0.5:
+            raise ValueError(f"colour distortion strength s = {self.s}: must be in [0, 2.5] (hue shift 0.2s <= 0.5)")
+        if not 0 < self.min_crop_scale <= 1:
+            raise ValueError(f"min_crop_scale {self.min_crop_scale} must be in (0, 1]")
+
+    @classmethod
+    def of(cls, source) -> "ViewSettings":
+        """The settings read from the attributes of the same names on `source` (the config's `dataset` section),
+        so that a new field here is read from the config without another line."""
+        return cls(**{f.name: getattr(source, f.name) for f in fields(cls)})
+
+
+def create_view_transform(views: ViewSettings) -> v2.Compose:
     """One random view of a uint8 `[3, H, W]` image as float `[3, crop, crop]` in [0, 1].
 
-    Random resized crop (area fraction `min_scale`-1, paper 0.08), horizontal flip, colour jitter (0.8s, 0.8s, 0.8s, 0.2s) with
-    p=0.8, grayscale with p=0.2 and, when `blur`, Gaussian blur (sigma 0.1-2.0) with p=0.5.
+    Random resized crop (area fraction `min_crop_scale`-1), horizontal flip, colour jitter (0.8s, 0.8s, 0.8s,
+    0.2s) with p=0.8, grayscale with p=0.2 and, when `blur`, Gaussian blur (sigma 0.1-2.0) with p=0.5.
     Randomness comes from torch's global generator, which `TwoViews` seeds per image.
     """
+    s = views.s
     steps = [
         v2.ToPILImage(),  # PIL's colour ops are several times faster than tensor ops per image on the CPU
-        v2.RandomResizedCrop(crop_size, scale=(min_scale, 1.0), antialias=True),
+        v2.RandomResizedCrop(views.crop_size, scale=(views.min_crop_scale, 1.0), antialias=True),
         v2.RandomHorizontalFlip(),
         v2.RandomApply([v2.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8),
         v2.RandomGrayscale(p=0.2),
     ]
-    if blur:
-        steps.append(v2.RandomApply([v2.GaussianBlur(blur_kernel_size(crop_size), sigma=(0.1, 2.0))], p=0.5))
+    if views.blur:
+        steps.append(v2.RandomApply([v2.GaussianBlur(blur_kernel_size(views.crop_size), sigma=(0.1, 2.0))], p=0.5))
     steps += [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True)]
     return v2.Compose(steps)
 

@@ -82,7 +82,8 @@ class LARS(torch.optim.Optimizer):
 
 def create_optimizer(model: torch.nn.Module, name: str, lr: float, weight_decay: float,
                      momentum: float = 0.9) -> torch.optim.Optimizer:
-    """Adam (the seed's default), SGD with momentum, or LARS, with decay excluded from BatchNorm and biases."""
+    """Adam (the config's default: it trains at the small batches one GPU holds), SGD with momentum, or LARS (the
+    paper's, for batches of thousands), with decay excluded from BatchNorm and biases."""
     decay, no_decay = _split_decay(model)
     if name == "lars":
         groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True}]

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_aug.view_grid import draw_view_grid, pick_images, sample_views, save_png, view_settings
+from data_aug.view_grid import describe_views, draw_view_grid, pick_images, sample_views, save_png
+from data_aug.views import ViewSettings
 from simclr.config import DatasetConfig
 from simclr.run_dir import read_records
 
@@ -21,10 +22,9 @@ def views_picture(images, dataset: DatasetConfig, seed: int) -> np.ndarray:
     `python -m simclr.preview` and the trainer both call this, so the preview is the picture the run writes.
     """
     chosen = pick_images(images, min(VIEW_IMAGES, len(images)), seed)
-    settings = dict(crop_size=dataset.crop_size, s=dataset.s, blur=dataset.blur,
-                    min_crop_scale=dataset.min_crop_scale, augment_on=dataset.augment_on)
-    views = sample_views(chosen, VIEWS_PER_IMAGE, seed=seed, **settings)
-    return draw_view_grid(chosen, views, f"{dataset.name}: " + view_settings(**settings))
+    settings = ViewSettings.of(dataset)
+    views = sample_views(chosen, VIEWS_PER_IMAGE, settings, augment_on=dataset.augment_on, seed=seed)
+    return draw_view_grid(chosen, views, f"{dataset.name}: " + describe_views(settings, dataset.augment_on))
 
 
 def write_views(path: Path, picture: np.ndarray, tensorboard=None, step: int = 0) -> None:

@@ -4,27 +4,28 @@ from __future__ import annotations
 import contextlib
 import math
 import shlex
-import signal
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import Subset
 from tqdm import tqdm
 
+from data_aug.batches import BatchSource, DeviceBatches, LoaderBatches, gather_to_device
 from data_aug.datasets import decode_all, load_split, split_validation
-from data_aug.device_views import DeviceBatches, gather_to_device
-from data_aug.views import TwoViews, create_view_transform
+from data_aug.views import TwoViews, ViewSettings, create_view_transform
 from loss.nt_xent import NTXentLoss
 from models.loading import CheckpointLoadError, load_weights_only, run_dir_of
 from models.resnet_simclr import create_model
 from simclr import checkpoint as ckpt
 from simclr.config import Config, ConfigError, config_to_dict
+from simclr.dist import DistInfo, all_reduce_mean, barrier, broadcast_object, resolve_sync_bn
 from simclr.grad_cache import grad_cache_backward
-from simclr.dist import DistInfo, StopVote, all_reduce_mean, barrier, broadcast_object, resolve_sync_bn
+from simclr.guard import RunGuard
 from simclr.optim import create_optimizer, create_scheduler, match_state_layout, scaled_lr
-from simclr.run_dir import RunLock, RunWriter, default_run_dir
+from simclr.run_dir import RunWriter, default_run_dir
 from simclr.run_plots import views_picture, write_curves, write_views
 
 
@@ -32,45 +33,20 @@ class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss, impossible sizes); the message says what to change."""
 
 
-def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader `worker_init_fn`: SIGTERM/SIGINT sent to the whole process group (SLURM, Ctrl-C) are the main
-    process's to handle; a worker killed by them would crash the step that is finishing before the checkpoint."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-class LoaderBatches:
-    """Batches of two views from a DataLoader with a seeded, resumable DistributedSampler.
-
-    `batch_size` is the global batch; each rank loads `batch_size / world_size` images per step.
-    """
-
-    def __init__(self, views: TwoViews, batch_size: int, info: DistInfo, num_workers: int, seed: int):
-        self.views, self.local_batch, self.num_workers = views, batch_size // info.world_size, num_workers
-        self.sampler = DistributedSampler(views, num_replicas=info.world_size, rank=info.rank, shuffle=True,
-                                          seed=seed, drop_last=True)
-        self.steps_per_epoch = len(self.sampler) // self.local_batch
-        self.num_images = len(views)
-        self.pin = info.device.type == "cuda"
-
-    def batches(self, epoch: int, start_step: int = 0):
-        """Yield `(x1, x2)` for steps `start_step ..` of `epoch`: the same images and views whatever the start."""
-        self.sampler.set_epoch(epoch)
-        self.views.set_epoch(epoch)
-        order = list(self.sampler)[start_step * self.local_batch:self.steps_per_epoch * self.local_batch]
-        yield from DataLoader(self.views, batch_size=self.local_batch, sampler=order, drop_last=True,
-                              num_workers=self.num_workers, pin_memory=self.pin, worker_init_fn=ignore_stop_signals)
-
-
-def create_batches(config: Config, info: DistInfo):
-    """Training batches and validation views, from the `pretrain` split minus a seeded validation hold-out."""
-    d = config.dataset
+def _check_batch_sizes(config: Config, info: DistInfo) -> None:
     if config.batch_size % info.world_size:
         raise ConfigError(f"batch_size = {config.batch_size}: must be divisible by the number of processes "
                           f"({info.world_size}); it is the global batch")
     if config.grad_cache_chunks > config.batch_size // info.world_size:
         raise ConfigError(f"grad_cache_chunks = {config.grad_cache_chunks}: more chunks than images per process "
                           f"({config.batch_size // info.world_size}); lower grad_cache_chunks")
+
+
+def create_batches(config: Config, info: DistInfo) -> tuple[BatchSource, BatchSource | None]:
+    """Training and validation batches (None: no hold-out), from the `pretrain` split minus a seeded validation
+    hold-out, made where `dataset.augment_on` says."""
+    d = config.dataset
+    _check_batch_sizes(config, info)
     if d.download and info.distributed and d.name != "imagefolder":  # one download per machine; others wait
         if info.local_rank == 0:
             load_split(d.name, d.root, "test", download=True)
@@ -84,22 +60,29 @@ def create_batches(config: Config, info: DistInfo):
     if len(train_idx) < config.batch_size:
         raise ConfigError(f"batch_size = {config.batch_size}: larger than the training split ({len(train_idx)} "
                           f"images of {d.name} after holding out valid_size); lower batch_size")
-    transform = create_view_transform(d.crop_size, d.s, d.blur, d.min_crop_scale)
-    valid = TwoViews(Subset(data, valid_idx.tolist()), transform, seed=config.seed + 1) if len(valid_idx) else None
-    if d.augment_on == "device":
-        if not hasattr(data, "images"):  # an image folder: decoded once, if its images share one size
-            data = decode_all(data)
-        images = gather_to_device(data.images, train_idx, info.device)  # no second host copy of the split
-        train = DeviceBatches(images, config.batch_size, d.crop_size, d.s, d.blur, config.seed, info.rank,
-                              info.world_size, info.device, compile=config.compile, min_crop_scale=d.min_crop_scale)
-        if len(valid_idx) >= info.world_size:  # validation views made there too, the same at every epoch
-            valid = DeviceBatches(gather_to_device(data.images, valid_idx, info.device), info.world_size,
-                                  d.crop_size, d.s, d.blur, config.seed + 1, info.rank, info.world_size, info.device,
-                                  min_crop_scale=d.min_crop_scale)
-    else:
-        train = LoaderBatches(TwoViews(Subset(data, train_idx.tolist()), transform, config.seed),
-                              config.batch_size, info, d.num_workers, config.seed)
+    # validation batches only use fixed_batches(): one image per process is a batch size any split allows
+    valid = _cpu_batches(data, valid_idx, info.world_size, config.seed + 1, config, info) if len(valid_idx) else None
+    if d.augment_on == "cpu":
+        return _cpu_batches(data, train_idx, config.batch_size, config.seed, config, info), valid
+    if not hasattr(data, "images"):  # an image folder: decoded once, if its images share one size
+        data = decode_all(data)
+    train = _device_batches(data.images, train_idx, config.batch_size, config.seed, config, info, config.compile)
+    if len(valid_idx) >= info.world_size:  # validation views made there too, the same at every epoch
+        valid = _device_batches(data.images, valid_idx, info.world_size, config.seed + 1, config, info)
     return train, valid
+
+
+def _cpu_batches(data, indices, batch_size: int, seed: int, config: Config, info: DistInfo) -> LoaderBatches:
+    views = TwoViews(Subset(data, indices.tolist()), create_view_transform(ViewSettings.of(config.dataset)), seed)
+    return LoaderBatches(views, batch_size, seed, info.rank, info.world_size, config.dataset.num_workers,
+                         pin_memory=info.device.type == "cuda")
+
+
+def _device_batches(images, indices, batch_size: int, seed: int, config: Config, info: DistInfo,
+                    compile: bool = False) -> DeviceBatches:
+    on_device = gather_to_device(images, indices, info.device)  # no second host copy of the split
+    return DeviceBatches(on_device, batch_size, ViewSettings.of(config.dataset), seed, info.rank, info.world_size,
+                         info.device, compile=compile)
 
 
 def find_resume(config: Config, log=print) -> tuple[Path, dict] | None:
@@ -131,74 +114,90 @@ def describe_resume(checkpoint: Path, state: dict, epochs: int) -> tuple[bool, s
 class Trainer:
     """Owns the model, optimiser and loop; `fit()` runs the remaining epochs and returns the run dir."""
 
-    def __init__(self, config: Config, info: DistInfo, resume: tuple[Path, dict] | None = None):
-        """`resume` is `(checkpoint path, state)` from `find_resume`, or None for a fresh run."""
+    def __init__(self, config: Config, info: DistInfo, resume: tuple[Path, dict] | None = None,
+                 on_event: Callable[[str], None] | None = None):
+        """`resume` is `(checkpoint path, state)` from `find_resume`, or None for a fresh run; `on_event` goes to
+        the run's `RunGuard` (where tests inject a signal or a crash at a chosen step)."""
         self.config, self.info, self.device = config, info, info.device
-        self.resume_state = resume[1] if resume else None
-        self.run_dir = Path(config.run_dir) if config.run_dir else None
-        if resume and self.run_dir is None:
-            self.run_dir = run_dir_of(resume[0])
-        if self.run_dir is None:  # rank 0's clock names it: every rank must print and resume the same dir
-            self.run_dir = Path(broadcast_object(str(default_run_dir())))
-        if resume is None and ckpt.candidates(self.run_dir):
-            raise ConfigError(f"run_dir = {str(self.run_dir)!r}: already holds a run with checkpoints; continue it "
-                              f"with resume={self.run_dir}, or choose another run_dir")
-        self.train_batches, self.valid_views = create_batches(config, self.info)
-        self._build_model()
-        self._stop_signal = None
-        self.stop_vote = StopVote(info)
+        self.run_dir = self._choose_run_dir(resume[0] if resume else None)
+        self.train_batches, self.valid_batches = create_batches(config, info)
+        self.model = self._build_model(fine_tune=resume is None)
+        self._build_optimizer()
+        self._build_precision()
+        self.criterion = NTXentLoss(config.loss.temperature, config.loss.use_cosine_similarity)
+        self.train_model = self._wrap(self.model)
+        self.next_epoch, self.start_step, self.best_valid = 0, 0, math.inf
+        self.epoch_progress = (0.0, 0)  # (loss sum, steps) of an epoch stopped part-way, from its checkpoint
+        self.skipped_steps = torch.zeros((), dtype=torch.int64, device=self.device)
+        if resume is not None:
+            self.restore(resume[1])
+        # train_epoch and validate use it outside fit() too, where it holds no lock and never asks to stop
+        self.guard = RunGuard(self.run_dir, info, self.log, on_event)
+
+    def _choose_run_dir(self, checkpoint: Path | None) -> Path:
+        """`run_dir`, else the resumed checkpoint's run, else a new dated folder under runs/."""
+        if self.config.run_dir:
+            run_dir = Path(self.config.run_dir)
+        elif checkpoint is not None:
+            run_dir = run_dir_of(checkpoint)
+        else:  # rank 0's clock names it: every rank must print and resume the same dir
+            run_dir = Path(broadcast_object(str(default_run_dir())))
+        if checkpoint is None and ckpt.candidates(run_dir):
+            raise ConfigError(f"run_dir = {str(run_dir)!r}: already holds a run with checkpoints; continue it "
+                              f"with resume={run_dir}, or choose another run_dir")
+        return run_dir
 
     @property
     def stop_requested(self) -> str | None:
         """The signal that asked this run to stop, if one came (after `fit`, also one that came too late to
         stop training: the caller then skips what would come next, such as the final evaluation)."""
-        return self._stop_signal
+        return self.guard.signal
 
     def log(self, message: str) -> None:
         if self.info.is_main:
             tqdm.write(message)
 
-    def _build_model(self) -> None:
-        c, info = self.config, self.info
+    def _build_model(self, fine_tune: bool) -> nn.Module:
+        c = self.config
         torch.manual_seed(c.seed)
         model = create_model(c.model.base_model, c.model.out_dim, c.model.cifar_stem, c.model.head_layers, c.model.head_bn)
-        if c.fine_tune_from and self.resume_state is None:
+        if c.fine_tune_from and fine_tune:  # a resumed run has its own weights
             load_weights_only(model, c.fine_tune_from, self.log)
-        if resolve_sync_bn(c.model.sync_bn, info):
+        if resolve_sync_bn(c.model.sync_bn, self.info):
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = model.to(self.device)
-        if self.device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
-        self.model = model
+        return model.to(memory_format=torch.channels_last) if self.device.type == "cuda" else model
+
+    def _build_optimizer(self) -> None:
+        c = self.config
         lr = scaled_lr(c.optimizer.lr, c.batch_size, c.optimizer.lr_scaling)
         if c.optimizer.name in ("sgd", "lars") and lr < 0.01:
             self.log(f"note: optimizer.name={c.optimizer.name} with learning rate {lr:g}, an Adam-sized rate; the "
                      "paper's LARS recipe is optimizer.lr=0.3 optimizer.lr_scaling=linear optimizer.warmup_epochs=10")
-        self.optimizer = create_optimizer(model, c.optimizer.name, lr, c.weight_decay, c.optimizer.momentum)
+        self.optimizer = create_optimizer(self.model, c.optimizer.name, lr, c.weight_decay, c.optimizer.momentum)
         steps = self.train_batches.steps_per_epoch
         self.scheduler = create_scheduler(self.optimizer, c.epochs * steps, round(c.optimizer.warmup_epochs * steps),
                                           c.optimizer.cosine)
+
+    def _build_precision(self) -> None:
+        """`amp_dtype` (None: float32 throughout) and the GradScaler, enabled only for float16."""
         self.amp_dtype = None
-        if c.fp16_precision:
-            self.amp_dtype = torch.float16 if c.amp_dtype == "float16" else torch.bfloat16
+        if self.config.fp16_precision:
+            self.amp_dtype = torch.float16 if self.config.amp_dtype == "float16" else torch.bfloat16
             if self.device.type != "cuda" and self.amp_dtype == torch.float16:
                 self.amp_dtype = torch.bfloat16
                 self.log("fp16_precision: float16 autocast needs CUDA; using bfloat16 on this device")
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self.criterion = NTXentLoss(c.loss.temperature, c.loss.use_cosine_similarity)
-        self.train_model = model
-        if info.distributed:
-            self.train_model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if c.compile:
-            self.train_model = torch.compile(self.train_model)
-        self.next_epoch, self.start_step, self.best_valid = 0, 0, math.inf
-        self.epoch_progress = (0.0, 0)
-        self.skipped_steps = torch.zeros((), dtype=torch.int64, device=self.device)
-        if self.resume_state is not None:
-            self._restore(self.resume_state)
 
-    def _restore(self, state: dict) -> None:
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        """The module the loop calls: DistributedDataParallel across processes, then compiled if asked."""
+        if self.info.distributed:
+            model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return torch.compile(model) if self.config.compile else model
+
+    def restore(self, state: dict) -> None:
+        """Continue from a training checkpoint's `state`: weights, optimiser, schedule, position and counters."""
         saved = state["config"].get("optimizer", {}).get("name", "adam")
         if saved != self.config.optimizer.name:
             raise CheckpointLoadError(f"optimizer.name = {self.config.optimizer.name!r}: the run being resumed used "
@@ -217,7 +216,7 @@ class Trainer:
         self.next_epoch = state["next_epoch"]
         self.start_step = state.get("step_in_epoch", 0)
         saved_world = state.get("world_size", self.info.world_size)
-        if self.start_step and saved_world != self.info.world_size and isinstance(self.train_batches, LoaderBatches):
+        if self.start_step and saved_world != self.info.world_size and self.train_batches.order_depends_on_world_size:
             self.log(f"warning: this checkpoint was saved in the middle of epoch {self.next_epoch + 1} by {saved_world} "
                      f"process(es), and {self.info.world_size} continue it: the DataLoader's order depends on that "
                      "number, so the rest of this epoch visits some images twice and others not at all (exact again "
@@ -277,43 +276,31 @@ class Trainer:
                                 f"checked every log_every_n_steps={self.config.log_every_n_steps} steps), lr {lr:.3g}: "
                                 "lower optimizer.lr, raise loss.temperature, or use amp_dtype: bfloat16; " + where)
 
-    def train_epoch(self, epoch: int, writer: RunWriter | None) -> float:
-        """Run the steps of one epoch from `self.start_step`; return the mean training loss."""
-        c, steps = self.config, self.train_batches.steps_per_epoch
+    def train_epoch(self, epoch: int, writer: RunWriter | None = None) -> float:
+        """Run the steps of one epoch from `self.start_step`; return the mean training loss over all processes.
+
+        When the guard says a signal asked the run to stop, the position is saved and `Preempted` raised.
+        """
+        steps = self.train_batches.steps_per_epoch
         self.train_model.train()
         loss_sum, count = self.epoch_progress if self.start_step else (0.0, 0)  # steps done before a preemption
         total = torch.tensor(loss_sum, device=self.device)
-        bar = tqdm(total=steps, initial=self.start_step, desc=f"epoch {epoch + 1}/{c.epochs}",
+        bar = tqdm(total=steps, initial=self.start_step, desc=f"epoch {epoch + 1}/{self.config.epochs}",
                    disable=None if self.info.is_main else True, dynamic_ncols=True, leave=False)
-        tick, tick_images = time.perf_counter(), 0
+        rate = ImageRate()
         for step, (x1, x2) in enumerate(self.train_batches.batches(epoch, self.start_step), start=self.start_step):
             lr = self.optimizer.param_groups[0]["lr"]  # this step's rate: the scheduler moves it after the step
             loss, acc = self.train_step(self._to_device(x1), self._to_device(x2))
             total += loss
             count += 1
-            self.lock.refresh()
-            tick_images += x1.shape[0] * self.info.world_size
+            rate.add(x1.shape[0] * self.info.world_size)
             bar.update(1)
-            global_step = epoch * steps + step + 1
-            at_log = global_step % c.log_every_n_steps == 0 or step + 1 == steps
-            if at_log:
-                loss_value = loss.item()  # the only host sync of the step loop
-                if not self.scaler.is_enabled():  # under float16 a GradScaler skips overflowing steps instead
-                    self._check_finite(loss_value, epoch, step)
-                speed = tick_images / (time.perf_counter() - tick)
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{speed:.0f}")
-                if writer:
-                    record = {"kind": "step", "epoch": epoch, "step": step, "global_step": global_step,
-                              "loss": loss_value, "lr": lr, "top1": acc["top1"].item(),
-                              "top5": acc["top5"].item(), "images_per_s": speed}
-                    if self.scaler.is_enabled():
-                        record["skipped_steps"] = int(self.skipped_steps.item())  # float16 overflow, not fatal
-                    writer.log(record, global_step, "train")
-                tick, tick_images = time.perf_counter(), 0
-            # Several processes agree on the stop step one step late (StopVote: no wait for the device).
-            if self.stop_vote.ask(self._stop_signal is not None):
+            if (epoch * steps + step + 1) % self.config.log_every_n_steps == 0 or step + 1 == steps:
+                self._log_step(writer, bar, epoch, step, loss, acc, lr, rate.read())
+                rate.restart()  # the time spent logging is not the step's
+            if self.guard.should_stop():
                 bar.close()
-                self._preempt(epoch, step + 1, loss, total, count)
+                self._save_and_stop(epoch, step + 1, loss, total, count)
         bar.close()
         self.start_step = 0
         mean = (all_reduce_mean(total) / max(count, 1)).item()
@@ -321,27 +308,45 @@ class Trainer:
             self._check_finite(mean, epoch, steps - 1)
         return mean
 
-    def _valid_batches(self):
-        """This rank's validation batches `(x1, x2)` (equal counts and sizes on every rank) and their number."""
-        views = self.valid_views
-        n = views.num_images if isinstance(views, DeviceBatches) else len(views)
-        local = max(2, min(self.config.batch_size // self.info.world_size, n // self.info.world_size))
-        if isinstance(views, DeviceBatches):
-            return views.fixed_batches(local), views.fixed_batch_count(local)
-        sampler = DistributedSampler(views, num_replicas=self.info.world_size, rank=self.info.rank, shuffle=False)
-        loader = DataLoader(views, batch_size=local, sampler=sampler, drop_last=len(sampler) >= local,
-                            num_workers=self.config.dataset.num_workers, worker_init_fn=ignore_stop_signals)
-        return loader, len(loader)
+    def _log_step(self, writer: RunWriter | None, bar: tqdm, epoch: int, step: int, loss: torch.Tensor, acc: dict,
+                  lr: float, speed: float) -> None:
+        """Check the loss, show it, and write the step's record: the only host syncs of the step loop."""
+        loss_value = loss.item()
+        if not self.scaler.is_enabled():  # under float16 a GradScaler skips overflowing steps instead
+            self._check_finite(loss_value, epoch, step)
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{speed:.0f}")
+        if writer is None:
+            return
+        global_step = epoch * self.train_batches.steps_per_epoch + step + 1
+        record = {"kind": "step", "epoch": epoch, "step": step, "global_step": global_step, "loss": loss_value,
+                  "lr": lr, "top1": acc["top1"].item(), "top5": acc["top5"].item(), "images_per_s": speed}
+        if self.scaler.is_enabled():
+            record["skipped_steps"] = int(self.skipped_steps.item())  # float16 overflow, not fatal
+        writer.log(record, global_step, "train")
+
+    def _save_and_stop(self, epoch: int, steps_done: int, loss: torch.Tensor, total: torch.Tensor, count: int):
+        """Save the position inside `epoch`, with the loss summed so far (the epoch's mean survives the stop), and
+        raise `Preempted`."""
+        if not self.scaler.is_enabled():  # never save weights after a NaN step, on any rank
+            self._check_finite(all_reduce_mean(loss.detach().float()).item(), epoch, steps_done - 1)
+        loss_sum = all_reduce_mean(total).item()  # every rank resumes from the same partial sum
+        if self.info.is_main:
+            state = self._state(epoch, steps_done)
+            state.update(epoch_loss_sum=loss_sum, epoch_steps=count)
+            ckpt.save_checkpoint(self.run_dir / "checkpoints" / ckpt.LAST, state, keep_previous=True)
+        barrier()
+        raise self.guard.preempted(f"at epoch {epoch + 1}, step {steps_done}")
 
     @torch.no_grad()
     def validate(self) -> dict:
         """NT-Xent and contrastive accuracy on the held-out views (fixed across epochs), averaged over ranks."""
         self.train_model.eval()
-        batches, total = self._valid_batches()
+        valid, world = self.valid_batches, self.info.world_size
+        local = max(2, min(self.config.batch_size // world, valid.num_images // world))  # the same on every rank
+        batches = tqdm(valid.fixed_batches(local), total=valid.fixed_batch_count(local), desc="validation",
+                       disable=None if self.info.is_main else True, leave=False)
         sums, count = torch.zeros(3, device=self.device), 0
-        for x1, x2 in tqdm(batches, total=total, desc="validation", disable=None if self.info.is_main else True,
-                           leave=False):
-            self.lock.refresh()
+        for x1, x2 in self.guard.watch(batches, "validate"):
             if x1.shape[0] < 2 and not self.info.distributed:
                 continue
             with self._autocast():
@@ -352,43 +357,65 @@ class Trainer:
         sums = all_reduce_mean(sums / max(count, 1))
         return {"valid_loss": sums[0].item(), "valid_top1": sums[1].item(), "valid_top5": sums[2].item()}
 
-    def _preempt(self, epoch: int, step_in_epoch: int, loss: torch.Tensor, total: torch.Tensor, count: int) -> None:
-        if not self.scaler.is_enabled():  # never save weights after a NaN step, on any rank
-            self._check_finite(all_reduce_mean(loss.detach().float()).item(), epoch, step_in_epoch - 1)
-        self.stop_vote.collect()
-        loss_sum = all_reduce_mean(total).item()  # every rank resumes from the same partial sum
+    def fit(self) -> Path:
+        """Train the remaining epochs; return the run dir. Raises `Preempted` after SIGTERM/SIGINT."""
+        epochs = self.config.epochs
+        with self.guard, flushed_denormals(), self._open_writer() as writer:
+            for epoch in range(self.next_epoch, epochs):
+                self._end_epoch(epoch, self._run_epoch(epoch, writer), writer)
+                # a signal during the epoch's last step or its validation, on any process: this epoch's
+                # checkpoint is the place to stop, no step wasted
+                if self.guard.agree_to_stop() and epoch + 1 < epochs:
+                    raise self.guard.preempted(f"after epoch {epoch + 1}")
+        return self.run_dir
+
+    def _run_epoch(self, epoch: int, writer: RunWriter | None) -> dict:
+        """Train one epoch, then validate when due; the epoch's record."""
+        c = self.config
+        start = time.perf_counter()
+        record = {"kind": "epoch", "epoch": epoch, "train_loss": self.train_epoch(epoch, writer)}
+        if self.valid_batches is not None and ((epoch + 1) % c.eval_every_n_epochs == 0 or epoch + 1 == c.epochs):
+            record.update(self.validate())
+        record["seconds"] = time.perf_counter() - start
+        return record
+
+    def _end_epoch(self, epoch: int, record: dict, writer: RunWriter | None) -> None:
+        """Log the epoch's record, save its checkpoint (and `best.pt` when validation improved), then wait for all."""
+        is_best = record.get("valid_loss", math.inf) < self.best_valid
+        if is_best:
+            self.best_valid = record["valid_loss"]
         if self.info.is_main:
-            state = self._state(epoch, step_in_epoch)
-            state.update(epoch_loss_sum=loss_sum, epoch_steps=count)
-            ckpt.save_checkpoint(self.run_dir / "checkpoints" / ckpt.LAST, state, keep_previous=True)
+            # the record first: killed before the checkpoint, the resume drops it and logs the rerun epoch
+            writer.log(record, self.scheduler.last_epoch, "epoch")  # on the train tags' (global step) axis
+            folder = self.run_dir / "checkpoints"
+            state = self._state(epoch + 1)
+            ckpt.save_checkpoint(folder / ckpt.LAST, state, keep_previous=True)
+            if is_best:
+                ckpt.save_checkpoint(folder / ckpt.BEST, state)
+            self.log(f"epoch {epoch + 1}/{self.config.epochs}: {epoch_summary(record)}")
+            self._write_curves()
         barrier()
-        raise Preempted(f"stopped by {self._stop_signal or 'a signal to another process'} at epoch {epoch + 1}, "
-                        f"step {step_in_epoch}; checkpoint saved. {self._continue_with()}")
 
-    def _continue_with(self) -> str:
-        resume = shlex.quote(f"resume={self.run_dir}")
-        if self.info.distributed:
-            return (f"Continue with the same torchrun command plus {resume} (e.g. torchrun "
-                    f"--nproc_per_node={self.info.world_size} run.py {resume})")
-        return f"Continue with: python run.py {resume}"
-
-    def _agree_to_stop(self) -> bool:
-        """Whether any process was asked to stop, agreed now (a blocking exchange: use between epochs only)."""
-        earlier = self.stop_vote.ask(self._stop_signal is not None)
-        return self.stop_vote.collect() or earlier
-
-    def _on_signal(self, signum, frame) -> None:
-        if self._stop_signal is not None:
-            raise KeyboardInterrupt  # a second signal: stop now
-        self._stop_signal = signal.Signals(signum).name
-        self.log(f"{self._stop_signal} received: finishing this step, then saving a checkpoint"
-                 + (" (under torchrun: after the next step, when all processes agree)" if self.info.distributed else ""))
+    @contextlib.contextmanager
+    def _open_writer(self):
+        """The run's `RunWriter` on the main process (None on the others), once the run's first lines are out."""
+        if not self.info.is_main:
+            yield None
+            return
+        # drop records of work done after the checkpoint being resumed (a killed attempt's), none when fresh
+        writer = RunWriter(self.run_dir, self.config, resume_epoch=self.next_epoch,
+                           resume_step=self.scheduler.last_epoch)  # optimiser steps done, as saved
+        try:
+            self.log(f"run dir {self.run_dir}: {self.train_batches.num_images} training images, "
+                     f"{self.train_batches.steps_per_epoch} steps per epoch, device {self.device}")
+            self._write_views(writer)  # before the first step: what the views do to this data
+            yield writer
+        finally:
+            writer.close()
 
     def _write_views(self, writer: RunWriter) -> None:
         """`views.png` and the TensorBoard image `views`: training images next to views this run's pipeline makes."""
-        batches = self.train_batches
-        images = batches.images if isinstance(batches, DeviceBatches) else batches.views.dataset
-        picture = views_picture(images, self.config.dataset, self.config.seed)
+        picture = views_picture(self.train_batches.images, self.config.dataset, self.config.seed)
         try:  # pictures are for reading: never worth stopping the run for
             write_views(self.run_dir / "views.png", picture, writer.tensorboard, self.scheduler.last_epoch)
         except OSError as err:
@@ -400,63 +427,37 @@ class Trainer:
         except OSError as err:
             self.log(f"warning: could not write {self.run_dir / 'curves.png'} ({err.strerror or err})")
 
-    def fit(self) -> Path:
-        """Train the remaining epochs; return the run dir. Raises `Preempted` after SIGTERM/SIGINT."""
-        c, info = self.config, self.info
-        writer = None
-        lock = self.lock = RunLock(self.run_dir)
-        if info.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            lock.acquire()
-            for stale in (self.run_dir / "checkpoints").glob("*.tmp"):  # left by a process killed mid-write
-                stale.unlink(missing_ok=True)
-        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        # Adam's second moments of tiny gradients underflow into denormal floats, which x86 CPUs handle 5-10x
-        # slower: on a 2-core CPU a ResNet-18 step went from about 1 s to 0.15-0.25 s (32 px views, batch 64).
-        # Values below 1e-38 become 0 while training (CUDA kernels flush them anyway); the process's other
-        # code gets IEEE floats back afterwards.
-        torch.set_flush_denormal(True)
-        try:
-            if info.is_main:
-                # drop records of work done after the checkpoint being resumed (a killed attempt's), none when fresh
-                writer = RunWriter(self.run_dir, c, resume_epoch=self.next_epoch,
-                                   resume_step=self.scheduler.last_epoch)  # optimiser steps done, as saved
-                self.log(f"run dir {self.run_dir}: {self.train_batches.num_images} training images, "
-                         f"{self.train_batches.steps_per_epoch} steps per epoch, device {self.device}")
-                self._write_views(writer)  # before the first step: what the views do to this data
-            for epoch in range(self.next_epoch, c.epochs):
-                start = time.perf_counter()
-                record = {"kind": "epoch", "epoch": epoch, "train_loss": self.train_epoch(epoch, writer)}
-                if self.valid_views is not None and ((epoch + 1) % c.eval_every_n_epochs == 0 or epoch + 1 == c.epochs):
-                    record.update(self.validate())
-                record["seconds"] = time.perf_counter() - start
-                is_best = record.get("valid_loss", math.inf) < self.best_valid
-                if is_best:
-                    self.best_valid = record["valid_loss"]
-                if info.is_main:
-                    # the record first: killed before the checkpoint, the resume drops it and logs the rerun epoch
-                    writer.log(record, self.scheduler.last_epoch, "epoch")  # on the train tags' (global step) axis
-                    folder = self.run_dir / "checkpoints"
-                    state = self._state(epoch + 1)
-                    ckpt.save_checkpoint(folder / ckpt.LAST, state, keep_previous=True)
-                    if is_best:
-                        ckpt.save_checkpoint(folder / ckpt.BEST, state)
-                    self.log(f"epoch {epoch + 1}/{c.epochs}: {epoch_summary(record)}")
-                    self._write_curves()
-                barrier()
-                if self._agree_to_stop():  # a signal during the epoch's last step or validation, on any process
-                    self._stop_signal = self._stop_signal or "a signal to another process"
-                    if epoch + 1 < c.epochs:  # this epoch's checkpoint is the place to stop: no step wasted
-                        raise Preempted(f"stopped by {self._stop_signal} after epoch {epoch + 1}; checkpoint saved. "
-                                        f"{self._continue_with()}")
-        finally:
-            torch.set_flush_denormal(False)
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-            if writer:
-                writer.close()
-            lock.release()
-        return self.run_dir
+
+@contextlib.contextmanager
+def flushed_denormals():
+    """Denormal floats read as 0 inside the block.
+
+    Adam's second moments of tiny gradients underflow into denormal floats, which x86 CPUs handle 5-10x
+    slower: on a 2-core CPU a ResNet-18 step went from about 1 s to 0.15-0.25 s (32 px views, batch 64).
+    Values below 1e-38 become 0 while training (CUDA kernels flush them anyway); the process's other
+    code gets IEEE floats back afterwards.
+    """
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+
+
+class ImageRate:
+    """Images per second since the last (re)start: the progress bar's and the step records' speed."""
+
+    def __init__(self):
+        self.restart()
+
+    def restart(self) -> None:
+        self.start, self.images = time.perf_counter(), 0
+
+    def add(self, images: int) -> None:
+        self.images += images
+
+    def read(self) -> float:
+        return self.images / (time.perf_counter() - self.start)
 
 
 def epoch_summary(record: dict) -> str:
@@ -465,7 +466,3 @@ def epoch_summary(record: dict) -> str:
     shown = [f"{k} {v:.1f}%" if k.endswith(("top1", "top5")) else f"{k} {v:.4f}"
              for k, v in record.items() if k not in ("kind", "epoch", "seconds")]
     return ", ".join(shown) + (f" ({record['seconds']:.1f} s)" if "seconds" in record else "")
-
-
-class Preempted(Exception):
-    """The run stopped on a signal after saving a resumable checkpoint."""

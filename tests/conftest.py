@@ -58,7 +58,8 @@ SEED_CONFIG = Path(__file__).parent / "data" / "seed_config.yaml"
 
 
 def tiny_args(root: Path, run_dir: Path, *extra: str) -> list[str]:
-    """run.py arguments for a seconds-long CPU run on tiny STL10 files (the seed's config, overridden)."""
+    """run.py arguments for a seconds-long CPU run on tiny STL10 files (`SEED_CONFIG`, the original repository's
+    config.yaml, overridden)."""
     return ["--config", str(SEED_CONFIG), "fine_tune_from=None", f"dataset.root={root}", "dataset.name=stl10",
             "dataset.download=false", "dataset.input_shape=(32,32,3)", "batch_size=4", "epochs=2",
             "model.out_dim=8", "dataset.valid_size=0.2", "log_every_n_steps=1", "device=cpu",

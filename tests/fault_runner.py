@@ -1,7 +1,9 @@
-"""run.py with a marker line on stdout (and a short pause) at chosen moments, so a test can kill it there.
+"""Fault injection for the tests, through the run guard's events (`run.main(argv, on_event=...)`).
 
-Markers: `@@step` after each optimiser step, `@@validate` when validation starts, `@@saving:last` (or
-`:best`) half-way through writing that checkpoint's bytes. Used only by tests/test_faults.py.
+Run as a script, it is run.py with a marker line on stdout (and a short pause) at chosen moments, so a test
+can kill it there. Markers: `@@step` after each optimiser step, `@@validate` when validation starts,
+`@@saving:last` (or `:best`) half-way through writing that checkpoint's bytes. Imported, `on_nth` and
+`signal_self` build the `on_event` of an in-process run.
 """
 import io
 import os
@@ -14,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 import run  # noqa: E402
-from simclr import checkpoint, trainer  # noqa: E402
+from simclr import checkpoint  # noqa: E402
 
 PAUSE = float(os.environ.get("FAULT_PAUSE", "0.5"))
 
@@ -24,17 +26,26 @@ def mark(name: str) -> None:
     time.sleep(PAUSE)
 
 
+def on_nth(event: str, n: int, action):
+    """An `on_event` that calls `action()` when `event` (`"step"` or `"validate"`) happens for the n-th time."""
+    seen = []
+
+    def on_event(name: str) -> None:
+        if name == event:
+            seen.append(name)
+            if len(seen) == n:
+                action()
+
+    return on_event
+
+
+def signal_self(signum: int):
+    """An action sending `signum` to this process, as SLURM's SIGTERM or a terminal's Ctrl-C would."""
+    return lambda: os.kill(os.getpid(), signum)
+
+
 def main() -> int:
-    step, validate, save = trainer.Trainer.train_step, trainer.Trainer.validate, torch.save
-
-    def marked_step(self, x1, x2):
-        out = step(self, x1, x2)
-        mark("step")
-        return out
-
-    def marked_validate(self):
-        mark("validate")
-        return validate(self)
+    save = torch.save
 
     def slow_save(obj, f, *args, **kwargs):
         buffer = io.BytesIO()
@@ -45,9 +56,8 @@ def main() -> int:
         mark("saving:" + Path(f.name).name.split(".")[0])
         f.write(data[len(data) // 2:])
 
-    trainer.Trainer.train_step, trainer.Trainer.validate = marked_step, marked_validate
     checkpoint.torch.save = slow_save
-    return run.main(sys.argv[1:])
+    return run.main(sys.argv[1:], on_event=mark)  # the guard's events: "step" after each step, "validate"
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The batched device view pipeline against torchvision's functional ops, its parameter laws, and its batches.
+"""The batched device view pipeline against torchvision's functional ops, and its parameter laws (its batch
+source: tests/test_batches.py).
 
 Tolerances (float32 images in [0, 1]):
 - resized crop vs `resized_crop(antialias=True)`, any scale, and vs `antialias=False` for enlargements: 1e-5
@@ -18,11 +19,11 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 from scipy import stats
-from torch.utils.data import DistributedSampler
 from torchvision.transforms import v2
 
 from data_aug import device_views as dv
-from data_aug.views import blur_kernel_size, create_view_transform
+from data_aug.batches import DeviceBatches
+from data_aug.views import ViewSettings, blur_kernel_size, create_view_transform
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -143,7 +144,7 @@ def test_color_jitter_matches_torchvision_in_every_order():
 
 def test_make_views_matches_torchvision_pipeline_with_the_same_parameters():
     images = _images(24, 48, 48, seed=8)
-    params = dv.sample_view_params(24, 48, 48, s=1.0, blur=True, generator=torch.Generator().manual_seed(8))
+    params = dv.sample_view_params(24, 48, 48, ViewSettings(32), generator=torch.Generator().manual_seed(8))
     size, kernel = 32, blur_kernel_size(32)
     ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
     expected = []
@@ -163,13 +164,13 @@ def test_make_views_matches_torchvision_pipeline_with_the_same_parameters():
 
 
 # ---------- the sampled parameters follow the intended laws ----------
-
 DRAWS = 4000
+
 
 
 @pytest.fixture(scope="module")
 def params():
-    return dv.sample_view_params(DRAWS, 96, 96, s=1.0, blur=True, generator=torch.Generator().manual_seed(0))
+    return dv.sample_view_params(DRAWS, 96, 96, ViewSettings(32), generator=torch.Generator().manual_seed(0))
 
 
 def _torchvision_boxes(count, height, width, seed):
@@ -218,13 +219,14 @@ def test_crop_law_before_rejection_is_uniform_area_and_log_uniform_ratio():
 
 def test_min_crop_scale_bounds_the_crop_area():
     images = _uint8_images(count=64, side=96)
-    batches = dv.DeviceBatches(images, 64, 32, 1.0, True, seed=0, min_crop_scale=0.5)
-    params = dv.sample_view_params(DRAWS, 96, 96, 1.0, True, torch.Generator().manual_seed(0), min_crop_scale=0.5)
+    batches = DeviceBatches(images, 64, ViewSettings(32, min_crop_scale=0.5), seed=0)
+    params = dv.sample_view_params(DRAWS, 96, 96, ViewSettings(32, min_crop_scale=0.5),
+                                   torch.Generator().manual_seed(0))
     area = params.boxes[:, 2] * params.boxes[:, 3] / 96**2
     assert area.min() >= (math.sqrt(0.5) - 0.5 / 96) ** 2 and area.min() < 0.52
     assert batches.make_batch(0, 0)[0].shape == (64, 3, 32, 32)
     with pytest.raises(ValueError, match="min_crop_scale"):
-        dv.DeviceBatches(images, 64, 32, 1.0, True, seed=0, min_crop_scale=0)
+        ViewSettings(32, min_crop_scale=0)
 
 
 def test_crop_falls_back_to_the_central_crop_when_nothing_fits():
@@ -259,101 +261,24 @@ def test_jitter_factors_sigma_and_order_laws(params):
 
 
 def test_strength_zero_no_blur_and_bad_strength():
-    params = dv.sample_view_params(500, 32, 32, s=0.0, blur=False, generator=torch.Generator().manual_seed(0))
+    plain = ViewSettings(32, s=0.0, blur=False)
+    params = dv.sample_view_params(500, 32, 32, plain, generator=torch.Generator().manual_seed(0))
     assert not params.blur.any()
     assert (params.factors == torch.tensor([1.0, 1.0, 1.0, 0.0])).all()
     assert (params.factors[:, :3] >= 0).all()
     with pytest.raises(ValueError, match="s = 3"):
-        dv.jitter_ranges(3)
+        ViewSettings(32, s=3)
 
-
-# ---------- the batch source ----------
 
 def _uint8_images(count=96, side=24, seed=0):
     return (_images(count, side, side, seed) * 255).round().to(torch.uint8)
 
 
-def test_batches_shape_range_and_views_differ():
-    batches = dv.DeviceBatches(_uint8_images(), 16, 20, 1.0, True, seed=0)
-    assert batches.steps_per_epoch == 6 and batches.num_images == 96
-    x1, x2 = batches.make_batch(0, 0)
-    assert x1.shape == x2.shape == (16, 3, 20, 20) and x1.dtype == torch.float32
-    assert x1.min() >= 0 and x1.max() <= 1
-    assert (x1 - x2).abs().mean() > 0.02  # two independent views of the same images
-
-
-def test_batches_are_a_pure_function_of_seed_epoch_step():
-    images = _uint8_images()
-    state = torch.get_rng_state()
-    full = list(dv.DeviceBatches(images, 16, 20, 1.0, True, seed=3).batches(epoch=2))
-    resumed = list(dv.DeviceBatches(images, 16, 20, 1.0, True, seed=3).batches(epoch=2, start_step=4))
-    assert torch.equal(torch.get_rng_state(), state)  # the global generator is never used
-    assert len(full) == 6 and len(resumed) == 2
-    for (a1, a2), (b1, b2) in zip(full[4:], resumed):
-        assert torch.equal(a1, b1) and torch.equal(a2, b2)
-    other_epoch = dv.DeviceBatches(images, 16, 20, 1.0, True, seed=3).make_batch(3, 4)
-    other_seed = dv.DeviceBatches(images, 16, 20, 1.0, True, seed=4).make_batch(2, 4)
-    assert not torch.equal(other_epoch[0], full[4][0]) and not torch.equal(other_seed[0], full[4][0])
-
-
-def test_each_epoch_visits_each_image_at_most_once_and_ranks_split_the_global_batch():
-    images = _uint8_images(count=100)
-    single = dv.DeviceBatches(images, 16, 20, 1.0, True, seed=1, chunk=5)
-    ranks = [dv.DeviceBatches(images, 16, 20, 1.0, True, seed=1, rank=r, world_size=4) for r in range(4)]
-    assert single.steps_per_epoch == 6  # 100 // 16: the last partial batch is dropped
-    seen = torch.cat([single.indices(0, t) for t in range(6)])
-    assert len(seen.unique()) == 96
-    for step in (0, 5):
-        parts = [r.indices(0, step) for r in ranks]
-        assert all(len(p) == 4 for p in parts)
-        assert torch.equal(torch.cat(parts), single.indices(0, step))  # disjoint slices of the same batch
-        views = [r.make_batch(0, step) for r in ranks]
-        x1, x2 = single.make_batch(0, step)
-        torch.testing.assert_close(torch.cat([v[0] for v in views]), x1, atol=1e-6, rtol=0)
-        torch.testing.assert_close(torch.cat([v[1] for v in views]), x2, atol=1e-6, rtol=0)
-    assert not torch.equal(single.permutation(0), single.permutation(1))
-
-
-def test_gather_to_device_equals_indexing_in_any_chunking():
-    images = torch.randint(0, 256, (11, 3, 4, 5), dtype=torch.uint8)
-    indices = torch.randperm(11)[:9]
-    for chunk in (1, 4, 9, 100):
-        assert torch.equal(dv.gather_to_device(images, indices, "cpu", chunk=chunk), images[indices])
-
-
-def test_fixed_batches_repeat_and_take_this_ranks_share_in_order():
-    images = torch.randint(0, 256, (10, 3, 16, 16), dtype=torch.uint8)
-    batches = dv.DeviceBatches(images, 2, 16, 0.0, False, seed=3, rank=1, world_size=2, min_crop_scale=1.0)
-    first, again = list(batches.fixed_batches(2)), list(batches.fixed_batches(2))
-    assert len(first) == batches.fixed_batch_count(2) == 2  # rank 1's share: images 1, 3, 5, 7, 9 -> 2 full batches
-    assert all(torch.equal(a, b) for pa, pb in zip(first, again) for a, b in zip(pa, pb))
-    assert not torch.equal(first[0][0], first[0][1])  # two different views of each image
-    expected = images[[1, 3, 5, 7]].float() / 255
-    gray = dv._luma(expected).expand(-1, 3, -1, -1)  # full-image crops, no jitter or blur: only flip and grayscale
-    for view in torch.cat([first[0][0], first[1][0]]), torch.cat([first[0][1], first[1][1]]):
-        for v, x, g in zip(view, expected, gray):
-            assert any(torch.allclose(v, c, atol=1e-5) for c in (x, x.flip(-1), g, g.flip(-1)))
-    assert len(list(dv.DeviceBatches(images, 2, 16, 1.0, True, seed=0, world_size=2).fixed_batches(8))) == 1
-    for world in (1, 3, 4, 10):  # the same shares as DistributedSampler, padding included
-        for rank in range(world):
-            mine = dv.DeviceBatches(images, world, 16, 0.0, False, seed=0, rank=rank, world_size=world)
-            assert mine.share().tolist() == list(DistributedSampler(range(10), world, rank, shuffle=False))
-
-
-def test_bad_arguments_raise():
-    with pytest.raises(ValueError, match="uint8"):
-        dv.DeviceBatches(torch.zeros(32, 3, 8, 8), 16, 8, 1.0, True, 0)
-    with pytest.raises(ValueError, match="divisible"):
-        dv.DeviceBatches(_uint8_images(), 15, 20, 1.0, True, 0, world_size=2)
-    with pytest.raises(ValueError, match="larger"):
-        dv.DeviceBatches(_uint8_images(count=8), 16, 20, 1.0, True, 0)
-
-
 def test_view_statistics_match_the_pil_reference_pipeline():
     """End to end: per-view mean, contrast and colourfulness have the same distribution as the PIL pipeline."""
     images = _uint8_images(count=200, side=32, seed=9)
-    device_views = torch.cat(dv.DeviceBatches(images, 200, 32, 1.0, True, seed=0).make_batch(0, 0))
-    transform = create_view_transform(32, 1.0, True)
+    device_views = torch.cat(DeviceBatches(images, 200, ViewSettings(32), seed=0).make_batch(0, 0))
+    transform = create_view_transform(ViewSettings(32))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         pil_views = torch.stack([transform(images[i % 200]) for i in range(400)])
@@ -368,119 +293,5 @@ def test_view_statistics_match_the_pil_reference_pipeline():
     for key in ours:
         assert stats.ks_2samp(ours[key].numpy(), ref[key].numpy()).pvalue > 1e-3, key
     # the same statistics do tell pipelines apart: without colour jitter or blur they shift
-    plain = torch.cat(dv.DeviceBatches(images, 200, 32, 0.0, False, seed=0).make_batch(0, 0))
+    plain = torch.cat(DeviceBatches(images, 200, ViewSettings(32, s=0.0, blur=False), seed=0).make_batch(0, 0))
     assert stats.ks_2samp(summary(plain)["colour"].numpy(), ref["colour"].numpy()).pvalue < 1e-3
-
-
-def test_trainer_takes_two_steps_on_the_device_path(tmp_path):
-    from simclr.config import load_config
-    from simclr.dist import DistInfo
-    from simclr.run_dir import RunLock
-    from simclr.trainer import Trainer
-
-    config = load_config("configs/tiny.yaml", [f"run_dir={tmp_path / 'run'}", "batch_size=32",
-                                               "dataset.augment_on=device"])
-    trainer = Trainer(config, DistInfo(0, 1, 0, torch.device("cpu")))
-    batches = trainer.train_batches
-    assert isinstance(batches, dv.DeviceBatches) and batches.steps_per_epoch == batches.num_images // 32
-    before = [p.detach().clone() for p in trainer.model.parameters()]
-    for step, (x1, x2) in zip(range(2), batches.batches(0)):
-        assert x1.shape == (32, 3, 32, 32)
-        loss, _ = trainer.train_step(x1, x2)
-        assert torch.isfinite(loss)
-    assert all(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()) if a.ndim > 1)
-    assert isinstance(trainer.valid_views, dv.DeviceBatches)  # validation views are made on the device too
-    trainer.lock = RunLock(tmp_path / "run")
-    first = trainer.validate()
-    assert first == trainer.validate() and set(first) == {"valid_loss", "valid_top1", "valid_top5"}
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_batches_never_sync_with_the_host_and_match_the_cpu_ops():
-    images = _uint8_images(count=256, side=96)
-    batches = dv.DeviceBatches(images, 128, 96, 1.0, True, seed=0, device="cuda")
-    batches.make_batch(0, 0)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        x1, x2 = batches.make_batch(0, 1)
-        batches.make_batch(1, 0)  # a new epoch: its permutation is drawn on the GPU too
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert x1.is_cuda and x1.is_contiguous(memory_format=torch.channels_last)
-    params = dv.sample_view_params(64, 96, 96, 1.0, True, torch.Generator(device="cuda").manual_seed(0))
-    source = _images(64, 96, 96).cuda()
-    on_gpu = dv.make_views(source, params, 96, 11)
-    on_cpu = dv.make_views(source.cpu(), dv.ViewParams(**{k: v.cpu() for k, v in vars(params).items()}), 96, 11)
-    torch.testing.assert_close(on_gpu.cpu(), on_cpu, atol=2e-3, rtol=0)  # TF32 matmuls, if enabled, round more
-
-
-# ---------- the throughput benchmark ----------
-
-def test_benchmark_appends_runs_to_its_own_section(tmp_path):
-    from bench import throughput
-
-    path = tmp_path / "BENCHMARKS.md"
-    path.write_text("# Benchmarks\n\n<!-- other: start -->\nother table\n<!-- other: end -->\n")
-    throughput.append_run("### run one", path)
-    throughput.append_run("### run two", path)
-    text = path.read_text()
-    assert text.count(throughput.START) == 1 and text.count("## Training throughput") == 1
-    assert "other table" in text and text.index("### run one") < text.index("### run two") < text.index(throughput.END)
-
-
-def test_benchmark_runs_end_to_end_on_the_cpu(tmp_path, capsys):
-    from bench import throughput
-
-    out = tmp_path / "BENCHMARKS.md"
-    assert throughput.main(["--device", "cpu", "--crop", "32", "--batch-size", "4", "--steps", "1", "--warmup", "1",
-                            "--workers", "0", "--per-core-views", "16", "--output", str(out)]) == 0
-    text = out.read_text()
-    for row in ("model alone on pre-made views", "full step, CPU pipeline", "full step, device pipeline",
-                "CPU pipeline alone", "device pipeline alone", "per core", "torch " + torch.__version__):
-        assert row in text
-    assert "appended to" in capsys.readouterr().out
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_training_step_never_syncs_with_the_host(tmp_path):
-    """The trainer's whole step (device views, bf16 forward, NT-Xent, backward, fused Adam, schedule)."""
-    from simclr.config import load_config
-    from simclr.dist import DistInfo
-    from simclr.trainer import Trainer
-
-    config = load_config("configs/tiny.yaml", [f"run_dir={tmp_path / 'run'}", "device=cuda", "batch_size=32",
-                                               "dataset.augment_on=device", "fp16_precision=true",
-                                               "amp_dtype=bfloat16"])
-    trainer = Trainer(config, DistInfo(0, 1, 0, torch.device("cuda")))
-    batches = trainer.train_batches.batches(0)
-    for _ in range(2):  # the first steps allocate optimiser state
-        trainer.train_step(*next(batches))
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        loss, acc = trainer.train_step(*next(batches))
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert loss.is_cuda and torch.isfinite(loss) and acc["top1"].is_cuda
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (compiling on the CPU takes minutes)")
-def test_compiled_view_ops_match_eager_on_cuda():
-    images = _uint8_images(count=128, side=96)
-    eager = dv.DeviceBatches(images, 64, 96, 1.0, True, seed=0, device="cuda").make_batch(0, 1)
-    compiled = dv.DeviceBatches(images, 64, 96, 1.0, True, seed=0, device="cuda", compile=True).make_batch(0, 1)
-    for a, b in zip(eager, compiled):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
-
-
-@pytest.mark.parametrize("device", ["gpu", "mps"] + ([] if torch.cuda.is_available() else ["cuda"]))
-def test_benchmarks_refuse_a_bad_device_in_one_line(device, capsys):
-    from bench import loss_scaling, throughput
-
-    for bench in (throughput, loss_scaling):
-        with pytest.raises(SystemExit) as stop:
-            bench.main(["--device", device, "--no-write"])
-        assert stop.value.code == 2
-        err = capsys.readouterr().err
-        assert f"--device: {device!r}" in err and "Traceback" not in err

@@ -17,6 +17,7 @@ from simclr.checkpoint import CheckpointWriteError, find_resume_state, save_chec
 from simclr.run_dir import RunDirBusy, RunLock
 from simclr.trainer import Trainer
 from tests.conftest import assert_same_weights, final_weights, tiny_args
+from tests.fault_runner import on_nth, signal_self
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -72,35 +73,17 @@ def metric_positions(run_dir: Path) -> list[tuple]:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_preemption_saves_position_and_resumes_mid_epoch(data_root, reference, tmp_path, monkeypatch, capsys, signum):
+def test_preemption_saves_position_and_resumes_mid_epoch(data_root, reference, tmp_path, capsys, signum):
     run_dir = tmp_path / "preempted"
-    original = Trainer.train_step
-    calls = []
-
-    def signal_on_fifth_step(self, x1, x2):
-        out = original(self, x1, x2)
-        calls.append(1)
-        if len(calls) == 5:  # epoch 2, step 2 of 3
-            os.kill(os.getpid(), signum)
-        return out
-
-    monkeypatch.setattr(Trainer, "train_step", signal_on_fifth_step)
-    assert run.main(tiny_args(data_root, run_dir)) == 0
+    signal_on_fifth_step = on_nth("step", 5, signal_self(signum))  # epoch 2, step 2 of 3
+    assert run.main(tiny_args(data_root, run_dir), on_event=signal_on_fifth_step) == 0
     out = capsys.readouterr().out
     assert f"resume={run_dir}" in out and f"stopped by {signal.Signals(signum).name} at epoch 2, step 2;" in out
     state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert state["next_epoch"] == 1 and state["step_in_epoch"] == 2
-    monkeypatch.setattr(Trainer, "train_step", original)
-    calls.clear()
-    counting = original
-
-    def count_steps(self, x1, x2):
-        calls.append(1)
-        return counting(self, x1, x2)
-
-    monkeypatch.setattr(Trainer, "train_step", count_steps)
-    assert run.main([f"resume={run_dir}"]) == 0
-    assert len(calls) == 1  # only the last step of epoch 2 was left
+    steps = []
+    assert run.main([f"resume={run_dir}"], on_event=lambda name: name == "step" and steps.append(name)) == 0
+    assert len(steps) == 1  # only the last step of epoch 2 was left
     assert_same_weights(final_weights(run_dir), reference)
     # the same 1-based position in both messages
     resumed = capsys.readouterr().out
@@ -224,23 +207,10 @@ def test_resume_with_another_optimiser_is_refused(straight_run, capsys):
     assert len(err) == 1 and "'adam'" in err[0] and "optimizer.name=adam" in err[0]
 
 
-def test_preemption_on_the_last_step_keeps_the_epoch_loss(data_root, tmp_path, monkeypatch):
-    import json
-
+def test_preemption_on_the_last_step_keeps_the_epoch_loss(data_root, tmp_path):
     run_dir = tmp_path / "last_step"
-    original = Trainer.train_step
-    calls = []
-
-    def signal_on_third_step(self, x1, x2):
-        out = original(self, x1, x2)
-        calls.append(1)
-        if len(calls) == 3:  # the last of epoch 1's three steps
-            os.kill(os.getpid(), signal.SIGTERM)
-        return out
-
-    monkeypatch.setattr(Trainer, "train_step", signal_on_third_step)
-    assert run.main(tiny_args(data_root, run_dir)) == 0
-    monkeypatch.setattr(Trainer, "train_step", original)
+    signal_on_third_step = on_nth("step", 3, signal_self(signal.SIGTERM))  # the last of epoch 1's three steps
+    assert run.main(tiny_args(data_root, run_dir), on_event=signal_on_third_step) == 0
     assert run.main([f"resume={run_dir}"]) == 0
     epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
               if json.loads(line)["kind"] == "epoch"]
@@ -301,20 +271,12 @@ def test_a_bad_image_met_by_a_worker_and_a_second_signal_end_in_one_line(tmp_pat
         assert err.startswith(expected) and err.count("\n") == 1
 
 
-def test_a_signal_during_validation_stops_at_the_epoch_boundary(data_root, reference, tmp_path, monkeypatch, capsys):
+def test_a_signal_during_validation_stops_at_the_epoch_boundary(data_root, reference, tmp_path, capsys):
     run_dir = tmp_path / "boundary"
-    validate = Trainer.validate
-
-    def signalled_validation(self):
-        os.kill(os.getpid(), signal.SIGTERM)
-        return validate(self)
-
-    monkeypatch.setattr(Trainer, "validate", signalled_validation)
-    assert run.main(tiny_args(data_root, run_dir)) == 0
+    assert run.main(tiny_args(data_root, run_dir), on_event=on_nth("validate", 1, signal_self(signal.SIGTERM))) == 0
     assert "stopped by SIGTERM after epoch 1; checkpoint saved" in capsys.readouterr().out
     state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert state["next_epoch"] == 1 and state["step_in_epoch"] == 0  # no step of epoch 2 was spent
-    monkeypatch.setattr(Trainer, "validate", validate)
     assert run.main([f"resume={run_dir}"]) == 0
     assert_same_weights(final_weights(run_dir), reference)
 

@@ -8,6 +8,7 @@ from PIL import Image
 
 import run
 from data_aug.view_grid import draw_view_grid, pick_images, sample_views
+from data_aug.views import ViewSettings
 from simclr import preview
 from simclr.run_plots import write_curves
 from simclr.trainer import epoch_summary
@@ -31,19 +32,20 @@ def images(count=5, size=24):
 def test_sample_views_follow_the_settings_and_leave_the_global_stream_alone(augment_on):
     chosen = pick_images(list(zip(images(), range(5))), 3, seed=0)  # (image, label) items, as data sets give
     assert len(chosen) == 3 and chosen[0].dtype == torch.uint8
-    settings = dict(crop_size=16, blur=True, min_crop_scale=0.2, augment_on=augment_on, seed=3)
+    settings = ViewSettings(16, s=1.0, blur=True, min_crop_scale=0.2)
     before = torch.get_rng_state()
-    strong = sample_views(chosen, 4, s=1.0, **settings)
+    strong = sample_views(chosen, 4, settings, augment_on=augment_on, seed=3)
     assert torch.equal(torch.get_rng_state(), before)  # training's random stream is untouched
     assert strong.shape == (3, 4, 3, 16, 16) and 0 <= strong.min() and strong.max() <= 1
-    assert torch.equal(strong, sample_views(chosen, 4, s=1.0, **settings))  # seeded
-    assert not torch.equal(strong, sample_views(chosen, 4, s=0.0, **settings))  # dataset.s shows
+    assert torch.equal(strong, sample_views(chosen, 4, settings, augment_on=augment_on, seed=3))  # seeded
+    weak = ViewSettings(16, s=0.0, blur=True, min_crop_scale=0.2)
+    assert not torch.equal(strong, sample_views(chosen, 4, weak, augment_on=augment_on, seed=3))  # dataset.s shows
     assert not torch.equal(strong[:, 0], strong[:, 1])  # the views of one image differ
 
 
 def test_view_grid_picture_is_drawn(tmp_path):
     chosen = list(images(2, 40))
-    views = sample_views(chosen, 3, crop_size=20, s=1.0, blur=False, min_crop_scale=0.08, augment_on="cpu", seed=0)
+    views = sample_views(chosen, 3, ViewSettings(20, s=1.0, blur=False, min_crop_scale=0.08), augment_on="cpu", seed=0)
     picture = draw_view_grid(chosen, views, "a title long enough to wrap onto a second line " * 3)
     assert picture.dtype == np.uint8 and picture.ndim == 3 and picture.shape[2] == 3
     Image.fromarray(picture).save(tmp_path / "grid.png")
@@ -112,7 +114,7 @@ def test_curves_from_metrics(tmp_path):
 
 def test_device_views_of_images_of_several_sizes_are_a_one_line_error(tmp_path, capsys):
     with pytest.raises(ValueError, match="one size"):
-        sample_views([images(1, 20)[0], images(1, 24)[0]], 2, crop_size=16, s=1.0, blur=False, min_crop_scale=0.5,
+        sample_views([images(1, 20)[0], images(1, 24)[0]], 2, ViewSettings(16, s=1.0, blur=False, min_crop_scale=0.5),
                      augment_on="device", seed=0)
     for split, size in (("train/a", 20), ("train/b", 24), ("test/a", 20)):
         (tmp_path / split).mkdir(parents=True)

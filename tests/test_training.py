@@ -1,6 +1,5 @@
 """End-to-end training on tiny STL10 files: smoke run, run directory, resume equality, fine-tuning, errors."""
 import json
-import os
 import shutil
 
 import pytest
@@ -14,6 +13,7 @@ from simclr.dist import init_distributed
 from simclr.optim import warmup_cosine
 from simclr.trainer import Trainer, find_resume
 from tests.conftest import assert_same_weights, final_weights, tiny_args
+from tests.fault_runner import on_nth, signal_self
 
 
 def test_run_directory_contents(straight_run, capsys):
@@ -44,19 +44,15 @@ def test_learning_rate_follows_cosine_per_step(straight_run):
     assert lrs[0] == pytest.approx(3e-4) and all(a > b > 0 for a, b in zip(lrs, lrs[1:]))
 
 
-def test_interrupted_run_resumes_to_the_same_weights(data_root, straight_run, tmp_path, monkeypatch):
+def test_interrupted_run_resumes_to_the_same_weights(data_root, straight_run, tmp_path):
     run_dir = tmp_path / "interrupted"
-    original = Trainer.train_epoch
 
-    def crash_in_second_epoch(self, epoch, writer):
-        if epoch == 1:
-            raise KeyboardInterrupt
-        return original(self, epoch, writer)
+    def crash():
+        raise KeyboardInterrupt
 
-    monkeypatch.setattr(Trainer, "train_epoch", crash_in_second_epoch)
-    assert run.main(tiny_args(data_root, run_dir)) == 130  # stopped at once, as by a second Ctrl-C
+    crash_in_second_epoch = on_nth("step", 4, crash)  # 3 steps per epoch: the first step of epoch 2
+    assert run.main(tiny_args(data_root, run_dir), on_event=crash_in_second_epoch) == 130  # as a second Ctrl-C
     assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["next_epoch"] == 1
-    monkeypatch.setattr(Trainer, "train_epoch", original)
     assert run.main(["resume=" + str(run_dir)]) == 0
     assert_same_weights(final_weights(run_dir), final_weights(straight_run))
 
@@ -103,7 +99,8 @@ def test_fine_tune_from_unknown_name_is_a_clear_error(data_root, tmp_path, capsy
 
 def test_the_seed_config_with_its_missing_pretrained_model_trains_from_scratch_with_a_warning(data_root, tmp_path,
                                                                                                capsys):
-    """The seed's config.yaml says fine_tune_from: 'resnet-18_80-epochs', a model the original shipped."""
+    """The original repository's (sthalles/SimCLR) config.yaml says fine_tune_from: 'resnet-18_80-epochs', a model
+    it shipped and this repository does not."""
     args = [a for a in tiny_args(data_root, tmp_path / "seed", "epochs=1") if a != "fine_tune_from=None"]
     assert run.main(args) == 0
     out = capsys.readouterr().out
@@ -121,17 +118,12 @@ def test_a_seed_model_name_that_exists_here_is_never_replaced_by_training_from_s
     assert "fine_tune_from = 'resnet-18_80-epochs'" in err and "no checkpoints/last.pt" in err
 
 
-def test_a_stop_signal_as_training_finishes_skips_the_final_evaluation(data_root, tmp_path, capsys, monkeypatch):
+def test_a_stop_signal_as_training_finishes_skips_the_final_evaluation(data_root, tmp_path, capsys):
     import signal
 
-    validate = Trainer.validate
-
-    def signalled_validation(self):
-        os.kill(os.getpid(), signal.SIGTERM)  # during the last epoch's validation: training is already done
-        return validate(self)
-
-    monkeypatch.setattr(Trainer, "validate", signalled_validation)
-    assert run.main(tiny_args(data_root, tmp_path / "late", "epochs=1", "final_eval=true")) == 0
+    # during the last epoch's validation: training is already done
+    late = on_nth("validate", 1, signal_self(signal.SIGTERM))
+    assert run.main(tiny_args(data_root, tmp_path / "late", "epochs=1", "final_eval=true"), on_event=late) == 0
     out = capsys.readouterr().out
     assert "final_eval skipped: SIGTERM" in out and "done: run dir" in out
     assert not (tmp_path / "late" / "eval").exists()
@@ -191,7 +183,7 @@ def test_float16_resume_of_a_run_saved_without_a_scaler_starts_a_fresh_scale(dat
     config = load_config(None, tiny_args(data_root, tmp_path / "fp16")[2:])
     trainer = Trainer(config, init_distributed("cpu"))
     trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)  # enabled, as float16 on CUDA makes it
-    trainer._restore(state)
+    trainer.restore(state)
     assert trainer.scaler.get_scale() == 2.0**10 and trainer.next_epoch == 2
 
 
@@ -202,31 +194,29 @@ def test_mixed_precision_on_cpu_uses_bfloat16(data_root, tmp_path, capsys):
 
 def test_float16_overflow_steps_are_skipped_counted_and_logged(data_root, tmp_path, monkeypatch):
     """With a GradScaler, an overflowing step is skipped (weights unchanged), counted, and the run goes on."""
-    config = load_config(None, tiny_args(data_root, tmp_path / "fp16")[2:] + ["epochs=1"])
-    trainer = Trainer(config, init_distributed("cpu"))
-    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)  # what float16 on CUDA uses
     original = NTXentLoss.loss_and_accuracy
-    calls = []
+    calls, before, compared = [], {}, []
 
     def overflow_once(self, z_i, z_j, topk=(1, 5)):
         loss, acc = original(self, z_i, z_j, topk)
         calls.append(1)
         return (loss * float("inf"), acc) if len(calls) == 2 else (loss, acc)
 
-    monkeypatch.setattr(NTXentLoss, "loss_and_accuracy", overflow_once)
-    before = {}
-
-    def snapshot_before_second_step(self, x1, x2, step=Trainer.train_step):
-        if len(calls) == 1:
-            before.update({k: v.detach().clone() for k, v in self.model.named_parameters()})
-        out = step(self, x1, x2)
-        if len(calls) == 2:
+    def after_step(name):
+        weights = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+        if name == "step" and len(calls) == 1:
+            before.update(weights)  # after the first step: the weights the second one starts from
+        elif name == "step" and len(calls) == 2:
             # the overflowing step changed no weight (BatchNorm's running statistics move in any forward)
-            assert_same_weights({k: v.detach() for k, v in self.model.named_parameters()}, before)
-        return out
+            assert_same_weights(weights, before)
+            compared.append(name)
 
-    monkeypatch.setattr(Trainer, "train_step", snapshot_before_second_step)
+    config = load_config(None, tiny_args(data_root, tmp_path / "fp16")[2:] + ["epochs=1"])
+    trainer = Trainer(config, init_distributed("cpu"), on_event=after_step)
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)  # what float16 on CUDA uses
+    monkeypatch.setattr(NTXentLoss, "loss_and_accuracy", overflow_once)
     trainer.fit()
+    assert compared  # the overflowing step was checked
     assert trainer.skipped_steps.item() == 1
     records = [json.loads(line) for line in (tmp_path / "fp16" / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_steps"] for r in records if r["kind"] == "step"][-1] == 1
@@ -235,20 +225,13 @@ def test_float16_overflow_steps_are_skipped_counted_and_logged(data_root, tmp_pa
     assert Trainer(resumed, init_distributed("cpu"), find_resume(resumed)).skipped_steps.item() == 1  # whole-run count
 
 
-def test_training_flushes_denormals_and_gives_ieee_floats_back(data_root, tmp_path, monkeypatch):
+def test_training_flushes_denormals_and_gives_ieee_floats_back(data_root, tmp_path):
     """Denormal floats made CPU steps 5-10x slower; they are flushed during fit() only."""
-    import torch
-
-    from simclr import trainer as trainer_module
-
     seen = []
-    step = trainer_module.Trainer.train_step
 
-    def recording_step(self, x1, x2):
+    def after_step(name):
         seen.append(torch.tensor(1e-40).item())  # 0.0 while denormals are flushed
-        return step(self, x1, x2)
 
-    monkeypatch.setattr(trainer_module.Trainer, "train_step", recording_step)
-    assert run.main(tiny_args(data_root, tmp_path / "run", "epochs=1")) == 0
+    assert run.main(tiny_args(data_root, tmp_path / "run", "epochs=1"), on_event=after_step) == 0
     assert seen and all(value == 0.0 for value in seen)
     assert torch.tensor(1e-40).item() != 0.0
