@@ -17,14 +17,16 @@ BASELINE_CACHE = RUNS_DIR / "eval_cache" / "baselines"
 
 def pca_baseline(train_dataset, test_dataset, crop_size: int, n_components: int, batch_size: int = 256,
                  num_workers: int = 0, seed: int = 0) -> tuple[FeatureSplit, FeatureSplit, dict]:
-    """The seed's PCA baseline: `StandardScaler` on raw pixels, then `PCA(n_components)`, both fitted on train.
+    """PCA of raw pixels, the original repository's (sthalles/SimCLR) baseline: `StandardScaler`, then
+    `PCA(n_components)`, both fitted on train.
 
     Pixels are those of the deterministic eval view, flattened to `[3 * crop * crop]`. Test images are
     projected batch by batch, so only the training pixels are held in memory at once.
 
     Args:
         train_dataset, test_dataset: items `(uint8 [3, H, W], label)`.
-        n_components: the projection size (the seed used the head's `out_dim`, 256); capped at min(N, pixels).
+        n_components: the projection size (the head's `out_dim`, so that both have as many dimensions); capped
+            at min(N, pixels).
     Returns:
         train `[N, K]` and test `[M, K]` float32 projections, and facts (components, explained variance).
     """
@@ -41,8 +43,9 @@ def pca_baseline(train_dataset, test_dataset, crop_size: int, n_components: int,
     scaler = StandardScaler().fit(train)
     train = scaler.transform(train)  # a scaled copy replaces the pixels: one training-size array at a time
     pca = PCA(n_components=components, random_state=seed)
-    train_split = FeatureSplit(torch.from_numpy(pca.fit_transform(train).astype(np.float32)),
-                               torch.cat(train_labels).long())
+    projected_train = torch.from_numpy(pca.fit_transform(train).astype(np.float32))
+    info = {"n_components": components, "explained_variance": float(pca.explained_variance_ratio_.sum())}
+    train_split = FeatureSplit(projected_train, torch.cat(train_labels).long(), info)  # info cached with it
     del train
 
     def project(x: np.ndarray) -> torch.Tensor:
@@ -52,7 +55,6 @@ def pca_baseline(train_dataset, test_dataset, crop_size: int, n_components: int,
     for images, labels in image_batches(test_dataset, crop_size, batch_size, num_workers, "pixels (test)"):
         projected.append(project(images.flatten(1).numpy()))
         test_labels.append(labels)
-    info = {"n_components": components, "explained_variance": float(pca.explained_variance_ratio_.sum())}
     return train_split, FeatureSplit(torch.cat(projected), torch.cat(test_labels).long()), info
 
 
@@ -106,5 +108,7 @@ def pca_features(train_dataset, test_dataset, crop_size: int, n_components: int,
 
     train = cached_features(cache_dir, {**key, "split": "train"}, lambda: compute(0), log)
     test = cached_features(cache_dir, {**key, "split": "test"}, lambda: compute(1), log)
-    info = computed[2] if computed else {"n_components": int(train.features.shape[1]), "explained_variance": None}
+    # from the cache: the train split's facts (a cache file written before they were kept has none)
+    info = computed[2] if computed else train.facts or {"n_components": int(train.features.shape[1]),
+                                                        "explained_variance": None}
     return train, test, info

@@ -6,7 +6,7 @@ import json
 import os
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -19,10 +19,12 @@ from data_aug.views import Transformed, create_eval_transform
 
 @dataclass
 class FeatureSplit:
-    """Features of one split: `features` float32 `[N, D]` and `labels` int64 `[N]`, both on the CPU."""
+    """Features of one split: `features` float32 `[N, D]` and `labels` int64 `[N]`, both on the CPU; `facts`, what
+    the extractor found along with them (PCA: its components and explained variance), cached with them."""
 
     features: torch.Tensor
     labels: torch.Tensor
+    facts: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -128,7 +130,7 @@ def cached_features(cache_dir: str | Path | None, key: dict, compute: Callable[[
     if path.is_file():
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-            split = FeatureSplit(state["features"], state["labels"])
+            split = FeatureSplit(state["features"], state["labels"], state.get("facts") or {})
             if state.get("key") == text and split.features.ndim == 2 and len(split.features) == len(split.labels):
                 log(f"features: loaded {len(split)} x {split.features.shape[1]} from cache {path}")
                 return split
@@ -139,7 +141,7 @@ def cached_features(cache_dir: str | Path | None, key: dict, compute: Callable[[
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
-            torch.save({"key": text, "features": split.features, "labels": split.labels}, f)
+            torch.save({"key": text, "features": split.features, "labels": split.labels, "facts": split.facts}, f)
         os.replace(tmp, path)
     except OSError as err:
         warnings.warn(f"could not write feature cache {path} ({err.strerror or err}); pass --cache-dir to a "

@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import json
+import dataclasses
 import math
-import platform
 import shlex
 import sys
 import time
@@ -39,15 +37,14 @@ import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-from data_aug.datasets import TensorImages, load_split
+from data_aug.datasets import TensorImages
 from data_aug.device_views import resized_crop, sample_crop_boxes
 from feature_eval.baselines import random_encoder
 from feature_eval.classifiers import holdout_split, topk_accuracy
-from feature_eval.evaluate import (ARCHITECTURES, EXTRACTOR_NAMES, USER_ERRORS, EvalError, check_device,
-                                   check_writable, markdown_table, parse_names, print_written,
-                                   results_stem)
+from feature_eval.context import USER_ERRORS, EvalContext, EvalError, RunOptions, add_run_arguments, open_context, \
+    parse_names, run_cli  # noqa: F401 - USER_ERRORS: the errors main turns into one line, as evaluate's
 from feature_eval.features import image_batches
-from models.loading import file_sha256, load_encoder, read_checkpoint, resolve_checkpoint
+from feature_eval.results import EXTRACTOR_NAMES, finished_record, log_row, markdown_table, result_row, write_results
 
 DEFAULT_LRS = (0.05, 0.1, 0.2)  # per 256 images; the paper's 0.05 (0.8 at batch 4096) and two larger steps
 BASELINES = ("random",)
@@ -296,165 +293,158 @@ def select_lr(encoder: nn.Module, labelled, num_classes: int, lrs: tuple[float, 
                     "valid_items": len(valid), "grid": {f"{lr:g}": grid[lr] for lr in lrs}}
 
 
-def finetune_evaluate(checkpoint: str | Path, *, label_fraction: float, dataset: str | None = None,
-                      root: str | Path | None = None, input_size: int | None = None, epochs: int | None = None,
-                      batch_size: int = 64, lrs: tuple[float, ...] = DEFAULT_LRS, momentum: float = 0.9,
-                      valid_fraction: float = 0.2, baselines=(), seed: int = 0,
-                      device: str | torch.device | None = None, eval_batch_size: int = 256,
-                      out_dir: str | Path | None = None, write: bool = True, download: bool = False,
-                      command: str | None = None, log: Callable[[str], None] = print) -> FineTuneResult:
+@dataclass(frozen=True, kw_only=True)
+class FineTuneOptions(RunOptions):
+    """`RunOptions` plus what the fine-tuning protocol is asked.
+
+    Attributes:
+        label_fraction: fraction of the labelled `train` split, e.g. 0.01, 0.1 or 1.0 (class-balanced, seeded).
+        epochs: fine-tuning epochs (default: 60 for <= 1 % of labels, 30 otherwise).
+        batch_size: images per step (capped at the labelled subset); lr = base lr x batch / 256.
+        lrs: base learning rates to choose from on the hold-out (one value: no hold-out, no choice).
+        momentum: SGD's Nesterov momentum.
+        valid_fraction: part of the labelled subset held out to choose the lr.
+        baselines: `("random",)` also fine-tunes a randomly initialised encoder the same way (supervised
+            from scratch on the same labels).
+        eval_batch_size: images per forward pass when scoring.
+    """
+
+    label_fraction: float
+    epochs: int | None = None
+    batch_size: int = 64
+    lrs: tuple[float, ...] = DEFAULT_LRS
+    momentum: float = 0.9
+    valid_fraction: float = 0.2
+    baselines: str | tuple[str, ...] = ()
+    eval_batch_size: int = 256
+
+
+def finetune_evaluate(checkpoint: str | Path, options: FineTuneOptions | None = None, *,
+                      log: Callable[[str], None] = print, **fields) -> FineTuneResult:
     """Fine-tune a checkpoint's encoder on `label_fraction` of the labels and report top-1/top-5 on test.
 
     Args:
         checkpoint: a run dir or name, a `.pt`, a package dir or `.safetensors`, or a package name
             (`models.loading.resolve_checkpoint`).
-        label_fraction: fraction of the labelled `train` split, e.g. 0.01, 0.1 or 1.0 (class-balanced, seeded).
-        dataset, root, input_size: default to the checkpoint's training config.
-        epochs: fine-tuning epochs (default: 60 for <= 1 % of labels, 30 otherwise).
-        batch_size: images per step (capped at the labelled subset); lr = base lr x batch / 256.
-        lrs: base learning rates to choose from on the hold-out (one value: no hold-out, no choice).
-        valid_fraction: part of the labelled subset held out to choose the lr.
-        baselines: `("random",)` also fine-tunes a randomly initialised encoder the same way (supervised
-            from scratch on the same labels).
-        seed: label subset, hold-out split, head initialisation, order and views.
-        out_dir: default `<run_dir>/eval` (a package's `eval/`).
-        command: recorded in the JSON (default: this process's command line).
+        options: `FineTuneOptions`; `fields` are any of its attributes, given as keywords instead
+            (`finetune_evaluate(run, label_fraction=0.01, device="cpu")`). The recorded `command` defaults to
+            this process's command line.
     Returns:
         FineTuneResult (results dict, markdown table, fine-tuned models, written paths).
     Raises:
         EvalError, CheckpointLoadError, DataError: user errors, each with a one-line message.
     """
     started = time.perf_counter()
-    if not 0 < label_fraction <= 1:
-        raise EvalError(f"--label-fraction {label_fraction}: must be in (0, 1], e.g. 0.01, 0.1 or 1.0")
-    lrs = tuple(dict.fromkeys(float(lr) for lr in lrs))
+    o = FineTuneOptions.of(options, **fields)
+    if not 0 < o.label_fraction <= 1:
+        raise EvalError(f"--label-fraction {o.label_fraction}: must be in (0, 1], e.g. 0.01, 0.1 or 1.0")
+    lrs = tuple(dict.fromkeys(float(lr) for lr in o.lrs))
     if not lrs or any(not lr > 0 for lr in lrs):
         raise EvalError(f"--lrs {','.join(map(str, lrs))}: give one or more positive base learning rates")
-    baselines = parse_names(baselines, BASELINES, "--baselines")
-    device = check_device(device)
-    file = resolve_checkpoint(checkpoint)
-    encoder = load_encoder(file, "cpu")
-    config = encoder.config if isinstance(encoder.config, dict) else {}
-    data_config, model_config = config.get("dataset", {}) or {}, config.get("model", {}) or {}
-    dataset = dataset or data_config.get("name")
-    root = Path(root if root is not None else data_config.get("root", "data"))
-    trained_size = int((data_config.get("input_shape") or [0])[0])
-    input_size = int(input_size or trained_size)
-    epochs = epochs if epochs is not None else default_epochs(label_fraction)
-    if not dataset:
-        raise EvalError(f"checkpoint {file} does not name its data set: pass --dataset NAME (and --root DIR)")
-    if input_size < 8:
-        raise EvalError(f"input size {input_size or 'unknown'}: pass --input-size N (N >= 8, e.g. 96 for STL10)")
-    out_dir = Path(out_dir) if out_dir is not None else _default_out_dir(file)
-    if write:
-        check_writable(out_dir)  # now, not after hours of fine-tuning
-    try:
-        train_set = load_split(dataset, root, "train", download=download)
-        test_set = load_split(dataset, root, "test", download=download)
-    except ValueError as err:
-        raise EvalError(f"--dataset {dataset}: {err}; choose stl10, cifar10, cifar100, imagefolder or digits") from None
-    classes = list(getattr(train_set, "classes", [])) or [str(i) for i in range(int(train_set.labels.max()) + 1)]
-    indices = label_subset(train_set.labels.numpy(), label_fraction, seed)
-    labelled = _subset(train_set, indices)
-    counts = np.bincount(train_set.labels.numpy()[indices], minlength=len(classes))
-    if (counts > 0).sum() < 2:
-        raise EvalError(f"{dataset} under {root}: the labelled subset has fewer than two classes; "
-                        "raise --label-fraction")
-    base_model = model_config.get("base_model", "resnet18")
-    cifar_stem = bool(model_config.get("cifar_stem", False))
-    architecture = ARCHITECTURES.get(base_model, base_model) + (" (CIFAR stem)" if cifar_stem else "")
-    trained_epochs = read_checkpoint(file).get("next_epoch", config.get("epochs"))
-    tag = fraction_tag(label_fraction)
-    # The subset is what was fit, not the fraction asked for: at least one image per class can make it larger.
-    labelled_total = int((train_set.labels >= 0).sum())
-    share = f"{100 * len(indices) / labelled_total:.3g}%"
-    fit = f"{len(indices)} of {labelled_total} train images ({share}; --label-fraction {label_fraction:g})"
-    log(f"fine-tuning {file} on {fit} of {dataset}, {counts.min()}-{counts.max()} per class, {epochs} epochs, "
-        f"{input_size}px, on {device}; base lr from {', '.join(f'{lr:g}' for lr in lrs)}")
-
-    starts = {"simclr": (encoder, trained_epochs)}
-    if "random" in baselines:
-        starts["random"] = (random_encoder(base_model, cifar_stem, seed), 0)
-    options = dict(input_size=input_size, epochs=epochs, batch_size=batch_size, momentum=momentum, seed=seed,
-                   device=device)
+    baselines = parse_names(o.baselines, BASELINES, "--baselines")
+    ctx = open_context(checkpoint, o, encoder_device="cpu")
+    epochs = o.epochs if o.epochs is not None else default_epochs(o.label_fraction)
+    o = dataclasses.replace(o, lrs=lrs, epochs=epochs, baselines=baselines,
+                            command=o.command or shlex.join(["python", "-m", "feature_eval.finetune", *sys.argv[1:]]))
+    indices, counts, share, fit = _labelled_subset(ctx, o.label_fraction, o.seed)
+    labelled = _subset(ctx.train_set, indices)
+    log(f"fine-tuning {ctx.checkpoint} on {fit} of {ctx.dataset}, {counts.min()}-{counts.max()} per class, "
+        f"{epochs} epochs, {ctx.input_size}px, on {ctx.device}; base lr from {', '.join(f'{lr:g}' for lr in lrs)}")
     rows, models, selections, timings = [], {}, {}, {}
-    for extractor, (start, pretrained_epochs) in starts.items():
+    for extractor, start, pretrained_epochs in _starts(ctx, baselines, o.seed):
         tic = time.perf_counter()
-        name = EXTRACTOR_NAMES[extractor]
-        chosen, selection = select_lr(start, labelled, len(classes), lrs, valid_fraction=valid_fraction,
-                                      desc=f"{name}: ", **options)
-        model = finetune(copy.deepcopy(start), labelled, len(classes), base_lr=chosen, desc=f"{name}: final",
-                         **options)
-        logits, test_labels = predict(model, test_set, input_size, eval_batch_size, device, desc="test")
-        top1, top5 = topk_accuracy(logits, test_labels)  # the one place test labels are read
-        seconds = round(time.perf_counter() - tic, 3)
-        timings[f"finetune_{extractor}"] = seconds
-        selections[extractor] = selection
+        model, chosen, selections[extractor], (top1, top5) = _finetune_and_score(ctx, o, start, labelled,
+                                                                                 EXTRACTOR_NAMES[extractor])
+        timings[f"finetune_{extractor}"] = round(time.perf_counter() - tic, 3)
         models[extractor] = model.cpu()
-        rows.append({"classifier": "finetune", "classifier_name": f"Fine-tuned end to end ({share} labels)",
-                     "extractor": extractor, "extractor_name": name, "architecture": architecture,
-                     "feature_dim": start.feature_dim, "projection_dim": None, "epochs": pretrained_epochs,
-                     "top1": top1, "top5": top5, "seconds": seconds,
-                     "details": {"base_lr": chosen, "lr": chosen * min(batch_size, len(indices)) / 256,
-                                 "finetune_epochs": epochs, "batch_size": min(batch_size, len(indices)),
-                                 "selection": selection}})
-        log(f"{rows[-1]['classifier_name']:<34} {name:<12} top-1 {top1:6.2f}%  top-5 {top5:6.2f}%  "
-            f"(base lr {chosen:g}, {seconds:.1f} s)")
-
+        batch = min(o.batch_size, len(indices))
+        rows.append(result_row(
+            "finetune", f"Fine-tuned end to end ({share} labels)", extractor,
+            {"architecture": ctx.architecture, "feature_dim": start.feature_dim, "projection_dim": None,
+             "epochs": pretrained_epochs}, top1, top5, timings[f"finetune_{extractor}"],
+            {"base_lr": chosen, "lr": chosen * batch / 256, "finetune_epochs": epochs, "batch_size": batch,
+             "selection": selections[extractor]}))
+        log_row(log, rows[-1], f"base lr {chosen:g}, ")
     timings["total"] = round(time.perf_counter() - started, 3)
-    results = {
-        "protocol": "finetune",
-        "command": command or shlex.join(["python", "-m", "feature_eval.finetune", *sys.argv[1:]]),
-        "checkpoint": str(file), "checkpoint_sha256": file_sha256(file), "trained_epochs": trained_epochs,
-        "dataset": {"name": dataset, "root": str(root), "input_size": input_size, "classes": classes},
-        "splits": {"fit": fit, "report": "test", "train": len(train_set),
-                   "labelled": len(indices), "test": len(test_set)},
-        "label_subset": {"fraction": label_fraction, "seed": seed,
-                         "per_class": {c: int(n) for c, n in zip(classes, counts)},
-                         "indices": indices.tolist() if len(indices) <= 5000 else None},
-        "seed": seed, "device": str(device),
-        "options": {"label_fraction": label_fraction, "epochs": epochs, "batch_size": batch_size, "lrs": list(lrs),
-                    "momentum": momentum, "valid_fraction": valid_fraction, "baselines": list(baselines),
-                    "augmentation": "random resized crop (scale 0.08-1) + horizontal flip",
-                    "optimizer": "SGD, Nesterov momentum, no weight decay, cosine decay, no warmup"},
-        "selection": selections, "rows": rows, "timings_s": timings,
-        "machine": {"host": platform.node(), "cpu_threads": torch.get_num_threads(),
-                    "python": platform.python_version(),
-                    "torch": torch.__version__,
-                    "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
-        "finished": datetime.datetime.now().isoformat(timespec="seconds"),
-    }
-    table = markdown_table(rows, FINETUNE_COLUMNS)
-    outcome = FineTuneResult(results, table, models)
-    if write:
-        stem = results_stem(file, dataset, root, input_size, data_config)  # as feature_eval.evaluate names its files
-        outcome.paths = write_results(results, table, out_dir, f"{stem}_finetune-{tag}")
+    results = _record(ctx, o, fit, indices, counts, selections, rows, timings)
+    outcome = FineTuneResult(results, markdown_table(rows, FINETUNE_COLUMNS), models)
+    if o.write:
+        stem = f"{ctx.results_stem()}_finetune-{fraction_tag(o.label_fraction)}"  # next to evaluate's results
+        outcome.paths = write_results(results, outcome.table, ctx.out_dir, stem, caption(results))
     return outcome
 
 
-def write_results(results: dict, table: str, out_dir: Path, stem: str) -> dict[str, Path]:
-    """Write `<out_dir>/<stem>.md` (a caption and the table) and `<out_dir>/<stem>.json`."""
+def _labelled_subset(ctx: EvalContext, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, str, str]:
+    """The `label_subset` of the train split, checked to hold two classes at least.
+
+    Returns:
+        (its indices, its images per class, its real share of the labels as `"0.974%"`, a line saying what is fit).
+    """
+    indices = label_subset(ctx.train_set.labels.numpy(), fraction, seed)
+    counts = np.bincount(ctx.train_set.labels.numpy()[indices], minlength=len(ctx.classes))
+    if (counts > 0).sum() < 2:
+        raise EvalError(f"{ctx.dataset} under {ctx.root}: the labelled subset has fewer than two classes; "
+                        "raise --label-fraction")
+    # The subset is what was fit, not the fraction asked for: at least one image per class can make it larger.
+    labelled_total = int((ctx.train_set.labels >= 0).sum())
+    share = f"{100 * len(indices) / labelled_total:.3g}%"
+    return indices, counts, share, f"{len(indices)} of {labelled_total} train images ({share}; --label-fraction " \
+                                   f"{fraction:g})"
+
+
+def _starts(ctx: EvalContext, baselines: tuple[str, ...], seed: int) -> list[tuple[str, nn.Module, int | None]]:
+    """(extractor key, encoder to start from, its pretraining epochs): the checkpoint's, then each baseline's."""
+    starts = [("simclr", ctx.encoder, ctx.trained_epochs)]
+    if "random" in baselines:
+        starts.append(("random", random_encoder(ctx.config.model.base_model, ctx.config.model.cifar_stem, seed), 0))
+    return starts
+
+
+def _finetune_and_score(ctx: EvalContext, o: FineTuneOptions, start: nn.Module, labelled,
+                        name: str) -> tuple[FineTuned, float, dict, list[float]]:
+    """Choose the base lr on a hold-out of `labelled`, fine-tune a copy of `start` on all of it, score it on test.
+
+    Returns:
+        (the fine-tuned model, the chosen base lr, the selection's facts, [test top-1 %, test top-5 %]).
+    """
+    schedule = dict(input_size=ctx.input_size, epochs=o.epochs, batch_size=o.batch_size, momentum=o.momentum,
+                    seed=o.seed, device=ctx.device)
+    chosen, selection = select_lr(start, labelled, len(ctx.classes), o.lrs, valid_fraction=o.valid_fraction,
+                                  desc=f"{name}: ", **schedule)
+    model = finetune(copy.deepcopy(start), labelled, len(ctx.classes), base_lr=chosen, desc=f"{name}: final",
+                     **schedule)
+    logits, test_labels = predict(model, ctx.test_set, ctx.input_size, o.eval_batch_size, ctx.device, desc="test")
+    return model, chosen, selection, topk_accuracy(logits, test_labels)  # the one place test labels are read
+
+
+def _record(ctx: EvalContext, o: FineTuneOptions, fit: str, indices: np.ndarray, counts: np.ndarray,
+            selections: dict, rows: list[dict], timings: dict) -> dict:
+    """The JSON record of a fine-tuning evaluation."""
+    return {
+        "protocol": "finetune", "command": o.command, **ctx.facts(),
+        "splits": {"fit": fit, "report": "test", "train": len(ctx.train_set), "labelled": len(indices),
+                   "test": len(ctx.test_set)},
+        "label_subset": {"fraction": o.label_fraction, "seed": o.seed,
+                         "per_class": {c: int(n) for c, n in zip(ctx.classes, counts)},
+                         "indices": indices.tolist() if len(indices) <= 5000 else None},
+        "seed": o.seed, "device": str(ctx.device),
+        "options": {"label_fraction": o.label_fraction, "epochs": o.epochs, "batch_size": o.batch_size,
+                    "lrs": list(o.lrs), "momentum": o.momentum, "valid_fraction": o.valid_fraction,
+                    "baselines": list(o.baselines),
+                    "augmentation": "random resized crop (scale 0.08-1) + horizontal flip",
+                    "optimizer": "SGD, Nesterov momentum, no weight decay, cosine decay, no warmup"},
+        "selection": selections, "rows": rows, "timings_s": timings, **finished_record(ctx.device)}
+
+
+def caption(results: dict) -> str:
+    """The line above the table: what was fine-tuned on which labels, how, scored where, and how long it took."""
     data, splits = results["dataset"], results["splits"]
     per_class = results["label_subset"]["per_class"].values()
-    caption = (f"`{results['checkpoint']}` fine-tuned end to end on {data['name']}: fit on {splits['fit']}, "
-               f"class-balanced ({min(per_class)}-{max(per_class)} per class), {data['input_size']}px, crop + flip "
-               f"only, base lr chosen on a hold-out of those labels; scored on test ({splits['test']}); seed "
-               f"{results['seed']}, {results['timings_s']['total']:.0f} s on {results['device']}. "
-               f"Command: `{results['command']}`")
-    paths = {"markdown": out_dir / f"{stem}.md", "json": out_dir / f"{stem}.json"}
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        paths["markdown"].write_text(caption + "\n\n" + table + "\n")
-        paths["json"].write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
-    except OSError as err:
-        raise EvalError(f"cannot write results to {out_dir} ({err.strerror or err}): pass --out-dir DIR") from None
-    return paths
-
-
-def _default_out_dir(checkpoint_file: Path) -> Path:
-    """`<run_dir>/eval` for `<run_dir>/checkpoints/<file>.pt`, else `eval/` next to the file (a package's own)."""
-    parent = checkpoint_file.resolve().parent
-    return (parent.parent if parent.name == "checkpoints" else parent) / "eval"
+    return (f"`{results['checkpoint']}` fine-tuned end to end on {data['name']}: fit on {splits['fit']}, "
+            f"class-balanced ({min(per_class)}-{max(per_class)} per class), {data['input_size']}px, crop + flip "
+            f"only, base lr chosen on a hold-out of those labels; scored on test ({splits['test']}); seed "
+            f"{results['seed']}, {results['timings_s']['total']:.0f} s on {results['device']}. "
+            f"Command: `{results['command']}`")
 
 
 def _positive_floats(text: str) -> tuple[float, ...]:
@@ -479,16 +469,10 @@ def _fraction(text: str) -> float:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m feature_eval.finetune", description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", required=True,
-                        help="run dir or name (runs/<name>), checkpoint .pt, package dir or package name "
-                             "(pretrained_models/<name>)")
+    add_run_arguments(parser)
     parser.add_argument("--label-fraction", type=_fraction, default=0.01,
                         help="fraction of the labelled train split, class-balanced (default 0.01; the paper's "
                              "0.01 and 0.1; 1.0 for all)")
-    parser.add_argument("--dataset", help="data set name (default: the checkpoint's dataset.name)")
-    parser.add_argument("--root", help="data set folder (default: the checkpoint's dataset.root)")
-    parser.add_argument("--input-size", type=int, help="crop size (default: the checkpoint's input_shape)")
-    parser.add_argument("--download", action="store_true", help="download the data set if it is missing")
     parser.add_argument("--epochs", type=int, help="fine-tuning epochs (default: 60 for <= 1%% of labels, else 30)")
     parser.add_argument("--batch-size", type=int, default=64,
                         help="images per step, capped at the labelled subset (default 64); lr = base lr x batch/256")
@@ -502,9 +486,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="random: also fine-tune a randomly initialised encoder (supervised from scratch); "
                              "none (default)")
     parser.add_argument("--seed", type=int, default=0, help="label subset, hold-out, head init, order and views")
-    parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
     parser.add_argument("--eval-batch-size", type=int, default=256, help="images per forward pass when scoring")
-    parser.add_argument("--out-dir", help="where to write the table and JSON (default: <run_dir>/eval)")
     args = parser.parse_args(argv)
     for name in ("epochs", "batch_size", "eval_batch_size", "input_size"):
         value = getattr(args, name)
@@ -518,22 +500,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    command = shlex.join(["python", "-m", "feature_eval.finetune", *argv])
-    try:
-        with startup.one_line_warnings():
-            outcome = finetune_evaluate(args.checkpoint, label_fraction=args.label_fraction, dataset=args.dataset,
-                                        root=args.root, input_size=args.input_size, epochs=args.epochs,
-                                        batch_size=args.batch_size, lrs=args.lrs, momentum=args.momentum,
-                                        valid_fraction=args.valid_fraction, baselines=args.baselines, seed=args.seed,
-                                        device=args.device, eval_batch_size=args.eval_batch_size,
-                                        out_dir=args.out_dir, download=args.download, command=command)
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print_written(outcome.table, outcome.paths, outcome.results)
-    return 0
+    def run(args: argparse.Namespace, command: str) -> FineTuneResult:
+        return finetune_evaluate(args.checkpoint, FineTuneOptions.from_args(args, command=command))
+
+    return run_cli("feature_eval.finetune", argv, parse_args, run)
 
 
 if __name__ == "__main__":

@@ -149,7 +149,11 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> Encode
         `trained_epochs` attributes.
     """
     file = resolve_checkpoint(path)
-    state = read_checkpoint(file)
+    return encoder_from_state(read_checkpoint(file), file, device)
+
+
+def encoder_from_state(state: dict, file: str | Path, device: str | torch.device = "cpu") -> Encoder:
+    """`load_encoder` of a state `read_checkpoint(file)` returned (for a caller that reads more of it)."""
     if not isinstance(state.get("config"), dict):
         raise CheckpointLoadError(f"checkpoint {file} has no training config, so its architecture is unknown: is it "
                                   "a checkpoint of this repo?")

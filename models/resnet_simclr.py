@@ -6,6 +6,7 @@ import torch.nn as nn
 import torchvision
 
 FEATURE_DIMS = {"resnet18": 512, "resnet50": 2048}
+ARCHITECTURES = {"resnet18": "ResNet-18", "resnet50": "ResNet-50"}  # the names tables and model cards print
 # The encoder takes images in [0, 1] and normalises inside, so every caller feeds the same thing.
 _MEAN = (0.485, 0.456, 0.406)
 _STD = (0.229, 0.224, 0.225)

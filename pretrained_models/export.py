@@ -21,8 +21,10 @@ import shlex
 import os
 import re
 import shutil
+import string
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -36,9 +38,9 @@ from models.loading import (RUNS_DIR, CheckpointLoadError, encoder_state_dict, f
 from models.packages import (CARD_FILE, CONFIG_FILE, EVAL_DIR, FORMAT, FORMAT_VERSION, MANIFEST_FILE, PACKAGES_DIR,
                              WEIGHTS_FILE, find_package, is_package_dir, is_package_name, list_packages, read_manifest,
                              torchvision_file)
-from models.resnet_simclr import create_model
+from models.resnet_simclr import ARCHITECTURES, create_model
+from simclr.config import Config, ConfigError, config_to_dict, saved_config
 
-ARCHITECTURES = {"resnet18": "ResNet-18", "resnet50": "ResNet-50"}
 INDEX_FILE = "INDEX.md"  # generated, gitignored (as the package folders); README.md is tracked and never written
 # No image counts: a run does not record how many images it trained on (a data set folder may hold a subset).
 _PRETRAIN_SPLITS = {"stl10": "train + unlabeled", "cifar10": "train", "cifar100": "train",
@@ -50,7 +52,8 @@ class ExportError(ValueError):
 
 
 def default_name(base_model: str, epochs: int | None) -> str:
-    """The repo's naming scheme, e.g. `resnet-18_40-epochs` (as the seed's `resnet-18_80-epochs`)."""
+    """The repo's naming scheme, e.g. `resnet-18_40-epochs`: that of the original repository's (sthalles/SimCLR)
+    pretrained models (`resnet-18_80-epochs`), so a config naming one of those finds its kind here."""
     arch = re.sub(r"^resnet(\d+)$", r"resnet-\1", base_model)
     return f"{arch}_{epochs}-epochs" if epochs is not None else arch
 
@@ -63,7 +66,8 @@ def torchvision_state_dict(model_state: dict[str, torch.Tensor]) -> dict[str, to
 
 def export_package(source: str | Path, name: str | None = None, *, root: str | Path | None = None,
                    force: bool = False, log: Callable[[str], None] = print) -> Path:
-    """Write the package `<root>/<name>/` from a run directory or a checkpoint `.pt`.
+    """Write the package `<root>/<name>/` from a run directory or a checkpoint `.pt`: staged in a temporary folder
+    next to it, then renamed into place, so a package is never seen half-written.
 
     Args:
         source: a run directory or run name (its `checkpoints/last.pt`) or a checkpoint file
@@ -78,27 +82,61 @@ def export_package(source: str | Path, name: str | None = None, *, root: str | P
         ExportError, CheckpointLoadError: user errors, each with a one-line message.
     """
     root = Path(root) if root is not None else PACKAGES_DIR
+    source = read_source(source)
+    name = name or default_name(source.config.model.base_model, source.epochs)
+    dest = _check_destination(root, name, force)
+    tmp = _stage(root, name)
+    try:
+        evaluations = _write_package(tmp, dest, name, source, log)
+        _replace(tmp, dest)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ExportError(f"cannot write package {dest} ({err.strerror or err}): free space or pass "
+                          "--packages-dir DIR") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    update_index(root)
+    log(f"exported {source.file} -> {dest} ({', '.join(sorted(os.listdir(dest)))}); "
+        f"{len(evaluations)} evaluation result(s) copied")
+    return dest
+
+
+@dataclass
+class Source:
+    """A checkpoint being exported, read once: its file, digest, typed config, model and the run it came from."""
+
+    file: Path
+    sha256: str
+    config: Config
+    model: torch.nn.Module
+    epochs: int | None
+    run_dir: Path
+
+
+def read_source(source: str | Path) -> Source:
+    """The checkpoint `source` names, with its model rebuilt from its config and loaded strictly."""
     file = resolve_checkpoint(source)
     if file.suffix == ".safetensors":
         raise ExportError(f"{source} is already a package ({file}); export a run dir or a checkpoint .pt")
     state = read_checkpoint(file)
-    config = state.get("config") if isinstance(state.get("config"), dict) else {}
-    model_config = config.get("model") or {}
-    base_model = model_config.get("base_model", "resnet18")
-    cifar_stem = bool(model_config.get("cifar_stem", False))
-    head_layers, head_bn = int(model_config.get("head_layers", 2)), bool(model_config.get("head_bn", False))
-    head_weights = [k for k in state["model"] if k.startswith("head.net.") and k.endswith(".weight")
-                    and state["model"][k].ndim == 2]  # the linear layers'; the last one's rows are out_dim
-    head_out = state["model"][max(head_weights, key=lambda k: int(k.split(".")[2]))] if head_weights else None
-    out_dim = int(head_out.shape[0]) if isinstance(head_out, torch.Tensor) else int(model_config.get("out_dim", 256))
-    model = create_model(base_model, out_dim, cifar_stem, head_layers, head_bn)
+    try:
+        config = saved_config(state)
+    except (KeyError, ConfigError) as err:
+        raise ExportError(f"checkpoint {file} has no training config this code reads ({err}): is it a checkpoint "
+                          "of this repo?") from None
+    m = config.model
+    model = create_model(m.base_model, m.out_dim, m.cifar_stem, m.head_layers, m.head_bn)
     try:
         model.load_state_dict(state["model"], strict=True)
     except RuntimeError as err:
-        raise ExportError(f"checkpoint {file} does not fit a {base_model} SimCLR model "
+        raise ExportError(f"checkpoint {file} does not fit a {m.base_model} SimCLR model "
                           f"({str(err).splitlines()[0][:160]}): is it a checkpoint of this repo?") from None
-    epochs = state.get("next_epoch")
-    name = name or default_name(base_model, epochs)
+    return Source(file, file_sha256(file), config, model, state.get("next_epoch"), run_dir_of(file.resolve()))
+
+
+def _check_destination(root: Path, name: str, force: bool) -> Path:
+    """`<root>/<name>`, once the name is valid and what is there (if anything) may be replaced."""
     if not is_package_name(name):
         raise ExportError(f"--as {name!r}: a package name is letters, digits, '.', '_' and '-', starts with a letter "
                           "or digit and has no file suffix (.py, .md, .json, ...), e.g. resnet-18_40-epochs")
@@ -111,74 +149,92 @@ def export_package(source: str | Path, name: str | None = None, *, root: str | P
                           "choose another --as name")
     if dest.exists() and not force:
         raise ExportError(f"package {dest} already exists: pass --force to replace it, or choose another --as name")
+    return dest
 
-    run_dir = run_dir_of(file.resolve())
-    checkpoint_sha256 = file_sha256(file)
-    meta = _first_json_line(run_dir / "meta.jsonl")
-    last_epoch = _last_epoch_metrics(run_dir / "metrics.jsonl")
 
+def _stage(root: Path, name: str) -> Path:
+    """A new temporary folder in `root` (hidden, same file system) to write the package into."""
     try:
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a package is as readable as any file here
     except OSError as err:
         raise ExportError(f"cannot write into {root} ({err.strerror or err}): pass --packages-dir DIR") from None
-    try:
-        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(weights, str(tmp / WEIGHTS_FILE), metadata={
-            "format": FORMAT, "format_version": str(FORMAT_VERSION), "name": name, "base_model": base_model,
-            "cifar_stem": str(cifar_stem).lower(), "out_dim": str(out_dim),
-            "feature_dim": str(model.encoder.feature_dim),
-            "epochs": "" if epochs is None else str(epochs)})
-        save_file(torchvision_state_dict(weights), str(tmp / torchvision_file(base_model)), metadata={
-            "format": "torchvision", "base_model": base_model, "cifar_stem": str(cifar_stem).lower(),
-            "input": "float RGB in [0, 1], normalised with mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225)"})
-        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
-        for weights_name in (WEIGHTS_FILE, torchvision_file(base_model)):
-            os.chmod(tmp / weights_name, 0o666 & ~_umask())
-        files = {f: {"sha256": file_sha256(tmp / f), "bytes": (tmp / f).stat().st_size}
-                 for f in (WEIGHTS_FILE, torchvision_file(base_model))}
-        # Results of the package being replaced (feature_eval run on it) stay when they scored these same weights:
-        # the same source checkpoint (safetensors orders its metadata at random, so the file's sha256 differs).
-        digests = {checkpoint_sha256, files[WEIGHTS_FILE]["sha256"]}
-        replaced = _readable_manifest(dest)
-        if replaced.get("source", {}).get("checkpoint_sha256") == checkpoint_sha256:
-            digests |= _package_digests(replaced)
-        evaluations = list({path.name: (path, results) for folder, skipped in (
-            (dest / EVAL_DIR, "dropped (from the replaced package)"), (run_dir / EVAL_DIR, "skipped"))
-            for path, results in _matching_evaluations(folder, digests, log, skipped)}.values())
-        eval_files = []
-        if evaluations:
-            (tmp / EVAL_DIR).mkdir()
-            for path, results in evaluations:
-                for companion in evaluation_files(path, results):
-                    if companion.is_file():
-                        shutil.copy2(companion, tmp / EVAL_DIR / companion.name)
-                        eval_files.append(f"{EVAL_DIR}/{companion.name}")
-        manifest = {
-            "name": name, "format": FORMAT, "format_version": FORMAT_VERSION,
-            "base_model": base_model, "cifar_stem": cifar_stem, "feature_dim": model.encoder.feature_dim,
-            "out_dim": out_dim, "epochs": epochs, "configured_epochs": config.get("epochs"),
-            "source": {"checkpoint": str(file), "checkpoint_sha256": checkpoint_sha256, "run_dir": str(run_dir),
-                       "git_commit": meta.get("git_commit"), "command": meta.get("command"),
-                       "final_epoch_metrics": last_epoch},
-            "files": files, "evaluations": eval_files,
-            "exported": datetime.datetime.now().isoformat(timespec="seconds"),
-        }
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-        (tmp / CARD_FILE).write_text(model_card(manifest, config, [r for _, r in evaluations]))
-        _replace(tmp, dest)
-    except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ExportError(f"cannot write package {dest} ({err.strerror or err}): free space or pass "
-                          "--packages-dir DIR") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    update_index(root)
-    log(f"exported {file} -> {dest} ({', '.join(sorted(os.listdir(dest)))}); "
-        f"{len(evaluations)} evaluation result(s) copied")
-    return dest
+    return tmp
+
+
+def _write_package(tmp: Path, dest: Path, name: str, source: Source, log: Callable[[str], None]) -> list:
+    """Write every file of the package into `tmp`: weights, config, the evaluations of these weights, manifest, card.
+
+    Returns:
+        `(path, results)` of the evaluations copied.
+    """
+    files = _write_weights(tmp, name, source)
+    config = config_to_dict(source.config)
+    (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
+    # Results of the package being replaced (feature_eval run on it) stay when they scored these same weights:
+    # the same source checkpoint (safetensors orders its metadata at random, so the file's sha256 differs).
+    digests = {source.sha256, files[WEIGHTS_FILE]["sha256"]}
+    replaced = _readable_manifest(dest)
+    if replaced.get("source", {}).get("checkpoint_sha256") == source.sha256:
+        digests |= _package_digests(replaced)
+    evaluations = list({path.name: (path, results) for folder, skipped in (
+        (dest / EVAL_DIR, "dropped (from the replaced package)"), (source.run_dir / EVAL_DIR, "skipped"))
+        for path, results in _matching_evaluations(folder, digests, log, skipped)}.values())
+    manifest = _manifest(name, source, files, _copy_evaluations(tmp, evaluations))
+    (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    (tmp / CARD_FILE).write_text(model_card(manifest, config, [r for _, r in evaluations]))
+    return evaluations
+
+
+def _write_weights(tmp: Path, name: str, source: Source) -> dict[str, dict]:
+    """`model.safetensors` (full state dict, its architecture in the metadata) and the plain torchvision trunk.
+
+    Returns:
+        file name -> `{"sha256", "bytes"}`, the manifest's `files`.
+    """
+    m, encoder = source.config.model, source.model.encoder
+    weights = {k: v.detach().cpu().contiguous() for k, v in source.model.state_dict().items()}
+    save_file(weights, str(tmp / WEIGHTS_FILE), metadata={
+        "format": FORMAT, "format_version": str(FORMAT_VERSION), "name": name, "base_model": m.base_model,
+        "cifar_stem": str(m.cifar_stem).lower(), "out_dim": str(m.out_dim), "feature_dim": str(encoder.feature_dim),
+        "epochs": "" if source.epochs is None else str(source.epochs)})
+    save_file(torchvision_state_dict(weights), str(tmp / torchvision_file(m.base_model)), metadata={
+        "format": "torchvision", "base_model": m.base_model, "cifar_stem": str(m.cifar_stem).lower(),
+        "input": "float RGB in [0, 1], normalised with mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225)"})
+    names = (WEIGHTS_FILE, torchvision_file(m.base_model))
+    for weights_name in names:
+        os.chmod(tmp / weights_name, 0o666 & ~_umask())
+    return {f: {"sha256": file_sha256(tmp / f), "bytes": (tmp / f).stat().st_size} for f in names}
+
+
+def _copy_evaluations(tmp: Path, evaluations: list[tuple[Path, dict]]) -> list[str]:
+    """Copy each evaluation's files (JSON, table, pictures) into `tmp/eval/`; their package-relative paths."""
+    copied = []
+    for path, results in evaluations:
+        for companion in evaluation_files(path, results):
+            if companion.is_file():
+                (tmp / EVAL_DIR).mkdir(exist_ok=True)
+                shutil.copy2(companion, tmp / EVAL_DIR / companion.name)
+                copied.append(f"{EVAL_DIR}/{companion.name}")
+    return copied
+
+
+def _manifest(name: str, source: Source, files: dict, eval_files: list[str]) -> dict:
+    """`package.json`: what the package is, where it came from, and the digest of every weights file."""
+    m = source.config.model
+    meta = _first_json_line(source.run_dir / "meta.jsonl")
+    return {
+        "name": name, "format": FORMAT, "format_version": FORMAT_VERSION,
+        "base_model": m.base_model, "cifar_stem": m.cifar_stem, "feature_dim": source.model.encoder.feature_dim,
+        "out_dim": m.out_dim, "epochs": source.epochs, "configured_epochs": source.config.epochs,
+        "source": {"checkpoint": str(source.file), "checkpoint_sha256": source.sha256,
+                   "run_dir": str(source.run_dir), "git_commit": meta.get("git_commit"),
+                   "command": meta.get("command"),
+                   "final_epoch_metrics": _last_epoch_metrics(source.run_dir / "metrics.jsonl")},
+        "files": files, "evaluations": eval_files,
+        "exported": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
 
 
 def _umask() -> int:
@@ -311,85 +367,139 @@ def evaluation_command(results: dict, checkpoint: str | None = None) -> str:
     return command
 
 
+# The model card. `$`-fields are filled by `model_card`; the blocks in capitals are lines it builds (each ends in a
+# newline, so an empty block leaves no blank line behind).
+MODEL_CARD = string.Template("""\
+# $name
+
+A SimCLR $arch encoder and its projection head, trained by this repository (`python run.py`), packaged by \
+`python -m pretrained_models.export`.
+
+| | |
+|---|---|
+| Data | $data |
+| Epochs | $epochs (of $configured_epochs configured) |
+| Batch | $batch (global) |
+| Recipe | $recipe |
+| Model | $arch, feature dim $feature_dim, projection dim $out_dim |
+${SOURCE_ROWS}
+Full training config: [config.yaml](config.yaml).
+
+## Evaluation
+
+${EVALUATIONS}## Files
+
+| File | Bytes | sha256 |
+|---|---|---|
+${FILE_ROWS}
+The weights are not in git (`.gitignore`: `pretrained_models/*/*.safetensors`). With downloaded weights, put \
+`$weights` (and, for plain torchvision use, `$torchvision`) in `pretrained_models/$name/`, next to this card, and \
+check `sha256sum $weights` against the table: loading refuses a file whose sha256 differs from package.json.
+
+## Use
+
+```bash
+python run.py fine_tune_from=$name                   # continue pretraining from these weights
+python -m feature_eval.evaluate --checkpoint $name     # linear / KNN evaluation
+python -m feature_eval.finetune --checkpoint $name --label-fraction 0.01
+```
+
+```python
+import models
+encoder = models.load_encoder("pretrained_models/$name")  # frozen; images in [0, 1], normalised inside
+```
+
+Plain torchvision (normalise with ImageNet mean/std yourself):
+
+```python
+import torch, torchvision
+from safetensors.torch import load_file
+
+net = torchvision.models.$base_model()
+${CIFAR_STEM}missing, unexpected = net.load_state_dict(load_file("pretrained_models/$name/$torchvision"), strict=False)
+# missing == ['fc.weight', 'fc.bias']: add your own classifier, or net.fc = torch.nn.Identity()
+```
+""")
+NO_EVALUATION = """\
+No evaluation results were found for these exact weights. Produce them with
+
+```
+python -m feature_eval.evaluate --checkpoint $name --classifiers lbfgs,adam,knn
+```
+
+"""
+CIFAR_STEM_LINES = """\
+net.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)  # this encoder's CIFAR stem
+net.maxpool = torch.nn.Identity()
+"""
+
+
 def model_card(manifest: dict, config: dict, evaluations: list[dict]) -> str:
-    """The package's README.md: data, epochs, batch, recipe, evaluation numbers with their commands, sha256, usage."""
+    """The package's README.md (`MODEL_CARD`): data, epochs, batch, recipe, evaluation numbers with their commands,
+    sha256, usage. `config` is the saved training config dict (config.yaml), read leniently: a card is rebuilt from
+    a package's small files, whatever version of this code wrote them."""
     name, base_model = manifest["name"], manifest["base_model"]
-    arch = ARCHITECTURES.get(base_model, base_model) + (" (CIFAR stem: 3x3 conv1, no max-pool)"
-                                                       if manifest["cifar_stem"] else "")
     data, opt, loss = config.get("dataset", {}) or {}, config.get("optimizer", {}) or {}, config.get("loss", {}) or {}
-    dataset = data.get("name", "?")
-    size = (data.get("input_shape") or ["?"])[0]
+    dataset, size = data.get("name", "?"), (data.get("input_shape") or ["?"])[0]
     counted = next((r["splits"] for r in evaluations if _counts_split(r, data)), None)
-    lines = [f"# {name}", "",
-             f"A SimCLR {arch} encoder and its projection head, trained by this repository "
-             f"(`python run.py`), packaged by `python -m pretrained_models.export`.", "",
-             "| | |", "|---|---|",
-             f"| Data | {dataset} (`{data.get('root', '?')}`), pretrained on its "
-             f"{_PRETRAIN_SPLITS.get(dataset, 'pretrain')} split, {size}x{size} px, {data.get('valid_size', '?')} "
-             "of it held out for validation" + (f"; the evaluation below counted {counted['train']:,} labelled train "
-                                                f"and {counted['test']:,} test images" if counted else "") + " |",
-             f"| Epochs | {manifest.get('epochs')} (of {manifest.get('configured_epochs')} configured) |",
-             f"| Batch | {config.get('batch_size', '?')} (global) |",
-             f"| Recipe | {opt.get('name', '?')} lr {opt.get('lr', '?')} (scaling {opt.get('lr_scaling', 'none')}, "
-             f"warmup {opt.get('warmup_epochs', 0)} epochs, cosine {opt.get('cosine', True)}), weight decay "
-             f"{config.get('weight_decay', '?')}, NT-Xent temperature {loss.get('temperature', '?')}, colour strength "
-             f"s={data.get('s', '?')}, blur {data.get('blur', '?')}, mixed precision "
-             f"{config.get('fp16_precision', False)}, seed {config.get('seed', '?')} |",
-             f"| Model | {arch}, feature dim {manifest['feature_dim']}, projection dim {manifest['out_dim']} |"]
     source = manifest.get("source", {})
+    fields = dict(
+        name=name, base_model=base_model, weights=WEIGHTS_FILE, torchvision=torchvision_file(base_model),
+        arch=ARCHITECTURES.get(base_model, base_model) + (" (CIFAR stem: 3x3 conv1, no max-pool)"
+                                                          if manifest["cifar_stem"] else ""),
+        data=f"{dataset} (`{data.get('root', '?')}`), pretrained on its {_PRETRAIN_SPLITS.get(dataset, 'pretrain')} "
+             f"split, {size}x{size} px, {data.get('valid_size', '?')} of it held out for validation"
+             + (f"; the evaluation below counted {counted['train']:,} labelled train and {counted['test']:,} test "
+                "images" if counted else ""),
+        epochs=manifest.get("epochs"), configured_epochs=manifest.get("configured_epochs"),
+        batch=config.get("batch_size", "?"),
+        recipe=f"{opt.get('name', '?')} lr {opt.get('lr', '?')} (scaling {opt.get('lr_scaling', 'none')}, warmup "
+               f"{opt.get('warmup_epochs', 0)} epochs, cosine {opt.get('cosine', True)}), weight decay "
+               f"{config.get('weight_decay', '?')}, NT-Xent temperature {loss.get('temperature', '?')}, colour "
+               f"strength s={data.get('s', '?')}, blur {data.get('blur', '?')}, mixed precision "
+               f"{config.get('fp16_precision', False)}, seed {config.get('seed', '?')}",
+        feature_dim=manifest["feature_dim"], out_dim=manifest["out_dim"],
+        SOURCE_ROWS=_source_rows(manifest, source),
+        EVALUATIONS="".join(_evaluation_block(results, name) for results in evaluations)
+        or string.Template(NO_EVALUATION).substitute(name=name),
+        FILE_ROWS="".join(f"| {file} | {info['bytes']} | `{info['sha256']}` |\n"
+                          for file, info in manifest["files"].items()),
+        CIFAR_STEM=CIFAR_STEM_LINES if manifest["cifar_stem"] else "")
+    if manifest.get("evaluations"):
+        fields["EVALUATIONS"] += ("Result files: " + ", ".join(f"[{f}]({f})" for f in manifest["evaluations"])
+                                  + ".\n\n")
+    return MODEL_CARD.substitute(fields)
+
+
+def _source_rows(manifest: dict, source: dict) -> str:
+    """The card's table rows after Model: the last epoch's metrics, the source checkpoint, the training command."""
+    rows = ""
     if source.get("final_epoch_metrics"):
         metrics = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                             for k, v in source["final_epoch_metrics"].items() if k != "epoch")
-        lines.append(f"| Last epoch | {metrics} |")
-    lines.append(f"| Source | `{source.get('checkpoint')}` (git {source.get('git_commit') or 'unknown'}), "
-                 f"exported {manifest.get('exported')} |")
+        rows += f"| Last epoch | {metrics} |\n"
+    rows += (f"| Source | `{source.get('checkpoint')}` (git {source.get('git_commit') or 'unknown'}), "
+             f"exported {manifest.get('exported')} |\n")
     if source.get("command"):
-        lines.append(f"| Training command | `{source['command']}` |")
-    lines += ["", "Full training config: [config.yaml](config.yaml).", "", "## Evaluation", ""]
-    if not evaluations:
-        lines += ["No evaluation results were found for these exact weights. Produce them with",
-                  "", "```", f"python -m feature_eval.evaluate --checkpoint {name} --classifiers lbfgs,adam,knn",
-                  "```", ""]
-    for results in evaluations:
-        data_info = results.get("dataset", {})
-        splits = results.get("splits", {})
-        fit = splits.get("fit", "train")
-        if fit == "train" and isinstance(splits.get("train"), int):
-            fit = f"train ({splits['train']:,} images)"
-        lines += [f"On {data_info.get('name')} ({data_info.get('input_size')} px), fit on {fit}, scored on test "
-                  f"({splits.get('test', '?')} images):", "",
-                  "| Protocol | Feature extractor | Top-1 % | Top-5 % |", "|---|---|---|---|"]
-        for row in results.get("rows", []):
-            top1, top5 = row.get("top1"), row.get("top5")
-            lines.append(f"| {row.get('classifier_name')} | {row.get('extractor_name')} | "
-                         f"{'-' if top1 is None else f'{top1:.1f}'} | {'-' if top5 is None else f'{top5:.1f}'} |")
-        lines += ["", f"Produced by `{evaluation_command(results)}`; from this package: "
-                      f"`{evaluation_command(results, name)}`.", ""]
-    if manifest.get("evaluations"):
-        lines += ["Result files: " + ", ".join(f"[{f}]({f})" for f in manifest["evaluations"]) + ".", ""]
-    lines += ["## Files", "", "| File | Bytes | sha256 |", "|---|---|---|"]
-    for file, info in manifest["files"].items():
-        lines.append(f"| {file} | {info['bytes']} | `{info['sha256']}` |")
-    lines += ["", "The weights are not in git (`.gitignore`: `pretrained_models/*/*.safetensors`). With downloaded "
-              f"weights, put `{WEIGHTS_FILE}` (and, for plain torchvision use, `{torchvision_file(base_model)}`) in "
-              f"`pretrained_models/{name}/`, next to this card, and check `sha256sum {WEIGHTS_FILE}` against the "
-              "table: loading refuses a file whose sha256 differs from package.json.", "",
-              "## Use", "", "```bash",
-              f"python run.py fine_tune_from={name}                   # continue pretraining from these weights",
-              f"python -m feature_eval.evaluate --checkpoint {name}     # linear / KNN evaluation",
-              f"python -m feature_eval.finetune --checkpoint {name} --label-fraction 0.01", "```", "", "```python",
-              "import models",
-              f'encoder = models.load_encoder("pretrained_models/{name}")  # frozen; images in [0, 1], '
-              "normalised inside", "```", "", "Plain torchvision (normalise with ImageNet mean/std yourself):", "",
-              "```python", "import torch, torchvision", "from safetensors.torch import load_file", "",
-              f"net = torchvision.models.{base_model}()"]
-    if manifest["cifar_stem"]:
-        lines += ["net.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)  # this encoder's CIFAR stem",
-                  "net.maxpool = torch.nn.Identity()"]
-    lines += [f'missing, unexpected = net.load_state_dict(load_file("pretrained_models/{name}/'
-              f'{torchvision_file(base_model)}"), strict=False)',
-              "# missing == ['fc.weight', 'fc.bias']: add your own classifier, or net.fc = torch.nn.Identity()", "```",
-              ""]
+        rows += f"| Training command | `{source['command']}` |\n"
+    return rows
+
+
+def _evaluation_block(results: dict, name: str) -> str:
+    """One evaluation on the card: its data and splits, its rows, and the commands that produce it."""
+    data_info, splits = results.get("dataset", {}), results.get("splits", {})
+    fit = splits.get("fit", "train")
+    if fit == "train" and isinstance(splits.get("train"), int):
+        fit = f"train ({splits['train']:,} images)"
+    lines = [f"On {data_info.get('name')} ({data_info.get('input_size')} px), fit on {fit}, scored on test "
+             f"({splits.get('test', '?')} images):", "", "| Protocol | Feature extractor | Top-1 % | Top-5 % |",
+             "|---|---|---|---|"]
+    for row in results.get("rows", []):
+        top1, top5 = row.get("top1"), row.get("top5")
+        lines.append(f"| {row.get('classifier_name')} | {row.get('extractor_name')} | "
+                     f"{'-' if top1 is None else f'{top1:.1f}'} | {'-' if top5 is None else f'{top5:.1f}'} |")
+    lines += ["", f"Produced by `{evaluation_command(results)}`; from this package: "
+                  f"`{evaluation_command(results, name)}`.", "", ""]
     return "\n".join(lines)
 
 

@@ -1,8 +1,9 @@
 """Typed, frozen configuration: `config.yaml` plus `key=value` overrides, validated once.
 
-The seed's keys keep the seed's meaning. Values are parsed, never evaluated: YAML goes through
-`yaml.safe_load`, and strings such as `10e-6` or `(96,96,3)` are converted by explicit rules.
-Every user error raises `ConfigError` with one line naming the key, the value and what is allowed.
+Every key of the original repository's (sthalles/SimCLR) config.yaml keeps its meaning, so that file runs
+verbatim. Values are parsed, never evaluated: YAML goes through `yaml.safe_load`, and strings such as `10e-6`
+or `(96,96,3)` are converted by explicit rules. Every user error raises `ConfigError` with one line naming the
+key, the value and what is allowed.
 """
 from __future__ import annotations
 
@@ -131,6 +132,17 @@ def config_from_dict(data: dict) -> Config:
     config = _build(Config, data, prefix="")
     validate(config)
     return config
+
+
+def saved_config(state: dict) -> Config:
+    """The typed Config of a checkpoint or package, from the state `models.loading.read_checkpoint` returns.
+
+    That reader has already upgraded older formats (filling the keys their version lacked), so the saved dict is
+    read here as written, strictly: a key this version does not know, or a value its rules refuse, is an error.
+    Raises:
+        ConfigError: naming the key.
+    """
+    return config_from_dict(state["config"])
 
 
 def replace(config: Config, **changes) -> Config:

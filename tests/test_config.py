@@ -203,3 +203,12 @@ def test_under_torchrun_only_rank_0_prints_a_config_error(capsys, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     assert run.main(["loss.temperature=0"]) == 2
     assert "loss.temperature" in capsys.readouterr().err
+
+
+def test_saved_config_reads_a_checkpoints_config_strictly():
+    from simclr.config import saved_config
+
+    config = load_config(None, ["model.head_layers=3", "dataset.name=digits"])
+    assert saved_config({"config": config_to_dict(config), "model": {}}) == config
+    with pytest.raises(ConfigError, match="unknown key model.hedd_layers"):
+        saved_config({"config": {"model": {"hedd_layers": 3}}})

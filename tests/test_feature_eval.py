@@ -14,6 +14,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.preprocessing import StandardScaler
 
+from feature_eval import context as context_module
 from feature_eval import evaluate as evaluate_module
 from feature_eval.classifiers import (adam_probe, holdout_split, knn_classifier, lbfgs_probe, topk_accuracy,
                                       weighted_knn)
@@ -285,14 +286,14 @@ def tiny_run(tmp_path_factory):
 
 def test_evaluate_writes_table_and_json_and_keeps_the_encoder(tiny_run, monkeypatch):
     loaded = {}
-    load = evaluate_module.load_encoder
+    load = context_module.encoder_from_state
 
-    def recording_load(path, device):
-        encoder = load(path, device)
+    def recording_load(state, path, device):
+        encoder = load(state, path, device)
         loaded["encoder"], loaded["state"] = encoder, {k: v.clone() for k, v in encoder.state_dict().items()}
         return encoder
 
-    monkeypatch.setattr(evaluate_module, "load_encoder", recording_load)
+    monkeypatch.setattr(context_module, "encoder_from_state", recording_load)
     out = evaluate_module.evaluate(tiny_run, classifiers="lbfgs,knn", baselines="pca,random", device="cpu",
                                    max_iter=300, log=lambda *_: None)
     for key, value in loaded["encoder"].state_dict().items():
@@ -315,7 +316,7 @@ def test_evaluate_writes_table_and_json_and_keeps_the_encoder(tiny_run, monkeypa
     knn = KNeighborsClassifier(10).fit(scaler.transform(train.features.numpy().astype(np.float64)), train.labels)
     assert rows[3]["top1"] == pytest.approx(100 * knn.score(scaler.transform(test.features.numpy().astype(
         np.float64)), test.labels))
-    # Files: the table in the seed's columns and every number in JSON.
+    # Files: the table in the original repository's columns and every number in JSON.
     table = out.paths["markdown"].read_text()
     assert out.paths["markdown"] == tiny_run / "eval" / "last_digits.md"
     assert "| Classifier | Feature extractor | Architecture | Feature dim | Projection dim | Epochs | Top-1 % | " \
@@ -488,6 +489,8 @@ def test_baseline_features_are_shared_by_every_checkpoint_on_the_same_data(tmp_p
     rows_again = {(r["classifier"], r["extractor"]): r["top1"] for r in again.results["rows"]}
     assert all(rows[k] == rows_again[k] for k in rows if k[1] != "simclr") and not calls
     assert again.results["baselines"]["pca"]["feature_dim"] == 16
+    variance = out.results["baselines"]["pca"]["pca"]["explained_variance"]  # kept in the cache with the features
+    assert 0 < variance <= 1 and again.results["baselines"]["pca"]["pca"]["explained_variance"] == variance
     # Other data (another eval size) never reuses them.
     with pytest.raises(pytest.fail.Exception, match="PCA recomputed"):
         evaluate_module.evaluate(tmp_path / "b", classifiers="knn", baselines="pca", device="cpu", input_size=12,

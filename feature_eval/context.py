@@ -1,0 +1,264 @@
+"""What both evaluation drivers (`feature_eval.evaluate`, `feature_eval.finetune`) start from.
+
+A checkpoint is opened once into an `EvalContext`: the frozen encoder, its typed training config, the two
+splits of the data (checked), the device and the folder results go to. Every user error is raised there, in
+one line, before any long computation. The drivers' options share `RunOptions`; their command lines share
+`add_run_arguments` and `run_cli`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import shlex
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+import startup  # standard library only
+from data_aug.datasets import load_split
+from data_aug.stl10 import DataError
+from feature_eval.features import best_device
+from models.loading import (CheckpointLoadError, encoder_from_state, file_sha256, read_checkpoint,
+                            resolve_checkpoint, run_dir_of, trained_epochs)
+from models.resnet_simclr import ARCHITECTURES, Encoder
+from simclr.config import Config, ConfigError, DatasetConfig, saved_config
+
+
+class EvalError(ValueError):
+    """A user error (option, data set, output folder); its message is one line that says how to fix it."""
+
+
+USER_ERRORS = (EvalError, CheckpointLoadError, DataError)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunOptions:
+    """What every evaluation driver is asked, whatever its protocol.
+
+    Attributes:
+        dataset, root, input_size: default to the checkpoint's training config (`dataset.name`, `dataset.root`,
+            `dataset.input_shape[0]`).
+        device: `auto`/None (the best one here), `cpu`, `cuda`, `cuda:N` or `mps`.
+        out_dir: where the table and JSON go (default `<run_dir>/eval`, or a package's own `eval/`); nothing is
+            written when `write` is False.
+        download: download the data set if it is missing.
+        seed: every random choice of the protocol.
+        command: the command line that asked for this evaluation, recorded in the JSON (model cards quote it).
+    """
+
+    dataset: str | None = None
+    root: str | Path | None = None
+    input_size: int | None = None
+    device: str | torch.device | None = None
+    out_dir: str | Path | None = None
+    write: bool = True
+    download: bool = False
+    seed: int = 0
+    command: str | None = None
+
+    @classmethod
+    def of(cls, options: RunOptions | None = None, **fields):
+        """`options` (or the defaults) with `fields` replaced: how the drivers take keyword arguments too."""
+        return dataclasses.replace(options, **fields) if options is not None else cls(**fields)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **fields):
+        """The options of a parsed command line: each field from the argument of the same name, then `fields`."""
+        given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+        return cls(**{**given, **fields})
+
+
+@dataclass
+class EvalContext:
+    """One checkpoint opened for evaluation by `open_context`: what every protocol reads, nothing it computes."""
+
+    checkpoint: Path  # the weights file that the name given resolved to
+    checkpoint_sha256: str
+    encoder: Encoder  # frozen
+    config: Config  # the training config, typed
+    trained_data: DatasetConfig | None  # the data set it trained on; None where the file names none
+    trained_epochs: int | None
+    dataset: str
+    root: Path
+    input_size: int
+    train_set: object  # items (uint8 [3, H, W], label), with `labels` int64 [N]
+    test_set: object
+    classes: list[str]
+    device: torch.device
+    out_dir: Path
+
+    @property
+    def architecture(self) -> str:
+        """`ResNet-18`, `ResNet-18 (CIFAR stem)`, ...: the tables' Architecture column."""
+        model = self.config.model
+        return ARCHITECTURES.get(model.base_model, model.base_model) + (" (CIFAR stem)" if model.cifar_stem else "")
+
+    def facts(self) -> dict:
+        """The head of every results JSON: the checkpoint, its digest and epochs, the data evaluated on."""
+        return {"checkpoint": str(self.checkpoint), "checkpoint_sha256": self.checkpoint_sha256,
+                "trained_epochs": self.trained_epochs,
+                "dataset": {"name": self.dataset, "root": str(self.root), "input_size": self.input_size,
+                            "classes": self.classes}}
+
+    def results_stem(self) -> str:
+        """The results files' name, as `results_stem` makes it for this checkpoint and data."""
+        trained = {} if self.trained_data is None else {"root": self.trained_data.root,
+                                                         "input_shape": self.trained_data.input_shape}
+        return results_stem(self.checkpoint, self.dataset, self.root, self.input_size, trained)
+
+
+def open_context(checkpoint: str | Path, options: RunOptions,
+                 encoder_device: str | torch.device | None = None) -> EvalContext:
+    """Open `checkpoint` for evaluation: every user error is raised here, before any long computation.
+
+    Args:
+        checkpoint: a run directory (its `checkpoints/last.pt`), a `.pt` file, or a pretrained package (name,
+            folder or `model.safetensors`; see `models.loading.resolve_checkpoint`).
+        encoder_device: where the encoder goes (default: the evaluation's device).
+    Raises:
+        EvalError, CheckpointLoadError, DataError: user errors, each with a one-line message.
+    """
+    device = check_device(options.device)
+    file = resolve_checkpoint(checkpoint)
+    state = read_checkpoint(file)
+    encoder = encoder_from_state(state, file, device if encoder_device is None else encoder_device)
+    try:
+        config = saved_config(state)
+    except ConfigError as err:
+        raise CheckpointLoadError(f"checkpoint {file} holds a training config this code does not read ({err})") \
+            from None
+    trained = config.dataset if "dataset" in state["config"] else None  # a lone package file names no data
+    dataset = options.dataset or (trained.name if trained else None)
+    root = Path(options.root if options.root is not None else trained.root if trained else "data")
+    input_size = int(options.input_size or (trained.crop_size if trained else 0))
+    if not dataset:
+        raise EvalError(f"checkpoint {file} does not name its data set: pass --dataset NAME (and --root DIR)")
+    if input_size < 8:
+        raise EvalError(f"input size {input_size or 'unknown'}: pass --input-size N (N >= 8, e.g. 96 for STL10)")
+    train_set, test_set = load_splits(dataset, root, options.download)
+    out_dir = Path(options.out_dir) if options.out_dir is not None else default_out_dir(file)
+    if options.write:
+        check_writable(out_dir)  # now, not after minutes of features or hours of fine-tuning
+    classes = list(getattr(train_set, "classes", [])) or [str(i) for i in range(int(train_set.labels.max()) + 1)]
+    return EvalContext(file, file_sha256(file), encoder, config, trained, trained_epochs(state), dataset, root,
+                       input_size, train_set, test_set, classes, device, out_dir)
+
+
+def default_out_dir(checkpoint_file: Path) -> Path:
+    """`<run_dir>/eval` for `<run_dir>/checkpoints/<file>.pt`, else `eval/` next to the file (for a pretrained
+    package, its own `eval/`, from which `pretrained_models.export --refresh` builds the model card)."""
+    return run_dir_of(checkpoint_file.resolve()) / "eval"
+
+
+def load_splits(dataset: str, root: Path, download: bool):
+    """The `train` and `test` splits of `dataset` under `root`, checked: a test split to score on, and train labels
+    of at least two classes to fit on. Raises EvalError or DataError in one line that names the option to change."""
+    try:
+        train_set = load_split(dataset, root, "train", download=download)
+        test_set = load_split(dataset, root, "test", download=download)
+    except ValueError as err:  # unknown data set name
+        raise EvalError(f"--dataset {dataset}: {err}; choose stl10, cifar10, cifar100, imagefolder or digits") from None
+    except DataError as err:  # the loaders speak of the training config's key; here it is an option
+        raise DataError(str(err).replace("set dataset.download: true", "pass --download")) from None
+    if len(test_set) == 0:
+        raise EvalError(f"{dataset} under {root} has an empty test split")
+    present = torch.unique(train_set.labels)
+    if len(present) < 2 or int(present.min()) < 0:
+        raise EvalError(f"{dataset} under {root}: the train split needs labelled images of at least two classes "
+                        f"(found {len(present)} label value(s))")
+    return train_set, test_set
+
+
+def check_device(device) -> torch.device:
+    """The device named by a `--device` option (`auto`: the best one here); EvalError if it is not usable."""
+    if device is None or str(device) == "auto":
+        return best_device()
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise EvalError(f"--device {device!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EvalError(f"--device {device}: CUDA is not available on this machine; use --device cpu or auto")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise EvalError(f"--device {device}: MPS is not available on this machine; use --device cpu or auto")
+    return device
+
+
+def check_writable(folder: Path) -> None:
+    """EvalError unless `folder` exists or can be made, and a file can be written in it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise EvalError(f"cannot write results to {folder} ({err.strerror or err}): pass --out-dir DIR") from None
+
+
+def parse_names(text: str | tuple | list, allowed: tuple[str, ...], option: str) -> tuple[str, ...]:
+    """`"a,b"` (or a sequence) -> `("a", "b")`, each checked against `allowed`; duplicates dropped."""
+    names = [n.strip().lower() for n in (text.split(",") if isinstance(text, str) else text)]
+    names = [n for n in names if n and n != "none"]
+    unknown = [n for n in names if n not in allowed]
+    if unknown:
+        raise EvalError(f"{option}: unknown {', '.join(unknown)}; choose from {', '.join(allowed)} "
+                        f"(comma-separated, e.g. {option} {','.join(allowed)})")
+    return tuple(dict.fromkeys(names))
+
+
+def results_stem(checkpoint_file: Path, dataset: str, root: Path, input_size: int, trained: dict) -> str:
+    """`<checkpoint>_<dataset>`, then `_<root folder>` when the data's root is not the one trained on and
+    `_<size>px` when the input size is not: other data or another size never overwrite the training data's
+    results. `trained` is the checkpoint's `dataset` config (`root`, `input_shape`), `{}` where it has none."""
+    stem = f"{checkpoint_file.stem}_{dataset}"
+    if Path(root).resolve() != Path(trained.get("root") or "data").resolve():
+        stem += "_" + (re.sub(r"[^A-Za-z0-9._-]+", "-", Path(root).resolve().name) or "root")
+    if input_size != int((trained.get("input_shape") or [0])[0]):
+        stem += f"_{input_size}px"
+    return stem
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `RunOptions` that both drivers' command lines take, the same way."""
+    parser.add_argument("--checkpoint", required=True,
+                        help="run dir or name (runs/<name>), checkpoint .pt file, package dir or package name "
+                             "(pretrained_models/<name>)")
+    parser.add_argument("--dataset", help="data set name (default: the checkpoint's dataset.name)")
+    parser.add_argument("--root", help="data set folder (default: the checkpoint's dataset.root)")
+    parser.add_argument("--input-size", type=int, help="image size the encoder sees (default: the checkpoint's "
+                                                       "input_shape)")
+    parser.add_argument("--download", action="store_true", help="download the data set if it is missing")
+    parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
+    parser.add_argument("--out-dir", help="where to write the table and JSON (default: <run_dir>/eval)")
+
+
+def run_cli(module: str, argv: list[str] | None, parse_args: Callable[[list[str]], argparse.Namespace],
+            run: Callable[[argparse.Namespace, str], object]) -> int:
+    """A driver's `main`: parse `argv`, `run(args, command)`, print the table and the files written.
+
+    Returns:
+        0, or 2 after one line on stderr for a user error (bad checkpoint, data set or option).
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    try:
+        with startup.one_line_warnings():
+            outcome = run(args, shlex.join(["python", "-m", module, *argv]))
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print_written(outcome.table, outcome.paths, outcome.results)
+    return 0
+
+
+def print_written(table: str, paths: dict[str, Path], results: dict) -> None:
+    """The end of a CLI run: the table, the files written, the time taken."""
+    print(table)
+    print(f"wrote {paths['markdown']} and {paths['json']} ({results['timings_s']['total']:.1f} s)")
+    pictures = [str(paths[key]) for key in ("tsne", "confusion") if key in paths]
+    if pictures:
+        print(f"pictures: {' and '.join(pictures)}")
