@@ -89,11 +89,12 @@ def standardize(train_features, test_features) -> tuple[np.ndarray, np.ndarray]:
 
 def lbfgs_probe(train_features, train_labels, test_features, test_labels=None, *, num_classes: int | None = None,
                 C: float = 1.0, max_iter: int = 1200, seed: int = 0) -> ClassifierResult:
-    """The seed's linear protocol: `StandardScaler`, then `LogisticRegression(solver="lbfgs")`.
+    """The linear protocol of the original repository (sthalles/SimCLR), kept so its numbers compare:
+    `StandardScaler`, then `LogisticRegression(solver="lbfgs")`.
 
     Args:
         train_features: `[N, D]`; train_labels: `[N]`; test_features: `[M, D]`; test_labels: `[M]` or None.
-        C: inverse L2 strength; max_iter: L-BFGS iterations (the seed's 1.0 and 1200).
+        C: inverse L2 strength; max_iter: L-BFGS iterations (1.0 and 1200 as there).
     Returns:
         ClassifierResult with decision values as scores (classes absent from training score -inf).
     """
@@ -280,7 +281,8 @@ def _nearest(queries: torch.Tensor, keys: torch.Tensor, k: int, similarity, quer
 def knn_classifier(train_features, train_labels, test_features, test_labels=None, *, num_classes: int | None = None,
                    k: int = 10, query_chunk: int = 256, key_chunk: int = 8192,
                    device: str | torch.device = "cpu") -> ClassifierResult:
-    """The seed's KNN: majority vote of the k nearest training items, Euclidean on standardised features.
+    """Majority vote of the k nearest training items, Euclidean on standardised features (the original
+    repository's KNN; `weighted_knn` is the cosine-weighted one of DINO).
 
     Matches `KNeighborsClassifier(n_neighbors=k)` on `StandardScaler` output: distances in float64,
     equal votes go to the lower class. Chunked over test and training items (any count, bounded memory).
