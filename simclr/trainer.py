@@ -20,7 +20,7 @@ from loss.nt_xent import NTXentLoss
 from models.loading import CheckpointLoadError, load_weights_only, run_dir_of
 from models.resnet_simclr import create_model
 from simclr import checkpoint as ckpt
-from simclr.config import Config, ConfigError, config_to_dict
+from simclr.config import Config, ConfigError, config_to_dict, saved_config
 from simclr.dist import DistInfo, all_reduce_mean, barrier, broadcast_object, resolve_sync_bn
 from simclr.grad_cache import grad_cache_backward
 from simclr.guard import RunGuard
@@ -198,7 +198,7 @@ class Trainer:
 
     def restore(self, state: dict) -> None:
         """Continue from a training checkpoint's `state`: weights, optimiser, schedule, position and counters."""
-        saved = state["config"].get("optimizer", {}).get("name", "adam")
+        saved = saved_config(state).optimizer.name
         if saved != self.config.optimizer.name:
             raise CheckpointLoadError(f"optimizer.name = {self.config.optimizer.name!r}: the run being resumed used "
                                       f"{saved!r}, whose state cannot drive another optimiser; resume with "

@@ -20,6 +20,11 @@ if str(ROOT) not in sys.path:
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: an end-to-end run of several seconds (subprocesses, whole trainings); "
+                                       "`pytest -m 'not slow'` is the quick inner loop")
+
+
 def write_stl10(root: Path, n_train: int = 6, n_test: int = 4, n_unlabeled: int = 10, seed: int = 0) -> dict:
     """Write tiny STL10 files in the real binary layout (uint8, each channel column-major, labels 1..10).
 

@@ -38,6 +38,7 @@ def test_torch_write_error_is_a_checkpoint_write_error(tmp_path, monkeypatch):
     assert [p.name for p in path.parent.iterdir()] == ["last.pt"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="RLIMIT_FSIZE is POSIX")
 def test_file_size_limit_is_a_checkpoint_write_error(tmp_path):
     """A real short write: the process may not grow a file past 64 kB (SIGXFSZ ignored, so write() fails)."""

@@ -263,6 +263,7 @@ def _tiny_run_args(data: Path) -> list[str]:
             "batch_size=4", "model.out_dim=8", "dataset.valid_size=0.2", "log_every_n_steps=1", "device=cpu", "seed=0"]
 
 
+@pytest.mark.slow
 def test_torchrun_resumes_a_run_and_only_rank0_writes(tmp_path, capsys):
     """The real launcher end to end: one epoch in this process, then `torchrun --nproc_per_node=2` resumes
     the run for a second epoch (an epoch boundary, where the number of processes may change)."""
@@ -307,6 +308,7 @@ def _worker_pid(launcher: subprocess.Popen, rank: int) -> int | None:
     return None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds torchrun's workers through /proc")
 def test_sigterm_to_one_torchrun_process_stops_every_process_at_the_same_step(tmp_path):
     """SIGTERM reaches only rank 1: both ranks stop after the next step, rank 0 saves, and all exit 0."""

@@ -49,6 +49,7 @@ def kill_at(args: list[str], marker: str, count: int) -> None:
     assert seen == count, f"the run ended before {marker} #{count}"
 
 
+@pytest.mark.slow
 def test_sigkill_at_any_moment_then_resume_gives_the_same_weights(data_root, reference, straight_run, tmp_path):
     run_dir = tmp_path / "killed"
     # 3 steps per epoch; each kill lands at another moment, and each restart resumes from what is on disk.
@@ -72,6 +73,7 @@ def metric_positions(run_dir: Path) -> list[tuple]:
             for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_preemption_saves_position_and_resumes_mid_epoch(data_root, reference, tmp_path, capsys, signum):
     run_dir = tmp_path / "preempted"
@@ -90,6 +92,7 @@ def test_preemption_saves_position_and_resumes_mid_epoch(data_root, reference, t
     assert f"resuming from {run_dir / 'checkpoints' / 'last.pt'} at epoch 2, step 2 (epochs=2)" in resumed
 
 
+@pytest.mark.slow
 def test_resume_auto_starts_fresh_then_resumes(data_root, tmp_path, capsys):
     run_dir = tmp_path / "auto"
     assert run.main(tiny_args(data_root, run_dir, "resume=auto", "epochs=1")) == 0
@@ -99,6 +102,7 @@ def test_resume_auto_starts_fresh_then_resumes(data_root, tmp_path, capsys):
     assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["next_epoch"] == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncate", "empty", "garbage", "pickle"])
 def test_damaged_checkpoint(data_root, tmp_path, capsys, damage):
     run_dir = tmp_path / "damaged"
@@ -207,6 +211,7 @@ def test_resume_with_another_optimiser_is_refused(straight_run, capsys):
     assert len(err) == 1 and "'adam'" in err[0] and "optimizer.name=adam" in err[0]
 
 
+@pytest.mark.slow
 def test_preemption_on_the_last_step_keeps_the_epoch_loss(data_root, tmp_path):
     run_dir = tmp_path / "last_step"
     signal_on_third_step = on_nth("step", 3, signal_self(signal.SIGTERM))  # the last of epoch 1's three steps
@@ -227,6 +232,7 @@ def test_cuda_index_under_torchrun_is_refused(monkeypatch):
         init_distributed("cuda:0")
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_whole_process_group_with_dataloader_workers_is_a_clean_stop(data_root, tmp_path):
     """SLURM and a terminal's Ctrl-C signal every process of the job, DataLoader workers included: the workers
     must leave the signal to the main process, which finishes the step, saves and exits 0."""
@@ -271,6 +277,7 @@ def test_a_bad_image_met_by_a_worker_and_a_second_signal_end_in_one_line(tmp_pat
         assert err.startswith(expected) and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_a_signal_during_validation_stops_at_the_epoch_boundary(data_root, reference, tmp_path, capsys):
     run_dir = tmp_path / "boundary"
     assert run.main(tiny_args(data_root, run_dir), on_event=on_nth("validate", 1, signal_self(signal.SIGTERM))) == 0

@@ -83,7 +83,7 @@ def test_cuda_test_lister_finds_functions_methods_and_marked_modules(tmp_path):
 
 def test_cuda_test_lister_on_this_repo():
     found = cuda_tests.cuda_only_tests()
-    assert "tests/test_device_views.py::test_compiled_view_ops_match_eager_on_cuda" in found
+    assert "tests/test_batches.py::test_compiled_view_ops_match_eager_on_cuda" in found
     assert not any("test_config.py" in node for node in found)  # those skip *with* CUDA
     assert all((REPO / node.split("::")[0]).is_file() for node in found)
 

@@ -44,6 +44,7 @@ def test_learning_rate_follows_cosine_per_step(straight_run):
     assert lrs[0] == pytest.approx(3e-4) and all(a > b > 0 for a, b in zip(lrs, lrs[1:]))
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_weights(data_root, straight_run, tmp_path):
     run_dir = tmp_path / "interrupted"
 
@@ -69,6 +70,7 @@ def test_resuming_a_finished_run_says_so_and_neither_trains_nor_evaluates(straig
     assert {name: (finished / name).read_bytes() for name in before} == before  # no new start recorded, no training
 
 
+@pytest.mark.slow
 def test_a_log_that_is_not_a_terminal_gets_no_progress_bars(data_root, tmp_path, capsys):
     assert run.main(tiny_args(data_root, tmp_path / "r", "epochs=1")) == 0
     captured = capsys.readouterr()  # pytest's capture is not a TTY, as a log file or a notebook's output
@@ -76,6 +78,7 @@ def test_a_log_that_is_not_a_terminal_gets_no_progress_bars(data_root, tmp_path,
     assert "\r" not in captured.err + captured.out
 
 
+@pytest.mark.slow
 def test_one_epoch_then_resume_to_two_with_constant_lr(data_root, tmp_path):
     straight, split = tmp_path / "a", tmp_path / "b"
     assert run.main(tiny_args(data_root, straight, "optimizer.cosine=false")) == 0
@@ -118,6 +121,7 @@ def test_a_seed_model_name_that_exists_here_is_never_replaced_by_training_from_s
     assert "fine_tune_from = 'resnet-18_80-epochs'" in err and "no checkpoints/last.pt" in err
 
 
+@pytest.mark.slow
 def test_a_stop_signal_as_training_finishes_skips_the_final_evaluation(data_root, tmp_path, capsys):
     import signal
 
@@ -187,11 +191,13 @@ def test_float16_resume_of_a_run_saved_without_a_scaler_starts_a_fresh_scale(dat
     assert trainer.scaler.get_scale() == 2.0**10 and trainer.next_epoch == 2
 
 
+@pytest.mark.slow
 def test_mixed_precision_on_cpu_uses_bfloat16(data_root, tmp_path, capsys):
     assert run.main(tiny_args(data_root, tmp_path / "amp", "fp16_precision=true", "epochs=1")) == 0
     assert "bfloat16" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_float16_overflow_steps_are_skipped_counted_and_logged(data_root, tmp_path, monkeypatch):
     """With a GradScaler, an overflowing step is skipped (weights unchanged), counted, and the run goes on."""
     original = NTXentLoss.loss_and_accuracy
@@ -225,6 +231,7 @@ def test_float16_overflow_steps_are_skipped_counted_and_logged(data_root, tmp_pa
     assert Trainer(resumed, init_distributed("cpu"), find_resume(resumed)).skipped_steps.item() == 1  # whole-run count
 
 
+@pytest.mark.slow
 def test_training_flushes_denormals_and_gives_ieee_floats_back(data_root, tmp_path):
     """Denormal floats made CPU steps 5-10x slower; they are flushed during fit() only."""
     seen = []
