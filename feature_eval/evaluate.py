@@ -259,20 +259,20 @@ def caption(results: dict) -> str:
 
 def notes(results: dict) -> list[str]:
     """The paragraphs under the table: how to read it, the rows kept or dropped from an earlier run, the pictures."""
-    notes = [how_to_read(results["rows"])]
+    paragraphs = [how_to_read(results["rows"])]
     earlier = results.get("earlier") or {}
     if earlier.get("kept"):
-        notes.append(f"Kept from the evaluation of {earlier['finished']} (not redone by this one, whose rows are "
-                     f"dated {results['finished']} in the JSON): {'; '.join(earlier['kept'])}.")
+        paragraphs.append(f"Kept from the evaluation of {earlier['finished']} (not redone by this one, whose rows "
+                          f"are dated {results['finished']} in the JSON): {'; '.join(earlier['kept'])}.")
     if earlier.get("dropped"):
-        notes.append(f"Dropped from the evaluation of {earlier['finished']}, as made with {earlier['reason']}: "
-                     f"{'; '.join(earlier['dropped'])}.")
+        paragraphs.append(f"Dropped from the evaluation of {earlier['finished']}, as made with "
+                          f"{earlier['reason']}: {'; '.join(earlier['dropped'])}.")
     pictures = results.get("pictures") or {}
     if pictures.get("tsne"):
-        notes.append(f"![t-SNE of the SimCLR test features, coloured by class]({pictures['tsne']})")
+        paragraphs.append(f"![t-SNE of the SimCLR test features, coloured by class]({pictures['tsne']})")
     if pictures.get("confusion"):
-        notes.append(f"![Confusion matrices of the SimCLR rows]({pictures['confusion']})")
-    return notes
+        paragraphs.append(f"![Confusion matrices of the SimCLR rows]({pictures['confusion']})")
+    return paragraphs
 
 
 # Rows of two evaluations stand in one table only when every number could have come from one run: the same

@@ -260,3 +260,17 @@ def test_cli_checks_the_output_folder_before_fine_tuning_and_names_another_size(
     monkeypatch.setattr(finetune_module, "finetune", original)
     assert main(argv + ["--out-dir", str(tmp_path / "out"), "--input-size", "24"]) == 0
     assert (tmp_path / "out" / "last_digits_24px_finetune-1pct.json").is_file()
+
+
+def test_data_is_checked_as_feature_eval_evaluate_checks_it(digits_run, tmp_path, capsys):
+    """Both drivers load data through one function: a missing data set names this command's option, and a train
+    split of one class is refused before any fine-tuning."""
+    argv = ["--checkpoint", str(digits_run), "--device", "cpu", "--label-fraction", "1.0", "--epochs", "1"]
+    assert main(argv + ["--dataset", "stl10", "--root", str(tmp_path / "no")]) == 2
+    err = capsys.readouterr().err
+    assert "pass --download" in err and "dataset.download" not in err and err.count("\n") == 1
+    from tests.test_feature_eval import write_image_folder
+
+    write_image_folder(tmp_path / "one", {"train": {"a": 4}, "test": {"a": 2}})
+    assert main(argv + ["--dataset", "imagefolder", "--root", str(tmp_path / "one")]) == 2
+    assert "at least two classes" in capsys.readouterr().err
