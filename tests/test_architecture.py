@@ -105,6 +105,7 @@ def test_the_rule_itself_catches_a_wrong_way_import(tmp_path):
     assert imported_modules(probe) == {"simclr.trainer", "models.loading"}
 
 
+@pytest.mark.slow
 def test_every_module_imports_on_its_own():
     """Each module imported first, in a process where no other project module is loaded yet (an import cycle
     that only works in one order fails here)."""

@@ -33,6 +33,7 @@ def assert_picture(path, min_size):
     assert picture.std() > 20 and len(np.unique(picture.reshape(-1, 3), axis=0)) > 50
 
 
+@pytest.mark.slow
 def test_evaluate_draws_tsne_and_confusion_next_to_the_table(run_dir, tmp_path, capsys, one_thread):
     out = tmp_path / "out"
     assert evaluate_module.main(["--checkpoint", str(run_dir), "--classifiers", "lbfgs,knn", "--max-iter", "50",
@@ -64,6 +65,7 @@ def test_tsne_embeds_a_seeded_subsample():
     assert not np.array_equal(rows, embed_2d(features, max_points=60, seed=5)[1])
 
 
+@pytest.mark.slow
 def test_a_smaller_rerun_keeps_the_earlier_rows_and_says_so(run_dir, tmp_path, one_thread):
     out, logged = tmp_path / "out", []
     options = dict(out_dir=out, plots=False, device="cpu", log=logged.append)
@@ -99,6 +101,7 @@ def test_a_smaller_rerun_keeps_the_earlier_rows_and_says_so(run_dir, tmp_path, o
     assert any("kept 3: " in line and "; replaced 2 evaluated again: " in line for line in logged)
 
 
+@pytest.mark.slow
 def test_rows_of_other_settings_are_dropped_not_mixed(run_dir, tmp_path, one_thread):
     out, logged = tmp_path / "out", []
     options = dict(out_dir=out, plots=False, device="cpu", log=logged.append)
@@ -143,6 +146,7 @@ def test_tsne_of_identical_features_puts_them_at_the_origin():
         embed_2d(np.full((4, 8), np.nan))
 
 
+@pytest.mark.slow
 def test_an_exported_package_carries_the_pictures_its_table_shows(tmp_path, one_thread):
     from pretrained_models.export import export_package
 

@@ -284,6 +284,7 @@ def tiny_run(tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 def test_evaluate_writes_table_and_json_and_keeps_the_encoder(tiny_run, monkeypatch):
     loaded = {}
     load = context_module.encoder_from_state
@@ -330,6 +331,7 @@ def test_evaluate_writes_table_and_json_and_keeps_the_encoder(tiny_run, monkeypa
     assert again.results["rows"][0]["top1"] == rows[3]["top1"] and not again.paths
 
 
+@pytest.mark.slow
 def test_evaluate_run_prints_the_table(tiny_run, monkeypatch, capsys):
     monkeypatch.setattr(evaluate_module, "RUN_CLASSIFIERS", ("knn",))  # the full default set is run by the quickstart
     monkeypatch.setattr(evaluate_module, "RUN_BASELINES", ("random",))
@@ -431,6 +433,7 @@ def test_adam_probe_on_too_few_training_images_is_a_one_line_error(tiny_run, tmp
     assert code == 2 and err.count("\n") == 0 and "3 images" in err and "--classifiers lbfgs,knn" in err
 
 
+@pytest.mark.slow
 def test_cli_records_its_command_and_checks_the_output_folder_first(tiny_run, tmp_path, capsys, monkeypatch):
     argv = ["--checkpoint", str(tiny_run), "--classifiers", "knn", "--knn-k", "3", "--device", "cpu",
             "--out-dir", str(tmp_path / "out")]
@@ -444,6 +447,7 @@ def test_cli_records_its_command_and_checks_the_output_folder_first(tiny_run, tm
     assert code == 2 and "cannot write results" in err and err.count("\n") == 0
 
 
+@pytest.mark.slow
 def test_module_entry_point_has_no_traceback(tmp_path):
     done = subprocess.run([sys.executable, "-m", "feature_eval.evaluate", "--checkpoint", str(tmp_path / "x.pt")],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -467,6 +471,7 @@ def test_results_of_other_data_or_sizes_get_their_own_file_names(tmp_path):
     assert stem(Path("last.pt"), "stl10", tmp_path / "data", 64, trained) == "last_stl10_64px"
 
 
+@pytest.mark.slow
 def test_baseline_features_are_shared_by_every_checkpoint_on_the_same_data(tmp_path, monkeypatch):
     import feature_eval.baselines as baselines
 

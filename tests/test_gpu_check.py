@@ -224,6 +224,7 @@ def test_run_summary_names_a_missing_file_in_one_line(tmp_path, capsys):
 
 # ---------- loss_scaling --output and the script ----------
 
+@pytest.mark.slow
 def test_loss_scaling_writes_its_section_to_the_given_file(tmp_path, capsys):
     out = tmp_path / "loss.md"
     assert loss_scaling.main(["--sizes", "8", "--seed-up-to", "0", "--repeats", "1", "--output", str(out)]) == 0
@@ -242,6 +243,7 @@ def test_gpu_check_script_parses_and_refuses_a_bad_option():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.slow
 def test_gpu_check_without_a_gpu_stops_at_once_unless_dry_run(tmp_path):
     done = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), str(tmp_path / "out")], capture_output=True,
                           text=True, env={**os.environ, "DATA_DIR": str(tmp_path / "data")}, timeout=120)

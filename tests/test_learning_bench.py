@@ -18,6 +18,7 @@ def test_a_bad_variant_fails_in_one_line_before_any_training(tmp_path, capsys, m
     assert "variant 'loss.temprature=0.2'" in err and "temperature" in err
 
 
+@pytest.mark.slow
 def test_study_table_has_the_runs_and_both_baselines_with_their_spread(tmp_path, capsys, monkeypatch):
     benchmarks = tmp_path / "BENCHMARKS.md"
     monkeypatch.setattr(learning, "BENCHMARKS", benchmarks)

@@ -39,6 +39,7 @@ def tiny_checkpoint(tmp_path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_notebook_runs_end_to_end(tiny_checkpoint, monkeypatch):
     for name, value in {"FEATURE_EVAL_CHECKPOINT": str(tiny_checkpoint), "FEATURE_EVAL_CLASSIFIERS": "lbfgs,knn",
                         "FEATURE_EVAL_BASELINES": "none", "FEATURE_EVAL_TSNE_POINTS": "150",

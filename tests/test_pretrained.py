@@ -200,6 +200,7 @@ def test_fine_tune_from_package_initialises_the_model(exported, packages_root, t
     assert trainer.next_epoch == 0 and not trainer.optimizer.state
 
 
+@pytest.mark.slow
 def test_run_py_fine_tune_from_package_name_end_to_end(exported, packages_root, tmp_path, capsys):
     data_root = tmp_path / "data"
     write_stl10(data_root)

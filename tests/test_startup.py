@@ -26,6 +26,7 @@ def _fresh_python(code: str, **env: str) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_the_policy_is_set_before_torch_and_only_where_the_user_left_it_unset():
     code = ("import os, startup\nrecord = startup.prepare_cpu({device!r}, owner='test')\n"
             "import torch\nprint(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('OMP_NUM_THREADS'), "
@@ -88,6 +89,7 @@ def test_run_prints_warnings_on_one_line(monkeypatch, tmp_path, capsys):
     assert capsys.readouterr().err.splitlines() == ["warning: a thing to know across two lines", "error: stop here"]
 
 
+@pytest.mark.slow
 def test_a_cpu_run_records_and_logs_its_policy(data_root, tmp_path):
     """The real entry point in a fresh process: the policy is in force in torch, in meta.jsonl and in the log."""
     run_dir = tmp_path / "r"
