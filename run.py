@@ -26,7 +26,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--config", help="YAML config file (default: ./config.yaml); with resume, the run's own "
                         "config.yaml is used instead and only key=value overrides apply")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, checked like the YAML keys")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # --config may come before or after the overrides
 
 
 def one_line(err: Exception) -> str:

@@ -1,6 +1,6 @@
 """See what the views of a config do to its data, without training: the grid a run writes as `views.png`.
 
-    python -m simclr.preview --config my.yaml dataset.s=0.5          # writes ./views.png
+    python -m simclr.preview --config my.yaml dataset.s=0.5          # writes runs/preview.png
     python -m simclr.preview --config configs/quickstart.yaml --out /tmp/q.png dataset.min_crop_scale=0.08
 
 The same training images (seeded by `seed`) and the same pipeline (`dataset.augment_on`, `dataset.s`,
@@ -21,7 +21,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m simclr.preview", description=__doc__.split("\n")[0],
                                      epilog="overrides: key=value or section.key=value, as for run.py")
     parser.add_argument("--config", default="config.yaml", help="YAML config file (default: %(default)s)")
-    parser.add_argument("--out", default="views.png", help="PNG to write (default: %(default)s)")
+    parser.add_argument("--out", default="runs/preview.png", help="PNG to write (default: %(default)s)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, checked like the YAML keys")
     return parser.parse_args(argv)
 
@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     out = Path(args.out)
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         save_png(picture, out)
     except OSError as err:
         print(f"error: cannot write {out} ({err.strerror or err}): pass --out PATH", file=sys.stderr)

@@ -124,3 +124,18 @@ def test_device_views_of_images_of_several_sizes_are_a_one_line_error(tmp_path, 
     err = capsys.readouterr().err
     assert code == 1 and err.startswith("error: dataset.augment_on = 'device' needs images of one size")
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "v.png").exists()
+
+
+def test_preview_by_default_writes_under_runs_so_the_checkout_stays_clean(data_root, tmp_path, monkeypatch, capsys,
+                                                                        one_thread):
+    monkeypatch.chdir(tmp_path)
+    args = ["--config", str(SEED_CONFIG)] + tiny_args(data_root, tmp_path / "unused")[2:]
+    assert preview.main(args) == 0
+    assert capsys.readouterr().out.strip() == "runs/preview.png"
+    assert (tmp_path / "runs" / "preview.png").stat().st_size > 0 and not (tmp_path / "views.png").exists()
+
+
+def test_run_takes_config_before_or_after_the_overrides():
+    before = run.parse_args(["--config", "a.yaml", "epochs=2", "seed=1"])
+    after = run.parse_args(["epochs=2", "--config", "a.yaml", "seed=1"])
+    assert vars(before) == vars(after) == {"config": "a.yaml", "overrides": ["epochs=2", "seed=1"]}
