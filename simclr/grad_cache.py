@@ -64,6 +64,8 @@ def grad_cache_backward(model: nn.Module, criterion, x1: torch.Tensor, x2: torch
     Returns:
         The detached loss (scalar tensor) and the accuracy dict of `NTXentLoss.loss_and_accuracy`.
     """
+    # Over 60 lines only through its docstring: the three steps below share the cached tensors and RNG states,
+    # and read best as one piece next to the paper's description (Gao et al. 2021, Section 3).
     n = x1.shape[0]
     if not 1 <= chunks <= n:
         raise ValueError(f"chunks must be in [1, {n}] (the number of images on this rank), got {chunks}")
