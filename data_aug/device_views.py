@@ -5,7 +5,7 @@ uses it).
 views is made at once, with tensor ops, on the device that holds the uint8 images (a GPU, or the CPU).
 Every image gets its own random parameters, drawn from the same laws as torchvision's transforms:
 
-    RandomResizedCrop(scale 0.08-1, ratio 3/4-4/3, bilinear, antialias) -> RandomHorizontalFlip(0.5)
+    RandomResizedCrop(scale 0.08-1, ratio 3/4-4/3, bilinear, antialias) -> RandomHorizontalFlip(hflip)
     -> RandomApply(ColorJitter(0.8s, 0.8s, 0.8s, 0.2s), p=0.8), the four ops in a random order per image
     -> RandomGrayscale(0.2) -> RandomApply(GaussianBlur(kernel ~10% of the side, sigma 0.1-2), p=0.5)
 
@@ -129,7 +129,7 @@ def sample_view_params(count: int, height: int, width: int, views: ViewSettings,
         return torch.empty(*shape, device=device).uniform_(low, high, generator=generator)
 
     boxes = sample_crop_boxes(count, height, width, generator, scale=(views.min_crop_scale, 1.0))
-    flip = uniform(count) < 0.5
+    flip = uniform(count) < views.hflip
     jitter = uniform(count) < 0.8
     factors = torch.stack([uniform(count, low=low, high=high) for low, high in jitter_ranges(views.s)], dim=1)
     order = torch.argsort(uniform(count, 4), dim=1)  # a uniform random permutation per view, like randperm(4)

@@ -141,8 +141,8 @@ def _wrap(draw, text: str, font, width: int) -> list[str]:
 def describe_views(views: ViewSettings, augment_on: str) -> str:
     """One line naming the settings a grid shows, with the config keys that change them."""
     return (f"{views.crop_size} px views (dataset.input_shape), crop {views.min_crop_scale:g}-1 of the area "
-            f"(dataset.min_crop_scale), colour strength s={views.s:g} (dataset.s), blur "
-            f"{'on' if views.blur else 'off'} (dataset.blur), made on {augment_on} (dataset.augment_on)")
+            f"(dataset.min_crop_scale), flip p={views.hflip:g} (dataset.hflip), colour strength s={views.s:g} "
+            f"(dataset.s), blur {'on' if views.blur else 'off'} (dataset.blur), made on {augment_on} (dataset.augment_on)")
 
 
 def save_png(picture: np.ndarray, path) -> None:

@@ -23,18 +23,23 @@ class ViewSettings:
         s: colour distortion strength, ColorJitter(0.8s, 0.8s, 0.8s, 0.2s) with p=0.8 (paper: 1.0).
         blur: whether a view is blurred with p=0.5 (sigma 0.1-2, kernel about 10% of the side).
         min_crop_scale: smallest crop area fraction of the random resized crop (paper: 0.08).
+        hflip: probability of mirroring a view left-right (paper: 0.5; 0 where mirror images are other
+            symbols, as for digits and text).
     """
 
     crop_size: int
     s: float = 1.0
     blur: bool = True
     min_crop_scale: float = 0.08
+    hflip: float = 0.5
 
     def __post_init__(self):
         if not 0 <= 0.2 * self.s <= 0.5:
             raise ValueError(f"colour distortion strength s = {self.s}: must be in [0, 2.5] (hue shift 0.2s <= 0.5)")
         if not 0 < self.min_crop_scale <= 1:
             raise ValueError(f"min_crop_scale {self.min_crop_scale} must be in (0, 1]")
+        if not 0 <= self.hflip <= 1:
+            raise ValueError(f"hflip {self.hflip} must be a probability in [0, 1]")
 
     @classmethod
     def of(cls, source) -> "ViewSettings":
@@ -46,7 +51,7 @@ class ViewSettings:
 def create_view_transform(views: ViewSettings) -> v2.Compose:
     """One random view of a uint8 `[3, H, W]` image as float `[3, crop, crop]` in [0, 1].
 
-    Random resized crop (area fraction `min_crop_scale`-1), horizontal flip, colour jitter (0.8s, 0.8s, 0.8s,
+    Random resized crop (area fraction `min_crop_scale`-1), horizontal flip (p=`hflip`), colour jitter (0.8s, 0.8s, 0.8s,
     0.2s) with p=0.8, grayscale with p=0.2 and, when `blur`, Gaussian blur (sigma 0.1-2.0) with p=0.5.
     Randomness comes from torch's global generator, which `TwoViews` seeds per image.
     """
@@ -54,7 +59,7 @@ def create_view_transform(views: ViewSettings) -> v2.Compose:
     steps = [
         v2.ToPILImage(),  # PIL's colour ops are several times faster than tensor ops per image on the CPU
         v2.RandomResizedCrop(views.crop_size, scale=(views.min_crop_scale, 1.0), antialias=True),
-        v2.RandomHorizontalFlip(),
+        v2.RandomHorizontalFlip(p=views.hflip),
         v2.RandomApply([v2.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8),
         v2.RandomGrayscale(p=0.2),
     ]

@@ -53,6 +53,7 @@ class DatasetConfig:
     download: bool = True
     blur: bool = True
     min_crop_scale: float = 0.08
+    hflip: float = 0.5
     augment_on: str = "cpu"
     skip_bad_images: bool = False
 
@@ -354,6 +355,8 @@ def validate(config: Config) -> None:
              "paper: 1.0)")
     _require(0 < d.min_crop_scale <= 1, "dataset.min_crop_scale", d.min_crop_scale,
              "must be in (0, 1] (paper: 0.08, the smallest crop's share of the image area)")
+    _require(0 <= d.hflip <= 1, "dataset.hflip", d.hflip,
+             "must be in [0, 1], the probability of mirroring a view (paper: 0.5; 0 for digits and text)")
     _require(0 <= d.num_workers <= 256, "dataset.num_workers", d.num_workers, "must be in [0, 256]")
     _require(d.augment_on in AUGMENT_ON, "dataset.augment_on", d.augment_on, f"allowed: {', '.join(AUGMENT_ON)}")
     _require(c.loss.temperature > 0, "loss.temperature", c.loss.temperature, "must be > 0 (paper: 0.1 to 1.0)")

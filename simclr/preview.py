@@ -16,12 +16,14 @@ from pathlib import Path
 
 from simclr.config import ConfigError, load_config
 
+DEFAULT_OUT = "runs/preview.png"  # under the ignored runs/, so that a preview leaves the checkout clean
+
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m simclr.preview", description=__doc__.split("\n")[0],
                                      epilog="overrides: key=value or section.key=value, as for run.py")
     parser.add_argument("--config", default="config.yaml", help="YAML config file (default: %(default)s)")
-    parser.add_argument("--out", default="runs/preview.png", help="PNG to write (default: %(default)s)")
+    parser.add_argument("--out", default=DEFAULT_OUT, help="PNG to write (default: %(default)s)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, checked like the YAML keys")
     return parser.parse_args(argv)
 
@@ -56,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     out = Path(args.out)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
+        if args.out == DEFAULT_OUT:  # runs/ may not exist yet; a folder the user names must
+            out.parent.mkdir(parents=True, exist_ok=True)
         save_png(picture, out)
     except OSError as err:
         print(f"error: cannot write {out} ({err.strerror or err}): pass --out PATH", file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.utils.data import DistributedSampler
+from torchvision.transforms import v2
 
 from data_aug import device_views as dv
 from data_aug.batches import DeviceBatches, LoaderBatches, gather_to_device
@@ -191,3 +192,26 @@ def test_compiled_view_ops_match_eager_on_cuda():
     compiled = DeviceBatches(images, 64, ViewSettings(96), seed=0, device="cuda", compile=True).make_batch(0, 1)
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("hflip", [0.0, 0.3, 1.0])
+def test_hflip_is_the_share_of_mirrored_views_on_both_pipelines(hflip):
+    from data_aug.device_views import sample_view_params
+
+    params = sample_view_params(4000, 20, 20, ViewSettings(16, hflip=hflip), torch.Generator().manual_seed(0))
+    assert abs(params.flip.float().mean().item() - hflip) < 0.03
+    flips = [step for step in create_view_transform(ViewSettings(16, hflip=hflip)).transforms
+             if isinstance(step, v2.RandomHorizontalFlip)]
+    assert len(flips) == 1 and flips[0].p == hflip
+
+
+def test_a_view_without_flip_and_full_crop_keeps_the_image_unmirrored():
+    """hflip 0 on the device pipeline: a left-right asymmetric image is never mirrored (its left half stays
+    the brighter one in every view)."""
+    images = torch.zeros(1, 3, 20, 20, dtype=torch.uint8)
+    images[..., :10] = 255
+    views = ViewSettings(20, s=0.0, blur=False, min_crop_scale=1.0, hflip=0.0)
+    for seed in range(5):
+        x1, x2 = DeviceBatches(images.repeat(4, 1, 1, 1), 4, views, seed=seed).make_batch(0, 0)
+        for view in torch.cat([x1, x2]):
+            assert view[:, :, :8].mean() > view[:, :, -8:].mean()

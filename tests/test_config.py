@@ -65,6 +65,7 @@ def test_input_shape_as_list():
     ("fp16_precision=maybe", "fp16_precision"), ("bogus=1", "bogus"), ("model.bogus=1", "model.bogus"),
     ("dataset.name=mnist", "dataset.name"), ("device=tpu", "device"), ("loss.temperature=nan", "loss.temperature"),
     ("model=3", "model"), ("batch_size=true", "batch_size"), ("dataset.s=3", "dataset.s"),
+    ("dataset.hflip=1.5", "dataset.hflip"), ("dataset.hflip=-0.1", "dataset.hflip"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as err:
@@ -212,3 +213,9 @@ def test_saved_config_reads_a_checkpoints_config_strictly():
     assert saved_config({"config": config_to_dict(config), "model": {}}) == config
     with pytest.raises(ConfigError, match="unknown key model.hedd_layers"):
         saved_config({"config": {"model": {"hedd_layers": 3}}})
+
+
+def test_hflip_defaults_to_the_papers_half_and_the_quickstart_turns_it_off():
+    assert load_config(None, []).dataset.hflip == 0.5
+    assert load_config(None, ["dataset.hflip=0"]).dataset.hflip == 0
+    assert load_config(ROOT / "configs" / "quickstart.yaml").dataset.hflip == 0
