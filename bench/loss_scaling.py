@@ -7,7 +7,7 @@
 
 Each batch size runs in a fresh process, so that the CPU's peak resident memory (`ru_maxrss`) belongs
 to that size alone; the table reports the peak above the memory held before the loss ran (inputs
-included). On CUDA it reports `torch.cuda.max_memory_allocated` above the same starting point. The seed's
+included). On CUDA it reports `torch.cuda.max_memory_allocated` above the same starting point. The original repository's
 loss (sthalles/SimCLR), which broadcasts a `[2N, 2N, D]` tensor to get cosine similarities, is measured
 beside it for the small sizes only: its memory grows as N^2 D.
 """
@@ -36,7 +36,7 @@ GIB = 2**30
 
 
 class SeedNTXentLoss(nn.Module):
-    """The seed's NT-Xent (sthalles/SimCLR `loss/nt_xent.py`), kept only to measure what it cost.
+    """The original repository's NT-Xent (sthalles/SimCLR `loss/nt_xent.py`), kept only to measure what it cost.
 
     Its cosine similarity broadcasts `[2N, 1, D]` against `[1, 2N, D]`, materialising `[2N, 2N, D]`.
     """
@@ -125,7 +125,7 @@ def _machine(device: torch.device) -> str:
 
 
 def format_table(rows: list[dict], device: torch.device, dim: int, load: float | None = None) -> str:
-    """The markdown section: one line per N, the seed's loss beside ours where it was measured."""
+    """The markdown section: one line per N, the original repository's loss beside ours where it was measured."""
     seed = {r["n"]: r for r in rows if r["which"] == "seed"}
     ours = [r for r in rows if r["which"] == "ntxent"]
     memory = "peak extra RSS" if device.type == "cpu" else "peak extra allocated"
@@ -136,7 +136,7 @@ def format_table(rows: list[dict], device: torch.device, dim: int, load: float |
              + (f" CPU load average {load:.1f} when it started (on a shared machine, times are upper bounds)."
                 if load is not None else ""), "",
              "| N pairs (2N views) | `[2N, 2N]` logits | loss/nt_xent.py: time | memory | "
-             "seed's loss: time | memory |",
+             "original repository's loss: time | memory |",
              "|---:|---:|---:|---:|---:|---:|"]
 
     def cells(r):
@@ -150,7 +150,7 @@ def format_table(rows: list[dict], device: torch.device, dim: int, load: float |
         logits = (2 * r["n"]) ** 2 * 4 / GIB
         lines.append(f"| {r['n']} ({2 * r['n']}) | {logits:.3f} GiB | {' | '.join(cells(r))} | "
                      f"{' | '.join(cells(seed.get(r['n'])))} |")
-    lines += ["", "The seed's loss materialises `[2N, 2N, D]` (at N = 8192: 2N x 2N x 128 x 4 bytes = 128 GiB for "
+    lines += ["", "The original repository's loss materialises `[2N, 2N, D]` (at N = 8192: 2N x 2N x 128 x 4 bytes = 128 GiB for "
               "the similarity alone, more with its backward); it is run only for the smallest sizes."]
     return "\n".join(lines)
 
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096, 8192])
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument("--seed-up-to", type=int, default=512, help="run the seed's [2N,2N,D] loss up to this N")
+    parser.add_argument("--seed-up-to", type=int, default=512, help="run the original repository's [2N,2N,D] loss up to this N")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-write", action="store_true", help="print the table, leave docs/BENCHMARKS.md alone")
     parser.add_argument("--output", type=Path, default=BENCHMARKS, help="the markdown file whose section for this "
