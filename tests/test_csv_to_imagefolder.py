@@ -38,6 +38,7 @@ def test_resize_and_label_column_first(tmp_path):
     out = tmp_path / "folder"
     assert csv_to_imagefolder.main([str(tmp_path / "x.csv"), str(out), "--size", "8", "--label-column", "0",
                                     "--test-fraction", "0.5"]) == 0
+    assert sorted({p.parent.name for p in out.glob("*/*/*.png")}) == ["0", "1"]  # labels from column 0
     picture = Image.open(next(out.glob("train/*/*.png")))
     assert picture.size == (8, 8) and np.asarray(picture).min() == images.min()
 
