@@ -4,6 +4,7 @@ Imports are read from the source (function-level ones too: a lazy import is stil
 inside a function is caught as well as one at module level.
 """
 import ast
+import functools
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,7 @@ ALLOWED = {
 }
 
 
+@functools.cache
 def project_modules() -> dict[str, Path]:
     """Dotted name -> file of every project module (packages and the top-level scripts)."""
     found = {name: ROOT / f"{name}.py" for name in TOP_MODULES}
