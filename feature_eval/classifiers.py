@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+
+from knn.neighbours import nearest, weighted_knn_scores
 
 
 @dataclass
@@ -252,32 +253,6 @@ def adam_probe(train_features, train_labels, test_features, test_labels=None, *,
     return _finish(logits, test_labels, details)
 
 
-def _nearest(queries: torch.Tensor, keys: torch.Tensor, k: int, similarity, query_chunk: int,
-             key_chunk: int, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k largest `similarity(query_chunk, start, stop)` (against `keys[start:stop]`) per query.
-
-    Key chunks are merged into a running top-k, so memory stays at `query_chunk x (key_chunk + k)` whatever
-    the number of queries or keys.
-    Returns values and key indices, `[M, k]` each, best first.
-    """
-    values, indices = [], []
-    chunks = queries.split(query_chunk)
-    for q in tqdm(chunks, desc=desc, unit="chunk", leave=False, disable=True if len(chunks) == 1 else None):
-        best_v = torch.empty(len(q), 0, dtype=q.dtype, device=q.device)
-        best_i = torch.empty(len(q), 0, dtype=torch.int64, device=q.device)
-        for start in range(0, len(keys), key_chunk):
-            sim = similarity(q, start, min(start + key_chunk, len(keys)))  # (chunk, key_chunk)
-            cand_v = torch.cat([best_v, sim], dim=1)
-            cand_i = torch.cat([best_i, torch.arange(start, start + sim.shape[1], device=q.device).expand(len(q), -1)],
-                               dim=1)
-            # A stable sort keeps the earlier key first among equals, so ties break the same way in every chunking.
-            order = torch.sort(cand_v, dim=1, descending=True, stable=True).indices[:, :k]
-            best_v, best_i = cand_v.gather(1, order), cand_i.gather(1, order)
-        values.append(best_v)
-        indices.append(best_i)
-    return torch.cat(values), torch.cat(indices)
-
-
 def knn_classifier(train_features, train_labels, test_features, test_labels=None, *, num_classes: int | None = None,
                    k: int = 10, query_chunk: int = 256, key_chunk: int = 8192,
                    device: str | torch.device = "cpu") -> ClassifierResult:
@@ -306,7 +281,7 @@ def knn_classifier(train_features, train_labels, test_features, test_labels=None
         sq = (q * q).sum(1, keepdim=True) - 2 * q @ keys[start:stop].T + key_sq[start:stop]
         return -sq.clamp_min(0)
 
-    _, index = _nearest(queries, keys, k, negative_sq_distance, query_chunk, key_chunk, "knn")
+    _, index = nearest(queries, len(keys), k, negative_sq_distance, query_chunk, key_chunk, "knn")
     neighbour_labels = torch.as_tensor(y_np, device=device)[index]  # (M, k)
     votes = torch.zeros(len(queries), classes, dtype=torch.float64, device=device)
     votes.scatter_add_(1, neighbour_labels, torch.ones_like(neighbour_labels, dtype=torch.float64))
@@ -316,7 +291,8 @@ def knn_classifier(train_features, train_labels, test_features, test_labels=None
 def weighted_knn(train_features, train_labels, test_features, test_labels=None, *, num_classes: int | None = None,
                  k: int = 200, temperature: float = 0.1, query_chunk: int = 256, key_chunk: int = 8192,
                  device: str | torch.device = "cpu") -> ClassifierResult:
-    """Weighted cosine KNN (Wu et al. 2018, Section 3.4; DINO's `knn_classifier`).
+    """Weighted cosine KNN (Wu et al. 2018, Section 3.4; DINO's `knn_classifier`): `knn.weighted_knn_scores`, the
+    protocol the trainer's kNN monitor also measures.
 
     Features are L2-normalised; each of the k most similar training items votes for its class with
     weight `exp(cosine / temperature)`. Chunked over test and training items.
@@ -330,11 +306,8 @@ def weighted_knn(train_features, train_labels, test_features, test_labels=None, 
     classes = _num_classes(y_np, num_classes)
     k = min(k, len(y_np))
     device = torch.device(device)
-    keys = F.normalize(torch.as_tensor(_numpy(train_features, np.float32), device=device), dim=1)  # (N, D)
-    queries = F.normalize(torch.as_tensor(_numpy(test_features, np.float32), device=device), dim=1)  # (M, D)
-    similarity, index = _nearest(queries, keys, k, lambda q, start, stop: q @ keys[start:stop].T,  # cosine
-                                 query_chunk, key_chunk, "weighted knn")
-    weights = (similarity.double() / temperature).exp()  # (M, k)
-    scores = torch.zeros(len(queries), classes, dtype=torch.float64, device=device)
-    scores.scatter_add_(1, torch.as_tensor(y_np, device=device)[index], weights)
+    keys = torch.as_tensor(_numpy(train_features, np.float32), device=device)  # (N, D)
+    queries = torch.as_tensor(_numpy(test_features, np.float32), device=device)  # (M, D)
+    scores = weighted_knn_scores(keys, torch.as_tensor(y_np, device=device), queries, classes, k, temperature,
+                                 query_chunk, key_chunk)
     return _finish(scores.cpu().numpy(), test_labels, {"k": k, "temperature": temperature, "metric": "cosine"})

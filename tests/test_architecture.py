@@ -12,18 +12,19 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("simclr", "data_aug", "models", "loss", "feature_eval", "pretrained_models")
+PACKAGES = ("simclr", "data_aug", "models", "loss", "knn", "feature_eval", "pretrained_models")
 TOP_MODULES = ("run", "startup")
 
 # Who may import whom (besides itself). bench/ and tests/ may import anything and are not listed.
 ALLOWED = {
     "run": {"startup", "simclr", "data_aug", "models", "loss", "feature_eval"},
     "startup": set(),
-    "simclr": {"data_aug", "models", "loss"},
-    "feature_eval": {"startup", "simclr.config", "data_aug", "models"},
+    "simclr": {"data_aug", "models", "loss", "knn"},
+    "feature_eval": {"startup", "simclr.config", "data_aug", "models", "knn"},
     "pretrained_models": {"startup", "simclr.config", "models"},
     "models": set(),
     "loss": set(),
+    "knn": set(),  # the neighbour search both the trainer's monitor and feature_eval use: torch only
     "data_aug": set(),
 }
 
@@ -100,6 +101,8 @@ def test_the_rule_itself_catches_a_wrong_way_import(tmp_path):
     assert not allowed("models.loading", "simclr.config")
     assert not allowed("data_aug.views", "feature_eval.features")
     assert not allowed("feature_eval.evaluate", "simclr.trainer")
+    assert not allowed("knn.neighbours", "feature_eval.classifiers")
+    assert allowed("simclr.monitor", "knn.neighbours") and allowed("feature_eval.classifiers", "knn.neighbours")
     assert allowed("feature_eval.evaluate", "simclr.config")
     assert allowed("models.loading", "models.resnet_simclr")
     probe = tmp_path / "probe.py"

@@ -1,0 +1,1 @@
+"""The one neighbour search on feature tensors, below both the trainer's kNN monitor and feature_eval."""
