@@ -29,7 +29,7 @@ from data_aug.datasets import TensorImages
 from data_aug.batches import DeviceBatches, LoaderBatches
 from data_aug.views import TwoViews, ViewSettings, create_view_transform
 from loss.nt_xent import NTXentLoss
-from models.resnet_simclr import create_model
+from models.resnet_simclr import FEATURE_DIMS, create_model
 from simclr.optim import create_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -260,7 +260,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cuda, cuda:N or cpu (default: cuda if visible)")
-    parser.add_argument("--model", default="resnet18", choices=["resnet18", "resnet50"])
+    parser.add_argument("--model", default="resnet18", choices=FEATURE_DIMS, help="the encoder (model.base_model)")
     parser.add_argument("--crop", type=int, default=96, help="view side (and synthetic image side)")
     parser.add_argument("--batch-size", type=int, help="images per step (default 512 on CUDA, 32 on the CPU)")
     parser.add_argument("--steps", type=int, help="timed steps per row (default 20 on CUDA, 3 on the CPU)")

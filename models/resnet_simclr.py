@@ -5,8 +5,17 @@ import torch
 import torch.nn as nn
 import torchvision
 
-FEATURE_DIMS = {"resnet18": 512, "resnet50": 2048}
-ARCHITECTURES = {"resnet18": "ResNet-18", "resnet50": "ResNet-50"}  # the names tables and model cards print
+# Every torchvision ResNet-family trunk (its constructor's name) and its feature size D: basic blocks end in 512
+# channels, bottleneck blocks (ResNet-50 and up, the wide ResNets, ResNeXt) in 2048. simclr.config.BASE_MODELS
+# lists the same names (tests/test_models.py checks).
+FEATURE_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048,
+                "wide_resnet50_2": 2048, "wide_resnet101_2": 2048, "resnext50_32x4d": 2048,
+                "resnext101_32x8d": 2048, "resnext101_64x4d": 2048}
+ARCHITECTURES = {  # the names tables and model cards print
+    "resnet18": "ResNet-18", "resnet34": "ResNet-34", "resnet50": "ResNet-50", "resnet101": "ResNet-101",
+    "resnet152": "ResNet-152", "wide_resnet50_2": "Wide ResNet-50-2", "wide_resnet101_2": "Wide ResNet-101-2",
+    "resnext50_32x4d": "ResNeXt-50 32x4d", "resnext101_32x8d": "ResNeXt-101 32x8d",
+    "resnext101_64x4d": "ResNeXt-101 64x4d"}
 # The encoder takes images in [0, 1] and normalises inside, so every caller feeds the same thing.
 _MEAN = (0.485, 0.456, 0.406)
 _STD = (0.229, 0.224, 0.225)
@@ -25,7 +34,8 @@ class Encoder(nn.Module):
             raise ValueError(f"base_model {base_model!r} is not one of {', '.join(FEATURE_DIMS)}")
         backbone = getattr(torchvision.models, base_model)(weights=None)
         if cifar_stem:
-            # Small images (CIFAR, digits) lose too much to a 7x7 stride-2 conv and max-pool (paper, B.9).
+            # Small images (CIFAR, digits) lose too much to a 7x7 stride-2 conv and max-pool (paper, B.9). Every
+            # family member's stem has 64 output channels, so the replacement fits all of them.
             backbone.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
             backbone.maxpool = nn.Identity()
         backbone.fc = nn.Identity()

@@ -53,8 +53,9 @@ class ExportError(ValueError):
 
 def default_name(base_model: str, epochs: int | None) -> str:
     """The repo's naming scheme, e.g. `resnet-18_40-epochs`: that of the original repository's (sthalles/SimCLR)
-    pretrained models (`resnet-18_80-epochs`), so a config naming one of those finds its kind here."""
-    arch = re.sub(r"^resnet(\d+)$", r"resnet-\1", base_model)
+    pretrained models (`resnet-18_80-epochs`), so a config naming one of those finds its kind here; the other
+    trunks alike (`wide-resnet-50-2_40-epochs`, `resnext-50-32x4d_40-epochs`), `_` left to separate the epochs."""
+    arch = re.sub(r"(resnet|resnext)(\d+)", r"\1-\2", base_model).replace("_", "-")
     return f"{arch}_{epochs}-epochs" if epochs is not None else arch
 
 

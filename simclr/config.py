@@ -19,7 +19,9 @@ from pathlib import Path
 
 import yaml
 
-BASE_MODELS = ("resnet18", "resnet50")
+# torchvision's ResNet family (models.resnet_simclr.FEATURE_DIMS holds the same names with their feature sizes)
+BASE_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "wide_resnet101_2",
+               "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d")
 DATASETS = ("stl10", "cifar10", "cifar100", "imagefolder", "digits")
 OPTIMIZERS = ("adam", "sgd", "lars")
 LR_SCALINGS = ("none", "linear", "sqrt")
@@ -331,6 +333,15 @@ def _require(ok: bool, name: str, value, allowed: str) -> None:
         raise ConfigError(f"{name} = {_show(value)}: {allowed}")
 
 
+def _choices(value, allowed: tuple[str, ...]) -> str:
+    """`allowed: a, b, c`, led by `did you mean b?` when `value` is a near miss (`resnet05`, `ResNet50`) or the
+    start of one choice only (`resnext50` -> `resnext50_32x4d`)."""
+    text = str(value).lower()
+    close = [a for a in allowed if a.startswith(text)] if text else []
+    close = close if len(close) == 1 else difflib.get_close_matches(text, allowed, n=1, cutoff=0.75)
+    return (f"did you mean {close[0]}? " if close else "") + f"allowed: {', '.join(allowed)}"
+
+
 def validate(config: Config) -> None:
     """Check the values that types alone cannot; raise ConfigError naming the key."""
     c, m, d, o = config, config.model, config.dataset, config.optimizer
@@ -345,7 +356,7 @@ def validate(config: Config) -> None:
     _require(c.grad_cache_chunks >= 1, "grad_cache_chunks", c.grad_cache_chunks, "must be at least 1 (1 = off)")
     _require(c.batch_size % c.grad_cache_chunks == 0, "grad_cache_chunks", c.grad_cache_chunks,
              f"must divide batch_size ({c.batch_size})")
-    _require(m.base_model in BASE_MODELS, "model.base_model", m.base_model, f"allowed: {', '.join(BASE_MODELS)}")
+    _require(m.base_model in BASE_MODELS, "model.base_model", m.base_model, _choices(m.base_model, BASE_MODELS))
     _require(1 <= m.out_dim <= 65536, "model.out_dim", m.out_dim, "must be in [1, 65536] (paper: 128)")
     _require(1 <= m.head_layers <= 4, "model.head_layers", m.head_layers,
              "must be in [1, 4] linear layers (paper and original repo: 2; SimCLR v2: 3)")

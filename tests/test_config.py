@@ -6,7 +6,7 @@ import pytest
 import yaml
 import torch
 
-from simclr.config import ConfigError, config_from_dict, config_to_dict, load_config
+from simclr.config import BASE_MODELS, ConfigError, config_from_dict, config_to_dict, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED_CONFIG = Path(__file__).parent / "data" / "seed_config.yaml"
@@ -72,6 +72,22 @@ def test_bad_values_name_the_key(override, key):
         load_config(None, [override])
     message = str(err.value)
     assert key in message and "\n" not in message
+
+
+@pytest.mark.parametrize("value, hint", [("resnet05", "did you mean resnet50?"), ("ResNet34", "did you mean resnet34?"),
+                                         ("resnext50", "did you mean resnext50_32x4d?"), ("vgg16", None)])
+def test_unknown_base_model_lists_the_choices_and_the_nearest(value, hint):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"model.base_model={value}"])
+    message = str(err.value)
+    assert message.startswith(f"model.base_model = {value!r}: ") and "\n" not in message
+    assert message.endswith("allowed: " + ", ".join(BASE_MODELS)) and "wide_resnet101_2" in message
+    assert (hint in message) if hint else "did you mean" not in message
+
+
+def test_every_resnet_family_name_is_accepted():
+    for name in BASE_MODELS:
+        assert load_config(None, [f"model.base_model={name}"]).model.base_model == name
 
 
 def test_unknown_key_in_yaml(tmp_path):
@@ -159,7 +175,7 @@ def test_a_config_error_is_reported_before_torch_is_imported():
 
 @pytest.mark.parametrize("args, key", [
     (["batch_size=1"], "batch_size"), (["dataset.valid_size=1.5"], "dataset.valid_size"),
-    (["dataset.input_shape=(96,96)"], "dataset.input_shape"), (["model.base_model=resnet34"], "model.base_model"),
+    (["dataset.input_shape=(96,96)"], "dataset.input_shape"), (["model.base_model=resnet05"], "did you mean resnet50?"),
     (["nonsense=1"], "nonsense"), (["--config", "missing.yaml"], "missing.yaml"), (["epochs"], "epochs"),
     (["--config", "configs"], "is a directory"), (["model.out_dim=2147483647"], "model.out_dim"),
 ])

@@ -3,6 +3,7 @@ import torch
 import torchvision
 
 from models import create_model, load_encoder
+from models.resnet_simclr import ARCHITECTURES, FEATURE_DIMS
 from models.loading import CheckpointLoadError
 from simclr.checkpoint import save_checkpoint
 from simclr.config import config_to_dict, load_config
@@ -160,3 +161,49 @@ def test_a_checkpoint_without_a_training_config_is_a_clear_error(tmp_path):
     torch.save({"model": create_model("resnet18", 8).state_dict()}, path)
     with pytest.raises(CheckpointLoadError, match="no training config"):
         load_encoder(path)
+
+
+# The ResNet family beyond resnet18: the heavy trunks (60-125 M parameters, several seconds each on 2 CPU cores)
+# run in the slow set only.
+_LIGHT_TRUNKS = ("resnet34", "resnet50", "resnext50_32x4d")
+
+
+@pytest.mark.parametrize("base_model", [
+    name if name in _LIGHT_TRUNKS else pytest.param(name, marks=pytest.mark.slow)
+    for name in FEATURE_DIMS if name != "resnet18"])  # resnet18: every other test here
+def test_every_resnet_family_trunk_trains_a_step_and_loads_back(base_model, tmp_path):
+    """Built from `model.base_model` by the trainer, one optimiser step on 16 px views (BatchNorm sees 2 x 2
+    images), then saved and read back through `load_encoder` with the feature size the tables print."""
+    from simclr.dist import DistInfo
+    from simclr.trainer import Trainer
+
+    config = load_config(None, ["dataset.name=digits", f"model.base_model={base_model}", "model.out_dim=8",
+                                "batch_size=2", "device=cpu", "dataset.input_shape=(16,16,3)",
+                                f"run_dir={tmp_path / 'run'}"])
+    trainer = Trainer(config, DistInfo(0, 1, 0, torch.device("cpu")))
+    assert trainer.model.encoder.feature_dim == FEATURE_DIMS[base_model] == trainer.model.head.net[0].in_features
+    before = trainer.model.encoder.backbone.conv1.weight.detach().clone()
+    x1, x2 = next(iter(trainer.train_batches.batches(0)))
+    loss, _ = trainer.train_step(x1, x2)
+    assert torch.isfinite(loss) and not torch.equal(before, trainer.model.encoder.backbone.conv1.weight)
+    path = tmp_path / "run" / "checkpoints" / "last.pt"
+    save_checkpoint(path, {"model": trainer.model.state_dict(), "config": config_to_dict(config), "next_epoch": 1,
+                           "optimizer": {}})
+    encoder = load_encoder(path)
+    assert encoder.feature_dim == FEATURE_DIMS[base_model] and ARCHITECTURES[base_model]
+    trainer.model.eval()
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(x), trainer.model.encoder(x))  # (2, D)
+
+
+def test_the_config_and_the_models_list_the_same_trunks():
+    from simclr.config import BASE_MODELS
+
+    assert tuple(FEATURE_DIMS) == BASE_MODELS == tuple(ARCHITECTURES)
+
+
+def test_the_cifar_stem_fits_a_bottleneck_trunk():
+    model = create_model("resnext50_32x4d", 8, cifar_stem=True)
+    h, _ = model(torch.rand(2, 3, 16, 16))
+    assert h.shape == (2, 2048) and model.encoder.backbone.conv1.stride == (1, 1)

@@ -358,6 +358,30 @@ def test_force_replaces_a_package_and_the_default_name_follows_the_scheme(tmp_pa
     assert_same_weights(packages.read_package_weights(second), b_weights, atol=0)
 
 
+@pytest.mark.parametrize("base_model, name", [("resnet34", "resnet-34"), ("wide_resnet50_2", "wide-resnet-50-2"),
+                                               ("resnext101_32x8d", "resnext-101-32x8d")])
+def test_the_default_name_of_every_trunk_follows_the_scheme(base_model, name):
+    assert export_module.default_name(base_model, 40) == f"{name}_40-epochs" and packages.is_package_name(name)
+
+
+def test_a_resnet34_package_says_its_trunk_and_loads_in_torchvision(tmp_path):
+    run_dir = tmp_path / "run"
+    make_run(run_dir)
+    path = run_dir / "checkpoints" / "last.pt"
+    state = torch.load(path, weights_only=True)
+    state["config"]["model"]["base_model"] = "resnet34"
+    state["model"] = create_model("resnet34", 8).state_dict()
+    torch.save(state, path)
+    folder = export_package(run_dir, root=tmp_path / "packages", log=lambda _: None)
+    assert folder.name == "resnet-34_3-epochs"
+    card = (folder / "README.md").read_text()
+    assert "ResNet-34, feature dim 512" in card and "torchvision.models.resnet34()" in card
+    missing, unexpected = torchvision.models.resnet34().load_state_dict(
+        load_file(folder / "torchvision_resnet34.safetensors"), strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
+    assert load_encoder(folder).feature_dim == 512
+
+
 @pytest.mark.parametrize("name", ["export.py", "README.md", "__init__.py", "__init__", "package.json",
                                   "model.safetensors", ".hidden", "_private", "assets", "LICENSE"])
 def test_force_never_replaces_what_is_not_a_package(tmp_path, capsys, name):
