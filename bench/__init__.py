@@ -1,7 +1,28 @@
-"""Benchmarks: each module is a script (`python -m bench.<name> --help`) that prints and records its table."""
+"""Benchmarks: each module is a script (`python -m bench.<name> --help`) that prints its table, and records it in
+docs/BENCHMARKS.md only when asked (`--record`), so that a run never edits a tracked file by surprise."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "docs" / "BENCHMARKS.md"
+
+
+def add_record_args(parser: argparse.ArgumentParser, how: str) -> None:
+    """`--record` and `--output FILE`: the table is printed, and written (`how`: e.g. "appended to its section")
+    only with one of them."""
+    parser.add_argument("--record", action="store_true",
+                        help=f"also record the table: {how} of docs/BENCHMARKS.md (default: print it only)")
+    parser.add_argument("--output", type=Path, metavar="FILE",
+                        help="record into this markdown file instead of docs/BENCHMARKS.md (implies --record)")
+
+
+def record_path(args: argparse.Namespace) -> Path | None:
+    """Where `add_record_args`' flags say to record, or None to print only (and say so: the flag that records)."""
+    path = args.output or (BENCHMARKS if args.record else None)
+    if path is None:
+        print("(printed only: --record writes it to docs/BENCHMARKS.md)")
+    return path
 
 
 def device_arg(value: str) -> str:

@@ -1,6 +1,7 @@
 """Recipe study: short pretraining runs (seeds x config variants), each scored against random-init and PCA.
 
     python -m bench.learning                                  # the study behind configs/quickstart.yaml (digits)
+    python -m bench.learning --record                         # ... appended to docs/BENCHMARKS.md
     python -m bench.learning --dataset imagefolder --root /data/x --epochs 50 --device cuda \\
         --variants "loss.temperature=0.2" "model.head_bn=true"
 
@@ -13,7 +14,8 @@ other 20% (seeded, stratified, the same for every run); `--report test` fits on 
 a recipe already chosen. Baseline features are cached in `runs/eval_cache/baselines` and reused across runs.
 
 Prints one table (mean and standard deviation over seeds of top-1, of its margin over the better baseline, and
-of the pretraining time) and appends it, with the machine, versions and command, to docs/BENCHMARKS.md.
+of the pretraining time); `--record` also appends it, with the machine, versions and command, to
+docs/BENCHMARKS.md (`--output FILE`: to FILE instead).
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench import add_record_args, record_path
 from data_aug.datasets import ImageFiles, TensorImages, load_split
 from data_aug.stl10 import DataError
 from feature_eval import baselines
@@ -42,7 +45,6 @@ from simclr.dist import init_distributed
 from simclr.trainer import Trainer
 
 REPO = Path(__file__).resolve().parent.parent
-BENCHMARKS = REPO / "docs" / "BENCHMARKS.md"
 CLASSIFIERS = ("lbfgs", "knn")
 HOLDOUT_FRACTION, HOLDOUT_SEED = 0.2, 0
 BASE = "base"
@@ -77,7 +79,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="holdout: fit on 80%% of train, score the other 20%% (choose recipes here); test: fit "
                              "on train, score test (only for a recipe already chosen)")
     parser.add_argument("--out-dir", help="where the runs go (default: runs/learning/<date>_<time>)")
-    parser.add_argument("--no-append", action="store_true", help="do not append the table to docs/BENCHMARKS.md")
+    add_record_args(parser, "the study appended to the end")
     return parser.parse_args(argv)
 
 
@@ -258,11 +260,12 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(["python", "-m", "bench.learning", *(sys.argv[1:] if argv is None else argv)])
     minutes = (time.perf_counter() - started) / 60
     print(table)
-    if not args.no_append:
-        with open(BENCHMARKS, "a") as f:
+    target = record_path(args)
+    if target:
+        with open(target, "a") as f:
             f.write(f"\n## Recipe study ({datetime.date.today().isoformat()})\n\n`{command}` ({minutes:.0f} min)\n\n"
                     f"Machine: {machine()}.\n\n{table}\n")
-        print(f"appended to {BENCHMARKS}")
+        print(f"appended to {target}")
     return 0
 
 

@@ -1,8 +1,9 @@
 """Time and peak memory of NT-Xent forward + backward as the batch grows (N = 256 ... 8192 pairs, D = 128).
 
-    python -m bench.loss_scaling                       # CPU, writes its section of docs/BENCHMARKS.md
+    python -m bench.loss_scaling                       # CPU: prints the table
+    python -m bench.loss_scaling --record              # ... and replaces its CPU section of docs/BENCHMARKS.md
     python -m bench.loss_scaling --device cuda         # the same on the GPU
-    python -m bench.loss_scaling --sizes 256 512 --no-write
+    python -m bench.loss_scaling --sizes 256 512
     python -m bench.loss_scaling --device cuda --sizes 256 1024 4096 16384 --output out/loss.md
 
 Each batch size runs in a fresh process, so that the CPU's peak resident memory (`ru_maxrss`) belongs
@@ -28,10 +29,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench import device_arg
+from bench import BENCHMARKS, add_record_args, device_arg, record_path
 
 REPO = Path(__file__).resolve().parents[1]
-BENCHMARKS = REPO / "docs" / "BENCHMARKS.md"
 GIB = 2**30
 
 
@@ -180,9 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--seed-up-to", type=int, default=512, help="run the original repository's [2N,2N,D] loss up to this N")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--no-write", action="store_true", help="print the table, leave docs/BENCHMARKS.md alone")
-    parser.add_argument("--output", type=Path, default=BENCHMARKS, help="the markdown file whose section for this "
-                        "device is replaced (created if absent; default docs/BENCHMARKS.md)")
+    add_record_args(parser, "the table replacing this device's section (the file is created if absent)")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--which", default="ntxent", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -199,9 +197,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(row), flush=True)
     table = format_table(rows, device, args.dim, load)
     print(table)
-    if not args.no_write:
-        write_section(table, device.type, args.output)
-        print(f"wrote {args.output}")
+    target = record_path(args)
+    if target:
+        write_section(table, device.type, target)
+        print(f"wrote {target}")
     return 0
 
 

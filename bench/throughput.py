@@ -2,13 +2,15 @@
 
     python -m bench.throughput --device cuda     # ResNet-18, 96x96, batch 512, bf16, channels_last
     python -m bench.throughput --device cpu      # batch 32, a few steps: about a minute on 2 cores
+    python -m bench.throughput --device cuda --record   # ... and append the run to docs/BENCHMARKS.md
 
 One run, one device, synthetic uint8 images of the crop size (the pipelines' cost does not depend on
 content). Rows: images/s of the training step (NT-Xent, Adam, autocast, as in simclr/trainer.py) on
 pre-made views (the ceiling), fed by the DataLoader + PIL pipeline with one worker per core, and fed by
 `data_aug.batches.DeviceBatches`; views/s of each pipeline alone; and views per CPU-second of one
 thread for both pipelines (the per-core comparison, robust to other load on a shared machine). The table
-is printed and appended, with hardware, versions and settings, to its section of docs/BENCHMARKS.md.
+is printed; with `--record` it is also appended, with hardware, versions and settings, to its section of
+docs/BENCHMARKS.md (`--output FILE`: to FILE instead).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from pathlib import Path
 import torch
 import torchvision
 
-from bench import device_arg
+from bench import BENCHMARKS, add_record_args, device_arg, record_path
 from data_aug.datasets import TensorImages
 from data_aug.batches import DeviceBatches, LoaderBatches
 from data_aug.views import TwoViews, ViewSettings, create_view_transform
@@ -33,7 +35,6 @@ from models.resnet_simclr import FEATURE_DIMS, create_model
 from simclr.optim import create_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
-BENCHMARKS = REPO / "docs" / "BENCHMARKS.md"
 START, END = "<!-- bench/throughput.py: start -->", "<!-- bench/throughput.py: end -->"
 STL10_IMAGES = 105_000  # STL10 train + unlabeled
 SECTION_HEAD = """## Training throughput (bench/throughput.py)
@@ -43,8 +44,8 @@ whole training step: forward of both views, NT-Xent, backward, Adam. "model alon
 pre-made batch already on the device: the ceiling no data pipeline can beat. "CPU pipeline" is the
 DataLoader + PIL path (`dataset.augment_on: cpu`) with one worker per core; "device pipeline" is
 `dataset.augment_on: device`. Per core: views per CPU-second of a single thread (`time.process_time`), both
-pipelines in the same process, so other load on the machine does not bias the ratio. Runs are appended,
-newest last."""
+pipelines in the same process, so other load on the machine does not bias the ratio. Runs recorded with
+`--record` are appended, newest last."""
 
 
 def cpu_name() -> str:
@@ -272,8 +273,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=core_count(), help="DataLoader workers (default: cores)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, one per core)")
     parser.add_argument("--per-core-views", type=int, help="views for the per-core rows (default 1024 / 256)")
-    parser.add_argument("--no-write", action="store_true", help="print the table, leave docs/BENCHMARKS.md alone")
-    parser.add_argument("--output", type=Path, default=BENCHMARKS, help="the markdown file to append to")
+    add_record_args(parser, "the run appended to this benchmark's section")
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
     defaults = {"batch_size": (512, 32), "steps": (20, 3), "warmup": (5, 1), "amp": ("bf16", "none"),
@@ -295,9 +295,10 @@ def main(argv: list[str] | None = None) -> int:
     results = run(args)
     block = format_run(args, results, command)
     print(block)
-    if not args.no_write:
-        append_run(block, args.output)
-        print(f"appended to {args.output}")
+    target = record_path(args)
+    if target:
+        append_run(block, target)
+        print(f"appended to {target}")
     return 0
 
 

@@ -1,6 +1,9 @@
 """The benchmarks' command lines: the throughput benchmark end to end on the CPU, its section of
-docs/BENCHMARKS.md, and a bad --device refused in one line."""
+docs/BENCHMARKS.md, a default run that leaves docs/ alone (recording takes --record), and a bad --device refused
+in one line."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -40,7 +43,67 @@ def test_benchmarks_refuse_a_bad_device_in_one_line(device, capsys):
 
     for bench in (throughput, loss_scaling):
         with pytest.raises(SystemExit) as stop:
-            bench.main(["--device", device, "--no-write"])
+            bench.main(["--device", device])
         assert stop.value.code == 2
         err = capsys.readouterr().err
         assert f"--device: {device!r}" in err and "Traceback" not in err
+
+
+TINY_THROUGHPUT = ["--device", "cpu", "--crop", "32", "--batch-size", "4", "--steps", "1", "--warmup", "1",
+                   "--workers", "0", "--per-core-views", "16"]
+TINY_LOSS = ["--sizes", "8", "--seed-up-to", "0", "--repeats", "1"]
+
+
+def _fake_docs(tmp_path, monkeypatch):
+    """docs/BENCHMARKS.md as a temporary copy, so that a benchmark recording by default is caught without
+    touching the tracked file."""
+    import bench
+
+    path = tmp_path / "docs" / "BENCHMARKS.md"
+    path.parent.mkdir()
+    path.write_text(bench.BENCHMARKS.read_text())
+    monkeypatch.setattr(bench, "BENCHMARKS", path)
+    return path
+
+
+@pytest.mark.parametrize("name, argv", [("throughput", TINY_THROUGHPUT),
+                                        pytest.param("loss_scaling", TINY_LOSS, marks=pytest.mark.slow)])
+def test_a_benchmark_prints_by_default_and_records_only_with_record(name, argv, tmp_path, monkeypatch, capsys):
+    import importlib
+
+    import bench
+
+    module = importlib.import_module(f"bench.{name}")
+    real = bench.BENCHMARKS.read_bytes()
+    docs = _fake_docs(tmp_path, monkeypatch)
+    before = docs.read_bytes()
+    assert module.main(argv) == 0
+    out = capsys.readouterr().out
+    assert docs.read_bytes() == before and bench.BENCHMARKS.is_relative_to(tmp_path) and "--record" in out
+    assert "| " in out  # the table itself, printed
+    assert module.main([*argv, "--record"]) == 0
+    assert docs.read_bytes() != before and str(docs) in capsys.readouterr().out
+    assert Path(module.__file__).parents[1].joinpath("docs", "BENCHMARKS.md").read_bytes() == real
+
+
+def test_the_recipe_study_records_only_with_record(tmp_path, monkeypatch, capsys):
+    from bench import learning
+
+    docs = _fake_docs(tmp_path, monkeypatch)
+    before = docs.read_bytes()
+    monkeypatch.setattr(learning, "study", lambda args: "| study | table |")
+    monkeypatch.setattr(learning, "machine", lambda: "a test machine")
+    assert learning.main(["--seeds", "0"]) == 0
+    assert docs.read_bytes() == before and "| study | table |" in capsys.readouterr().out
+    assert learning.main(["--seeds", "0", "--record"]) == 0
+    assert docs.read_text().endswith("Machine: a test machine.\n\n| study | table |\n")
+    out = tmp_path / "elsewhere.md"
+    assert learning.main(["--seeds", "0", "--output", str(out)]) == 0 and "## Recipe study" in out.read_text()
+
+
+def test_no_benchmark_keeps_the_old_writing_flags():
+    from bench import learning, loss_scaling, throughput
+
+    for module in (learning, loss_scaling, throughput):
+        text = Path(module.__file__).read_text()
+        assert "--no-write" not in text and "--no-append" not in text and "add_record_args(parser" in text

@@ -12,7 +12,7 @@ TINY = ["--set", "epochs=1", "batch_size=256", "dataset.input_shape=(8,8,3)", "m
 def test_a_bad_variant_fails_in_one_line_before_any_training(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(learning, "Trainer", lambda *a, **k: pytest.fail("trained before checking the variants"))
     code = learning.main(["--variants", "loss.temperature=0.2", "loss.temprature=0.2", "--seeds", "0",
-                          "--out-dir", str(tmp_path), "--no-append", *TINY])
+                          "--out-dir", str(tmp_path), *TINY])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert "variant 'loss.temprature=0.2'" in err and "temperature" in err
@@ -21,8 +21,8 @@ def test_a_bad_variant_fails_in_one_line_before_any_training(tmp_path, capsys, m
 @pytest.mark.slow
 def test_study_table_has_the_runs_and_both_baselines_with_their_spread(tmp_path, capsys, monkeypatch):
     benchmarks = tmp_path / "BENCHMARKS.md"
-    monkeypatch.setattr(learning, "BENCHMARKS", benchmarks)
-    code = learning.main(["--variants", "--seeds", "0", "1", "--out-dir", str(tmp_path / "runs"), *TINY])
+    code = learning.main(["--variants", "--seeds", "0", "1", "--out-dir", str(tmp_path / "runs"), "--output",
+                          str(benchmarks), *TINY])
     out = capsys.readouterr().out
     assert code == 0
     table = benchmarks.read_text()
