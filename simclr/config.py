@@ -27,6 +27,7 @@ OPTIMIZERS = ("adam", "sgd", "lars")
 LR_SCALINGS = ("none", "linear", "sqrt")
 AMP_DTYPES = ("float16", "bfloat16")
 AUGMENT_ON = ("cpu", "device")
+KEEP_CHECKPOINTS = ("all", "last_and_best", "last")  # checkpoints/: last.pt always; last.prev.pt; best.pt
 _MAX_INT = 2**31 - 1
 
 
@@ -97,6 +98,7 @@ class Config:
     grad_cache_chunks: int = 1
     compile: bool = False
     final_eval: bool = False
+    keep_checkpoints: str = "all"
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -351,6 +353,8 @@ def validate(config: Config) -> None:
     _require(c.log_every_n_steps >= 1, "log_every_n_steps", c.log_every_n_steps, "must be at least 1")
     _require(c.weight_decay >= 0, "weight_decay", c.weight_decay, "must be >= 0")
     _require(c.amp_dtype in AMP_DTYPES, "amp_dtype", c.amp_dtype, f"allowed: {', '.join(AMP_DTYPES)}")
+    _require(c.keep_checkpoints in KEEP_CHECKPOINTS, "keep_checkpoints", c.keep_checkpoints,
+             f"allowed: {', '.join(KEEP_CHECKPOINTS)} (last.pt is always kept: resume needs it)")
     _require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", c.device) is not None, "device", c.device,
              "allowed: auto, cpu, cuda, cuda:N")
     _require(c.grad_cache_chunks >= 1, "grad_cache_chunks", c.grad_cache_chunks, "must be at least 1 (1 = off)")

@@ -115,10 +115,12 @@ class Trainer:
     """Owns the model, optimiser and loop; `fit()` runs the remaining epochs and returns the run dir."""
 
     def __init__(self, config: Config, info: DistInfo, resume: tuple[Path, dict] | None = None,
-                 on_event: Callable[[str], None] | None = None):
+                 on_event: Callable[[str], None] | None = None, start_note: str | None = None):
         """`resume` is `(checkpoint path, state)` from `find_resume`, or None for a fresh run; `on_event` goes to
-        the run's `RunGuard` (where tests inject a signal or a crash at a chosen step)."""
+        the run's `RunGuard` (where tests inject a signal or a crash at a chosen step); `start_note` is logged
+        once the run has started, its lock held (run.py's CPU line: never before an error that stops the run)."""
         self.config, self.info, self.device = config, info, info.device
+        self.start_note = start_note
         self.run_dir = self._choose_run_dir(resume[0] if resume else None)
         self.train_batches, self.valid_batches = create_batches(config, info)
         self.model = self._build_model(fine_tune=resume is None)
@@ -333,7 +335,7 @@ class Trainer:
         if self.info.is_main:
             state = self._state(epoch, steps_done)
             state.update(epoch_loss_sum=loss_sum, epoch_steps=count)
-            ckpt.save_checkpoint(self.run_dir / "checkpoints" / ckpt.LAST, state, keep_previous=True)
+            ckpt.save_checkpoint(self.run_dir / "checkpoints" / ckpt.LAST, state, keep_previous=self._keep_previous)
         barrier()
         raise self.guard.preempted(f"at epoch {epoch + 1}, step {steps_done}")
 
@@ -389,12 +391,18 @@ class Trainer:
             writer.log(record, self.scheduler.last_epoch, "epoch")  # on the train tags' (global step) axis
             folder = self.run_dir / "checkpoints"
             state = self._state(epoch + 1)
-            ckpt.save_checkpoint(folder / ckpt.LAST, state, keep_previous=True)
-            if is_best:
+            ckpt.save_checkpoint(folder / ckpt.LAST, state, keep_previous=self._keep_previous)
+            if is_best and self.config.keep_checkpoints != "last":
                 ckpt.save_checkpoint(folder / ckpt.BEST, state)
             self.log(f"epoch {epoch + 1}/{self.config.epochs}: {epoch_summary(record)}")
             self._write_curves()
         barrier()
+
+    @property
+    def _keep_previous(self) -> bool:
+        """Whether a new last.pt moves the one it replaces to last.prev.pt (`keep_checkpoints: all`): a fallback for a
+        last.pt damaged after it was written (bad disk, bad copy); the atomic write covers a crash without it."""
+        return self.config.keep_checkpoints == "all"
 
     @contextlib.contextmanager
     def _open_writer(self):
@@ -408,6 +416,8 @@ class Trainer:
         try:
             self.log(f"run dir {self.run_dir}: {self.train_batches.num_images} training images, "
                      f"{self.train_batches.steps_per_epoch} steps per epoch, device {self.device}")
+            if self.start_note:
+                self.log(self.start_note)
             self._write_views(writer)  # before the first step: what the views do to this data
             yield writer
         finally:
