@@ -48,13 +48,19 @@ def main(argv: list[str] | None = None, on_event=None) -> int:
         except ConfigError as err:
             if rank == 0:  # every process reads the same config: under torchrun, say it once
                 print(f"config error: {err}", file=sys.stderr)
-            return 2
+            return startup.EXIT_USAGE
         cpu = startup.prepare_cpu(config.device, owner="run.py")
+        problem = startup.torch_install_problem()  # a mismatched torch/torchvision pair: one line, not a traceback
+        if problem:
+            if rank == 0:
+                print(f"error: {problem}", file=sys.stderr)
+            return startup.EXIT_ERROR
         return train(args, config, rank, cpu, on_event)
 
 
 def train(args: argparse.Namespace, config: Config, rank: int, cpu: dict, on_event=None) -> int:
-    """Resume or start the run of a valid `config`, then evaluate it (`final_eval`); the exit status."""
+    """Resume or start the run of a valid `config`, then evaluate it (`final_eval`); the exit status
+    (`startup.EXIT_*`, docs/EXIT_CODES.md)."""
     import torch
 
     from data_aug.stl10 import DataError
@@ -75,45 +81,86 @@ def train(args: argparse.Namespace, config: Config, rank: int, cpu: dict, on_eve
             unfinished, message = describe_resume(*resume, config.epochs)
             log(message)
             if not unfinished:
-                return 0
-        if info.device.type == "cpu":
-            log(startup.describe_cpu(cpu, torch.get_num_threads()))
-        trainer = Trainer(config, info, resume, on_event)
+                return startup.EXIT_OK
+        # said once the run has started (its lock held), so that it never comes before an error that stops it
+        banner = startup.describe_cpu(cpu, torch.get_num_threads()) if info.device.type == "cpu" else None
+        trainer = Trainer(config, info, resume, on_event, start_note=banner)
         run_dir = trainer.fit()
     except ConfigError as err:
         if rank == 0:  # every process reads the same config: under torchrun, say it once
             print(f"config error: {err}", file=sys.stderr)
         elif isinstance(err, DeviceError):  # but each finds its own device
             print(f"config error (rank {rank}): {err}", file=sys.stderr)
-        return 2
+        return startup.EXIT_USAGE
     except user_errors as err:
         print(f"error: {one_line(err)}" if rank == 0 else f"error (rank {rank}): {one_line(err)}", file=sys.stderr)
-        return 1
+        return startup.EXIT_ERROR
     except KeyboardInterrupt:  # Ctrl-C before training started, or a second one while the first was handled
         print(("interrupted: " if rank == 0 else f"interrupted (rank {rank}): ") + "stopped at once, without saving; "
               "checkpoints already written are kept (continue with python run.py resume=<run dir>)", file=sys.stderr)
-        return 130
+        return startup.EXIT_INTERRUPTED
     except Preempted as stop:
         if info.is_main:  # under torchrun every rank stops; one message is enough
             print(str(stop))
-        return 0
+        # Not under torchrun: it takes any other status for a failed worker and kills the others, perhaps before
+        # rank 0 has said how to continue (docs/EXIT_CODES.md); its own status then comes from the launcher.
+        return startup.EXIT_OK if info.distributed else startup.EXIT_PREEMPTED
     except torch.cuda.OutOfMemoryError:
         print("error: the GPU ran out of memory: lower batch_size, use grad_cache_chunks, or set "
               "fp16_precision: true", file=sys.stderr)
-        return 1
+        return startup.EXIT_ERROR
     finally:
         shutdown()
-    if info.is_main:
-        if config.final_eval and trainer.stop_requested:
-            print(f"final_eval skipped: {trainer.stop_requested} arrived as training finished; run it with python -m "
-                  f"feature_eval.evaluate --checkpoint {shlex.quote(str(run_dir))}")
-        elif config.final_eval:
-            from feature_eval.evaluate import evaluate_run
+    return finish(config, Path(run_dir), trainer.stop_requested) if info.is_main else startup.EXIT_OK
 
-            evaluate_run(run_dir)
-        print(f"done: run dir {run_dir} (checkpoints in {Path(run_dir) / 'checkpoints'}); "
-              f"view with: tensorboard --logdir {shlex.quote(str(Path(run_dir).parent))}")
-    return 0
+
+def finish(config: Config, run_dir: Path, stop_requested: str | None) -> int:
+    """What follows a finished training: the final evaluation (`final_eval`), then the closing line; the exit status.
+
+    Whatever fails here (the evaluation, its pictures) leaves the checkpoints as they are, and ends with
+    `EXIT_ERROR` (`EXIT_INTERRUPTED` for Ctrl-C) and one line that says so and gives the command that redoes it;
+    the traceback of an unexpected error goes to `<run_dir>/final_eval_error.txt`.
+    """
+    checkpoints = run_dir / "checkpoints"
+    if config.final_eval:
+        from feature_eval.evaluate import USER_ERRORS, evaluate_run, rerun_command
+
+        again = rerun_command(run_dir)
+        safe = f"training finished and its checkpoints are safe in {checkpoints}; evaluate with: {again}"
+        if stop_requested:
+            print(f"final_eval skipped: {stop_requested} arrived as training finished; {safe}")
+        else:
+            try:
+                evaluate_run(run_dir)
+            except KeyboardInterrupt:
+                print(f"interrupted: final_eval stopped; {safe}", file=sys.stderr)
+                return startup.EXIT_INTERRUPTED
+            except Exception as err:  # noqa: BLE001 - none is worth the checkpoints' being doubted: see above
+                detail = (one_line(err).splitlines() or [""])[0][:300]
+                detail = detail if isinstance(err, USER_ERRORS) else f"{type(err).__name__}: {detail}"
+                saved = "" if isinstance(err, USER_ERRORS) else _save_traceback(run_dir / "final_eval_error.txt")
+                print(f"error: final_eval failed ({detail}){saved}; {safe}", file=sys.stderr)
+                return startup.EXIT_ERROR
+    print(f"done: run dir {run_dir} (checkpoints in {checkpoints}); "
+          f"view with: tensorboard --logdir {shlex.quote(str(tensorboard_dir(run_dir)))}")
+    return startup.EXIT_OK
+
+
+def _save_traceback(path: Path) -> str:
+    """Write the exception being handled to `path`; the note that says where it is ("" if it could not be)."""
+    import traceback
+
+    try:
+        path.write_text(traceback.format_exc())
+    except OSError:
+        return ""
+    return f" (traceback in {path})"
+
+
+def tensorboard_dir(run_dir: Path) -> Path:
+    """The folder to point TensorBoard at: `runs/` for a run in a folder named `runs` (the run beside the others,
+    to compare), else the run dir itself (its parent may be a home folder or /tmp, full of other things)."""
+    return run_dir.parent if run_dir.parent.name == "runs" else run_dir
 
 
 def resumed_config(args: argparse.Namespace, config: Config, state: dict, log) -> Config:

@@ -2,7 +2,9 @@
 
 `run.py`, `python -m feature_eval.evaluate`, `python -m feature_eval.finetune` and
 `python -m pretrained_models.export` call these at the top of `main`; importing this module imports
-nothing but the standard library (not torch), and changes nothing until a function is called.
+nothing but the standard library (not torch), and changes nothing until a function is called. The exit
+statuses every command keeps to (`EXIT_*`, docs/EXIT_CODES.md) and the check of the torch/torchvision pair
+(`torch_install_problem`) live here too, for the same reason: every command reads them before torch loads.
 
 The CPU policy, from the measurements in docs/CPU.md (a 2-core machine, idle and shared):
 
@@ -21,11 +23,19 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
 
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>" or "max <period>"
+
+# Exit statuses of every command (docs/EXIT_CODES.md has the table and the reasons).
+EXIT_OK = 0  # finished what was asked (or found nothing left to do)
+EXIT_ERROR = 1  # a runtime error: data, checkpoints, disk, memory, the install, or a failure after training
+EXIT_USAGE = 2  # a config or usage error: an option or key unknown, ill-typed, out of range; nothing was started
+EXIT_PREEMPTED = 75  # stopped by a signal after saving a checkpoint: resume it (sysexits.h EX_TEMPFAIL, "try again")
+EXIT_INTERRUPTED = 130  # stopped at once (Ctrl-C, or a second signal), as a shell reports SIGINT (128 + 2)
 
 
 def available_cpus(cgroup_cpu_max: Path = CGROUP_CPU_MAX) -> int:
@@ -115,3 +125,73 @@ def one_line_warnings():
         yield
     finally:
         warnings.showwarning = previous
+
+
+def torch_install_problem() -> str | None:
+    """One line saying why torch or torchvision cannot be imported, with the command that fixes it; None if both do.
+
+    A torchvision built for another torch (a CPU-only torch from one index and torchvision from another) fails
+    as it loads with `operator torchvision::nms does not exist` and a 30-line traceback; this names both
+    versions instead. It imports torch and torchvision: call it after `prepare_cpu`.
+    """
+    try:
+        import torch
+    except ImportError as err:
+        return (f"cannot import torch ({err}): install PyTorch as README.md's 'Set up' says (pip install torch "
+                "torchvision --index-url https://download.pytorch.org/whl/cpu on a machine without a GPU)")
+    try:
+        import torchvision  # noqa: F401
+    except (ImportError, RuntimeError, AttributeError) as err:  # AttributeError: a second, partial import
+        installed = _distribution_version("torchvision")
+        reason = " ".join(str(err).split()) or type(err).__name__
+        if installed is None:
+            return f"torchvision is not installed ({reason}): {matching_pair_command(torch.__version__, None)}"
+        return (f"torch {torch.__version__} and torchvision {installed} do not work together (importing "
+                f"torchvision: {reason[:120]}); install a matching pair: "
+                f"{matching_pair_command(torch.__version__, installed)}")
+    return None
+
+
+def exit_if_torch_is_broken() -> None:
+    """`torch_install_problem`'s line on stderr and exit `EXIT_ERROR`, for a command's first lines (before the
+    imports that would fail with a traceback)."""
+    problem = torch_install_problem()
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(EXIT_ERROR)
+
+
+def matching_torchvision(torch_version: str) -> str | None:
+    """The torchvision release built for `torch_version` (`2.14.1+cpu` -> `0.29.1`), from PyTorch's compatibility
+    table (torch 2.N.P pairs with torchvision 0.(N+15).P since 2.1; 2.0.0 and 2.0.1 with 0.15.1 and 0.15.2);
+    None for versions outside it."""
+    found = re.match(r"(\d+)\.(\d+)\.(\d+)", torch_version)
+    if not found:
+        return None
+    major, minor, patch = map(int, found.groups())
+    if major != 2:
+        return None
+    return f"0.15.{patch + 1}" if minor == 0 else f"0.{minor + 15}.{patch}"
+
+
+def matching_pair_command(torch_version: str, torchvision_version: str | None) -> str:
+    """The pip command that installs torchvision matching `torch_version`, from the index the torch build came
+    from (its local tag: `+cpu`, `+cu121`, ...); `--force-reinstall` when the numbers already match (then the
+    builds differ)."""
+    local = torch_version.partition("+")[2]
+    index = f" --index-url https://download.pytorch.org/whl/{local}" if local else ""
+    wanted = matching_torchvision(torch_version)
+    if wanted is None:
+        return f"pip install --force-reinstall torch torchvision{index} (both from the same index)"
+    same = torchvision_version is not None and torchvision_version.partition("+")[0] == wanted
+    return (f"pip install {'--force-reinstall ' if same else ''}torch=={torch_version.partition('+')[0]} "
+            f"torchvision=={wanted}{index}")
+
+
+def _distribution_version(name: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None

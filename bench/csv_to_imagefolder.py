@@ -62,9 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         images, labels = read_csv(args.csv, args.label_column)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError) as err:  # a file that cannot be read as a labelled image table: docs/EXIT_CODES.md
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return 1
     counts = write_imagefolder(images, labels, args.out, args.size, args.test_fraction, args.seed)
     print(f"wrote {counts['train']} train and {counts['test']} test images of {len(set(labels.tolist()))} classes, "
           f"{args.size}x{args.size}, to {args.out}")

@@ -30,6 +30,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import startup  # standard library only
+
+if __name__ == "__main__":  # a mismatched torch/torchvision pair: one line, not the traceback of the imports below
+    startup.exit_if_torch_is_broken()
+
 import numpy as np
 import torch
 
@@ -254,9 +259,12 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         table = study(args)
-    except (ConfigError, DataError) as err:
+    except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return startup.EXIT_USAGE
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return startup.EXIT_ERROR
     command = shlex.join(["python", "-m", "bench.learning", *(sys.argv[1:] if argv is None else argv)])
     minutes = (time.perf_counter() - started) / 60
     print(table)

@@ -23,6 +23,11 @@ import sys
 import time
 from pathlib import Path
 
+import startup  # standard library only
+
+if __name__ == "__main__":  # a mismatched torch/torchvision pair: one line, not the traceback of the imports below
+    startup.exit_if_torch_is_broken()
+
 import torch
 import torchvision
 

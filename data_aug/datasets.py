@@ -122,6 +122,10 @@ def _load_digits(split: str) -> TensorImages:
 
 
 def _load_image_folder(root: Path, split: str, skip_bad_images: bool) -> ImageFiles:
+    if not root.is_dir():
+        what = "is a file, not a folder" if root.exists() else "does not exist"
+        raise DataError(f"ImageFolder root {root} {what} (resolved: {root.resolve()}): set dataset.root to the folder "
+                        "holding train/<class>/* and test/<class>/*")
     train_dir = root / "train"
     if not train_dir.is_dir():
         raise DataError(f"ImageFolder root {root} has no train/ folder: lay it out as "
@@ -150,10 +154,11 @@ def _load_image_folder(root: Path, split: str, skip_bad_images: bool) -> ImageFi
     if bad and not skip_bad_images:
         path, reason = next(iter(bad.items()))
         raise DataError(f"{len(bad)} of {len(files)} images under {root} cannot be decoded, e.g. {path} ({reason}): "
-                        "remove or replace them, or set dataset.skip_bad_images: true to train without them")
+                        "remove or replace them, or set dataset.skip_bad_images: true to go on without them")
     if bad:
-        warnings.warn(f"skipped {len(bad)} unreadable image(s) under {root} (dataset.skip_bad_images: true)",
-                      stacklevel=2)
+        path, reason = next(iter(bad.items()))
+        warnings.warn(f"skipped {len(bad)} of {len(files)} images under {root} that cannot be decoded, e.g. {path} "
+                      f"({reason})", stacklevel=2)
         kept = [i for i, f in enumerate(files) if f not in bad]
         files, labels = [files[i] for i in kept], [labels[i] for i in kept]
     return ImageFiles(files, labels, classes)

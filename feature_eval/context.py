@@ -47,6 +47,8 @@ class RunOptions:
         out_dir: where the table and JSON go (default `<run_dir>/eval`, or a package's own `eval/`); nothing is
             written when `write` is False.
         download: download the data set if it is missing.
+        skip_bad_images: leave out image files that cannot be decoded (an image folder's), with a warning that
+            counts them; None: as the checkpoint's training config says (`dataset.skip_bad_images`).
         seed: every random choice of the protocol.
         command: the command line that asked for this evaluation, recorded in the JSON (model cards quote it).
     """
@@ -58,6 +60,7 @@ class RunOptions:
     out_dir: str | Path | None = None
     write: bool = True
     download: bool = False
+    skip_bad_images: bool | None = None
     seed: int = 0
     command: str | None = None
 
@@ -140,7 +143,9 @@ def open_context(checkpoint: str | Path, options: RunOptions,
         raise EvalError(f"checkpoint {file} does not name its data set: pass --dataset NAME (and --root DIR)")
     if input_size < 8:
         raise EvalError(f"input size {input_size or 'unknown'}: pass --input-size N (N >= 8, e.g. 96 for STL10)")
-    train_set, test_set = load_splits(dataset, root, options.download)
+    skip_bad_images = options.skip_bad_images if options.skip_bad_images is not None else \
+        bool(trained and trained.skip_bad_images)
+    train_set, test_set = load_splits(dataset, root, options.download, skip_bad_images)
     out_dir = Path(options.out_dir) if options.out_dir is not None else default_out_dir(file)
     if options.write:
         check_writable(out_dir)  # now, not after minutes of features or hours of fine-tuning
@@ -155,21 +160,33 @@ def default_out_dir(checkpoint_file: Path) -> Path:
     return run_dir_of(checkpoint_file.resolve()) / "eval"
 
 
-def load_splits(dataset: str, root: Path, download: bool):
+# The loaders' advice names the training config's keys; an evaluation command takes options instead.
+OPTION_ADVICE = {"set dataset.download: true": "pass --download", "set dataset.root to": "pass --root",
+                 "set dataset.skip_bad_images: true": "pass --skip-bad-images"}
+
+
+def option_advice(message: str) -> str:
+    """A data loader's message with its advice in terms of this command's options (`OPTION_ADVICE`)."""
+    for key, option in OPTION_ADVICE.items():
+        message = message.replace(key, option)
+    return message
+
+
+def load_splits(dataset: str, root: Path, download: bool, skip_bad_images: bool = False):
     """The `train` and `test` splits of `dataset` under `root`, checked: a test split to score on, and train labels
     of at least two classes to fit on. Raises EvalError or DataError in one line that names the option to change."""
     try:
-        train_set = load_split(dataset, root, "train", download=download)
-        test_set = load_split(dataset, root, "test", download=download)
+        train_set = load_split(dataset, root, "train", download=download, skip_bad_images=skip_bad_images)
+        test_set = load_split(dataset, root, "test", download=download, skip_bad_images=skip_bad_images)
     except ValueError as err:  # unknown data set name
         raise EvalError(f"--dataset {dataset}: {err}; choose stl10, cifar10, cifar100, imagefolder or digits") from None
-    except DataError as err:  # the loaders speak of the training config's key; here it is an option
-        raise DataError(str(err).replace("set dataset.download: true", "pass --download")) from None
+    except DataError as err:
+        raise DataError(option_advice(str(err))) from None
     if len(test_set) == 0:
-        raise EvalError(f"{dataset} under {root} has an empty test split")
+        raise DataError(f"{dataset} under {root} has an empty test split")
     present = torch.unique(train_set.labels)
     if len(present) < 2 or int(present.min()) < 0:
-        raise EvalError(f"{dataset} under {root}: the train split needs labelled images of at least two classes "
+        raise DataError(f"{dataset} under {root}: the train split needs labelled images of at least two classes "
                         f"(found {len(present)} label value(s))")
     return train_set, test_set
 
@@ -232,6 +249,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-size", type=int, help="image size the encoder sees (default: the checkpoint's "
                                                        "input_shape)")
     parser.add_argument("--download", action="store_true", help="download the data set if it is missing")
+    parser.add_argument("--skip-bad-images", action=argparse.BooleanOptionalAction, default=None,
+                        help="leave out image files that cannot be decoded, with a warning (default: as the "
+                             "checkpoint's dataset.skip_bad_images)")
     parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
     parser.add_argument("--out-dir", help="where to write the table and JSON (default: <run_dir>/eval)")
 
@@ -241,24 +261,33 @@ def run_cli(module: str, argv: list[str] | None, parse_args: Callable[[list[str]
     """A driver's `main`: parse `argv`, `run(args, command)`, print the table and the files written.
 
     Returns:
-        0, or 2 after one line on stderr for a user error (bad checkpoint, data set or option).
+        the exit status (docs/EXIT_CODES.md): `EXIT_OK`; `EXIT_USAGE` after one line on stderr for an option
+        (EvalError; argparse exits 2 itself); `EXIT_ERROR` after one line for a checkpoint or data set that
+        cannot be read; `EXIT_INTERRUPTED` after Ctrl-C (nothing written but the feature caches).
     """
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     try:
         with startup.one_line_warnings():
             outcome = run(args, shlex.join(["python", "-m", module, *argv]))
-    except USER_ERRORS as err:
+    except EvalError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return startup.EXIT_USAGE
+    except (CheckpointLoadError, DataError) as err:
+        print(f"error: {option_advice(str(err))}", file=sys.stderr)
+        return startup.EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"interrupted: {module} stopped; no results written (features already extracted stay cached)",
+              file=sys.stderr)
+        return startup.EXIT_INTERRUPTED
     print_written(outcome.table, outcome.paths, outcome.results)
-    return 0
+    return startup.EXIT_OK
 
 
 def print_written(table: str, paths: dict[str, Path], results: dict) -> None:
     """The end of a CLI run: the table, the files written, the time taken."""
     print(table)
     print(f"wrote {paths['markdown']} and {paths['json']} ({results['timings_s']['total']:.1f} s)")
-    pictures = [str(paths[key]) for key in ("tsne", "confusion") if key in paths]
+    pictures = [str(paths[key]) for key in ("tsne", "confusion", "neighbours") if key in paths]
     if pictures:
-        print(f"pictures: {' and '.join(pictures)}")
+        print(f"pictures: {', '.join(pictures)}")

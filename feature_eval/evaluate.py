@@ -5,7 +5,7 @@
 
 The encoder is frozen; features of the `train` split (fit) and the `test` split (report) are extracted
 once and cached; every classifier sees the same features. Writes `<run_dir>/eval/<checkpoint>_<dataset>.md`
-and `.json`. Exit status 2 with one line on stderr for a bad checkpoint, data set or option.
+and `.json`. One line on stderr for a bad option (exit status 2), checkpoint or data set (1): docs/EXIT_CODES.md.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import startup  # standard library only
 
 if __name__ == "__main__":  # as a command: the CPU policy goes into the environment before torch loads OpenMP
     startup.prepare_cpu(startup.device_from_argv(sys.argv[1:]), owner="feature_eval.evaluate")
+    startup.exit_if_torch_is_broken()  # a mismatched torch/torchvision pair: one line, not a traceback
 
 import numpy as np
 
@@ -325,10 +326,9 @@ def merge_earlier(path: Path, results: dict, log: Callable[[str], None] = print)
         else:
             kept.append(row)
     reason = f"other {', '.join(reasons)}" if reasons else None
-    told = [f"kept {len(kept)}: {'; '.join(_row_names(kept))}" if kept else "",
-            f"replaced {len(redone)} evaluated again: {'; '.join(_row_names(redone))}" if redone else "",
-            f"dropped {len(dropped)} made with {reason}: {'; '.join(_row_names(dropped))}" if dropped else ""]
-    log(f"earlier evaluation in {path} ({when}), {len(earlier_rows)} row(s): " + "; ".join(t for t in told if t))
+    # one short line: the rows kept and dropped are named under the table and in the JSON's "earlier"
+    log(f"merged with the earlier evaluation of {when}: kept {len(kept)} row(s), replaced {len(redone)}, dropped "
+        f"{len(dropped)}" + (f" ({reason})" if dropped else ""))
     record = {"finished": when, "kept": _row_names(kept), "replaced": _row_names(redone),
               "dropped": _row_names(dropped), "reason": reason}
     if not kept:
@@ -434,19 +434,24 @@ def how_to_read(rows: list[dict]) -> str:
         "; ".join(parts) + "."
 
 
-def evaluate_run(run_dir: str | Path, log: Callable[[str], None] = print) -> Evaluation | None:
-    """The evaluation `run.py` runs after training (`final_eval: true`): all classifiers, random and PCA baselines.
+def rerun_command(run_dir: str | Path) -> str:
+    """The command that makes `evaluate_run`'s evaluation of `run_dir` (recorded with it; printed by run.py when
+    that evaluation fails or is skipped). It needs no data options: they default to the run's saved config."""
+    return (f"python -m feature_eval.evaluate --checkpoint {shlex.quote(str(run_dir))} --classifiers "
+            f"{','.join(RUN_CLASSIFIERS)} --baselines {','.join(RUN_BASELINES)}")
 
-    Prints the table and writes it to `<run_dir>/eval/`. A user error (data set missing, ...) is printed
-    as one line and gives None: the training run itself has succeeded.
+
+def evaluate_run(run_dir: str | Path, log: Callable[[str], None] = print) -> Evaluation:
+    """The evaluation `run.py` runs after training (`final_eval: true`): all classifiers, random and PCA baselines,
+    on the data and settings of the run's saved config (`dataset.skip_bad_images` included).
+
+    Prints the table and writes it to `<run_dir>/eval/`.
+    Raises:
+        EvalError, CheckpointLoadError, DataError (`USER_ERRORS`), or any other error: run.py reports it in one
+        line with `rerun_command`, and exits non-zero.
     """
-    try:
-        command = (f"python -m feature_eval.evaluate --checkpoint {shlex.quote(str(run_dir))} --classifiers "
-                   f"{','.join(RUN_CLASSIFIERS)} --baselines {','.join(RUN_BASELINES)}")
-        evaluation = evaluate(run_dir, classifiers=RUN_CLASSIFIERS, baselines=RUN_BASELINES, command=command, log=log)
-    except USER_ERRORS as err:
-        print(f"final_eval: error: {err}", file=sys.stderr)
-        return None
+    evaluation = evaluate(run_dir, classifiers=RUN_CLASSIFIERS, baselines=RUN_BASELINES,
+                          command=rerun_command(run_dir), log=log)
     log(evaluation.table)
     pictures = [str(evaluation.paths[key]) for key in ("tsne", "confusion") if key in evaluation.paths]
     log(f"final_eval: {evaluation.results['timings_s']['total']:.1f} s; wrote {evaluation.paths['markdown']} "

@@ -10,7 +10,7 @@ epochs for 1 % of the labels or fewer, 30 otherwise; at test time the resize + c
 The base learning rate is chosen from `--lrs` by top-1 on a held-out part of the labelled fraction after
 fine-tuning on the rest; the encoder is then fine-tuned on the whole fraction and scored once on `test`.
 Writes `<run_dir>/eval/<checkpoint>_<dataset>_finetune-<pct>pct.md` and `.json` (feature_eval's format).
-Exit status 2 with one line on stderr for a bad checkpoint, data set or option.
+One line on stderr for a bad option (exit status 2), checkpoint or data set (1): docs/EXIT_CODES.md.
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ import startup  # standard library only
 
 if __name__ == "__main__":  # as a command: the CPU policy goes into the environment before torch loads OpenMP
     startup.prepare_cpu(startup.device_from_argv(sys.argv[1:]), owner="feature_eval.finetune")
+    startup.exit_if_torch_is_broken()  # a mismatched torch/torchvision pair: one line, not a traceback
 
 import numpy as np
 import torch

@@ -1,6 +1,8 @@
 """NT-Xent, the normalised temperature-scaled cross-entropy loss (SimCLR, Section 2.1, Algorithm 1)."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -97,10 +99,27 @@ class NTXentLoss(nn.Module):
         logits, targets = self.logits(z_i, z_j)
         return F.cross_entropy(logits, targets)
 
-    def loss_and_accuracy(self, z_i: torch.Tensor, z_j: torch.Tensor, topk=(1, 5)):
-        """The loss and the contrastive top-k accuracy (%, tensors, no host sync): is the positive ranked first?"""
+    def loss_and_accuracy(self, z_i: torch.Tensor, z_j: torch.Tensor, topk=(1, 5), negatives: int | None = None):
+        """The loss and the contrastive top-k accuracy (%, tensors, no host sync): is the positive ranked first?
+
+        `negatives`: the loss as if each anchor had that many negatives (the training batch's `2N - 2`) where
+        this batch holds fewer, K, as a validation hold-out smaller than one training batch does. NT-Xent grows
+        with the number of negatives (log(2N - 1) at chance), so a loss over fewer would not compare with the
+        training loss. Each anchor's sum of exp(logit) over its K negatives is scaled by `negatives` / K (a
+        log(negatives / K) added to every negative logit): in expectation, the sum over `negatives` negatives
+        drawn like these. The accuracy stays among this batch's own candidates: a top-k among more cannot be
+        estimated from fewer without assuming how the unseen negatives score. docs/PICTURES.md derives both.
+        """
         logits, targets = self.logits(z_i, z_j)
-        return F.cross_entropy(logits, targets), contrastive_accuracy(logits.detach(), targets, topk)
+        accuracy = contrastive_accuracy(logits.detach(), targets, topk)
+        have = logits.shape[1] - 2  # every key but the anchor itself and its positive
+        if negatives is not None and negatives != have:
+            if negatives < have or have < 1:
+                raise ValueError(f"negatives = {negatives}: must be at least this batch's {have} (and it must have "
+                                 "one); it scales the loss up to a larger batch")
+            positive = logits.gather(1, targets[:, None])  # (2n, 1)
+            logits = (logits + math.log(negatives / have)).scatter(1, targets[:, None], positive)
+        return F.cross_entropy(logits, targets), accuracy
 
 
 def contrastive_accuracy(logits: torch.Tensor, targets: torch.Tensor, topk=(1, 5)) -> dict[str, torch.Tensor]:

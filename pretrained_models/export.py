@@ -9,8 +9,8 @@ Writes `pretrained_models/<name>/` (see pretrained_models/README.md for the form
 of packages in pretrained_models/INDEX.md. Both are gitignored: exporting never changes a tracked file, so the
 runs that follow do not record a `-dirty` git commit. Evaluation results under `<run_dir>/eval/*.json`, and with
 --force those in the replaced package's own `eval/`, are kept when they scored these exact weights (their
-`checkpoint_sha256` is the checkpoint's or the new `model.safetensors`'); the others are named and left out. Exit status 2 with one line on
-stderr for a bad source, name or destination.
+`checkpoint_sha256` is the checkpoint's or the new `model.safetensors`'); the others are named and left out. One line on
+stderr for a bad source, name or destination (exit status 2) or a checkpoint that cannot be read (1): docs/EXIT_CODES.md.
 """
 from __future__ import annotations
 
@@ -28,11 +28,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import startup  # standard library only
+
+if __name__ == "__main__":  # a mismatched torch/torchvision pair: one line, not the traceback of the imports below
+    startup.exit_if_torch_is_broken()
+
 import torch
 import yaml
 from safetensors.torch import save_file
 
-import startup
 from models.loading import (RUNS_DIR, CheckpointLoadError, encoder_state_dict, file_sha256, read_checkpoint,
                             resolve_checkpoint, run_dir_of)
 from models.packages import (CARD_FILE, CONFIG_FILE, EVAL_DIR, FORMAT, FORMAT_VERSION, MANIFEST_FILE, PACKAGES_DIR,
@@ -124,14 +128,14 @@ def read_source(source: str | Path) -> Source:
     try:
         config = saved_config(state)
     except (KeyError, ConfigError) as err:
-        raise ExportError(f"checkpoint {file} has no training config this code reads ({err}): is it a checkpoint "
+        raise CheckpointLoadError(f"checkpoint {file} has no training config this code reads ({err}): is it a checkpoint "
                           "of this repo?") from None
     m = config.model
     model = create_model(m.base_model, m.out_dim, m.cifar_stem, m.head_layers, m.head_bn)
     try:
         model.load_state_dict(state["model"], strict=True)
     except RuntimeError as err:
-        raise ExportError(f"checkpoint {file} does not fit a {m.base_model} SimCLR model "
+        raise CheckpointLoadError(f"checkpoint {file} does not fit a {m.base_model} SimCLR model "
                           f"({str(err).splitlines()[0][:160]}): is it a checkpoint of this repo?") from None
     return Source(file, file_sha256(file), config, model, state.get("next_epoch"), run_dir_of(file.resolve()))
 
@@ -596,10 +600,17 @@ def _main(args: argparse.Namespace) -> int:
             refresh_package(find_package(args.refresh, root))
         else:
             export_package(args.source, args.name, root=root, force=args.force)
-    except (ExportError, CheckpointLoadError) as err:
+    except ExportError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+        return startup.EXIT_USAGE
+    except CheckpointLoadError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return startup.EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted: stopped; no package is left half-written (each is staged in a temporary folder, then "
+              "renamed into place)", file=sys.stderr)
+        return startup.EXIT_INTERRUPTED
+    return startup.EXIT_OK
 
 
 if __name__ == "__main__":

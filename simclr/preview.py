@@ -14,6 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import startup  # standard library only
 from simclr.config import ConfigError, load_config
 
 DEFAULT_OUT = "runs/preview.png"  # under the ignored runs/, so that a preview leaves the checkout clean
@@ -47,7 +48,11 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, args.overrides)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
-        return 2
+        return startup.EXIT_USAGE
+    problem = startup.torch_install_problem()  # a mismatched torch/torchvision pair: one line, not a traceback
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return startup.EXIT_ERROR
     from data_aug.stl10 import DataError
     from data_aug.view_grid import save_png
 
@@ -55,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         picture = render(config)
     except (DataError, ValueError) as err:  # ValueError: augment_on device with images of several sizes
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return startup.EXIT_ERROR
     out = Path(args.out)
     try:
         if args.out == DEFAULT_OUT:  # runs/ may not exist yet; a folder the user names must
@@ -63,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         save_png(picture, out)
     except OSError as err:
         print(f"error: cannot write {out} ({err.strerror or err}): pass --out PATH", file=sys.stderr)
-        return 1
+        return startup.EXIT_ERROR
     print(out)
-    return 0
+    return startup.EXIT_OK
 
 
 if __name__ == "__main__":

@@ -45,9 +45,21 @@ def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
     return steps, epochs
 
 
-def draw_curves(steps: list[dict], epochs: list[dict], title: str) -> np.ndarray:
+def validation_labels(valid_batch: int, train_batch: int) -> dict[str, str]:
+    """The legends of the validation points in curves.png, which say what they are measured among: batches of
+    the training size, or (a hold-out smaller than one batch) the loss scaled to the training batch's negatives
+    and the top-1 among the hold-out's own candidates."""
+    if valid_batch >= train_batch:
+        return dict.fromkeys(("valid_loss", "valid_top1"), f"validation (batches of {train_batch}, as training)")
+    return {"valid_loss": f"validation: {valid_batch} images, scaled to batch {train_batch}",
+            "valid_top1": f"validation: among {2 * valid_batch - 1} candidates (train: {2 * train_batch - 1})"}
+
+
+def draw_curves(steps: list[dict], epochs: list[dict], title: str,
+                valid_labels: dict[str, str] | None = None) -> np.ndarray:
     """Training loss, contrastive top-1 and learning rate against the global step; validation (when the run
-    has it) as points at the end of its epoch. Returns a uint8 `[H, W, 3]` picture."""
+    has it) as points at the end of its epoch, labelled by `valid_labels` (key -> legend, `validation_labels`).
+    Returns a uint8 `[H, W, 3]` picture."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -65,7 +77,8 @@ def draw_curves(steps: list[dict], epochs: list[dict], title: str) -> np.ndarray
         valid = [(epoch_end[r["epoch"]], r[valid_key]) for r in epochs
                  if valid_key and valid_key in r and r.get("epoch") in epoch_end]
         if valid:
-            ax.plot(*zip(*valid), "o--", color="tab:orange", markersize=5, linewidth=1, label="validation")
+            ax.plot(*zip(*valid), "o--", color="tab:orange", markersize=5, linewidth=1,
+                    label=(valid_labels or {}).get(valid_key, "validation"))
             ax.legend(fontsize=8)
         for end in sorted(epoch_end.values())[:-1]:
             ax.axvline(end, color="0.85", linewidth=0.8, zorder=0)  # epoch boundaries
@@ -80,12 +93,13 @@ def draw_curves(steps: list[dict], epochs: list[dict], title: str) -> np.ndarray
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
-def write_curves(run_dir: Path, total_epochs: int) -> Path:
-    """Draw `<run_dir>/curves.png` from `<run_dir>/metrics.jsonl`; returns its path."""
+def write_curves(run_dir: Path, total_epochs: int, valid_labels: dict[str, str] | None = None) -> Path:
+    """Draw `<run_dir>/curves.png` from `<run_dir>/metrics.jsonl` (`valid_labels` as `draw_curves`); returns its
+    path."""
     steps, epochs = read_metrics(run_dir / "metrics.jsonl")
     done = len({r.get("epoch") for r in epochs})
     last = steps[-1]["global_step"] if steps else 0
     path = run_dir / "curves.png"
     save_png(draw_curves(steps, epochs, f"{run_dir.name}: {done} of {total_epochs} epochs, {last} steps "
-                                        "(vertical lines: epoch ends)"), path)
+                                        "(vertical lines: epoch ends)", valid_labels=valid_labels), path)
     return path

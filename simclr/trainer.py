@@ -26,7 +26,7 @@ from simclr.grad_cache import grad_cache_backward
 from simclr.guard import RunGuard
 from simclr.optim import create_optimizer, create_scheduler, match_state_layout, scaled_lr
 from simclr.run_dir import RunWriter, default_run_dir
-from simclr.run_plots import views_picture, write_curves, write_views
+from simclr.run_plots import validation_labels, views_picture, write_curves, write_views
 
 
 class TrainingError(RuntimeError):
@@ -341,10 +341,16 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict:
-        """NT-Xent and contrastive accuracy on the held-out views (fixed across epochs), averaged over ranks."""
+        """NT-Xent and contrastive accuracy on the held-out views (fixed across epochs), averaged over ranks.
+
+        In batches of the training batch size where the hold-out has that many images; a smaller hold-out is one
+        batch, whose loss is scaled to the training batch's 2N - 2 negatives (`NTXentLoss.loss_and_accuracy`), so
+        that it compares with the training loss; its top-k stays among its own candidates (`describe_validation`).
+        """
         self.train_model.eval()
         valid, world = self.valid_batches, self.info.world_size
-        local = max(2, min(self.config.batch_size // world, valid.num_images // world))  # the same on every rank
+        local = self.validation_batch() // world  # the same on every rank
+        negatives = 2 * self.config.batch_size - 2
         batches = tqdm(valid.fixed_batches(local), total=valid.fixed_batch_count(local), desc="validation",
                        disable=None if self.info.is_main else True, leave=False)
         sums, count = torch.zeros(3, device=self.device), 0
@@ -353,11 +359,17 @@ class Trainer:
                 continue
             with self._autocast():
                 _, z = self.train_model(torch.cat([self._to_device(x1), self._to_device(x2)]))
-                loss, acc = self.criterion.loss_and_accuracy(z[:x1.shape[0]], z[x1.shape[0]:])
+                loss, acc = self.criterion.loss_and_accuracy(z[:x1.shape[0]], z[x1.shape[0]:], negatives=negatives)
             sums += torch.stack([loss.float(), acc["top1"], acc["top5"]])
             count += 1
         sums = all_reduce_mean(sums / max(count, 1))
         return {"valid_loss": sums[0].item(), "valid_top1": sums[1].item(), "valid_top5": sums[2].item()}
+
+    def validation_batch(self) -> int:
+        """Images in a validation batch, over all processes: the training batch size, or the whole hold-out
+        where it is smaller (at least 2 per process)."""
+        world = self.info.world_size
+        return world * max(2, min(self.config.batch_size // world, self.valid_batches.num_images // world))
 
     def fit(self) -> Path:
         """Train the remaining epochs; return the run dir. Raises `Preempted` after SIGTERM/SIGINT."""
@@ -419,6 +431,10 @@ class Trainer:
             if self.start_note:
                 self.log(self.start_note)
             self._write_views(writer)  # before the first step: what the views do to this data
+            if self.valid_batches is not None:  # what the validation numbers are measured among, in words
+                writer.tensorboard.add_text("validation", describe_validation(
+                    self.valid_batches.num_images, self.validation_batch(), self.config.batch_size),
+                    self.scheduler.last_epoch)
             yield writer
         finally:
             writer.close()
@@ -433,9 +449,28 @@ class Trainer:
 
     def _write_curves(self) -> None:
         try:
-            write_curves(self.run_dir, self.config.epochs)
+            labels = None if self.valid_batches is None else validation_labels(self.validation_batch(),
+                                                                                self.config.batch_size)
+            write_curves(self.run_dir, self.config.epochs, labels)
         except OSError as err:
             self.log(f"warning: could not write {self.run_dir / 'curves.png'} ({err.strerror or err})")
+
+
+def describe_validation(hold_out: int, valid_batch: int, batch_size: int) -> str:
+    """TensorBoard's text `validation`: what `epoch/valid_*` are measured on and among (`Trainer.validate`)."""
+    text = (f"epoch/valid_loss, valid_top1 and valid_top5: NT-Xent and contrastive top-k of the model in eval mode "
+            f"on the {hold_out} held-out images (dataset.valid_size), with views fixed across epochs. ")
+    if valid_batch >= batch_size:
+        return text + (f"In batches of {batch_size} as in training (images past the last whole batch left out), "
+                       "so that they compare with the training loss and top-k.")
+    ratio = (2 * batch_size - 2) / (2 * valid_batch - 2)
+    return text + (f"They are fewer than one training batch ({batch_size}), so they make one batch of {valid_batch}. "
+                   f"valid_loss is scaled to the training batch's {2 * batch_size - 2} negatives (each anchor's sum "
+                   f"of exp(logit) over "
+                   f"its {2 * valid_batch - 2} negatives times {ratio:.3f}: in expectation the sum over "
+                   f"{2 * batch_size - 2}; docs/PICTURES.md), so that it compares with the training loss. valid_top1 "
+                   f"and valid_top5 are among the batch's own {2 * valid_batch - 1} candidates (training: "
+                   f"{2 * batch_size - 1}), so they read higher than the training top-k would at equal quality.")
 
 
 @contextlib.contextmanager

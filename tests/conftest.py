@@ -17,10 +17,17 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import startup  # noqa: E402
+
+# e.g. a mismatched torch/torchvision pair: said in one line (pytest_configure), not as an error per test file
+INSTALL_PROBLEM = startup.torch_install_problem()
+
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 def pytest_configure(config):
+    if INSTALL_PROBLEM:
+        pytest.exit(f"error: {INSTALL_PROBLEM}", returncode=startup.EXIT_ERROR)
     config.addinivalue_line("markers", "slow: an end-to-end run of several seconds (subprocesses, whole trainings); "
                                        "`pytest -m 'not slow'` is the quick inner loop")
 

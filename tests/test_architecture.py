@@ -19,7 +19,7 @@ TOP_MODULES = ("run", "startup")
 ALLOWED = {
     "run": {"startup", "simclr", "data_aug", "models", "loss", "feature_eval"},
     "startup": set(),
-    "simclr": {"data_aug", "models", "loss", "knn"},
+    "simclr": {"startup", "data_aug", "models", "loss", "knn"},  # startup: for its command, simclr.preview
     "feature_eval": {"startup", "simclr.config", "data_aug", "models", "knn"},
     "pretrained_models": {"startup", "simclr.config", "models"},
     "models": set(),

@@ -45,7 +45,7 @@ def test_resize_and_label_column_first(tmp_path):
 
 def test_bad_input_is_one_line_and_nothing_is_written(tmp_path, capsys):
     (tmp_path / "x.csv").write_text("1,2,3,0\n")  # 3 pixels: not a square
-    assert csv_to_imagefolder.main([str(tmp_path / "x.csv"), str(tmp_path / "out")]) == 2
+    assert csv_to_imagefolder.main([str(tmp_path / "x.csv"), str(tmp_path / "out")]) == 1  # a bad file: runtime
     assert "not a square image" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     (tmp_path / "exists").mkdir()

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import run
+import startup
 from models.loading import CheckpointLoadError
 from simclr import checkpoint as ckpt
 from simclr.checkpoint import CheckpointWriteError, find_resume_state, save_checkpoint
@@ -78,7 +79,7 @@ def metric_positions(run_dir: Path) -> list[tuple]:
 def test_preemption_saves_position_and_resumes_mid_epoch(data_root, reference, tmp_path, capsys, signum):
     run_dir = tmp_path / "preempted"
     signal_on_fifth_step = on_nth("step", 5, signal_self(signum))  # epoch 2, step 2 of 3
-    assert run.main(tiny_args(data_root, run_dir), on_event=signal_on_fifth_step) == 0
+    assert run.main(tiny_args(data_root, run_dir), on_event=signal_on_fifth_step) == startup.EXIT_PREEMPTED
     out = capsys.readouterr().out
     assert f"resume={run_dir}" in out and f"stopped by {signal.Signals(signum).name} at epoch 2, step 2;" in out
     state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
@@ -215,7 +216,7 @@ def test_resume_with_another_optimiser_is_refused(straight_run, capsys):
 def test_preemption_on_the_last_step_keeps_the_epoch_loss(data_root, tmp_path):
     run_dir = tmp_path / "last_step"
     signal_on_third_step = on_nth("step", 3, signal_self(signal.SIGTERM))  # the last of epoch 1's three steps
-    assert run.main(tiny_args(data_root, run_dir), on_event=signal_on_third_step) == 0
+    assert run.main(tiny_args(data_root, run_dir), on_event=signal_on_third_step) == startup.EXIT_PREEMPTED
     assert run.main([f"resume={run_dir}"]) == 0
     epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
               if json.loads(line)["kind"] == "epoch"]
@@ -235,7 +236,7 @@ def test_cuda_index_under_torchrun_is_refused(monkeypatch):
 @pytest.mark.slow
 def test_sigterm_to_the_whole_process_group_with_dataloader_workers_is_a_clean_stop(data_root, tmp_path):
     """SLURM and a terminal's Ctrl-C signal every process of the job, DataLoader workers included: the workers
-    must leave the signal to the main process, which finishes the step, saves and exits 0."""
+    must leave the signal to the main process, which finishes the step, saves and exits EXIT_PREEMPTED (75)."""
     run_dir = tmp_path / "group"
     proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fault_runner.py"),
                              *tiny_args(data_root, run_dir, "dataset.num_workers=2", "epochs=3")],
@@ -250,7 +251,7 @@ def test_sigterm_to_the_whole_process_group_with_dataloader_workers_is_a_clean_s
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0, err[-1500:]
+    assert proc.returncode == startup.EXIT_PREEMPTED, err[-1500:]
     assert "Continue with" in out and "Traceback" not in err
     assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["step_in_epoch"] >= 1
 
@@ -268,7 +269,7 @@ def test_a_bad_image_met_by_a_worker_and_a_second_signal_end_in_one_line(tmp_pat
             raise error
         return fit
 
-    monkeypatch.setattr(Trainer, "__init__", lambda self, *a: None)
+    monkeypatch.setattr(Trainer, "__init__", lambda self, *a, **k: None)
     for error, code, expected in ((wrapped, 1, "error: cannot decode image"), (KeyboardInterrupt(), 130,
                                                                                 "interrupted: stopped at once")):
         monkeypatch.setattr(Trainer, "fit", raise_(error))
@@ -280,7 +281,8 @@ def test_a_bad_image_met_by_a_worker_and_a_second_signal_end_in_one_line(tmp_pat
 @pytest.mark.slow
 def test_a_signal_during_validation_stops_at_the_epoch_boundary(data_root, reference, tmp_path, capsys):
     run_dir = tmp_path / "boundary"
-    assert run.main(tiny_args(data_root, run_dir), on_event=on_nth("validate", 1, signal_self(signal.SIGTERM))) == 0
+    assert run.main(tiny_args(data_root, run_dir),
+                    on_event=on_nth("validate", 1, signal_self(signal.SIGTERM))) == startup.EXIT_PREEMPTED
     assert "stopped by SIGTERM after epoch 1; checkpoint saved" in capsys.readouterr().out
     state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert state["next_epoch"] == 1 and state["step_in_epoch"] == 0  # no step of epoch 2 was spent

@@ -19,6 +19,7 @@ from feature_eval import evaluate as evaluate_module
 from feature_eval.classifiers import (adam_probe, holdout_split, knn_classifier, lbfgs_probe, topk_accuracy,
                                       weighted_knn)
 from feature_eval.features import FeatureSplit, cached_features, extract_features
+from models.loading import CheckpointLoadError
 from models.resnet_simclr import Encoder, create_model
 from simclr.checkpoint import save_checkpoint
 from simclr.config import config_to_dict, load_config
@@ -340,10 +341,10 @@ def test_evaluate_run_prints_the_table(tiny_run, monkeypatch, capsys):
     assert "| Weighted KNN (k=200, T=0.1) | Random init |" in printed and evaluation.paths["json"].is_file()
 
 
-def test_evaluate_run_reports_a_user_error_in_one_line(tmp_path, capsys):
-    assert evaluate_module.evaluate_run(tmp_path / "nowhere") is None
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("final_eval: error:") and "nowhere" in err and "\n" not in err
+def test_evaluate_run_raises_a_user_error_for_run_py_to_report(tmp_path):
+    """run.py turns it into one line and a non-zero exit (tests/test_exit_codes.py)."""
+    with pytest.raises(CheckpointLoadError, match="nowhere"):
+        evaluate_module.evaluate_run(tmp_path / "nowhere")
 
 
 def run_cli(argv, capsys) -> tuple[int, str]:
@@ -351,21 +352,21 @@ def run_cli(argv, capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err.strip()
 
 
-def test_cli_missing_checkpoint_is_one_line_exit_2(tmp_path, capsys):
+def test_cli_missing_checkpoint_is_one_line_exit_1(tmp_path, capsys):
     code, err = run_cli(["--checkpoint", str(tmp_path / "missing.pt")], capsys)
-    assert code == 2 and err.count("\n") == 0 and "missing.pt" in err and "not found" in err
+    assert code == 1 and err.count("\n") == 0 and "missing.pt" in err and "not found" in err
     code, err = run_cli(["--checkpoint", str(tmp_path)], capsys)
-    assert code == 2 and "checkpoints/last.pt" in err
+    assert code == 1 and "checkpoints/last.pt" in err
 
 
-def test_cli_other_architecture_is_one_line_exit_2(tmp_path, capsys):
+def test_cli_other_architecture_is_one_line_exit_1(tmp_path, capsys):
     path = make_checkpoint(tmp_path / "r50.pt", base_model="resnet50", config_model="resnet18")
     code, err = run_cli(["--checkpoint", str(path)], capsys)
-    assert code == 2 and err.count("\n") == 0 and "r50.pt" in err and "resnet18" in err
+    assert code == 1 and err.count("\n") == 0 and "r50.pt" in err and "resnet18" in err
     foreign = tmp_path / "foreign.pt"
     torch.save({"state_dict": {"fc.weight": torch.zeros(2, 2)}}, foreign)
     code, err = run_cli(["--checkpoint", str(foreign)], capsys)
-    assert code == 2 and err.count("\n") == 0 and "foreign.pt" in err
+    assert code == 1 and err.count("\n") == 0 and "foreign.pt" in err
 
 
 def test_cli_bad_options_are_one_line_exit_2(tiny_run, capsys):
@@ -374,7 +375,7 @@ def test_cli_bad_options_are_one_line_exit_2(tiny_run, capsys):
     code, err = run_cli(["--checkpoint", str(tiny_run), "--dataset", "mnist"], capsys)
     assert code == 2 and "mnist" in err and err.count("\n") == 0
     code, err = run_cli(["--checkpoint", str(tiny_run), "--dataset", "stl10", "--root", str(tiny_run / "no")], capsys)
-    assert code == 2 and "STL10" in err and err.count("\n") == 0
+    assert code == 1 and "STL10" in err and err.count("\n") == 0  # missing data: a runtime error
     assert "pass --download" in err and "dataset.download" not in err  # the option of this command, not a config key
     with pytest.raises(SystemExit) as stop:
         evaluate_module.main(["--checkpoint", str(tiny_run), "--input-size", "0"])
@@ -451,7 +452,7 @@ def test_cli_records_its_command_and_checks_the_output_folder_first(tiny_run, tm
 def test_module_entry_point_has_no_traceback(tmp_path):
     done = subprocess.run([sys.executable, "-m", "feature_eval.evaluate", "--checkpoint", str(tmp_path / "x.pt")],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.strip().startswith("error: checkpoint") and done.stderr.strip().count("\n") == 0
 
 

@@ -208,15 +208,15 @@ def test_cli_bad_options_exit_2(digits_run, argv, message, capsys):
     assert stop.value.code == 2 and message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--checkpoint", "no-such-package"], "no pretrained package 'no-such-package'"),
-    (["--checkpoint", "/nonexistent/run/last.pt"], "not found"),
-    (["--dataset", "mnist"], "--dataset mnist"),
-    (["--baselines", "pca"], "--baselines: unknown pca"),
+@pytest.mark.parametrize("extra, message, code", [  # docs/EXIT_CODES.md: 1 for a checkpoint, 2 for an option
+    (["--checkpoint", "no-such-package"], "no pretrained package 'no-such-package'", 1),
+    (["--checkpoint", "/nonexistent/run/last.pt"], "not found", 1),
+    (["--dataset", "mnist"], "--dataset mnist", 2),
+    (["--baselines", "pca"], "--baselines: unknown pca", 2),
 ])
-def test_cli_user_errors_are_one_line_exit_2(digits_run, extra, message, capsys):
+def test_cli_user_errors_are_one_line(digits_run, extra, message, code, capsys):
     argv = ["--checkpoint", str(digits_run), "--device", "cpu"]
-    assert main(argv + extra) == 2
+    assert main(argv + extra) == code
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
 
@@ -266,11 +266,11 @@ def test_data_is_checked_as_feature_eval_evaluate_checks_it(digits_run, tmp_path
     """Both drivers load data through one function: a missing data set names this command's option, and a train
     split of one class is refused before any fine-tuning."""
     argv = ["--checkpoint", str(digits_run), "--device", "cpu", "--label-fraction", "1.0", "--epochs", "1"]
-    assert main(argv + ["--dataset", "stl10", "--root", str(tmp_path / "no")]) == 2
+    assert main(argv + ["--dataset", "stl10", "--root", str(tmp_path / "no")]) == 1  # data: a runtime error
     err = capsys.readouterr().err
     assert "pass --download" in err and "dataset.download" not in err and err.count("\n") == 1
     from tests.test_feature_eval import write_image_folder
 
     write_image_folder(tmp_path / "one", {"train": {"a": 4}, "test": {"a": 2}})
-    assert main(argv + ["--dataset", "imagefolder", "--root", str(tmp_path / "one")]) == 2
+    assert main(argv + ["--dataset", "imagefolder", "--root", str(tmp_path / "one")]) == 1
     assert "at least two classes" in capsys.readouterr().err

@@ -108,3 +108,58 @@ def test_logits_stay_float32_under_autocast():
     z_ref, _ = criterion.logits(z_i.bfloat16().float(), z_j.bfloat16().float())
     assert torch.equal(logits[finite], z_ref[finite])
     assert loss.item() == pytest.approx(criterion(z_i, z_j).item(), abs=1e-6)
+
+
+# ---------- the loss scaled to more negatives (validation on a hold-out smaller than one training batch) ----------
+
+def slow_scaled_nt_xent(z_i, z_j, temperature, negatives):
+    """Each anchor's loss with its negatives' sum of exp(similarity / temperature) times negatives / (2n - 2),
+    one anchor at a time (cosine similarity)."""
+    z = F.normalize(torch.cat([z_i, z_j]).double(), dim=1)
+    n2, n = z.shape[0], z.shape[0] // 2
+    total = 0.0
+    for k in range(n2):
+        positive = (k + n) % n2
+        others = sum(math.exp(z[k] @ z[m] / temperature) for m in range(n2) if m not in (k, positive))
+        pos = math.exp(z[k] @ z[positive] / temperature)
+        total += -math.log(pos / (pos + others * negatives / (n2 - 2)))
+    return total / n2
+
+
+def test_the_scaled_loss_matches_the_slow_loop_and_keeps_the_accuracy():
+    torch.manual_seed(0)
+    z_i, z_j = torch.randn(6, 5), torch.randn(6, 5)
+    criterion = NTXentLoss(0.3)
+    plain_loss, plain_acc = criterion.loss_and_accuracy(z_i, z_j)
+    loss, acc = criterion.loss_and_accuracy(z_i, z_j, negatives=40)
+    assert loss.item() == pytest.approx(slow_scaled_nt_xent(z_i, z_j, 0.3, 40), rel=1e-5)
+    assert loss > plain_loss and acc == plain_acc  # the accuracy stays among the batch's own 11 candidates
+    same, _ = criterion.loss_and_accuracy(z_i, z_j, negatives=10)  # as many as the batch has: unchanged
+    assert torch.equal(same, plain_loss)
+    with pytest.raises(ValueError, match="negatives = 4"):
+        criterion.loss_and_accuracy(z_i, z_j, negatives=4)
+
+
+def test_a_loss_that_ignores_the_batch_reads_the_same_at_any_size_once_scaled():
+    """Identical projections: every logit is the same, so NT-Xent is log(candidates), log(2N - 1) for a
+    training batch of N; scaled to that batch's 2N - 2 negatives, a batch of 36 gives it too."""
+    z = torch.ones(36, 8)
+    loss, _ = NTXentLoss(0.2).loss_and_accuracy(z, z.clone(), negatives=2 * 128 - 2)
+    assert loss.item() == pytest.approx(math.log(2 * 128 - 1), rel=1e-6)
+    assert NTXentLoss(0.2)(z, z.clone()).item() == pytest.approx(math.log(2 * 36 - 1), rel=1e-6)  # unscaled: lower
+
+
+def test_scaled_small_batches_estimate_the_large_batch_loss():
+    """Projections of 256 images of 10 kinds (two noisy views each): the loss of the batch of 256 against the
+    mean over its four batches of 64, plain (fewer negatives: lower) and scaled to 510 negatives."""
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.randn(10, 16, generator=generator)
+    images = centres[torch.randint(0, 10, (256,), generator=generator)] + 0.7 * torch.randn(256, 16, generator=generator)
+    z_i, z_j = (images + 0.4 * torch.randn(256, 16, generator=generator) for _ in range(2))
+    criterion = NTXentLoss(0.2)
+    full = criterion(z_i, z_j).item()
+    parts = [slice(k, k + 64) for k in range(0, 256, 64)]
+    plain = sum(criterion(z_i[p], z_j[p]).item() for p in parts) / 4
+    scaled = sum(criterion.loss_and_accuracy(z_i[p], z_j[p], negatives=510)[0].item() for p in parts) / 4
+    assert full - plain > 0.5  # what the small batch hides: about log(511 / 127) = 1.39 at chance
+    assert abs(scaled - full) < 0.05 * (full - plain)

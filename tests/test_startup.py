@@ -80,7 +80,7 @@ def test_a_warning_is_one_line_and_the_hook_is_removed_afterwards(capsys):
 
 
 def test_run_prints_warnings_on_one_line(monkeypatch, tmp_path, capsys):
-    def warn_then_fail(self, *args):
+    def warn_then_fail(self, *args, **kwargs):
         warnings.warn("a thing to know\nacross two lines", stacklevel=1)
         raise TrainingError("stop here")
 

@@ -134,7 +134,7 @@ def test_a_stop_signal_as_training_finishes_skips_the_final_evaluation(data_root
 
 
 def test_non_finite_loss_stops_with_a_hint(data_root, tmp_path, monkeypatch, capsys):
-    def nan_loss(self, z_i, z_j, topk=(1, 5)):
+    def nan_loss(self, z_i, z_j, topk=(1, 5), negatives=None):
         loss = (z_i.sum() + z_j.sum()) * float("nan")
         return loss, {"top1": loss.detach(), "top5": loss.detach()}
 
@@ -203,8 +203,8 @@ def test_float16_overflow_steps_are_skipped_counted_and_logged(data_root, tmp_pa
     original = NTXentLoss.loss_and_accuracy
     calls, before, compared = [], {}, []
 
-    def overflow_once(self, z_i, z_j, topk=(1, 5)):
-        loss, acc = original(self, z_i, z_j, topk)
+    def overflow_once(self, z_i, z_j, topk=(1, 5), negatives=None):
+        loss, acc = original(self, z_i, z_j, topk, negatives)
         calls.append(1)
         return (loss * float("inf"), acc) if len(calls) == 2 else (loss, acc)
 
