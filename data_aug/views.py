@@ -69,10 +69,15 @@ def create_view_transform(views: ViewSettings) -> v2.Compose:
     return v2.Compose(steps)
 
 
+def create_eval_resize(crop_size: int) -> v2.Compose:
+    """The evaluation view's geometry, uint8 in and out: resize the short side and centre-crop to `crop_size`
+    (kept apart so that images can be stored at that size, as the kNN monitor does, and scaled later)."""
+    return v2.Compose([v2.Resize(crop_size, antialias=True), v2.CenterCrop(crop_size)])
+
+
 def create_eval_transform(crop_size: int) -> v2.Compose:
-    """Deterministic view for evaluation: resize the short side and centre-crop to `crop_size`."""
-    return v2.Compose([v2.Resize(crop_size, antialias=True), v2.CenterCrop(crop_size),
-                       v2.ToDtype(torch.float32, scale=True)])
+    """Deterministic view for evaluation: resize the short side and centre-crop to `crop_size`, as float in [0, 1]."""
+    return v2.Compose([create_eval_resize(crop_size), v2.ToDtype(torch.float32, scale=True)])
 
 
 def view_seed(seed: int, epoch: int, index: int) -> int:

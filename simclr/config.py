@@ -82,6 +82,15 @@ class OptimizerConfig:
 
 
 @dataclass(frozen=True)
+class KnnMonitorConfig:
+    enabled: bool = True
+    every_n_epochs: typing.Optional[int] = None  # None: every eval_every_n_epochs
+    max_images: int = 5000
+    k: int = 200
+    temperature: float = 0.1
+
+
+@dataclass(frozen=True)
 class Config:
     batch_size: int = 512
     epochs: int = 40
@@ -103,6 +112,7 @@ class Config:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    knn_monitor: KnnMonitorConfig = field(default_factory=KnnMonitorConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = (),
@@ -381,3 +391,10 @@ def validate(config: Config) -> None:
     _require(o.lr_scaling in LR_SCALINGS, "optimizer.lr_scaling", o.lr_scaling, f"allowed: {', '.join(LR_SCALINGS)}")
     _require(0 <= o.warmup_epochs <= c.epochs, "optimizer.warmup_epochs", o.warmup_epochs,
              f"must be in [0, epochs={c.epochs}]")
+    k = c.knn_monitor
+    _require(k.every_n_epochs is None or k.every_n_epochs >= 1, "knn_monitor.every_n_epochs", k.every_n_epochs,
+             "must be at least 1, or None to follow eval_every_n_epochs")
+    _require(k.max_images >= 10, "knn_monitor.max_images", k.max_images,
+             "must be at least 10 (80 % fit, 20 % scored); 5000 holds STL10's labelled train split")
+    _require(k.k >= 1, "knn_monitor.k", k.k, "must be at least 1 (Wu et al. and solo-learn: 200)")
+    _require(k.temperature > 0, "knn_monitor.temperature", k.temperature, "must be > 0 (Wu et al.: 0.1)")

@@ -116,7 +116,8 @@ class RunWriter:
                 + step_in_epoch`), 0 for a fresh start. Records of work after it (an attempt killed after its
                 last checkpoint, or an earlier run into this folder when 0) are dropped from metrics.jsonl:
                 it keeps step records with `global_step <= resume_step`, epoch records with
-                `epoch < resume_epoch`, and no other line (nor a half-written one). TensorBoard hides events
+                `epoch < resume_epoch`, the `knn_reference` record when `resume_step > 0`, and no other line (nor
+                a half-written one). TensorBoard hides events
                 at steps `>= resume_step + 1` of earlier event files (`purge_step`, for every tag). None
                 leaves both logs as they are and appends.
             resume_epoch: the checkpoint's `next_epoch` (0 for a fresh start).
@@ -142,8 +143,8 @@ class RunWriter:
         purge_step = None
         if resume_step is not None:
             _keep_records_until(run_dir / "metrics.jsonl", resume_step, resume_epoch)
-            if any(run_dir.glob("events.out.tfevents.*")):
-                purge_step = resume_step + 1
+            if any(run_dir.glob("events.out.tfevents.*")):  # a fresh start also hides step 0 (knn_reference)
+                purge_step = resume_step + 1 if resume_step else 0
         self.metrics = open(run_dir / "metrics.jsonl", "a")
         self.tensorboard = SummaryWriter(str(run_dir), purge_step=purge_step)
 
@@ -178,8 +179,9 @@ def read_records(path: Path):
 
 
 def _keep_records_until(path: Path, step: int, epoch: int) -> None:
-    """Rewrite metrics.jsonl atomically with the step records up to global step `step` and the epoch
-    records of epochs before `epoch`; any other line, a half-written one included, is dropped."""
+    """Rewrite metrics.jsonl atomically with the step records up to global step `step`, the epoch
+    records of epochs before `epoch` and, unless `step` is 0 (a fresh start), the kNN monitor's `knn_reference`;
+    any other line, a half-written one included, is dropped."""
     if not path.exists():
         return
     kept = []
@@ -188,6 +190,8 @@ def _keep_records_until(path: Path, step: int, epoch: int) -> None:
             done = record["global_step"] <= step
         elif record.get("kind") == "epoch" and isinstance(record.get("epoch"), int):
             done = record["epoch"] < epoch
+        elif record.get("kind") == "knn_reference":  # measured before the first step: kept by any resume
+            done = step > 0
         else:
             done = False
         if done:

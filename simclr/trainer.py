@@ -24,6 +24,7 @@ from simclr.config import Config, ConfigError, config_to_dict, saved_config
 from simclr.dist import DistInfo, all_reduce_mean, barrier, broadcast_object, resolve_sync_bn
 from simclr.grad_cache import grad_cache_backward
 from simclr.guard import RunGuard
+from simclr.monitor import KnnMonitor, MonitorUnavailable, load_monitor
 from simclr.optim import create_optimizer, create_scheduler, match_state_layout, scaled_lr
 from simclr.run_dir import RunWriter, default_run_dir
 from simclr.run_plots import validation_labels, views_picture, write_curves, write_views
@@ -128,6 +129,7 @@ class Trainer:
         self._build_precision()
         self.criterion = NTXentLoss(config.loss.temperature, config.loss.use_cosine_similarity)
         self.train_model = self._wrap(self.model)
+        self.monitor = self._build_monitor()
         self.next_epoch, self.start_step, self.best_valid = 0, 0, math.inf
         self.epoch_progress = (0.0, 0)  # (loss sum, steps) of an epoch stopped part-way, from its checkpoint
         self.skipped_steps = torch.zeros((), dtype=torch.int64, device=self.device)
@@ -190,6 +192,19 @@ class Trainer:
                 self.amp_dtype = torch.bfloat16
                 self.log("fp16_precision: float16 autocast needs CUDA; using bfloat16 on this device")
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+
+    def _build_monitor(self) -> KnnMonitor | None:
+        """The kNN monitor, on the main process only (the others wait for it at the epoch's barrier); None when
+        `knn_monitor.enabled` is false or the data set has no labels to measure with (said in one line)."""
+        c, d = self.config.knn_monitor, self.config.dataset
+        if not (c.enabled and self.info.is_main):
+            return None
+        try:
+            return load_monitor(d.name, d.root, d.skip_bad_images, d.crop_size, c.max_images, self.config.seed,
+                                k=c.k, temperature=c.temperature, device=self.device)
+        except MonitorUnavailable as err:
+            self.log(f"kNN monitor off: {err} (it needs labels of two classes or more); training goes on")
+            return None
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         """The module the loop calls: DistributedDataParallel across processes, then compiled if asked."""
@@ -371,10 +386,28 @@ class Trainer:
         world = self.info.world_size
         return world * max(2, min(self.config.batch_size // world, self.valid_batches.num_images // world))
 
+    def _measure_knn(self) -> dict:
+        """The kNN monitor's top-1 of the backbone now, and its seconds (main process; the others wait)."""
+        start = time.perf_counter()
+        top1 = self.monitor.measure(self.model.encoder, self._autocast, lambda b: self.guard.watch(b, "monitor"))
+        return {"knn_top1": top1, "knn_seconds": time.perf_counter() - start}
+
+    def _log_knn_reference(self, writer: RunWriter | None) -> None:
+        """The monitor before the first step (random-init weights, or `fine_tune_from`'s): curves.png's reference
+        line. Written once per run: a resumed run keeps the one its start wrote."""
+        if self.monitor is not None:
+            record = {"kind": "knn_reference", "epoch": 0, "global_step": 0, **self._measure_knn()}
+            writer.log(record, 0, "epoch")  # TensorBoard's epoch/knn_top1 at step 0
+            self.log(f"kNN monitor: knn_top1 {record['knn_top1']:.1f}% before training ({self.monitor.describe()}; "
+                     f"{record['knn_seconds']:.1f} s)")
+        barrier()
+
     def fit(self) -> Path:
         """Train the remaining epochs; return the run dir. Raises `Preempted` after SIGTERM/SIGINT."""
         epochs = self.config.epochs
         with self.guard, flushed_denormals(), self._open_writer() as writer:
+            if self.next_epoch == 0 and self.start_step == 0:
+                self._log_knn_reference(writer)
             for epoch in range(self.next_epoch, epochs):
                 self._end_epoch(epoch, self._run_epoch(epoch, writer), writer)
                 # a signal during the epoch's last step or its validation, on any process: this epoch's
@@ -390,6 +423,9 @@ class Trainer:
         record = {"kind": "epoch", "epoch": epoch, "train_loss": self.train_epoch(epoch, writer)}
         if self.valid_batches is not None and ((epoch + 1) % c.eval_every_n_epochs == 0 or epoch + 1 == c.epochs):
             record.update(self.validate())
+        every = c.knn_monitor.every_n_epochs or c.eval_every_n_epochs
+        if self.monitor is not None and ((epoch + 1) % every == 0 or epoch + 1 == c.epochs):
+            record.update(self._measure_knn())
         record["seconds"] = time.perf_counter() - start
         return record
 
@@ -509,5 +545,5 @@ def epoch_summary(record: dict) -> str:
     """An epoch record as people read it: losses to 4 decimals, accuracies in % to 1, the time in whole tenths
     of a second (metrics.jsonl keeps the full values)."""
     shown = [f"{k} {v:.1f}%" if k.endswith(("top1", "top5")) else f"{k} {v:.4f}"
-             for k, v in record.items() if k not in ("kind", "epoch", "seconds")]
+             for k, v in record.items() if k not in ("kind", "epoch", "seconds", "knn_seconds")]
     return ", ".join(shown) + (f" ({record['seconds']:.1f} s)" if "seconds" in record else "")

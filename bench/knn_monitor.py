@@ -1,0 +1,152 @@
+"""The kNN monitor's cost: seconds per call, and its share of a finished run's training time.
+
+    python -m bench.knn_monitor                          # 5,000 images at 96 px, ResNet-18, on the CPU
+    python -m bench.knn_monitor --device cuda --images 5000 --size 96
+    python -m bench.knn_monitor --run-dir runs/quickstart   # its share of that run, from metrics.jsonl
+
+Times `simclr.monitor.KnnMonitor.measure`, the code the trainer calls, on synthetic uint8 images of 10 classes
+(its cost does not depend on content): preparing the images once, then each call's feature extraction (eval
+mode, no gradients) and weighted kNN (k=200, T=0.1). Prints a markdown table with the command, the machine and
+its load (other processes share a CPU); `--record` also appends it to its section of docs/BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+START, END = "<!-- bench/knn_monitor.py: start -->", "<!-- bench/knn_monitor.py: end -->"
+SECTION_HEAD = """## kNN monitor (bench/knn_monitor.py)
+
+The trainer's kNN monitor (`simclr/monitor.py`, [CONFIGURATION.md](CONFIGURATION.md#the-knn-monitor)): seconds per
+measurement (`KnnMonitor.measure`, the trainer's call: features of every image in eval mode, then the weighted kNN)
+on synthetic images, and, with `--run-dir`, its share of a finished run's training seconds from `metrics.jsonl`.
+Runs recorded with `--record` are appended, newest last."""
+
+
+def time_calls(images: int, size: int, base_model: str, device: str, repeats: int, seed: int = 0) -> dict:
+    """Seconds to prepare a monitor of `images` synthetic images at `size` px, and per `measure` call (each of
+    `repeats`), with the share spent extracting features."""
+    import torch
+
+    from data_aug.datasets import TensorImages
+    from knn.neighbours import weighted_knn_top1
+    from models.resnet_simclr import create_model
+    from simclr.monitor import KnnMonitor
+
+    g = torch.Generator().manual_seed(seed)
+    data = TensorImages(torch.randint(0, 256, (images, 3, size, size), dtype=torch.uint8, generator=g),
+                        torch.randint(0, 10, (images,), generator=g), [str(i) for i in range(10)])
+    tic = time.perf_counter()
+    monitor = KnnMonitor.from_dataset(data, size, max_images=images, seed=seed, device=device)
+    prepare = time.perf_counter() - tic
+    torch.manual_seed(seed)
+    encoder = create_model(base_model, 128).encoder.to(device)
+    calls, extract = [], []
+    for _ in range(repeats):
+        tic = time.perf_counter()
+        monitor.measure(encoder)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        calls.append(time.perf_counter() - tic)
+        tic = time.perf_counter()
+        features = monitor.features(encoder)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        extract.append(time.perf_counter() - tic)
+    n = monitor.fit_count
+    tic = time.perf_counter()
+    weighted_knn_top1(features[:n], monitor.labels[:n], features[n:], monitor.labels[n:], 10)
+    search = time.perf_counter() - tic
+    return {"prepare_s": prepare, "call_s": statistics.median(calls), "features_s": statistics.median(extract),
+            "knn_s": search, "calls": calls}
+
+
+def run_share(run_dir: Path) -> dict:
+    """The monitor's seconds in a run's metrics.jsonl against the seconds of its epochs (reference included)."""
+    from simclr.run_dir import read_records
+
+    knn = epochs = 0.0
+    calls = 0
+    for _, record in read_records(run_dir / "metrics.jsonl"):
+        if "knn_seconds" in record:
+            knn += record["knn_seconds"]
+            calls += 1
+        if record.get("kind") == "epoch":
+            epochs += record.get("seconds", 0.0)
+        elif record.get("kind") == "knn_reference":
+            epochs += record["knn_seconds"]  # measured before the first epoch, outside its seconds
+    return {"calls": calls, "knn_s": knn, "training_s": epochs, "share": knn / epochs if epochs else float("nan")}
+
+
+def append_run(block: str, path: Path) -> None:
+    """Append a run to this benchmark's marked section of docs/BENCHMARKS.md (created if absent); the rest is kept."""
+    old = path.read_text() if path.exists() else "# Benchmarks\n"
+    if START in old and END in old:
+        head, rest = old.split(START, 1)
+        section, tail = rest.split(END, 1)
+        new = head + START + section.rstrip("\n") + "\n\n" + block + "\n" + END + tail
+    else:
+        new = old.rstrip("\n") + "\n\n" + START + "\n" + SECTION_HEAD + "\n\n" + block + "\n" + END + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(new)
+
+
+def load() -> str:
+    """`uptime`'s load averages (1, 5, 15 minutes): other processes share the CPU this measures."""
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bench import add_record_args, device_arg, record_path
+    from bench.throughput import cpu_name
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=5000, help="labelled images the monitor uses (default 5000)")
+    parser.add_argument("--size", type=int, default=96, help="input size in px (default 96, STL10's)")
+    parser.add_argument("--base-model", default="resnet18")
+    parser.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    parser.add_argument("--repeats", type=int, default=2, help="calls timed (the median is shown)")
+    parser.add_argument("--run-dir", type=Path, help="instead: the monitor's share of this finished run's training")
+    add_record_args(parser, "the run appended to this benchmark's section")
+    args = parser.parse_args(argv)
+    command = shlex.join(["python", "-m", "bench.knn_monitor", *(sys.argv[1:] if argv is None else argv)])
+    before = load()
+    if args.run_dir is not None:
+        if not (args.run_dir / "metrics.jsonl").is_file():
+            print(f"error: {args.run_dir / 'metrics.jsonl'} not found: pass the run dir of a finished run",
+                  file=sys.stderr)
+            return 2
+        share = run_share(args.run_dir)
+        table = (f"| run | monitor calls | monitor s | training s (epochs + reference) | share |\n"
+                 f"|---|---|---|---|---|\n| `{args.run_dir}` | {share['calls']} | {share['knn_s']:.1f} | "
+                 f"{share['training_s']:.1f} | {100 * share['share']:.1f} % |")
+    else:
+        if args.images < 10 or args.size < 8 or args.repeats < 1:
+            parser.error("--images must be >= 10, --size >= 8, --repeats >= 1")
+        import torch
+
+        t = time_calls(args.images, args.size, args.base_model, args.device, args.repeats)
+        table = (f"| images | size | model | device | threads | prepare s | s per call (median of {args.repeats}) | "
+                 f"of which features s | of which kNN s |\n|---|---|---|---|---|---|---|---|---|\n"
+                 f"| {args.images:,} | {args.size} | {args.base_model} | {args.device} | {torch.get_num_threads()} | "
+                 f"{t['prepare_s']:.2f} | {t['call_s']:.2f} | {t['features_s']:.2f} | {t['knn_s']:.3f} |")
+    import torch
+
+    block = (f"`{command}` ({datetime.date.today()}; {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}; "
+             f"load average {before} before, {load()} after):\n\n{table}")
+    print(block)
+    target = record_path(args)
+    if target:
+        append_run(block, target)
+        print(f"appended to {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
