@@ -9,8 +9,9 @@ Writes `pretrained_models/<name>/` (see pretrained_models/README.md for the form
 of packages in pretrained_models/INDEX.md. Both are gitignored: exporting never changes a tracked file, so the
 runs that follow do not record a `-dirty` git commit. Evaluation results under `<run_dir>/eval/*.json`, and with
 --force those in the replaced package's own `eval/`, are kept when they scored these exact weights (their
-`checkpoint_sha256` is the checkpoint's or the new `model.safetensors`'); the others are named and left out. One line on
-stderr for a bad source, name or destination (exit status 2) or a checkpoint that cannot be read (1): docs/EXIT_CODES.md.
+`checkpoint_sha256` is the checkpoint's or the new `model.safetensors`'); the others are named and left out. One
+line on stderr for a bad name or destination (exit status 2) or a checkpoint that cannot be read (1):
+docs/EXIT_CODES.md.
 """
 from __future__ import annotations
 
@@ -128,15 +129,15 @@ def read_source(source: str | Path) -> Source:
     try:
         config = saved_config(state)
     except (KeyError, ConfigError) as err:
-        raise CheckpointLoadError(f"checkpoint {file} has no training config this code reads ({err}): is it a checkpoint "
-                          "of this repo?") from None
+        raise CheckpointLoadError(f"checkpoint {file} has no training config this code reads ({err}): is it a "
+                                  "checkpoint of this repo?") from None
     m = config.model
     model = create_model(m.base_model, m.out_dim, m.cifar_stem, m.head_layers, m.head_bn)
     try:
         model.load_state_dict(state["model"], strict=True)
     except RuntimeError as err:
         raise CheckpointLoadError(f"checkpoint {file} does not fit a {m.base_model} SimCLR model "
-                          f"({str(err).splitlines()[0][:160]}): is it a checkpoint of this repo?") from None
+                                  f"({str(err).splitlines()[0][:160]}): is it a checkpoint of this repo?") from None
     return Source(file, file_sha256(file), config, model, state.get("next_epoch"), run_dir_of(file.resolve()))
 
 

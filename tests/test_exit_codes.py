@@ -217,7 +217,8 @@ def folder_with_a_truncated_png(tmp_path):
         for name in ("a", "b"):
             (root / split / name).mkdir(parents=True)
             for i in range(count):
-                Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(root / split / name / f"{i}.png")
+                pixels = rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
     for split in ("train", "test"):  # one damaged file where pretraining reads and one where only evaluation does
         whole = (root / split / "a" / "0.png").read_bytes()
         (root / split / "a" / "0.png").write_bytes(whole[: len(whole) // 2])
