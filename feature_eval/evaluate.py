@@ -32,8 +32,11 @@ from feature_eval.classifiers import (MIN_HOLDOUT_ITEMS, ClassifierResult, adam_
 from feature_eval.context import (USER_ERRORS, EvalContext, EvalError, RunOptions, add_run_arguments,  # noqa: F401
                                   check_device, check_writable, default_out_dir, open_context, parse_names,
                                   print_written, results_stem, run_cli)
+from data_aug.view_grid import save_png
+from data_aug.views import create_eval_resize
 from feature_eval.features import FeatureSplit, cached_features, data_fingerprint, extract_features
-from feature_eval.plots import confusion_counts, write_evaluation_plots
+from knn.neighbours import cosine_neighbours
+from feature_eval.plots import confusion_counts, draw_neighbours, write_evaluation_plots
 from feature_eval.results import (CELLS, COLUMNS, EXTRACTOR_NAMES, finished_record, log_row,  # noqa: F401
                                   markdown_table, result_row, write_results)
 
@@ -44,6 +47,7 @@ DEFAULT_CLASSIFIERS = ("lbfgs", "knn")
 RUN_CLASSIFIERS = ("lbfgs", "adam", "knn")
 RUN_BASELINES = ("random", "pca")
 TSNE_POINTS = 2000  # t-SNE of a seeded subsample of the test split: seconds, whatever the test set's size
+NEIGHBOUR_QUERIES, NEIGHBOURS = 8, 8  # neighbours.png: seeded test images (rows), nearest train images of each
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -240,6 +244,7 @@ def _write(evaluation: Evaluation, ctx: EvalContext, options: EvalOptions, start
         tic = time.perf_counter()
         pictures = write_pictures(results, evaluation.features["simclr"][1], ctx.classes, ctx.out_dir, stem,
                                   options.seed)
+        pictures["neighbours"] = write_neighbours(evaluation.features, ctx, stem, options.seed)
         timings["pictures"] = round(time.perf_counter() - tic, 3)
         timings["total"] = round(time.perf_counter() - started, 3)
     else:
@@ -273,6 +278,9 @@ def notes(results: dict) -> list[str]:
         paragraphs.append(f"![t-SNE of the SimCLR test features, coloured by class]({pictures['tsne']})")
     if pictures.get("confusion"):
         paragraphs.append(f"![Confusion matrices of the SimCLR rows]({pictures['confusion']})")
+    if pictures.get("neighbours"):
+        paragraphs.append(f"![Test images and their nearest train images (cosine), SimCLR and random-init "
+                          f"features]({pictures['neighbours']})")
     return paragraphs
 
 
@@ -388,9 +396,52 @@ def write_pictures(results: dict, test: FeatureSplit, classes: list[str], out_di
                         "or --no-plots") from None
 
 
+def neighbour_panels(features: dict, train_set, test_set, input_size: int, seed: int,
+                     queries: int = NEIGHBOUR_QUERIES, k: int = NEIGHBOURS) -> tuple:
+    """Seeded test images and their `k` nearest train images (cosine similarity, as the weighted KNN) under the
+    SimCLR features and, when evaluated, the random-init ones: what `draw_neighbours` draws.
+
+    Returns:
+        (test images uint8 `[Q, 3, S, S]`, their labels `[Q]`, [(name, neighbour images uint8 `[Q, k, 3, S, S]`,
+        neighbour labels `[Q, k]`) per extractor]), images at the evaluation view of `input_size`.
+    """
+    resize = create_eval_resize(input_size)
+
+    def images(dataset, index) -> np.ndarray:
+        return np.stack([resize(dataset[int(i)][0]).numpy() for i in index])
+
+    test_labels = features["simclr"][1].labels
+    rows = np.sort(np.random.default_rng(seed).permutation(len(test_labels))[:queries])
+    panels = []
+    for key, name in (("simclr", "SimCLR"), ("random", "random init")):
+        if key in features:
+            train, test = features[key]
+            _, index = cosine_neighbours(train.features, test.features[rows], k)  # (Q, k)
+            found = images(train_set, index.flatten()).reshape(*index.shape, 3, input_size, input_size)
+            panels.append((name, found, train.labels[index].numpy()))
+    return images(test_set, rows), test_labels[rows].numpy(), panels
+
+
+def write_neighbours(features: dict, ctx: EvalContext, stem: str, seed: int) -> Path:
+    """`<stem>_neighbours.png`: `NEIGHBOUR_QUERIES` seeded test images, each followed by its `NEIGHBOURS` nearest
+    train images under the SimCLR and (with the random baseline) the random-init features, framed green where
+    the neighbour's class is the test image's and red where not."""
+    queries, labels, panels = neighbour_panels(features, ctx.train_set, ctx.test_set, ctx.input_size, seed)
+    missing = "" if len(panels) > 1 else " (evaluate with --baselines random for the random-init panel)"
+    picture = draw_neighbours(queries, labels, panels, ctx.classes, f"{ctx.dataset}: test images (left) and their "
+                              f"nearest train images by cosine similarity of the features{missing}")
+    path = ctx.out_dir / f"{stem}_neighbours.png"
+    try:
+        save_png(picture, path)
+    except OSError as err:
+        raise EvalError(f"cannot write pictures to {ctx.out_dir} ({err.strerror or err}): pass --out-dir DIR, "
+                        "or --no-plots") from None
+    return path
+
+
 def remove_pictures(out_dir: Path, stem: str, log: Callable[[str], None] = print) -> None:
     """Remove pictures an earlier evaluation drew for this table: they need not match it any more."""
-    for name in (f"{stem}_tsne.png", f"{stem}_confusion.png"):
+    for name in (f"{stem}_tsne.png", f"{stem}_confusion.png", f"{stem}_neighbours.png"):
         if (out_dir / name).is_file():
             (out_dir / name).unlink()
             log(f"removed {out_dir / name}: drawn for an earlier table (drop --no-plots to draw it again)")

@@ -134,3 +134,75 @@ def write_evaluation_plots(out_dir: Path, stem: str, test_features, test_labels,
         paths["confusion"] = out_dir / f"{stem}_confusion.png"
         figure.savefig(paths["confusion"])
     return paths
+
+
+RIGHT, WRONG = (0, 160, 60), (220, 30, 30)  # frame colours: the neighbour's class is the test image's, or not
+
+
+def _framed(images: np.ndarray, colours: list, border: int, scale: int) -> list[np.ndarray]:
+    """Each uint8 `[3, S, S]` image enlarged `scale` times (nearest), as `[H, W, 3]` inside a frame of `colour`."""
+    out = []
+    for image, colour in zip(images, colours):
+        pixels = np.asarray(image).transpose(1, 2, 0).repeat(scale, 0).repeat(scale, 1)
+        if pixels.shape[2] == 1:
+            pixels = pixels.repeat(3, 2)
+        framed = np.empty((pixels.shape[0] + 2 * border, pixels.shape[1] + 2 * border, 3), dtype=np.uint8)
+        framed[:] = colour
+        framed[border:-border, border:-border] = pixels
+        out.append(framed)
+    return out
+
+
+def draw_neighbours(queries, query_labels, panels: list[tuple[str, np.ndarray, np.ndarray]], classes: list[str],
+                    title: str) -> np.ndarray:
+    """Each test image (a row) followed by its nearest train images under each feature extractor (a panel), framed
+    green where the neighbour has the test image's class and red where not.
+
+    Args:
+        queries: uint8 `[Q, 3, S, S]` test images; query_labels: `[Q]`.
+        panels: `(name, neighbour images uint8 [Q, K, 3, S, S], neighbour labels [Q, K])` per extractor.
+    Returns:
+        the picture, uint8 `[H, W, 3]`.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    queries, query_labels = np.asarray(queries), np.asarray(query_labels)
+    side = queries.shape[-1]
+    scale = max(1, 64 // side)  # small images (digits, CIFAR) enlarged so that a digit can be read
+    border, gap = max(2, side * scale // 24), max(2, side * scale // 32)
+    cell = side * scale + 2 * border
+    group_gap = cell // 2
+    rows, headers = [], []
+    for q in range(len(queries)):
+        blocks = [np.concatenate(_framed(queries[q:q + 1], [(90, 90, 90)], border, scale), 1)]
+        for _, images, labels in panels:
+            colours = [RIGHT if label == query_labels[q] else WRONG for label in np.asarray(labels[q])]
+            framed = _framed(np.asarray(images[q]), colours, border, scale)
+            spaced = [x for f in framed for x in (f, np.full((cell, gap, 3), 255, np.uint8))][:-1]
+            blocks.append(np.concatenate(spaced, 1))
+        pieces = [x for b in blocks for x in (b, np.full((cell, group_gap, 3), 255, np.uint8))][:-1]
+        rows.append(np.concatenate(pieces, 1))
+    canvas = np.concatenate([x for r in rows for x in (r, np.full((gap, r.shape[1], 3), 255, np.uint8))][:-1], 0)
+    starts = [0, cell + group_gap]
+    for _, images, _ in panels[:-1]:
+        width = images.shape[1] * (cell + gap) - gap
+        starts.append(starts[-1] + width + group_gap)
+    left, top = 110, 60
+    figure = Figure(figsize=((canvas.shape[1] + left + 20) / 100, (canvas.shape[0] + top + 10) / 100), dpi=100)
+    FigureCanvasAgg(figure)
+    ax = figure.add_axes([left / (canvas.shape[1] + left + 20), 10 / (canvas.shape[0] + top + 10),
+                          canvas.shape[1] / (canvas.shape[1] + left + 20), canvas.shape[0] / (canvas.shape[0] + top + 10)])
+    ax.imshow(canvas, interpolation="nearest")
+    ax.set_axis_off()
+    ax.text(starts[0] + cell / 2, -8, "test image", ha="center", va="bottom", fontsize=9)
+    for start, (name, images, labels) in zip(starts[1:], panels):
+        right = int((np.asarray(labels) == query_labels[:, None]).sum())
+        ax.text(start, -8, f"{name}: {right} of {labels.size} of the test image's class", ha="left", va="bottom",
+                fontsize=9)
+    for q, label in enumerate(query_labels):
+        ax.text(-10, q * (cell + gap) + cell / 2, classes[int(label)] if int(label) < len(classes) else str(label),
+                ha="right", va="center", fontsize=9)
+    figure.suptitle(title, fontsize=10, y=1 - 8 / (canvas.shape[0] + top + 10), va="top")
+    figure.canvas.draw()
+    return np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from feature_eval import evaluate as evaluate_module
@@ -34,20 +35,21 @@ def assert_picture(path, min_size):
 
 
 @pytest.mark.slow
-def test_evaluate_draws_tsne_and_confusion_next_to_the_table(run_dir, tmp_path, capsys, one_thread):
+def test_evaluate_draws_tsne_confusion_and_neighbours_next_to_the_table(run_dir, tmp_path, capsys, one_thread):
     out = tmp_path / "out"
     assert evaluate_module.main(["--checkpoint", str(run_dir), "--classifiers", "lbfgs,knn", "--max-iter", "50",
                                  "--device", "cpu", "--out-dir", str(out)]) == 0
-    assert f"pictures: {out / 'last_digits_tsne.png'} and {out / 'last_digits_confusion.png'}" in \
-        capsys.readouterr().out
+    assert (f"pictures: {out / 'last_digits_tsne.png'}, {out / 'last_digits_confusion.png'}, "
+            f"{out / 'last_digits_neighbours.png'}") in capsys.readouterr().out
     assert_picture(out / "last_digits_tsne.png", (700, 500))
     assert_picture(out / "last_digits_confusion.png", (3 * 400, 400))  # a panel per SimCLR row: 3
     markdown = (out / "last_digits.md").read_text()
     assert "![t-SNE of the SimCLR test features, coloured by class](last_digits_tsne.png)" in markdown
-    assert "(last_digits_confusion.png)" in markdown
+    assert "(last_digits_confusion.png)" in markdown and "features](last_digits_neighbours.png)" in markdown
     assert "How to read it: with no baselines" in markdown and "--baselines random,pca" in markdown
     saved = json.loads((out / "last_digits.json").read_text())
-    assert saved["pictures"] == {"tsne": "last_digits_tsne.png", "confusion": "last_digits_confusion.png"}
+    assert saved["pictures"] == {"tsne": "last_digits_tsne.png", "confusion": "last_digits_confusion.png",
+                                 "neighbours": "last_digits_neighbours.png"}
     counts = np.asarray(saved["rows"][0]["confusion"])
     assert counts.shape == (10, 10) and counts.sum() == 360 and "confusion" not in saved["rows"][0]["details"]
     assert 100 * np.trace(counts) / 360 == pytest.approx(saved["rows"][0]["top1"])
@@ -154,7 +156,43 @@ def test_an_exported_package_carries_the_pictures_its_table_shows(tmp_path, one_
     make_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     evaluate_module.evaluate(tmp_path / "run", classifiers="knn", **QUIET)
     folder = export_package(tmp_path / "run", "p", root=tmp_path / "packages", log=lambda _: None)
-    names = {"last_digits.json", "last_digits.md", "last_digits_tsne.png", "last_digits_confusion.png"}
+    names = {"last_digits.json", "last_digits.md", "last_digits_tsne.png", "last_digits_confusion.png",
+             "last_digits_neighbours.png"}
     assert {p.name for p in (folder / "eval").iterdir()} == names
     manifest = json.loads((folder / "package.json").read_text())
     assert {Path(entry).name for entry in manifest["evaluations"]} == names
+
+
+def test_neighbours_are_the_cosine_nearest_train_images_and_the_picture_has_their_grid(one_thread):
+    """8 seeded test images; for each, the 8 train images of largest cosine similarity under each extractor (found
+    here by brute force); the picture: a row per test image, 1 + 8 + 8 framed cells, green right, red wrong."""
+    from data_aug.datasets import TensorImages
+    from feature_eval.features import FeatureSplit
+    from feature_eval.plots import RIGHT, WRONG, draw_neighbours
+
+    g = np.random.default_rng(0)
+    train = TensorImages(torch.as_tensor(g.integers(0, 256, (40, 3, 16, 16), dtype=np.uint8)),
+                         torch.as_tensor(g.integers(0, 3, 40)), ["a", "b", "c"])
+    test = TensorImages(torch.as_tensor(g.integers(0, 256, (12, 3, 16, 16), dtype=np.uint8)),
+                        torch.as_tensor(g.integers(0, 3, 12)), ["a", "b", "c"])
+    features = {key: (FeatureSplit(torch.randn(40, 5, generator=torch.Generator().manual_seed(s)), train.labels),
+                      FeatureSplit(torch.randn(12, 5, generator=torch.Generator().manual_seed(s + 1)), test.labels))
+                for s, key in ((1, "simclr"), (3, "random"))}
+    queries, labels, panels = evaluate_module.neighbour_panels(features, train, test, 16, seed=0)
+    rows = np.sort(np.random.default_rng(0).permutation(12)[:8])
+    assert queries.shape == (8, 3, 16, 16) and np.array_equal(queries, test.images[rows].numpy())
+    assert [name for name, _, _ in panels] == ["SimCLR", "random init"]
+    for (name, images, found), key in zip(panels, ("simclr", "random")):
+        keys, asked = features[key][0].features, features[key][1].features[rows]
+        cosine = (asked / asked.norm(dim=1, keepdim=True)) @ (keys / keys.norm(dim=1, keepdim=True)).T
+        nearest = cosine.argsort(dim=1, descending=True)[:, :8].numpy()
+        assert images.shape == (8, 8, 3, 16, 16) and np.array_equal(images, train.images.numpy()[nearest])
+        assert np.array_equal(found, train.labels.numpy()[nearest])
+    picture = draw_neighbours(queries, labels, panels, ["a", "b", "c"], "title")
+    colours = {tuple(c) for c in picture.reshape(-1, 3)}
+    assert RIGHT in colours and WRONG in colours
+    frames = (np.all(picture == RIGHT, axis=2) | np.all(picture == WRONG, axis=2)).any(axis=0)
+    edges = np.flatnonzero(np.diff(frames.astype(int)) == 1)  # each framed cell's left edge, left to right
+    assert len(edges) == 16  # 8 + 8 neighbours per row (the test image's own frame is grey)
+    rows_framed = (np.all(picture == RIGHT, axis=2) | np.all(picture == WRONG, axis=2)).any(axis=1)
+    assert (np.diff(rows_framed.astype(int)) == 1).sum() == 8  # 8 rows of test images

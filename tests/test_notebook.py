@@ -59,5 +59,7 @@ def test_notebook_runs_end_to_end(tiny_checkpoint, monkeypatch):
     tables = [out.data["text/markdown"] for out in outputs if "text/markdown" in out.get("data", {})]
     assert len(tables) == 1 and "| Logistic regression (L-BFGS) | SimCLR | ResNet-18 | 512 | 8 | 1 |" in tables[0]
     assert "| Weighted KNN (k=200, T=0.1) | SimCLR |" in tables[0]
-    assert sum("image/png" in out.get("data", {}) for out in outputs) == 2  # the t-SNE and the confusion matrix
+    assert sum("image/png" in out.get("data", {}) for out in outputs) == 3  # t-SNE, confusion matrix, neighbours
+    last = [out for out in notebook.cells[-1].outputs if "image/png" in out.get("data", {})]
+    assert len(last) == 1 and "neighbours" in notebook.cells[-1].source  # neighbours.png, shown as written
     assert (tiny_checkpoint.parent.parent / "eval" / "last_digits.json").is_file()
