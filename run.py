@@ -66,12 +66,12 @@ def train(args: argparse.Namespace, config: Config, rank: int, cpu: dict, on_eve
     from data_aug.stl10 import DataError
     from models.loading import CheckpointLoadError
     from simclr.checkpoint import CheckpointWriteError
-    from simclr.dist import DeviceError, init_distributed, shutdown
+    from simclr.dist import DeviceError, StartError, init_distributed, shutdown
     from simclr.run_dir import RunDirBusy
     from simclr.guard import Preempted
     from simclr.trainer import Trainer, TrainingError, describe_resume, find_resume
 
-    user_errors = (DataError, CheckpointLoadError, CheckpointWriteError, TrainingError, RunDirBusy)
+    user_errors = (DataError, CheckpointLoadError, CheckpointWriteError, TrainingError, RunDirBusy, StartError)
     try:
         info = init_distributed(config.device)
         log = print if info.is_main else (lambda *_: None)

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import os
+import secrets
+import time
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -28,6 +31,13 @@ class DistInfo:
 
 class DeviceError(ConfigError):
     """The configured device is not usable here (a config error: exit 2); the message says what to set instead."""
+
+
+class StartError(RuntimeError):
+    """The processes of a torchrun attempt did not all meet within `START_TIMEOUT` (exit 1: torchrun may restart)."""
+
+
+START_TIMEOUT = timedelta(minutes=5)  # every process of an attempt starts within this of the others
 
 
 def pick_device(setting: str, local_rank: int = 0) -> torch.device:
@@ -64,10 +74,66 @@ def init_distributed(device_setting: str) -> DistInfo:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
+        store, rank, world_size = next(dist.rendezvous("env://", rank, world_size))  # torchrun's MASTER_ADDR/PORT
+        store = dist.PrefixStore(f"simclr/{attempt_token(store, rank, world_size)}", store)
         # device_id binds NCCL to this process's GPU (otherwise barrier() has to guess which one)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
-                                device_id=device if device.type == "cuda" else None)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank,
+                                world_size=world_size, device_id=device if device.type == "cuda" else None)
     return DistInfo(rank, world_size, local_rank, device)
+
+
+def attempt_token(store: dist.Store, rank: int, world_size: int, timeout: timedelta = START_TIMEOUT,
+                  poll: float = 0.02) -> str:
+    """A key prefix that every process of this start agrees on and that no earlier start of the job used.
+
+    torchrun's agent keeps one TCPStore for the whole job and `--max-restarts` starts the new processes on it
+    with the keys of the killed ones still there. Process groups publish each rank's address under fixed keys
+    (`default_pg/0//cpu//0/<rank>` for the default group, `default_pg/0//1//...` for the next one), so a
+    restarted rank that reads a peer's key before the peer rewrote it gets the dead process's address: Gloo
+    then fails to connect ("Connection refused", the attempt is lost) or waits for a pair that never forms
+    (a hang of the process-group timeout, 30 minutes); which one, or neither, depends on which rank reaches
+    the key first. docs/RESUMING.md has the traces. Here rank 0 draws a random token and each other rank
+    proves it read this start's token by echoing a nonce of its own, so a stale key can never be mistaken
+    for a fresh one: every key a process group then writes lives under the token, new on every start.
+
+    Args:
+        store: the job's store (from torchrun's MASTER_ADDR/MASTER_PORT).
+        rank, world_size: this process's place in the job.
+        timeout: how long to wait for the other processes (then `StartError`, exit 1: torchrun restarts).
+    Returns:
+        The token (16 hex characters), the same on every rank.
+    """
+    deadline = time.monotonic() + timeout.total_seconds()
+
+    def wait(what: str) -> None:
+        if time.monotonic() > deadline:
+            raise StartError(f"rank {rank}: {what} within {timeout.total_seconds():.0f} s of starting; check that "
+                             "every process of the torchrun job started (torchrun restarts the job if --max-restarts "
+                             "allows)")
+        time.sleep(poll)
+
+    def read(key: str) -> str | None:
+        return store.get(key).decode() if store.check([key]) else None
+
+    if rank == 0:
+        token, waiting = secrets.token_hex(8), set(range(1, world_size))
+        while waiting:
+            for r in sorted(waiting):
+                if read(f"start/done/{r}") == token:
+                    waiting.discard(r)
+                elif (hello := read(f"start/hello/{r}")) is not None:  # maybe an earlier start's: echoed anyway
+                    store.set(f"start/ack/{r}", f"{hello}:{token}")
+            if waiting:
+                wait(f"ranks {sorted(waiting)} did not answer")
+        return token
+    nonce = secrets.token_hex(8)
+    store.set(f"start/hello/{rank}", nonce)
+    while True:
+        echoed, _, token = (read(f"start/ack/{rank}") or "").partition(":")
+        if echoed == nonce:  # rank 0 answered this process: its token is this start's
+            store.set(f"start/done/{rank}", token)
+            return token
+        wait("rank 0 did not answer")
 
 
 def resolve_sync_bn(setting: bool | None, info: DistInfo) -> bool:

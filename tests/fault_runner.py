@@ -1,7 +1,7 @@
 """Fault injection for the tests, through the run guard's events (`run.main(argv, on_event=...)`).
 
 Run as a script, it is run.py with a marker line on stdout (and a short pause) at chosen moments, so a test
-can kill it there. Markers: `@@step` after each optimiser step, `@@validate` when validation starts,
+can kill it there (FAULT_PAUSE seconds, at the events FAULT_PAUSE_ON lists). Markers: `@@step` after each optimiser step, `@@validate` when validation starts,
 `@@saving:last` (or `:best`) half-way through writing that checkpoint's bytes. Imported, `on_nth` and
 `signal_self` build the `on_event` of an in-process run.
 """
@@ -19,11 +19,13 @@ import run  # noqa: E402
 from simclr import checkpoint  # noqa: E402
 
 PAUSE = float(os.environ.get("FAULT_PAUSE", "0.5"))
+PAUSE_ON = os.environ.get("FAULT_PAUSE_ON")  # comma-separated events to pause at (default: all)
 
 
 def mark(name: str) -> None:
     print(f"@@{name}", flush=True)
-    time.sleep(PAUSE)
+    if PAUSE_ON is None or name in PAUSE_ON.split(","):
+        time.sleep(PAUSE)
 
 
 def on_nth(event: str, n: int, action):
