@@ -150,8 +150,8 @@ def straight_run(tmp_path_factory) -> Path:
     return run_dir
 
 
-def _killed_run(run_dir: Path, rank: int, when: str) -> str:
-    """Run the command, SIGKILL worker `rank` when `when` happens; torchrun's output once it ends (<= 240 s)."""
+def _killed_run(run_dir: Path, rank: int, when: str, timeout: float = 240) -> str:
+    """Run the command, SIGKILL worker `rank` when `when` happens; torchrun's output once it ends (<= `timeout` s)."""
     script = "tests/fault_runner.py" if when == "validate" else "run.py"  # prints @@validate as validation starts
     launcher = subprocess.Popen(_command(run_dir, script), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -166,7 +166,7 @@ def _killed_run(run_dir: Path, rank: int, when: str) -> str:
             assert launcher.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
             time.sleep(0.05)
         os.kill(_workers(launcher)[rank], signal.SIGKILL)
-        launcher.wait(timeout=240)
+        launcher.wait(timeout=timeout)
     finally:
         if launcher.poll() is None:
             os.killpg(launcher.pid, signal.SIGKILL)

@@ -1,0 +1,75 @@
+"""How often a torchrun restart after a SIGKILLed worker resumes cleanly: the issue-19 command, N times in a row.
+
+    python -m bench.restart_loop --runs 20                        # rank 1 killed after the first checkpoint
+    python -m bench.restart_loop --runs 10 --kill-rank 0          # the run lock's holder
+    python -m bench.restart_loop --runs 10 --when validate        # as the second epoch's validation starts
+    python -m bench.restart_loop --repo /tmp/old-checkout         # another checkout of this repository
+
+Each run is the command of tests/test_restarts.py (`torchrun --standalone --nproc_per_node=2 --max-restarts=2
+run.py dataset.name=digits ... resume=auto`, 3 epochs on the CPU); a run passes when torchrun exits 0, the log
+shows the resume and the final weights equal a straight run's (made once per checkout). A run that has not
+ended `--hang-after` seconds after the kill counts as a hang. Prints one JSON line per run and a count; writes
+nothing under docs/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import startup
+
+if __name__ == "__main__":  # a mismatched torch/torchvision pair: one line, not a traceback
+    startup.exit_if_torch_is_broken()
+
+import torch  # noqa: E402
+
+import tests.test_restarts as restarts  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--kill-rank", type=int, choices=(0, 1), default=1)
+    parser.add_argument("--when", choices=("checkpoint", "validate"), default="checkpoint")
+    parser.add_argument("--repo", type=Path, default=restarts.REPO, help="checkout whose run.py is launched")
+    parser.add_argument("--hang-after", type=float, default=240, help="seconds after the kill that count as a hang")
+    args = parser.parse_args(argv)
+    if args.runs < 1:
+        parser.error("--runs must be >= 1")
+    restarts.REPO = args.repo.resolve()  # the helpers read it at each call
+    work = Path(tempfile.mkdtemp(prefix="restart_loop_"))
+    straight = work / "straight"
+    done = subprocess.run(restarts._command(straight, restarts=0), cwd=restarts.REPO, env=restarts._env(),
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        print(f"error: the straight run failed (exit {done.returncode}): {done.stderr.strip()[-300:]}",
+              file=sys.stderr)
+        return startup.EXIT_ERROR
+    reference = restarts._weights(straight)
+    passed = 0
+    for i in range(args.runs):
+        run_dir, start = work / f"run{i}", time.monotonic()
+        try:
+            out = restarts._killed_run(run_dir, args.kill_rank, args.when, timeout=args.hang_after)
+            weights = restarts._weights(run_dir)
+            same = all(torch.equal(reference[k], weights[k]) for k in reference)
+            verdict = "pass" if "resuming from" in out and same else "finished, but not equal to the straight run"
+        except BaseException as err:  # noqa: BLE001 - pytest.fail raises a BaseException (hang or exit != 0)
+            text = str(err).strip()
+            verdict = "hang" if "hung" in text else f"failed: {text.splitlines()[-1][:200] if text else err!r}"
+        passed += verdict == "pass"
+        print(json.dumps({"run": i, "verdict": verdict, "seconds": round(time.monotonic() - start, 1)}), flush=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
+    print(f"{passed}/{args.runs} passed (kill rank {args.kill_rank} at {args.when}, {restarts.REPO})")
+    shutil.rmtree(work, ignore_errors=True)
+    return startup.EXIT_OK if passed == args.runs else startup.EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
