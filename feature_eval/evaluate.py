@@ -504,9 +504,9 @@ def evaluate_run(run_dir: str | Path, log: Callable[[str], None] = print) -> Eva
     evaluation = evaluate(run_dir, classifiers=RUN_CLASSIFIERS, baselines=RUN_BASELINES,
                           command=rerun_command(run_dir), log=log)
     log(evaluation.table)
-    pictures = [str(evaluation.paths[key]) for key in ("tsne", "confusion") if key in evaluation.paths]
+    pictures = [str(evaluation.paths[key]) for key in ("tsne", "confusion", "neighbours") if key in evaluation.paths]
     log(f"final_eval: {evaluation.results['timings_s']['total']:.1f} s; wrote {evaluation.paths['markdown']} "
-        f"and {evaluation.paths['json']}" + (f"; pictures {' and '.join(pictures)}" if pictures else ""))
+        f"and {evaluation.paths['json']}" + (f"; pictures {', '.join(pictures)}" if pictures else ""))
     return evaluation
 
 

@@ -188,11 +188,11 @@ def draw_neighbours(queries, query_labels, panels: list[tuple[str, np.ndarray, n
     for _, images, _ in panels[:-1]:
         width = images.shape[1] * (cell + gap) - gap
         starts.append(starts[-1] + width + group_gap)
-    left, top = 110, 60
-    figure = Figure(figsize=((canvas.shape[1] + left + 20) / 100, (canvas.shape[0] + top + 10) / 100), dpi=100)
+    left, top = 110, 60  # pixels for the class names and the headers
+    width, height = canvas.shape[1] + left + 20, canvas.shape[0] + top + 10
+    figure = Figure(figsize=(width / 100, height / 100), dpi=100)
     FigureCanvasAgg(figure)
-    ax = figure.add_axes([left / (canvas.shape[1] + left + 20), 10 / (canvas.shape[0] + top + 10),
-                          canvas.shape[1] / (canvas.shape[1] + left + 20), canvas.shape[0] / (canvas.shape[0] + top + 10)])
+    ax = figure.add_axes([left / width, 10 / height, canvas.shape[1] / width, canvas.shape[0] / height])
     ax.imshow(canvas, interpolation="nearest")
     ax.set_axis_off()
     ax.text(starts[0] + cell / 2, -8, "test image", ha="center", va="bottom", fontsize=9)
@@ -203,6 +203,6 @@ def draw_neighbours(queries, query_labels, panels: list[tuple[str, np.ndarray, n
     for q, label in enumerate(query_labels):
         ax.text(-10, q * (cell + gap) + cell / 2, classes[int(label)] if int(label) < len(classes) else str(label),
                 ha="right", va="center", fontsize=9)
-    figure.suptitle(title, fontsize=10, y=1 - 8 / (canvas.shape[0] + top + 10), va="top")
+    figure.suptitle(title, fontsize=10, y=1 - 8 / height, va="top")
     figure.canvas.draw()
     return np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()

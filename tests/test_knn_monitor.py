@@ -95,7 +95,8 @@ def test_config_keys_are_checked():
     assert load_config(None).knn_monitor.every_n_epochs is None  # follows eval_every_n_epochs
     for override, key in (("knn_monitor.max_images=5", "knn_monitor.max_images"),
                           ("knn_monitor.every_n_epochs=0", "knn_monitor.every_n_epochs"),
-                          ("knn_monitor.temperature=0", "knn_monitor.temperature"), ("knn_monitor.k=0", "knn_monitor.k")):
+                          ("knn_monitor.temperature=0", "knn_monitor.temperature"),
+                          ("knn_monitor.k=0", "knn_monitor.k")):
         with pytest.raises(ConfigError, match=key):
             load_config(None, [override])
 
