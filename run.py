@@ -95,6 +95,11 @@ def train(args: argparse.Namespace, config: Config, rank: int, cpu: dict, on_eve
     except user_errors as err:
         print(f"error: {one_line(err)}" if rank == 0 else f"error (rank {rank}): {one_line(err)}", file=sys.stderr)
         return startup.EXIT_ERROR
+    except OSError as err:  # a file or folder the run cannot make, read or write (a run_dir it may not create, ...)
+        where = f": {err.filename}" if err.filename else ""
+        print(f"error: {err.strerror or err}{where} (check run_dir, dataset.root and the free disk space)",
+              file=sys.stderr)
+        return startup.EXIT_ERROR
     except KeyboardInterrupt:  # Ctrl-C before training started, or a second one while the first was handled
         print(("interrupted: " if rank == 0 else f"interrupted (rank {rank}): ") + "stopped at once, without saving; "
               "checkpoints already written are kept (continue with python run.py resume=<run dir>)", file=sys.stderr)

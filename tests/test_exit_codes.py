@@ -45,6 +45,7 @@ def test_the_documented_table_is_the_code_s():
     (None, startup.EXIT_OK, "done: run dir"),
     (ConfigError("batch_size = 9: too big"), startup.EXIT_USAGE, "config error: batch_size"),
     (DataError("cannot decode image x.png"), startup.EXIT_ERROR, "error: cannot decode image"),
+    (PermissionError(13, "Permission denied", "/x/run"), startup.EXIT_ERROR, "error: Permission denied: /x/run"),
     (Preempted("stopped by SIGTERM at epoch 1, step 2; checkpoint saved."), startup.EXIT_PREEMPTED, "stopped by"),
     (KeyboardInterrupt(), startup.EXIT_INTERRUPTED, "interrupted: stopped at once"),
 ])
