@@ -39,7 +39,8 @@ def one_line(err: Exception) -> str:
 
 def main(argv: list[str] | None = None, on_event=None) -> int:
     """Train as the command line says; the exit status. `on_event(name)` is called by the run's guard after every
-    step (`"step"`) and as validation starts (`"validate"`): the tests' way to inject a fault at a chosen moment."""
+    step (`"step"`), as validation starts (`"validate"`) and as the kNN monitor starts (`"monitor"`): the tests' way to
+    inject a fault at a chosen moment."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     rank = int(os.environ.get("RANK", "0"))  # torchrun's process rank (0 without torchrun)
     with startup.one_line_warnings():
