@@ -38,3 +38,17 @@ def device_arg(value: str) -> str:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError(f"{value!r}: no CUDA GPU is visible here; use cpu")
     return value
+
+
+def append_section(path: Path, start: str, end: str, head: str, block: str) -> None:
+    """Append `block` to the section of `path` marked by `start`/`end` (created with `head` if absent, the file too);
+    the rest of the file is kept."""
+    old = path.read_text() if path.exists() else "# Benchmarks\n"
+    if start in old and end in old:
+        before, rest = old.split(start, 1)
+        section, after = rest.split(end, 1)
+        new = before + start + section.rstrip("\n") + "\n\n" + block + "\n" + end + after
+    else:
+        new = old.rstrip("\n") + "\n\n" + start + "\n" + head + "\n\n" + block + "\n" + end + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(new)

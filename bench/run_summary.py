@@ -122,7 +122,8 @@ def summarize_run(run_dir: str | Path, gpu_csv: str | Path | None = None) -> dic
         steady["gpu_busy_percent"] = statistics.median(busy)
     summary = {"run_dir": str(run_dir), "batch_size": batch, "model": config["model"]["base_model"],
                "crop": config["dataset"]["input_shape"][0], "augment_on": config["dataset"]["augment_on"],
-               "amp": config["amp_dtype"] if config["fp16_precision"] else "none", "device": config["device"],
+               "amp": {True: config["amp_dtype"], False: "none"}.get(config["fp16_precision"], "auto"),
+               "device": config["device"],
                "epochs": rows, "steady": steady,
                "step_images_per_s_median": statistics.median(step_rates) if step_rates else None}
     if not busy:

@@ -2,10 +2,13 @@
 
     python -m bench.throughput --device cuda     # ResNet-18, 96x96, batch 512, bf16, channels_last
     python -m bench.throughput --device cpu      # batch 32, a few steps: about a minute on 2 cores
+    python -m bench.throughput --device cpu --amp auto            # fp16_precision: auto (bf16 where native)
+    python -m bench.throughput --device cpu --layout channels-last  # float32, NHWC: not the trainer's CPU choice
     python -m bench.throughput --device cuda --record   # ... and append the run to docs/BENCHMARKS.md
 
 One run, one device, synthetic uint8 images of the crop size (the pipelines' cost does not depend on
-content). Rows: images/s of the training step (NT-Xent, Adam, autocast, as in simclr/trainer.py) on
+content). Rows: images/s of the training step, `simclr.trainer.Trainer.train_step` itself (a Trainer built for
+these settings: its model, optimiser, precision, layout, loss and denormal flush; `create_trainer`), on
 pre-made views (the ceiling), fed by the DataLoader + PIL pipeline with one worker per core, and fed by
 `data_aug.batches.DeviceBatches`; views/s of each pipeline alone; and views per CPU-second of one
 thread for both pipelines (the per-core comparison, robust to other load on a shared machine). The table
@@ -15,11 +18,14 @@ docs/BENCHMARKS.md (`--output FILE`: to FILE instead).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import datetime
 import os
 import platform
 import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,13 +37,14 @@ if __name__ == "__main__":  # a mismatched torch/torchvision pair: one line, not
 import torch
 import torchvision
 
-from bench import BENCHMARKS, add_record_args, device_arg, record_path
+from bench import BENCHMARKS, add_record_args, append_section, device_arg, record_path
 from data_aug.datasets import TensorImages
 from data_aug.batches import DeviceBatches, LoaderBatches
 from data_aug.views import TwoViews, ViewSettings, create_view_transform
-from loss.nt_xent import NTXentLoss
-from models.resnet_simclr import FEATURE_DIMS, create_model
-from simclr.optim import create_optimizer
+from models.resnet_simclr import FEATURE_DIMS
+from simclr.config import load_config
+from simclr.dist import init_distributed
+from simclr.trainer import Trainer, flushed_denormals
 
 REPO = Path(__file__).resolve().parents[1]
 START, END = "<!-- bench/throughput.py: start -->", "<!-- bench/throughput.py: end -->"
@@ -83,26 +90,39 @@ def synthetic_images(count: int, side: int, seed: int = 0) -> torch.Tensor:
     return out
 
 
-class TrainStep:
-    """The trainer's step (simclr/trainer.py `train_step`): autocast forward of both views, NT-Xent, backward, Adam."""
+AMP_SETTINGS = {"none": ["fp16_precision=false"], "auto": ["fp16_precision=auto"],
+                "bf16": ["fp16_precision=true", "amp_dtype=bfloat16"],
+                "fp16": ["fp16_precision=true", "amp_dtype=float16"]}
+LAYOUTS = ("trainer", "channels-last", "nchw")
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, amp: torch.dtype | None, compile_model: bool):
-        self.model, self.device, self.amp = model, device, amp
-        self.run_model = torch.compile(model) if compile_model else model
-        self.criterion = NTXentLoss(0.5, True)
-        self.optimizer = create_optimizer(model, "adam", 3e-4, 1e-5)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
 
-    def __call__(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-        n = x1.shape[0]
-        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-            _, z = self.run_model(torch.cat([x1, x2]))
-            loss, _ = self.criterion.loss_and_accuracy(z[:n], z[n:])
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+def create_trainer(run_dir: Path, model: str, crop: int, batch_size: int, device: str, amp: str = "none",
+                   layout: str = "trainer", compile_model: bool = False) -> Trainer:
+    """A real `simclr.trainer.Trainer` for these settings, whose `train_step` the benchmark times.
+
+    It is what `python run.py` builds (model, optimiser, schedule, precision and layout, NT-Xent) with
+    `fp16_precision`/`amp_dtype` from `amp` (a key of `AMP_SETTINGS`); its own data, scikit-learn's digits (no
+    download), is never stepped on. `layout` "trainer" keeps the trainer's choice; "channels-last" or "nchw"
+    forces one, to measure the layout the trainer does not choose on this device. Nothing is written to `run_dir`.
+    """
+    overrides = [f"batch_size={batch_size}", f"model.base_model={model}", f"dataset.input_shape=({crop},{crop},3)",
+                 "dataset.name=digits", "dataset.valid_size=0", "knn_monitor.enabled=false", f"device={device}",
+                 f"compile={str(compile_model).lower()}", f"run_dir={run_dir}", "epochs=1000", *AMP_SETTINGS[amp]]
+    trainer = Trainer(load_config(None, overrides), init_distributed(device))
+    if layout != "trainer":  # before the first step: the optimiser has no state yet to match the new strides
+        channels_last = layout == "channels-last"
+        trainer.precision = dataclasses.replace(trainer.precision, channels_last=channels_last,
+                                                reason=trainer.precision.reason + f"; --layout {layout}")
+        trainer.model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    trainer.model.train()
+    return trainer
+
+
+def trainer_step(trainer: Trainer):
+    """`work` for `timed`: the trainer's own step on a pair of views, as `Trainer.train_epoch` calls it."""
+    def step(x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        return trainer.train_step(trainer.to_device(x1), trainer.to_device(x2))[0]
+    return step
 
 
 def _sync(device: torch.device) -> None:
@@ -121,15 +141,6 @@ def timed(batches, warmup: int, steps: int, device: torch.device, work) -> float
         work(*next(iterator))
     _sync(device)
     return time.perf_counter() - start
-
-
-def _to_device(device: torch.device, channels_last: bool):
-    def move(x1, x2):
-        x1, x2 = x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
-        if channels_last:
-            x1, x2 = (x.contiguous(memory_format=torch.channels_last) for x in (x1, x2))
-        return x1, x2
-    return move
 
 
 def per_core_rates(images: torch.Tensor, crop: int, views: int) -> tuple[float, float]:
@@ -160,25 +171,24 @@ def per_core_rates(images: torch.Tensor, crop: int, views: int) -> tuple[float, 
 
 def run(args) -> dict:
     """Measure every row; returns the numbers and settings for the table."""
+    with tempfile.TemporaryDirectory() as run_dir, flushed_denormals():  # the trainer's step, as `fit` runs it
+        trainer = create_trainer(Path(run_dir), args.model, args.crop, args.batch_size, args.device, args.amp,
+                                 args.layout, args.compile)
+        return _measure(args, trainer)
+
+
+def _measure(args, trainer: Trainer) -> dict:
     device = torch.device(args.device)
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[args.amp]
-    channels_last = device.type == "cuda" and not args.no_channels_last
     total_steps = args.warmup + args.steps
     images = synthetic_images(args.batch_size * total_steps, args.crop)
-    results = {"load": os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")}
-
-    torch.manual_seed(0)
-    model = create_model(args.model, 128, False).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model.train()
-    step = TrainStep(model, device, amp, args.compile)
+    results = {"load": os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"),
+               "precision": trainer.precision.describe()}
+    step = trainer_step(trainer)
     views = ViewSettings(args.crop)
     device_batches = DeviceBatches(images, args.batch_size, views, seed=0, device=device, compile=args.compile)
     loader = LoaderBatches(TwoViews(TensorImages(images, torch.zeros(len(images), dtype=torch.int64), ["x"]),
                                     create_view_transform(views), seed=0), args.batch_size, seed=0,
                            num_workers=args.workers, pin_memory=device.type == "cuda")
-    move = _to_device(device, channels_last)
 
     print("model alone on pre-made views ...", flush=True)
     fixed = device_batches.make_batch(0, 0)
@@ -186,7 +196,7 @@ def run(args) -> dict:
     results["ceiling"] = args.batch_size * args.steps / seconds
 
     print(f"full step, CPU pipeline ({args.workers} workers) ...", flush=True)
-    seconds = timed(loader.batches(0), args.warmup, args.steps, device, lambda a, b: step(*move(a, b)))
+    seconds = timed(loader.batches(0), args.warmup, args.steps, device, step)
     results["cpu_step"] = args.batch_size * args.steps / seconds
 
     print("full step, device pipeline ...", flush=True)
@@ -194,7 +204,8 @@ def run(args) -> dict:
     results["device_step"] = args.batch_size * args.steps / seconds
 
     print("CPU pipeline alone ...", flush=True)
-    seconds = timed(loader.batches(1), args.warmup, args.steps, device, lambda a, b: move(a, b))
+    seconds = timed(loader.batches(1), args.warmup, args.steps, device,
+                    lambda a, b: (trainer.to_device(a), trainer.to_device(b)))
     results["cpu_views"] = 2 * args.batch_size * args.steps / seconds
 
     print("device pipeline alone ...", flush=True)
@@ -219,8 +230,8 @@ def format_run(args, results: dict, command: str) -> str:
     lines = [
         f"### {datetime.date.today().isoformat()}, {device.type}: {hardware}", "",
         f"`{command}`; torch {torch.__version__}, torchvision {torchvision.__version__}; {args.model}, "
-        f"{args.crop}x{args.crop}, batch {args.batch_size}, autocast {args.amp}, channels_last "
-        f"{'on' if device.type == 'cuda' and not args.no_channels_last else 'off'}, torch.compile "
+        f"{args.crop}x{args.crop}, batch {args.batch_size}, `--amp {args.amp} --layout {args.layout}`: "
+        f"{r['precision']}; torch.compile "
         f"{'on' if args.compile else 'off'}; {args.steps} timed steps after {args.warmup} warm-up; "
         f"{args.workers} DataLoader workers; {threads} torch threads{env}; load average {r['load']:.2f} at start.",
         "",
@@ -251,15 +262,7 @@ def format_run(args, results: dict, command: str) -> str:
 
 def append_run(block: str, path: Path = BENCHMARKS) -> None:
     """Append a run to this benchmark's marked section of docs/BENCHMARKS.md (created if absent); the rest is kept."""
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    if START in old and END in old:
-        head, rest = old.split(START, 1)
-        section, tail = rest.split(END, 1)
-        new = head + START + section.rstrip("\n") + "\n\n" + block + "\n" + END + tail
-    else:
-        new = old.rstrip("\n") + "\n\n" + START + "\n" + SECTION_HEAD + "\n\n" + block + "\n" + END + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(new)
+    append_section(path, START, END, SECTION_HEAD, block)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -271,10 +274,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, help="images per step (default 512 on CUDA, 32 on the CPU)")
     parser.add_argument("--steps", type=int, help="timed steps per row (default 20 on CUDA, 3 on the CPU)")
     parser.add_argument("--warmup", type=int, help="untimed steps first (default 5 on CUDA, 1 on the CPU)")
-    parser.add_argument("--amp", choices=["bf16", "fp16", "none"], help="autocast dtype (default bf16 on CUDA)")
+    parser.add_argument("--amp", choices=list(AMP_SETTINGS), help="the trainer's precision: bf16 or fp16 "
+                        "(fp16_precision: true with that amp_dtype), auto (fp16_precision: auto) or none (float32); "
+                        "default bf16 on CUDA, none on the CPU")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model and the device pipeline's "
                         "ops (the first steps compile: warm-up takes a minute or more)")
-    parser.add_argument("--no-channels-last", action="store_true", help="keep NCHW on CUDA")
+    parser.add_argument("--layout", choices=LAYOUTS, default="trainer", help="memory layout: the trainer's choice "
+                        "for --amp on this device (default), or channels-last / nchw forced")
     parser.add_argument("--workers", type=int, default=core_count(), help="DataLoader workers (default: cores)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, one per core)")
     parser.add_argument("--per-core-views", type=int, help="views for the per-core rows (default 1024 / 256)")

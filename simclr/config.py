@@ -98,7 +98,7 @@ class Config:
     fine_tune_from: typing.Optional[str] = None
     log_every_n_steps: int = 50
     weight_decay: float = 1e-5
-    fp16_precision: bool = False
+    fp16_precision: typing.Union[bool, str] = False  # True, False or "auto" (simclr.precision)
     amp_dtype: str = "float16"
     seed: int = 0
     device: str = "auto"
@@ -292,6 +292,11 @@ def _coerce(name: str, value, hint):
         if typing.get_args(hint)[0] is bool and value == "auto":
             return None
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if hint == typing.Union[bool, str]:  # fp16_precision: the original's true/false, or auto
+        if isinstance(value, bool) or value == "auto":
+            return value
+        raise ConfigError(f"{name} = {_show(value)}: expected true, false or auto (bfloat16 where the hardware "
+                          "computes it natively, float32 elsewhere)")
     if hint is bool:
         if isinstance(value, bool):
             return value

@@ -26,6 +26,7 @@ from simclr.grad_cache import grad_cache_backward
 from simclr.guard import RunGuard
 from simclr.monitor import KnnMonitor, MonitorUnavailable, load_monitor
 from simclr.optim import create_optimizer, create_scheduler, match_state_layout, scaled_lr
+from simclr.precision import choose_precision, read_cpuinfo
 from simclr.run_dir import RunWriter, default_run_dir
 from simclr.run_plots import validation_labels, views_picture, write_curves, write_views
 
@@ -124,6 +125,8 @@ class Trainer:
         self.start_note = start_note
         self.run_dir = self._choose_run_dir(resume[0] if resume else None)
         self.train_batches, self.valid_batches = create_batches(config, info)
+        self.precision = choose_precision(config.fp16_precision, config.amp_dtype, self.device.type, read_cpuinfo(),
+                                          self.device.type == "cuda" and torch.cuda.is_bf16_supported())
         self.model = self._build_model(fine_tune=resume is None)
         self._build_optimizer()
         self._build_precision()
@@ -170,7 +173,7 @@ class Trainer:
         if resolve_sync_bn(c.model.sync_bn, self.info):
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = model.to(self.device)
-        return model.to(memory_format=torch.channels_last) if self.device.type == "cuda" else model
+        return model.to(memory_format=torch.channels_last) if self.precision.channels_last else model
 
     def _build_optimizer(self) -> None:
         c = self.config
@@ -184,13 +187,9 @@ class Trainer:
                                           c.optimizer.cosine)
 
     def _build_precision(self) -> None:
-        """`amp_dtype` (None: float32 throughout) and the GradScaler, enabled only for float16."""
-        self.amp_dtype = None
-        if self.config.fp16_precision:
-            self.amp_dtype = torch.float16 if self.config.amp_dtype == "float16" else torch.bfloat16
-            if self.device.type != "cuda" and self.amp_dtype == torch.float16:
-                self.amp_dtype = torch.bfloat16
-                self.log("fp16_precision: float16 autocast needs CUDA; using bfloat16 on this device")
+        """`amp_dtype` (None: float32 throughout, `self.precision`'s choice) and the GradScaler, enabled only for
+        float16."""
+        self.amp_dtype = self.precision.amp_dtype
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
 
     def _build_monitor(self) -> KnnMonitor | None:
@@ -256,9 +255,10 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+    def to_device(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch of views moved to the device, in the model's memory layout: `train_step`'s input."""
         x = x.to(self.device, non_blocking=True)
-        return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
+        return x.contiguous(memory_format=torch.channels_last) if self.precision.channels_last else x
 
     def train_step(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """One optimiser step on a batch of view pairs; returns the loss and accuracy as device tensors."""
@@ -307,7 +307,7 @@ class Trainer:
         rate = ImageRate()
         for step, (x1, x2) in enumerate(self.train_batches.batches(epoch, self.start_step), start=self.start_step):
             lr = self.optimizer.param_groups[0]["lr"]  # this step's rate: the scheduler moves it after the step
-            loss, acc = self.train_step(self._to_device(x1), self._to_device(x2))
+            loss, acc = self.train_step(self.to_device(x1), self.to_device(x2))
             total += loss
             count += 1
             rate.add(x1.shape[0] * self.info.world_size)
@@ -373,7 +373,7 @@ class Trainer:
             if x1.shape[0] < 2 and not self.info.distributed:
                 continue
             with self._autocast():
-                _, z = self.train_model(torch.cat([self._to_device(x1), self._to_device(x2)]))
+                _, z = self.train_model(torch.cat([self.to_device(x1), self.to_device(x2)]))
                 loss, acc = self.criterion.loss_and_accuracy(z[:x1.shape[0]], z[x1.shape[0]:], negatives=negatives)
             sums += torch.stack([loss.float(), acc["top1"], acc["top5"]])
             count += 1
@@ -466,6 +466,8 @@ class Trainer:
                      f"{self.train_batches.steps_per_epoch} steps per epoch, device {self.device}")
             if self.start_note:
                 self.log(self.start_note)
+            if self.config.fp16_precision is not False:  # the default (float32) goes unsaid, as before `auto`
+                self.log(self.precision.describe())
             self._write_views(writer)  # before the first step: what the views do to this data
             if self.valid_batches is not None:  # what the validation numbers are measured among, in words
                 writer.tensorboard.add_text("validation", describe_validation(

@@ -118,3 +118,65 @@ def test_restart_loop_refuses_a_run_count_below_one():
     done = subprocess.run([sys.executable, "-m", "bench.restart_loop", "--runs", "0"], cwd=REPO, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 2 and "--runs must be >= 1" in done.stderr
+
+
+def test_throughput_times_the_trainers_own_step(monkeypatch, capsys):
+    """Every timed step of bench.throughput goes through `simclr.trainer.Trainer.train_step`: a change to the
+    trainer's step shows up in the benchmark (there is no copy of the step in bench/)."""
+    from bench import throughput
+    from simclr.trainer import Trainer
+
+    calls = []
+    real_step = Trainer.train_step
+
+    def counted(self, x1, x2):
+        flushed = (torch.tensor([1e-39]) * 1.0).item() == 0.0  # a denormal float reads as 0 under the trainer's flush
+        calls.append((x1.shape, flushed))
+        return real_step(self, x1, x2)
+
+    monkeypatch.setattr(Trainer, "train_step", counted)
+    assert throughput.main(TINY_THROUGHPUT) == 0
+    assert len(calls) == 3 * 2  # three step rows (pre-made, CPU pipeline, device pipeline), 1 warm-up + 1 timed each
+    assert all(shape == (4, 3, 32, 32) and flushed for shape, flushed in calls)
+    assert "precision: float32, NCHW (fp16_precision: false)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("amp, layout, dtype, channels_last", [("none", "trainer", None, False),
+                                                              ("none", "channels-last", None, True),
+                                                              ("bf16", "trainer", torch.bfloat16, False),
+                                                              ("bf16", "channels-last", torch.bfloat16, True)])
+def test_throughput_builds_the_trainer_for_its_settings(tmp_path, amp, layout, dtype, channels_last):
+    from bench.throughput import create_trainer
+
+    trainer = create_trainer(tmp_path, "resnet18", 32, 4, "cpu", amp, layout)
+    conv = trainer.model.encoder.backbone.conv1.weight
+    assert trainer.amp_dtype == dtype and trainer.precision.channels_last == channels_last
+    assert conv.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert trainer.to_device(torch.rand(2, 3, 32, 32)).is_contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_original_step_says_where_the_original_code_should_be(tmp_path, capsys):
+    from bench import original_step
+
+    assert original_step.main(["--seed-code", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert "--seed-code" in err and "e8a690a" in err and "CODE.md" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (REPO.parent / "shared" / "seed" / "code" / "models").is_dir(),
+                    reason="the original repository's code (../shared/seed/code) is not next to this checkout")
+def test_original_step_times_the_original_next_to_the_trainer(tmp_path, capsys):
+    pytest.importorskip("cv2", reason="the original's blur needs opencv-python-headless")
+    from bench import original_step
+
+    out = tmp_path / "BENCHMARKS.md"
+    assert original_step.main(["--crops", "32", "--batch-size", "4", "--steps", "1", "--warmup", "0", "--repeats",
+                               "1", "--output", str(out)]) == 0
+    text = out.read_text()
+    assert original_step.START in text and "original (sthalles/SimCLR e8a690a)" in text
+    for row in ("float32, NCHW (fp16_precision: false, the default)", "float32, channels-last (fp16_precision: "
+                "false, channels-last forced)", "(fp16_precision: auto)"):
+        assert row in text

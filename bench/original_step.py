@@ -1,0 +1,252 @@
+"""The original repository's training step next to the trainer's, on the same views, machine and invocation.
+
+    python -m bench.original_step                    # 96 and 32 px, batch 64, ResNet-18, 3 interleaved repeats
+    python -m bench.original_step --crops 32 --repeats 1 --steps 2   # a quick look
+    python -m bench.original_step --record           # ... and append the table to docs/BENCHMARKS.md
+
+The original is sthalles/SimCLR at e8a690a, kept unchanged in ../shared/seed/code (../shared/seed/CODE.md; never
+copied into this repository; `--seed-code DIR` points elsewhere). Its DataLoader (`DataSetWrapper`'s train loader
+and `SimCLRDataTransform`), `ResNetSimCLR` and `NTXentLoss` are imported from there in a child process started
+from this file as a script, without this project on sys.path: its `data_aug/`, `models/` and `loss/` have no
+`__init__.py`, so ours would shadow them. That loader makes the views (from synthetic images, as
+bench.throughput's) once per crop; the child times the original's step on them (forward of each view, NT-Xent,
+backward, Adam, as its `SimCLR.train`), and this process times `simclr.trainer.Trainer.train_step` on the very same
+views (bench.throughput's `create_trainer`) in three settings: float32 NCHW (the CPU default), float32
+channels-last, and `fp16_precision: auto`. Repeats interleave all four, so that other load on a shared machine
+falls on each alike; the table gives the median images/s and the median of each repeat's ratio to the original.
+This module imports only the standard library at the top, so that the child can run it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SEED_CODE = REPO.parent / "shared" / "seed" / "code"
+START, END = "<!-- bench/original_step.py: start -->", "<!-- bench/original_step.py: end -->"
+SECTION_HEAD = """## The original repository's step next to the trainer's (bench/original_step.py)
+
+`python -m bench.original_step`: images/s of one training step (two views per image, NT-Xent, backward, Adam) on
+the same pre-made views, made by the original's own DataLoader pipeline from synthetic images: the original's step
+(sthalles/SimCLR e8a690a, imported from ../shared/seed/code in a child process) and `Trainer.train_step` in three
+precision/layout settings. Repeats interleave the four; ratios are medians of each repeat's ratio to the original,
+so they hold under other load better than the images/s. Runs recorded with `--record` are appended, newest last."""
+# (--amp, --layout) of bench.throughput's create_trainer, and what that is in the config
+TRAINER_SETTINGS = (("none", "trainer", "fp16_precision: false, the default"),
+                    ("none", "channels-last", "fp16_precision: false, channels-last forced"),
+                    ("auto", "trainer", "fp16_precision: auto"))
+
+
+class SeedCodeMissing(RuntimeError):
+    """The original repository's code is not where `--seed-code` says."""
+
+
+def check_seed_code(code: Path) -> Path:
+    """`code` resolved, if it holds the original's data_aug/, models/ and loss/; else SeedCodeMissing saying why."""
+    needed = ("data_aug/dataset_wrapper.py", "models/resnet_simclr.py", "loss/nt_xent.py")
+    missing = [name for name in needed if not (code / name).is_file()]
+    if missing:
+        raise SeedCodeMissing(f"--seed-code {code}: {', '.join(missing)} not found there; it must hold sthalles/SimCLR "
+                              "at commit e8a690a (../shared/seed/code next to this repository, see "
+                              "../shared/seed/CODE.md), e.g. git clone https://github.com/sthalles/SimCLR DIR && "
+                              "git -C DIR checkout e8a690a, then --seed-code DIR")
+    return code.resolve()
+
+
+# ---- the child: the original's code only (this project is not importable here) ----
+
+def original_worker(code: Path, images_file: Path, views_file: Path, batch_size: int, warmup: int,
+                    steps: int) -> float:
+    """Images/s of the original's step on the views in `views_file`, made first by its DataLoader if absent."""
+    sys.path.insert(0, str(code))
+    import contextlib
+    import io
+
+    import torch
+    import torch.nn.functional as F
+    from data_aug.dataset_wrapper import DataSetWrapper, SimCLRDataTransform
+    from loss.nt_xent import NTXentLoss
+    from models.resnet_simclr import ResNetSimCLR
+    from torchvision.transforms.functional import to_pil_image
+
+    if not views_file.exists():
+        images = torch.load(images_file, weights_only=True)
+        crop = images.shape[-1]
+        wrapper = DataSetWrapper(batch_size, 0, 0.0, f"({crop},{crop},3)", 1.0)
+        transform = SimCLRDataTransform(wrapper._get_simclr_pipeline_transform())
+
+        class Images(torch.utils.data.Dataset):
+            def __len__(self):
+                return len(images)
+
+            def __getitem__(self, i):
+                return transform(to_pil_image(images[i])), 0
+
+        loader, _ = wrapper.get_train_validation_data_loaders(Images())
+        torch.save([pair for pair, _ in loader], views_file)
+    views = torch.load(views_file, weights_only=True)
+    torch.manual_seed(0)
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints "Feature extractor: resnet18"
+        model = ResNetSimCLR("resnet18", 256)
+    optimizer = torch.optim.Adam(model.parameters(), 3e-4, weight_decay=1e-5)
+    criterion = NTXentLoss("cpu", batch_size, 0.5, True)
+    model.train()
+
+    def step(xis, xjs):  # SimCLR.train's loop body and SimCLR._step, as written there
+        optimizer.zero_grad()
+        _, zis = model(xis)
+        _, zjs = model(xjs)
+        loss = criterion(F.normalize(zis, dim=1), F.normalize(zjs, dim=1))
+        loss.backward()
+        optimizer.step()
+
+    for i in range(warmup):
+        step(*views[i % len(views)])
+    start = time.perf_counter()
+    for i in range(steps):
+        step(*views[(warmup + i) % len(views)])
+    return batch_size * steps / (time.perf_counter() - start)
+
+
+def run_original(code: Path, images_file: Path, views_file: Path, batch_size: int, warmup: int, steps: int) -> float:
+    """`original_worker` in a child process with none of this project on its path; its images/s."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--seed-code", str(code),
+               "--images-file", str(images_file), "--views-file", str(views_file), "--batch-size", str(batch_size),
+               "--warmup", str(warmup), "--steps", str(steps)]
+    done = subprocess.run(command, cwd=code, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the original's step failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
+    return float(json.loads(done.stdout.strip().splitlines()[-1])["images_per_s"])
+
+
+# ---- the parent: this project ----
+
+def measure(args) -> dict:
+    """{crop: {row: [images/s per repeat]}} plus the load average at each repeat, all rows interleaved."""
+    import torch
+
+    from bench.throughput import create_trainer, synthetic_images, trainer_step
+    from simclr.trainer import flushed_denormals
+
+    results = {"loads": [], "rows": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for crop in args.crops:
+            images_file, views_file = tmp / f"images{crop}.pt", tmp / f"views{crop}.pt"
+            torch.save(synthetic_images(args.batch_size * (args.warmup + args.steps), crop), images_file)
+            trainers = {}
+            for amp, layout, setting in TRAINER_SETTINGS:
+                trainer = create_trainer(tmp / f"run{crop}{amp}{layout}", "resnet18", crop, args.batch_size, "cpu",
+                                         amp, layout)
+                trainers[f"Trainer.train_step, {trainer.precision.summary()} ({setting})"] = trainer
+            rows = {"original (sthalles/SimCLR e8a690a)": [], **{name: [] for name in trainers}}
+            original = rows["original (sthalles/SimCLR e8a690a)"]
+            for repeat in range(args.repeats):
+                results["loads"].append(os.getloadavg()[0])
+                print(f"{crop} px, repeat {repeat + 1}/{args.repeats}: the original's step ...", flush=True)
+                original.append(run_original(args.seed_code, images_file, views_file, args.batch_size,
+                                                     args.warmup, args.steps))
+                views = torch.load(views_file, weights_only=True)
+                for name, trainer in trainers.items():
+                    print(f"  {name} ...", flush=True)
+                    step = trainer_step(trainer)
+                    with flushed_denormals():  # as Trainer.fit
+                        for i in range(args.warmup):
+                            step(*views[i % len(views)])
+                        start = time.perf_counter()
+                        for i in range(args.steps):
+                            step(*views[(args.warmup + i) % len(views)])
+                    rows[name].append(
+                        args.batch_size * args.steps / (time.perf_counter() - start))
+            results["rows"][crop] = rows
+    return results
+
+
+def format_run(args, results: dict, command: str) -> str:
+    """The run as a markdown block: machine, load, and per crop the rows with their ratio to the original."""
+    import torch
+    import torchvision
+
+    from bench.throughput import core_count, cpu_name
+
+    loads = results["loads"]
+    lines = [f"### {time.strftime('%Y-%m-%d')}, cpu: {cpu_name()}, {core_count()} cores", "",
+             f"`{command}`; torch {torch.__version__}, torchvision {torchvision.__version__}; ResNet-18, batch "
+             f"{args.batch_size}; {args.steps} timed steps after {args.warmup} warm-up, {args.repeats} repeat(s) "
+             f"interleaved; {torch.get_num_threads()} torch threads; 1-minute load average {min(loads):.2f}-"
+             f"{max(loads):.2f} at the repeats' starts.", "",
+             "| crop | step | images/s (median) | range | vs original (median ratio) |",
+             "|---|---|---:|---:|---:|"]
+    for crop, rows in results["rows"].items():
+        original = next(iter(rows.values()))
+        for name, rates in rows.items():
+            ratio = statistics.median(r / o for r, o in zip(rates, original))
+            lines.append(f"| {crop} px | {name} | {statistics.median(rates):,.1f} | {min(rates):,.1f}-"
+                         f"{max(rates):,.1f} | {ratio:.2f} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--crops", type=int, nargs="+", default=[96, 32],
+                        help="view sides (the original's blur kernel, 10%% of it, must come out odd: 96, 32 do)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per step")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per row and repeat")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of all four rows, interleaved")
+    parser.add_argument("--seed-code", type=Path, default=SEED_CODE,
+                        help="the original repository's code (default: ../shared/seed/code)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--images-file", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--views-file", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--record", action="store_true",
+                        help="also append the table to its section of docs/BENCHMARKS.md (default: print it only)")
+    parser.add_argument("--output", type=Path, metavar="FILE",
+                        help="record into this markdown file instead of docs/BENCHMARKS.md (implies --record)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        rate = original_worker(args.seed_code, args.images_file, args.views_file, args.batch_size, args.warmup,
+                               args.steps)
+        print(json.dumps({"images_per_s": rate}))
+        return 0
+    if args.batch_size < 2 or args.steps < 1 or args.warmup < 0 or args.repeats < 1 or min(args.crops) < 8:
+        print("error: --batch-size must be >= 2, --steps and --repeats >= 1, --warmup >= 0, --crops >= 8",
+              file=sys.stderr)
+        return 2
+    try:
+        args.seed_code = check_seed_code(args.seed_code)
+    except SeedCodeMissing as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    import startup
+
+    startup.exit_if_torch_is_broken()
+    from bench import BENCHMARKS, append_section
+
+    command = shlex.join(["python", "-m", "bench.original_step", *(sys.argv[1:] if argv is None else argv)])
+    block = format_run(args, measure(args), command)
+    print(block)
+    target = args.output or (BENCHMARKS if args.record else None)
+    if target is None:
+        print("(printed only: --record writes it to docs/BENCHMARKS.md)")
+    else:
+        append_section(target, START, END, SECTION_HEAD, block)
+        print(f"appended to {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
