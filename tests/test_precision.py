@@ -106,5 +106,7 @@ def test_a_run_under_auto_says_what_it_chose_and_resumes(data_root, tmp_path, mo
     args = tiny_args(data_root, tmp_path / "run", "fp16_precision=auto", "knn_monitor.enabled=false")
     assert run.main([*args, "epochs=1"]) == 0
     assert line in capsys.readouterr().out
-    assert run.main([*args, f"resume={tmp_path / 'run'}"]) == 0  # a channels-last checkpoint resumes
+    # a checkpoint resumes in the other layout (auto -> false: channels-last -> NCHW where auto chose bfloat16)
+    assert run.main([*args, f"resume={tmp_path / 'run'}", "fp16_precision=false"]) == 0
+    assert "resuming from" in capsys.readouterr().out
     assert all(torch.isfinite(w).all() for w in final_weights(tmp_path / "run").values())
