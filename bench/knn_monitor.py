@@ -138,8 +138,10 @@ def main(argv: list[str] | None = None) -> int:
                  f"{t['prepare_s']:.2f} | {t['call_s']:.2f} | {t['features_s']:.2f} | {t['knn_s']:.3f} |")
     import torch
 
+    when = (f"the run's own seconds, as its metrics.jsonl has them (the load during that run is not known here)"
+            if args.run_dir is not None else f"load average {before} before, {load()} after")
     block = (f"`{command}` ({datetime.date.today()}; {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}; "
-             f"load average {before} before, {load()} after):\n\n{table}")
+             f"{when}):\n\n{table}")
     print(block)
     target = record_path(args)
     if target:
