@@ -101,7 +101,8 @@ def test_a_smaller_rerun_keeps_the_earlier_rows_and_says_so(run_dir, tmp_path, o
     third = evaluate_module.evaluate(run_dir, classifiers="knn", max_iter=50, **options)
     assert len(third.results["rows"]) == 5 and third.results["earlier"]["replaced"] == [
         "KNN (k=10, Euclidean) / SimCLR", "Weighted KNN (k=200, T=0.1) / SimCLR"]
-    assert any("kept 3: " in line and "; replaced 2 evaluated again: " in line for line in logged)
+    merged = [line for line in logged if line.startswith("merged with the earlier evaluation of ")]
+    assert len(merged) == 1 and "kept 3 row(s), replaced 2, dropped 0" in merged[0] and len(merged[0]) <= 120
 
 
 @pytest.mark.slow
