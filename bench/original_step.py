@@ -183,7 +183,7 @@ def format_run(args, results: dict, command: str) -> str:
              f"`{command}`; torch {torch.__version__}, torchvision {torchvision.__version__}; ResNet-18, batch "
              f"{args.batch_size}; {args.steps} timed steps after {args.warmup} warm-up, {args.repeats} repeat(s) "
              f"interleaved; {torch.get_num_threads()} torch threads; 1-minute load average {min(loads):.2f}-"
-             f"{max(loads):.2f} at the repeats' starts.", "",
+             f"{max(loads):.2f} at the repeats' starts; {getattr(args, 'cpu_policy', 'CPU policy unset')}.", "",
              "| crop | step | images/s (median) | range | vs original (median ratio) |",
              "|---|---|---:|---:|---:|"]
     for crop, rows in results["rows"].items():
@@ -233,7 +233,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import startup
 
+    cpu = startup.prepare_cpu("cpu", owner="bench.original_step")  # run.py's CPU policy, inherited by the child
     startup.exit_if_torch_is_broken()
+    args.cpu_policy = f"OMP_WAIT_POLICY={cpu['omp_wait_policy']} (set by {cpu['set_by']})"
     from bench import BENCHMARKS, append_section
 
     command = shlex.join(["python", "-m", "bench.original_step", *(sys.argv[1:] if argv is None else argv)])
