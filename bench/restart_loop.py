@@ -24,12 +24,7 @@ from pathlib import Path
 
 import startup
 
-if __name__ == "__main__":  # a mismatched torch/torchvision pair: one line, not a traceback
-    startup.exit_if_torch_is_broken()
-
-import torch  # noqa: E402
-
-import tests.test_restarts as restarts  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,11 +32,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--kill-rank", type=int, choices=(0, 1), default=1)
     parser.add_argument("--when", choices=("checkpoint", "validate"), default="checkpoint")
-    parser.add_argument("--repo", type=Path, default=restarts.REPO, help="checkout whose run.py is launched")
+    parser.add_argument("--repo", type=Path, default=REPO, help="checkout whose run.py is launched")
     parser.add_argument("--hang-after", type=float, default=240, help="seconds after the kill that count as a hang")
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be >= 1")
+    startup.exit_if_torch_is_broken()  # a mismatched torch/torchvision pair: one line, not a traceback
+    import torch
+
+    import tests.test_restarts as restarts
+
     restarts.REPO = args.repo.resolve()  # the helpers read it at each call
     work = Path(tempfile.mkdtemp(prefix="restart_loop_"))
     straight = work / "straight"
