@@ -41,8 +41,9 @@ class RunGuard:
         info: this process's rank and world size; every process must create its guard (the vote's
             process group is created collectively).
         log: where the main process reports a signal.
-        on_event: called with `"step"` after every training step (before the stop vote) and `"validate"` as
-            validation starts: the place where tests inject faults (a signal, a crash) at a chosen moment.
+        on_event: called with `"step"` after every training step (before the stop vote), `"validate"` as
+            validation starts and `"monitor"` as the kNN monitor starts: the place where tests inject faults (a
+            signal, a crash) at a chosen moment.
     """
 
     def __init__(self, run_dir: Path, info: DistInfo, log: Callable[[str], None] = print,

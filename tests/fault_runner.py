@@ -1,9 +1,10 @@
 """Fault injection for the tests, through the run guard's events (`run.main(argv, on_event=...)`).
 
-Run as a script, it is run.py with a marker line on stdout (and a short pause) at chosen moments, so a test
-can kill it there (FAULT_PAUSE seconds, at the events FAULT_PAUSE_ON lists). Markers: `@@step` after each optimiser step, `@@validate` when validation starts,
-`@@saving:last` (or `:best`) half-way through writing that checkpoint's bytes. Imported, `on_nth` and
-`signal_self` build the `on_event` of an in-process run.
+Run as a script, it is run.py with a marker line on stdout (and a short pause: FAULT_PAUSE seconds, at the
+events FAULT_PAUSE_ON lists, default all) at chosen moments, so a test can kill it there. Markers: `@@step` after
+each optimiser step, `@@validate` when validation starts, `@@monitor` when the kNN monitor starts, `@@saving:last`
+(or `:best`) half-way through writing that checkpoint's bytes. Imported, `on_nth` and `signal_self` build the
+`on_event` of an in-process run.
 """
 import io
 import os
@@ -29,7 +30,7 @@ def mark(name: str) -> None:
 
 
 def on_nth(event: str, n: int, action):
-    """An `on_event` that calls `action()` when `event` (`"step"` or `"validate"`) happens for the n-th time."""
+    """An `on_event` that calls `action()` when `event` (`"step"`, `"validate"`, `"monitor"`) happens the n-th time."""
     seen = []
 
     def on_event(name: str) -> None:
@@ -59,7 +60,7 @@ def main() -> int:
         f.write(data[len(data) // 2:])
 
     checkpoint.torch.save = slow_save
-    return run.main(sys.argv[1:], on_event=mark)  # the guard's events: "step" after each step, "validate"
+    return run.main(sys.argv[1:], on_event=mark)  # the guard's events: "step", "validate", "monitor"
 
 
 if __name__ == "__main__":
