@@ -73,6 +73,7 @@ def train(args: argparse.Namespace, config: Config, rank: int, cpu: dict, on_eve
     from simclr.trainer import Trainer, TrainingError, describe_resume, find_resume
 
     user_errors = (DataError, CheckpointLoadError, CheckpointWriteError, TrainingError, RunDirBusy, StartError)
+    trainer = None
     try:
         info = init_distributed(config.device)
         log = print if info.is_main else (lambda *_: None)
@@ -102,8 +103,10 @@ def train(args: argparse.Namespace, config: Config, rank: int, cpu: dict, on_eve
               file=sys.stderr)
         return startup.EXIT_ERROR
     except KeyboardInterrupt:  # Ctrl-C before training started, or a second one while the first was handled
+        known = getattr(trainer, "run_dir", None)  # None: stopped before the run dir was chosen
+        where = shlex.quote(f"resume={known}") if known is not None else "resume=<run dir>"
         print(("interrupted: " if rank == 0 else f"interrupted (rank {rank}): ") + "stopped at once, without saving; "
-              "checkpoints already written are kept (continue with python run.py resume=<run dir>)", file=sys.stderr)
+              f"checkpoints already written are kept (continue with python run.py {where})", file=sys.stderr)
         return startup.EXIT_INTERRUPTED
     except Preempted as stop:
         if info.is_main:  # under torchrun every rank stops; one message is enough

@@ -278,6 +278,18 @@ def test_a_bad_image_met_by_a_worker_and_a_second_signal_end_in_one_line(tmp_pat
         assert err.startswith(expected) and err.count("\n") == 1
 
 
+def test_a_second_signal_during_training_names_the_run_to_resume(data_root, tmp_path, capsys):
+    """Stopped at once (exit 130), the line says which run dir to resume, as the first signal's message does."""
+    run_dir = tmp_path / "second signal"
+
+    def second_signal():
+        raise KeyboardInterrupt  # what the guard raises on a second SIGTERM/SIGINT
+
+    assert run.main(tiny_args(data_root, run_dir), on_event=on_nth("step", 2, second_signal)) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"continue with python run.py 'resume={run_dir}'" in err
+
+
 @pytest.mark.slow
 def test_a_signal_during_validation_stops_at_the_epoch_boundary(data_root, reference, tmp_path, capsys):
     run_dir = tmp_path / "boundary"
