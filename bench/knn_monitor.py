@@ -86,15 +86,9 @@ def run_share(run_dir: Path) -> dict:
 
 def append_run(block: str, path: Path) -> None:
     """Append a run to this benchmark's marked section of docs/BENCHMARKS.md (created if absent); the rest is kept."""
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    if START in old and END in old:
-        head, rest = old.split(START, 1)
-        section, tail = rest.split(END, 1)
-        new = head + START + section.rstrip("\n") + "\n\n" + block + "\n" + END + tail
-    else:
-        new = old.rstrip("\n") + "\n\n" + START + "\n" + SECTION_HEAD + "\n\n" + block + "\n" + END + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(new)
+    from bench import append_section
+
+    append_section(path, START, END, SECTION_HEAD, block)
 
 
 def load() -> str:
