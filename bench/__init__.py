@@ -25,6 +25,15 @@ def record_path(args: argparse.Namespace) -> Path | None:
     return path
 
 
+def print_and_record(args: argparse.Namespace, block: str, start: str, end: str, head: str) -> None:
+    """Print a run's `block`; append it to its marked section (`append_section`) where `add_record_args`' flags ask."""
+    print(block)
+    target = record_path(args)
+    if target:
+        append_section(target, start, end, head, block)
+        print(f"appended to {target}")
+
+
 def device_arg(value: str) -> str:
     """argparse type for `--device`: cpu, cuda or cuda:N, and a CUDA device only where one is visible."""
     import torch  # here, so that the torch-free scripts of this package (gpu_monitor, stl10_synth) start at once

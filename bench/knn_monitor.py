@@ -84,20 +84,13 @@ def run_share(run_dir: Path) -> dict:
     return {"calls": calls, "knn_s": knn, "training_s": epochs, "share": knn / epochs if epochs else float("nan")}
 
 
-def append_run(block: str, path: Path) -> None:
-    """Append a run to this benchmark's marked section of docs/BENCHMARKS.md (created if absent); the rest is kept."""
-    from bench import append_section
-
-    append_section(path, START, END, SECTION_HEAD, block)
-
-
 def load() -> str:
     """`uptime`'s load averages (1, 5, 15 minutes): other processes share the CPU this measures."""
     return ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench import add_record_args, device_arg, record_path
+    from bench import add_record_args, device_arg, print_and_record
     from bench.throughput import cpu_name
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -136,11 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.run_dir is not None else f"load average {before} before, {load()} after")
     block = (f"`{command}` ({datetime.date.today()}; {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}; "
              f"{when}):\n\n{table}")
-    print(block)
-    target = record_path(args)
-    if target:
-        append_run(block, target)
-        print(f"appended to {target}")
+    print_and_record(args, block, START, END, SECTION_HEAD)
     return 0
 
 

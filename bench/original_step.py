@@ -208,6 +208,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--images-file", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--views-file", type=Path, help=argparse.SUPPRESS)
+    # bench.add_record_args' flags, written out: the worker runs this file without the project on sys.path
     parser.add_argument("--record", action="store_true",
                         help="also append the table to its section of docs/BENCHMARKS.md (default: print it only)")
     parser.add_argument("--output", type=Path, metavar="FILE",
@@ -236,17 +237,11 @@ def main(argv: list[str] | None = None) -> int:
     cpu = startup.prepare_cpu("cpu", owner="bench.original_step")  # run.py's CPU policy, inherited by the child
     startup.exit_if_torch_is_broken()
     args.cpu_policy = f"OMP_WAIT_POLICY={cpu['omp_wait_policy']} (set by {cpu['set_by']})"
-    from bench import BENCHMARKS, append_section
+    from bench import print_and_record
 
     command = shlex.join(["python", "-m", "bench.original_step", *(sys.argv[1:] if argv is None else argv)])
     block = format_run(args, measure(args), command)
-    print(block)
-    target = args.output or (BENCHMARKS if args.record else None)
-    if target is None:
-        print("(printed only: --record writes it to docs/BENCHMARKS.md)")
-    else:
-        append_section(target, START, END, SECTION_HEAD, block)
-        print(f"appended to {target}")
+    print_and_record(args, block, START, END, SECTION_HEAD)
     return 0
 
 

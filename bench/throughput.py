@@ -37,7 +37,7 @@ if __name__ == "__main__":  # a mismatched torch/torchvision pair: one line, not
 import torch
 import torchvision
 
-from bench import BENCHMARKS, add_record_args, append_section, device_arg, record_path
+from bench import BENCHMARKS, add_record_args, append_section, device_arg, print_and_record
 from data_aug.datasets import TensorImages
 from data_aug.batches import DeviceBatches, LoaderBatches
 from data_aug.views import TwoViews, ViewSettings, create_view_transform
@@ -305,11 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(["python", "-m", "bench.throughput", *(sys.argv[1:] if argv is None else argv)])
     results = run(args)
     block = format_run(args, results, command)
-    print(block)
-    target = record_path(args)
-    if target:
-        append_run(block, target)
-        print(f"appended to {target}")
+    print_and_record(args, block, START, END, SECTION_HEAD)
     return 0
 
 
