@@ -116,13 +116,14 @@ def attempt_token(store: dist.Store, rank: int, world_size: int, timeout: timede
         return store.get(key).decode() if store.check([key]) else None
 
     if rank == 0:
-        token, waiting = secrets.token_hex(8), set(range(1, world_size))
+        token, waiting, echoed = secrets.token_hex(8), set(range(1, world_size)), {}
         while waiting:
             for r in sorted(waiting):
                 if read(f"start/done/{r}") == token:
                     waiting.discard(r)
-                elif (hello := read(f"start/hello/{r}")) is not None:  # maybe an earlier start's: echoed anyway
-                    store.set(f"start/ack/{r}", f"{hello}:{token}")
+                elif (hello := read(f"start/hello/{r}")) not in (None, echoed.get(r)):  # maybe an earlier start's
+                    store.set(f"start/ack/{r}", f"{hello}:{token}")  # echoed anyway; again only when it changes
+                    echoed[r] = hello
             if waiting:
                 wait(f"ranks {sorted(waiting)} did not answer")
         return token
