@@ -466,8 +466,7 @@ class Trainer:
                      f"{self.train_batches.steps_per_epoch} steps per epoch, device {self.device}")
             if self.start_note:
                 self.log(self.start_note)
-            if self.config.fp16_precision is not False:  # the default (float32) goes unsaid, as before `auto`
-                self.log(self.precision.describe())
+            self.log(self.precision.describe())
             self._write_views(writer)  # before the first step: what the views do to this data
             if self.valid_batches is not None:  # what the validation numbers are measured among, in words
                 writer.tensorboard.add_text("validation", describe_validation(
