@@ -256,6 +256,25 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-dir", help="where to write the table and JSON (default: <run_dir>/eval)")
 
 
+# The bounds an option can be held to: the test of its value and the words of the error.
+BOUNDS = {">= 0": (lambda v: v >= 0, ">= 0"), ">= 1": (lambda v: v >= 1, "at least 1"),
+          ">= 2": (lambda v: v >= 2, "at least 2"), "> 0": (lambda v: v > 0, "> 0"),
+          "(0, 1)": (lambda v: 0 < v < 1, "in (0, 1)"), "[0, 1)": (lambda v: 0 <= v < 1, "in [0, 1)"),
+          "[0, 1]": (lambda v: 0 <= v <= 1, "in [0, 1]")}
+
+
+def check_bounds(parser: argparse.ArgumentParser, args: argparse.Namespace, **bounds: str) -> None:
+    """Both drivers' checks of parsed numbers: `parser.error` (one line, exit status 2) for the first option out of
+    its bound, e.g. `check_bounds(parser, args, epochs=">= 1", momentum="[0, 1)")` -> `--epochs must be at least 1`.
+    `--input-size` (`add_run_arguments`) is held to 8 or more; an option not given (None) is not checked."""
+    if args.input_size is not None and args.input_size < 8:
+        parser.error("--input-size must be at least 8 (e.g. 96 for STL10)")
+    for name, bound in bounds.items():
+        inside, words = BOUNDS[bound]
+        if getattr(args, name) is not None and not inside(getattr(args, name)):
+            parser.error(f"--{name.replace('_', '-')} must be {words}")
+
+
 def run_cli(module: str, argv: list[str] | None, parse_args: Callable[[list[str]], argparse.Namespace],
             run: Callable[[argparse.Namespace, str], object]) -> int:
     """A driver's `main`: parse `argv`, `run(args, command)`, print the table and the files written.

@@ -30,8 +30,8 @@ from feature_eval import baselines as baseline_features
 from feature_eval.classifiers import (MIN_HOLDOUT_ITEMS, ClassifierResult, adam_probe, knn_classifier, lbfgs_probe,
                                       weighted_knn)
 from feature_eval.context import (USER_ERRORS, EvalContext, EvalError, RunOptions, add_run_arguments,  # noqa: F401
-                                  check_device, check_writable, default_out_dir, open_context, parse_names,
-                                  print_written, results_stem, run_cli)
+                                  check_bounds, check_device, check_writable, default_out_dir, open_context,
+                                  parse_names, print_written, results_stem, run_cli)
 from data_aug.view_grid import save_png
 from data_aug.views import create_eval_resize
 from feature_eval.features import FeatureSplit, cached_features, data_fingerprint, extract_features
@@ -532,15 +532,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--weighted-knn-k", type=int, default=200, help="neighbours of the weighted KNN")
     parser.add_argument("--weighted-knn-temperature", type=float, default=0.1, help="weighted KNN temperature")
     args = parser.parse_args(argv)
-    for name in ("batch_size", "max_iter", "knn_k", "weighted_knn_k"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.input_size is not None and args.input_size < 8:
-        parser.error("--input-size must be at least 8 (e.g. 96 for STL10)")
-    if args.num_workers < 0:
-        parser.error("--num-workers must be >= 0")
-    if not args.C > 0 or not args.weighted_knn_temperature > 0:
-        parser.error("--C and --weighted-knn-temperature must be > 0")
+    check_bounds(parser, args, batch_size=">= 1", max_iter=">= 1", knn_k=">= 1", weighted_knn_k=">= 1",
+                 num_workers=">= 0", C="> 0", weighted_knn_temperature="> 0")
     return args
 
 

@@ -4,9 +4,9 @@
     python -m feature_eval.finetune --checkpoint resnet-18_40-epochs --label-fraction 0.1 --baselines random
 
 The paper's protocol (Section 6 and Appendix B.5): a seeded, class-balanced `--label-fraction` of the
-labelled `train` split; random resized crops (scale 0.08-1) and horizontal flips only; SGD with Nesterov
-momentum 0.9, learning rate `base_lr x batch / 256` with cosine decay and no warmup, no weight decay; 60
-epochs for 1 % of the labels or fewer, 30 otherwise; at test time the resize + centre crop of feature_eval.
+labelled `train` split; random resized crops (scale 0.08-1) and horizontal flips (`--hflip`, p 0.5) only;
+SGD with Nesterov momentum 0.9, learning rate `base_lr x batch / 256` with cosine decay and no warmup, no weight
+decay; 60 epochs for 1 % of the labels or fewer, 30 otherwise; at test time the resize + centre crop of feature_eval.
 The base learning rate is chosen from `--lrs` by top-1 on a held-out part of the labelled fraction after
 fine-tuning on the rest; the encoder is then fine-tuned on the whole fraction and scored once on `test`.
 Writes `<run_dir>/eval/<checkpoint>_<dataset>_finetune-<pct>pct.md` and `.json` (feature_eval's format).
@@ -35,16 +35,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 from data_aug.datasets import TensorImages
 from data_aug.device_views import resized_crop, sample_crop_boxes
 from feature_eval.baselines import random_encoder
 from feature_eval.classifiers import holdout_split, topk_accuracy
-from feature_eval.context import USER_ERRORS, EvalContext, EvalError, RunOptions, add_run_arguments, open_context, \
-    parse_names, run_cli  # noqa: F401 - USER_ERRORS: the errors main turns into one line, as evaluate's
-from feature_eval.features import image_batches
+from feature_eval.context import (EvalContext, EvalError, RunOptions, add_run_arguments, check_bounds, open_context,
+                                  parse_names, run_cli)
+from feature_eval.features import extract_features
 from feature_eval.results import EXTRACTOR_NAMES, finished_record, log_row, markdown_table, result_row, write_results
 
 DEFAULT_LRS = (0.05, 0.1, 0.2)  # per 256 images; the paper's 0.05 (0.8 at batch 4096) and two larger steps
@@ -135,8 +134,39 @@ class Diverged(EvalError):
     """The fine-tuning loss became non-finite (the learning rate is too high)."""
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """How one fine-tuning run trains (Appendix B.5), whatever its learning rate: one value for every run of a search.
+
+    Attributes:
+        input_size: side of the square views.
+        epochs: passes over the labelled images.
+        batch_size: images per step (at least 2: BatchNorm), capped at the data set's size; the lr is
+            `base_lr x batch / 256` with the batch actually used.
+        momentum: SGD's Nesterov momentum (the paper's 0.9).
+        hflip: probability that a view is mirrored: 0.5 the paper's; 0 where a mirror image is another shape
+            (digits: pretraining's quickstart uses no flip either).
+        seed: head initialisation, order and views.
+        device: where it trains (a name is made a `torch.device`).
+    """
+
+    input_size: int
+    epochs: int
+    batch_size: int
+    momentum: float = 0.9
+    hflip: float = 0.5
+    seed: int = 0
+    device: torch.device = torch.device("cpu")
+
+    def __post_init__(self):
+        if self.batch_size < 2:
+            raise EvalError(f"batch size {self.batch_size}: BatchNorm needs two images a step; "
+                            "use --batch-size 2 or more")
+        object.__setattr__(self, "device", torch.device(self.device))
+
+
 def _subset(dataset, indices: np.ndarray):
-    """`dataset` restricted to `indices` with its `labels`, kept as `TensorImages` where it was (batched views)."""
+    """`dataset` restricted to `indices` with its `labels`, kept as `TensorImages` where it was (a cheap gather)."""
     index = torch.as_tensor(indices, dtype=torch.int64)
     if isinstance(dataset, TensorImages):
         return TensorImages(dataset.images[index], dataset.labels[index], dataset.classes)
@@ -149,46 +179,37 @@ def _batch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch) & (2**63 - 1)
 
 
-def crop_flip_batches(dataset, input_size: int, batch_size: int, seed: int, epoch: int,
-                      device: torch.device):
+def crop_flip_batches(dataset, schedule: Schedule, epoch: int):
     """Yield `(images, labels)` of one epoch: random resized crop (scale 0.08-1) + horizontal flip, nothing else.
 
-    The order and the crops are a function of (seed, epoch). In-memory images are cropped a batch at a
-    time on `device` (torchvision's RandomResizedCrop law and antialiased resize); others one by one.
-    A last batch of one image is dropped: BatchNorm cannot normalise a single image in train mode.
+    The order, crops and flips are a function of (seed, epoch). The images of a batch are cropped together on
+    the schedule's device (torchvision's RandomResizedCrop law and antialiased resize), those of one size at
+    a time: an image folder's may differ. A last batch of one image is dropped: BatchNorm cannot normalise a
+    single image in train mode.
 
     Args:
         dataset: items `(uint8 [3, H, W], label)` (`TensorImages` or any data set).
-        input_size: side of the square views.
+        schedule: its `input_size`, `batch_size`, `hflip` (each view mirrored with that probability), `seed`, `device`.
     Yields:
-        float `[B, 3, input_size, input_size]` in [0, 1] and int64 `[B]`, on `device`.
+        float `[B, 3, input_size, input_size]` in [0, 1] and int64 `[B]`, on the device.
     """
-    generator = torch.Generator().manual_seed(_batch_seed(seed, epoch))
+    s, device = schedule, schedule.device
+    generator = torch.Generator().manual_seed(_batch_seed(s.seed, epoch))
     order = torch.randperm(len(dataset), generator=generator)
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
-        if len(rows) < 2:
-            break
-        flip = torch.rand(len(rows), generator=generator) < 0.5
-        if isinstance(dataset, TensorImages):
-            images = dataset.images[rows].to(device).float().mul_(1 / 255)  # (B, 3, H, W)
-            boxes = sample_crop_boxes(len(rows), images.shape[-2], images.shape[-1], generator)
-            views = resized_crop(images, boxes.to(device), input_size, flip.to(device)).clamp(0, 1)
-            yield views.contiguous(), dataset.labels[rows].to(device)
-            continue
-        views, labels = [], []
-        for row, mirror in zip(rows.tolist(), flip.tolist()):
-            image, label = dataset[row]
-            top, left, height, width = (int(v) for v in sample_crop_boxes(1, image.shape[-2], image.shape[-1],
-                                                                          generator)[0])
-            view = TF.resized_crop(image, top, left, height, width, [input_size, input_size], antialias=True)
-            views.append(TF.horizontal_flip(view) if mirror else view)
-            labels.append(label)
-        yield torch.stack(views).float().div_(255).to(device), torch.as_tensor(labels, dtype=torch.int64).to(device)
+    for start in range(0, len(order) - 1, s.batch_size):  # a last batch of one image is dropped
+        rows = order[start:start + s.batch_size]
+        flip = torch.rand(len(rows), generator=generator) < s.hflip  # rand is in [0, 1): p 0 never, p 1 always
+        images, labels = zip(*(dataset[row] for row in rows.tolist()))
+        views = torch.empty(len(rows), 3, s.input_size, s.input_size, device=device)
+        for size in dict.fromkeys(image.shape[-2:] for image in images):  # (H, W) in order of first appearance
+            same = [i for i, image in enumerate(images) if image.shape[-2:] == size]
+            batch = torch.stack([images[i] for i in same]).to(device).float().mul_(1 / 255)  # (M, 3, H, W)
+            boxes = sample_crop_boxes(len(same), *size, generator).to(device)
+            views[same] = resized_crop(batch, boxes, s.input_size, flip[same].to(device))
+        yield views.clamp_(0, 1), torch.as_tensor(labels, dtype=torch.int64).to(device)
 
 
-def finetune(encoder: nn.Module, dataset, num_classes: int, *, input_size: int, epochs: int, batch_size: int,
-             base_lr: float, momentum: float = 0.9, seed: int = 0, device: str | torch.device = "cpu",
+def finetune(encoder: nn.Module, dataset, num_classes: int, schedule: Schedule, base_lr: float,
              desc: str = "fine-tune") -> FineTuned:
     """Fine-tune `encoder` and a new linear head end to end on `dataset` (crop + flip views, cross-entropy).
 
@@ -199,31 +220,25 @@ def finetune(encoder: nn.Module, dataset, num_classes: int, *, input_size: int, 
     Args:
         encoder: maps float images `[B, 3, S, S]` in [0, 1] to `[B, D]`; has `feature_dim`.
         dataset: labelled items `(uint8 [3, H, W], label)` with labels in `[0, num_classes)`; at least 2.
-        batch_size: capped at the data set's size (and the lr scaled by the batch actually used).
-        seed: head initialisation, order and views.
     Returns:
-        The trained `FineTuned` model (encoder + classifier) on `device`, in eval mode.
+        The trained `FineTuned` model (encoder + classifier) on the schedule's device, in eval mode.
     """
-    device = torch.device(device)
+    s, device = schedule, schedule.device
     if len(dataset) < 2:
         raise EvalError(f"{desc}: {len(dataset)} labelled image(s) are too few to fine-tune on (need 2); "
                         "raise --label-fraction")
-    batch_size = min(batch_size, len(dataset))
-    torch.manual_seed(seed)
-    model = FineTuned(encoder, num_classes).to(device)
-    model.requires_grad_(True)
+    batch_size = min(s.batch_size, len(dataset))
+    torch.manual_seed(s.seed)
+    model = FineTuned(encoder, num_classes).to(device).requires_grad_(True)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    lr = base_lr * batch_size / 256
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, nesterov=True, weight_decay=0.0)
-    steps_per_epoch = sum(1 for start in range(0, len(dataset), batch_size) if len(dataset) - start >= 2)
-    total = max(1, epochs * steps_per_epoch)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=base_lr * batch_size / 256, momentum=s.momentum, nesterov=True)
+    total = max(1, s.epochs * (len(dataset) // batch_size + (len(dataset) % batch_size >= 2)))  # steps
+    cosine = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     model.train()
-    bar = tqdm(range(epochs), desc=desc, unit="epoch", leave=False, disable=None)
-    for epoch in bar:
-        for images, labels in crop_flip_batches(dataset, input_size, batch_size, seed, epoch, device):
+    for epoch in (bar := tqdm(range(s.epochs), desc=desc, unit="epoch", leave=False, disable=None)):
+        for images, labels in crop_flip_batches(dataset, s, epoch):
             with amp:
                 logits = model(images)  # (B, C)
             loss = F.cross_entropy(logits.float(), labels)
@@ -233,31 +248,25 @@ def finetune(encoder: nn.Module, dataset, num_classes: int, *, input_size: int, 
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            schedule.step()
+            cosine.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
     return model.eval()
 
 
 def predict(model: nn.Module, dataset, input_size: int, batch_size: int = 256,
             device: str | torch.device = "cpu", desc: str = "predict") -> tuple[np.ndarray, np.ndarray]:
-    """Logits `[M, C]` (float64) and labels `[M]` of `dataset` under `model` in eval mode, on the eval view."""
-    device = torch.device(device)
-    model.eval()
-    logits, labels = [], []
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        for images, batch_labels in image_batches(dataset, input_size, batch_size, 0, desc):
-            logits.append(model(images.to(device)).float().cpu())
-            labels.append(batch_labels)
-    return torch.cat(logits).double().numpy(), torch.cat(labels).numpy()
+    """Logits `[M, C]` (float64) and labels `[M]` of `dataset` under `model` in eval mode, on the eval view: the
+    model's outputs are its features (`extract_features`: float32, no gradients, BatchNorm frozen)."""
+    logits = extract_features(model, dataset, input_size, batch_size, device, desc=desc)
+    return logits.features.double().numpy(), logits.labels.numpy()
 
 
-def select_lr(encoder: nn.Module, labelled, num_classes: int, lrs: tuple[float, ...], *, input_size: int,
-              epochs: int, batch_size: int, momentum: float, valid_fraction: float, seed: int,
-              device: torch.device, desc: str = "") -> tuple[float, dict]:
+def select_lr(encoder: nn.Module, labelled, num_classes: int, lrs: tuple[float, ...], schedule: Schedule,
+              valid_fraction: float, desc: str = "") -> tuple[float, dict]:
     """The base lr of `lrs` with the best held-out top-1 (then the lowest held-out loss); the test split is not seen.
 
     The labelled subset is split (seeded, stratified where every class allows) into a fit part and a
-    `valid_fraction` hold-out; each lr fine-tunes a copy of `encoder` on the fit part.
+    `valid_fraction` hold-out; each lr fine-tunes a copy of `encoder` on the fit part under `schedule`.
 
     Args:
         labelled: the labelled subset, items `(uint8 [3, H, W], label)`.
@@ -266,23 +275,20 @@ def select_lr(encoder: nn.Module, labelled, num_classes: int, lrs: tuple[float, 
     """
     if len(lrs) == 1:
         return lrs[0], {"chosen_by": "only value of --lrs (no hold-out)"}
-    labels = labelled.labels.numpy()
     try:
-        fit, valid = holdout_split(labels, valid_fraction, seed)
+        fit, valid = holdout_split(labelled.labels.numpy(), valid_fraction, schedule.seed)
     except ValueError as err:
         raise EvalError(f"{err}: raise --label-fraction, or pass one value to --lrs to skip the selection") from None
     fit_set, valid_set = _subset(labelled, fit), _subset(labelled, valid)
     grid = {}
     for lr in lrs:
         try:
-            model = finetune(copy.deepcopy(encoder), fit_set, num_classes, input_size=input_size, epochs=epochs,
-                             batch_size=batch_size, base_lr=lr, momentum=momentum, seed=seed, device=device,
-                             desc=f"{desc}select lr {lr:g}")
+            model = finetune(copy.deepcopy(encoder), fit_set, num_classes, schedule, lr, desc=f"{desc}select lr {lr:g}")
         except Diverged as err:  # a too-high lr is a result of the search, not the end of it
             grid[lr] = {"valid_top1": None, "valid_loss": None, "diverged": True}
             tqdm.write(f"{desc}base lr {lr:g}: diverged ({err})")
             continue
-        logits, valid_labels = predict(model, valid_set, input_size, device=device, desc="hold-out")
+        logits, valid_labels = predict(model, valid_set, schedule.input_size, device=schedule.device, desc="hold-out")
         loss = float(F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(valid_labels)))
         grid[lr] = {"valid_top1": topk_accuracy(logits, valid_labels, (1,))[0], "valid_loss": loss}
         tqdm.write(f"{desc}base lr {lr:g}: hold-out top-1 {grid[lr]['valid_top1']:.1f}%, loss {loss:.3f}")
@@ -296,14 +302,13 @@ def select_lr(encoder: nn.Module, labelled, num_classes: int, lrs: tuple[float, 
 
 @dataclass(frozen=True, kw_only=True)
 class FineTuneOptions(RunOptions):
-    """`RunOptions` plus what the fine-tuning protocol is asked.
+    """`RunOptions` plus what the fine-tuning protocol is asked; checked when made (EvalError naming the option).
 
     Attributes:
         label_fraction: fraction of the labelled `train` split, e.g. 0.01, 0.1 or 1.0 (class-balanced, seeded).
-        epochs: fine-tuning epochs (default: 60 for <= 1 % of labels, 30 otherwise).
-        batch_size: images per step (capped at the labelled subset); lr = base lr x batch / 256.
+        epochs, batch_size, momentum, hflip: the `Schedule` of every run (epochs default to 60 for <= 1 % of
+            labels, 30 otherwise).
         lrs: base learning rates to choose from on the hold-out (one value: no hold-out, no choice).
-        momentum: SGD's Nesterov momentum.
         valid_fraction: part of the labelled subset held out to choose the lr.
         baselines: `("random",)` also fine-tunes a randomly initialised encoder the same way (supervised
             from scratch on the same labels).
@@ -315,9 +320,21 @@ class FineTuneOptions(RunOptions):
     batch_size: int = 64
     lrs: tuple[float, ...] = DEFAULT_LRS
     momentum: float = 0.9
+    hflip: float = 0.5
     valid_fraction: float = 0.2
     baselines: str | tuple[str, ...] = ()
     eval_batch_size: int = 256
+
+    def __post_init__(self):
+        if not 0 < self.label_fraction <= 1:
+            raise EvalError(f"--label-fraction {self.label_fraction}: must be in (0, 1], e.g. 0.01, 0.1 or 1.0")
+        lrs = tuple(dict.fromkeys(float(lr) for lr in self.lrs))
+        if not lrs or any(not lr > 0 for lr in lrs):
+            raise EvalError(f"--lrs {','.join(map(str, lrs))}: give one or more positive base learning rates")
+        if not 0 <= self.hflip <= 1:
+            raise EvalError(f"--hflip {self.hflip}: must be in [0, 1] (the probability that a view is mirrored)")
+        object.__setattr__(self, "lrs", lrs)
+        object.__setattr__(self, "baselines", parse_names(self.baselines, BASELINES, "--baselines"))
 
 
 def finetune_evaluate(checkpoint: str | Path, options: FineTuneOptions | None = None, *,
@@ -337,24 +354,22 @@ def finetune_evaluate(checkpoint: str | Path, options: FineTuneOptions | None = 
     """
     started = time.perf_counter()
     o = FineTuneOptions.of(options, **fields)
-    if not 0 < o.label_fraction <= 1:
-        raise EvalError(f"--label-fraction {o.label_fraction}: must be in (0, 1], e.g. 0.01, 0.1 or 1.0")
-    lrs = tuple(dict.fromkeys(float(lr) for lr in o.lrs))
-    if not lrs or any(not lr > 0 for lr in lrs):
-        raise EvalError(f"--lrs {','.join(map(str, lrs))}: give one or more positive base learning rates")
-    baselines = parse_names(o.baselines, BASELINES, "--baselines")
     ctx = open_context(checkpoint, o, encoder_device="cpu")
-    epochs = o.epochs if o.epochs is not None else default_epochs(o.label_fraction)
-    o = dataclasses.replace(o, lrs=lrs, epochs=epochs, baselines=baselines,
+    o = dataclasses.replace(o, epochs=o.epochs if o.epochs is not None else default_epochs(o.label_fraction),
                             command=o.command or shlex.join(["python", "-m", "feature_eval.finetune", *sys.argv[1:]]))
+    schedule = Schedule(ctx.input_size, o.epochs, o.batch_size, o.momentum, o.hflip, o.seed, ctx.device)
     indices, counts, share, fit = _labelled_subset(ctx, o.label_fraction, o.seed)
     labelled = _subset(ctx.train_set, indices)
     log(f"fine-tuning {ctx.checkpoint} on {fit} of {ctx.dataset}, {counts.min()}-{counts.max()} per class, "
-        f"{epochs} epochs, {ctx.input_size}px, on {ctx.device}; base lr from {', '.join(f'{lr:g}' for lr in lrs)}")
+        f"{o.epochs} epochs, {ctx.input_size}px, hflip {o.hflip:g}, on {ctx.device}; base lr from "
+        f"{', '.join(f'{lr:g}' for lr in o.lrs)}")
     rows, models, selections, timings = [], {}, {}, {}
-    for extractor, start, pretrained_epochs in _starts(ctx, baselines, o.seed):
+    starts = {"simclr": (ctx.encoder, ctx.trained_epochs)}  # extractor key: (encoder to start from, pretraining epochs)
+    if "random" in o.baselines:  # supervised from scratch: the same protocol from random weights
+        starts["random"] = (random_encoder(ctx.config.model.base_model, ctx.config.model.cifar_stem, o.seed), 0)
+    for extractor, (start, pretrained_epochs) in starts.items():
         tic = time.perf_counter()
-        model, chosen, selections[extractor], (top1, top5) = _finetune_and_score(ctx, o, start, labelled,
+        model, chosen, selections[extractor], (top1, top5) = _finetune_and_score(ctx, o, schedule, start, labelled,
                                                                                  EXTRACTOR_NAMES[extractor])
         timings[f"finetune_{extractor}"] = round(time.perf_counter() - tic, 3)
         models[extractor] = model.cpu()
@@ -363,7 +378,7 @@ def finetune_evaluate(checkpoint: str | Path, options: FineTuneOptions | None = 
             "finetune", f"Fine-tuned end to end ({share} labels)", extractor,
             {"architecture": ctx.architecture, "feature_dim": start.feature_dim, "projection_dim": None,
              "epochs": pretrained_epochs}, top1, top5, timings[f"finetune_{extractor}"],
-            {"base_lr": chosen, "lr": chosen * batch / 256, "finetune_epochs": epochs, "batch_size": batch,
+            {"base_lr": chosen, "lr": chosen * batch / 256, "finetune_epochs": o.epochs, "batch_size": batch,
              "selection": selections[extractor]}))
         log_row(log, rows[-1], f"base lr {chosen:g}, ")
     timings["total"] = round(time.perf_counter() - started, 3)
@@ -393,27 +408,15 @@ def _labelled_subset(ctx: EvalContext, fraction: float, seed: int) -> tuple[np.n
                                    f"{fraction:g})"
 
 
-def _starts(ctx: EvalContext, baselines: tuple[str, ...], seed: int) -> list[tuple[str, nn.Module, int | None]]:
-    """(extractor key, encoder to start from, its pretraining epochs): the checkpoint's, then each baseline's."""
-    starts = [("simclr", ctx.encoder, ctx.trained_epochs)]
-    if "random" in baselines:
-        starts.append(("random", random_encoder(ctx.config.model.base_model, ctx.config.model.cifar_stem, seed), 0))
-    return starts
-
-
-def _finetune_and_score(ctx: EvalContext, o: FineTuneOptions, start: nn.Module, labelled,
+def _finetune_and_score(ctx: EvalContext, o: FineTuneOptions, schedule: Schedule, start: nn.Module, labelled,
                         name: str) -> tuple[FineTuned, float, dict, list[float]]:
     """Choose the base lr on a hold-out of `labelled`, fine-tune a copy of `start` on all of it, score it on test.
 
     Returns:
         (the fine-tuned model, the chosen base lr, the selection's facts, [test top-1 %, test top-5 %]).
     """
-    schedule = dict(input_size=ctx.input_size, epochs=o.epochs, batch_size=o.batch_size, momentum=o.momentum,
-                    seed=o.seed, device=ctx.device)
-    chosen, selection = select_lr(start, labelled, len(ctx.classes), o.lrs, valid_fraction=o.valid_fraction,
-                                  desc=f"{name}: ", **schedule)
-    model = finetune(copy.deepcopy(start), labelled, len(ctx.classes), base_lr=chosen, desc=f"{name}: final",
-                     **schedule)
+    chosen, selection = select_lr(start, labelled, len(ctx.classes), o.lrs, schedule, o.valid_fraction, f"{name}: ")
+    model = finetune(copy.deepcopy(start), labelled, len(ctx.classes), schedule, chosen, desc=f"{name}: final")
     logits, test_labels = predict(model, ctx.test_set, ctx.input_size, o.eval_batch_size, ctx.device, desc="test")
     return model, chosen, selection, topk_accuracy(logits, test_labels)  # the one place test labels are read
 
@@ -430,11 +433,15 @@ def _record(ctx: EvalContext, o: FineTuneOptions, fit: str, indices: np.ndarray,
                          "indices": indices.tolist() if len(indices) <= 5000 else None},
         "seed": o.seed, "device": str(ctx.device),
         "options": {"label_fraction": o.label_fraction, "epochs": o.epochs, "batch_size": o.batch_size,
-                    "lrs": list(o.lrs), "momentum": o.momentum, "valid_fraction": o.valid_fraction,
-                    "baselines": list(o.baselines),
-                    "augmentation": "random resized crop (scale 0.08-1) + horizontal flip",
+                    "lrs": list(o.lrs), "momentum": o.momentum, "hflip": o.hflip, "valid_fraction": o.valid_fraction,
+                    "baselines": list(o.baselines), "augmentation": augmentation(o.hflip),
                     "optimizer": "SGD, Nesterov momentum, no weight decay, cosine decay, no warmup"},
         "selection": selections, "rows": rows, "timings_s": timings, **finished_record(ctx.device)}
+
+
+def augmentation(hflip: float) -> str:
+    """The fine-tuning views in words, as the JSON records them and the caption quotes them."""
+    return "random resized crop (scale 0.08-1)" + (f" + horizontal flip (p {hflip:g})" if hflip else ", no flip")
 
 
 def caption(results: dict) -> str:
@@ -442,10 +449,10 @@ def caption(results: dict) -> str:
     data, splits = results["dataset"], results["splits"]
     per_class = results["label_subset"]["per_class"].values()
     return (f"`{results['checkpoint']}` fine-tuned end to end on {data['name']}: fit on {splits['fit']}, "
-            f"class-balanced ({min(per_class)}-{max(per_class)} per class), {data['input_size']}px, crop + flip "
-            f"only, base lr chosen on a hold-out of those labels; scored on test ({splits['test']}); seed "
-            f"{results['seed']}, {results['timings_s']['total']:.0f} s on {results['device']}. "
-            f"Command: `{results['command']}`")
+            f"class-balanced ({min(per_class)}-{max(per_class)} per class), {data['input_size']}px, views: "
+            f"{results['options']['augmentation']} only, base lr chosen on a hold-out of those labels; scored on "
+            f"test ({splits['test']}); seed {results['seed']}, {results['timings_s']['total']:.0f} s on "
+            f"{results['device']}. Command: `{results['command']}`")
 
 
 def _positive_floats(text: str) -> tuple[float, ...]:
@@ -476,11 +483,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                              "0.01 and 0.1; 1.0 for all)")
     parser.add_argument("--epochs", type=int, help="fine-tuning epochs (default: 60 for <= 1%% of labels, else 30)")
     parser.add_argument("--batch-size", type=int, default=64,
-                        help="images per step, capped at the labelled subset (default 64); lr = base lr x batch/256")
+                        help="images per step (2 or more: BatchNorm), capped at the labelled subset (default 64); "
+                             "lr = base lr x batch/256")
     parser.add_argument("--lrs", type=_positive_floats, default=DEFAULT_LRS,
                         help="base learning rates per 256 images to choose from on the hold-out "
                              f"(default {','.join(f'{v:g}' for v in DEFAULT_LRS)}); one value skips the choice")
     parser.add_argument("--momentum", type=float, default=0.9, help="Nesterov momentum (the paper's 0.9)")
+    parser.add_argument("--hflip", type=float, default=0.5, help="probability that a fine-tuning view is mirrored "
+                        "(default 0.5, the paper's; 0 where a mirror image is another shape, e.g. digits)")
     parser.add_argument("--valid-fraction", type=float, default=0.2,
                         help="part of the labelled subset held out to choose the lr (default 0.2)")
     parser.add_argument("--baselines", default="none",
@@ -489,14 +499,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="label subset, hold-out, head init, order and views")
     parser.add_argument("--eval-batch-size", type=int, default=256, help="images per forward pass when scoring")
     args = parser.parse_args(argv)
-    for name in ("epochs", "batch_size", "eval_batch_size", "input_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if not 0 < args.valid_fraction < 1:
-        parser.error("--valid-fraction must be in (0, 1), e.g. 0.2")
-    if not 0 <= args.momentum < 1:
-        parser.error("--momentum must be in [0, 1)")
+    check_bounds(parser, args, epochs=">= 1", batch_size=">= 2", eval_batch_size=">= 1", valid_fraction="(0, 1)",
+                 momentum="[0, 1)", hflip="[0, 1]")
     return args
 
 

@@ -15,7 +15,7 @@ from data_aug.device_views import sample_crop_boxes
 from feature_eval import finetune as finetune_module
 from feature_eval.baselines import random_encoder
 from feature_eval.classifiers import topk_accuracy
-from feature_eval.finetune import (FINETUNE_COLUMNS, FineTuned, crop_flip_batches, default_epochs, finetune,
+from feature_eval.finetune import (FINETUNE_COLUMNS, FineTuned, Schedule, crop_flip_batches, default_epochs, finetune,
                                    finetune_evaluate, fraction_tag, label_subset, main)
 from models.resnet_simclr import create_model
 from simclr.checkpoint import save_checkpoint
@@ -86,7 +86,8 @@ def test_crop_flip_views_match_torchvision_and_nothing_else_is_applied():
     torch.manual_seed(0)
     images = torch.randint(0, 256, (5, 3, 20, 24), dtype=torch.uint8)
     data = TensorImages(images, torch.arange(5), [str(i) for i in range(5)])
-    batches = list(crop_flip_batches(data, 12, 2, seed=7, epoch=3, device=torch.device("cpu")))
+    schedule = Schedule(input_size=12, epochs=1, batch_size=2, seed=7, device="cpu")
+    batches = list(crop_flip_batches(data, schedule, epoch=3))
     assert [len(y) for _, y in batches] == [2, 2]  # the last batch of one image is dropped (BatchNorm)
     # The reference: the same random draws, then torchvision's resized crop and flip image by image.
     generator = torch.Generator().manual_seed(finetune_module._batch_seed(7, 3))
@@ -100,10 +101,23 @@ def test_crop_flip_views_match_torchvision_and_nothing_else_is_applied():
             expected = TF.resized_crop(images[row].float() / 255, *box, [12, 12], antialias=True)
             expected = TF.horizontal_flip(expected) if mirror else expected
             torch.testing.assert_close(view, expected.clamp(0, 1), atol=2e-5, rtol=0)
-    again = list(crop_flip_batches(data, 12, 2, seed=7, epoch=3, device=torch.device("cpu")))
+    again = list(crop_flip_batches(data, schedule, epoch=3))
     torch.testing.assert_close(again[0][0], batches[0][0])
-    other = next(crop_flip_batches(data, 12, 2, seed=7, epoch=4, device=torch.device("cpu")))[0]
+    other = next(crop_flip_batches(data, schedule, epoch=4))[0]
     assert not torch.equal(other, batches[0][0])
+
+
+class MixedSizes(torch.utils.data.Dataset):
+    """An image folder's shape: items of different sizes, read one by one (no `images` tensor)."""
+
+    def __init__(self, images):
+        self.images, self.labels = images, torch.arange(len(images))
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return self.images[index], index
 
 
 @pytest.mark.parametrize("in_memory", [True, False])
@@ -111,11 +125,28 @@ def test_views_keep_colours_no_jitter_grayscale_or_blur(in_memory):
     colours = torch.tensor([[255, 0, 0], [10, 200, 30], [90, 90, 250], [0, 0, 0]], dtype=torch.uint8)
     images = colours[:, :, None, None].expand(-1, -1, 16, 16).contiguous()
     data = TensorImages(images, torch.arange(4), list("abcd"))
-    if not in_memory:
-        data = torch.utils.data.Subset(data, range(4))
-    for views, labels in crop_flip_batches(data, 8, 4, seed=0, epoch=0, device=torch.device("cpu")):
+    if not in_memory:  # one crop path for both: each size of a batch is cropped apart and put back in its place
+        data = MixedSizes([colour[:, None, None].expand(-1, size, size + 3) for colour, size in
+                           zip(colours, (16, 20, 16, 9))])
+    schedule = Schedule(input_size=8, epochs=1, batch_size=4, seed=0, device="cpu")
+    for views, labels in crop_flip_batches(data, schedule, epoch=0):
+        assert views.shape == (4, 3, 8, 8) and sorted(labels.tolist()) == [0, 1, 2, 3]
         expected = colours[labels].float()[:, :, None, None].expand_as(views) / 255
         torch.testing.assert_close(views, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("hflip", [0.0, 0.5, 1.0])
+def test_hflip_is_the_share_of_mirrored_views(hflip):
+    ramp = (torch.arange(32, dtype=torch.uint8) * 8).expand(3, 32, 32)  # brighter to the right
+    data = TensorImages(ramp.expand(200, -1, -1, -1).contiguous(), torch.zeros(200, dtype=torch.int64), ["a"])
+    schedule = Schedule(input_size=16, epochs=1, batch_size=50, hflip=hflip, seed=0, device="cpu")
+    views = torch.cat([views for views, _ in crop_flip_batches(data, schedule, epoch=0)])  # (200, 3, 16, 16)
+    left, right = views[..., 0].mean(dim=(1, 2)), views[..., -1].mean(dim=(1, 2))
+    assert len(views) == 200 and bool((left != right).all())  # every view is either mirrored or not
+    share = (left > right).float().mean().item()
+    assert share == hflip if hflip in (0.0, 1.0) else 0.4 < share < 0.6
+    with pytest.raises(finetune_module.EvalError, match="--batch-size 2 or more"):
+        Schedule(input_size=16, epochs=1, batch_size=1)
 
 
 # ---------------------------------------------------------------- fine-tuning
@@ -124,8 +155,8 @@ def test_finetune_changes_the_encoder_end_to_end_and_is_reproducible():
     torch.manual_seed(0)
     data = TensorImages(torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8), torch.arange(8) % 2, ["a", "b"])
     original = random_encoder("resnet18", False, seed=0)
-    kwargs = dict(input_size=16, epochs=2, batch_size=4, base_lr=2.0, seed=1, device="cpu")
-    model = finetune(copy.deepcopy(original), data, 2, **kwargs)
+    schedule = Schedule(input_size=16, epochs=2, batch_size=4, seed=1, device="cpu")
+    model = finetune(copy.deepcopy(original), data, 2, schedule, base_lr=2.0)
     tuned, before = model.encoder.state_dict(), original.state_dict()
     changed = [k for k in before if not torch.equal(before[k], tuned[k])]
     assert any(k.endswith("conv1.weight") for k in changed) and "backbone.layer4.1.conv2.weight" in changed
@@ -135,7 +166,7 @@ def test_finetune_changes_the_encoder_end_to_end_and_is_reproducible():
     torch.manual_seed(1)  # the head as finetune initialised it
     initial_head = FineTuned(original, 2).classifier.weight
     assert not model.training and not torch.equal(model.classifier.weight, initial_head)
-    again = finetune(copy.deepcopy(original), data, 2, **kwargs)
+    again = finetune(copy.deepcopy(original), data, 2, schedule, base_lr=2.0)
     for key, value in model.state_dict().items():
         torch.testing.assert_close(again.state_dict()[key], value, msg=key)
 
@@ -182,16 +213,23 @@ def test_lr_is_chosen_on_the_labelled_hold_out_and_test_is_scored_once(digits_ru
     assert cells["Pretrain epochs"] == "3" and cells["Fine-tune epochs"] == "1"  # the checkpoint's 3, this run's 1
 
 
-def test_cli_runs_on_tiny_data_and_one_lr_skips_the_hold_out(digits_run, tmp_path, capsys):
-    out = tmp_path / "out"
+def test_cli_runs_on_tiny_data_and_one_lr_skips_the_hold_out(digits_run, tmp_path, capsys, monkeypatch):
+    out, flips = tmp_path / "out", []
+    original = finetune_module.crop_flip_batches
+    monkeypatch.setattr(finetune_module, "crop_flip_batches",
+                        lambda data, schedule, epoch: flips.append(schedule.hflip) or original(data, schedule, epoch))
     assert main(["--checkpoint", str(digits_run), "--label-fraction", "0.01", "--epochs", "1", "--lrs", "0.1",
-                 "--device", "cpu", "--out-dir", str(out), "--baselines", "random"]) == 0
+                 "--device", "cpu", "--out-dir", str(out), "--baselines", "random", "--hflip", "0"]) == 0
     results = json.loads((out / "last_digits_finetune-1pct.json").read_text())
     assert [r["extractor"] for r in results["rows"]] == ["simclr", "random"]
     assert results["selection"]["simclr"] == {"chosen_by": "only value of --lrs (no hold-out)"}
     assert results["command"].startswith("python -m feature_eval.finetune --checkpoint")
-    assert results["options"]["augmentation"].startswith("random resized crop")
     assert "Fine-tuned end to end (0.974% labels)" in capsys.readouterr().out
+    # --hflip 0 reaches every fine-tuning view and is recorded: the JSON, and the caption says what was used
+    assert flips == [0.0, 0.0] and results["options"]["hflip"] == 0.0
+    assert results["options"]["augmentation"] == "random resized crop (scale 0.08-1), no flip"
+    caption = (out / "last_digits_finetune-1pct.md").read_text().split("\n\n")[0]
+    assert "views: random resized crop (scale 0.08-1), no flip only" in caption and "horizontal" not in caption
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -201,11 +239,35 @@ def test_cli_runs_on_tiny_data_and_one_lr_skips_the_hold_out(digits_run, tmp_pat
     (["--lrs", "0.1,-1"], "positive numbers"),
     (["--epochs", "0"], "--epochs must be at least 1"),
     (["--valid-fraction", "1"], "--valid-fraction must be in (0, 1)"),
+    (["--hflip", "1.5"], "--hflip must be in [0, 1]"),
+    (["--hflip", "-0.1"], "--hflip must be in [0, 1]"),
+    (["--batch-size", "1"], "--batch-size must be at least 2"),  # BatchNorm: one image a step trained nothing
+    (["--momentum", "1"], "--momentum must be in [0, 1)"),
 ])
 def test_cli_bad_options_exit_2(digits_run, argv, message, capsys):
     with pytest.raises(SystemExit) as stop:
         main(["--checkpoint", str(digits_run), *argv])
     assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--input-size", "4"], "--input-size must be at least 8 (e.g. 96 for STL10)"),
+    (["--batch-size", "0"], "--batch-size must be at least"),
+])
+def test_both_drivers_check_numbers_with_one_function(argv, message, capsys):
+    from feature_eval import evaluate as evaluate_module
+
+    for parse_args in (finetune_module.parse_args, evaluate_module.parse_args):
+        with pytest.raises(SystemExit) as stop:
+            parse_args(["--checkpoint", "x", *argv])
+        assert stop.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate_module.parse_args(["--checkpoint", "x", "--num-workers", "-1"])
+    assert "--num-workers must be >= 0" in capsys.readouterr().err
+    for option in ("--C", "--weighted-knn-temperature"):
+        with pytest.raises(SystemExit):
+            evaluate_module.parse_args(["--checkpoint", "x", option, "0"])
+        assert f"{option} must be > 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("extra, message, code", [  # docs/EXIT_CODES.md: 1 for a checkpoint, 2 for an option
@@ -225,15 +287,14 @@ def test_a_diverging_lr_is_skipped_in_the_search_and_reported(monkeypatch):
     torch.manual_seed(0)
     data = TensorImages(torch.randint(0, 256, (10, 3, 16, 16), dtype=torch.uint8), torch.arange(10) % 2, ["a", "b"])
     encoder = random_encoder("resnet18", False, seed=0)
-    kwargs = dict(input_size=16, epochs=1, batch_size=4, momentum=0.9, valid_fraction=0.4, seed=0,
-                  device=torch.device("cpu"))
+    schedule = Schedule(input_size=16, epochs=1, batch_size=4, momentum=0.9, seed=0, device="cpu")
     with pytest.raises(finetune_module.Diverged, match="non-finite loss.*lower the values of --lrs"):
-        finetune(copy.deepcopy(encoder), data, 2, input_size=16, epochs=1, batch_size=4, base_lr=float("inf"))
-    chosen, facts = finetune_module.select_lr(encoder, data, 2, (float("inf"), 0.05), **kwargs)
+        finetune(copy.deepcopy(encoder), data, 2, schedule, base_lr=float("inf"))
+    chosen, facts = finetune_module.select_lr(encoder, data, 2, (float("inf"), 0.05), schedule, valid_fraction=0.4)
     assert chosen == 0.05 and facts["grid"]["inf"]["diverged"] and facts["grid"]["0.05"]["valid_top1"] is not None
     json.dumps(facts, allow_nan=False)  # the record stays valid JSON
     with pytest.raises(finetune_module.EvalError, match=r"every base lr of --lrs inf,1e\+30 diverged"):
-        finetune_module.select_lr(encoder, data, 2, (float("inf"), 1e30), **kwargs)
+        finetune_module.select_lr(encoder, data, 2, (float("inf"), 1e30), schedule, valid_fraction=0.4)
 
 
 def test_the_real_share_of_labels_is_reported_when_each_class_needs_one(digits_run, tmp_path):
@@ -245,6 +306,11 @@ def test_the_real_share_of_labels_is_reported_when_each_class_needs_one(digits_r
     assert result.results["rows"][0]["classifier_name"] == "Fine-tuned end to end (0.696% labels)"
     caption = result.paths["markdown"].read_text().split("\n\n")[0]
     assert f"fit on {fit}" in caption and "0.1%" not in caption
+    # the default views, the paper's, are said too; the Python API checks --hflip as the command line does
+    assert "views: random resized crop (scale 0.08-1) + horizontal flip (p 0.5) only" in caption
+    assert result.results["options"]["hflip"] == 0.5
+    with pytest.raises(finetune_module.EvalError, match=r"--hflip 2: must be in \[0, 1\]"):
+        finetune_evaluate(digits_run, label_fraction=0.1, hflip=2, device="cpu", write=False)
 
 
 def test_cli_checks_the_output_folder_before_fine_tuning_and_names_another_size(digits_run, tmp_path, capsys,
