@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
+import platform
 import shlex
 import statistics
 import sys
@@ -37,7 +38,7 @@ if __name__ == "__main__":  # a mismatched torch/torchvision pair: one line, not
 import numpy as np
 import torch
 
-from bench import add_record_args, command_line, describe_machine, record_path
+from bench import add_record_args, record_path
 from data_aug.datasets import ImageFiles, TensorImages, load_split
 from data_aug.stl10 import DataError
 from feature_eval import baselines
@@ -100,11 +101,18 @@ DEFAULT_VARIANTS = (
 
 
 def common_overrides(args: argparse.Namespace) -> list[str]:
-    size = args.input_size and f"{args.input_size},{args.input_size},3"
-    given = {"dataset.name": args.dataset, "dataset.root": args.root, "dataset.input_shape": size,
-             "epochs": args.epochs, "device": args.device}
-    return ([f"{key}={value}" for key, value in given.items() if value] + list(args.set)
-            + ["final_eval=false", "resume=None", "fine_tune_from=None"])
+    out = []
+    if args.dataset:
+        out.append(f"dataset.name={args.dataset}")
+    if args.root:
+        out.append(f"dataset.root={args.root}")
+    if args.input_size:
+        out.append(f"dataset.input_shape={args.input_size},{args.input_size},3")
+    if args.epochs:
+        out.append(f"epochs={args.epochs}")
+    if args.device:
+        out.append(f"device={args.device}")
+    return out + list(args.set) + ["final_eval=false", "resume=None", "fine_tune_from=None"]
 
 
 def check_variants(args: argparse.Namespace, variants: list[str]) -> None:
@@ -235,10 +243,15 @@ def render(args, variants, results, margins, baseline_scores, splits) -> str:
 
 
 def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     import sklearn
-
-    gpu = "" if torch.cuda.is_available() else "no GPU; "
-    return f"{gpu}{describe_machine('cuda' if gpu == '' else 'cpu')}, scikit-learn {sklearn.__version__}"
+    return (f"{cpu}, {torch.get_num_threads()} torch threads, {gpu}; Python {platform.python_version()}, torch "
+            f"{torch.__version__}, scikit-learn {sklearn.__version__}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return startup.EXIT_ERROR
-    command = command_line("bench.learning", argv)
+    command = shlex.join(["python", "-m", "bench.learning", *(sys.argv[1:] if argv is None else argv)])
     minutes = (time.perf_counter() - started) / 60
     print(table)
     target = record_path(args)
