@@ -29,50 +29,36 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)  # --config may come before or after the overrides
 
 
-def one_line(err: Exception) -> str:
-    """A user error's message; one raised in a DataLoader worker arrives wrapped in the worker's traceback."""
-    text = str(err).strip()
-    if "Original Traceback" in text:
-        text = text.splitlines()[-1].split(": ", 1)[-1]
-    return text
-
-
-def main(argv: list[str] | None = None, on_event=None) -> int:
+def main(argv: list[str] | None = None, on_event=None, trainer_class=None) -> int:
     """Train as the command line says; the exit status. `on_event(name)` is called by the run's guard after every
     step (`"step"`), as validation starts (`"validate"`) and as the kNN monitor starts (`"monitor"`): the tests' way to
-    inject a fault at a chosen moment."""
+    inject a fault at a chosen moment. `trainer_class` (default `simclr.trainer.Trainer`) is what the run is built
+    with: the tests pass a subclass that fails, or writes checkpoints slowly, where they need it."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     rank = int(os.environ.get("RANK", "0"))  # torchrun's process rank (0 without torchrun)
     with startup.one_line_warnings():
         try:
             config = load_config(args.config or "config.yaml", args.overrides)
         except ConfigError as err:
-            if rank == 0:  # every process reads the same config: under torchrun, say it once
-                print(f"config error: {err}", file=sys.stderr)
-            return startup.EXIT_USAGE
+            return startup.report_error(err, rank)
         cpu = startup.prepare_cpu(config.device, owner="run.py")
         problem = startup.torch_install_problem()  # a mismatched torch/torchvision pair: one line, not a traceback
         if problem:
             if rank == 0:
                 print(f"error: {problem}", file=sys.stderr)
             return startup.EXIT_ERROR
-        return train(args, config, rank, cpu, on_event)
+        return train(args, config, rank, cpu, on_event, trainer_class)
 
 
-def train(args: argparse.Namespace, config: Config, rank: int, cpu: dict, on_event=None) -> int:
+def train(args: argparse.Namespace, config: Config, rank: int, cpu: dict, on_event=None, trainer_class=None) -> int:
     """Resume or start the run of a valid `config`, then evaluate it (`final_eval`); the exit status
-    (`startup.EXIT_*`, docs/EXIT_CODES.md)."""
+    (`startup.EXIT_*`, docs/EXIT_CODES.md). The user's errors end in one line each, as `startup.ERROR_POLICY` says."""
     import torch
 
-    from data_aug.stl10 import DataError
-    from models.loading import CheckpointLoadError
-    from simclr.checkpoint import CheckpointWriteError
-    from simclr.dist import DeviceError, StartError, init_distributed, shutdown
-    from simclr.run_dir import RunDirBusy
+    from simclr.dist import init_distributed, shutdown
     from simclr.guard import Preempted
-    from simclr.trainer import Trainer, TrainingError, describe_resume, find_resume
+    from simclr.trainer import Trainer, describe_resume, find_resume
 
-    user_errors = (DataError, CheckpointLoadError, CheckpointWriteError, TrainingError, RunDirBusy, StartError)
     trainer = None
     try:
         info = init_distributed(config.device)
@@ -86,41 +72,34 @@ def train(args: argparse.Namespace, config: Config, rank: int, cpu: dict, on_eve
                 return startup.EXIT_OK
         # said once the run has started (its lock held), so that it never comes before an error that stops it
         banner = startup.describe_cpu(cpu, torch.get_num_threads()) if info.device.type == "cpu" else None
-        trainer = Trainer(config, info, resume, on_event, start_note=banner)
+        trainer = (trainer_class or Trainer)(config, info, resume, on_event, start_note=banner)
         run_dir = trainer.fit()
-    except ConfigError as err:
-        if rank == 0:  # every process reads the same config: under torchrun, say it once
-            print(f"config error: {err}", file=sys.stderr)
-        elif isinstance(err, DeviceError):  # but each finds its own device
-            print(f"config error (rank {rank}): {err}", file=sys.stderr)
-        return startup.EXIT_USAGE
-    except user_errors as err:
-        print(f"error: {one_line(err)}" if rank == 0 else f"error (rank {rank}): {one_line(err)}", file=sys.stderr)
-        return startup.EXIT_ERROR
-    except OSError as err:  # a file or folder the run cannot make, read or write (a run_dir it may not create, ...)
-        where = f": {err.filename}" if err.filename else ""
-        print(f"error: {err.strerror or err}{where} (check run_dir, dataset.root and the free disk space)",
-              file=sys.stderr)
-        return startup.EXIT_ERROR
-    except KeyboardInterrupt:  # Ctrl-C before training started, or a second one while the first was handled
-        known = getattr(trainer, "run_dir", None)  # None: stopped before the run dir was chosen
-        where = shlex.quote(f"resume={known}") if known is not None else "resume=<run dir>"
-        print(("interrupted: " if rank == 0 else f"interrupted (rank {rank}): ") + "stopped at once, without saving; "
-              f"checkpoints already written are kept (continue with python run.py {where})", file=sys.stderr)
-        return startup.EXIT_INTERRUPTED
     except Preempted as stop:
         if info.is_main:  # under torchrun every rank stops; one message is enough
             print(str(stop))
         # Not under torchrun: it takes any other status for a failed worker and kills the others, perhaps before
         # rank 0 has said how to continue (docs/EXIT_CODES.md); its own status then comes from the launcher.
         return startup.EXIT_OK if info.distributed else startup.EXIT_PREEMPTED
-    except torch.cuda.OutOfMemoryError:
-        print("error: the GPU ran out of memory: lower batch_size, use grad_cache_chunks, or set "
-              "fp16_precision: true", file=sys.stderr)
-        return startup.EXIT_ERROR
+    except BaseException as err:  # one line for the user's errors; a bug is raised again, with its traceback
+        return startup.report_error(err, rank, run_words(err, getattr(trainer, "run_dir", None)))
     finally:
         shutdown()
     return finish(config, Path(run_dir), trainer.stop_requested) if info.is_main else startup.EXIT_OK
+
+
+def run_words(err: BaseException, run_dir: Path | None) -> str | None:
+    """run.py's own words for the errors whose fix lies in its config or command; None: the error's message.
+
+    `run_dir`: the run's folder, None where it stopped before one was chosen."""
+    if isinstance(err, KeyboardInterrupt):  # Ctrl-C before training started, or a second while the first was handled
+        where = shlex.quote(f"resume={run_dir}") if run_dir is not None else "resume=<run dir>"
+        return ("stopped at once, without saving; checkpoints already written are kept "
+                f"(continue with python run.py {where})")
+    if isinstance(err, OSError):  # a file or folder the run cannot make, read or write (a run_dir it may not create)
+        return f"{startup.error_text(err)} (check run_dir, dataset.root and the free disk space)"
+    if type(err).__name__ == "OutOfMemoryError":  # torch.cuda's
+        return "the GPU ran out of memory: lower batch_size, use grad_cache_chunks, or set fp16_precision: true"
+    return None
 
 
 def finish(config: Config, run_dir: Path, stop_requested: str | None) -> int:
@@ -132,7 +111,7 @@ def finish(config: Config, run_dir: Path, stop_requested: str | None) -> int:
     """
     checkpoints = run_dir / "checkpoints"
     if config.final_eval:
-        from feature_eval.evaluate import USER_ERRORS, evaluate_run, rerun_command
+        from feature_eval.evaluate import evaluate_run, rerun_command
 
         again = rerun_command(run_dir)
         safe = f"training finished and its checkpoints are safe in {checkpoints}; evaluate with: {again}"
@@ -145,9 +124,10 @@ def finish(config: Config, run_dir: Path, stop_requested: str | None) -> int:
                 print(f"interrupted: final_eval stopped; {safe}", file=sys.stderr)
                 return startup.EXIT_INTERRUPTED
             except Exception as err:  # noqa: BLE001 - none is worth the checkpoints' being doubted: see above
-                detail = (one_line(err).splitlines() or [""])[0][:300]
-                detail = detail if isinstance(err, USER_ERRORS) else f"{type(err).__name__}: {detail}"
-                saved = "" if isinstance(err, USER_ERRORS) else _save_traceback(run_dir / "final_eval_error.txt")
+                users = startup.error_rule(err) is not None  # the user's to fix (startup.ERROR_POLICY), not a bug
+                detail = (startup.error_text(err).splitlines() or [""])[0][:300]
+                detail = detail if users else f"{type(err).__name__}: {detail}"
+                saved = "" if users else _save_traceback(run_dir / "final_eval_error.txt")
                 print(f"error: final_eval failed ({detail}){saved}; {safe}", file=sys.stderr)
                 return startup.EXIT_ERROR
     print(f"done: run dir {run_dir} (checkpoints in {checkpoints}); "

@@ -3,8 +3,9 @@
 `run.py`, `python -m feature_eval.evaluate`, `python -m feature_eval.finetune` and
 `python -m pretrained_models.export` call these at the top of `main`; importing this module imports
 nothing but the standard library (not torch), and changes nothing until a function is called. The exit
-statuses every command keeps to (`EXIT_*`, docs/EXIT_CODES.md) and the check of the torch/torchvision pair
-(`torch_install_problem`) live here too, for the same reason: every command reads them before torch loads.
+statuses every command keeps to (`EXIT_*`, docs/EXIT_CODES.md), the one table that says which errors are the
+user's and how each ends (`ERROR_POLICY`, `report_error`) and the check of the torch/torchvision pair
+(`torch_install_problem`) live here too, for the same reason: every command reads them, some before torch loads.
 
 The CPU policy, from the measurements in docs/CPU.md (a 2-core machine, idle and shared):
 
@@ -27,6 +28,7 @@ import re
 import sys
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>" or "max <period>"
 
@@ -36,6 +38,74 @@ EXIT_ERROR = 1  # a runtime error: data, checkpoints, disk, memory, the install,
 EXIT_USAGE = 2  # a config or usage error: an option or key unknown, ill-typed, out of range; nothing was started
 EXIT_PREEMPTED = 75  # stopped by a signal after saving a checkpoint: resume it (sysexits.h EX_TEMPFAIL, "try again")
 EXIT_INTERRUPTED = 130  # stopped at once (Ctrl-C, or a second signal), as a shell reports SIGINT (128 + 2)
+
+
+class ErrorRule(NamedTuple):
+    """How a command ends on one kind of error: its exit status, the label its line starts with (`<label>: ...`),
+    and whether each torchrun process says it (`<label> (rank N): ...` on ranks other than 0) or rank 0 alone."""
+
+    status: int
+    label: str
+    every_rank: bool = True
+
+
+# The errors that are the user's to fix, each said in one line on stderr, for run.py, feature_eval's drivers
+# (`context.run_cli`) and pretrained_models.export alike; any other error is a bug and keeps its traceback. Keyed by
+# `<module>.<class>` (this module imports nothing of the project's; tests/test_exit_codes.py checks that each names a
+# class) and looked up along an error's class hierarchy, so a subclass may have a row of its own.
+ERROR_POLICY = {
+    "simclr.config.ConfigError": ErrorRule(EXIT_USAGE, "config error", every_rank=False),  # the same on every rank
+    "simclr.dist.DeviceError": ErrorRule(EXIT_USAGE, "config error"),  # a device this machine (rank) lacks
+    "feature_eval.context.EvalError": ErrorRule(EXIT_USAGE, "error"),  # an evaluation option
+    "pretrained_models.export.ExportError": ErrorRule(EXIT_USAGE, "error"),  # a package name or destination
+    "data_aug.errors.DataError": ErrorRule(EXIT_ERROR, "error"),  # a data set missing or damaged
+    "models.files.CheckpointLoadError": ErrorRule(EXIT_ERROR, "error"),  # missing, damaged, another model's
+    "simclr.checkpoint.CheckpointWriteError": ErrorRule(EXIT_ERROR, "error"),  # the previous one is intact
+    "simclr.trainer.TrainingError": ErrorRule(EXIT_ERROR, "error"),  # a non-finite loss, impossible sizes
+    "simclr.run_dir.RunDirBusy": ErrorRule(EXIT_ERROR, "error"),  # another live process writes there
+    "simclr.dist.StartError": ErrorRule(EXIT_ERROR, "error"),  # torchrun's processes did not all meet
+    "torch.OutOfMemoryError": ErrorRule(EXIT_ERROR, "error"),  # torch.cuda.OutOfMemoryError
+    "builtins.OSError": ErrorRule(EXIT_ERROR, "error"),  # a file or folder that cannot be made, read or written
+    "builtins.KeyboardInterrupt": ErrorRule(EXIT_INTERRUPTED, "interrupted"),  # Ctrl-C, or a second signal
+}
+
+
+def error_rule(err: BaseException) -> ErrorRule | None:
+    """`ERROR_POLICY`'s row for `err`: its class's, else the nearest base class's; None for an error it does not
+    know (a bug)."""
+    for cls in type(err).__mro__:
+        rule = ERROR_POLICY.get(f"{cls.__module__}.{cls.__qualname__}")
+        if rule is not None:
+            return rule
+    return None
+
+
+def error_text(err: BaseException) -> str:
+    """What an error's line says after its label: an OSError's reason and file (`Permission denied: /x/run`), else
+    its message (from the last line of a DataLoader worker's traceback, where one wraps it)."""
+    if isinstance(err, OSError):
+        return f"{err.strerror or err}" + (f": {err.filename}" if err.filename else "")
+    text = str(err).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
+def report_error(err: BaseException, rank: int = 0, text: str | None = None) -> int:
+    """Say `err` in one line on stderr as `ERROR_POLICY` says, once per run or once per rank; its exit status.
+
+    Args:
+        err: the error a command caught; one the table does not know is raised again, its traceback intact.
+        rank: this process's torchrun rank (0 without torchrun).
+        text: what follows the label, where the command words it its own way (default: `error_text(err)`).
+    """
+    rule = error_rule(err)
+    if rule is None:
+        raise err
+    if rank == 0 or rule.every_rank:
+        where = "" if rank == 0 else f" (rank {rank})"
+        print(f"{rule.label}{where}: {error_text(err) if text is None else text}", file=sys.stderr)
+    return rule.status
 
 
 def available_cpus(cgroup_cpu_max: Path = CGROUP_CPU_MAX) -> int:

@@ -3,6 +3,9 @@ docs/BENCHMARKS.md only when asked (`--record`), so that a run never edits a tra
 from __future__ import annotations
 
 import argparse
+import platform
+import shlex
+import sys
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "docs" / "BENCHMARKS.md"
@@ -25,18 +28,57 @@ def record_path(args: argparse.Namespace) -> Path | None:
     return path
 
 
-def print_and_record(args: argparse.Namespace, block: str, start: str, end: str, head: str) -> None:
-    """Print a run's `block`; append it to its marked section (`append_section`) where `add_record_args`' flags ask."""
+def print_and_record(args: argparse.Namespace, block: str, start: str, end: str, head: str = "",
+                     replace: bool = False) -> None:
+    """Print a run's `block`; write it to its marked section (`write_section`) where `add_record_args`' flags ask."""
     print(block)
     target = record_path(args)
     if target:
-        append_section(target, start, end, head, block)
-        print(f"appended to {target}")
+        write_section(target, start, end, block, head, replace)
+        print(f"{'wrote' if replace else 'appended to'} {target}")
+
+
+def write_section(path: Path, start: str, end: str, block: str, head: str = "", replace: bool = False) -> None:
+    """Append `block` to the section of `path` marked by `start`/`end`, or with `replace` put it in the section's
+    place; an absent section is added at the end (with `head` above the block), an absent file created. The rest of
+    the file is kept."""
+    old = path.read_text() if path.exists() else "# Benchmarks\n"
+    if start in old and end in old:
+        before, rest = old.split(start, 1)
+        section, after = rest.split(end, 1)
+        kept = "" if replace else section.rstrip("\n") + "\n\n"
+        new = before + start + (kept or "\n") + block + "\n" + end + after
+    else:
+        new = old.rstrip("\n") + "\n\n" + start + "\n" + (head + "\n\n" if head else "") + block + "\n" + end + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(new)
+
+
+def command_line(module: str, argv: list[str] | None) -> str:
+    """The command that ran benchmark `module` with `argv` (None: this process's), quoted to paste into a shell."""
+    return shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
+
+
+def describe_machine(device: str = "cpu") -> str:
+    """Where a benchmark ran, for its record: the GPU of a CUDA `device`, the CPU's model and the cores this process
+    may use (as run.py counts them), then Python, torch, torchvision and torch's threads."""
+    import torch
+    import torchvision
+
+    import startup
+    from simclr.precision import read_cpuinfo
+
+    models = [line.partition(":")[2].strip() for line in read_cpuinfo().splitlines() if line.startswith("model name")]
+    host = f"{models[0] if models else platform.processor() or platform.machine()}, {startup.available_cpus()} cores"
+    if device.startswith("cuda"):
+        host = f"{torch.cuda.get_device_name(torch.device(device))}; host {host}"
+    return (f"{host}; Python {platform.python_version()}, torch {torch.__version__}, torchvision "
+            f"{torchvision.__version__}; {torch.get_num_threads()} torch threads")
 
 
 def device_arg(value: str) -> str:
     """argparse type for `--device`: cpu, cuda or cuda:N, and a CUDA device only where one is visible."""
-    import torch  # here, so that the torch-free scripts of this package (gpu_monitor, stl10_synth) start at once
+    import torch  # here, so that the torch-free scripts of this package (stl10_synth, csv_to_imagefolder) start at once
 
     try:
         device = torch.device(value)
@@ -47,17 +89,3 @@ def device_arg(value: str) -> str:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError(f"{value!r}: no CUDA GPU is visible here; use cpu")
     return value
-
-
-def append_section(path: Path, start: str, end: str, head: str, block: str) -> None:
-    """Append `block` to the section of `path` marked by `start`/`end` (created with `head` if absent, the file too);
-    the rest of the file is kept."""
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    if start in old and end in old:
-        before, rest = old.split(start, 1)
-        section, after = rest.split(end, 1)
-        new = before + start + section.rstrip("\n") + "\n\n" + block + "\n" + end + after
-    else:
-        new = old.rstrip("\n") + "\n\n" + start + "\n" + head + "\n\n" + block + "\n" + end + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(new)

@@ -9,9 +9,10 @@
 #   env            hardware, driver, versions, disks                                   -> env.log
 #   synth          synthetic STL10 in the real binary format under DATA_DIR, full size (5,000 + 8,000 + 100,000
 #                  images, 3.1 GB), written in the background while the tests run
-#   cuda_tests     the CUDA-only tests (skipif(not torch.cuda.is_available())), listed by bench/cuda_tests.py
+#   cuda_tests     the CUDA-only tests: python -m pytest -m cuda tests (marked @pytest.mark.cuda)
 #   run_device     python run.py on it, augment_on=device, bf16, valid_size=0: 3 epochs of 105,000 images (205
-#                  steps of 512), GPU sampled every 0.2 s; then run_device_summary: s/epoch, img/s, GPU busy
+#                  steps of 512), GPU sampled every 0.2 s by nvidia-smi; then run_device_summary
+#                  (python -m bench.run_summary): s/epoch, img/s, GPU busy
 #   run_cpu        the same with the default augment_on=cpu (DataLoader, one worker per core) and the default
 #                  valid_size (0.05): one epoch, 194 steps; then run_cpu_summary
 #   throughput     python -m bench.throughput --device cuda (bf16, channels_last)      -> throughput.md
@@ -121,12 +122,11 @@ env_info() {
   else
     echo "git: no repository here (a copied working tree): take the commit from the machine that sent it"
   fi
-  echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //'), $CORES cores"
+  echo "machine: $("$PYTHON" -c 'from bench import describe_machine; print(describe_machine())')"
   echo "memory: $(free -g | awk '/^Mem:/ {print $2 " GiB, " $7 " GiB available"}')"
   "$PYTHON" -c "import sys, torch, torchvision, numpy; print('python', sys.version.split()[0], '| torch', torch.__version__, \
 '| torchvision', torchvision.__version__, '| numpy', numpy.__version__, '| CUDA', torch.version.cuda, \
 '| cuDNN', torch.backends.cudnn.version(), '| GPU', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none')"
-  if "$PYTHON" -c "import pynvml" 2> /dev/null; then echo "pynvml: importable"; else echo "pynvml: not importable"; fi
   if command -v nvidia-smi > /dev/null; then
     nvidia-smi --query-gpu=name,driver_version,memory.total,power.limit,clocks.max.sm --format=csv
     nvidia-smi
@@ -136,17 +136,23 @@ env_info() {
   echo "disks:"; df -hT "$DATA_DIR" "$OUT"
 }
 
-# train NAME ROOT OVERRIDES...: run.py into DATA_DIR/runs/NAME with the GPU sampled into OUT/NAME_gpu.csv.
-# Stopped by its part's timeout, both get SIGTERM: the trainer saves and exits, the monitor writes its CSV.
+# train NAME ROOT OVERRIDES...: run.py into DATA_DIR/runs/NAME with the GPU sampled into OUT/NAME_gpu.csv by
+# nvidia-smi, a line per sample (stdbuf: nothing buffered is lost when it is stopped). Stopped by its part's
+# timeout, both get SIGTERM: the trainer saves and exits, the sampler stops.
 train() {
-  local name=$1 root=$2 monitor rc
+  local name=$1 root=$2 sampler="" rc
   shift 2
-  "$PYTHON" -m bench.gpu_monitor --csv "$OUT/${name}_gpu.csv" &
-  monitor=$!
+  : > "$OUT/${name}_gpu.csv"
+  if command -v nvidia-smi > /dev/null; then
+    stdbuf -oL nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader,nounits -i 0 \
+      -lms 200 >> "$OUT/${name}_gpu.csv" &
+    sampler=$!
+  else
+    echo "nvidia-smi not found: the GPU is not sampled"
+  fi
   "$PYTHON" run.py dataset.root="$root" run_dir="$DATA_DIR/runs/$name" "$@"
   rc=$?
-  kill -TERM "$monitor"
-  wait "$monitor"
+  [ -n "$sampler" ] && kill -TERM "$sampler" && wait "$sampler"
   return "$rc"
 }
 export -f env_info train
@@ -177,13 +183,8 @@ run_part env "$(limit_of env)" bash -c env_info
 STL10="$DATA_DIR/stl10"
 run_part synth "$(limit_of synth)" "$PYTHON" -m bench.stl10_synth "$STL10" "${SYNTH[@]}" &
 SYNTH_PID=$!
-mapfile -t CUDA_TESTS < <("$PYTHON" -m bench.cuda_tests)
-if [ "${#CUDA_TESTS[@]}" -gt 0 ]; then
-  run_part cuda_tests "$(limit_of cuda_tests)" "$PYTHON" -m pytest -q -rs -p no:cacheprovider \
-    --junitxml="$OUT/cuda_tests.xml" "${CUDA_TESTS[@]}"
-else
-  printf '%s\tfailed\t0\t0\t%s\n' cuda_tests "bench/cuda_tests.py found no CUDA-only test" >> "$PARTS"
-fi
+run_part cuda_tests "$(limit_of cuda_tests)" "$PYTHON" -m pytest -q -rs -p no:cacheprovider -m cuda \
+  --junitxml="$OUT/cuda_tests.xml" tests  # exit 5, a failure, if no test is marked
 wait "$SYNTH_PID"
 
 if grep -q "^synth	passed" "$PARTS"; then
@@ -225,7 +226,7 @@ run_part throughput_compile "$(limit_of throughput_compile)" "$PYTHON" -m bench.
   if [ "$DRY_RUN" = 1 ]; then
     echo
     echo "Dry run: no CUDA here, so the CUDA-only tests were collected and skipped, no GPU utilisation was sampled"
-    echo "(the monitor recorded 'no GPU'), and every figure above measures a tiny CPU run, not the targets."
+    echo "(unless an nvidia-smi is on PATH), and every figure above measures a tiny CPU run, not the targets."
   fi
 } > "$OUT/summary.txt"
 cat "$OUT/summary.txt"

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import shlex
 import statistics
 import sys
 import time
@@ -89,9 +88,25 @@ def load() -> str:
     return ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "unknown"
 
 
+def share_table(run_dir: Path) -> str:
+    share = run_share(run_dir)
+    return (f"| run | monitor calls | monitor s | training s (epochs + reference) | share |\n|---|---|---|---|---|\n"
+            f"| `{run_dir}` | {share['calls']} | {share['knn_s']:.1f} | {share['training_s']:.1f} | "
+            f"{100 * share['share']:.1f} % |")
+
+
+def calls_table(args) -> str:
+    import torch
+
+    t = time_calls(args.images, args.size, args.base_model, args.device, args.repeats)
+    return (f"| images | size | model | device | threads | prepare s | s per call (median of {args.repeats}) | "
+            f"of which features s | of which kNN s |\n|---|---|---|---|---|---|---|---|---|\n"
+            f"| {args.images:,} | {args.size} | {args.base_model} | {args.device} | {torch.get_num_threads()} | "
+            f"{t['prepare_s']:.2f} | {t['call_s']:.2f} | {t['features_s']:.2f} | {t['knn_s']:.3f} |")
+
+
 def main(argv: list[str] | None = None) -> int:
-    from bench import add_record_args, device_arg, print_and_record
-    from bench.throughput import cpu_name
+    from bench import add_record_args, command_line, describe_machine, device_arg, print_and_record
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=5000, help="labelled images the monitor uses (default 5000)")
@@ -102,32 +117,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", type=Path, help="instead: the monitor's share of this finished run's training")
     add_record_args(parser, "the run appended to this benchmark's section")
     args = parser.parse_args(argv)
-    command = shlex.join(["python", "-m", "bench.knn_monitor", *(sys.argv[1:] if argv is None else argv)])
     before = load()
     if args.run_dir is not None:
         if not (args.run_dir / "metrics.jsonl").is_file():
             print(f"error: {args.run_dir / 'metrics.jsonl'} not found: pass the run dir of a finished run",
                   file=sys.stderr)
             return 2
-        share = run_share(args.run_dir)
-        table = (f"| run | monitor calls | monitor s | training s (epochs + reference) | share |\n"
-                 f"|---|---|---|---|---|\n| `{args.run_dir}` | {share['calls']} | {share['knn_s']:.1f} | "
-                 f"{share['training_s']:.1f} | {100 * share['share']:.1f} % |")
+        table, when = share_table(args.run_dir), ("the run's own seconds, as its metrics.jsonl has them (the load "
+                                                  "during that run is not known here)")
     else:
         if args.images < 10 or args.size < 8 or args.repeats < 1:
             parser.error("--images must be >= 10, --size >= 8, --repeats >= 1")
-        import torch
-
-        t = time_calls(args.images, args.size, args.base_model, args.device, args.repeats)
-        table = (f"| images | size | model | device | threads | prepare s | s per call (median of {args.repeats}) | "
-                 f"of which features s | of which kNN s |\n|---|---|---|---|---|---|---|---|---|\n"
-                 f"| {args.images:,} | {args.size} | {args.base_model} | {args.device} | {torch.get_num_threads()} | "
-                 f"{t['prepare_s']:.2f} | {t['call_s']:.2f} | {t['features_s']:.2f} | {t['knn_s']:.3f} |")
-    import torch
-
-    when = (f"the run's own seconds, as its metrics.jsonl has them (the load during that run is not known here)"
-            if args.run_dir is not None else f"load average {before} before, {load()} after")
-    block = (f"`{command}` ({datetime.date.today()}; {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}; "
+        table = calls_table(args)
+        when = f"load average {before} before, {load()} after"
+    block = (f"`{command_line('bench.knn_monitor', argv)}` ({datetime.date.today()}; {describe_machine(args.device)}; "
              f"{when}):\n\n{table}")
     print_and_record(args, block, START, END, SECTION_HEAD)
     return 0

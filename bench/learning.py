@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
-import platform
 import shlex
 import statistics
 import sys
@@ -38,9 +37,9 @@ if __name__ == "__main__":  # a mismatched torch/torchvision pair: one line, not
 import numpy as np
 import torch
 
-from bench import add_record_args, record_path
+from bench import add_record_args, command_line, describe_machine, record_path
 from data_aug.datasets import ImageFiles, TensorImages, load_split
-from data_aug.stl10 import DataError
+from data_aug.errors import DataError
 from feature_eval import baselines
 from feature_eval.classifiers import holdout_split, knn_classifier, lbfgs_probe
 from feature_eval.features import FeatureSplit, extract_features
@@ -101,18 +100,11 @@ DEFAULT_VARIANTS = (
 
 
 def common_overrides(args: argparse.Namespace) -> list[str]:
-    out = []
-    if args.dataset:
-        out.append(f"dataset.name={args.dataset}")
-    if args.root:
-        out.append(f"dataset.root={args.root}")
-    if args.input_size:
-        out.append(f"dataset.input_shape={args.input_size},{args.input_size},3")
-    if args.epochs:
-        out.append(f"epochs={args.epochs}")
-    if args.device:
-        out.append(f"device={args.device}")
-    return out + list(args.set) + ["final_eval=false", "resume=None", "fine_tune_from=None"]
+    size = args.input_size and f"{args.input_size},{args.input_size},3"
+    given = {"dataset.name": args.dataset, "dataset.root": args.root, "dataset.input_shape": size,
+             "epochs": args.epochs, "device": args.device}
+    return ([f"{key}={value}" for key, value in given.items() if value] + list(args.set)
+            + ["final_eval=false", "resume=None", "fine_tune_from=None"])
 
 
 def check_variants(args: argparse.Namespace, variants: list[str]) -> None:
@@ -243,15 +235,10 @@ def render(args, variants, results, margins, baseline_scores, splits) -> str:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     import sklearn
-    return (f"{cpu}, {torch.get_num_threads()} torch threads, {gpu}; Python {platform.python_version()}, torch "
-            f"{torch.__version__}, scikit-learn {sklearn.__version__}")
+
+    gpu = "" if torch.cuda.is_available() else "no GPU; "
+    return f"{gpu}{describe_machine('cuda' if gpu == '' else 'cpu')}, scikit-learn {sklearn.__version__}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -265,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return startup.EXIT_ERROR
-    command = shlex.join(["python", "-m", "bench.learning", *(sys.argv[1:] if argv is None else argv)])
+    command = command_line("bench.learning", argv)
     minutes = (time.perf_counter() - started) / 60
     print(table)
     target = record_path(args)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -29,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench import BENCHMARKS, add_record_args, device_arg, record_path
+from bench import add_record_args, describe_machine, device_arg, print_and_record
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 2**30
@@ -110,20 +109,6 @@ def _run_in_subprocess(n: int, dim: int, device: str, which: str, repeats: int) 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads"
-
-
 def format_table(rows: list[dict], device: torch.device, dim: int, load: float | None = None) -> str:
     """The markdown section: one line per N, the original repository's loss beside ours where it was measured."""
     seed = {r["n"]: r for r in rows if r["which"] == "seed"}
@@ -131,7 +116,7 @@ def format_table(rows: list[dict], device: torch.device, dim: int, load: float |
     memory = "peak extra RSS" if device.type == "cpu" else "peak extra allocated"
     lines = [f"## NT-Xent loss: time and memory vs batch size, {device.type} (bench/loss_scaling.py)", "",
              f"`python -m bench.loss_scaling{' --device cuda' if device.type == 'cuda' else ''}`: "
-             f"{_machine(device)}; torch {torch.__version__}; D = {dim}, float32, median of the timed runs "
+             f"{describe_machine(str(device))}; D = {dim}, float32, median of the timed runs "
              f"after one warm-up; {memory} over the inputs."
              + (f" CPU load average {load:.1f} when it started (on a shared machine, times are upper bounds)."
                 if load is not None else ""), "",
@@ -153,24 +138,6 @@ def format_table(rows: list[dict], device: torch.device, dim: int, load: float |
     lines += ["", "The original repository's loss materialises `[2N, 2N, D]` (at N = 8192: 2N x 2N x 128 x 4 bytes = 128 GiB for "
               "the similarity alone, more with its backward); it is run only for the smallest sizes."]
     return "\n".join(lines)
-
-
-def write_section(text: str, device_type: str, path: Path = BENCHMARKS) -> None:
-    """Replace this benchmark's section for `device_type` in docs/BENCHMARKS.md (append it if absent).
-
-    Sections are delimited by HTML comments, so other benchmarks' sections and the other device's
-    table are kept as they are.
-    """
-    start, end = f"<!-- bench/loss_scaling.py {device_type}: start -->", f"<!-- bench/loss_scaling.py {device_type}: end -->"
-    section = f"{start}\n{text}\n{end}"
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    if start in old and end in old:
-        head, rest = old.split(start, 1)
-        new = head + section + rest.split(end, 1)[1]
-    else:
-        new = old.rstrip("\n") + "\n\n" + section + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(new)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,12 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         row = _run_in_subprocess(n, args.dim, args.device, which, repeats)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    table = format_table(rows, device, args.dim, load)
-    print(table)
-    target = record_path(args)
-    if target:
-        write_section(table, device.type, target)
-        print(f"wrote {target}")
+    marks = (f"<!-- bench/loss_scaling.py {device.type}: {end} -->" for end in ("start", "end"))
+    print_and_record(args, format_table(rows, device, args.dim, load), *marks, replace=True)
     return 0
 
 

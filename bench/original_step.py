@@ -11,8 +11,8 @@ from this file as a script, without this project on sys.path: its `data_aug/`, `
 `__init__.py`, so ours would shadow them. That loader makes the views (from synthetic images, as
 bench.throughput's) once per crop; the child times the original's step on them (forward of each view, NT-Xent,
 backward, Adam, as its `SimCLR.train`), and this process times `simclr.trainer.Trainer.train_step` on the very same
-views (bench.throughput's `create_trainer`) in three settings: float32 NCHW (the CPU default), float32
-channels-last, and `fp16_precision: auto`. Repeats interleave all four, so that other load on a shared machine
+views (bench.throughput's `create_trainer`) in three settings: float32 NCHW (forced), float32 channels-last
+(the default), and `fp16_precision: auto`. Repeats interleave all four, so that other load on a shared machine
 falls on each alike; the table gives the median images/s and the median of each repeat's ratio to the original.
 This module imports only the standard library at the top, so that the child can run it.
 """
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import statistics
 import subprocess
 import sys
@@ -40,9 +39,10 @@ the same pre-made views, made by the original's own DataLoader pipeline from syn
 precision/layout settings. Repeats interleave the four; ratios are medians of each repeat's ratio to the original,
 so they hold under other load better than the images/s. Runs recorded with `--record` are appended, newest last."""
 # (--amp, --layout) of bench.throughput's create_trainer, and what that is in the config
-TRAINER_SETTINGS = (("none", "trainer", "fp16_precision: false, the default"),
-                    ("none", "channels-last", "fp16_precision: false, channels-last forced"),
+TRAINER_SETTINGS = (("none", "nchw", "fp16_precision: false, NCHW forced: the CPU default before channels-last"),
+                    ("none", "trainer", "fp16_precision: false, the default"),
                     ("auto", "trainer", "fp16_precision: auto"))
+ORIGINAL = "original (sthalles/SimCLR e8a690a)"
 
 
 class SeedCodeMissing(RuntimeError):
@@ -63,35 +63,41 @@ def check_seed_code(code: Path) -> Path:
 
 # ---- the child: the original's code only (this project is not importable here) ----
 
-def original_worker(code: Path, images_file: Path, views_file: Path, batch_size: int, warmup: int,
-                    steps: int) -> float:
+def original_views(images_file: Path, views_file: Path, batch_size: int) -> None:
+    """Write to `views_file` the `(xis, xjs)` batches that the original's DataLoader makes of `images_file`."""
+    import torch
+    from data_aug.dataset_wrapper import DataSetWrapper, SimCLRDataTransform
+    from torchvision.transforms.functional import to_pil_image
+
+    images = torch.load(images_file, weights_only=True)
+    crop = images.shape[-1]
+    wrapper = DataSetWrapper(batch_size, 0, 0.0, f"({crop},{crop},3)", 1.0)
+    transform = SimCLRDataTransform(wrapper._get_simclr_pipeline_transform())
+
+    class Images(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(images)
+
+        def __getitem__(self, i):
+            return transform(to_pil_image(images[i])), 0
+
+    loader, _ = wrapper.get_train_validation_data_loaders(Images())
+    torch.save([pair for pair, _ in loader], views_file)
+
+
+def original_worker(code: str, images_file: str, views_file: str, batch_size: int, warmup: int, steps: int) -> float:
     """Images/s of the original's step on the views in `views_file`, made first by its DataLoader if absent."""
-    sys.path.insert(0, str(code))
+    sys.path.insert(0, code)
     import contextlib
     import io
 
     import torch
     import torch.nn.functional as F
-    from data_aug.dataset_wrapper import DataSetWrapper, SimCLRDataTransform
     from loss.nt_xent import NTXentLoss
     from models.resnet_simclr import ResNetSimCLR
-    from torchvision.transforms.functional import to_pil_image
 
-    if not views_file.exists():
-        images = torch.load(images_file, weights_only=True)
-        crop = images.shape[-1]
-        wrapper = DataSetWrapper(batch_size, 0, 0.0, f"({crop},{crop},3)", 1.0)
-        transform = SimCLRDataTransform(wrapper._get_simclr_pipeline_transform())
-
-        class Images(torch.utils.data.Dataset):
-            def __len__(self):
-                return len(images)
-
-            def __getitem__(self, i):
-                return transform(to_pil_image(images[i])), 0
-
-        loader, _ = wrapper.get_train_validation_data_loaders(Images())
-        torch.save([pair for pair, _ in loader], views_file)
+    if not Path(views_file).exists():
+        original_views(Path(images_file), Path(views_file), batch_size)
     views = torch.load(views_file, weights_only=True)
     torch.manual_seed(0)
     with contextlib.redirect_stdout(io.StringIO()):  # it prints "Feature extractor: resnet18"
@@ -119,13 +125,13 @@ def original_worker(code: Path, images_file: Path, views_file: Path, batch_size:
 def run_original(code: Path, images_file: Path, views_file: Path, batch_size: int, warmup: int, steps: int) -> float:
     """`original_worker` in a child process with none of this project on its path; its images/s."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--seed-code", str(code),
-               "--images-file", str(images_file), "--views-file", str(views_file), "--batch-size", str(batch_size),
-               "--warmup", str(warmup), "--steps", str(steps)]
-    done = subprocess.run(command, cwd=code, env=env, capture_output=True, text=True)
+    job = dict(code=str(code), images_file=str(images_file), views_file=str(views_file), batch_size=batch_size,
+               warmup=warmup, steps=steps)
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)], cwd=code,
+                          env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"the original's step failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
-    return float(json.loads(done.stdout.strip().splitlines()[-1])["images_per_s"])
+    return float(done.stdout.strip().splitlines()[-1])
 
 
 # ---- the parent: this project ----
@@ -134,68 +140,71 @@ def measure(args) -> dict:
     """{crop: {row: [images/s per repeat]}} plus the load average at each repeat, all rows interleaved."""
     import torch
 
-    from bench.throughput import create_trainer, synthetic_images, trainer_step
-    from simclr.trainer import flushed_denormals
+    from bench.throughput import create_trainer, synthetic_images
 
     results = {"loads": [], "rows": {}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for crop in args.crops:
-            images_file, views_file = tmp / f"images{crop}.pt", tmp / f"views{crop}.pt"
-            torch.save(synthetic_images(args.batch_size * (args.warmup + args.steps), crop), images_file)
+            torch.save(synthetic_images(args.batch_size * (args.warmup + args.steps), crop), tmp / f"images{crop}.pt")
             trainers = {}
             for amp, layout, setting in TRAINER_SETTINGS:
                 trainer = create_trainer(tmp / f"run{crop}{amp}{layout}", "resnet18", crop, args.batch_size, "cpu",
                                          amp, layout)
                 trainers[f"Trainer.train_step, {trainer.precision.summary()} ({setting})"] = trainer
-            rows = {"original (sthalles/SimCLR e8a690a)": [], **{name: [] for name in trainers}}
-            original = rows["original (sthalles/SimCLR e8a690a)"]
-            for repeat in range(args.repeats):
-                results["loads"].append(os.getloadavg()[0])
-                print(f"{crop} px, repeat {repeat + 1}/{args.repeats}: the original's step ...", flush=True)
-                original.append(run_original(args.seed_code, images_file, views_file, args.batch_size,
-                                                     args.warmup, args.steps))
-                views = torch.load(views_file, weights_only=True)
-                for name, trainer in trainers.items():
-                    print(f"  {name} ...", flush=True)
-                    step = trainer_step(trainer)
-                    with flushed_denormals():  # as Trainer.fit
-                        for i in range(args.warmup):
-                            step(*views[i % len(views)])
-                        start = time.perf_counter()
-                        for i in range(args.steps):
-                            step(*views[(args.warmup + i) % len(views)])
-                    rows[name].append(
-                        args.batch_size * args.steps / (time.perf_counter() - start))
-            results["rows"][crop] = rows
+            results["rows"][crop] = _repeats(args, crop, trainers, tmp, results["loads"])
     return results
+
+
+def _repeats(args, crop: int, trainers: dict, tmp: Path, loads: list) -> dict[str, list[float]]:
+    """Images/s of the original's step, then of each trainer's, `args.repeats` times in turn on the same views (made
+    by the original's DataLoader from `tmp/images<crop>.pt` into `tmp/views<crop>.pt`)."""
+    import itertools
+
+    import torch
+
+    from bench.throughput import timed, trainer_step
+    from simclr.trainer import flushed_denormals
+
+    images_file, views_file = tmp / f"images{crop}.pt", tmp / f"views{crop}.pt"
+    rows = {ORIGINAL: [], **{name: [] for name in trainers}}
+    for repeat in range(args.repeats):
+        loads.append(os.getloadavg()[0])
+        print(f"{crop} px, repeat {repeat + 1}/{args.repeats}: the original's step ...", flush=True)
+        rows[ORIGINAL].append(run_original(args.seed_code, images_file, views_file, args.batch_size, args.warmup,
+                                           args.steps))
+        views = torch.load(views_file, weights_only=True)
+        for name, trainer in trainers.items():
+            print(f"  {name} ...", flush=True)
+            with flushed_denormals():  # as Trainer.fit
+                seconds = timed(itertools.cycle(views), args.warmup, args.steps, torch.device("cpu"),
+                                trainer_step(trainer))
+            rows[name].append(args.batch_size * args.steps / seconds)
+    return rows
 
 
 def format_run(args, results: dict, command: str) -> str:
     """The run as a markdown block: machine, load, and per crop the rows with their ratio to the original."""
-    import torch
-    import torchvision
-
-    from bench.throughput import core_count, cpu_name
+    from bench import describe_machine
 
     loads = results["loads"]
-    lines = [f"### {time.strftime('%Y-%m-%d')}, cpu: {cpu_name()}, {core_count()} cores", "",
-             f"`{command}`; torch {torch.__version__}, torchvision {torchvision.__version__}; ResNet-18, batch "
-             f"{args.batch_size}; {args.steps} timed steps after {args.warmup} warm-up, {args.repeats} repeat(s) "
-             f"interleaved; {torch.get_num_threads()} torch threads; 1-minute load average {min(loads):.2f}-"
-             f"{max(loads):.2f} at the repeats' starts; {getattr(args, 'cpu_policy', 'CPU policy unset')}.", "",
+    lines = [f"### {time.strftime('%Y-%m-%d')}, cpu", "",
+             f"`{command}`; {describe_machine('cpu')}; ResNet-18, batch {args.batch_size}; {args.steps} timed steps "
+             f"after {args.warmup} warm-up, {args.repeats} repeat(s) interleaved; 1-minute load average "
+             f"{min(loads):.2f}-{max(loads):.2f} at the repeats' starts; {args.cpu_policy}.", "",
              "| crop | step | images/s (median) | range | vs original (median ratio) |",
              "|---|---|---:|---:|---:|"]
     for crop, rows in results["rows"].items():
-        original = next(iter(rows.values()))
         for name, rates in rows.items():
-            ratio = statistics.median(r / o for r, o in zip(rates, original))
+            ratio = statistics.median(r / o for r, o in zip(rates, rows[ORIGINAL]))
             lines.append(f"| {crop} px | {name} | {statistics.median(rates):,.1f} | {min(rates):,.1f}-"
                          f"{max(rates):,.1f} | {ratio:.2f} |")
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from bench import add_record_args
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--crops", type=int, nargs="+", default=[96, 32],
                         help="view sides (the original's blur kernel, 10%% of it, must come out odd: 96, 32 do)")
@@ -205,24 +214,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="rounds of all four rows, interleaved")
     parser.add_argument("--seed-code", type=Path, default=SEED_CODE,
                         help="the original repository's code (default: ../shared/seed/code)")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--images-file", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--views-file", type=Path, help=argparse.SUPPRESS)
-    # bench.add_record_args' flags, written out: the worker runs this file without the project on sys.path
-    parser.add_argument("--record", action="store_true",
-                        help="also append the table to its section of docs/BENCHMARKS.md (default: print it only)")
-    parser.add_argument("--output", type=Path, metavar="FILE",
-                        help="record into this markdown file instead of docs/BENCHMARKS.md (implies --record)")
+    add_record_args(parser, "the table appended to its section")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.worker:
-        rate = original_worker(args.seed_code, args.images_file, args.views_file, args.batch_size, args.warmup,
-                               args.steps)
-        print(json.dumps({"images_per_s": rate}))
-        return 0
     if args.batch_size < 2 or args.steps < 1 or args.warmup < 0 or args.repeats < 1 or min(args.crops) < 8:
         print("error: --batch-size must be >= 2, --steps and --repeats >= 1, --warmup >= 0, --crops >= 8",
               file=sys.stderr)
@@ -237,13 +234,14 @@ def main(argv: list[str] | None = None) -> int:
     cpu = startup.prepare_cpu("cpu", owner="bench.original_step")  # run.py's CPU policy, inherited by the child
     startup.exit_if_torch_is_broken()
     args.cpu_policy = f"OMP_WAIT_POLICY={cpu['omp_wait_policy']} (set by {cpu['set_by']})"
-    from bench import print_and_record
+    from bench import command_line, print_and_record
 
-    command = shlex.join(["python", "-m", "bench.original_step", *(sys.argv[1:] if argv is None else argv)])
-    block = format_run(args, measure(args), command)
+    block = format_run(args, measure(args), command_line("bench.original_step", argv))
     print_and_record(args, block, START, END, SECTION_HEAD)
     return 0
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:  # the child: the original's code, not this project
+    print(original_worker(**json.loads(sys.argv[2])))
+elif __name__ == "__main__":
     sys.exit(main())

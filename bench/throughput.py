@@ -3,7 +3,7 @@
     python -m bench.throughput --device cuda     # ResNet-18, 96x96, batch 512, bf16, channels_last
     python -m bench.throughput --device cpu      # batch 32, a few steps: about a minute on 2 cores
     python -m bench.throughput --device cpu --amp auto            # fp16_precision: auto (bf16 where native)
-    python -m bench.throughput --device cpu --layout channels-last  # float32, NHWC: not the trainer's CPU choice
+    python -m bench.throughput --device cpu --layout nchw    # float32, NCHW: the layout the trainer does not choose
     python -m bench.throughput --device cuda --record   # ... and append the run to docs/BENCHMARKS.md
 
 One run, one device, synthetic uint8 images of the crop size (the pipelines' cost does not depend on
@@ -18,12 +18,9 @@ docs/BENCHMARKS.md (`--output FILE`: to FILE instead).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime
 import os
-import platform
-import shlex
 import sys
 import tempfile
 import time
@@ -35,9 +32,8 @@ if __name__ == "__main__":  # a mismatched torch/torchvision pair: one line, not
     startup.exit_if_torch_is_broken()
 
 import torch
-import torchvision
 
-from bench import BENCHMARKS, add_record_args, append_section, device_arg, print_and_record
+from bench import add_record_args, command_line, describe_machine, device_arg, print_and_record
 from data_aug.datasets import TensorImages
 from data_aug.batches import DeviceBatches, LoaderBatches
 from data_aug.views import TwoViews, ViewSettings, create_view_transform
@@ -46,7 +42,6 @@ from simclr.config import load_config
 from simclr.dist import init_distributed
 from simclr.trainer import Trainer, flushed_denormals
 
-REPO = Path(__file__).resolve().parents[1]
 START, END = "<!-- bench/throughput.py: start -->", "<!-- bench/throughput.py: end -->"
 STL10_IMAGES = 105_000  # STL10 train + unlabeled
 SECTION_HEAD = """## Training throughput (bench/throughput.py)
@@ -58,23 +53,6 @@ DataLoader + PIL path (`dataset.augment_on: cpu`) with one worker per core; "dev
 `dataset.augment_on: device`. Per core: views per CPU-second of a single thread (`time.process_time`), both
 pipelines in the same process, so other load on the machine does not bias the ratio. Runs recorded with
 `--record` are appended, newest last."""
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def core_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def synthetic_images(count: int, side: int, seed: int = 0) -> torch.Tensor:
@@ -190,27 +168,18 @@ def _measure(args, trainer: Trainer) -> dict:
                                     create_view_transform(views), seed=0), args.batch_size, seed=0,
                            num_workers=args.workers, pin_memory=device.type == "cuda")
 
-    print("model alone on pre-made views ...", flush=True)
     fixed = device_batches.make_batch(0, 0)
-    seconds = timed(iter(lambda: fixed, None), args.warmup, args.steps, device, step)
-    results["ceiling"] = args.batch_size * args.steps / seconds
-
-    print(f"full step, CPU pipeline ({args.workers} workers) ...", flush=True)
-    seconds = timed(loader.batches(0), args.warmup, args.steps, device, step)
-    results["cpu_step"] = args.batch_size * args.steps / seconds
-
-    print("full step, device pipeline ...", flush=True)
-    seconds = timed(device_batches.batches(1), args.warmup, args.steps, device, step)
-    results["device_step"] = args.batch_size * args.steps / seconds
-
-    print("CPU pipeline alone ...", flush=True)
-    seconds = timed(loader.batches(1), args.warmup, args.steps, device,
-                    lambda a, b: (trainer.to_device(a), trainer.to_device(b)))
-    results["cpu_views"] = 2 * args.batch_size * args.steps / seconds
-
-    print("device pipeline alone ...", flush=True)
-    seconds = timed(device_batches.batches(2), args.warmup, args.steps, device, lambda a, b: None)
-    results["device_views"] = 2 * args.batch_size * args.steps / seconds
+    rows = (  # key, what, its batches, the work on each, views per image counted
+        ("ceiling", "model alone on pre-made views", lambda: iter(lambda: fixed, None), step, 1),
+        ("cpu_step", f"full step, CPU pipeline ({args.workers} workers)", lambda: loader.batches(0), step, 1),
+        ("device_step", "full step, device pipeline", lambda: device_batches.batches(1), step, 1),
+        ("cpu_views", "CPU pipeline alone", lambda: loader.batches(1),
+         lambda a, b: (trainer.to_device(a), trainer.to_device(b)), 2),
+        ("device_views", "device pipeline alone", lambda: device_batches.batches(2), lambda a, b: None, 2))
+    for key, what, batches, work, views_per_image in rows:
+        print(f"{what} ...", flush=True)
+        seconds = timed(batches(), args.warmup, args.steps, device, work)
+        results[key] = views_per_image * args.batch_size * args.steps / seconds
 
     print("per core (one thread, CPU time) ...", flush=True)
     results["pil_core"], results["device_core"] = per_core_rates(images, args.crop, args.per_core_views)
@@ -220,20 +189,15 @@ def _measure(args, trainer: Trainer) -> dict:
 def format_run(args, results: dict, command: str) -> str:
     """One run as a markdown block: settings, the table, and the derived targets."""
     device = torch.device(args.device)
-    hardware = f"{cpu_name()}, {core_count()} cores"
-    if device.type == "cuda":
-        hardware = f"{torch.cuda.get_device_name(device)}; host {hardware}"
     r = results
     ceiling = r["ceiling"]
-    threads = torch.get_num_threads()
-    env = "".join(f"; {k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY") if k in os.environ)
+    env = "".join(f", {k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY") if k in os.environ)
     lines = [
-        f"### {datetime.date.today().isoformat()}, {device.type}: {hardware}", "",
-        f"`{command}`; torch {torch.__version__}, torchvision {torchvision.__version__}; {args.model}, "
-        f"{args.crop}x{args.crop}, batch {args.batch_size}, `--amp {args.amp} --layout {args.layout}`: "
-        f"{r['precision']}; torch.compile "
+        f"### {datetime.date.today().isoformat()}, {device.type}", "",
+        f"`{command}`; {describe_machine(args.device)}{env}; {args.model}, {args.crop}x{args.crop}, batch "
+        f"{args.batch_size}, `--amp {args.amp} --layout {args.layout}`: {r['precision']}; torch.compile "
         f"{'on' if args.compile else 'off'}; {args.steps} timed steps after {args.warmup} warm-up; "
-        f"{args.workers} DataLoader workers; {threads} torch threads{env}; load average {r['load']:.2f} at start.",
+        f"{args.workers} DataLoader workers; load average {r['load']:.2f} at start.",
         "",
         "| measurement | images/s | views/s | vs model alone |",
         "|---|---:|---:|---:|",
@@ -260,11 +224,6 @@ def format_run(args, results: dict, command: str) -> str:
     return "\n".join(lines)
 
 
-def append_run(block: str, path: Path = BENCHMARKS) -> None:
-    """Append a run to this benchmark's marked section of docs/BENCHMARKS.md (created if absent); the rest is kept."""
-    append_section(path, START, END, SECTION_HEAD, block)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu",
@@ -281,7 +240,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "ops (the first steps compile: warm-up takes a minute or more)")
     parser.add_argument("--layout", choices=LAYOUTS, default="trainer", help="memory layout: the trainer's choice "
                         "for --amp on this device (default), or channels-last / nchw forced")
-    parser.add_argument("--workers", type=int, default=core_count(), help="DataLoader workers (default: cores)")
+    parser.add_argument("--workers", type=int, default=startup.available_cpus(),
+                        help="DataLoader workers (default: the cores this process may use)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, one per core)")
     parser.add_argument("--per-core-views", type=int, help="views for the per-core rows (default 1024 / 256)")
     add_record_args(parser, "the run appended to this benchmark's section")
@@ -302,9 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    command = shlex.join(["python", "-m", "bench.throughput", *(sys.argv[1:] if argv is None else argv)])
-    results = run(args)
-    block = format_run(args, results, command)
+    block = format_run(args, run(args), command_line("bench.throughput", argv))
     print_and_record(args, block, START, END, SECTION_HEAD)
     return 0
 

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from data_aug.stl10 import DataError, download_stl10, read_stl10
+from data_aug.errors import DataError
+from data_aug.stl10 import download_stl10, read_stl10
 
 SPLITS = ("pretrain", "train", "test")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")

@@ -6,6 +6,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data_aug.errors import DataError
+
 URL = "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz"
 ARCHIVE_MD5 = "91f7769df0f17e558f3565bffb0c7dfb"
 IMAGE_BYTES = 3 * 96 * 96
@@ -14,10 +16,6 @@ _FILES = {"train": ("train_X.bin", "train_y.bin"), "test": ("test_X.bin", "test_
           "unlabeled": ("unlabeled_X.bin", None)}
 _HOW_TO_GET = ("set dataset.download: true to fetch it (2.6 GB, checksum verified), or extract "
                f"{URL} so that <root>/stl10_binary/ holds the .bin files")
-
-
-class DataError(RuntimeError):
-    """A data set on disk is missing or damaged; the message names the file and how to fix it."""
 
 
 def read_stl10(root: str | Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:

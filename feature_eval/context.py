@@ -21,7 +21,7 @@ import torch
 
 import startup  # standard library only
 from data_aug.datasets import load_split
-from data_aug.stl10 import DataError
+from data_aug.errors import DataError
 from feature_eval.features import best_device
 from models.loading import (CheckpointLoadError, encoder_from_state, file_sha256, read_checkpoint,
                             resolve_checkpoint, run_dir_of, trained_epochs)
@@ -280,25 +280,20 @@ def run_cli(module: str, argv: list[str] | None, parse_args: Callable[[list[str]
     """A driver's `main`: parse `argv`, `run(args, command)`, print the table and the files written.
 
     Returns:
-        the exit status (docs/EXIT_CODES.md): `EXIT_OK`; `EXIT_USAGE` after one line on stderr for an option
-        (EvalError; argparse exits 2 itself); `EXIT_ERROR` after one line for a checkpoint or data set that
-        cannot be read; `EXIT_INTERRUPTED` after Ctrl-C (nothing written but the feature caches).
+        the exit status, after one line on stderr for an error as `startup.ERROR_POLICY` says (docs/EXIT_CODES.md):
+        `EXIT_OK`; `EXIT_USAGE` for an option (EvalError; argparse exits 2 itself); `EXIT_ERROR` for a checkpoint,
+        data set or folder that cannot be read or written; `EXIT_INTERRUPTED` after Ctrl-C (nothing written but
+        the feature caches). Any other error is a bug, raised with its traceback.
     """
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     try:
         with startup.one_line_warnings():
             outcome = run(args, shlex.join(["python", "-m", module, *argv]))
-    except EvalError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return startup.EXIT_USAGE
-    except (CheckpointLoadError, DataError) as err:
-        print(f"error: {option_advice(str(err))}", file=sys.stderr)
-        return startup.EXIT_ERROR
-    except KeyboardInterrupt:
-        print(f"interrupted: {module} stopped; no results written (features already extracted stay cached)",
-              file=sys.stderr)
-        return startup.EXIT_INTERRUPTED
+    except BaseException as err:  # the loaders' advice names config keys: say this command's options instead
+        stopped = f"{module} stopped; no results written (features already extracted stay cached)"
+        return startup.report_error(err, text=stopped if isinstance(err, KeyboardInterrupt)
+                                    else option_advice(startup.error_text(err)))
     print_written(outcome.table, outcome.paths, outcome.results)
     return startup.EXIT_OK
 

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return startup.EXIT_ERROR
-    from data_aug.stl10 import DataError
+    from data_aug.errors import DataError
     from data_aug.view_grid import save_png
 
     try:

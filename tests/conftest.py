@@ -30,6 +30,16 @@ def pytest_configure(config):
         pytest.exit(f"error: {INSTALL_PROBLEM}", returncode=startup.EXIT_ERROR)
     config.addinivalue_line("markers", "slow: an end-to-end run of several seconds (subprocesses, whole trainings); "
                                        "`pytest -m 'not slow'` is the quick inner loop")
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU, skipped where torch sees none; `pytest -m cuda "
+                                       "tests` runs just these (bench/gpu_check.sh does)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs CUDA (marked cuda)")
+        for item in items:
+            if item.get_closest_marker("cuda"):
+                item.add_marker(skip)
 
 
 def write_stl10(root: Path, n_train: int = 6, n_test: int = 4, n_unlabeled: int = 10, seed: int = 0) -> dict:

@@ -21,7 +21,7 @@ ALLOWED = {
     "startup": set(),
     "simclr": {"startup", "data_aug", "models", "loss", "knn"},  # startup: for its command, simclr.preview
     "feature_eval": {"startup", "simclr.config", "data_aug", "models", "knn"},
-    "pretrained_models": {"startup", "simclr.config", "models", "feature_eval.results"},  # the results format
+    "pretrained_models": {"startup", "simclr.config", "models"},
     "models": set(),
     "loss": set(),
     "knn": set(),  # the neighbour search both the trainer's monitor and feature_eval use: torch only

@@ -142,7 +142,7 @@ def test_trainer_takes_two_steps_on_the_device_path(tmp_path):
     assert first == trainer.validate() and set(first) == {"valid_loss", "valid_top1", "valid_top5"}
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_cuda_batches_never_sync_with_the_host_and_match_the_cpu_ops():
     images = _uint8_images(count=256, side=96)
     batches = DeviceBatches(images, 128, ViewSettings(96), seed=0, device="cuda")
@@ -162,7 +162,7 @@ def test_cuda_batches_never_sync_with_the_host_and_match_the_cpu_ops():
     torch.testing.assert_close(on_gpu.cpu(), on_cpu, atol=2e-3, rtol=0)  # TF32 matmuls, if enabled, round more
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_cuda_training_step_never_syncs_with_the_host(tmp_path):
     """The trainer's whole step (device views, bf16 forward, NT-Xent, backward, fused Adam, schedule)."""
     from simclr.config import load_config
@@ -185,7 +185,7 @@ def test_cuda_training_step_never_syncs_with_the_host(tmp_path):
     assert loss.is_cuda and torch.isfinite(loss) and acc["top1"].is_cuda
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (compiling on the CPU takes minutes)")
+@pytest.mark.cuda  # not on the CPU: compiling there takes minutes
 def test_compiled_view_ops_match_eager_on_cuda():
     images = _uint8_images(count=128, side=96)
     eager = DeviceBatches(images, 64, ViewSettings(96), seed=0, device="cuda").make_batch(0, 1)

@@ -17,15 +17,43 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_benchmark_appends_runs_to_its_own_section(tmp_path):
-    from bench import throughput
+    from bench import throughput, write_section
 
     path = tmp_path / "BENCHMARKS.md"
     path.write_text("# Benchmarks\n\n<!-- other: start -->\nother table\n<!-- other: end -->\n")
-    throughput.append_run("### run one", path)
-    throughput.append_run("### run two", path)
+    for block in ("### run one", "### run two"):
+        write_section(path, throughput.START, throughput.END, block, throughput.SECTION_HEAD)
     text = path.read_text()
     assert text.count(throughput.START) == 1 and text.count("## Training throughput") == 1
     assert "other table" in text and text.index("### run one") < text.index("### run two") < text.index(throughput.END)
+
+
+def test_a_replacing_benchmark_keeps_one_table_and_every_other_section(tmp_path):
+    """bench.loss_scaling's way: its device's section holds the latest table only."""
+    from bench import write_section
+
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text("# Benchmarks\n\n<!-- a: start -->\nold\n<!-- a: end -->\n\n<!-- b: start -->\nb\n<!-- b: end -->\n")
+    write_section(path, "<!-- a: start -->", "<!-- a: end -->", "new", replace=True)
+    write_section(path, "<!-- c: start -->", "<!-- c: end -->", "c table", replace=True)
+    assert path.read_text() == ("# Benchmarks\n\n<!-- a: start -->\nnew\n<!-- a: end -->\n\n<!-- b: start -->\nb\n"
+                                "<!-- b: end -->\n\n<!-- c: start -->\nc table\n<!-- c: end -->\n")
+
+
+def test_one_helper_describes_the_machine_for_every_benchmark(monkeypatch):
+    """The CPU's model through simclr.precision's /proc/cpuinfo reader, the cores as run.py counts them; no
+    benchmark reads /proc/cpuinfo or counts cores itself."""
+    import startup
+    import simclr.precision
+    from bench import describe_machine
+
+    monkeypatch.setattr(simclr.precision, "read_cpuinfo", lambda: "processor\t: 0\nmodel name\t: Test CPU 9000\n")
+    monkeypatch.setattr(startup, "available_cpus", lambda: 3)
+    text = describe_machine("cpu")
+    assert text.startswith("Test CPU 9000, 3 cores;") and f"torch {torch.__version__}" in text
+    for path in [*(REPO / "bench").glob("*.py"), REPO / "bench" / "gpu_check.sh"]:
+        source = path.read_text()
+        assert path.name == "__init__.py" or ("cpuinfo" not in source and "sched_getaffinity" not in source), path
 
 
 def test_benchmark_runs_end_to_end_on_the_cpu(tmp_path, capsys):
@@ -138,13 +166,13 @@ def test_throughput_times_the_trainers_own_step(monkeypatch, capsys):
     assert throughput.main(TINY_THROUGHPUT) == 0
     assert len(calls) == 3 * 2  # three step rows (pre-made, CPU pipeline, device pipeline), 1 warm-up + 1 timed each
     assert all(shape == (4, 3, 32, 32) and flushed for shape, flushed in calls)
-    assert "precision: float32, NCHW (fp16_precision: false)" in capsys.readouterr().out
+    assert "precision: float32, channels-last (fp16_precision: false)" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("amp, layout, dtype, channels_last", [("none", "trainer", None, False),
-                                                              ("none", "channels-last", None, True),
-                                                              ("bf16", "trainer", torch.bfloat16, False),
-                                                              ("bf16", "channels-last", torch.bfloat16, True)])
+@pytest.mark.parametrize("amp, layout, dtype, channels_last", [("none", "trainer", None, True),
+                                                              ("none", "nchw", None, False),
+                                                              ("bf16", "trainer", torch.bfloat16, True),
+                                                              ("bf16", "nchw", torch.bfloat16, False)])
 def test_throughput_builds_the_trainer_for_its_settings(tmp_path, amp, layout, dtype, channels_last):
     from bench.throughput import create_trainer
 
@@ -177,6 +205,6 @@ def test_original_step_times_the_original_next_to_the_trainer(tmp_path, capsys):
                                "1", "--output", str(out)]) == 0
     text = out.read_text()
     assert original_step.START in text and "original (sthalles/SimCLR e8a690a)" in text
-    for row in ("float32, NCHW (fp16_precision: false, the default)", "float32, channels-last (fp16_precision: "
-                "false, channels-last forced)", "(fp16_precision: auto)"):
+    for row in ("float32, NCHW (fp16_precision: false, NCHW forced", "float32, channels-last (fp16_precision: "
+                "false, the default)", "(fp16_precision: auto)"):
         assert row in text

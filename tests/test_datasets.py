@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from data_aug.datasets import load_split, split_validation
-from data_aug.stl10 import DataError
+from data_aug.errors import DataError
 
 
 def test_digits_offline():

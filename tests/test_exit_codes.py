@@ -7,6 +7,7 @@ evaluation and the evaluation commands, and the checkpoints `keep_checkpoints` l
 """
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import subprocess
@@ -20,7 +21,7 @@ import torch
 import run
 import startup
 from data_aug.datasets import load_split
-from data_aug.stl10 import DataError
+from data_aug.errors import DataError
 from feature_eval import evaluate as evaluate_module
 from feature_eval import finetune as finetune_module
 from simclr.config import ConfigError, load_config
@@ -37,6 +38,91 @@ def test_the_documented_table_is_the_code_s():
     in_code = {value: name for name, value in vars(startup).items() if name.startswith("EXIT_")}
     assert documented == in_code and len(in_code) == 5
     assert "docs/EXIT_CODES.md" in (ROOT / "README.md").read_text()
+
+
+# ---- the one error policy: startup.ERROR_POLICY, for run.py, the evaluation commands and export -----------------
+
+class _NewUserError(RuntimeError):
+    """A kind of error with no row in the table until a test gives it one."""
+
+
+def test_every_row_of_the_error_policy_names_an_error_class():
+    assert "startup.ERROR_POLICY" in (ROOT / "docs" / "EXIT_CODES.md").read_text()
+    for key in startup.ERROR_POLICY:
+        module, name = key.rsplit(".", 1)
+        cls = getattr(importlib.import_module(module), name)
+        assert issubclass(cls, BaseException) and f"{cls.__module__}.{cls.__qualname__}" == key, key
+
+
+def test_an_error_is_said_once_or_by_each_rank_as_its_row_says_and_a_bug_is_raised_again(capsys):
+    from simclr.dist import DeviceError
+
+    assert startup.report_error(ConfigError("batch_size = 9: too big"), rank=1) == startup.EXIT_USAGE
+    assert capsys.readouterr().err == ""  # every rank reads the same config: rank 0 says it
+    assert startup.report_error(DeviceError("device: cuda is missing"), rank=1) == startup.EXIT_USAGE  # its own row
+    assert capsys.readouterr().err == "config error (rank 1): device: cuda is missing\n"
+
+    class DamagedLabels(DataError):  # no row of its own: its base class's
+        pass
+
+    assert startup.report_error(DamagedLabels("labels.bin is short"), rank=2) == startup.EXIT_ERROR
+    assert startup.report_error(PermissionError(13, "Permission denied", "/x"), text="said here") == startup.EXIT_ERROR
+    assert capsys.readouterr().err.splitlines() == ["error (rank 2): labels.bin is short", "error: said here"]
+    bug = ValueError("a bug")
+    with pytest.raises(ValueError) as raised:
+        startup.report_error(bug)
+    assert raised.value is bug and capsys.readouterr().err == ""
+
+
+def _raise(error):
+    def fail(*args, **kwargs):
+        raise error
+    return fail
+
+
+@pytest.mark.parametrize("command", ["run.py", "evaluate", "export"])
+def test_every_command_follows_the_one_table(command, monkeypatch, tmp_path, capsys):
+    from pretrained_models import export as export_module
+
+    def invoke(error) -> int:
+        if command == "run.py":
+            class Failing(Trainer):
+                __init__ = _raise(error)
+
+            argv = ["--config", str(ROOT / "config.yaml"), "device=cpu", f"run_dir={tmp_path / 'r'}"]
+            return run.main(argv, trainer_class=Failing)
+        if command == "evaluate":
+            monkeypatch.setattr(evaluate_module, "evaluate", _raise(error))
+            return evaluate_module.main(["--checkpoint", "x"])
+        monkeypatch.setattr(export_module, "export_package", _raise(error))
+        return export_module.main(["x", "--packages-dir", str(tmp_path / "p")])
+
+    key = f"{__name__}._NewUserError"  # a row added to the table reaches every command
+    monkeypatch.setitem(startup.ERROR_POLICY, key, startup.ErrorRule(startup.EXIT_USAGE, "new error"))
+    for error, code, first in ((_NewUserError("fix this"), startup.EXIT_USAGE, "new error: fix this"),
+                               (PermissionError(13, "Permission denied", "/x/out"), startup.EXIT_ERROR,
+                                "error: Permission denied: /x/out")):
+        status = invoke(error)
+        lines = capsys.readouterr().err.splitlines()
+        assert status == code and len(lines) == 1 and lines[0].startswith(first), (command, lines)
+    monkeypatch.delitem(startup.ERROR_POLICY, key)  # without its row it is a bug: raised, with its traceback
+    with pytest.raises(_NewUserError):
+        invoke(_NewUserError("fix this"))
+
+
+def test_run_py_words_the_gpu_s_memory_and_a_full_disk_in_its_own_keys(tmp_path, capsys):
+    for error, said in ((torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                         "error: the GPU ran out of memory: lower batch_size, use grad_cache_chunks, or set "
+                         "fp16_precision: true"),
+                        (OSError(28, "No space left on device", "/r/x.pt"),
+                         "error: No space left on device: /r/x.pt (check run_dir, dataset.root and the free disk "
+                         "space)")):
+        class Failing(Trainer):
+            __init__ = _raise(error)
+
+        argv = ["--config", str(ROOT / "config.yaml"), "device=cpu", f"run_dir={tmp_path / 'r'}"]
+        assert run.main(argv, trainer_class=Failing) == startup.EXIT_ERROR
+        assert capsys.readouterr().err.splitlines() == [said]
 
 
 # ---- run.py: each way a run ends -------------------------------------------------------------------------------

@@ -257,12 +257,12 @@ def test_sigterm_to_the_whole_process_group_with_dataloader_workers_is_a_clean_s
 
 
 def test_a_bad_image_met_by_a_worker_and_a_second_signal_end_in_one_line(tmp_path, monkeypatch, capsys):
-    from data_aug.stl10 import DataError
+    from data_aug.errors import DataError
 
     wrapped = DataError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
-                        "last):\n  File \"x.py\", line 1, in f\ndata_aug.stl10.DataError: cannot decode image "
+                        "last):\n  File \"x.py\", line 1, in f\ndata_aug.errors.DataError: cannot decode image "
                         "/d/a b.jpg (truncated): remove or replace the file")
-    assert run.one_line(wrapped) == "cannot decode image /d/a b.jpg (truncated): remove or replace the file"
+    assert startup.error_text(wrapped) == "cannot decode image /d/a b.jpg (truncated): remove or replace the file"
 
     def raise_(error):
         def fit(self):

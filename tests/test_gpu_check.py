@@ -1,9 +1,11 @@
-"""The pieces of bench/gpu_check.sh on the CPU: synthetic STL10, the CUDA-test lister, the GPU monitor, the run summary."""
+"""bench/gpu_check.sh on the CPU: synthetic STL10, the `cuda` marker, nvidia-smi's samples, the run summary, and the
+whole script's dry run."""
 from __future__ import annotations
 
+import datetime
 import json
 import os
-import signal
+import re
 import subprocess
 import sys
 import time
@@ -13,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench import cuda_tests, gpu_monitor, loss_scaling, run_summary, stl10_synth
+from bench import run_summary, stl10_synth
 from data_aug.stl10 import read_stl10
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,97 +61,48 @@ def test_synthetic_stl10_cli_refuses_an_empty_split_in_one_line(tmp_path, capsys
 
 # ---------- the CUDA-only tests ----------
 
-def test_cuda_test_lister_finds_functions_methods_and_marked_modules(tmp_path):
-    (tmp_path / "test_a.py").write_text(
-        "import pytest, torch\n"
-        "@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')\n"
-        "def test_on_gpu(): pass\n"
-        "@pytest.mark.skipif(torch.cuda.is_available(), reason='needs a machine without CUDA')\n"
-        "def test_without_gpu(): pass\n"
-        "def test_anywhere(): pass\n"
-        "class TestGroup:\n"
-        "    @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')\n"
-        "    def test_method(self): pass\n"
-        "    def test_other(self): pass\n")
-    (tmp_path / "test_b.py").write_text(
-        "import pytest, torch\n"
-        "pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')]\n"
-        "def test_all(): pass\n")
-    name = tmp_path.name
-    assert cuda_tests.cuda_only_tests(tmp_path) == [f"{name}/test_a.py::test_on_gpu",
-                                                    f"{name}/test_a.py::TestGroup::test_method",
-                                                    f"{name}/test_b.py::test_all"]
+def test_cuda_tests_carry_the_marker_not_a_skipif_of_their_own():
+    """`pytest -m cuda tests` (bench/gpu_check.sh) finds a CUDA test only through its marker."""
+    own_skip = re.compile(r"skipif\(\s*not\s+torch\.cuda\.is_available\(\)")
+    for path in sorted((REPO / "tests").glob("test_*.py")):
+        assert not own_skip.search(path.read_text()), path.name
+    assert sum(line.startswith("@pytest.mark.cuda") for line in (REPO / "tests" / "test_batches.py").open()) == 3
 
 
-def test_cuda_test_lister_on_this_repo():
-    found = cuda_tests.cuda_only_tests()
-    assert "tests/test_batches.py::test_compiled_view_ops_match_eager_on_cuda" in found
-    assert not any("test_config.py" in node for node in found)  # those skip *with* CUDA
-    assert all((REPO / node.split("::")[0]).is_file() for node in found)
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.slow
+def test_the_cuda_marker_selects_those_tests_and_skips_them_without_a_gpu():
+    done = subprocess.run([sys.executable, "-m", "pytest", "-v", "-rs", "-m", "cuda", "-p", "no:cacheprovider",
+                           "tests/test_batches.py"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:]
+    skipped = [line.split(" ")[0] for line in done.stdout.splitlines() if line.startswith("tests/") and " SKIPPED " in line]
+    assert skipped == ["tests/test_batches.py::test_cuda_batches_never_sync_with_the_host_and_match_the_cpu_ops",
+                       "tests/test_batches.py::test_cuda_training_step_never_syncs_with_the_host",
+                       "tests/test_batches.py::test_compiled_view_ops_match_eager_on_cuda"]
+    assert "needs CUDA (marked cuda)" in done.stdout and " passed" not in done.stdout.splitlines()[-1]
 
 
-# ---------- the GPU monitor ----------
+# ---------- nvidia-smi's samples and the run summary ----------
 
-@pytest.fixture
-def no_pynvml(monkeypatch):
-    monkeypatch.setitem(sys.modules, "pynvml", None)  # `import pynvml` raises ImportError
-
-
-def test_monitor_without_a_gpu_records_why_instead_of_failing(tmp_path, monkeypatch, no_pynvml):
-    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    with gpu_monitor.GpuMonitor(tmp_path / "gpu.csv", interval=0.01) as monitor:
-        time.sleep(0.05)
-    stats = json.loads((tmp_path / "gpu.json").read_text())
-    assert monitor.source == stats["source"] == "none" and stats["samples"] == 0
-    assert stats["note"].startswith("no GPU:") and "nvidia-smi" in stats["note"]
-    assert (tmp_path / "gpu.csv").read_text().splitlines() == ["time,util_percent,memory_used_mib"]
+def _smi_line(when: float, util: float, memory: float) -> str:
+    """A line of `nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader,nounits`."""
+    return f"{datetime.datetime.fromtimestamp(when).strftime('%Y/%m/%d %H:%M:%S.%f')[:-3]}, {util:g}, {memory:.0f}\n"
 
 
-def test_monitor_reads_a_streaming_nvidia_smi(tmp_path, monkeypatch, no_pynvml):
-    fake = tmp_path / "bin" / "nvidia-smi"
-    fake.parent.mkdir()
-    fake.write_text("#!/bin/sh\nwhile true; do echo \"$(date '+%Y/%m/%d %H:%M:%S.%3N'), 87, 1024\"; sleep 0.02; done\n")
-    fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
-    start = time.time()
-    monitor = gpu_monitor.GpuMonitor(tmp_path / "gpu.csv", interval=0.02).start()
-    time.sleep(0.4)
-    stats = monitor.stop()
-    assert stats["source"] == "nvidia-smi" and stats["samples"] >= 2, stats
-    assert stats["util_mean"] == stats["util_p50"] == 87 and stats["memory_used_max_mib"] == 1024
-    assert all(start - 2 < t < time.time() + 2 for t, _, _ in monitor.samples)  # nvidia-smi's clock, as Unix time
+def test_nvidia_smi_samples_are_read_in_unix_time_and_summarised(tmp_path):
+    now = time.time()
+    util = [10.0, 20.0, 90.0, 40.0, 55.0]
+    (tmp_path / "gpu.csv").write_text("timestamp, utilization.gpu [%], memory.used [MiB]\n" + "".join(
+        _smi_line(now + i, u, 100 * i) for i, u in enumerate(util)) + "2026/12/05 01:02:03.456, [N/A], [N/A]\n")
+    samples = run_summary.read_gpu_samples(tmp_path / "gpu.csv")
+    assert [u for _, u, _ in samples] == util and abs(samples[0][0] - now) < 0.01
+    stats = run_summary.gpu_stats(samples)
+    assert stats["samples"] == 5 and stats["seconds"] == pytest.approx(4, abs=0.01)
+    assert stats["memory_used_max_mib"] == 400 and stats["util_mean"] == pytest.approx(np.mean(util))
+    for q in (10, 50, 90):
+        assert stats[f"util_p{q}"] == pytest.approx(np.percentile(util, q))
+    assert run_summary.read_gpu_samples(tmp_path / "absent.csv") == [] and run_summary.gpu_stats([]) == {"samples": 0}
 
-
-def test_monitor_polls_pynvml(tmp_path, monkeypatch):
-    from types import SimpleNamespace
-
-    readings = iter(range(10, 1000, 10))
-    fake = SimpleNamespace(nvmlInit=lambda: None, nvmlDeviceGetHandleByIndex=lambda index: index,
-                           nvmlDeviceGetUtilizationRates=lambda handle: SimpleNamespace(gpu=next(readings)),
-                           nvmlDeviceGetMemoryInfo=lambda handle: SimpleNamespace(used=3 * 2**30))
-    monkeypatch.setitem(sys.modules, "pynvml", fake)
-    with gpu_monitor.GpuMonitor(tmp_path / "gpu.csv", interval=0.01) as monitor:
-        time.sleep(0.1)
-    stats = json.loads((tmp_path / "gpu.json").read_text())
-    assert stats["source"] == "pynvml" and stats["samples"] >= 2 and stats["memory_used_max_mib"] == 3072
-    util = [u for _, u, _ in monitor.samples]
-    assert util[:2] == [10, 20] and stats["util_mean"] == pytest.approx(np.mean(util))
-    assert stats["util_p50"] == pytest.approx(np.percentile(util, 50))
-
-
-def test_monitor_cli_stops_on_sigterm_and_writes_its_summary(tmp_path):
-    env = {**os.environ, "PATH": str(tmp_path), "PYTHONPATH": str(REPO)}
-    process = subprocess.Popen([sys.executable, "-c", "import sys; sys.modules['pynvml'] = None\n"
-                                "from bench.gpu_monitor import main; sys.exit(main())", "--csv", str(tmp_path / "g.csv")],
-                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert "sampling with none" in process.stdout.readline()  # started, handlers installed
-    process.send_signal(signal.SIGTERM)
-    out, err = process.communicate(timeout=20)
-    assert process.returncode == 0, err
-    assert json.loads((tmp_path / "g.json").read_text())["note"].startswith("no GPU")
-
-
-# ---------- the run summary ----------
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
@@ -173,7 +126,7 @@ def tiny_run(tmp_path_factory):
 
 
 def test_run_summary_of_a_real_run_places_gpu_samples_in_each_epoch(tiny_run, tmp_path):
-    steps, epochs = run_summary.read_records(tiny_run)
+    _, steps, epochs = run_summary.read_run(tiny_run)
     ends = run_summary.epoch_end_times(tiny_run)
     assert len(epochs) == 2 and len(ends) == 2
     steps_per_epoch = max(r["step"] for r in steps if r["epoch"] == 0) + 1
@@ -182,8 +135,7 @@ def test_run_summary_of_a_real_run_places_gpu_samples_in_each_epoch(tiny_run, tm
     samples = [(second_start - 50 + t, 0.0, 100.0) for t in range(0, 50, 5)]  # before it: idle
     samples += [(second_start + f * (second_end - second_start), 80.0, 500.0) for f in (0.1, 0.5, 0.9)]
     samples += [(second_end + 5, 0.0, 100.0)]
-    (tmp_path / "gpu.csv").write_text("time,util_percent,memory_used_mib\n"
-                                      + "".join(f"{t:.3f},{u:g},{m:.0f}\n" for t, u, m in samples))
+    (tmp_path / "gpu.csv").write_text("".join(_smi_line(*s) for s in samples))
     summary = run_summary.summarize_run(tiny_run, tmp_path / "gpu.csv")
     first, second = summary["epochs"]
     assert second["images"] == steps_per_epoch * summary["batch_size"]
@@ -191,6 +143,7 @@ def test_run_summary_of_a_real_run_places_gpu_samples_in_each_epoch(tiny_run, tm
     assert second["gpu_busy_percent"] == 80 and second["gpu_samples"] == 3 and second["gpu_memory_max_mib"] == 500
     assert summary["steady"]["epochs"] == [2] and summary["steady"]["gpu_busy_percent"] == 80
     assert summary["steady"]["stl10_epoch_seconds"] == pytest.approx(105_000 / second["images_per_s"])
+    assert summary["gpu"]["samples"] == len(samples) and summary["gpu"]["memory_used_max_mib"] == 500
     text = run_summary.format_summary(summary, target_seconds=10, target_busy=90)
     assert "epoch 2:" in text and "GPU busy 80.0%" in text and "target: GPU busy >= 90%: MISSED (80.0%)" in text
 
@@ -207,7 +160,7 @@ def test_run_summary_of_a_run_cut_short_uses_its_step_records(tmp_path, capsys):
     records = [{"kind": "step", "epoch": 0, "step": s - 1, "global_step": s, "loss": 5.0, "lr": 3e-4, "top1": 0.1,
                 "top5": 0.3, "images_per_s": rate} for s, rate in ((50, 1000.0), (100, 9000.0), (150, 11000.0))]
     _write_run(tmp_path / "run", records)
-    (tmp_path / "gpu.csv").write_text("time,util_percent,memory_used_mib\n1.0,50,10\n2.0,70,20\n")
+    (tmp_path / "gpu.csv").write_text(_smi_line(1.0, 50, 10) + _smi_line(2.0, 70, 20))
     assert run_summary.main([str(tmp_path / "run"), "--gpu-csv", str(tmp_path / "gpu.csv"), "--json",
                              str(tmp_path / "s.json"), "--target-epoch-seconds", "10"]) == 0
     out = capsys.readouterr().out
@@ -216,22 +169,18 @@ def test_run_summary_of_a_run_cut_short_uses_its_step_records(tmp_path, capsys):
     assert "no epoch finished" in out and "target: an STL10 epoch <= 10 s: MISSED (10.5 s)" in out
 
 
-def test_run_summary_names_a_missing_file_in_one_line(tmp_path, capsys):
+def test_run_summary_without_samples_says_why_and_names_a_missing_file_in_one_line(tmp_path, capsys):
+    _write_run(tmp_path / "run", [{"kind": "epoch", "epoch": 0, "train_loss": 5.0, "seconds": 3.0}])
+    (tmp_path / "gpu.csv").write_text("")  # what gpu_check.sh leaves where there is no nvidia-smi
+    summary = run_summary.summarize_run(tmp_path / "run", tmp_path / "gpu.csv")
+    assert summary["gpu_note"] == f"no GPU samples in {tmp_path / 'gpu.csv'}"
+    assert "GPU busy n/a (no GPU samples in" in run_summary.format_summary(summary, target_busy=90)
     assert run_summary.main([str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "metrics.jsonl is missing" in err
 
 
-# ---------- loss_scaling --output and the script ----------
-
-@pytest.mark.slow
-def test_loss_scaling_writes_its_section_to_the_given_file(tmp_path, capsys):
-    out = tmp_path / "loss.md"
-    assert loss_scaling.main(["--sizes", "8", "--seed-up-to", "0", "--repeats", "1", "--output", str(out)]) == 0
-    text = out.read_text()
-    assert "<!-- bench/loss_scaling.py cpu: start -->" in text and "| 8 (16) |" in text
-    assert f"wrote {out}" in capsys.readouterr().out
-
+# ---------- the script ----------
 
 def test_gpu_check_script_parses_and_refuses_a_bad_option():
     script = REPO / "bench" / "gpu_check.sh"
@@ -248,3 +197,42 @@ def test_gpu_check_without_a_gpu_stops_at_once_unless_dry_run(tmp_path):
     done = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), str(tmp_path / "out")], capture_output=True,
                           text=True, env={**os.environ, "DATA_DIR": str(tmp_path / "data")}, timeout=120)
     assert done.returncode == 2 and "--dry-run" in done.stderr and done.stderr.count("\n") == 1
+
+
+FAKE_NVIDIA_SMI = """#!/bin/sh
+# a stand-in for nvidia-smi: with -lms, a sample every 0.05 s as the real one prints them; else one line
+case "$*" in
+  *-lms*) while true; do echo "$(date '+%Y/%m/%d %H:%M:%S.%3N'), 87, 1024"; sleep 0.05; done ;;
+  *) echo "fake nvidia-smi $*" ;;
+esac
+"""
+PARTS = ("env", "synth", "cuda_tests", "run_device", "run_device_summary", "run_cpu", "run_cpu_summary", "throughput",
+         "loss_scaling", "throughput_compile")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.slow
+def test_gpu_check_dry_run_passes_every_part(tmp_path):
+    """`bash bench/gpu_check.sh --dry-run` end to end, with a stand-in nvidia-smi on PATH so that each run's GPU
+    sampling and summary are exercised too. TORCH_COMPILE_DISABLE=1: a cold torch.compile of ResNet-18 takes minutes
+    on 2 cores, so here throughput_compile checks the `--compile` plumbing, not the compiler."""
+    fake = tmp_path / "bin" / "nvidia-smi"
+    fake.parent.mkdir()
+    fake.write_text(FAKE_NVIDIA_SMI)
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    env = {**os.environ, "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}", "DATA_DIR": str(tmp_path / "data"),
+           "TORCH_COMPILE_DISABLE": "1"}
+    done = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--dry-run", str(out)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:]
+    outcomes = dict(line.split("\t")[:2] for line in (out / "parts.tsv").read_text().splitlines())
+    assert outcomes == {part: "passed" for part in PARTS}
+    summary = (out / "summary.txt").read_text()
+    assert "3 skipped" in summary  # the cuda-marked tests, collected and skipped here
+    device_run = (out / "run_device_summary.log").read_text()
+    assert "epoch 2:" in device_run and "GPU busy 87.0%" in device_run and "MISSED (87.0%)" in device_run
+    assert json.loads((out / "run_cpu_summary.json").read_text())["gpu"]["util_mean"] == 87
+    assert "| model alone on pre-made views (ceiling) |" in (out / "throughput_compile.md").read_text()
+    assert "<!-- bench/loss_scaling.py cpu: start -->" in (out / "loss_scaling.md").read_text()
+    assert "| 64 (128) |" in summary and f"wrote {out / 'loss_scaling.md'}" in (out / "loss_scaling.log").read_text()

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from data_aug.datasets import load_split
-from data_aug.stl10 import DataError, read_stl10
+from data_aug.errors import DataError
+from data_aug.stl10 import read_stl10
 from tests.conftest import write_stl10
 
 
