@@ -23,7 +23,7 @@ import startup  # standard library only
 from data_aug.datasets import load_split
 from data_aug.errors import DataError
 from feature_eval.features import best_device
-from models.loading import (CheckpointLoadError, encoder_from_state, file_sha256, read_checkpoint,
+from models.loading import (CheckpointLoadError, encoder_from_state, file_sha256, read_weights,
                             resolve_checkpoint, run_dir_of, trained_epochs)
 from models.resnet_simclr import ARCHITECTURES, Encoder
 from simclr.config import Config, ConfigError, DatasetConfig, saved_config
@@ -128,7 +128,7 @@ def open_context(checkpoint: str | Path, options: RunOptions,
     """
     device = check_device(options.device)
     file = resolve_checkpoint(checkpoint)
-    state = read_checkpoint(file)
+    state = read_weights(file)
     encoder = encoder_from_state(state, file, device if encoder_device is None else encoder_device)
     try:
         config = saved_config(state)

@@ -47,7 +47,7 @@ def resolve_checkpoint(source: str | Path) -> Path:
     3. otherwise an error (for an unknown name, one that lists the packages present).
 
     Returns:
-        A checkpoint `.pt` or a `model.safetensors`: `read_checkpoint` reads both.
+        A checkpoint `.pt` or a `model.safetensors`: `read_weights` reads both.
     Raises:
         CheckpointLoadError: nothing there, an ambiguous name, a run without `checkpoints/last.pt`, a package
             without its weights (the message says where to put a download).
@@ -80,12 +80,16 @@ def resolve_checkpoint(source: str | Path) -> Path:
         raise CheckpointLoadError(str(err) if package.exists() else f"no run {run} and {err}") from None
 
 
-def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """The state in a checkpoint `.pt` (`torch.load(weights_only=True)`) or a package's `.safetensors`, upgraded
-    to the current format (`upgrade_checkpoint`), with one clear error for a damaged or unsafe file.
+def read_weights(path: str | Path, map_location="cpu") -> dict:
+    """The weights, with what says how to rebuild them, of any weights file: a checkpoint `.pt`
+    (`torch.load(weights_only=True)`) or a package's `.safetensors`, upgraded to the current format
+    (`upgrade_checkpoint`), with one clear error for a damaged or unsafe file.
 
-    A package is read by `models.packages.read_package` into the same shape (`model`, `config`, `next_epoch`);
-    `map_location` is then ignored (its tensors are on the CPU).
+    Returns:
+        dict with `model` (the full state dict), `config` (the training config dict, where the file has one) and
+        `next_epoch`; a checkpoint's other training state (optimiser, ...) too, which only a resume reads
+        (`simclr.checkpoint.read_resume_state`). A package is read by `models.packages.read_package` into the
+        same shape; `map_location` is then ignored (its tensors are on the CPU).
     """
     path = Path(path)
     if path.suffix == ".safetensors":
@@ -149,11 +153,11 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> Encode
         `trained_epochs` attributes.
     """
     file = resolve_checkpoint(path)
-    return encoder_from_state(read_checkpoint(file), file, device)
+    return encoder_from_state(read_weights(file), file, device)
 
 
 def encoder_from_state(state: dict, file: str | Path, device: str | torch.device = "cpu") -> Encoder:
-    """`load_encoder` of a state `read_checkpoint(file)` returned (for a caller that reads more of it)."""
+    """`load_encoder` of a state `read_weights(file)` returned (for a caller that reads more of it)."""
     if not isinstance(state.get("config"), dict):
         raise CheckpointLoadError(f"checkpoint {file} has no training config, so its architecture is unknown: is it "
                                   "a checkpoint of this repo?")
@@ -200,7 +204,7 @@ def load_weights_only(model: nn.Module, source: str, log) -> None:
                 "without them. Set fine_tune_from: None to silence this.")
             return
         raise CheckpointLoadError(f"fine_tune_from = {source!r}: {err}") from None
-    weights = read_checkpoint(path)["model"]
+    weights = read_weights(path)["model"]
     own = model.state_dict()
     usable = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
     missing = [k for k in own if k not in usable]

@@ -21,7 +21,6 @@ import json
 import re
 from pathlib import Path
 
-import torch
 import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
@@ -148,11 +147,6 @@ def read_package(path: str | Path) -> dict:
     epochs = metadata.get("epochs")
     return {"model": state, "config": config, "next_epoch": int(epochs) if epochs not in (None, "") else None,
             "package": manifest}
-
-
-def read_package_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """The full ResNetSimCLR state dict (`encoder.backbone.*`, `head.net.*`) of a package folder or its weights file."""
-    return read_package(path)["model"]
 
 
 def _read_config(folder: Path) -> dict:

@@ -38,7 +38,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from models.loading import (RUNS_DIR, CheckpointLoadError, encoder_state_dict, file_sha256, read_checkpoint,
+from models.loading import (RUNS_DIR, CheckpointLoadError, encoder_state_dict, file_sha256, read_weights,
                             resolve_checkpoint, run_dir_of)
 from models.packages import (CARD_FILE, CONFIG_FILE, EVAL_DIR, FORMAT, FORMAT_VERSION, MANIFEST_FILE, PACKAGES_DIR,
                              WEIGHTS_FILE, find_package, is_package_dir, is_package_name, list_packages, read_manifest,
@@ -125,7 +125,7 @@ def read_source(source: str | Path) -> Source:
     file = resolve_checkpoint(source)
     if file.suffix == ".safetensors":
         raise ExportError(f"{source} is already a package ({file}); export a run dir or a checkpoint .pt")
-    state = read_checkpoint(file)
+    state = read_weights(file)
     try:
         config = saved_config(state)
     except (KeyError, ConfigError) as err:

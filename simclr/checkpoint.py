@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from models.loading import CHECKPOINT_VERSION, CheckpointLoadError, read_checkpoint
+from models.loading import CHECKPOINT_VERSION, CheckpointLoadError, read_weights
 
-VERSION = CHECKPOINT_VERSION  # the format that models.loading.read_checkpoint reads (and upgrades older ones to)
+VERSION = CHECKPOINT_VERSION  # the format that models.loading.read_weights reads (and upgrades older ones to)
 LAST, PREVIOUS, BEST = "last.pt", "last.prev.pt", "best.pt"
 
 
@@ -30,7 +30,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
-def save_checkpoint(path: str | Path, state: dict, keep_previous: bool = False) -> None:
+def save_checkpoint(path: str | Path, state: dict, keep_previous: bool = False, write=torch.save) -> None:
     """Write `state` to a temporary file in the same folder, fsync it, then rename it over `path`.
 
     A crash at any moment leaves either the old or the new file complete. With `keep_previous`, the
@@ -40,6 +40,9 @@ def save_checkpoint(path: str | Path, state: dict, keep_previous: bool = False) 
 
     The file gets the permissions of any other file the run writes (0o666 less the umask), so others
     on a shared machine can read it as they read config.yaml.
+
+    `write(obj, file)` puts the bytes into the open temporary file: `torch.save`, or in the tests a writer that
+    fails as a full disk does or pauses half-way (tests/fault_runner.py, through `Trainer.write_checkpoint`).
 
     Raises:
         CheckpointWriteError: the write failed (full disk, quota, file size limit); the previous checkpoint is intact.
@@ -53,7 +56,7 @@ def save_checkpoint(path: str | Path, state: dict, keep_previous: bool = False) 
     try:
         try:
             with open(tmp, "wb") as f:
-                torch.save({"version": VERSION, **state}, f)
+                write({"version": VERSION, **state}, f)
                 f.flush()
                 os.fsync(f.fileno())
         except RuntimeError as err:
@@ -145,9 +148,10 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Load a training checkpoint on the CPU with `weights_only=True`; damaged or unsafe files raise."""
-    state = read_checkpoint(path)
+def read_resume_state(path: str | Path) -> dict:
+    """The whole state of a training checkpoint, what a resume restores (weights, optimiser, `next_epoch`, config),
+    on the CPU with `weights_only=True`; damaged or unsafe files, and weights-only files (a package), raise."""
+    state = read_weights(path)
     missing = [k for k in ("next_epoch", "optimizer", "config") if k not in state]
     if missing:
         raise CheckpointLoadError(f"checkpoint {path} lacks {', '.join(missing)}: it is not a training checkpoint "
@@ -170,7 +174,7 @@ def find_resume_state(target: str | Path, auto: bool, log=print) -> tuple[Path, 
     """
     target = Path(target)
     if target.is_file():
-        return target, load_checkpoint(target)
+        return target, read_resume_state(target)
     if not target.is_dir():
         if auto:
             return None
@@ -184,7 +188,7 @@ def find_resume_state(target: str | Path, auto: bool, log=print) -> tuple[Path, 
     errors = []
     for path in found:
         try:
-            state = load_checkpoint(path)
+            state = read_resume_state(path)
         except CheckpointLoadError as err:
             if not auto:
                 others = [str(p) for p in found if p != path]

@@ -150,7 +150,7 @@ def config_from_dict(data: dict) -> Config:
 
 
 def saved_config(state: dict) -> Config:
-    """The typed Config of a checkpoint or package, from the state `models.loading.read_checkpoint` returns.
+    """The typed Config of a checkpoint or package, from the state `models.loading.read_weights` returns.
 
     That reader has already upgraded older formats (filling the keys their version lacked), so the saved dict is
     read here as written, strictly: a key this version does not know, or a value its rules refuse, is an error.

@@ -116,6 +116,10 @@ def describe_resume(checkpoint: Path, state: dict, epochs: int) -> tuple[bool, s
 class Trainer:
     """Owns the model, optimiser and loop; `fit()` runs the remaining epochs and returns the run dir."""
 
+    # How a checkpoint's bytes are written (`save_checkpoint`'s `write`): tests/fault_runner.py's subclass pauses
+    # half-way through, so that a test can kill the run there.
+    write_checkpoint = staticmethod(torch.save)
+
     def __init__(self, config: Config, info: DistInfo, resume: tuple[Path, dict] | None = None,
                  on_event: Callable[[str], None] | None = None, start_note: str | None = None):
         """`resume` is `(checkpoint path, state)` from `find_resume`, or None for a fresh run; `on_event` goes to
@@ -350,7 +354,8 @@ class Trainer:
         if self.info.is_main:
             state = self._state(epoch, steps_done)
             state.update(epoch_loss_sum=loss_sum, epoch_steps=count)
-            ckpt.save_checkpoint(self.run_dir / "checkpoints" / ckpt.LAST, state, keep_previous=self._keep_previous)
+            ckpt.save_checkpoint(self.run_dir / "checkpoints" / ckpt.LAST, state, self._keep_previous,
+                                 self.write_checkpoint)
         barrier()
         raise self.guard.preempted(f"at epoch {epoch + 1}, step {steps_done}")
 
@@ -439,9 +444,9 @@ class Trainer:
             writer.log(record, self.scheduler.last_epoch, "epoch")  # on the train tags' (global step) axis
             folder = self.run_dir / "checkpoints"
             state = self._state(epoch + 1)
-            ckpt.save_checkpoint(folder / ckpt.LAST, state, keep_previous=self._keep_previous)
+            ckpt.save_checkpoint(folder / ckpt.LAST, state, self._keep_previous, self.write_checkpoint)
             if is_best and self.config.keep_checkpoints != "last":
-                ckpt.save_checkpoint(folder / ckpt.BEST, state)
+                ckpt.save_checkpoint(folder / ckpt.BEST, state, write=self.write_checkpoint)
             self.log(f"epoch {epoch + 1}/{self.config.epochs}: {epoch_summary(record)}")
             self._write_curves()
         barrier()

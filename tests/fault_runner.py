@@ -3,8 +3,8 @@
 Run as a script, it is run.py with a marker line on stdout (and a short pause: FAULT_PAUSE seconds, at the
 events FAULT_PAUSE_ON lists, default all) at chosen moments, so a test can kill it there. Markers: `@@step` after
 each optimiser step, `@@validate` when validation starts, `@@monitor` when the kNN monitor starts, `@@saving:last`
-(or `:best`) half-way through writing that checkpoint's bytes. Imported, `on_nth` and `signal_self` build the
-`on_event` of an in-process run.
+(or `:best`) half-way through writing that checkpoint's bytes (`SlowSaveTrainer`, run.py's `trainer_class`).
+Imported, `on_nth` and `signal_self` build the `on_event` of an in-process run.
 """
 import io
 import os
@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 import run  # noqa: E402
-from simclr import checkpoint  # noqa: E402
+from simclr.trainer import Trainer  # noqa: E402
 
 PAUSE = float(os.environ.get("FAULT_PAUSE", "0.5"))
 PAUSE_ON = os.environ.get("FAULT_PAUSE_ON")  # comma-separated events to pause at (default: all)
@@ -47,20 +47,24 @@ def signal_self(signum: int):
     return lambda: os.kill(os.getpid(), signum)
 
 
+def slow_save(obj, f) -> None:
+    """torch.save that marks `saving:<name>` (and pauses) half-way through the bytes of checkpoints/<name>.pt."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    data = buffer.getvalue()
+    f.write(data[: len(data) // 2])
+    f.flush()
+    mark("saving:" + Path(f.name).name.split(".")[0])
+    f.write(data[len(data) // 2:])
+
+
+class SlowSaveTrainer(Trainer):
+    write_checkpoint = staticmethod(slow_save)
+
+
 def main() -> int:
-    save = torch.save
-
-    def slow_save(obj, f, *args, **kwargs):
-        buffer = io.BytesIO()
-        save(obj, buffer, *args, **kwargs)
-        data = buffer.getvalue()
-        f.write(data[: len(data) // 2])
-        f.flush()
-        mark("saving:" + Path(f.name).name.split(".")[0])
-        f.write(data[len(data) // 2:])
-
-    checkpoint.torch.save = slow_save
-    return run.main(sys.argv[1:], on_event=mark)  # the guard's events: "step", "validate", "monitor"
+    # the guard's events: "step", "validate", "monitor"; the trainer's checkpoint writes: "saving:<name>"
+    return run.main(sys.argv[1:], on_event=mark, trainer_class=SlowSaveTrainer)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
-"""The import arrows of ARCHITECTURE.md: which package may import which, no cycles, every module importable alone.
+"""The import rules of docs/ARCHITECTURE.md: which package may import which, no cycles, every module importable
+alone; the page's table is `ALLOWED` (a test compares them).
 
 Imports are read from the source (function-level ones too: a lazy import is still an arrow), so a cycle hidden
 inside a function is caught as well as one at module level.
 """
 import ast
 import functools
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "ARCHITECTURE.md"
 PACKAGES = ("simclr", "data_aug", "models", "loss", "knn", "feature_eval", "pretrained_models")
 TOP_MODULES = ("run", "startup")
 
@@ -21,7 +24,7 @@ ALLOWED = {
     "startup": set(),
     "simclr": {"startup", "data_aug", "models", "loss", "knn"},  # startup: for its command, simclr.preview
     "feature_eval": {"startup", "simclr.config", "data_aug", "models", "knn"},
-    "pretrained_models": {"startup", "simclr.config", "models"},
+    "pretrained_models": {"startup", "simclr.config", "models", "feature_eval.results"},  # the results format
     "models": set(),
     "loss": set(),
     "knn": set(),  # the neighbour search both the trainer's monitor and feature_eval use: torch only
@@ -72,7 +75,7 @@ def test_every_arrow_is_allowed():
         for imported in sorted(imported_modules(path)):
             if not allowed(module, imported):
                 wrong.append(f"{module} imports {imported}")
-    assert not wrong, "imports against ARCHITECTURE.md's arrows:\n" + "\n".join(wrong)
+    assert not wrong, "imports against docs/ARCHITECTURE.md's rules:\n" + "\n".join(wrong)
 
 
 def test_no_import_cycle_between_modules():
@@ -130,3 +133,21 @@ def test_every_module_imports_on_its_own():
     ) % (set(PACKAGES) | set(TOP_MODULES), sorted(project_modules()))
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def documented_rules() -> dict[str, set[str]]:
+    """The table of docs/ARCHITECTURE.md's "The rules": package -> the names in backticks of its "may import" cell."""
+    section = DOC.read_text().split("\n## The rules\n", 1)[1].split("\n## ", 1)[0]
+    rules = {}
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if line.startswith("| `"):  # | `package` | may import | holds |
+            rules[cells[0].strip("`")] = set(re.findall(r"`([\w.]+)`", cells[1]))
+    return rules
+
+
+def test_this_page_states_the_rules_the_test_enforces():
+    """docs/ARCHITECTURE.md's table is `ALLOWED`, and the page names every test of this file (each one a rule)."""
+    assert documented_rules() == ALLOWED
+    tests = [name for name in globals() if name.startswith("test_")]
+    assert len(tests) >= 5 and not [name for name in tests if f"`{name}`" not in DOC.read_text()]

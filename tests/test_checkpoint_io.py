@@ -22,18 +22,16 @@ from simclr.checkpoint import CheckpointWriteError, candidates, find_resume_stat
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_torch_write_error_is_a_checkpoint_write_error(tmp_path, monkeypatch):
+def test_torch_write_error_is_a_checkpoint_write_error(tmp_path):
     path = tmp_path / "checkpoints" / "last.pt"
     save_checkpoint(path, {"model": {"w": torch.ones(3)}, "next_epoch": 1})
 
-    def short_write(obj, f, *args, **kwargs):  # what torch's zip writer raises when the disk is full
+    def short_write(obj, f):  # what torch's zip writer raises when the disk is full
         f.write(b"partial")
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
 
-    monkeypatch.setattr(ckpt.torch, "save", short_write)
     with pytest.raises(CheckpointWriteError, match="unexpected pos.*previous checkpoint is intact"):
-        save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "next_epoch": 2}, keep_previous=True)
-    monkeypatch.undo()
+        save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "next_epoch": 2}, keep_previous=True, write=short_write)
     assert torch.load(path, weights_only=True)["next_epoch"] == 1
     assert [p.name for p in path.parent.iterdir()] == ["last.pt"]
 
@@ -155,13 +153,12 @@ def test_a_damaged_zip_directory_is_incomplete_not_an_exception(tmp_path, method
     assert ckpt.is_complete_checkpoint(path) is False
 
 
-def test_other_runtime_errors_while_saving_are_not_called_a_full_disk(tmp_path, monkeypatch):
-    def cuda_failure(obj, f, *args, **kwargs):
+def test_other_runtime_errors_while_saving_are_not_called_a_full_disk(tmp_path):
+    def cuda_failure(obj, f):
         raise RuntimeError("CUDA error: device-side assert triggered")
 
-    monkeypatch.setattr(ckpt.torch, "save", cuda_failure)
     with pytest.raises(RuntimeError, match="device-side assert"):
-        save_checkpoint(tmp_path / "last.pt", _training_state(1))
+        save_checkpoint(tmp_path / "last.pt", _training_state(1), write=cuda_failure)
     assert not list(tmp_path.iterdir())  # the temporary file is gone
 
 

@@ -139,21 +139,21 @@ def test_head_keys_are_validated(override):
 def test_an_older_checkpoint_is_upgraded_by_its_version_and_read_strictly(tmp_path):
     """A version-1 file written before `head_layers`/`head_bn` existed loads as the 2-layer head it trained with;
     a file of a newer format is refused with a message that says so."""
-    from models.loading import read_checkpoint
+    from models.loading import read_weights
 
     model, path = _checkpoint(tmp_path)
     state = torch.load(path, weights_only=True)
     for key in ("head_layers", "head_bn"):
         del state["config"]["model"][key]
     torch.save(state, path)
-    upgraded = read_checkpoint(path)
+    upgraded = read_weights(path)
     assert upgraded["config"]["model"]["head_layers"] == 2 and upgraded["config"]["model"]["head_bn"] is False
     assert "head_layers" not in torch.load(path, weights_only=True)["config"]["model"]  # the file is not changed
     assert load_encoder(path).config["model"] == {**upgraded["config"]["model"], "out_dim": 8}
     state["version"] = 99
     torch.save(state, path)
     with pytest.raises(CheckpointLoadError, match="format version 99.*reads up to 1"):
-        read_checkpoint(path)
+        read_weights(path)
 
 
 def test_a_checkpoint_without_a_training_config_is_a_clear_error(tmp_path):

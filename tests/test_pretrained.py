@@ -355,7 +355,7 @@ def test_force_replaces_a_package_and_the_default_name_follows_the_scheme(tmp_pa
     second = export_package(tmp_path / "b", root=root, force=True, log=lambda _: None)
     assert second == first and sorted(p.name for p in root.iterdir()) == ["INDEX.md", "resnet-18_3-epochs"]  # no temp
     b_weights = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=True)["model"]
-    assert_same_weights(packages.read_package_weights(second), b_weights, atol=0)
+    assert_same_weights(packages.read_package(second)["model"], b_weights, atol=0)
 
 
 @pytest.mark.parametrize("base_model, name", [("resnet34", "resnet-34"), ("wide_resnet50_2", "wide-resnet-50-2"),

@@ -79,13 +79,14 @@ def test_a_warning_is_one_line_and_the_hook_is_removed_afterwards(capsys):
                                                     "warning: deprecated thing [DeprecationWarning]"]
 
 
-def test_run_prints_warnings_on_one_line(monkeypatch, tmp_path, capsys):
-    def warn_then_fail(self, *args, **kwargs):
-        warnings.warn("a thing to know\nacross two lines", stacklevel=1)
-        raise TrainingError("stop here")
+def test_run_prints_warnings_on_one_line(tmp_path, capsys):
+    class WarnThenFail(Trainer):
+        def __init__(self, *args, **kwargs):
+            warnings.warn("a thing to know\nacross two lines", stacklevel=1)
+            raise TrainingError("stop here")
 
-    monkeypatch.setattr(Trainer, "__init__", warn_then_fail)
-    assert run.main(["device=cpu", f"run_dir={tmp_path / 'r'}", "--config", str(ROOT / "config.yaml")]) == 1
+    argv = ["device=cpu", f"run_dir={tmp_path / 'r'}", "--config", str(ROOT / "config.yaml")]
+    assert run.main(argv, trainer_class=WarnThenFail) == 1
     assert capsys.readouterr().err.splitlines() == ["warning: a thing to know across two lines", "error: stop here"]
 
 
