@@ -10,7 +10,7 @@ and `.json`. One line on stderr for a bad option (exit status 2), checkpoint or 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import shlex
 import sys
 import time
@@ -29,16 +29,15 @@ import numpy as np
 from feature_eval import baselines as baseline_features
 from feature_eval.classifiers import (MIN_HOLDOUT_ITEMS, ClassifierResult, adam_probe, knn_classifier, lbfgs_probe,
                                       weighted_knn)
-from feature_eval.context import (USER_ERRORS, EvalContext, EvalError, RunOptions, add_run_arguments,  # noqa: F401
-                                  check_bounds, check_device, check_writable, default_out_dir, open_context,
-                                  parse_names, print_written, results_stem, run_cli)
+from feature_eval.context import (EvalContext, EvalError, RunOptions, add_run_arguments, check_bounds, open_context,
+                                  parse_names, run_cli)
 from data_aug.view_grid import save_png
 from data_aug.views import create_eval_resize
 from feature_eval.features import FeatureSplit, cached_features, data_fingerprint, extract_features
 from knn.neighbours import cosine_neighbours
 from feature_eval.plots import confusion_counts, draw_neighbours, write_evaluation_plots
-from feature_eval.results import (CELLS, COLUMNS, EXTRACTOR_NAMES, finished_record, log_row,  # noqa: F401
-                                  markdown_table, result_row, write_results)
+from feature_eval.results import (Results, Row, current_rows, data_key, finished_record, log_row, markdown_table,
+                                  read_results, rewrite_command, table_caption, write_results)
 
 CLASSIFIERS = ("lbfgs", "adam", "knn")
 BASELINES = ("pca", "random")
@@ -88,8 +87,9 @@ class Evaluation:
     """What `evaluate` found.
 
     Attributes:
-        results: JSON-able record (rows, checkpoint, data set, split sizes, seed, options, timings).
-        table: the markdown table of `results["rows"]`.
+        results: JSON-able record (rows, checkpoint, data set, split sizes, seed, options, timings): the JSON.
+        rows: the table's rows (with those an earlier evaluation in the same file added, once written).
+        table: the markdown table of `rows`.
         classes: class names of the data set.
         features: extractor key (`simclr`, `random`, `pca`) -> (train, test) FeatureSplit.
         outcomes: (classifier key, extractor key) -> ClassifierResult, e.g. `("lbfgs", "simclr")`.
@@ -97,6 +97,7 @@ class Evaluation:
     """
 
     results: dict
+    rows: list[Row]
     table: str
     classes: list[str]
     features: dict[str, tuple[FeatureSplit, FeatureSplit]]
@@ -127,8 +128,9 @@ def evaluate(checkpoint: str | Path, options: EvalOptions | None = None, *, log:
         options: `EvalOptions`; `fields` are any of its attributes, given as keywords instead
             (`evaluate(run, classifiers="knn", device="cpu")`).
 
-    Written results keep the rows of an earlier evaluation of the same weights, data and options in the same
-    file that this one did not redo (`merge_earlier`); `Evaluation.results` and `.table` are then the merged ones.
+    Written results add these rows to the table already in the same file: its rows made under the same settings
+    that this evaluation did not redo stay (`_add_to_table`); `Evaluation.results`, `.rows` and `.table` are then
+    the whole table's.
     Returns:
         Evaluation (results dict, markdown table, features, per-row ClassifierResults, written paths).
     Raises:
@@ -149,7 +151,8 @@ def evaluate(checkpoint: str | Path, options: EvalOptions | None = None, *, log:
         f"{', '.join(baselines) or 'none'}")
     timings: dict[str, float] = {}
     features, extractors = extract_all(ctx, options, baselines, timings, log)
-    rows, outcomes = score(ctx, features, extractors, _protocols(classifiers, ctx, options), log)
+    settings = _settings(ctx, options)
+    rows, outcomes = score(ctx, features, extractors, _protocols(classifiers, ctx, options), settings, log)
     timings["total"] = round(time.perf_counter() - started, 3)
     o = options
     results = {
@@ -160,13 +163,24 @@ def evaluate(checkpoint: str | Path, options: EvalOptions | None = None, *, log:
                     "C": o.C, "max_iter": o.max_iter, "knn_k": o.knn_k, "weighted_knn_k": o.weighted_knn_k,
                     "weighted_knn_temperature": o.weighted_knn_temperature},
         "baselines": {name: extractors[name] for name in baselines},
-        "rows": rows, "timings_s": timings, **finished_record(ctx.device)}
-    for row in rows:
-        row["evaluated"] = results["finished"]
-    evaluation = Evaluation(results, markdown_table(rows), ctx.classes, features, outcomes)
+        "timings_s": timings, **finished_record(ctx.device)}
+    rows = current_rows([dataclasses.replace(row, evaluated=results["finished"]) for row in rows], settings)
+    results["rows"] = [row.to_json() for row in rows]
+    evaluation = Evaluation(results, rows, markdown_table(rows), ctx.classes, features, outcomes)
     if options.write:
-        _write(evaluation, ctx, options, started, log)
+        _write(evaluation, ctx, options, settings, started, log)
     return evaluation
+
+
+def _settings(ctx: EvalContext, o: EvalOptions) -> dict[str, dict]:
+    """What each protocol's rows depend on, by option: rows stand in one table only when made under the same
+    settings (the same weights, data and seed, and the same options of their protocol)."""
+    same = {"weights": ctx.checkpoint_sha256, "--seed": o.seed,
+            "data": data_key(ctx.dataset, ctx.root, ctx.input_size, len(ctx.train_set), len(ctx.test_set))}
+    return {"lbfgs": {**same, "--C": o.C, "--max-iter": o.max_iter}, "adam": same,
+            "knn": {**same, "--knn-k": o.knn_k},
+            "weighted_knn": {**same, "--weighted-knn-k": o.weighted_knn_k,
+                             "--weighted-knn-temperature": o.weighted_knn_temperature}}
 
 
 def extract_all(ctx: EvalContext, options: EvalOptions, baselines: tuple[str, ...], timings: dict,
@@ -184,10 +198,10 @@ def extract_all(ctx: EvalContext, options: EvalOptions, baselines: tuple[str, ..
     baseline_cache = ((Path(o.cache_dir) / "baselines" if o.cache_dir is not None else baseline_features.BASELINE_CACHE)
                       if o.cache else None)
     splits = (("train", ctx.train_set), ("test", ctx.test_set))
-    data_key = {"dataset": ctx.dataset, "root": str(ctx.root.resolve()), "input_size": ctx.input_size}
     fingerprints = {name: data_fingerprint(data) for name, data in splits} if cache_dir else {}
     tic = time.perf_counter()
-    key = {"extractor": "simclr", "checkpoint_sha256": ctx.checkpoint_sha256, **data_key}
+    key = {"extractor": "simclr", "checkpoint_sha256": ctx.checkpoint_sha256, "dataset": ctx.dataset,
+           "root": str(ctx.root.resolve()), "input_size": ctx.input_size}
     features = {"simclr": tuple(cached_features(
         cache_dir, {**key, "split": name, "data": fingerprints.get(name)},
         lambda data=data, name=name: extract_features(ctx.encoder, data, ctx.input_size, o.batch_size, ctx.device,
@@ -215,57 +229,52 @@ def extract_all(ctx: EvalContext, options: EvalOptions, baselines: tuple[str, ..
     return features, extractors
 
 
-def score(ctx: EvalContext, features: dict, extractors: dict, protocols: list,
-          log: Callable[[str], None]) -> tuple[list[dict], dict]:
-    """Each protocol on each extractor's features: the result rows (in table order) and their ClassifierResults."""
+def score(ctx: EvalContext, features: dict, extractors: dict, protocols: list, settings: dict[str, dict],
+          log: Callable[[str], None]) -> tuple[list[Row], dict]:
+    """Each protocol on each extractor's features: the rows (with their protocol's `settings`) and their
+    ClassifierResults."""
     rows, outcomes = [], {}
     for key, name, protocol in protocols:
         for extractor, (train, test) in features.items():
             tic = time.perf_counter()
-            outcome = protocol(train.features, train.labels, test.features, test.labels)
-            outcomes[key, extractor] = outcome
+            outcome = outcomes[key, extractor] = protocol(train.features, train.labels, test.features, test.labels)
+            # the SimCLR rows' confusion counts: their picture is redrawn when a later evaluation adds rows
+            confusion = confusion_counts(test.labels.numpy(), outcome.predictions, len(ctx.classes)).tolist() \
+                if extractor == "simclr" else None
             facts = {k: v for k, v in extractors[extractor].items() if k != "pca"}
-            rows.append(result_row(key, name, extractor, facts, outcome.top1, outcome.top5,
-                                   round(time.perf_counter() - tic, 3), outcome.details))
-            if extractor == "simclr":  # for the confusion picture, which is redrawn when rows are merged
-                rows[-1]["confusion"] = confusion_counts(test.labels.numpy(), outcome.predictions,
-                                                         len(ctx.classes)).tolist()
+            rows.append(Row(key, name, extractor, **facts, top1=outcome.top1, top5=outcome.top5,
+                            seconds=round(time.perf_counter() - tic, 3), details=outcome.details,
+                            settings=settings[key], confusion=confusion))
             log_row(log, rows[-1])
     return rows, outcomes
 
 
-def _write(evaluation: Evaluation, ctx: EvalContext, options: EvalOptions, started: float,
-           log: Callable[[str], None]) -> None:
-    """Merge with an earlier evaluation in the same file, draw the pictures, write table and JSON."""
+def _write(evaluation: Evaluation, ctx: EvalContext, options: EvalOptions, settings: dict[str, dict],
+           started: float, log: Callable[[str], None]) -> None:
+    """Add the rows to the table in the same file (`_add_to_table`), draw the pictures, write table and JSON."""
     stem = ctx.results_stem()
-    results = merge_earlier(ctx.out_dir / f"{stem}.json", evaluation.results, log)
+    results, rows = _add_to_table(ctx.out_dir / f"{stem}.json", evaluation.results, evaluation.rows, settings, log)
     timings, pictures = results["timings_s"], {}
     if options.plots:
         tic = time.perf_counter()
-        pictures = write_pictures(results, evaluation.features["simclr"][1], ctx.classes, ctx.out_dir, stem,
-                                  options.seed)
-        pictures["neighbours"] = write_neighbours(evaluation.features, ctx, stem, options.seed)
+        pictures = write_pictures(rows, evaluation.features, ctx, stem, options.seed)
         timings["pictures"] = round(time.perf_counter() - tic, 3)
         timings["total"] = round(time.perf_counter() - started, 3)
     else:
         remove_pictures(ctx.out_dir, stem, log)
     results["pictures"] = {key: path.name for key, path in pictures.items()}
-    evaluation.results, evaluation.table = results, markdown_table(results["rows"])
-    written = write_results(results, evaluation.table, ctx.out_dir, stem, caption(results), notes(results))
-    evaluation.paths = {**written, **pictures}
+    evaluation.results, evaluation.rows, evaluation.table = results, rows, markdown_table(rows)
+    splits = results["splits"]
+    line = table_caption(f"Frozen features of `{results['checkpoint']}`", ctx.dataset, ctx.input_size,
+                         f"train ({splits['train']})", splits["test"], options.seed, timings["total"], str(ctx.device),
+                         results["command"])
+    evaluation.paths = {**write_results(results, evaluation.table, ctx.out_dir, stem, line, notes(results, rows)),
+                        **pictures}
 
 
-def caption(results: dict) -> str:
-    """The line above the table: what was evaluated, on which data, how, and how long it took."""
-    data = results["dataset"]
-    return (f"Frozen features of `{results['checkpoint']}` on {data['name']} ({data['input_size']}px): fit on "
-            f"train ({results['splits']['train']}), scored on test ({results['splits']['test']}); seed "
-            f"{results['seed']}, {results['timings_s']['total']:.0f} s on {results['device']}.")
-
-
-def notes(results: dict) -> list[str]:
+def notes(results: dict, rows: list[Row]) -> list[str]:
     """The paragraphs under the table: how to read it, the rows kept or dropped from an earlier run, the pictures."""
-    paragraphs = [how_to_read(results["rows"])]
+    paragraphs = [how_to_read({row.extractor for row in rows})]
     earlier = results.get("earlier") or {}
     if earlier.get("kept"):
         paragraphs.append(f"Kept from the evaluation of {earlier['finished']} (not redone by this one, whose rows "
@@ -284,115 +293,58 @@ def notes(results: dict) -> list[str]:
     return paragraphs
 
 
-# Rows of two evaluations stand in one table only when every number could have come from one run: the same
-# weights, data and seed, and the same options of the row's classifier.
-COMPARED = {"checkpoint_sha256": "weights (checkpoint sha256)", "data": "data (name, root, size, split sizes)",
-            "seed": "--seed", "C": "--C", "max_iter": "--max-iter", "knn_k": "--knn-k",
-            "weighted_knn_k": "--weighted-knn-k", "weighted_knn_temperature": "--weighted-knn-temperature"}
-ROW_OPTIONS = {"lbfgs": ("C", "max_iter"), "adam": (), "knn": ("knn_k",),
-               "weighted_knn": ("weighted_knn_k", "weighted_knn_temperature")}
-ROW_ORDER = tuple(ROW_OPTIONS)  # the protocols' order in a table; extractors: SimCLR first, then the baselines
-
-
-def _comparable(results: dict) -> dict:
-    data, splits, options = results.get("dataset", {}), results.get("splits", {}), results.get("options", {})
-    root = str(Path(data["root"]).resolve()) if data.get("root") else None
-    return {"checkpoint_sha256": results.get("checkpoint_sha256"), "seed": results.get("seed"),
-            "data": [data.get("name"), root, data.get("input_size"), splits.get("train"), splits.get("test")],
-            **{k: options.get(k) for k in ("C", "max_iter", "knn_k", "weighted_knn_k", "weighted_knn_temperature")}}
-
-
-def merge_earlier(path: Path, results: dict, log: Callable[[str], None] = print) -> dict:
-    """`results` plus the rows of the earlier evaluation in `path` that this one did not redo.
-
-    A row is a (classifier, feature extractor) pair: one evaluated again replaces the earlier one, and the
-    others are kept when they were made with the same weights, data and seed and the same options of their
-    classifier (`ROW_OPTIONS`); any other earlier row is dropped, as it could not stand beside these. Kept rows
-    carry the date they were `evaluated`; `options`, `baselines` and `command` then describe all the rows (the
-    command reproduces them all). `results["earlier"]` and the log say what was kept, replaced and dropped.
-    """
-    if not path.is_file():
-        return results
+def _add_to_table(path: Path, results: dict, rows: list[Row], settings: dict[str, dict],
+                  log: Callable[[str], None]) -> tuple[dict, list[Row]]:
+    """`results` and `rows` with the table in `path` (an earlier evaluation's JSON) added: `current_rows` of its
+    rows and these. `options`, `baselines` and `command` then describe every row (the command makes them all
+    again), and `earlier` names the rows of the earlier table kept, replaced and dropped."""
     try:
-        earlier = json.loads(path.read_text())
-        earlier_rows = [r for r in earlier["rows"] if isinstance(r, dict) and "classifier" in r and "extractor" in r]
-    except (OSError, ValueError, KeyError, TypeError):
+        earlier = read_results(path) if path.is_file() else None
+    except (OSError, ValueError):
         log(f"note: {path} was unreadable; this evaluation replaces it")
-        return results
-    when = earlier.get("finished")
-    old, new = _comparable(earlier), _comparable(results)
-    everywhere = [COMPARED[k] for k in ("checkpoint_sha256", "data", "seed") if old[k] != new[k]]
-    done = {(r["classifier"], r["extractor"]) for r in results["rows"]}
-    kept, redone, dropped, reasons = [], [], [], []
-    for row in earlier_rows:
-        changed = everywhere or [COMPARED[k] for k in ROW_OPTIONS.get(row["classifier"], ()) if old[k] != new[k]]
-        if (row["classifier"], row["extractor"]) in done:
-            redone.append(row)
-        elif changed:
-            dropped.append(row)
-            reasons += [c for c in changed if c not in reasons]
-        else:
-            kept.append(row)
-    reason = f"other {', '.join(reasons)}" if reasons else None
-    # one short line: the rows kept and dropped are named under the table and in the JSON's "earlier"
-    log(f"merged with the earlier evaluation of {when}: kept {len(kept)} row(s), replaced {len(redone)}, dropped "
-        f"{len(dropped)}" + (f" ({reason})" if dropped else ""))
-    record = {"finished": when, "kept": _row_names(kept), "replaced": _row_names(redone),
-              "dropped": _row_names(dropped), "reason": reason}
-    if not kept:
-        return {**results, "earlier": record}
-    for row in kept:
-        row.setdefault("evaluated", when)
-    earlier_options = earlier.get("options", {})
-    classifiers = list(dict.fromkeys([*earlier_options.get("classifiers", []), *results["options"]["classifiers"]]))
-    baselines = list(dict.fromkeys([*earlier_options.get("baselines", []), *results["options"]["baselines"]]))
-    present = {r["classifier"] for r in kept + results["rows"]} | {r["extractor"] for r in kept + results["rows"]}
-    classifiers = [c for c in classifiers if c in present or (c == "knn" and "weighted_knn" in present)]
-    baselines = [b for b in baselines if b in present]
-    extractors = ["simclr", *baselines]
-
-    def place(row: dict) -> tuple:
-        return (ROW_ORDER.index(row["classifier"]) if row["classifier"] in ROW_ORDER else len(ROW_ORDER),
-                extractors.index(row["extractor"]) if row["extractor"] in extractors else len(extractors))
-
-    return {**results, "rows": sorted(kept + results["rows"], key=place),
+        earlier = None
+    if earlier is None:
+        return results, rows
+    table = current_rows([*earlier.rows, *rows], settings)
+    classifiers = list(dict.fromkeys("knn" if r.classifier == "weighted_knn" else r.classifier for r in table))
+    baselines = list(dict.fromkeys(r.extractor for r in table if r.extractor != "simclr"))
+    facts = {**(earlier.record.get("baselines") or {}), **results["baselines"]}
+    return {**results, "rows": [row.to_json() for row in table], "earlier": _report(earlier, rows, settings, log),
             "options": {**results["options"], "classifiers": classifiers, "baselines": baselines},
-            "baselines": {k: v for k, v in {**earlier.get("baselines", {}), **results["baselines"]}.items()
-                          if k in baselines},
-            "command": _command_for(results.get("command"), classifiers, baselines), "earlier": record}
+            "baselines": {name: facts[name] for name in baselines if name in facts},
+            "command": rewrite_command(results["command"], {"--classifiers": ",".join(classifiers),
+                                                            "--baselines": ",".join(baselines) or None})}, table
 
 
-def _row_names(rows: list[dict]) -> list[str]:
-    return [f"{r.get('classifier_name')} / {r.get('extractor_name')}" for r in rows]
+def _report(earlier: Results, rows: list[Row], settings: dict[str, dict], log: Callable[[str], None]) -> dict:
+    """What became of the earlier table's rows: replaced by `rows`, kept, or dropped as made under other settings
+    (which ones: the `reason`); one line in the log, and the JSON's `earlier`."""
+    done = {(row.classifier, row.extractor) for row in rows}
+    replaced = [r for r in earlier.rows if (r.classifier, r.extractor) in done]
+    kept = [r for r in earlier.rows if r not in replaced and r.fits(settings.get(r.classifier, {}))]
+    dropped = [r for r in earlier.rows if r not in replaced and r not in kept]
+    changed = dict.fromkeys(key for r in dropped for key, value in settings.get(r.classifier, {}).items()
+                            if r.settings.get(key) != value)
+    reason = f"other {', '.join(changed)}" if changed else None
+    # one short line: the rows kept and dropped are named under the table and in the JSON's "earlier"
+    log(f"merged with the earlier evaluation of {earlier.finished}: kept {len(kept)} row(s), replaced "
+        f"{len(replaced)}, dropped {len(dropped)}" + (f" ({reason})" if dropped else ""))
+    return {"finished": earlier.finished, "kept": [r.name for r in kept], "replaced": [r.name for r in replaced],
+            "dropped": [r.name for r in dropped], "reason": reason}
 
 
-def _command_for(command: str | None, classifiers: list[str], baselines: list[str]) -> str | None:
-    """`command` with its --classifiers and --baselines replaced by these."""
-    if not command:
-        return command
-    words, skip = [], False
-    for word in shlex.split(command):
-        if skip:
-            skip = False
-        elif word in ("--classifiers", "--baselines"):
-            skip = True
-        elif not word.startswith(("--classifiers=", "--baselines=")):
-            words.append(word)
-    words += ["--classifiers", ",".join(classifiers)] + (["--baselines", ",".join(baselines)] if baselines else [])
-    return shlex.join(words)
-
-
-def write_pictures(results: dict, test: FeatureSplit, classes: list[str], out_dir: Path, stem: str,
-                   seed: int) -> dict[str, Path]:
-    """`<stem>_tsne.png` (SimCLR test features, at most `TSNE_POINTS`, seeded) and `<stem>_confusion.png`
-    (a panel per SimCLR row of `results`, merged rows included)."""
-    confusions = [(f"{row['classifier_name']}: top-1 {row['top1']:.1f}%", np.asarray(row["confusion"]))
-                  for row in results["rows"] if row["extractor"] == "simclr" and row.get("confusion") is not None]
+def write_pictures(rows: list[Row], features: dict, ctx: EvalContext, stem: str, seed: int) -> dict[str, Path]:
+    """`<stem>_tsne.png` (SimCLR test features, at most `TSNE_POINTS`, seeded), `<stem>_confusion.png` (a panel
+    per SimCLR row of the table, earlier ones included) and `<stem>_neighbours.png` (`write_neighbours`)."""
+    test = features["simclr"][1]
+    confusions = [(f"{row.classifier_name}: top-1 {row.top1:.1f}%", np.asarray(row.confusion))
+                  for row in rows if row.extractor == "simclr" and row.confusion is not None]
     try:
-        return write_evaluation_plots(out_dir, stem, test.features.numpy(), test.labels.numpy(), classes, confusions,
-                                      max_points=TSNE_POINTS, seed=seed)
+        pictures = write_evaluation_plots(ctx.out_dir, stem, test.features.numpy(), test.labels.numpy(), ctx.classes,
+                                          confusions, max_points=TSNE_POINTS, seed=seed)
+        return {**pictures, "neighbours": write_neighbours(features, ctx, stem, seed)}
     except OSError as err:
-        raise EvalError(f"cannot write pictures to {out_dir} ({err.strerror or err}): pass --out-dir DIR, "
+        raise EvalError(f"cannot write pictures to {ctx.out_dir} ({err.strerror or err}): pass --out-dir DIR, "
                         "or --no-plots") from None
 
 
@@ -431,11 +383,7 @@ def write_neighbours(features: dict, ctx: EvalContext, stem: str, seed: int) -> 
     picture = draw_neighbours(queries, labels, panels, ctx.classes, f"{ctx.dataset}: test images (left) and their "
                               f"nearest train images by cosine similarity of the features{missing}")
     path = ctx.out_dir / f"{stem}_neighbours.png"
-    try:
-        save_png(picture, path)
-    except OSError as err:
-        raise EvalError(f"cannot write pictures to {ctx.out_dir} ({err.strerror or err}): pass --out-dir DIR, "
-                        "or --no-plots") from None
+    save_png(picture, path)
     return path
 
 
@@ -470,9 +418,9 @@ def _protocols(classifiers: tuple[str, ...], ctx: EvalContext, options: EvalOpti
     return rows
 
 
-def how_to_read(rows: list[dict]) -> str:
-    """One sentence on reading the SimCLR rows against the baselines in `rows` (or on adding them)."""
-    present = {row["extractor"] for row in rows}
+def how_to_read(present: set[str]) -> str:
+    """One sentence on reading the SimCLR rows against the baselines among the extractors `present` (or on adding
+    them)."""
     parts = []
     if "random" in present:
         parts.append("*Random init* is this network untrained (the gap to it is what pretraining learned)")

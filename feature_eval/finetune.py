@@ -44,7 +44,8 @@ from feature_eval.classifiers import holdout_split, topk_accuracy
 from feature_eval.context import (EvalContext, EvalError, RunOptions, add_run_arguments, check_bounds, open_context,
                                   parse_names, run_cli)
 from feature_eval.features import extract_features
-from feature_eval.results import EXTRACTOR_NAMES, finished_record, log_row, markdown_table, result_row, write_results
+from feature_eval.results import (EXTRACTOR_NAMES, Row, finished_record, log_row, markdown_table, table_caption,
+                                  write_results)
 
 DEFAULT_LRS = (0.05, 0.1, 0.2)  # per 256 images; the paper's 0.05 (0.8 at batch 4096) and two larger steps
 BASELINES = ("random",)
@@ -374,10 +375,9 @@ def finetune_evaluate(checkpoint: str | Path, options: FineTuneOptions | None = 
         timings[f"finetune_{extractor}"] = round(time.perf_counter() - tic, 3)
         models[extractor] = model.cpu()
         batch = min(o.batch_size, len(indices))
-        rows.append(result_row(
-            "finetune", f"Fine-tuned end to end ({share} labels)", extractor,
-            {"architecture": ctx.architecture, "feature_dim": start.feature_dim, "projection_dim": None,
-             "epochs": pretrained_epochs}, top1, top5, timings[f"finetune_{extractor}"],
+        rows.append(Row(
+            "finetune", f"Fine-tuned end to end ({share} labels)", extractor, ctx.architecture, start.feature_dim,
+            None, pretrained_epochs, top1, top5, timings[f"finetune_{extractor}"],
             {"base_lr": chosen, "lr": chosen * batch / 256, "finetune_epochs": o.epochs, "batch_size": batch,
              "selection": selections[extractor]}))
         log_row(log, rows[-1], f"base lr {chosen:g}, ")
@@ -422,7 +422,7 @@ def _finetune_and_score(ctx: EvalContext, o: FineTuneOptions, schedule: Schedule
 
 
 def _record(ctx: EvalContext, o: FineTuneOptions, fit: str, indices: np.ndarray, counts: np.ndarray,
-            selections: dict, rows: list[dict], timings: dict) -> dict:
+            selections: dict, rows: list[Row], timings: dict) -> dict:
     """The JSON record of a fine-tuning evaluation."""
     return {
         "protocol": "finetune", "command": o.command, **ctx.facts(),
@@ -436,7 +436,8 @@ def _record(ctx: EvalContext, o: FineTuneOptions, fit: str, indices: np.ndarray,
                     "lrs": list(o.lrs), "momentum": o.momentum, "hflip": o.hflip, "valid_fraction": o.valid_fraction,
                     "baselines": list(o.baselines), "augmentation": augmentation(o.hflip),
                     "optimizer": "SGD, Nesterov momentum, no weight decay, cosine decay, no warmup"},
-        "selection": selections, "rows": rows, "timings_s": timings, **finished_record(ctx.device)}
+        "selection": selections, "rows": [row.to_json() for row in rows], "timings_s": timings,
+        **finished_record(ctx.device)}
 
 
 def augmentation(hflip: float) -> str:
@@ -445,14 +446,14 @@ def augmentation(hflip: float) -> str:
 
 
 def caption(results: dict) -> str:
-    """The line above the table: what was fine-tuned on which labels, how, scored where, and how long it took."""
+    """The line above the table (`table_caption`): what was fine-tuned on which labels, how, scored where."""
     data, splits = results["dataset"], results["splits"]
     per_class = results["label_subset"]["per_class"].values()
-    return (f"`{results['checkpoint']}` fine-tuned end to end on {data['name']}: fit on {splits['fit']}, "
-            f"class-balanced ({min(per_class)}-{max(per_class)} per class), {data['input_size']}px, views: "
-            f"{results['options']['augmentation']} only, base lr chosen on a hold-out of those labels; scored on "
-            f"test ({splits['test']}); seed {results['seed']}, {results['timings_s']['total']:.0f} s on "
-            f"{results['device']}. Command: `{results['command']}`")
+    return table_caption(f"`{results['checkpoint']}` fine-tuned end to end", data["name"], data["input_size"],
+                         f"{splits['fit']}, class-balanced ({min(per_class)}-{max(per_class)} per class), views: "
+                         f"{results['options']['augmentation']} only, base lr chosen on a hold-out of those labels",
+                         splits["test"], results["seed"], results["timings_s"]["total"], results["device"],
+                         results["command"])
 
 
 def _positive_floats(text: str) -> tuple[float, ...]:

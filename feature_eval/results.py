@@ -1,13 +1,24 @@
-"""feature_eval's one results format: rows of (protocol, feature extractor) with top-1/top-5, written as a markdown
-table (with a caption and notes) next to a JSON record of every number, the options and the machine."""
+"""feature_eval's one results format, typed: a `Row` per (protocol, feature extractor) with its top-1/top-5, and
+`Results`, one evaluation's record read back. A results JSON holds what was evaluated (checkpoint and its sha256,
+data, splits, seed, options, machine) and the table's rows; each row is a record of its own, with its date
+(`evaluated`) and the `settings` its number depends on, so an evaluation of the same weights adds its rows to the
+table (`current_rows`: the latest row of each pair made under today's settings) instead of merging two files.
+
+One reader (`read_results`, `Results.from_json`: files of every version of this code), one writer
+(`write_results`), one table formatter (`markdown_table`), one caption (`table_caption`) and one command rewriter
+(`rewrite_command`), for feature_eval.evaluate, feature_eval.finetune and pretrained_models.export's model card.
+"""
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import platform
 import re
+import shlex
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -15,46 +26,196 @@ import torch
 from feature_eval.context import EvalError
 
 EXTRACTOR_NAMES = {"simclr": "SimCLR", "random": "Random init", "pca": "PCA"}
+PROTOCOL_ORDER = ("lbfgs", "adam", "knn", "weighted_knn", "finetune")  # the protocols' order in a table
 # The columns of the original repository's (sthalles/SimCLR) results table, which the linear/KNN table keeps.
 COLUMNS = ("Classifier", "Feature extractor", "Architecture", "Feature dim", "Projection dim", "Epochs",
            "Top-1 %", "Top-5 %")
 
-# What each column shows of a result row: (value, decimals or None).
-CELLS = {"Classifier": lambda row: (row["classifier_name"],), "Feature extractor": lambda row: (row["extractor_name"],),
-         "Architecture": lambda row: (row["architecture"],), "Feature dim": lambda row: (row["feature_dim"],),
-         "Projection dim": lambda row: (row["projection_dim"],), "Epochs": lambda row: (row["epochs"],),
-         "Pretrain epochs": lambda row: (row["epochs"],),
-         "Fine-tune epochs": lambda row: ((row.get("details") or {}).get("finetune_epochs"),),
-         "Top-1 %": lambda row: (row["top1"], 1), "Top-5 %": lambda row: (row["top5"], 1)}
+
+@dataclass(frozen=True)
+class Row:
+    """One row of a results table: a protocol on a feature extractor's features, scored on the test split.
+
+    Attributes:
+        classifier, classifier_name: the protocol's key (`lbfgs`, `adam`, `knn`, `weighted_knn`, `finetune`) and
+            its name in the table (`KNN (k=10, Euclidean)`).
+        extractor: `simclr`, `random` (the untrained network) or `pca` (raw pixels); `extractor_name` names it.
+        architecture, feature_dim, projection_dim, epochs: the extractor's facts (None where one does not apply).
+        top1, top5: test accuracy in %.
+        seconds: the protocol's time on the extracted features.
+        details: what the protocol reports of itself (chosen lr, hold-out grid, convergence, fine-tune epochs).
+        settings: what the number depends on, by option (`weights`, `data`, `--seed`, `--max-iter`, ...): a row
+            stands in a table only beside rows made under the same settings.
+        evaluated: when it was computed (ISO time).
+        confusion: test confusion counts `[C][C]` (rows: true class) of the SimCLR rows, for their picture.
+    """
+
+    classifier: str
+    classifier_name: str
+    extractor: str
+    architecture: str | None
+    feature_dim: int | None
+    projection_dim: int | None
+    epochs: int | None
+    top1: float | None
+    top5: float | None
+    seconds: float | None = None
+    details: dict = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)
+    evaluated: str | None = None
+    confusion: list | None = None
+
+    @property
+    def extractor_name(self) -> str:
+        return EXTRACTOR_NAMES.get(self.extractor, self.extractor)
+
+    @property
+    def name(self) -> str:
+        """`KNN (k=10, Euclidean) / SimCLR`: how notes and logs name the row."""
+        return f"{self.classifier_name} / {self.extractor_name}"
+
+    def fits(self, settings: dict) -> bool:
+        """Whether the row was made under `settings` (the settings its protocol has now)."""
+        return all(self.settings.get(key) == value for key, value in settings.items())
+
+    def to_json(self) -> dict:
+        """The row as a results JSON holds it (`extractor_name` too, for readers of the file)."""
+        return {"extractor_name": self.extractor_name, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_json(cls, data: dict, settings: dict) -> Row:
+        """A row as any version of this code wrote it: missing facts read as None, and a row written before rows
+        carried their `settings` gets `settings` (those of its evaluation)."""
+        values = {f.name: data.get(f.name) for f in dataclasses.fields(cls)}
+        return cls(**{**values, "details": values["details"] or {}, "settings": values["settings"] or settings})
 
 
-def result_row(classifier: str, classifier_name: str, extractor: str, facts: dict, top1: float, top5: float,
-               seconds: float, details: dict) -> dict:
-    """One row of a results table and JSON: the protocol, the extractor and its `facts` (`architecture`,
-    `feature_dim`, `projection_dim`, `epochs`), the scores, the time taken and the protocol's details."""
-    return {"classifier": classifier, "classifier_name": classifier_name, "extractor": extractor,
-            "extractor_name": EXTRACTOR_NAMES[extractor], **facts, "top1": top1, "top5": top5, "seconds": seconds,
-            "details": details}
+@dataclass(frozen=True)
+class Results:
+    """One evaluation's record as read back (`Results.from_json`): the parts every reader needs, typed.
+
+    Attributes:
+        checkpoint, checkpoint_sha256: the weights scored and their digest.
+        dataset, root, input_size: the data evaluated on (None where a file does not say).
+        splits: `fit` (what was fit on: `train`, or a labelled subset), `train`, `test`: split sizes.
+        command: the command that reproduces every row (for a file that recorded none, rebuilt from its options).
+        finished: when it finished; pictures: kind (`tsne`, ...) -> file name next to the JSON.
+        rows: the table's rows.
+        record: the whole JSON, for the parts only one protocol has (options, baselines, timings, label subset).
+    """
+
+    checkpoint: str
+    checkpoint_sha256: str | None
+    dataset: str | None
+    root: str | None
+    input_size: int | None
+    splits: dict
+    command: str
+    finished: str | None
+    pictures: dict
+    rows: tuple[Row, ...]
+    record: dict
+
+    @classmethod
+    def from_json(cls, record) -> Results:
+        """The one reader, for results JSON of every version of this code. Raises ValueError: not a results record."""
+        if not isinstance(record, dict) or not isinstance(record.get("rows"), list):
+            raise ValueError("not a results file of feature_eval (no rows)")
+        data, splits = record.get("dataset") or {}, record.get("splits") or {}
+        settings = {"weights": record.get("checkpoint_sha256"),
+                    "data": data_key(data.get("name"), data.get("root"), data.get("input_size"), splits.get("train"),
+                                     splits.get("test")), "--seed": record.get("seed"),
+                    **{f"--{k.replace('_', '-')}": v for k, v in (record.get("options") or {}).items()
+                       if not isinstance(v, (list, dict))}}
+        rows = tuple(Row.from_json(row, settings) for row in record["rows"]
+                     if isinstance(row, dict) and "classifier" in row and "extractor" in row)
+        pictures = record.get("pictures") if isinstance(record.get("pictures"), dict) else {}
+        return cls(str(record.get("checkpoint", "<checkpoint>")), record.get("checkpoint_sha256"), data.get("name"),
+                   data.get("root"), data.get("input_size"), splits, record.get("command") or _command_of(record),
+                   record.get("finished"), pictures, rows, record)
 
 
-def log_row(log: Callable[[str], None], row: dict, note: str = "") -> None:
+def read_results(path: Path) -> Results:
+    """The results JSON at `path`. Raises OSError (unreadable) or ValueError (not JSON, not a results record)."""
+    return Results.from_json(json.loads(path.read_text()))
+
+
+def _command_of(record: dict) -> str:
+    """The evaluation command of a record from before commands were recorded, rebuilt from its options."""
+    data, options = record.get("dataset") or {}, record.get("options") or {}
+    baselines = f" --baselines {','.join(options['baselines'])}" if options.get("baselines") else ""
+    return (f"python -m feature_eval.evaluate --checkpoint {record.get('checkpoint', '<checkpoint>')} --dataset "
+            f"{data.get('name')} --root {data.get('root')} --input-size {data.get('input_size')} --classifiers "
+            f"{','.join(options.get('classifiers', []))}{baselines} --seed {record.get('seed', 0)}")
+
+
+def data_key(name: str | None, root, input_size: int | None, train: int | None, test: int | None) -> list:
+    """The `data` setting of a row: the data set's name, its root (resolved), image size and split sizes."""
+    return [name, str(Path(root).resolve()) if root else None, input_size, train, test]
+
+
+def current_rows(rows: Iterable[Row], settings: dict[str, dict]) -> list[Row]:
+    """The rows a table shows, from `rows` oldest first: per (protocol, extractor), the latest one made under the
+    settings its protocol has now (`settings[classifier]`); in `PROTOCOL_ORDER`, each protocol's extractors in the
+    order they first came."""
+    latest = {(row.classifier, row.extractor): row for row in rows if row.fits(settings.get(row.classifier, {}))}
+    order = {protocol: place for place, protocol in enumerate(PROTOCOL_ORDER)}
+    return sorted(latest.values(), key=lambda row: order.get(row.classifier, len(order)))
+
+
+def rewrite_command(command: str | None, options: dict[str, str | None]) -> str | None:
+    """`command` with each option of `options` (`--name value` or `--name=value`) given that value where it stood,
+    or added at the end where it was not given; None takes the option out."""
+    if not command:
+        return command
+    words, todo, skip = [], dict(options), False
+    for word in shlex.split(command):
+        option, joined, _ = word.partition("=")
+        if skip:
+            skip = False
+        elif option in options:
+            skip, value = not joined, todo.pop(option, None)  # a repeated option goes
+            words += [option, value] if value is not None else []
+        else:
+            words.append(word)
+    return shlex.join(words + [w for option, value in todo.items() if value is not None for w in (option, value)])
+
+
+def log_row(log: Callable[[str], None], row: Row, note: str = "") -> None:
     """The progress line of a finished row: protocol, extractor, scores, then `note` and the seconds."""
-    log(f"{row['classifier_name']:<34} {row['extractor_name']:<12} top-1 {row['top1']:6.2f}%  top-5 "
-        f"{row['top5']:6.2f}%  ({note}{row['seconds']:.1f} s)")
+    log(f"{row.classifier_name:<34} {row.extractor_name:<12} top-1 {row.top1:6.2f}%  top-5 {row.top5:6.2f}%  "
+        f"({note}{row.seconds:.1f} s)")
 
 
-def markdown_table(rows: list[dict], columns: tuple[str, ...] = COLUMNS) -> str:
-    """`COLUMNS` (classifier, feature extractor, architecture, feature dim, projection dim, epochs, top-1/5), or
-    `columns` named in `CELLS` (fine-tuning shows pretraining and fine-tuning epochs apart)."""
+# What each column shows of a row: (value, decimals or None).
+CELLS = {"Classifier": lambda row: (row.classifier_name,), "Feature extractor": lambda row: (row.extractor_name,),
+         "Architecture": lambda row: (row.architecture,), "Feature dim": lambda row: (row.feature_dim,),
+         "Projection dim": lambda row: (row.projection_dim,), "Epochs": lambda row: (row.epochs,),
+         "Pretrain epochs": lambda row: (row.epochs,),
+         "Fine-tune epochs": lambda row: (row.details.get("finetune_epochs"),),
+         "Protocol": lambda row: (row.classifier_name,),
+         "Top-1 %": lambda row: (row.top1, 1), "Top-5 %": lambda row: (row.top5, 1)}
+
+
+def markdown_table(rows: Sequence[Row], columns: Sequence[str] = COLUMNS) -> str:
+    """The table of `rows`: `COLUMNS` (classifier, feature extractor, architecture, feature dim, projection dim,
+    epochs, top-1/5), or `columns` named in `CELLS` (fine-tuning shows pretraining and fine-tuning epochs apart)."""
     def cell(value, digits: int | None = None) -> str:
         if value is None:
             return "-"
         return f"{value:.{digits}f}" if digits is not None else str(value)
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    for row in rows:
-        lines.append("| " + " | ".join(cell(*CELLS[column](row)) for column in columns) + " |")
+    lines += ["| " + " | ".join(cell(*CELLS[column](row)) for column in columns) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def table_caption(subject: str, dataset: str, input_size: int, fit: str, test: int, seed: int, seconds: float,
+                  device: str, command: str | None = None) -> str:
+    """The line above a table: what was evaluated on which data, what was fit (and how), what it was scored on,
+    the seed, the time taken, and the command that makes the table."""
+    return (f"{subject} on {dataset} ({input_size}px): fit on {fit}; scored on test ({test}); seed {seed}, "
+            f"{seconds:.0f} s on {device}." + (f" Command: `{command}`" if command else ""))
 
 
 def finished_record(device: torch.device) -> dict:
@@ -65,9 +226,10 @@ def finished_record(device: torch.device) -> dict:
             "finished": datetime.datetime.now().isoformat(timespec="seconds")}
 
 
-def write_results(results: dict, table: str, out_dir: Path, stem: str, caption: str,
-                  notes: list[str] = ()) -> dict[str, Path]:
-    """Write `<out_dir>/<stem>.md` (the caption, the table, then each note as a paragraph) and `<out_dir>/<stem>.json`.
+def write_results(record: dict, table: str, out_dir: Path, stem: str, caption: str,
+                  notes: Sequence[str] = ()) -> dict[str, Path]:
+    """Write `<out_dir>/<stem>.md` (the caption, the table, then each note as a paragraph) and `<out_dir>/<stem>.json`
+    (`record`, JSON-able: rows as `Row.to_json` gives them).
 
     Returns:
         `{"markdown": path, "json": path}`.
@@ -78,7 +240,7 @@ def write_results(results: dict, table: str, out_dir: Path, stem: str, caption: 
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         paths["markdown"].write_text("\n\n".join([caption, table, *notes]) + "\n")
-        text = json.dumps(results, indent=2, allow_nan=False, default=_json_default)
+        text = json.dumps(record, indent=2, allow_nan=False, default=_json_default)
         # a list of numbers on one line: a confusion matrix reads as rows, not as one number a line
         text = re.sub(r"\[\s+(-?[\d.eE+-]+(?:,\s+-?[\d.eE+-]+)*)\s+\]",
                       lambda m: "[" + " ".join(m.group(1).split()) + "]", text)

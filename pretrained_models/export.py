@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import shlex
 import os
 import re
 import shutil
@@ -43,6 +42,7 @@ from models.loading import (RUNS_DIR, CheckpointLoadError, encoder_state_dict, f
 from models.packages import (CARD_FILE, CONFIG_FILE, EVAL_DIR, FORMAT, FORMAT_VERSION, MANIFEST_FILE, PACKAGES_DIR,
                              WEIGHTS_FILE, find_package, is_package_dir, is_package_name, list_packages, read_manifest,
                              torchvision_file)
+from feature_eval.results import Results, markdown_table, read_results, rewrite_command
 from models.resnet_simclr import ARCHITECTURES, create_model
 from simclr.config import Config, ConfigError, config_to_dict, saved_config
 
@@ -299,29 +299,28 @@ def _package_digests(manifest: dict) -> set[str]:
             | {f.get("sha256") for f in manifest.get("files", {}).values()}) - {None}
 
 
-def _matching_evaluations(folder: Path, digests: set[str], log, skipped: str = "skipped") -> list[tuple[Path, dict]]:
+def _matching_evaluations(folder: Path, digests: set[str], log,
+                          skipped: str = "skipped") -> list[tuple[Path, Results]]:
     """`(path, results)` of the evaluation JSON files in `folder` that scored weights with one of these sha256s
     (their `checkpoint_sha256`); each other one is logged as `skipped`."""
     found = []
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
         try:
-            results = json.loads(path.read_text())
-        except (OSError, ValueError):
-            log(f"skipped {path}: unreadable JSON")
+            results = read_results(path)
+        except (OSError, ValueError) as err:
+            log(f"skipped {path}: not a readable results file ({err})")
             continue
-        if not isinstance(results, dict) or "rows" not in results:
-            continue
-        if results.get("checkpoint_sha256") not in digests:
+        if results.checkpoint_sha256 not in digests:
             log(f"{skipped} {path}: it scored other weights (checkpoint sha256 differs); evaluate again to include it")
             continue
         found.append((path, results))
     return found
 
 
-def evaluation_files(path: Path, results: dict) -> list[Path]:
+def evaluation_files(path: Path, results: Results) -> list[Path]:
     """An evaluation's JSON, its markdown table and the pictures the table shows (t-SNE, confusion matrices)."""
-    pictures = results.get("pictures") if isinstance(results.get("pictures"), dict) else {}
-    return [path, path.with_suffix(".md")] + [path.with_name(Path(str(name)).name) for name in pictures.values()]
+    pictures = [path.with_name(Path(str(name)).name) for name in results.pictures.values()]
+    return [path, path.with_suffix(".md"), *pictures]
 
 
 def _first_json_line(path: Path) -> dict:
@@ -345,36 +344,9 @@ def _last_epoch_metrics(path: Path) -> dict:
     return {k: v for k, v in last.items() if k in ("epoch", "train_loss", "valid_loss", "valid_top1", "valid_top5")}
 
 
-def evaluation_command(results: dict, checkpoint: str | None = None) -> str:
-    """The command that produced an evaluation JSON (its `command`, else rebuilt from its options), optionally
-    pointed at another `--checkpoint`."""
-    command = results.get("command")
-    if not command:
-        data, options = results.get("dataset", {}), results.get("options", {})
-        command = (f"python -m feature_eval.evaluate --checkpoint {results.get('checkpoint', '<checkpoint>')} "
-                   f"--dataset {data.get('name')} --root {data.get('root')} --input-size {data.get('input_size')} "
-                   f"--classifiers {','.join(options.get('classifiers', []))}")
-        if options.get("baselines"):
-            command += f" --baselines {','.join(options['baselines'])}"
-        command += f" --seed {results.get('seed', 0)}"
-    if checkpoint is not None:  # the same command on the package: its checkpoint, and its own eval/ as output
-        words, out, skip = shlex.split(command), [], False
-        for word in words:
-            if skip:
-                skip = False
-            elif word in ("--checkpoint", "--out-dir"):
-                out += ["--checkpoint", checkpoint] if word == "--checkpoint" else []
-                skip = True
-            elif word.startswith("--checkpoint="):
-                out += ["--checkpoint", checkpoint]
-            elif not word.startswith("--out-dir="):
-                out.append(word)
-        command = shlex.join(out)
-    return command
-
-
-# The model card. `$`-fields are filled by `model_card`; the blocks in capitals are lines it builds (each ends in a
-# newline, so an empty block leaves no blank line behind).
+# The model card. `$`-fields are filled by `model_card`: the saved config's as `section_key` (`$optimizer_lr`, see
+# `_flat_config`); the blocks in capitals are lines it builds (each ends in a newline, so an empty block leaves no
+# blank line behind).
 MODEL_CARD = string.Template("""\
 # $name
 
@@ -383,10 +355,13 @@ A SimCLR $arch encoder and its projection head, trained by this repository (`pyt
 
 | | |
 |---|---|
-| Data | $data |
+| Data | $dataset_name (`$dataset_root`), pretrained on its $pretrain_split split, ${size}x${size} px, \
+$dataset_valid_size of it held out for validation$counted |
 | Epochs | $epochs (of $configured_epochs configured) |
-| Batch | $batch (global) |
-| Recipe | $recipe |
+| Batch | $batch_size (global) |
+| Recipe | $optimizer_name lr $optimizer_lr (scaling $optimizer_lr_scaling, warmup $optimizer_warmup_epochs epochs, \
+cosine $optimizer_cosine), weight decay $weight_decay, NT-Xent temperature $loss_temperature, colour strength \
+s=$dataset_s, blur $dataset_blur, mixed precision $fp16_precision, seed $seed |
 | Model | $arch, feature dim $feature_dim, projection dim $out_dim |
 ${SOURCE_ROWS}
 Full training config: [config.yaml](config.yaml).
@@ -438,48 +413,55 @@ CIFAR_STEM_LINES = """\
 net.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)  # this encoder's CIFAR stem
 net.maxpool = torch.nn.Identity()
 """
+# What a config written before these keys existed meant by their absence.
+CONFIG_DEFAULTS = {"optimizer_lr_scaling": "none", "optimizer_warmup_epochs": 0, "optimizer_cosine": True,
+                   "fp16_precision": False}
+CARD_COLUMNS = ("Protocol", "Feature extractor", "Top-1 %", "Top-5 %")
 
 
-def model_card(manifest: dict, config: dict, evaluations: list[dict]) -> str:
+class _Lenient(dict):
+    """The card's fields: a config key that the package's version of this code did not write reads as `?`."""
+
+    def __missing__(self, key):
+        return "?"
+
+
+def _flat_config(config: dict) -> dict:
+    """A saved training config (config.yaml) as `section_key` -> value (`optimizer_lr`, `dataset_name`,
+    `batch_size`), over `CONFIG_DEFAULTS`: a card is rebuilt from whatever version of this code wrote the file."""
+    flat = dict(CONFIG_DEFAULTS)
+    for key, value in (config if isinstance(config, dict) else {}).items():
+        flat.update({f"{key}_{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value})
+    return flat
+
+
+def model_card(manifest: dict, config: dict, evaluations: list[Results]) -> str:
     """The package's README.md (`MODEL_CARD`): data, epochs, batch, recipe, evaluation numbers with their commands,
-    sha256, usage. `config` is the saved training config dict (config.yaml), read leniently: a card is rebuilt from
-    a package's small files, whatever version of this code wrote them."""
-    name, base_model = manifest["name"], manifest["base_model"]
-    data, opt, loss = config.get("dataset", {}) or {}, config.get("optimizer", {}) or {}, config.get("loss", {}) or {}
-    dataset, size = data.get("name", "?"), (data.get("input_shape") or ["?"])[0]
-    counted = next((r["splits"] for r in evaluations if _counts_split(r, data)), None)
-    source = manifest.get("source", {})
-    fields = dict(
-        name=name, base_model=base_model, weights=WEIGHTS_FILE, torchvision=torchvision_file(base_model),
+    sha256, usage. `config` is the saved training config dict (config.yaml), read by `_flat_config`."""
+    name, base_model, flat = manifest["name"], manifest["base_model"], _flat_config(config)
+    counted = next((r.splits for r in evaluations if _counts_split(r, flat)), None)
+    evaluated = "".join(_evaluation_block(results, name) for results in evaluations)
+    if manifest.get("evaluations"):
+        evaluated += "Result files: " + ", ".join(f"[{f}]({f})" for f in manifest["evaluations"]) + ".\n\n"
+    return MODEL_CARD.substitute(_Lenient(
+        flat, name=name, base_model=base_model, weights=WEIGHTS_FILE, torchvision=torchvision_file(base_model),
         arch=ARCHITECTURES.get(base_model, base_model) + (" (CIFAR stem: 3x3 conv1, no max-pool)"
                                                           if manifest["cifar_stem"] else ""),
-        data=f"{dataset} (`{data.get('root', '?')}`), pretrained on its {_PRETRAIN_SPLITS.get(dataset, 'pretrain')} "
-             f"split, {size}x{size} px, {data.get('valid_size', '?')} of it held out for validation"
-             + (f"; the evaluation below counted {counted['train']:,} labelled train and {counted['test']:,} test "
-                "images" if counted else ""),
+        pretrain_split=_PRETRAIN_SPLITS.get(flat.get("dataset_name"), "pretrain"),
+        size=(flat.get("dataset_input_shape") or ["?"])[0],
+        counted=f"; the evaluation below counted {counted['train']:,} labelled train and {counted['test']:,} test "
+                "images" if counted else "",
         epochs=manifest.get("epochs"), configured_epochs=manifest.get("configured_epochs"),
-        batch=config.get("batch_size", "?"),
-        recipe=f"{opt.get('name', '?')} lr {opt.get('lr', '?')} (scaling {opt.get('lr_scaling', 'none')}, warmup "
-               f"{opt.get('warmup_epochs', 0)} epochs, cosine {opt.get('cosine', True)}), weight decay "
-               f"{config.get('weight_decay', '?')}, NT-Xent temperature {loss.get('temperature', '?')}, colour "
-               f"strength s={data.get('s', '?')}, blur {data.get('blur', '?')}, mixed precision "
-               f"{config.get('fp16_precision', False)}, seed {config.get('seed', '?')}",
-        feature_dim=manifest["feature_dim"], out_dim=manifest["out_dim"],
-        SOURCE_ROWS=_source_rows(manifest, source),
-        EVALUATIONS="".join(_evaluation_block(results, name) for results in evaluations)
-        or string.Template(NO_EVALUATION).substitute(name=name),
+        feature_dim=manifest["feature_dim"], out_dim=manifest["out_dim"], SOURCE_ROWS=_source_rows(manifest),
+        EVALUATIONS=evaluated or string.Template(NO_EVALUATION).substitute(name=name),
         FILE_ROWS="".join(f"| {file} | {info['bytes']} | `{info['sha256']}` |\n"
                           for file, info in manifest["files"].items()),
-        CIFAR_STEM=CIFAR_STEM_LINES if manifest["cifar_stem"] else "")
-    if manifest.get("evaluations"):
-        fields["EVALUATIONS"] += ("Result files: " + ", ".join(f"[{f}]({f})" for f in manifest["evaluations"])
-                                  + ".\n\n")
-    return MODEL_CARD.substitute(fields)
+        CIFAR_STEM=CIFAR_STEM_LINES if manifest["cifar_stem"] else ""))
 
 
-def _source_rows(manifest: dict, source: dict) -> str:
+def _source_rows(manifest: dict) -> str:
     """The card's table rows after Model: the last epoch's metrics, the source checkpoint, the training command."""
-    rows = ""
+    source, rows = manifest.get("source", {}), ""
     if source.get("final_epoch_metrics"):
         metrics = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                             for k, v in source["final_epoch_metrics"].items() if k != "epoch")
@@ -491,58 +473,46 @@ def _source_rows(manifest: dict, source: dict) -> str:
     return rows
 
 
-def _evaluation_block(results: dict, name: str) -> str:
-    """One evaluation on the card: its data and splits, its rows, and the commands that produce it."""
-    data_info, splits = results.get("dataset", {}), results.get("splits", {})
+def _evaluation_block(results: Results, name: str) -> str:
+    """One evaluation on the card: its data and splits, its rows, and the commands that produce it (the second
+    on this package, its results into the package's own eval/)."""
+    splits = results.splits
     fit = splits.get("fit", "train")
     if fit == "train" and isinstance(splits.get("train"), int):
         fit = f"train ({splits['train']:,} images)"
-    lines = [f"On {data_info.get('name')} ({data_info.get('input_size')} px), fit on {fit}, scored on test "
-             f"({splits.get('test', '?')} images):", "", "| Protocol | Feature extractor | Top-1 % | Top-5 % |",
-             "|---|---|---|---|"]
-    for row in results.get("rows", []):
-        top1, top5 = row.get("top1"), row.get("top5")
-        lines.append(f"| {row.get('classifier_name')} | {row.get('extractor_name')} | "
-                     f"{'-' if top1 is None else f'{top1:.1f}'} | {'-' if top5 is None else f'{top5:.1f}'} |")
-    lines += ["", f"Produced by `{evaluation_command(results)}`; from this package: "
-                  f"`{evaluation_command(results, name)}`.", "", ""]
-    return "\n".join(lines)
+    here = rewrite_command(results.command, {"--checkpoint": name, "--out-dir": None})
+    return (f"On {results.dataset} ({results.input_size} px), fit on {fit}, scored on test ({splits.get('test', '?')} "
+            f"images):\n\n{markdown_table(results.rows, CARD_COLUMNS)}\n\nProduced by `{results.command}`; from this "
+            f"package: `{here}`.\n\n")
 
 
-def _counts_split(results: dict, data: dict) -> bool:
-    """Whether an evaluation counted the labelled train and test images of the training data set (same name and root)."""
-    splits, evaluated = results.get("splits", {}), results.get("dataset", {})
-    return (evaluated.get("name") == data.get("name") and evaluated.get("root") is not None
-            and Path(str(evaluated["root"])) == Path(str(data.get("root")))
-            and all(isinstance(splits.get(k), int) for k in ("train", "test")))
+def _counts_split(results: Results, config: dict) -> bool:
+    """Whether an evaluation counted the labelled train and test images of the training data set (same name and
+    root); `config` is `_flat_config`'s."""
+    return (results.dataset == config.get("dataset_name") and results.root is not None
+            and Path(str(results.root)) == Path(str(config.get("dataset_root")))
+            and all(isinstance(results.splits.get(k), int) for k in ("train", "test")))
 
 
 def package_summary(folder: Path) -> dict:
     """One row of the packages list: name, architecture, data, epochs, batch, linear/KNN top-1, weights present."""
     manifest = read_manifest(folder)
     try:
-        config = yaml.safe_load((folder / CONFIG_FILE).read_text()) or {}
+        config = _flat_config(yaml.safe_load((folder / CONFIG_FILE).read_text()))
     except (OSError, yaml.YAMLError):
         config = {}
-    linear = knn = None
-    for entry in manifest.get("evaluations", []):
-        if not entry.endswith(".json"):
-            continue
+    top1 = {}  # protocol -> top-1 of its first SimCLR row
+    for entry in (e for e in manifest.get("evaluations", []) if e.endswith(".json")):
         try:
-            results = json.loads((folder / entry).read_text())
+            rows = read_results(folder / entry).rows
         except (OSError, ValueError):
             continue
-        for row in results.get("rows", []):
-            if row.get("extractor") == "simclr" and row.get("classifier") == "lbfgs" and linear is None:
-                linear = row.get("top1")
-            if row.get("extractor") == "simclr" and row.get("classifier") == "knn" and knn is None:
-                knn = row.get("top1")
-    data = config.get("dataset", {}) if isinstance(config, dict) else {}
+        for row in (row for row in rows if row.extractor == "simclr"):
+            top1.setdefault(row.classifier, row.top1)
     base_model = manifest.get("base_model")
     return {"name": folder.name, "architecture": ARCHITECTURES.get(base_model, base_model),
-            "data": data.get("name"), "epochs": manifest.get("epochs"),
-            "batch": config.get("batch_size") if isinstance(config, dict) else None, "linear_top1": linear,
-            "knn_top1": knn, "weights": (folder / WEIGHTS_FILE).is_file()}
+            "data": config.get("dataset_name"), "epochs": manifest.get("epochs"), "batch": config.get("batch_size"),
+            "linear_top1": top1.get("lbfgs"), "knn_top1": top1.get("knn"), "weights": (folder / WEIGHTS_FILE).is_file()}
 
 
 def update_index(root: Path) -> Path:

@@ -1,4 +1,5 @@
-"""What `feature_eval.evaluate` leaves on disk: pictures next to the table, rows kept across reruns."""
+"""What `feature_eval.evaluate` leaves on disk: pictures next to the table, rows kept across reruns, and the one
+results format (`feature_eval.results`) that files of today's and earlier versions are read with."""
 import json
 from pathlib import Path
 
@@ -9,10 +10,18 @@ from PIL import Image
 
 from feature_eval import evaluate as evaluate_module
 from feature_eval.plots import embed_2d
-from pretrained_models.export import evaluation_command, model_card
+from feature_eval.results import Results, Row, current_rows, markdown_table, read_results, rewrite_command
+from models.loading import file_sha256
+from pretrained_models.export import model_card
 from tests.test_feature_eval import make_checkpoint
 
 QUIET = dict(device="cpu", log=lambda *_: None)
+# Results files as the code before typed rows (issue 22) wrote them, at 49cbf52 (a `git archive` of it): an evaluation
+# of `make_checkpoint` with classifiers="knn", baselines="random", then one with classifiers="lbfgs", max_iter=50
+# that kept those rows (plots=False, cache=False), and `finetune_evaluate` with label_fraction=0.01, epochs=1,
+# lrs=(0.1,).
+V1 = Path(__file__).parent / "data" / "results_v1"
+CARD = {"name": "p", "base_model": "resnet18", "cifar_stem": False, "feature_dim": 512, "out_dim": 16, "files": {}}
 
 
 @pytest.fixture(scope="module")
@@ -85,17 +94,17 @@ def test_a_smaller_rerun_keeps_the_earlier_rows_and_says_so(run_dir, tmp_path, o
     markdown = (out / "last_digits.md").read_text()
     # JSON and markdown tell the same story, and the recorded command reproduces every row
     assert [(r["classifier_name"], r["extractor_name"]) for r in saved["rows"]] == table_rows(markdown)
-    assert saved["options"]["classifiers"] == ["knn", "lbfgs"] and saved["options"]["baselines"] == ["random"]
-    assert saved["command"] == (f"python -m feature_eval.evaluate --checkpoint {run_dir} --max-iter 50 "
-                                "--classifiers knn,lbfgs --baselines random")
+    assert saved["options"]["classifiers"] == ["lbfgs", "knn"] and saved["options"]["baselines"] == ["random"]
+    assert saved["command"] == (f"python -m feature_eval.evaluate --checkpoint {run_dir} --classifiers lbfgs,knn "
+                                "--max-iter 50 --baselines random")
+    assert f"Command: `{saved['command']}`" in markdown.split("\n\n")[0]  # the caption
     assert "Kept from the evaluation of" in markdown and "KNN (k=10, Euclidean) / Random init" in markdown
     kept = next(r for r in saved["rows"] if r["classifier"] == "knn" and r["extractor"] == "random")
     assert kept["top1"] == first.results["rows"][1]["top1"] and kept["evaluated"] == first.results["finished"]
     # the model card of a package made from this run lists all five rows and that command
-    card = model_card({"name": "p", "base_model": "resnet18", "cifar_stem": False, "feature_dim": 512,
-                       "out_dim": 16, "files": {}}, {}, [saved])
+    card = model_card(CARD, {}, [read_results(out / "last_digits.json")])
     assert card.count("| SimCLR |") == 3 and card.count("| Random init |") == 2
-    assert evaluation_command(saved) in card
+    assert f"Produced by `{saved['command']}`" in card
     # the same rows again replace themselves; the others stay
     logged.clear()
     third = evaluate_module.evaluate(run_dir, classifiers="knn", max_iter=50, **options)
@@ -135,10 +144,10 @@ def test_a_damaged_earlier_file_is_replaced(run_dir, tmp_path):
 
 
 def test_how_to_read_names_the_baselines_present():
-    sentence = evaluate_module.how_to_read([{"extractor": "simclr"}, {"extractor": "random"}, {"extractor": "pca"}])
+    sentence = evaluate_module.how_to_read({"simclr", "random", "pca"})
     assert sentence.startswith("How to read it: compare each SimCLR row") and "untrained" in sentence
     assert "PCA" in sentence and sentence.count(".") == 1
-    assert "PCA" not in evaluate_module.how_to_read([{"extractor": "simclr"}, {"extractor": "random"}])
+    assert "PCA" not in evaluate_module.how_to_read({"simclr", "random"})
 
 
 def test_tsne_of_identical_features_puts_them_at_the_origin():
@@ -197,3 +206,80 @@ def test_neighbours_are_the_cosine_nearest_train_images_and_the_picture_has_thei
     assert len(edges) == 16  # 8 + 8 neighbours per row (the test image's own frame is grey)
     rows_framed = (np.all(picture == RIGHT, axis=2) | np.all(picture == WRONG, axis=2)).any(axis=1)
     assert (np.diff(rows_framed.astype(int)) == 1).sum() == 8  # 8 rows of test images
+
+
+# ---------------------------------------------------------------- the results format
+
+def row(classifier="knn", extractor="simclr", top1=50.0, **settings) -> Row:
+    return Row(classifier, classifier.upper(), extractor, None, None, None, None, top1, 90.0, settings=settings)
+
+
+def test_a_table_is_the_latest_row_of_each_pair_made_under_the_settings_of_now():
+    now = {"knn": {"weights": "a", "--knn-k": 10}, "lbfgs": {"weights": "a", "--max-iter": 50}}
+    rows = [row("knn", top1=1, weights="a", **{"--knn-k": 10}), row("lbfgs", top1=2, weights="a", **{"--max-iter": 9}),
+            row("knn", "random", top1=3, weights="a", **{"--knn-k": 10}), row("knn", top1=4, weights="b"),
+            row("lbfgs", top1=5, weights="a", **{"--max-iter": 50, "--seed": 1}),
+            row("knn", top1=6, weights="a", **{"--knn-k": 10})]
+    table = current_rows(rows, now)
+    # lbfgs first (the protocols' order); knn: SimCLR, then random, in the order they first came; other weights or
+    # another --max-iter never stand in it; a setting the protocol does not have now (--seed here) is not compared
+    assert [(r.classifier, r.extractor, r.top1) for r in table] == [("lbfgs", "simclr", 5), ("knn", "simclr", 6),
+                                                                    ("knn", "random", 3)]
+    assert markdown_table(table).count("\n") == 4 and "| KNN | SimCLR | - | - | - | - | 6.0 | 90.0 |" in \
+        markdown_table(table)
+
+
+def test_one_command_rewriter_replaces_in_place_adds_and_removes():
+    command = "python -m feature_eval.evaluate --checkpoint 'runs/img run' --classifiers=knn --out-dir /tmp/x --seed 1"
+    assert rewrite_command(command, {"--checkpoint": "enc", "--out-dir": None, "--baselines": "random"}) == \
+        "python -m feature_eval.evaluate --checkpoint enc --classifiers=knn --seed 1 --baselines random"
+    assert rewrite_command(command, {"--classifiers": "lbfgs,knn"}) == (
+        "python -m feature_eval.evaluate --checkpoint 'runs/img run' --classifiers lbfgs,knn --out-dir /tmp/x --seed 1")
+    assert rewrite_command("x --seed 1 --seed 2", {"--seed": "3"}) == "x --seed 3"  # a repeated option goes
+    assert rewrite_command(None, {"--seed": "3"}) is None
+
+
+def test_results_files_of_the_code_before_typed_rows_still_read():
+    evaluation = read_results(V1 / "last_digits.json")
+    assert [(r.classifier, r.extractor) for r in evaluation.rows] == [
+        ("lbfgs", "simclr"), ("knn", "simclr"), ("knn", "random"), ("weighted_knn", "simclr"),
+        ("weighted_knn", "random")]
+    assert evaluation.dataset == "digits" and evaluation.input_size == 16 and evaluation.splits["test"] == 360
+    assert evaluation.command.startswith("python -m feature_eval.evaluate --checkpoint runs/tiny")
+    knn = evaluation.rows[1]
+    assert knn.extractor_name == "SimCLR" and len(knn.confusion) == 10 and knn.evaluated <= evaluation.finished
+    # rows of then carry no settings: they get their evaluation's
+    assert knn.settings["weights"] == evaluation.checkpoint_sha256 and knn.settings["--max-iter"] == 50
+    assert knn.settings["data"][0] == "digits" and knn.settings["--seed"] == 0 and knn.settings["--knn-k"] == 10
+    finetune = read_results(V1 / "last_digits_finetune-1pct.json")
+    assert [r.classifier for r in finetune.rows] == ["finetune"] and finetune.rows[0].details["finetune_epochs"] == 1
+    assert finetune.splits["labelled"] == 14 and "finetune" in finetune.command
+    card = model_card(CARD, {}, [evaluation, finetune])
+    assert card.count("| SimCLR |") == 4 and f"{finetune.rows[0].top1:.1f}" in card
+    assert "Produced by `python -m feature_eval.finetune --checkpoint runs/tiny" in card
+    assert "from this package: `python -m feature_eval.finetune --checkpoint p " in card
+    with pytest.raises(ValueError, match="no rows"):
+        Results.from_json({"checkpoint": "x"})
+
+
+def test_an_evaluation_adds_its_rows_to_a_table_written_before_rows_carried_settings(run_dir, tmp_path, one_thread):
+    out, logged = tmp_path / "out", []
+    out.mkdir()
+    earlier = json.loads((V1 / "last_digits.json").read_text())
+    # the same file, as if it had scored this run's checkpoint
+    earlier["checkpoint_sha256"] = file_sha256(run_dir / "checkpoints" / "last.pt")
+    (out / "last_digits.json").write_text(json.dumps(earlier))
+    again = evaluate_module.evaluate(run_dir, classifiers="knn", max_iter=50, out_dir=out, plots=False,
+                                     device="cpu", log=logged.append)
+    assert [r.name for r in again.rows] == [
+        "Logistic regression (L-BFGS) / SimCLR", "KNN (k=10, Euclidean) / SimCLR",
+        "KNN (k=10, Euclidean) / Random init",
+        "Weighted KNN (k=200, T=0.1) / SimCLR", "Weighted KNN (k=200, T=0.1) / Random init"]
+    assert any("kept 3 row(s), replaced 2, dropped 0" in line for line in logged)
+    lbfgs = earlier["rows"][0]
+    assert again.rows[0].top1 == lbfgs["top1"] and again.rows[0].evaluated == lbfgs["evaluated"]
+    # another --max-iter: the L-BFGS row of then goes, as a row of today's would
+    (out / "last_digits.json").write_text(json.dumps(earlier))
+    logged.clear()
+    evaluate_module.evaluate(run_dir, classifiers="knn", out_dir=out, plots=False, device="cpu", log=logged.append)
+    assert any("dropped 1 (other --max-iter)" in line for line in logged)

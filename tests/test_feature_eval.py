@@ -466,7 +466,7 @@ def test_embedding_works_for_tiny_test_sets(n):
 
 def test_results_of_other_data_or_sizes_get_their_own_file_names(tmp_path):
     trained = {"root": str(tmp_path / "data"), "input_shape": [96, 96, 3]}
-    stem = evaluate_module.results_stem
+    stem = context_module.results_stem
     assert stem(Path("runs/r/checkpoints/last.pt"), "stl10", tmp_path / "data", 96, trained) == "last_stl10"
     assert stem(Path("last.pt"), "imagefolder", tmp_path / "my set", 96, trained) == "last_imagefolder_my-set"
     assert stem(Path("last.pt"), "stl10", tmp_path / "data", 64, trained) == "last_stl10_64px"

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 import models.packages as packages
 import run
 from feature_eval.evaluate import evaluate
+from feature_eval.results import Results
 from models import CheckpointLoadError, load_encoder
 from models.loading import resolve_checkpoint
 from models.resnet_simclr import create_model
@@ -506,12 +507,17 @@ def test_one_resolver_a_bare_run_name_works_and_a_run_and_package_of_one_name_is
 
 
 def test_card_commands_are_rebuilt_word_by_word_for_the_package():
-    spaced = {"command": "python -m feature_eval.evaluate --checkpoint 'runs/img run' --knn-k 3 --out-dir /tmp/x"}
-    assert export_module.evaluation_command(spaced, "img-enc") == \
-        "python -m feature_eval.evaluate --checkpoint img-enc --knn-k 3"  # the package's own eval/, no stale path
-    joined = {"command": "python -m feature_eval.evaluate --checkpoint=runs/t --out-dir=/x --seed 1"}
-    assert export_module.evaluation_command(joined, "pk") == "python -m feature_eval.evaluate --checkpoint pk --seed 1"
-    assert export_module.evaluation_command(joined) == joined["command"]
+    def card(command: str, name: str) -> str:
+        manifest = {"name": name, "base_model": "resnet18", "cifar_stem": False, "feature_dim": 512, "out_dim": 8,
+                    "files": {}}
+        return export_module.model_card(manifest, {}, [Results.from_json({"command": command, "rows": []})])
+
+    spaced = "python -m feature_eval.evaluate --checkpoint 'runs/img run' --knn-k 3 --out-dir /tmp/x"
+    # the package's own eval/, no stale path
+    assert "package: `python -m feature_eval.evaluate --checkpoint img-enc --knn-k 3`" in card(spaced, "img-enc")
+    joined = "python -m feature_eval.evaluate --checkpoint=runs/t --out-dir=/x --seed 1"
+    assert "package: `python -m feature_eval.evaluate --checkpoint pk --seed 1`" in card(joined, "pk")
+    assert f"Produced by `{joined}`" in card(joined, "pk")
 
 
 def test_a_package_may_not_take_the_name_of_a_run_and_a_run_name_with_a_space_resolves(exported, tmp_path,
