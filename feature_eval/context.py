@@ -33,9 +33,6 @@ class EvalError(ValueError):
     """A user error (option, data set, output folder); its message is one line that says how to fix it."""
 
 
-USER_ERRORS = (EvalError, CheckpointLoadError, DataError)
-
-
 @dataclass(frozen=True, kw_only=True)
 class RunOptions:
     """What every evaluation driver is asked, whatever its protocol.
