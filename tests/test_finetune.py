@@ -135,6 +135,24 @@ def test_views_keep_colours_no_jitter_grayscale_or_blur(in_memory):
         torch.testing.assert_close(views, expected, atol=1e-5, rtol=0)
 
 
+def test_images_of_several_sizes_are_cropped_as_torchvision_crops_each():
+    torch.manual_seed(0)
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8) for h, w in ((20, 24), (16, 16), (20, 24), (9, 30))]
+    schedule = Schedule(input_size=12, epochs=1, batch_size=4, seed=5, device="cpu")
+    (views, labels), = crop_flip_batches(MixedSizes(images), schedule, epoch=1)
+    # The reference: the order, the flips, then the boxes of each size in order of first appearance.
+    generator = torch.Generator().manual_seed(finetune_module._batch_seed(5, 1))
+    rows = torch.randperm(4, generator=generator).tolist()
+    flip = torch.rand(4, generator=generator) < 0.5
+    assert labels.tolist() == rows
+    for size in dict.fromkeys(images[row].shape[-2:] for row in rows):
+        places = [i for i, row in enumerate(rows) if images[row].shape[-2:] == size]
+        for place, box in zip(places, sample_crop_boxes(len(places), *size, generator).int().tolist()):
+            expected = TF.resized_crop(images[rows[place]].float() / 255, *box, [12, 12], antialias=True)
+            expected = TF.horizontal_flip(expected) if flip[place] else expected
+            torch.testing.assert_close(views[place], expected.clamp(0, 1), atol=2e-5, rtol=0)
+
+
 @pytest.mark.parametrize("hflip", [0.0, 0.5, 1.0])
 def test_hflip_is_the_share_of_mirrored_views(hflip):
     ramp = (torch.arange(32, dtype=torch.uint8) * 8).expand(3, 32, 32)  # brighter to the right
