@@ -15,6 +15,7 @@ import shlex
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -47,6 +48,10 @@ RUN_CLASSIFIERS = ("lbfgs", "adam", "knn")
 RUN_BASELINES = ("random", "pca")
 TSNE_POINTS = 2000  # t-SNE of a seeded subsample of the test split: seconds, whatever the test set's size
 NEIGHBOUR_QUERIES, NEIGHBOURS = 8, 8  # neighbours.png: seeded test images (rows), nearest train images of each
+# The pictures next to a table (`<stem>_<key>.png`) and what the markdown says of each.
+PICTURES = {"tsne": "t-SNE of the SimCLR test features, coloured by class",
+            "confusion": "Confusion matrices of the SimCLR rows",
+            "neighbours": "Test images and their nearest train images (cosine), SimCLR and random-init features"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -151,8 +156,10 @@ def evaluate(checkpoint: str | Path, options: EvalOptions | None = None, *, log:
         f"{', '.join(baselines) or 'none'}")
     timings: dict[str, float] = {}
     features, extractors = extract_all(ctx, options, baselines, timings, log)
-    settings = _settings(ctx, options)
-    rows, outcomes = score(ctx, features, extractors, _protocols(classifiers, ctx, options), settings, log)
+    protocols = _protocols(ctx, options)  # `knn` asks for both KNN rows
+    settings = {key: protocol[2] for key, protocol in protocols.items()}
+    rows, outcomes = score(ctx, features, extractors, [(key, *protocols[key]) for key in protocols
+                                                       if key.replace("weighted_", "") in classifiers], log)
     timings["total"] = round(time.perf_counter() - started, 3)
     o = options
     results = {
@@ -170,17 +177,6 @@ def evaluate(checkpoint: str | Path, options: EvalOptions | None = None, *, log:
     if options.write:
         _write(evaluation, ctx, options, settings, started, log)
     return evaluation
-
-
-def _settings(ctx: EvalContext, o: EvalOptions) -> dict[str, dict]:
-    """What each protocol's rows depend on, by option: rows stand in one table only when made under the same
-    settings (the same weights, data and seed, and the same options of their protocol)."""
-    same = {"weights": ctx.checkpoint_sha256, "--seed": o.seed,
-            "data": data_key(ctx.dataset, ctx.root, ctx.input_size, len(ctx.train_set), len(ctx.test_set))}
-    return {"lbfgs": {**same, "--C": o.C, "--max-iter": o.max_iter}, "adam": same,
-            "knn": {**same, "--knn-k": o.knn_k},
-            "weighted_knn": {**same, "--weighted-knn-k": o.weighted_knn_k,
-                             "--weighted-knn-temperature": o.weighted_knn_temperature}}
 
 
 def extract_all(ctx: EvalContext, options: EvalOptions, baselines: tuple[str, ...], timings: dict,
@@ -229,12 +225,12 @@ def extract_all(ctx: EvalContext, options: EvalOptions, baselines: tuple[str, ..
     return features, extractors
 
 
-def score(ctx: EvalContext, features: dict, extractors: dict, protocols: list, settings: dict[str, dict],
+def score(ctx: EvalContext, features: dict, extractors: dict, protocols: list,
           log: Callable[[str], None]) -> tuple[list[Row], dict]:
-    """Each protocol on each extractor's features: the rows (with their protocol's `settings`) and their
+    """Each protocol `(key, name, function, settings)` on each extractor's features: the rows and their
     ClassifierResults."""
     rows, outcomes = [], {}
-    for key, name, protocol in protocols:
+    for key, name, protocol, settings in protocols:
         for extractor, (train, test) in features.items():
             tic = time.perf_counter()
             outcome = outcomes[key, extractor] = protocol(train.features, train.labels, test.features, test.labels)
@@ -244,7 +240,7 @@ def score(ctx: EvalContext, features: dict, extractors: dict, protocols: list, s
             facts = {k: v for k, v in extractors[extractor].items() if k != "pca"}
             rows.append(Row(key, name, extractor, **facts, top1=outcome.top1, top5=outcome.top5,
                             seconds=round(time.perf_counter() - tic, 3), details=outcome.details,
-                            settings=settings[key], confusion=confusion))
+                            settings=settings, confusion=confusion))
             log_row(log, rows[-1])
     return rows, outcomes
 
@@ -282,15 +278,7 @@ def notes(results: dict, rows: list[Row]) -> list[str]:
     if earlier.get("dropped"):
         paragraphs.append(f"Dropped from the evaluation of {earlier['finished']}, as made with "
                           f"{earlier['reason']}: {'; '.join(earlier['dropped'])}.")
-    pictures = results.get("pictures") or {}
-    if pictures.get("tsne"):
-        paragraphs.append(f"![t-SNE of the SimCLR test features, coloured by class]({pictures['tsne']})")
-    if pictures.get("confusion"):
-        paragraphs.append(f"![Confusion matrices of the SimCLR rows]({pictures['confusion']})")
-    if pictures.get("neighbours"):
-        paragraphs.append(f"![Test images and their nearest train images (cosine), SimCLR and random-init "
-                          f"features]({pictures['neighbours']})")
-    return paragraphs
+    return paragraphs + [f"![{PICTURES[key]}]({name})" for key, name in (results.get("pictures") or {}).items()]
 
 
 def _add_to_table(path: Path, results: dict, rows: list[Row], settings: dict[str, dict],
@@ -389,33 +377,31 @@ def write_neighbours(features: dict, ctx: EvalContext, stem: str, seed: int) -> 
 
 def remove_pictures(out_dir: Path, stem: str, log: Callable[[str], None] = print) -> None:
     """Remove pictures an earlier evaluation drew for this table: they need not match it any more."""
-    for name in (f"{stem}_tsne.png", f"{stem}_confusion.png", f"{stem}_neighbours.png"):
-        if (out_dir / name).is_file():
-            (out_dir / name).unlink()
-            log(f"removed {out_dir / name}: drawn for an earlier table (drop --no-plots to draw it again)")
+    for path in (out_dir / f"{stem}_{key}.png" for key in PICTURES):
+        if path.is_file():
+            path.unlink()
+            log(f"removed {path}: drawn for an earlier table (drop --no-plots to draw it again)")
 
 
-def _protocols(classifiers: tuple[str, ...], ctx: EvalContext, options: EvalOptions) -> list:
-    """(key, display name, function(train_x, train_y, test_x, test_y) -> ClassifierResult) for each row."""
-    o, device, num_classes = options, ctx.device, len(ctx.classes)
-    rows = []
-    for name in classifiers:
-        if name == "lbfgs":
-            rows.append(("lbfgs", "Logistic regression (L-BFGS)",
-                         lambda a, b, c, d: lbfgs_probe(a, b, c, d, num_classes=num_classes, C=o.C,
-                                                        max_iter=o.max_iter, seed=o.seed)))
-        elif name == "adam":
-            rows.append(("adam", "Linear (Adam, hold-out tuned)",
-                         lambda a, b, c, d: adam_probe(a, b, c, d, num_classes=num_classes, seed=o.seed,
-                                                       device=device)))
-        elif name == "knn":
-            rows.append(("knn", f"KNN (k={o.knn_k}, Euclidean)",
-                         lambda a, b, c, d: knn_classifier(a, b, c, d, num_classes=num_classes, k=o.knn_k,
-                                                           device=device)))
-            rows.append(("weighted_knn", f"Weighted KNN (k={o.weighted_knn_k}, T={o.weighted_knn_temperature:g})",
-                         lambda a, b, c, d: weighted_knn(a, b, c, d, num_classes=num_classes, k=o.weighted_knn_k,
-                                                         temperature=o.weighted_knn_temperature, device=device)))
-    return rows
+def _protocols(ctx: EvalContext, o: EvalOptions) -> dict[str, tuple[str, Callable, dict]]:
+    """Each row's protocol: key -> (display name, function(train_x, train_y, test_x, test_y) -> ClassifierResult,
+    the settings its numbers depend on, by option). Rows stand in one table only when made under the same
+    settings: the same weights, data and seed, and the same options of their protocol."""
+    n, device = len(ctx.classes), ctx.device
+    same = {"weights": ctx.checkpoint_sha256, "--seed": o.seed,
+            "data": data_key(ctx.dataset, ctx.root, ctx.input_size, len(ctx.train_set), len(ctx.test_set))}
+    return {"lbfgs": ("Logistic regression (L-BFGS)",
+                      partial(lbfgs_probe, num_classes=n, C=o.C, max_iter=o.max_iter, seed=o.seed),
+                      {**same, "--C": o.C, "--max-iter": o.max_iter}),
+            "adam": ("Linear (Adam, hold-out tuned)", partial(adam_probe, num_classes=n, seed=o.seed, device=device),
+                     same),
+            "knn": (f"KNN (k={o.knn_k}, Euclidean)", partial(knn_classifier, num_classes=n, k=o.knn_k, device=device),
+                    {**same, "--knn-k": o.knn_k}),
+            "weighted_knn": (f"Weighted KNN (k={o.weighted_knn_k}, T={o.weighted_knn_temperature:g})",
+                             partial(weighted_knn, num_classes=n, k=o.weighted_knn_k,
+                                     temperature=o.weighted_knn_temperature, device=device),
+                             {**same, "--weighted-knn-k": o.weighted_knn_k,
+                              "--weighted-knn-temperature": o.weighted_knn_temperature})}
 
 
 def how_to_read(present: set[str]) -> str:
