@@ -214,22 +214,20 @@ def _write_weights(tmp: Path, name: str, source: Source) -> dict[str, dict]:
     return {f: {"sha256": file_sha256(tmp / f), "bytes": (tmp / f).stat().st_size} for f in names}
 
 
-def _copy_evaluations(tmp: Path, evaluations: list[tuple[Path, dict]]) -> list[str]:
+def _copy_evaluations(tmp: Path, evaluations: list[tuple[Path, Results]]) -> list[str]:
     """Copy each evaluation's files (JSON, table, pictures) into `tmp/eval/`; their package-relative paths."""
-    copied = []
-    for path, results in evaluations:
-        for companion in evaluation_files(path, results):
-            if companion.is_file():
-                (tmp / EVAL_DIR).mkdir(exist_ok=True)
-                shutil.copy2(companion, tmp / EVAL_DIR / companion.name)
-                copied.append(f"{EVAL_DIR}/{companion.name}")
-    return copied
+    copied = [companion for path, results in evaluations for companion in evaluation_files(path, results)]
+    for companion in copied:
+        (tmp / EVAL_DIR).mkdir(exist_ok=True)
+        shutil.copy2(companion, tmp / EVAL_DIR / companion.name)
+    return [f"{EVAL_DIR}/{companion.name}" for companion in copied]
 
 
 def _manifest(name: str, source: Source, files: dict, eval_files: list[str]) -> dict:
     """`package.json`: what the package is, where it came from, and the digest of every weights file."""
     m = source.config.model
-    meta = _first_json_line(source.run_dir / "meta.jsonl")
+    meta = (_records(source.run_dir / "meta.jsonl") or [{}])[0]
+    last = ([r for r in _records(source.run_dir / "metrics.jsonl") if r.get("kind") == "epoch"] or [{}])[-1]
     return {
         "name": name, "format": FORMAT, "format_version": FORMAT_VERSION,
         "base_model": m.base_model, "cifar_stem": m.cifar_stem, "feature_dim": source.model.encoder.feature_dim,
@@ -237,7 +235,8 @@ def _manifest(name: str, source: Source, files: dict, eval_files: list[str]) -> 
         "source": {"checkpoint": str(source.file), "checkpoint_sha256": source.sha256,
                    "run_dir": str(source.run_dir), "git_commit": meta.get("git_commit"),
                    "command": meta.get("command"),
-                   "final_epoch_metrics": _last_epoch_metrics(source.run_dir / "metrics.jsonl")},
+                   "final_epoch_metrics": {k: v for k, v in last.items()
+                                           if k in ("epoch", "train_loss", "valid_loss", "valid_top1", "valid_top5")}},
         "files": files, "evaluations": eval_files,
         "exported": datetime.datetime.now().isoformat(timespec="seconds"),
     }
@@ -277,7 +276,7 @@ def refresh_package(folder: str | Path, log: Callable[[str], None] = print) -> P
         raise ExportError(f"{folder / CONFIG_FILE} is unreadable ({err}): re-export the package") from None
     evaluations = _matching_evaluations(folder / EVAL_DIR, _package_digests(manifest), log)
     manifest["evaluations"] = [f"{EVAL_DIR}/{p.name}" for path, results in evaluations
-                               for p in evaluation_files(path, results) if p.is_file()]
+                               for p in evaluation_files(path, results)]
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     (folder / CARD_FILE).write_text(model_card(manifest, config, [r for _, r in evaluations]))
     update_index(folder.parent)
@@ -318,30 +317,21 @@ def _matching_evaluations(folder: Path, digests: set[str], log,
 
 
 def evaluation_files(path: Path, results: Results) -> list[Path]:
-    """An evaluation's JSON, its markdown table and the pictures the table shows (t-SNE, confusion matrices)."""
+    """An evaluation's JSON, its markdown table and the pictures the table shows, those of them that exist."""
     pictures = [path.with_name(Path(str(name)).name) for name in results.pictures.values()]
-    return [path, path.with_suffix(".md"), *pictures]
+    return [file for file in (path, path.with_suffix(".md"), *pictures) if file.is_file()]
 
 
-def _first_json_line(path: Path) -> dict:
-    try:
-        line = path.read_text().splitlines()[0]
-        value = json.loads(line)
-        return value if isinstance(value, dict) else {}
-    except (OSError, IndexError, ValueError):
-        return {}
-
-
-def _last_epoch_metrics(path: Path) -> dict:
-    last = {}
+def _records(path: Path) -> list[dict]:
+    """The objects of a run's JSON-lines file (meta.jsonl, metrics.jsonl) up to a damaged line (a crash can cut
+    the last one short); none where it is missing."""
+    records = []
     try:
         for line in path.read_text().splitlines():
-            record = json.loads(line)
-            if isinstance(record, dict) and record.get("kind") == "epoch":
-                last = record
+            records.append(json.loads(line))
     except (OSError, ValueError):
         pass
-    return {k: v for k, v in last.items() if k in ("epoch", "train_loss", "valid_loss", "valid_top1", "valid_top5")}
+    return [record for record in records if isinstance(record, dict)]
 
 
 # The model card. `$`-fields are filled by `model_card`: the saved config's as `section_key` (`$optimizer_lr`, see

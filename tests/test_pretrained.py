@@ -506,6 +506,15 @@ def test_one_resolver_a_bare_run_name_works_and_a_run_and_package_of_one_name_is
     assert resolve_checkpoint(exported["folder"]) == exported["folder"] / "model.safetensors"
 
 
+def test_card_shows_the_last_whole_epoch_of_a_metrics_file_cut_short_by_a_crash(tmp_path):
+    make_run(tmp_path / "run")
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as metrics:
+        metrics.write(json.dumps({"kind": "epoch", "epoch": 3, "train_loss": 1.25}) + "\n" + '{"kind": "ep')
+    folder = export_package(tmp_path / "run", "p", root=tmp_path / "packages", log=lambda _: None)
+    assert "| Last epoch | train_loss 1.25 |" in (folder / "README.md").read_text()
+    assert json.loads((folder / "package.json").read_text())["source"]["git_commit"] == "abc123"
+
+
 def test_card_commands_are_rebuilt_word_by_word_for_the_package():
     def card(command: str, name: str) -> str:
         manifest = {"name": name, "base_model": "resnet18", "cifar_stem": False, "feature_dim": 512, "out_dim": 8,
