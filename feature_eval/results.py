@@ -95,7 +95,7 @@ class Results:
     """One evaluation's record as read back (`Results.from_json`): the parts every reader needs, typed.
 
     Attributes:
-        checkpoint, checkpoint_sha256: the weights scored and their digest.
+        checkpoint_sha256: the digest of the weights scored.
         dataset, root, input_size: the data evaluated on (None where a file does not say).
         splits: `fit` (what was fit on: `train`, or a labelled subset), `train`, `test`: split sizes.
         command: the command that reproduces every row (for a file that recorded none, rebuilt from its options).
@@ -104,7 +104,6 @@ class Results:
         record: the whole JSON, for the parts only one protocol has (options, baselines, timings, label subset).
     """
 
-    checkpoint: str
     checkpoint_sha256: str | None
     dataset: str | None
     root: str | None
@@ -121,18 +120,19 @@ class Results:
         """The one reader, for results JSON of every version of this code. Raises ValueError: not a results record."""
         if not isinstance(record, dict) or not isinstance(record.get("rows"), list):
             raise ValueError("not a results file of feature_eval (no rows)")
-        data, splits = record.get("dataset") or {}, record.get("splits") or {}
+        data, splits, options, pictures = (_dict(record.get(k)) for k in ("dataset", "splits", "options", "pictures"))
         settings = {"weights": record.get("checkpoint_sha256"),
                     "data": data_key(data.get("name"), data.get("root"), data.get("input_size"), splits.get("train"),
                                      splits.get("test")), "--seed": record.get("seed"),
-                    **{f"--{k.replace('_', '-')}": v for k, v in (record.get("options") or {}).items()
-                       if not isinstance(v, (list, dict))}}
+                    **{f"--{k.replace('_', '-')}": v for k, v in options.items() if not isinstance(v, (list, dict))}}
         rows = tuple(Row.from_json(row, settings) for row in record["rows"]
                      if isinstance(row, dict) and "classifier" in row and "extractor" in row)
-        pictures = record.get("pictures") if isinstance(record.get("pictures"), dict) else {}
-        return cls(str(record.get("checkpoint", "<checkpoint>")), record.get("checkpoint_sha256"), data.get("name"),
-                   data.get("root"), data.get("input_size"), splits, record.get("command") or _command_of(record),
-                   record.get("finished"), pictures, rows, record)
+        return cls(record.get("checkpoint_sha256"), data.get("name"), data.get("root"), data.get("input_size"), splits,
+                   record.get("command") or _command_of(record), record.get("finished"), pictures, rows, record)
+
+
+def _dict(value) -> dict:
+    return value if isinstance(value, dict) else {}
 
 
 def read_results(path: Path) -> Results:
@@ -142,7 +142,7 @@ def read_results(path: Path) -> Results:
 
 def _command_of(record: dict) -> str:
     """The evaluation command of a record from before commands were recorded, rebuilt from its options."""
-    data, options = record.get("dataset") or {}, record.get("options") or {}
+    data, options = _dict(record.get("dataset")), _dict(record.get("options"))
     baselines = f" --baselines {','.join(options['baselines'])}" if options.get("baselines") else ""
     return (f"python -m feature_eval.evaluate --checkpoint {record.get('checkpoint', '<checkpoint>')} --dataset "
             f"{data.get('name')} --root {data.get('root')} --input-size {data.get('input_size')} --classifiers "

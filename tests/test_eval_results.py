@@ -260,6 +260,8 @@ def test_results_files_of_the_code_before_typed_rows_still_read():
     assert "from this package: `python -m feature_eval.finetune --checkpoint p " in card
     with pytest.raises(ValueError, match="no rows"):
         Results.from_json({"checkpoint": "x"})
+    odd = Results.from_json({"dataset": "digits", "splits": None, "rows": [{"classifier": "knn"}, 3]})
+    assert odd.dataset is None and odd.splits == {} and odd.rows == () and "--checkpoint <checkpoint>" in odd.command
 
 
 def test_an_evaluation_adds_its_rows_to_a_table_written_before_rows_carried_settings(run_dir, tmp_path, one_thread):
