@@ -150,8 +150,9 @@ def _command_of(record: dict) -> str:
 
 
 def data_key(name: str | None, root, input_size: int | None, train: int | None, test: int | None) -> list:
-    """The `data` setting of a row: the data set's name, its root (resolved), image size and split sizes."""
-    return [name, str(Path(root).resolve()) if root else None, input_size, train, test]
+    """The `data` setting of a row: the data set's name, its root as given (`./data` is `data`; not resolved, so
+    rows stay comparable when the repository moves), image size and split sizes."""
+    return [name, str(Path(root)) if root else None, input_size, train, test]
 
 
 def current_rows(rows: Iterable[Row], settings: dict[str, dict]) -> list[Row]:
