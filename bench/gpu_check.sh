@@ -54,8 +54,8 @@ if [ "$DRY_RUN" = 1 ]; then
   BUDGET_S=${BUDGET_S:-900}
   DEVICE=cpu
   export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}  # shared small machines: spinning OpenMP waits stall torch
-  SYNTH=(--train 64 --test 32 --unlabeled 192)
-  RUN_SIZE=(dataset.input_shape="(32,32,3)" batch_size=32 log_every_n_steps=2 model.out_dim=32)
+  SYNTH=(--train 32 --test 16 --unlabeled 64)
+  RUN_SIZE=(dataset.input_shape="(16,16,3)" batch_size=16 log_every_n_steps=2 model.out_dim=32)
   DEVICE_EPOCHS=2
   THROUGHPUT=(--device cpu --crop 32 --batch-size 8 --steps 1 --warmup 1 --workers 1 --per-core-views 32)
   COMPILE=("${THROUGHPUT[@]}" --compile)
