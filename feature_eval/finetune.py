@@ -230,9 +230,7 @@ def finetune(encoder: nn.Module, dataset, num_classes: int, schedule: Schedule, 
                         "raise --label-fraction")
     batch_size = min(s.batch_size, len(dataset))
     torch.manual_seed(s.seed)
-    model = FineTuned(encoder, num_classes).to(device).requires_grad_(True)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = FineTuned(encoder, num_classes).to(device, memory_format=torch.channels_last).requires_grad_(True)
     optimizer = torch.optim.SGD(model.parameters(), lr=base_lr * batch_size / 256, momentum=s.momentum, nesterov=True)
     total = max(1, s.epochs * (len(dataset) // batch_size + (len(dataset) % batch_size >= 2)))  # steps
     cosine = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
