@@ -75,18 +75,19 @@ LAYOUTS = ("trainer", "channels-last", "nchw")
 
 
 def create_trainer(run_dir: Path, model: str, crop: int, batch_size: int, device: str, amp: str = "none",
-                   layout: str = "trainer", compile_model: bool = False) -> Trainer:
+                   layout: str = "trainer", compile_model: bool = False, trainer_class=Trainer) -> Trainer:
     """A real `simclr.trainer.Trainer` for these settings, whose `train_step` the benchmark times.
 
     It is what `python run.py` builds (model, optimiser, schedule, precision and layout, NT-Xent) with
     `fp16_precision`/`amp_dtype` from `amp` (a key of `AMP_SETTINGS`); its own data, scikit-learn's digits (no
     download), is never stepped on. `layout` "trainer" keeps the trainer's choice; "channels-last" or "nchw"
-    forces one, to measure the layout the trainer does not choose on this device. Nothing is written to `run_dir`.
+    forces one, to measure the layout the trainer does not choose on this device. `trainer_class` (a `Trainer`
+    subclass, as `run.main` takes) is what is built. Nothing is written to `run_dir`.
     """
     overrides = [f"batch_size={batch_size}", f"model.base_model={model}", f"dataset.input_shape=({crop},{crop},3)",
                  "dataset.name=digits", "dataset.valid_size=0", "knn_monitor.enabled=false", f"device={device}",
                  f"compile={str(compile_model).lower()}", f"run_dir={run_dir}", "epochs=1000", *AMP_SETTINGS[amp]]
-    trainer = Trainer(load_config(None, overrides), init_distributed(device))
+    trainer = trainer_class(load_config(None, overrides), init_distributed(device))
     if layout != "trainer":  # before the first step: the optimiser has no state yet to match the new strides
         channels_last = layout == "channels-last"
         trainer.precision = dataclasses.replace(trainer.precision, channels_last=channels_last,
@@ -147,11 +148,11 @@ def per_core_rates(images: torch.Tensor, crop: int, views: int) -> tuple[float, 
     return pil, device
 
 
-def run(args) -> dict:
+def run(args, trainer_class=Trainer) -> dict:
     """Measure every row; returns the numbers and settings for the table."""
     with tempfile.TemporaryDirectory() as run_dir, flushed_denormals():  # the trainer's step, as `fit` runs it
         trainer = create_trainer(Path(run_dir), args.model, args.crop, args.batch_size, args.device, args.amp,
-                                 args.layout, args.compile)
+                                 args.layout, args.compile, trainer_class)
         return _measure(args, trainer)
 
 
@@ -255,14 +256,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, trainer_class=Trainer) -> int:
+    """The benchmark's command; `trainer_class` is `create_trainer`'s (a test passes a subclass that counts steps)."""
     args = parse_args(argv)
     if min(args.batch_size, args.steps) < 1 or args.warmup < 0 or args.batch_size < 2:
         print("error: --batch-size must be >= 2, --steps >= 1 and --warmup >= 0", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    block = format_run(args, run(args), command_line("bench.throughput", argv))
+    block = format_run(args, run(args, trainer_class), command_line("bench.throughput", argv))
     print_and_record(args, block, START, END, SECTION_HEAD)
     return 0
 

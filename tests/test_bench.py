@@ -148,22 +148,21 @@ def test_restart_loop_refuses_a_run_count_below_one():
     assert done.returncode == 2 and "--runs must be >= 1" in done.stderr
 
 
-def test_throughput_times_the_trainers_own_step(monkeypatch, capsys):
+def test_throughput_times_the_trainers_own_step(capsys):
     """Every timed step of bench.throughput goes through `simclr.trainer.Trainer.train_step`: a change to the
     trainer's step shows up in the benchmark (there is no copy of the step in bench/)."""
     from bench import throughput
     from simclr.trainer import Trainer
 
     calls = []
-    real_step = Trainer.train_step
 
-    def counted(self, x1, x2):
-        flushed = (torch.tensor([1e-39]) * 1.0).item() == 0.0  # a denormal float reads as 0 under the trainer's flush
-        calls.append((x1.shape, flushed))
-        return real_step(self, x1, x2)
+    class Counted(Trainer):
+        def train_step(self, x1, x2):
+            flushed = (torch.tensor([1e-39]) * 1.0).item() == 0.0  # a denormal reads as 0 under the trainer's flush
+            calls.append((x1.shape, flushed))
+            return super().train_step(x1, x2)
 
-    monkeypatch.setattr(Trainer, "train_step", counted)
-    assert throughput.main(TINY_THROUGHPUT) == 0
+    assert throughput.main(TINY_THROUGHPUT, trainer_class=Counted) == 0
     assert len(calls) == 3 * 2  # three step rows (pre-made, CPU pipeline, device pipeline), 1 warm-up + 1 timed each
     assert all(shape == (4, 3, 32, 32) and flushed for shape, flushed in calls)
     assert "precision: float32, channels-last (fp16_precision: false)" in capsys.readouterr().out

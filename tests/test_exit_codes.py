@@ -135,16 +135,20 @@ def test_run_py_words_the_gpu_s_memory_and_a_full_disk_in_its_own_keys(tmp_path,
     (Preempted("stopped by SIGTERM at epoch 1, step 2; checkpoint saved."), startup.EXIT_PREEMPTED, "stopped by"),
     (KeyboardInterrupt(), startup.EXIT_INTERRUPTED, "interrupted: stopped at once"),
 ])
-def test_run_py_keeps_to_the_table(monkeypatch, tmp_path, capsys, raised, code, first):
-    def fit(self):
-        if raised is not None:
-            raise raised
-        return tmp_path / "r"
+def test_run_py_keeps_to_the_table(tmp_path, capsys, raised, code, first):
+    class Ends(Trainer):  # builds nothing; its fit ends as the row says
+        stop_requested = None
 
-    monkeypatch.setattr(Trainer, "__init__", lambda self, *a, **k: None)
-    monkeypatch.setattr(Trainer, "fit", fit)
-    monkeypatch.setattr(Trainer, "stop_requested", None)
-    assert run.main(["--config", str(ROOT / "config.yaml"), "device=cpu", f"run_dir={tmp_path / 'r'}"]) == code
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def fit(self):
+            if raised is not None:
+                raise raised
+            return tmp_path / "r"
+
+    argv = ["--config", str(ROOT / "config.yaml"), "device=cpu", f"run_dir={tmp_path / 'r'}"]
+    assert run.main(argv, trainer_class=Ends) == code
     printed = capsys.readouterr()
     lines = (printed.out + printed.err).strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(first), lines  # nothing before the message: no CPU line
@@ -234,12 +238,13 @@ def test_a_missing_image_folder_root_is_named_as_missing(tmp_path):
         load_split("imagefolder", tmp_path / "file", "train")
 
 
-def test_the_cpu_line_comes_after_an_error_that_stops_the_run_never_before(monkeypatch, tmp_path, capsys):
-    def no_data(self, *args, **kwargs):
-        raise DataError("ImageFolder root /x does not exist")
+def test_the_cpu_line_comes_after_an_error_that_stops_the_run_never_before(tmp_path, capsys):
+    class NoData(Trainer):
+        def __init__(self, *args, **kwargs):
+            raise DataError("ImageFolder root /x does not exist")
 
-    monkeypatch.setattr(Trainer, "__init__", no_data)
-    assert run.main(["--config", str(ROOT / "config.yaml"), "device=cpu", f"run_dir={tmp_path}"]) == 1
+    argv = ["--config", str(ROOT / "config.yaml"), "device=cpu", f"run_dir={tmp_path}"]
+    assert run.main(argv, trainer_class=NoData) == 1
     printed = capsys.readouterr()
     assert printed.out == "" and printed.err.startswith("error: ImageFolder root")
 
