@@ -26,7 +26,6 @@ import shlex
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import startup  # standard library only
@@ -50,16 +49,9 @@ from simclr.trainer import Trainer
 
 REPO = Path(__file__).resolve().parent.parent
 CLASSIFIERS = ("lbfgs", "knn")
+COLUMNS = ("lbfgs", "lbfgs margin", "knn", "knn margin", "seconds")  # of a SimCLR row: a value per seed each
 HOLDOUT_FRACTION, HOLDOUT_SEED = 0.2, 0
 BASE = "base"
-
-
-@dataclass
-class Scores:
-    """Top-1 % per classifier for each seed of one feature extractor, and pretraining seconds."""
-
-    top1: dict[str, list[float]] = field(default_factory=lambda: {c: [] for c in CLASSIFIERS})
-    seconds: list[float] = field(default_factory=list)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -154,46 +146,54 @@ def mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
-def study(args: argparse.Namespace) -> str:
+def study(args: argparse.Namespace, trainer_class=Trainer) -> str:
+    """Train every variant with every seed (`trainer_class`: a `Trainer`, or a test's subclass), score each encoder
+    and the baselines of its seed; the table (`render`)."""
     variants = [BASE] + list(DEFAULT_VARIANTS if args.variants is None else args.variants)
     check_variants(args, variants)
     out_dir = Path(args.out_dir or Path("runs") / "learning" / datetime.datetime.now().strftime("%Y%m%d_%H%M%S"))
-    results: dict[str, Scores] = {v: Scores() for v in variants}
+    simclr = {v: {c: [] for c in COLUMNS} for v in variants}
     baseline_scores: dict[tuple[str, int], dict[str, float]] = {}  # (baseline, seed) -> top-1 per classifier
-    margins: dict[str, dict[str, list[float]]] = {v: {c: [] for c in CLASSIFIERS} for v in variants}
     splits: dict[tuple, tuple] = {}
-    total = len(variants) * len(args.seeds)
-    for i, (variant, seed) in enumerate(((v, s) for v in variants for s in args.seeds), start=1):
+    runs = [(v, s) for v in variants for s in args.seeds]
+    for i, (variant, seed) in enumerate(runs, start=1):
         run_dir = out_dir / f"{variant_slug(variant)}_seed{seed}"
         config = load_config(args.config, common_overrides(args) + variant_overrides(variant)
                              + [f"seed={seed}", f"run_dir={run_dir}"])
-        print(f"[{i}/{total}] {variant} seed {seed} -> {run_dir}", flush=True)
+        print(f"[{i}/{len(runs)}] {variant} seed {seed} -> {run_dir}", flush=True)
         info = init_distributed(config.device)
         tic = time.perf_counter()
-        Trainer(config, info).fit()
+        trainer_class(config, info).fit()
         seconds = time.perf_counter() - tic
-        d, size = config.dataset, config.dataset.crop_size
-        data_key = (d.name, d.root, size, args.report)
+        data_key = (config.dataset.name, config.dataset.root, config.dataset.crop_size, args.report)
         if data_key not in splits:
             splits[data_key] = split_for_report(config, args.report)
-        fit, report = splits[data_key]
-        encoder = load_encoder(run_dir, info.device)
-        simclr = tuple(extract_features(encoder, part, size, device=info.device, desc=f"SimCLR features ({name})")
-                       for name, part in (("fit", fit), ("report", report)))
-        found = score(simclr, info.device)
-        results[variant].seconds.append(seconds)
-        best = {c: -math.inf for c in CLASSIFIERS}
-        for name, compute in baseline_extractors(config, seed, fit, report, info.device):
-            if (name, seed) not in baseline_scores:  # the same for every variant with this seed, data and size
-                baseline_scores[name, seed] = score(compute(), info.device)
-            best = {c: max(best[c], baseline_scores[name, seed][c]) for c in CLASSIFIERS}
+        found, best = score_run(config, run_dir, seed, splits[data_key], info.device, baseline_scores)
+        row = simclr[variant]
+        row["seconds"].append(seconds)
         for c in CLASSIFIERS:
-            results[variant].top1[c].append(found[c])
-            margins[variant][c].append(found[c] - best[c])
-        print(f"[{i}/{total}] {variant} seed {seed}: L-BFGS {found['lbfgs']:.1f} (margin {margins[variant]['lbfgs'][-1]:+.1f}), "
-              f"KNN {found['knn']:.1f} (margin {margins[variant]['knn'][-1]:+.1f}), pretraining {seconds:.0f} s",
-              flush=True)
-    return render(args, variants, results, margins, baseline_scores, splits)
+            row[c].append(found[c])
+            row[f"{c} margin"].append(found[c] - best[c])
+        print(f"[{i}/{len(runs)}] {variant} seed {seed}: L-BFGS {found['lbfgs']:.1f} (margin "
+              f"{row['lbfgs margin'][-1]:+.1f}), KNN {found['knn']:.1f} (margin {row['knn margin'][-1]:+.1f}), "
+              f"pretraining {seconds:.0f} s", flush=True)
+    return render(args, simclr, baseline_scores, next(iter(splits.values())))
+
+
+def score_run(config, run_dir: Path, seed: int, data: tuple, device: torch.device, baseline_scores: dict):
+    """Top-1 per classifier of the run's encoder, and the best baseline's of its seed (each baseline scored once
+    per seed, into `baseline_scores`: the same for every variant with this seed, data and size)."""
+    fit, report = data
+    encoder = load_encoder(run_dir, device)
+    found = score(tuple(extract_features(encoder, part, config.dataset.crop_size, device=device,
+                                         desc=f"SimCLR features ({name})")
+                        for name, part in (("fit", fit), ("report", report))), device)
+    best = {c: -math.inf for c in CLASSIFIERS}
+    for name, compute in baseline_extractors(config, seed, fit, report, device):
+        if (name, seed) not in baseline_scores:
+            baseline_scores[name, seed] = score(compute(), device)
+        best = {c: max(best[c], baseline_scores[name, seed][c]) for c in CLASSIFIERS}
+    return found, best
 
 
 def baseline_extractors(config, seed: int, fit, report, device: torch.device):
@@ -213,8 +213,9 @@ def variant_slug(variant: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in variant)[:80] or BASE
 
 
-def render(args, variants, results, margins, baseline_scores, splits) -> str:
-    fit, report = next(iter(splits.values()))
+def render(args, simclr: dict, baseline_scores: dict, data: tuple) -> str:
+    """The study's markdown table: a row per variant (mean ± sd over seeds), then a row per baseline."""
+    fit, report = data
     where = ("fitted on 80% of the labelled train split, scored on the other 20% (seeded, stratified)"
              if args.report == "holdout" else "fitted on the train split, scored on the test split")
     lines = [f"Top-1 % {where}: {len(fit)} fit / {len(report)} scored images; mean ± sd over seeds "
@@ -222,11 +223,9 @@ def render(args, variants, results, margins, baseline_scores, splits) -> str:
              "",
              "| Feature extractor | L-BFGS top-1 | L-BFGS margin | KNN (k=10) top-1 | KNN margin | pretraining s |",
              "|---|---|---|---|---|---|"]
-    for variant in variants:
-        r, m = results[variant], margins[variant]
+    for variant, row in simclr.items():
         label = "SimCLR, base config" if variant == BASE else f"SimCLR, `{variant}`"
-        lines.append(f"| {label} | {mean_sd(r.top1['lbfgs'])} | {mean_sd(m['lbfgs'])} | {mean_sd(r.top1['knn'])} | "
-                     f"{mean_sd(m['knn'])} | {mean_sd(r.seconds)} |")
+        lines.append(f"| {label} | " + " | ".join(mean_sd(row[c]) for c in COLUMNS) + " |")
     for name in dict.fromkeys(name for name, _ in baseline_scores):
         per_seed = [scores for (n, _), scores in baseline_scores.items() if n == name]
         lbfgs, knn = ([s[c] for s in per_seed] for c in CLASSIFIERS)
@@ -241,17 +240,15 @@ def machine() -> str:
     return f"{gpu}{describe_machine('cuda' if gpu == '' else 'cpu')}, scikit-learn {sklearn.__version__}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, trainer_class=Trainer) -> int:
+    """The study's command; `trainer_class` is `study`'s."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     started = time.perf_counter()
     try:
-        table = study(args)
-    except ConfigError as err:
+        table = study(args, trainer_class)
+    except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return startup.EXIT_USAGE
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return startup.EXIT_ERROR
+        return startup.EXIT_USAGE if isinstance(err, ConfigError) else startup.EXIT_ERROR
     command = command_line("bench.learning", argv)
     minutes = (time.perf_counter() - started) / 60
     print(table)

@@ -123,7 +123,7 @@ def test_the_recipe_study_records_only_with_record(tmp_path, monkeypatch, capsys
 
     docs = _fake_docs(tmp_path, monkeypatch)
     before = docs.read_bytes()
-    monkeypatch.setattr(learning, "study", lambda args: "| study | table |")
+    monkeypatch.setattr(learning, "study", lambda args, trainer_class: "| study | table |")
     monkeypatch.setattr(learning, "machine", lambda: "a test machine")
     assert learning.main(["--seeds", "0"]) == 0
     assert docs.read_bytes() == before and "| study | table |" in capsys.readouterr().out

@@ -4,15 +4,19 @@ from __future__ import annotations
 import pytest
 
 from bench import learning
+from simclr.trainer import Trainer
 
 TINY = ["--set", "epochs=1", "batch_size=256", "dataset.input_shape=(8,8,3)", "model.out_dim=8", "device=cpu",
         "log_every_n_steps=100", "dataset.valid_size=0"]
 
 
-def test_a_bad_variant_fails_in_one_line_before_any_training(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(learning, "Trainer", lambda *a, **k: pytest.fail("trained before checking the variants"))
+def test_a_bad_variant_fails_in_one_line_before_any_training(tmp_path, capsys):
+    class Never(Trainer):
+        def __init__(self, *args, **kwargs):
+            pytest.fail("trained before checking the variants")
+
     code = learning.main(["--variants", "loss.temperature=0.2", "loss.temprature=0.2", "--seeds", "0",
-                          "--out-dir", str(tmp_path), *TINY])
+                          "--out-dir", str(tmp_path), *TINY], trainer_class=Never)
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert "variant 'loss.temprature=0.2'" in err and "temperature" in err
