@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
+import math
+import platform
 import re
 import shlex
 import sys
@@ -98,12 +101,20 @@ class EvalContext:
         model = self.config.model
         return ARCHITECTURES.get(model.base_model, model.base_model) + (" (CIFAR stem)" if model.cifar_stem else "")
 
-    def facts(self) -> dict:
-        """The head of every results JSON: the checkpoint, its digest and epochs, the data evaluated on."""
-        return {"checkpoint": str(self.checkpoint), "checkpoint_sha256": self.checkpoint_sha256,
+    def record(self, command: str | None, seed: int, splits: dict, options: dict, timings: dict, **parts) -> dict:
+        """A results JSON (`feature_eval.results.Results` reads it back): the command, the checkpoint (digest,
+        epochs), the data, the splits (`fit`: what was fit on; sizes), seed, device, options, `parts` (rows, ...),
+        the timings, the machine it ran on and when it finished."""
+        gpu = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
+        return {"command": command, "checkpoint": str(self.checkpoint), "checkpoint_sha256": self.checkpoint_sha256,
                 "trained_epochs": self.trained_epochs,
                 "dataset": {"name": self.dataset, "root": str(self.root), "input_size": self.input_size,
-                            "classes": self.classes}}
+                            "classes": self.classes},
+                "splits": {"report": "test", **splits}, "seed": seed, "device": str(self.device), "options": options,
+                **parts, "timings_s": timings,
+                "machine": {"host": platform.node(), "cpu_threads": torch.get_num_threads(),
+                            "python": platform.python_version(), "torch": torch.__version__, "gpu": gpu},
+                "finished": datetime.datetime.now().isoformat(timespec="seconds")}
 
     def results_stem(self) -> str:
         """The results files' name, as `results_stem` makes it for this checkpoint and data."""
@@ -143,7 +154,9 @@ def open_context(checkpoint: str | Path, options: RunOptions,
     skip_bad_images = options.skip_bad_images if options.skip_bad_images is not None else \
         bool(trained and trained.skip_bad_images)
     train_set, test_set = load_splits(dataset, root, options.download, skip_bad_images)
-    out_dir = Path(options.out_dir) if options.out_dir is not None else default_out_dir(file)
+    # default: `<run_dir>/eval`, or a package's own `eval/` (from which `pretrained_models.export --refresh`
+    # builds the model card)
+    out_dir = Path(options.out_dir) if options.out_dir is not None else run_dir_of(file.resolve()) / "eval"
     if options.write:
         check_writable(out_dir)  # now, not after minutes of features or hours of fine-tuning
     classes = list(getattr(train_set, "classes", [])) or [str(i) for i in range(int(train_set.labels.max()) + 1)]
@@ -151,20 +164,10 @@ def open_context(checkpoint: str | Path, options: RunOptions,
                        input_size, train_set, test_set, classes, device, out_dir)
 
 
-def default_out_dir(checkpoint_file: Path) -> Path:
-    """`<run_dir>/eval` for `<run_dir>/checkpoints/<file>.pt`, else `eval/` next to the file (for a pretrained
-    package, its own `eval/`, from which `pretrained_models.export --refresh` builds the model card)."""
-    return run_dir_of(checkpoint_file.resolve()) / "eval"
-
-
-# The loaders' advice names the training config's keys; an evaluation command takes options instead.
-OPTION_ADVICE = {"set dataset.download: true": "pass --download", "set dataset.root to": "pass --root",
-                 "set dataset.skip_bad_images: true": "pass --skip-bad-images"}
-
-
 def option_advice(message: str) -> str:
-    """A data loader's message with its advice in terms of this command's options (`OPTION_ADVICE`)."""
-    for key, option in OPTION_ADVICE.items():
+    """A data loader's message, whose advice names the training config's keys, in this command's options."""
+    for key, option in {"set dataset.download: true": "pass --download", "set dataset.root to": "pass --root",
+                        "set dataset.skip_bad_images: true": "pass --skip-bad-images"}.items():
         message = message.replace(key, option)
     return message
 
@@ -257,7 +260,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 BOUNDS = {">= 0": (lambda v: v >= 0, ">= 0"), ">= 1": (lambda v: v >= 1, "at least 1"),
           ">= 2": (lambda v: v >= 2, "at least 2"), "> 0": (lambda v: v > 0, "> 0"),
           "(0, 1)": (lambda v: 0 < v < 1, "in (0, 1)"), "[0, 1)": (lambda v: 0 <= v < 1, "in [0, 1)"),
-          "[0, 1]": (lambda v: 0 <= v <= 1, "in [0, 1]")}
+          "[0, 1]": (lambda v: 0 <= v <= 1, "in [0, 1]"), "(0, 1]": (lambda v: 0 < v <= 1, "in (0, 1]"),
+          "all > 0": (lambda v: v and all(x > 0 and math.isfinite(x) for x in v),
+                      "one or more positive numbers, e.g. 0.05,0.1,0.2")}
 
 
 def check_bounds(parser: argparse.ArgumentParser, args: argparse.Namespace, **bounds: str) -> None:
@@ -291,14 +296,10 @@ def run_cli(module: str, argv: list[str] | None, parse_args: Callable[[list[str]
         stopped = f"{module} stopped; no results written (features already extracted stay cached)"
         return startup.report_error(err, text=stopped if isinstance(err, KeyboardInterrupt)
                                     else option_advice(startup.error_text(err)))
-    print_written(outcome.table, outcome.paths, outcome.results)
-    return startup.EXIT_OK
-
-
-def print_written(table: str, paths: dict[str, Path], results: dict) -> None:
-    """The end of a CLI run: the table, the files written, the time taken."""
-    print(table)
-    print(f"wrote {paths['markdown']} and {paths['json']} ({results['timings_s']['total']:.1f} s)")
+    paths = outcome.paths
+    print(f"{outcome.table}\nwrote {paths['markdown']} and {paths['json']} "
+          f"({outcome.results['timings_s']['total']:.1f} s)")
     pictures = [str(paths[key]) for key in ("tsne", "confusion", "neighbours") if key in paths]
     if pictures:
         print(f"pictures: {', '.join(pictures)}")
+    return startup.EXIT_OK

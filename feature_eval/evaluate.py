@@ -37,8 +37,8 @@ from data_aug.views import create_eval_resize
 from feature_eval.features import FeatureSplit, cached_features, data_fingerprint, extract_features
 from knn.neighbours import cosine_neighbours
 from feature_eval.plots import confusion_counts, draw_neighbours, write_evaluation_plots
-from feature_eval.results import (Results, Row, current_rows, data_key, finished_record, log_row, markdown_table,
-                                  read_results, rewrite_command, table_caption, write_results)
+from feature_eval.results import (Results, Row, current_rows, data_key, log_row, markdown_table, read_results,
+                                  rewrite_command, table_caption, write_results)
 
 CLASSIFIERS = ("lbfgs", "adam", "knn")
 BASELINES = ("pca", "random")
@@ -115,13 +115,6 @@ class Evaluation:
         return next(iter(self.features.values()))[1].labels.numpy()
 
 
-def default_cache_dir(checkpoint_file: Path, out_dir: Path) -> Path:
-    """`<out_dir>/cache`; for a pretrained package `runs/eval_cache/<package>`, so packages hold no caches."""
-    if checkpoint_file.suffix == ".safetensors":
-        return Path("runs") / "eval_cache" / checkpoint_file.resolve().parent.name
-    return out_dir / "cache"
-
-
 def evaluate(checkpoint: str | Path, options: EvalOptions | None = None, *, log: Callable[[str], None] = print,
              **fields) -> Evaluation:
     """Evaluate a checkpoint's frozen encoder: fit on the `train` split, report on `test` (DINO's eval_knn shape:
@@ -162,15 +155,11 @@ def evaluate(checkpoint: str | Path, options: EvalOptions | None = None, *, log:
                                                        if key.replace("weighted_", "") in classifiers], log)
     timings["total"] = round(time.perf_counter() - started, 3)
     o = options
-    results = {
-        "command": o.command, **ctx.facts(),
-        "splits": {"fit": "train", "report": "test", "train": len(ctx.train_set), "test": len(ctx.test_set)},
-        "seed": o.seed, "device": str(ctx.device),
-        "options": {"classifiers": list(classifiers), "baselines": list(baselines), "batch_size": o.batch_size,
-                    "C": o.C, "max_iter": o.max_iter, "knn_k": o.knn_k, "weighted_knn_k": o.weighted_knn_k,
-                    "weighted_knn_temperature": o.weighted_knn_temperature},
-        "baselines": {name: extractors[name] for name in baselines},
-        "timings_s": timings, **finished_record(ctx.device)}
+    results = ctx.record(o.command, o.seed, {"fit": "train", "train": len(ctx.train_set), "test": len(ctx.test_set)},
+                         {"classifiers": list(classifiers), "baselines": list(baselines), "batch_size": o.batch_size,
+                          "C": o.C, "max_iter": o.max_iter, "knn_k": o.knn_k, "weighted_knn_k": o.weighted_knn_k,
+                          "weighted_knn_temperature": o.weighted_knn_temperature}, timings,
+                         baselines={name: extractors[name] for name in baselines})
     rows = current_rows([dataclasses.replace(row, evaluated=results["finished"]) for row in rows], settings)
     results["rows"] = [row.to_json() for row in rows]
     evaluation = Evaluation(results, rows, markdown_table(rows), ctx.classes, features, outcomes)
@@ -188,11 +177,13 @@ def extract_all(ctx: EvalContext, options: EvalOptions, baselines: tuple[str, ..
         projection dims, epochs, and for PCA its `pca` info); `timings` gets `features_<extractor>` seconds.
     """
     o, model = options, ctx.config.model
-    cache_dir = (Path(o.cache_dir) if o.cache_dir is not None else default_cache_dir(ctx.checkpoint, ctx.out_dir)) \
-        if o.cache else None
+    # a package holds no caches: its features go to runs/eval_cache/<package>
+    package = ctx.checkpoint.suffix == ".safetensors"
+    cache_dir = Path(o.cache_dir) if o.cache_dir is not None else \
+        Path("runs") / "eval_cache" / ctx.checkpoint.resolve().parent.name if package else ctx.out_dir / "cache"
     # Baselines do not depend on the checkpoint: their features are shared by every run on the same data.
-    baseline_cache = ((Path(o.cache_dir) / "baselines" if o.cache_dir is not None else baseline_features.BASELINE_CACHE)
-                      if o.cache else None)
+    baseline_cache = cache_dir / "baselines" if o.cache_dir is not None else baseline_features.BASELINE_CACHE
+    cache_dir, baseline_cache = (cache_dir, baseline_cache) if o.cache else (None, None)
     splits = (("train", ctx.train_set), ("test", ctx.test_set))
     fingerprints = {name: data_fingerprint(data) for name, data in splits} if cache_dir else {}
     tic = time.perf_counter()
@@ -204,16 +195,16 @@ def extract_all(ctx: EvalContext, options: EvalOptions, baselines: tuple[str, ..
                                                       o.num_workers, f"SimCLR features ({name})"), log)
         for name, data in splits)}
     timings["features_simclr"] = round(time.perf_counter() - tic, 3)
-    extractors = {"simclr": {"architecture": ctx.architecture, "feature_dim": ctx.encoder.feature_dim,
-                             "projection_dim": model.out_dim, "epochs": ctx.trained_epochs}}
+    simclr = {"architecture": ctx.architecture, "feature_dim": ctx.encoder.feature_dim,
+              "projection_dim": model.out_dim, "epochs": ctx.trained_epochs}
+    extractors = {"simclr": simclr}
     for baseline in baselines:
         tic = time.perf_counter()
         if baseline == "random":
             features["random"] = baseline_features.random_init_features(
                 model.base_model, model.cifar_stem, o.seed, ctx.train_set, ctx.test_set, ctx.input_size,
                 o.batch_size, ctx.device, o.num_workers, baseline_cache, log)
-            extractors["random"] = {"architecture": ctx.architecture, "feature_dim": ctx.encoder.feature_dim,
-                                    "projection_dim": None, "epochs": 0}
+            extractors["random"] = {**simclr, "projection_dim": None, "epochs": 0}
         else:
             train_pca, test_pca, info = baseline_features.pca_features(
                 ctx.train_set, ctx.test_set, ctx.input_size, model.out_dim, o.batch_size, o.num_workers, o.seed,

@@ -44,8 +44,7 @@ from feature_eval.classifiers import holdout_split, topk_accuracy
 from feature_eval.context import (EvalContext, EvalError, RunOptions, add_run_arguments, check_bounds, open_context,
                                   parse_names, run_cli)
 from feature_eval.features import extract_features
-from feature_eval.results import (EXTRACTOR_NAMES, Row, finished_record, log_row, markdown_table, table_caption,
-                                  write_results)
+from feature_eval.results import EXTRACTOR_NAMES, Row, log_row, markdown_table, table_caption, write_results
 
 DEFAULT_LRS = (0.05, 0.1, 0.2)  # per 256 images; the paper's 0.05 (0.8 at batch 4096) and two larger steps
 BASELINES = ("random",)
@@ -422,20 +421,16 @@ def _finetune_and_score(ctx: EvalContext, o: FineTuneOptions, schedule: Schedule
 def _record(ctx: EvalContext, o: FineTuneOptions, fit: str, indices: np.ndarray, counts: np.ndarray,
             selections: dict, rows: list[Row], timings: dict) -> dict:
     """The JSON record of a fine-tuning evaluation."""
-    return {
-        "protocol": "finetune", "command": o.command, **ctx.facts(),
-        "splits": {"fit": fit, "report": "test", "train": len(ctx.train_set), "labelled": len(indices),
-                   "test": len(ctx.test_set)},
-        "label_subset": {"fraction": o.label_fraction, "seed": o.seed,
-                         "per_class": {c: int(n) for c, n in zip(ctx.classes, counts)},
-                         "indices": indices.tolist() if len(indices) <= 5000 else None},
-        "seed": o.seed, "device": str(ctx.device),
-        "options": {"label_fraction": o.label_fraction, "epochs": o.epochs, "batch_size": o.batch_size,
-                    "lrs": list(o.lrs), "momentum": o.momentum, "hflip": o.hflip, "valid_fraction": o.valid_fraction,
-                    "baselines": list(o.baselines), "augmentation": augmentation(o.hflip),
-                    "optimizer": "SGD, Nesterov momentum, no weight decay, cosine decay, no warmup"},
-        "selection": selections, "rows": [row.to_json() for row in rows], "timings_s": timings,
-        **finished_record(ctx.device)}
+    return ctx.record(
+        o.command, o.seed, {"fit": fit, "train": len(ctx.train_set), "labelled": len(indices), "test": len(ctx.test_set)},
+        {"label_fraction": o.label_fraction, "epochs": o.epochs, "batch_size": o.batch_size, "lrs": list(o.lrs),
+         "momentum": o.momentum, "hflip": o.hflip, "valid_fraction": o.valid_fraction, "baselines": list(o.baselines),
+         "augmentation": augmentation(o.hflip),
+         "optimizer": "SGD, Nesterov momentum, no weight decay, cosine decay, no warmup"}, timings,
+        protocol="finetune", label_subset={"fraction": o.label_fraction, "seed": o.seed,
+                                           "per_class": {c: int(n) for c, n in zip(ctx.classes, counts)},
+                                           "indices": indices.tolist() if len(indices) <= 5000 else None},
+        selection=selections, rows=[row.to_json() for row in rows])
 
 
 def augmentation(hflip: float) -> str:
@@ -454,37 +449,25 @@ def caption(results: dict) -> str:
                          results["command"])
 
 
-def _positive_floats(text: str) -> tuple[float, ...]:
+def _number(text: str) -> float:
     try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
+        return float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers, e.g. 0.05,0.1") from None
-    if not values or any(not (v > 0 and math.isfinite(v)) for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: give one or more positive numbers, e.g. 0.05,0.1,0.2")
-    return values
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number; use e.g. 0.01, 0.1 or 1.0") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"{value:g} must be in (0, 1], e.g. 0.01 for 1% of the labels")
-    return value
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number, e.g. 0.01 or 0.05,0.1") from None
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m feature_eval.finetune", description=__doc__.split("\n")[0])
     add_run_arguments(parser)
-    parser.add_argument("--label-fraction", type=_fraction, default=0.01,
+    parser.add_argument("--label-fraction", type=_number, default=0.01,
                         help="fraction of the labelled train split, class-balanced (default 0.01; the paper's "
                              "0.01 and 0.1; 1.0 for all)")
     parser.add_argument("--epochs", type=int, help="fine-tuning epochs (default: 60 for <= 1%% of labels, else 30)")
     parser.add_argument("--batch-size", type=int, default=64,
                         help="images per step (2 or more: BatchNorm), capped at the labelled subset (default 64); "
                              "lr = base lr x batch/256")
-    parser.add_argument("--lrs", type=_positive_floats, default=DEFAULT_LRS,
+    parser.add_argument("--lrs", type=lambda text: tuple(_number(v) for v in text.split(",") if v.strip()),
+                        default=DEFAULT_LRS,
                         help="base learning rates per 256 images to choose from on the hold-out "
                              f"(default {','.join(f'{v:g}' for v in DEFAULT_LRS)}); one value skips the choice")
     parser.add_argument("--momentum", type=float, default=0.9, help="Nesterov momentum (the paper's 0.9)")
@@ -498,8 +481,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="label subset, hold-out, head init, order and views")
     parser.add_argument("--eval-batch-size", type=int, default=256, help="images per forward pass when scoring")
     args = parser.parse_args(argv)
-    check_bounds(parser, args, epochs=">= 1", batch_size=">= 2", eval_batch_size=">= 1", valid_fraction="(0, 1)",
-                 momentum="[0, 1)", hflip="[0, 1]")
+    check_bounds(parser, args, label_fraction="(0, 1]", lrs="all > 0", epochs=">= 1", batch_size=">= 2",
+                 eval_batch_size=">= 1", valid_fraction="(0, 1)", momentum="[0, 1)", hflip="[0, 1]")
     return args
 
 

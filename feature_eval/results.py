@@ -11,9 +11,7 @@ One reader (`read_results`, `Results.from_json`: files of every version of this 
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
-import platform
 import re
 import shlex
 from dataclasses import dataclass, field
@@ -21,7 +19,6 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
-import torch
 
 from feature_eval.context import EvalError
 
@@ -217,14 +214,6 @@ def table_caption(subject: str, dataset: str, input_size: int, fit: str, test: i
     the seed, the time taken, and the command that makes the table."""
     return (f"{subject} on {dataset} ({input_size}px): fit on {fit}; scored on test ({test}); seed {seed}, "
             f"{seconds:.0f} s on {device}." + (f" Command: `{command}`" if command else ""))
-
-
-def finished_record(device: torch.device) -> dict:
-    """The tail of every results JSON: the machine it ran on and when it finished."""
-    return {"machine": {"host": platform.node(), "cpu_threads": torch.get_num_threads(),
-                        "python": platform.python_version(), "torch": torch.__version__,
-                        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
-            "finished": datetime.datetime.now().isoformat(timespec="seconds")}
 
 
 def write_results(record: dict, table: str, out_dir: Path, stem: str, caption: str,
