@@ -64,12 +64,6 @@ def default_name(base_model: str, epochs: int | None) -> str:
     return f"{arch}_{epochs}-epochs" if epochs is not None else arch
 
 
-def torchvision_state_dict(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The encoder trunk of a full SimCLR state dict under plain torchvision keys (`conv1.weight`, ...; no `fc`)."""
-    prefix = "backbone."
-    return {k[len(prefix):]: v for k, v in encoder_state_dict(model_state).items() if k.startswith(prefix)}
-
-
 def export_package(source: str | Path, name: str | None = None, *, root: str | Path | None = None,
                    force: bool = False, log: Callable[[str], None] = print) -> Path:
     """Write the package `<root>/<name>/` from a run directory or a checkpoint `.pt`: staged in a temporary folder
@@ -96,12 +90,10 @@ def export_package(source: str | Path, name: str | None = None, *, root: str | P
         evaluations = _write_package(tmp, dest, name, source, log)
         _replace(tmp, dest)
     except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise ExportError(f"cannot write package {dest} ({err.strerror or err}): free space or pass "
                           "--packages-dir DIR") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already once renamed into place
     update_index(root)
     log(f"exported {source.file} -> {dest} ({', '.join(sorted(os.listdir(dest)))}); "
         f"{len(evaluations)} evaluation result(s) copied")
@@ -163,7 +155,7 @@ def _stage(root: Path, name: str) -> Path:
     try:
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a package is as readable as any file here
+        os.chmod(tmp, _mode(0o777))  # mkdtemp makes it private; a package is as readable as any file here
     except OSError as err:
         raise ExportError(f"cannot write into {root} ({err.strerror or err}): pass --packages-dir DIR") from None
     return tmp
@@ -181,7 +173,10 @@ def _write_package(tmp: Path, dest: Path, name: str, source: Source, log: Callab
     # Results of the package being replaced (feature_eval run on it) stay when they scored these same weights:
     # the same source checkpoint (safetensors orders its metadata at random, so the file's sha256 differs).
     digests = {source.sha256, files[WEIGHTS_FILE]["sha256"]}
-    replaced = _readable_manifest(dest)
+    try:
+        replaced = read_manifest(dest)
+    except CheckpointLoadError:  # missing or damaged: nothing of it is kept
+        replaced = {}
     if replaced.get("source", {}).get("checkpoint_sha256") == source.sha256:
         digests |= _package_digests(replaced)
     evaluations = list({path.name: (path, results) for folder, skipped in (
@@ -205,12 +200,14 @@ def _write_weights(tmp: Path, name: str, source: Source) -> dict[str, dict]:
         "format": FORMAT, "format_version": str(FORMAT_VERSION), "name": name, "base_model": m.base_model,
         "cifar_stem": str(m.cifar_stem).lower(), "out_dim": str(m.out_dim), "feature_dim": str(encoder.feature_dim),
         "epochs": "" if source.epochs is None else str(source.epochs)})
-    save_file(torchvision_state_dict(weights), str(tmp / torchvision_file(m.base_model)), metadata={
+    trunk = {k.removeprefix("backbone."): v for k, v in encoder_state_dict(weights).items()
+             if k.startswith("backbone.")}  # under plain torchvision keys (conv1.weight, ...), no fc
+    save_file(trunk, str(tmp / torchvision_file(m.base_model)), metadata={
         "format": "torchvision", "base_model": m.base_model, "cifar_stem": str(m.cifar_stem).lower(),
         "input": "float RGB in [0, 1], normalised with mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225)"})
     names = (WEIGHTS_FILE, torchvision_file(m.base_model))
     for weights_name in names:
-        os.chmod(tmp / weights_name, 0o666 & ~_umask())
+        os.chmod(tmp / weights_name, _mode(0o666))
     return {f: {"sha256": file_sha256(tmp / f), "bytes": (tmp / f).stat().st_size} for f in names}
 
 
@@ -242,10 +239,11 @@ def _manifest(name: str, source: Source, files: dict, eval_files: list[str]) -> 
     }
 
 
-def _umask() -> int:
+def _mode(bits: int) -> int:
+    """`bits` less the process's umask: a package is as readable as any file written here."""
     mask = os.umask(0)
     os.umask(mask)
-    return mask
+    return bits & ~mask
 
 
 def _replace(tmp: Path, dest: Path) -> None:
@@ -282,14 +280,6 @@ def refresh_package(folder: str | Path, log: Callable[[str], None] = print) -> P
     update_index(folder.parent)
     log(f"refreshed {folder / CARD_FILE}: {len(evaluations)} evaluation result(s)")
     return folder
-
-
-def _readable_manifest(folder: Path) -> dict:
-    """`package.json` of `folder`, or `{}` where it is missing or damaged."""
-    try:
-        return read_manifest(folder)
-    except CheckpointLoadError:
-        return {}
 
 
 def _package_digests(manifest: dict) -> set[str]:
