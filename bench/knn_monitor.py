@@ -20,12 +20,7 @@ import time
 from pathlib import Path
 
 START, END = "<!-- bench/knn_monitor.py: start -->", "<!-- bench/knn_monitor.py: end -->"
-SECTION_HEAD = """## kNN monitor (bench/knn_monitor.py)
-
-The trainer's kNN monitor (`simclr/monitor.py`, [CONFIGURATION.md](CONFIGURATION.md#the-knn-monitor)): seconds per
-measurement (`KnnMonitor.measure`, the trainer's call: features of every image in eval mode, then the weighted kNN)
-on synthetic images, and, with `--run-dir`, its share of a finished run's training seconds from `metrics.jsonl`.
-Runs recorded with `--record` are appended, newest last."""
+SECTION_HEAD = "## kNN monitor (bench/knn_monitor.py)"
 
 
 def time_calls(images: int, size: int, base_model: str, device: str, repeats: int, seed: int = 0) -> dict:
@@ -46,22 +41,19 @@ def time_calls(images: int, size: int, base_model: str, device: str, repeats: in
     prepare = time.perf_counter() - tic
     torch.manual_seed(seed)
     encoder = create_model(base_model, 128).encoder.to(device)
-    calls, extract = [], []
-    for _ in range(repeats):
+
+    def seconds(work) -> float:
         tic = time.perf_counter()
-        monitor.measure(encoder)
+        work()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        calls.append(time.perf_counter() - tic)
-        tic = time.perf_counter()
-        features = monitor.features(encoder)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        extract.append(time.perf_counter() - tic)
-    n = monitor.fit_count
-    tic = time.perf_counter()
-    weighted_knn_top1(features[:n], monitor.labels[:n], features[n:], monitor.labels[n:], 10)
-    search = time.perf_counter() - tic
+        return time.perf_counter() - tic
+
+    calls = [seconds(lambda: monitor.measure(encoder)) for _ in range(repeats)]
+    made = []
+    extract = [seconds(lambda: made.append(monitor.features(encoder))) for _ in range(repeats)]
+    features, n, labels = made[-1], monitor.fit_count, monitor.labels
+    search = seconds(lambda: weighted_knn_top1(features[:n], labels[:n], features[n:], labels[n:], 10))
     return {"prepare_s": prepare, "call_s": statistics.median(calls), "features_s": statistics.median(extract),
             "knn_s": search, "calls": calls}
 
@@ -70,17 +62,12 @@ def run_share(run_dir: Path) -> dict:
     """The monitor's seconds in a run's metrics.jsonl against the seconds of its epochs (reference included)."""
     from simclr.run_dir import read_records
 
-    knn = epochs = 0.0
-    calls = 0
-    for _, record in read_records(run_dir / "metrics.jsonl"):
-        if "knn_seconds" in record:
-            knn += record["knn_seconds"]
-            calls += 1
-        if record.get("kind") == "epoch":
-            epochs += record.get("seconds", 0.0)
-        elif record.get("kind") == "knn_reference":
-            epochs += record["knn_seconds"]  # measured before the first epoch, outside its seconds
-    return {"calls": calls, "knn_s": knn, "training_s": epochs, "share": knn / epochs if epochs else float("nan")}
+    records = [record for _, record in read_records(run_dir / "metrics.jsonl")]
+    knn = [record["knn_seconds"] for record in records if "knn_seconds" in record]
+    epochs = sum(record.get("seconds", 0.0) for record in records if record.get("kind") == "epoch")
+    epochs += sum(r["knn_seconds"] for r in records if r.get("kind") == "knn_reference")  # before epoch 1's seconds
+    return {"calls": len(knn), "knn_s": sum(knn), "training_s": epochs,
+            "share": sum(knn) / epochs if epochs else float("nan")}
 
 
 def load() -> str:

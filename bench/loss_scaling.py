@@ -109,10 +109,16 @@ def _run_in_subprocess(n: int, dim: int, device: str, which: str, repeats: int) 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _cells(r: dict | None) -> str:
+    """A measurement's time and memory cells of the table."""
+    if r is None or "error" in r:
+        return "(not run) | " if r is None else f"failed: {r['error']} | "
+    return f"{r['seconds']:.3f} s | {r['peak_gib']:.2f} GiB"
+
+
 def format_table(rows: list[dict], device: torch.device, dim: int, load: float | None = None) -> str:
     """The markdown section: one line per N, the original repository's loss beside ours where it was measured."""
     seed = {r["n"]: r for r in rows if r["which"] == "seed"}
-    ours = [r for r in rows if r["which"] == "ntxent"]
     memory = "peak extra RSS" if device.type == "cpu" else "peak extra allocated"
     lines = [f"## NT-Xent loss: time and memory vs batch size, {device.type} (bench/loss_scaling.py)", "",
              f"`python -m bench.loss_scaling{' --device cuda' if device.type == 'cuda' else ''}`: "
@@ -123,20 +129,10 @@ def format_table(rows: list[dict], device: torch.device, dim: int, load: float |
              "| N pairs (2N views) | `[2N, 2N]` logits | loss/nt_xent.py: time | memory | "
              "original repository's loss: time | memory |",
              "|---:|---:|---:|---:|---:|---:|"]
-
-    def cells(r):
-        if r is None:
-            return "(not run)", ""
-        if "error" in r:
-            return f"failed: {r['error']}", ""
-        return f"{r['seconds']:.3f} s", f"{r['peak_gib']:.2f} GiB"
-
-    for r in ours:
-        logits = (2 * r["n"]) ** 2 * 4 / GIB
-        lines.append(f"| {r['n']} ({2 * r['n']}) | {logits:.3f} GiB | {' | '.join(cells(r))} | "
-                     f"{' | '.join(cells(seed.get(r['n'])))} |")
-    lines += ["", "The original repository's loss materialises `[2N, 2N, D]` (at N = 8192: 2N x 2N x 128 x 4 bytes = 128 GiB for "
-              "the similarity alone, more with its backward); it is run only for the smallest sizes."]
+    lines += [f"| {r['n']} ({2 * r['n']}) | {(2 * r['n']) ** 2 * 4 / GIB:.3f} GiB | {_cells(r)} | "
+              f"{_cells(seed.get(r['n']))} |" for r in rows if r["which"] == "ntxent"]
+    lines += ["", "The original repository's loss materialises `[2N, 2N, D]` (at N = 8192: 2N x 2N x 128 x 4 bytes = "
+              "128 GiB for the similarity alone, more with its backward); it is run only for the smallest sizes."]
     return "\n".join(lines)
 
 
@@ -145,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096, 8192])
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument("--seed-up-to", type=int, default=512, help="run the original repository's [2N,2N,D] loss up to this N")
+    parser.add_argument("--seed-up-to", type=int, default=512,
+                        help="run the original repository's [2N,2N,D] loss up to this N")
     parser.add_argument("--repeats", type=int, default=3)
     add_record_args(parser, "the table replacing this device's section (the file is created if absent)")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)

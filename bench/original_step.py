@@ -31,13 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SEED_CODE = REPO.parent / "shared" / "seed" / "code"
 START, END = "<!-- bench/original_step.py: start -->", "<!-- bench/original_step.py: end -->"
-SECTION_HEAD = """## The original repository's step next to the trainer's (bench/original_step.py)
-
-`python -m bench.original_step`: images/s of one training step (two views per image, NT-Xent, backward, Adam) on
-the same pre-made views, made by the original's own DataLoader pipeline from synthetic images: the original's step
-(sthalles/SimCLR e8a690a, imported from ../shared/seed/code in a child process) and `Trainer.train_step` in three
-precision/layout settings. Repeats interleave the four; ratios are medians of each repeat's ratio to the original,
-so they hold under other load better than the images/s. Runs recorded with `--record` are appended, newest last."""
+SECTION_HEAD = "## The original repository's step next to the trainer's (bench/original_step.py)"
 # (--amp, --layout) of bench.throughput's create_trainer, and what that is in the config
 TRAINER_SETTINGS = (("none", "nchw", "fp16_precision: false, NCHW forced: the CPU default before channels-last"),
                     ("none", "trainer", "fp16_precision: false, the default"),
@@ -45,20 +39,14 @@ TRAINER_SETTINGS = (("none", "nchw", "fp16_precision: false, NCHW forced: the CP
 ORIGINAL = "original (sthalles/SimCLR e8a690a)"
 
 
-class SeedCodeMissing(RuntimeError):
-    """The original repository's code is not where `--seed-code` says."""
-
-
-def check_seed_code(code: Path) -> Path:
-    """`code` resolved, if it holds the original's data_aug/, models/ and loss/; else SeedCodeMissing saying why."""
+def seed_code_problem(code: Path) -> str | None:
+    """Why `code` is not the original's code (one of its data_aug/, models/, loss/ files missing), or None."""
     needed = ("data_aug/dataset_wrapper.py", "models/resnet_simclr.py", "loss/nt_xent.py")
     missing = [name for name in needed if not (code / name).is_file()]
-    if missing:
-        raise SeedCodeMissing(f"--seed-code {code}: {', '.join(missing)} not found there; it must hold sthalles/SimCLR "
-                              "at commit e8a690a (../shared/seed/code next to this repository, see "
-                              "../shared/seed/CODE.md), e.g. git clone https://github.com/sthalles/SimCLR DIR && "
-                              "git -C DIR checkout e8a690a, then --seed-code DIR")
-    return code.resolve()
+    return (f"--seed-code {code}: {', '.join(missing)} not found there; it must hold sthalles/SimCLR at commit "
+            "e8a690a (../shared/seed/code next to this repository, see ../shared/seed/CODE.md), e.g. git clone "
+            "https://github.com/sthalles/SimCLR DIR && git -C DIR checkout e8a690a, then --seed-code DIR"
+            if missing else None)
 
 
 # ---- the child: the original's code only (this project is not importable here) ----
@@ -220,15 +208,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.batch_size < 2 or args.steps < 1 or args.warmup < 0 or args.repeats < 1 or min(args.crops) < 8:
-        print("error: --batch-size must be >= 2, --steps and --repeats >= 1, --warmup >= 0, --crops >= 8",
-              file=sys.stderr)
+    bad_numbers = args.batch_size < 2 or args.steps < 1 or args.warmup < 0 or args.repeats < 1 or min(args.crops) < 8
+    problem = ("--batch-size must be >= 2, --steps and --repeats >= 1, --warmup >= 0, --crops >= 8" if bad_numbers
+               else seed_code_problem(args.seed_code))
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
-    try:
-        args.seed_code = check_seed_code(args.seed_code)
-    except SeedCodeMissing as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    args.seed_code = args.seed_code.resolve()
     import startup
 
     cpu = startup.prepare_cpu("cpu", owner="bench.original_step")  # run.py's CPU policy, inherited by the child

@@ -44,15 +44,7 @@ from simclr.trainer import Trainer, flushed_denormals
 
 START, END = "<!-- bench/throughput.py: start -->", "<!-- bench/throughput.py: end -->"
 STL10_IMAGES = 105_000  # STL10 train + unlabeled
-SECTION_HEAD = """## Training throughput (bench/throughput.py)
-
-`python -m bench.throughput --device cuda|cpu`. images/s counts images (each makes two views) through the
-whole training step: forward of both views, NT-Xent, backward, Adam. "model alone" runs the step on one
-pre-made batch already on the device: the ceiling no data pipeline can beat. "CPU pipeline" is the
-DataLoader + PIL path (`dataset.augment_on: cpu`) with one worker per core; "device pipeline" is
-`dataset.augment_on: device`. Per core: views per CPU-second of a single thread (`time.process_time`), both
-pipelines in the same process, so other load on the machine does not bias the ratio. Runs recorded with
-`--record` are appended, newest last."""
+SECTION_HEAD = "## Training throughput (bench/throughput.py)"
 
 
 def synthetic_images(count: int, side: int, seed: int = 0) -> torch.Tensor:
@@ -189,34 +181,28 @@ def _measure(args, trainer: Trainer) -> dict:
 
 def format_run(args, results: dict, command: str) -> str:
     """One run as a markdown block: settings, the table, and the derived targets."""
-    device = torch.device(args.device)
-    r = results
+    device, r, workers = torch.device(args.device), results, args.workers
     ceiling = r["ceiling"]
     env = "".join(f", {k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY") if k in os.environ)
+    steps = (("model alone on pre-made views (ceiling)", ceiling),
+             (f"full step, CPU pipeline (PIL, {workers} workers)", r["cpu_step"]),
+             ("full step, device pipeline", r["device_step"]))
     lines = [
         f"### {datetime.date.today().isoformat()}, {device.type}", "",
         f"`{command}`; {describe_machine(args.device)}{env}; {args.model}, {args.crop}x{args.crop}, batch "
         f"{args.batch_size}, `--amp {args.amp} --layout {args.layout}`: {r['precision']}; torch.compile "
         f"{'on' if args.compile else 'off'}; {args.steps} timed steps after {args.warmup} warm-up; "
-        f"{args.workers} DataLoader workers; load average {r['load']:.2f} at start.",
-        "",
-        "| measurement | images/s | views/s | vs model alone |",
-        "|---|---:|---:|---:|",
-        f"| model alone on pre-made views (ceiling) | {ceiling:,.0f} | {2 * ceiling:,.0f} | 1.00 |",
-        f"| full step, CPU pipeline (PIL, {args.workers} workers) | {r['cpu_step']:,.0f} | {2 * r['cpu_step']:,.0f} | "
-        f"{r['cpu_step'] / ceiling:.2f} |",
-        f"| full step, device pipeline | {r['device_step']:,.0f} | {2 * r['device_step']:,.0f} | "
-        f"{r['device_step'] / ceiling:.2f} |",
-        f"| CPU pipeline alone (PIL, {args.workers} workers) | | {r['cpu_views']:,.0f} | |",
-        f"| device pipeline alone ({device.type}) | | {r['device_views']:,.0f} | |",
-        "",
+        f"{workers} DataLoader workers; load average {r['load']:.2f} at start.", "",
+        "| measurement | images/s | views/s | vs model alone |", "|---|---:|---:|---:|",
+        *(f"| {what} | {rate:,.0f} | {2 * rate:,.0f} | {rate / ceiling:.2f} |" for what, rate in steps),
+        f"| CPU pipeline alone (PIL, {workers} workers) | | {r['cpu_views']:,.0f} | |",
+        f"| device pipeline alone ({device.type}) | | {r['device_views']:,.0f} | |", "",
         "| per core: views per CPU-second, one thread | PIL pipeline | device pipeline on the CPU | ratio |",
         "|---|---:|---:|---:|",
         f"| {args.crop}x{args.crop} views | {r['pil_core']:,.0f} | {r['device_core']:,.0f} | "
-        f"{r['device_core'] / r['pil_core']:.2f} |",
-        "",
+        f"{r['device_core'] / r['pil_core']:.2f} |", "",
         f"Full step with the device pipeline: {r['device_step'] / ceiling:.2f}x the model-only ceiling, "
-        f"{r['device_step'] / r['cpu_step']:.2f}x the CPU pipeline with {args.workers} workers. At this rate an "
+        f"{r['device_step'] / r['cpu_step']:.2f}x the CPU pipeline with {workers} workers. At this rate an "
         f"STL10 epoch ({STL10_IMAGES:,} images, two views each) takes {STL10_IMAGES / r['device_step']:,.1f} s "
         f"(CPU pipeline: {STL10_IMAGES / r['cpu_step']:,.1f} s)."
         + (f" Feeding the ceiling with PIL would take about {2 * ceiling / r['pil_core']:,.0f} cores."
