@@ -42,12 +42,8 @@ def ranked_classes(scores: np.ndarray) -> np.ndarray:
 
 
 def topk_accuracy(scores: np.ndarray, labels, ks: tuple[int, ...] = (1, 5)) -> list[float]:
-    """Top-k accuracy in percent for each k of `ks` (k capped at the number of classes).
-
-    Args:
-        scores: `[M, C]`.
-        labels: `[M]` integers.
-    """
+    """Top-k accuracy in percent of `scores` `[M, C]` against integer `labels` `[M]` for each k of `ks` (k capped at
+    the number of classes)."""
     ranked = ranked_classes(scores)
     labels = np.asarray(labels).astype(np.int64).reshape(-1, 1)
     if len(labels) != len(ranked):
@@ -80,6 +76,12 @@ def _num_classes(train_labels: np.ndarray, num_classes: int | None) -> int:
     return num_classes or found
 
 
+def _knn_setup(train_labels, num_classes: int | None, k: int, device) -> tuple[np.ndarray, int, int, torch.device]:
+    """A KNN's training labels, class count, k (at most the training items) and device."""
+    y = _numpy(train_labels, np.int64)
+    return y, _num_classes(y, num_classes), min(k, len(y)), torch.device(device)
+
+
 def standardize(train_features, test_features) -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn `StandardScaler` fitted on the training features, in float64: `([N, D], [M, D])`."""
     from sklearn.preprocessing import StandardScaler
@@ -92,12 +94,8 @@ def lbfgs_probe(train_features, train_labels, test_features, test_labels=None, *
                 C: float = 1.0, max_iter: int = 1200, seed: int = 0) -> ClassifierResult:
     """The linear protocol of the original repository (sthalles/SimCLR), kept so its numbers compare:
     `StandardScaler`, then `LogisticRegression(solver="lbfgs")`.
-
-    Args:
-        train_features: `[N, D]`; train_labels: `[N]`; test_features: `[M, D]`; test_labels: `[M]` or None.
-        C: inverse L2 strength; max_iter: L-BFGS iterations (1.0 and 1200 as there).
-    Returns:
-        ClassifierResult with decision values as scores (classes absent from training score -inf).
+    `C` (inverse L2 strength) and `max_iter` default to its 1.0 and 1200. Scores: decision values (classes absent
+    from training score -inf).
     """
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
@@ -142,11 +140,8 @@ def holdout_split(labels: np.ndarray, valid_fraction: float, seed: int) -> tuple
 def _one_cpu_thread(device: torch.device):
     """One intra-op thread on the CPU: a linear layer on a few hundred rows is dominated by thread hand-offs,
     which cost more than the arithmetic (10-40x slower per step with two threads on a busy machine)."""
-    if device.type != "cpu":
-        yield
-        return
     previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(1 if device.type == "cpu" else previous)
     try:
         yield
     finally:
@@ -217,11 +212,7 @@ def adam_probe(train_features, train_labels, test_features, test_labels=None, *,
     are chosen by accuracy on a seeded, stratified `valid_fraction` of the *training* items, the layers
     being fitted on the rest. The chosen pair is then refitted on all training items and applied once to
     the test features. Test labels are read only after that, to score.
-
-    Args:
-        train_features: `[N, D]`; train_labels: `[N]`; test_features: `[M, D]`; test_labels: `[M]` or None.
-    Returns:
-        ClassifierResult with logits as scores; details hold the grid's validation accuracies and the choice.
+    Scores: logits; details hold the grid's validation accuracies and the choice.
     """
     device = torch.device(device)
     weight_decays = tuple(float(wd) for wd in weight_decays)
@@ -261,17 +252,10 @@ def knn_classifier(train_features, train_labels, test_features, test_labels=None
 
     Matches `KNeighborsClassifier(n_neighbors=k)` on `StandardScaler` output: distances in float64,
     equal votes go to the lower class. Chunked over test and training items (any count, bounded memory).
-
-    Args:
-        train_features: `[N, D]`; train_labels: `[N]`; test_features: `[M, D]`; test_labels: `[M]` or None.
-    Returns:
-        ClassifierResult with vote counts `[M, C]` as scores.
+    Scores: vote counts `[M, C]`.
     """
-    y_np = _numpy(train_labels, np.int64)
-    classes = _num_classes(y_np, num_classes)
-    k = min(k, len(y_np))
+    y_np, classes, k, device = _knn_setup(train_labels, num_classes, k, device)
     x_train, x_test = standardize(train_features, test_features)
-    device = torch.device(device)
     dtype = torch.float64 if device.type != "mps" else torch.float32
     keys = torch.as_tensor(x_train, dtype=dtype, device=device)
     queries = torch.as_tensor(x_test, dtype=dtype, device=device)
@@ -296,16 +280,9 @@ def weighted_knn(train_features, train_labels, test_features, test_labels=None, 
 
     Features are L2-normalised; each of the k most similar training items votes for its class with
     weight `exp(cosine / temperature)`. Chunked over test and training items.
-
-    Args:
-        train_features: `[N, D]`; train_labels: `[N]`; test_features: `[M, D]`; test_labels: `[M]` or None.
-    Returns:
-        ClassifierResult with summed weights `[M, C]` as scores.
+    Scores: summed weights `[M, C]`.
     """
-    y_np = _numpy(train_labels, np.int64)
-    classes = _num_classes(y_np, num_classes)
-    k = min(k, len(y_np))
-    device = torch.device(device)
+    y_np, classes, k, device = _knn_setup(train_labels, num_classes, k, device)
     keys = torch.as_tensor(_numpy(train_features, np.float32), device=device)  # (N, D)
     queries = torch.as_tensor(_numpy(test_features, np.float32), device=device)  # (M, D)
     scores = weighted_knn_scores(keys, torch.as_tensor(y_np, device=device), queries, classes, k, temperature,

@@ -3,7 +3,7 @@
 A checkpoint is opened once into an `EvalContext`: the frozen encoder, its typed training config, the two
 splits of the data (checked), the device and the folder results go to. Every user error is raised there, in
 one line, before any long computation. The drivers' options share `RunOptions`; their command lines share
-`add_run_arguments` and `run_cli`.
+`add_options` (a command-line option per field) and `run_cli`.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import re
 import shlex
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -36,32 +36,31 @@ class EvalError(ValueError):
     """A user error (option, data set, output folder); its message is one line that says how to fix it."""
 
 
+def option(default=dataclasses.MISSING, help: str | None = None, **cli) -> dataclasses.Field:
+    """A field of the drivers' options and, with `help`, its command-line option `--<field-name>` (`add_options`):
+    `cli` goes to argparse (`type`, `action`, `default` where the command line's differs, `flag` for its name)."""
+    return field(default=default, metadata={"help": help, **cli} if help else {})
+
+
 @dataclass(frozen=True, kw_only=True)
 class RunOptions:
-    """What every evaluation driver is asked, whatever its protocol.
+    """What every evaluation driver is asked, whatever its protocol: each field's command-line help says what it is;
+    `write` False writes nothing, and `command` (the command line that asked, recorded in the JSON, quoted by model
+    cards) is filled by `run_cli`. The data options default to the checkpoint's training config."""
 
-    Attributes:
-        dataset, root, input_size: default to the checkpoint's training config (`dataset.name`, `dataset.root`,
-            `dataset.input_shape[0]`).
-        device: `auto`/None (the best one here), `cpu`, `cuda`, `cuda:N` or `mps`.
-        out_dir: where the table and JSON go (default `<run_dir>/eval`, or a package's own `eval/`); nothing is
-            written when `write` is False.
-        download: download the data set if it is missing.
-        skip_bad_images: leave out image files that cannot be decoded (an image folder's), with a warning that
-            counts them; None: as the checkpoint's training config says (`dataset.skip_bad_images`).
-        seed: every random choice of the protocol.
-        command: the command line that asked for this evaluation, recorded in the JSON (model cards quote it).
-    """
-
-    dataset: str | None = None
-    root: str | Path | None = None
-    input_size: int | None = None
-    device: str | torch.device | None = None
-    out_dir: str | Path | None = None
+    dataset: str | None = option(None, "data set name (default: the checkpoint's dataset.name)")
+    root: str | Path | None = option(None, "data set folder (default: the checkpoint's dataset.root)")
+    input_size: int | None = option(None, "image size the encoder sees (default: the checkpoint's input_shape)",
+                                    type=int)
+    device: str | torch.device = option("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
+    out_dir: str | Path | None = option(None, "where to write the table and JSON (default: <run_dir>/eval, or a "
+                                        "package's own eval/)")
     write: bool = True
-    download: bool = False
-    skip_bad_images: bool | None = None
-    seed: int = 0
+    download: bool = option(False, "download the data set if it is missing")
+    skip_bad_images: bool | None = option(None, "leave out image files that cannot be decoded, with a warning "
+                                          "(default: as the checkpoint's dataset.skip_bad_images)",
+                                          action=argparse.BooleanOptionalAction)
+    seed: int = option(0, "every random choice of the protocol (baselines, hold-out, label subset, batches, views)")
     command: str | None = None
 
     @classmethod
@@ -239,21 +238,24 @@ def results_stem(checkpoint_file: Path, dataset: str, root: Path, input_size: in
     return stem
 
 
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of `RunOptions` that both drivers' command lines take, the same way."""
+def add_options(parser: argparse.ArgumentParser, options: type[RunOptions]) -> None:
+    """`--checkpoint`, then an option per field of `options` made with `option(..., help)`: `--no-<name>` for a
+    field that defaults to True, a flag for one that defaults to False, else a value of the default's type."""
     parser.add_argument("--checkpoint", required=True,
                         help="run dir or name (runs/<name>), checkpoint .pt file, package dir or package name "
                              "(pretrained_models/<name>)")
-    parser.add_argument("--dataset", help="data set name (default: the checkpoint's dataset.name)")
-    parser.add_argument("--root", help="data set folder (default: the checkpoint's dataset.root)")
-    parser.add_argument("--input-size", type=int, help="image size the encoder sees (default: the checkpoint's "
-                                                       "input_shape)")
-    parser.add_argument("--download", action="store_true", help="download the data set if it is missing")
-    parser.add_argument("--skip-bad-images", action=argparse.BooleanOptionalAction, default=None,
-                        help="leave out image files that cannot be decoded, with a warning (default: as the "
-                             "checkpoint's dataset.skip_bad_images)")
-    parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
-    parser.add_argument("--out-dir", help="where to write the table and JSON (default: <run_dir>/eval)")
+    for f in dataclasses.fields(options):
+        cli = dict(f.metadata)
+        if not cli:
+            continue
+        cli.setdefault("default", None if f.default is dataclasses.MISSING else f.default)
+        flag = cli.pop("flag", "--" + f.name.replace("_", "-"))
+        if cli["default"] is True or cli["default"] is False:
+            cli.setdefault("action", "store_false" if cli["default"] else "store_true")
+            flag = f"--no-{f.name.replace('_', '-')}" if cli["default"] else flag
+        elif "action" not in cli and cli["default"] is not None:  # a tuple: comma-separated, as a string
+            cli.setdefault("type", str if isinstance(cli["default"], tuple) else type(cli["default"]))
+        parser.add_argument(flag, dest=f.name, **cli)
 
 
 # The bounds an option can be held to: the test of its value and the words of the error.
@@ -268,7 +270,7 @@ BOUNDS = {">= 0": (lambda v: v >= 0, ">= 0"), ">= 1": (lambda v: v >= 1, "at lea
 def check_bounds(parser: argparse.ArgumentParser, args: argparse.Namespace, **bounds: str) -> None:
     """Both drivers' checks of parsed numbers: `parser.error` (one line, exit status 2) for the first option out of
     its bound, e.g. `check_bounds(parser, args, epochs=">= 1", momentum="[0, 1)")` -> `--epochs must be at least 1`.
-    `--input-size` (`add_run_arguments`) is held to 8 or more; an option not given (None) is not checked."""
+    `--input-size` (`RunOptions`) is held to 8 or more; an option not given (None) is not checked."""
     if args.input_size is not None and args.input_size < 8:
         parser.error("--input-size must be at least 8 (e.g. 96 for STL10)")
     for name, bound in bounds.items():

@@ -30,7 +30,7 @@ import numpy as np
 from feature_eval import baselines as baseline_features
 from feature_eval.classifiers import (MIN_HOLDOUT_ITEMS, ClassifierResult, adam_probe, knn_classifier, lbfgs_probe,
                                       weighted_knn)
-from feature_eval.context import (EvalContext, EvalError, RunOptions, add_run_arguments, check_bounds, open_context,
+from feature_eval.context import (EvalContext, EvalError, RunOptions, add_options, check_bounds, open_context, option,
                                   parse_names, run_cli)
 from data_aug.view_grid import save_png
 from data_aug.views import create_eval_resize
@@ -56,35 +56,30 @@ PICTURES = {"tsne": "t-SNE of the SimCLR test features, coloured by class",
 
 @dataclass(frozen=True, kw_only=True)
 class EvalOptions(RunOptions):
-    """`RunOptions` plus what the linear and KNN protocols are asked.
-
-    Attributes:
-        classifiers: subset of `lbfgs`, `adam`, `knn` (`knn` gives two rows: a k=10 Euclidean majority vote, as
-            in the original repository (sthalles/SimCLR), and the weighted cosine KNN); a comma-separated string
-            works too.
-        baselines: subset of `pca` (raw pixels, PCA to `model.out_dim`) and `random` (random-init encoder).
-        batch_size, num_workers: images per forward pass and decoding workers of the feature extraction.
-        cache, cache_dir: feature cache (default `<out_dir>/cache`, `runs/eval_cache/<package>` for a package),
-            keyed by checkpoint content and split; baseline features go to `runs/eval_cache/baselines`
-            (`<cache_dir>/baselines` when given), shared by every checkpoint evaluated on the same data.
-        C, max_iter: the L-BFGS logistic regression's inverse L2 strength and iterations.
-        knn_k, weighted_knn_k, weighted_knn_temperature: the two KNN rows' neighbours and temperature.
-        plots: with `write`, also draw `<stem>_tsne.png` and `<stem>_confusion.png` next to the table.
+    """`RunOptions` plus what the linear and KNN protocols are asked (a comma-separated string or a tuple of names for
+    `classifiers` and `baselines`). Features are cached under a key of checkpoint content and split; baseline features
+    go to `runs/eval_cache/baselines` (`<cache_dir>/baselines` when given), shared by every checkpoint on the same data.
     """
 
-    classifiers: str | tuple[str, ...] = DEFAULT_CLASSIFIERS
-    baselines: str | tuple[str, ...] = ()
-    batch_size: int = 256
-    num_workers: int = 0
-    cache: bool = True
-    cache_dir: str | Path | None = None
+    classifiers: str | tuple[str, ...] = option(
+        DEFAULT_CLASSIFIERS, f"comma-separated, from {','.join(CLASSIFIERS)} (default: {','.join(DEFAULT_CLASSIFIERS)}); "
+        "knn gives two rows: the original repository's k=10 Euclidean vote and the weighted cosine KNN")
+    baselines: str | tuple[str, ...] = option((), "comma-separated, from pca (raw pixels, PCA to model.out_dim) and "
+                                                  "random (random-init encoder), or none (default); pca is slow on "
+                                                  "large images")
+    batch_size: int = option(256, "images per forward pass (lower it on OOM)")
+    num_workers: int = option(0, "decoding workers for image folders")
+    cache: bool = option(True, "neither read nor write cached features")
+    cache_dir: str | Path | None = option(None, "feature cache folder (default: <out-dir>/cache; "
+                                          "runs/eval_cache/<package> for a package)")
     # C=1.0 and 1200 iterations: the original repository's logistic regression, so its numbers compare
-    C: float = 1.0
-    max_iter: int = 1200
-    knn_k: int = 10
-    weighted_knn_k: int = 200
-    weighted_knn_temperature: float = 0.1
-    plots: bool = True
+    C: float = option(1.0, "L-BFGS logistic regression inverse L2 strength")
+    max_iter: int = option(1200, "L-BFGS iterations (default 1200)")
+    knn_k: int = option(10, "neighbours of the Euclidean KNN vote (default 10)")
+    weighted_knn_k: int = option(200, "neighbours of the weighted KNN")
+    weighted_knn_temperature: float = option(0.1, "weighted KNN temperature")
+    plots: bool = option(True, "draw no t-SNE, confusion-matrix and neighbours PNGs (the t-SNE takes seconds: it "
+                               "embeds at most 2,000 test images)")
 
 
 @dataclass
@@ -247,8 +242,11 @@ def _write(evaluation: Evaluation, ctx: EvalContext, options: EvalOptions, setti
         pictures = write_pictures(rows, evaluation.features, ctx, stem, options.seed)
         timings["pictures"] = round(time.perf_counter() - tic, 3)
         timings["total"] = round(time.perf_counter() - started, 3)
-    else:
-        remove_pictures(ctx.out_dir, stem, log)
+    else:  # those of an earlier table need not match this one
+        for path in (ctx.out_dir / f"{stem}_{key}.png" for key in PICTURES):
+            if path.is_file():
+                path.unlink()
+                log(f"removed {path}: drawn for an earlier table (drop --no-plots to draw it again)")
     results["pictures"] = {key: path.name for key, path in pictures.items()}
     evaluation.results, evaluation.rows, evaluation.table = results, rows, markdown_table(rows)
     splits = results["splits"]
@@ -314,14 +312,22 @@ def _report(earlier: Results, rows: list[Row], settings: dict[str, dict], log: C
 
 def write_pictures(rows: list[Row], features: dict, ctx: EvalContext, stem: str, seed: int) -> dict[str, Path]:
     """`<stem>_tsne.png` (SimCLR test features, at most `TSNE_POINTS`, seeded), `<stem>_confusion.png` (a panel
-    per SimCLR row of the table, earlier ones included) and `<stem>_neighbours.png` (`write_neighbours`)."""
+    per SimCLR row of the table, earlier ones included) and `<stem>_neighbours.png`: `NEIGHBOUR_QUERIES` seeded
+    test images, each followed by its `NEIGHBOURS` nearest train images under the SimCLR and (with the random
+    baseline) the random-init features, framed green where the neighbour's class is the test image's, red where not."""
     test = features["simclr"][1]
     confusions = [(f"{row.classifier_name}: top-1 {row.top1:.1f}%", np.asarray(row.confusion))
                   for row in rows if row.extractor == "simclr" and row.confusion is not None]
+    queries, labels, panels = neighbour_panels(features, ctx.train_set, ctx.test_set, ctx.input_size, seed)
+    missing = "" if len(panels) > 1 else " (evaluate with --baselines random for the random-init panel)"
     try:
         pictures = write_evaluation_plots(ctx.out_dir, stem, test.features.numpy(), test.labels.numpy(), ctx.classes,
                                           confusions, max_points=TSNE_POINTS, seed=seed)
-        return {**pictures, "neighbours": write_neighbours(features, ctx, stem, seed)}
+        pictures["neighbours"] = ctx.out_dir / f"{stem}_neighbours.png"
+        save_png(draw_neighbours(queries, labels, panels, ctx.classes, f"{ctx.dataset}: test images (left) and their "
+                                 f"nearest train images by cosine similarity of the features{missing}"),
+                 pictures["neighbours"])
+        return pictures
     except OSError as err:
         raise EvalError(f"cannot write pictures to {ctx.out_dir} ({err.strerror or err}): pass --out-dir DIR, "
                         "or --no-plots") from None
@@ -351,27 +357,6 @@ def neighbour_panels(features: dict, train_set, test_set, input_size: int, seed:
             found = images(train_set, index.flatten()).reshape(*index.shape, 3, input_size, input_size)
             panels.append((name, found, train.labels[index].numpy()))
     return images(test_set, rows), test_labels[rows].numpy(), panels
-
-
-def write_neighbours(features: dict, ctx: EvalContext, stem: str, seed: int) -> Path:
-    """`<stem>_neighbours.png`: `NEIGHBOUR_QUERIES` seeded test images, each followed by its `NEIGHBOURS` nearest
-    train images under the SimCLR and (with the random baseline) the random-init features, framed green where
-    the neighbour's class is the test image's and red where not."""
-    queries, labels, panels = neighbour_panels(features, ctx.train_set, ctx.test_set, ctx.input_size, seed)
-    missing = "" if len(panels) > 1 else " (evaluate with --baselines random for the random-init panel)"
-    picture = draw_neighbours(queries, labels, panels, ctx.classes, f"{ctx.dataset}: test images (left) and their "
-                              f"nearest train images by cosine similarity of the features{missing}")
-    path = ctx.out_dir / f"{stem}_neighbours.png"
-    save_png(picture, path)
-    return path
-
-
-def remove_pictures(out_dir: Path, stem: str, log: Callable[[str], None] = print) -> None:
-    """Remove pictures an earlier evaluation drew for this table: they need not match it any more."""
-    for path in (out_dir / f"{stem}_{key}.png" for key in PICTURES):
-        if path.is_file():
-            path.unlink()
-            log(f"removed {path}: drawn for an earlier table (drop --no-plots to draw it again)")
 
 
 def _protocols(ctx: EvalContext, o: EvalOptions) -> dict[str, tuple[str, Callable, dict]]:
@@ -437,25 +422,7 @@ def evaluate_run(run_dir: str | Path, log: Callable[[str], None] = print) -> Eva
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m feature_eval.evaluate", description=__doc__.split("\n")[0])
-    add_run_arguments(parser)
-    parser.add_argument("--classifiers", default=",".join(DEFAULT_CLASSIFIERS),
-                        help=f"comma-separated, from {','.join(CLASSIFIERS)} (default: %(default)s)")
-    parser.add_argument("--baselines", default="none",
-                        help="comma-separated, from pca,random, or none (default); pca is slow on large images")
-    parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass (lower it on OOM)")
-    parser.add_argument("--num-workers", type=int, default=0, help="decoding workers for image folders")
-    parser.add_argument("--cache-dir", help="feature cache folder (default: <out-dir>/cache; "
-                        "runs/eval_cache/<package> for a package; baselines: runs/eval_cache/baselines, shared by "
-                        "every run on the same data)")
-    parser.add_argument("--no-cache", action="store_true", help="neither read nor write cached features")
-    parser.add_argument("--no-plots", action="store_true", help="draw no t-SNE and confusion-matrix PNGs (the "
-                        "t-SNE takes seconds: it embeds at most 2,000 test images)")
-    parser.add_argument("--seed", type=int, default=0, help="random-init weights, PCA, Adam hold-out and batches")
-    parser.add_argument("--C", type=float, default=1.0, help="L-BFGS logistic regression inverse L2 strength")
-    parser.add_argument("--max-iter", type=int, default=1200, help="L-BFGS iterations (default 1200)")
-    parser.add_argument("--knn-k", type=int, default=10, help="neighbours of the Euclidean KNN vote (default 10)")
-    parser.add_argument("--weighted-knn-k", type=int, default=200, help="neighbours of the weighted KNN")
-    parser.add_argument("--weighted-knn-temperature", type=float, default=0.1, help="weighted KNN temperature")
+    add_options(parser, EvalOptions)
     args = parser.parse_args(argv)
     check_bounds(parser, args, batch_size=">= 1", max_iter=">= 1", knn_k=">= 1", weighted_knn_k=">= 1",
                  num_workers=">= 0", C="> 0", weighted_knn_temperature="> 0")
@@ -463,11 +430,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    def run(args: argparse.Namespace, command: str) -> Evaluation:
-        return evaluate(args.checkpoint, EvalOptions.from_args(args, cache=not args.no_cache,
-                                                                plots=not args.no_plots, command=command))
-
-    return run_cli("feature_eval.evaluate", argv, parse_args, run)
+    return run_cli("feature_eval.evaluate", argv, parse_args,
+                   lambda args, command: evaluate(args.checkpoint, EvalOptions.from_args(args, command=command)))
 
 
 if __name__ == "__main__":

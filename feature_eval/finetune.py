@@ -41,7 +41,7 @@ from data_aug.datasets import TensorImages
 from data_aug.device_views import resized_crop, sample_crop_boxes
 from feature_eval.baselines import random_encoder
 from feature_eval.classifiers import holdout_split, topk_accuracy
-from feature_eval.context import (EvalContext, EvalError, RunOptions, add_run_arguments, check_bounds, open_context,
+from feature_eval.context import (EvalContext, EvalError, RunOptions, add_options, check_bounds, open_context, option,
                                   parse_names, run_cli)
 from feature_eval.features import extract_features
 from feature_eval.results import EXTRACTOR_NAMES, Row, log_row, markdown_table, table_caption, write_results
@@ -298,30 +298,37 @@ def select_lr(encoder: nn.Module, labelled, num_classes: int, lrs: tuple[float, 
                     "valid_items": len(valid), "grid": {f"{lr:g}": grid[lr] for lr in lrs}}
 
 
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number, e.g. 0.01 or 0.05,0.1") from None
+
+
+def _numbers(text: str) -> tuple[float, ...]:
+    return tuple(_number(v) for v in text.split(",") if v.strip())
+
+
 @dataclass(frozen=True, kw_only=True)
 class FineTuneOptions(RunOptions):
     """`RunOptions` plus what the fine-tuning protocol is asked; checked when made (EvalError naming the option).
+    `epochs`, `batch_size`, `momentum` and `hflip` make the `Schedule` of every run."""
 
-    Attributes:
-        label_fraction: fraction of the labelled `train` split, e.g. 0.01, 0.1 or 1.0 (class-balanced, seeded).
-        epochs, batch_size, momentum, hflip: the `Schedule` of every run (epochs default to 60 for <= 1 % of
-            labels, 30 otherwise).
-        lrs: base learning rates to choose from on the hold-out (one value: no hold-out, no choice).
-        valid_fraction: part of the labelled subset held out to choose the lr.
-        baselines: `("random",)` also fine-tunes a randomly initialised encoder the same way (supervised
-            from scratch on the same labels).
-        eval_batch_size: images per forward pass when scoring.
-    """
-
-    label_fraction: float
-    epochs: int | None = None
-    batch_size: int = 64
-    lrs: tuple[float, ...] = DEFAULT_LRS
-    momentum: float = 0.9
-    hflip: float = 0.5
-    valid_fraction: float = 0.2
-    baselines: str | tuple[str, ...] = ()
-    eval_batch_size: int = 256
+    label_fraction: float = option(0.01, "fraction of the labelled train split, class-balanced (default 0.01; the "
+                                         "paper's 0.01 and 0.1; 1.0 for all)", type=_number)
+    epochs: int | None = option(None, "fine-tuning epochs (default: 60 for <= 1%% of labels, else 30)", type=int)
+    batch_size: int = option(64, "images per step (2 or more: BatchNorm), capped at the labelled subset (default "
+                                 "64); lr = base lr x batch/256")
+    lrs: tuple[float, ...] = option(DEFAULT_LRS, "base learning rates per 256 images to choose from on the hold-out "
+                                                 f"(default {','.join(f'{v:g}' for v in DEFAULT_LRS)}); one value "
+                                                 "skips the choice", type=_numbers)
+    momentum: float = option(0.9, "Nesterov momentum (the paper's 0.9)")
+    hflip: float = option(0.5, "probability that a fine-tuning view is mirrored (default 0.5, the paper's; 0 where a "
+                               "mirror image is another shape, e.g. digits)")
+    valid_fraction: float = option(0.2, "part of the labelled subset held out to choose the lr (default 0.2)")
+    baselines: str | tuple[str, ...] = option((), "random: also fine-tune a randomly initialised encoder "
+                                                  "(supervised from scratch on the same labels); none (default)")
+    eval_batch_size: int = option(256, "images per forward pass when scoring")
 
     def __post_init__(self):
         if not 0 < self.label_fraction <= 1:
@@ -449,37 +456,9 @@ def caption(results: dict) -> str:
                          results["command"])
 
 
-def _number(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number, e.g. 0.01 or 0.05,0.1") from None
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m feature_eval.finetune", description=__doc__.split("\n")[0])
-    add_run_arguments(parser)
-    parser.add_argument("--label-fraction", type=_number, default=0.01,
-                        help="fraction of the labelled train split, class-balanced (default 0.01; the paper's "
-                             "0.01 and 0.1; 1.0 for all)")
-    parser.add_argument("--epochs", type=int, help="fine-tuning epochs (default: 60 for <= 1%% of labels, else 30)")
-    parser.add_argument("--batch-size", type=int, default=64,
-                        help="images per step (2 or more: BatchNorm), capped at the labelled subset (default 64); "
-                             "lr = base lr x batch/256")
-    parser.add_argument("--lrs", type=lambda text: tuple(_number(v) for v in text.split(",") if v.strip()),
-                        default=DEFAULT_LRS,
-                        help="base learning rates per 256 images to choose from on the hold-out "
-                             f"(default {','.join(f'{v:g}' for v in DEFAULT_LRS)}); one value skips the choice")
-    parser.add_argument("--momentum", type=float, default=0.9, help="Nesterov momentum (the paper's 0.9)")
-    parser.add_argument("--hflip", type=float, default=0.5, help="probability that a fine-tuning view is mirrored "
-                        "(default 0.5, the paper's; 0 where a mirror image is another shape, e.g. digits)")
-    parser.add_argument("--valid-fraction", type=float, default=0.2,
-                        help="part of the labelled subset held out to choose the lr (default 0.2)")
-    parser.add_argument("--baselines", default="none",
-                        help="random: also fine-tune a randomly initialised encoder (supervised from scratch); "
-                             "none (default)")
-    parser.add_argument("--seed", type=int, default=0, help="label subset, hold-out, head init, order and views")
-    parser.add_argument("--eval-batch-size", type=int, default=256, help="images per forward pass when scoring")
+    add_options(parser, FineTuneOptions)
     args = parser.parse_args(argv)
     check_bounds(parser, args, label_fraction="(0, 1]", lrs="all > 0", epochs=">= 1", batch_size=">= 2",
                  eval_batch_size=">= 1", valid_fraction="(0, 1)", momentum="[0, 1)", hflip="[0, 1]")
@@ -487,10 +466,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    def run(args: argparse.Namespace, command: str) -> FineTuneResult:
-        return finetune_evaluate(args.checkpoint, FineTuneOptions.from_args(args, command=command))
-
-    return run_cli("feature_eval.finetune", argv, parse_args, run)
+    return run_cli("feature_eval.finetune", argv, parse_args, lambda args, command: finetune_evaluate(
+        args.checkpoint, FineTuneOptions.from_args(args, command=command)))
 
 
 if __name__ == "__main__":
