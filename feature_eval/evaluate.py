@@ -84,17 +84,10 @@ class EvalOptions(RunOptions):
 
 @dataclass
 class Evaluation:
-    """What `evaluate` found.
-
-    Attributes:
-        results: JSON-able record (rows, checkpoint, data set, split sizes, seed, options, timings): the JSON.
-        rows: the table's rows (with those an earlier evaluation in the same file added, once written).
-        table: the markdown table of `rows`.
-        classes: class names of the data set.
-        features: extractor key (`simclr`, `random`, `pca`) -> (train, test) FeatureSplit.
-        outcomes: (classifier key, extractor key) -> ClassifierResult, e.g. `("lbfgs", "simclr")`.
-        paths: written files (`markdown`, `json`), empty when nothing was written.
-    """
+    """What `evaluate` found: the JSON record, the table's rows (with those of an earlier evaluation in the same file,
+    once written) and its markdown, the class names, extractor key (`simclr`, `random`, `pca`) -> (train, test)
+    FeatureSplit, (classifier, extractor) key -> ClassifierResult (`("lbfgs", "simclr")`) and the files written
+    (`markdown`, `json`, pictures; none when nothing was written)."""
 
     results: dict
     rows: list[Row]
@@ -115,19 +108,10 @@ def evaluate(checkpoint: str | Path, options: EvalOptions | None = None, *, log:
     """Evaluate a checkpoint's frozen encoder: fit on the `train` split, report on `test` (DINO's eval_knn shape:
     open the checkpoint, extract features once, run each protocol on the tensors, write).
 
-    Args:
-        checkpoint: a run directory (its `checkpoints/last.pt`), a `.pt` file, or a pretrained package
-            (name, folder or `model.safetensors`; see `models.loading.resolve_checkpoint`).
-        options: `EvalOptions`; `fields` are any of its attributes, given as keywords instead
-            (`evaluate(run, classifiers="knn", device="cpu")`).
-
-    Written results add these rows to the table already in the same file: its rows made under the same settings
-    that this evaluation did not redo stay (`_add_to_table`); `Evaluation.results`, `.rows` and `.table` are then
-    the whole table's.
-    Returns:
-        Evaluation (results dict, markdown table, features, per-row ClassifierResults, written paths).
-    Raises:
-        EvalError, CheckpointLoadError, DataError: user errors, each with a one-line message.
+    `checkpoint`: anything `context.open_context` opens; `options` (`EvalOptions`), or its fields as keywords
+    (`evaluate(run, classifiers="knn", device="cpu")`). Written results add these rows to the table already in the
+    same file: its rows made under the same settings that this evaluation did not redo stay (`_add_to_table`).
+    Raises EvalError, CheckpointLoadError, DataError: user errors, in one line each.
     """
     started = time.perf_counter()
     options = EvalOptions.of(options, **fields)
@@ -165,12 +149,9 @@ def evaluate(checkpoint: str | Path, options: EvalOptions | None = None, *, log:
 
 def extract_all(ctx: EvalContext, options: EvalOptions, baselines: tuple[str, ...], timings: dict,
                 log: Callable[[str], None]) -> tuple[dict, dict]:
-    """The SimCLR features of both splits (cached by checkpoint digest and data), then each baseline's.
-
-    Returns:
-        (extractor key -> (train, test) FeatureSplit, extractor key -> facts: architecture, feature and
-        projection dims, epochs, and for PCA its `pca` info); `timings` gets `features_<extractor>` seconds.
-    """
+    """The SimCLR features of both splits (cached by checkpoint digest and data), then each baseline's: extractor key
+    -> (train, test) FeatureSplit, and -> facts (architecture, feature and projection dims, epochs; PCA's `pca`
+    info); `timings` gets `features_<extractor>` seconds."""
     o, model = options, ctx.config.model
     # a package holds no caches: its features go to runs/eval_cache/<package>
     package = ctx.checkpoint.suffix == ".safetensors"
@@ -404,13 +385,8 @@ def rerun_command(run_dir: str | Path) -> str:
 
 def evaluate_run(run_dir: str | Path, log: Callable[[str], None] = print) -> Evaluation:
     """The evaluation `run.py` runs after training (`final_eval: true`): all classifiers, random and PCA baselines,
-    on the data and settings of the run's saved config (`dataset.skip_bad_images` included).
-
-    Prints the table and writes it to `<run_dir>/eval/`.
-    Raises:
-        EvalError, CheckpointLoadError, DataError (`USER_ERRORS`), or any other error: run.py reports it in one
-        line with `rerun_command`, and exits non-zero.
-    """
+    on the data and settings of the run's saved config (`dataset.skip_bad_images` included); prints the table and
+    writes it to `<run_dir>/eval/`. Any error is raised: run.py reports it in one line with `rerun_command`."""
     evaluation = evaluate(run_dir, classifiers=RUN_CLASSIFIERS, baselines=RUN_BASELINES,
                           command=rerun_command(run_dir), log=log)
     log(evaluation.table)

@@ -55,14 +55,9 @@ FINETUNE_COLUMNS = ("Classifier", "Feature extractor", "Architecture", "Feature 
 
 @dataclass
 class FineTuneResult:
-    """What `finetune_evaluate` found.
-
-    Attributes:
-        results: JSON-able record (rows, checkpoint, data set, label subset, selection grid, timings).
-        table: the markdown table of `results["rows"]` (feature_eval's columns).
-        models: extractor key (`simclr`, `random`) -> the fine-tuned `FineTuned` model (on the CPU).
-        paths: written files (`markdown`, `json`), empty when nothing was written.
-    """
+    """What `finetune_evaluate` found: the JSON record (rows, checkpoint, data, label subset, selection grid,
+    timings), its markdown table, the fine-tuned `FineTuned` model per extractor (`simclr`, `random`; on the CPU)
+    and the files written (`markdown`, `json`; none when nothing was written)."""
 
     results: dict
     table: str
@@ -344,18 +339,10 @@ class FineTuneOptions(RunOptions):
 
 def finetune_evaluate(checkpoint: str | Path, options: FineTuneOptions | None = None, *,
                       log: Callable[[str], None] = print, **fields) -> FineTuneResult:
-    """Fine-tune a checkpoint's encoder on `label_fraction` of the labels and report top-1/top-5 on test.
-
-    Args:
-        checkpoint: a run dir or name, a `.pt`, a package dir or `.safetensors`, or a package name
-            (`models.loading.resolve_checkpoint`).
-        options: `FineTuneOptions`; `fields` are any of its attributes, given as keywords instead
-            (`finetune_evaluate(run, label_fraction=0.01, device="cpu")`). The recorded `command` defaults to
-            this process's command line.
-    Returns:
-        FineTuneResult (results dict, markdown table, fine-tuned models, written paths).
-    Raises:
-        EvalError, CheckpointLoadError, DataError: user errors, each with a one-line message.
+    """Fine-tune a checkpoint's encoder (any that `evaluate` takes) on `label_fraction` of the labels and report
+    top-1/top-5 on test. `options` (`FineTuneOptions`), or its fields as keywords
+    (`finetune_evaluate(run, label_fraction=0.01, device="cpu")`); the recorded `command` defaults to this
+    process's command line. Raises EvalError, CheckpointLoadError, DataError: user errors, in one line each.
     """
     started = time.perf_counter()
     o = FineTuneOptions.of(options, **fields)
@@ -368,25 +355,17 @@ def finetune_evaluate(checkpoint: str | Path, options: FineTuneOptions | None = 
     log(f"fine-tuning {ctx.checkpoint} on {fit} of {ctx.dataset}, {counts.min()}-{counts.max()} per class, "
         f"{o.epochs} epochs, {ctx.input_size}px, hflip {o.hflip:g}, on {ctx.device}; base lr from "
         f"{', '.join(f'{lr:g}' for lr in o.lrs)}")
-    rows, models, selections, timings = [], {}, {}, {}
+    rows, models = [], {}
     starts = {"simclr": (ctx.encoder, ctx.trained_epochs)}  # extractor key: (encoder to start from, pretraining epochs)
     if "random" in o.baselines:  # supervised from scratch: the same protocol from random weights
         starts["random"] = (random_encoder(ctx.config.model.base_model, ctx.config.model.cifar_stem, o.seed), 0)
     for extractor, (start, pretrained_epochs) in starts.items():
-        tic = time.perf_counter()
-        model, chosen, selections[extractor], (top1, top5) = _finetune_and_score(ctx, o, schedule, start, labelled,
-                                                                                 EXTRACTOR_NAMES[extractor])
-        timings[f"finetune_{extractor}"] = round(time.perf_counter() - tic, 3)
-        models[extractor] = model.cpu()
-        batch = min(o.batch_size, len(indices))
-        rows.append(Row(
-            "finetune", f"Fine-tuned end to end ({share} labels)", extractor, ctx.architecture, start.feature_dim,
-            None, pretrained_epochs, top1, top5, timings[f"finetune_{extractor}"],
-            {"base_lr": chosen, "lr": chosen * batch / 256, "finetune_epochs": o.epochs, "batch_size": batch,
-             "selection": selections[extractor]}))
-        log_row(log, rows[-1], f"base lr {chosen:g}, ")
-    timings["total"] = round(time.perf_counter() - started, 3)
-    results = _record(ctx, o, fit, indices, counts, selections, rows, timings)
+        row, models[extractor] = _finetune_row(ctx, o, schedule, labelled, extractor, start, pretrained_epochs, share)
+        rows.append(row)
+        log_row(log, row, f"base lr {row.details['base_lr']:g}, ")
+    timings = {**{f"finetune_{row.extractor}": row.seconds for row in rows},
+               "total": round(time.perf_counter() - started, 3)}
+    results = _record(ctx, o, fit, indices, counts, rows, timings)
     outcome = FineTuneResult(results, markdown_table(rows, FINETUNE_COLUMNS), models)
     if o.write:
         stem = f"{ctx.results_stem()}_finetune-{fraction_tag(o.label_fraction)}"  # next to evaluate's results
@@ -412,21 +391,24 @@ def _labelled_subset(ctx: EvalContext, fraction: float, seed: int) -> tuple[np.n
                                    f"{fraction:g})"
 
 
-def _finetune_and_score(ctx: EvalContext, o: FineTuneOptions, schedule: Schedule, start: nn.Module, labelled,
-                        name: str) -> tuple[FineTuned, float, dict, list[float]]:
-    """Choose the base lr on a hold-out of `labelled`, fine-tune a copy of `start` on all of it, score it on test.
-
-    Returns:
-        (the fine-tuned model, the chosen base lr, the selection's facts, [test top-1 %, test top-5 %]).
-    """
+def _finetune_row(ctx: EvalContext, o: FineTuneOptions, schedule: Schedule, labelled, extractor: str,
+                  start: nn.Module, pretrained_epochs: int | None, share: str) -> tuple[Row, FineTuned]:
+    """Choose the base lr on a hold-out of `labelled`, fine-tune a copy of `start` on all of it, score it on test:
+    the table's row (its details: the lr chosen and how) and the fine-tuned model (on the CPU)."""
+    tic, name = time.perf_counter(), EXTRACTOR_NAMES[extractor]
     chosen, selection = select_lr(start, labelled, len(ctx.classes), o.lrs, schedule, o.valid_fraction, f"{name}: ")
     model = finetune(copy.deepcopy(start), labelled, len(ctx.classes), schedule, chosen, desc=f"{name}: final")
     logits, test_labels = predict(model, ctx.test_set, ctx.input_size, o.eval_batch_size, ctx.device, desc="test")
-    return model, chosen, selection, topk_accuracy(logits, test_labels)  # the one place test labels are read
+    top1, top5 = topk_accuracy(logits, test_labels)  # the one place test labels are read
+    batch = min(o.batch_size, len(labelled))
+    return Row("finetune", f"Fine-tuned end to end ({share} labels)", extractor, ctx.architecture, start.feature_dim,
+               None, pretrained_epochs, top1, top5, round(time.perf_counter() - tic, 3),
+               {"base_lr": chosen, "lr": chosen * batch / 256, "finetune_epochs": o.epochs, "batch_size": batch,
+                "selection": selection}), model.cpu()
 
 
 def _record(ctx: EvalContext, o: FineTuneOptions, fit: str, indices: np.ndarray, counts: np.ndarray,
-            selections: dict, rows: list[Row], timings: dict) -> dict:
+            rows: list[Row], timings: dict) -> dict:
     """The JSON record of a fine-tuning evaluation."""
     return ctx.record(
         o.command, o.seed, {"fit": fit, "train": len(ctx.train_set), "labelled": len(indices), "test": len(ctx.test_set)},
@@ -437,7 +419,7 @@ def _record(ctx: EvalContext, o: FineTuneOptions, fit: str, indices: np.ndarray,
         protocol="finetune", label_subset={"fraction": o.label_fraction, "seed": o.seed,
                                            "per_class": {c: int(n) for c, n in zip(ctx.classes, counts)},
                                            "indices": indices.tolist() if len(indices) <= 5000 else None},
-        selection=selections, rows=[row.to_json() for row in rows])
+        selection={row.extractor: row.details["selection"] for row in rows}, rows=[row.to_json() for row in rows])
 
 
 def augmentation(hflip: float) -> str:

@@ -139,20 +139,6 @@ def write_evaluation_plots(out_dir: Path, stem: str, test_features, test_labels,
 RIGHT, WRONG = (0, 160, 60), (220, 30, 30)  # frame colours: the neighbour's class is the test image's, or not
 
 
-def _framed(images: np.ndarray, colours: list, border: int, scale: int) -> list[np.ndarray]:
-    """Each uint8 `[3, S, S]` image enlarged `scale` times (nearest), as `[H, W, 3]` inside a frame of `colour`."""
-    out = []
-    for image, colour in zip(images, colours):
-        pixels = np.asarray(image).transpose(1, 2, 0).repeat(scale, 0).repeat(scale, 1)
-        if pixels.shape[2] == 1:
-            pixels = pixels.repeat(3, 2)
-        framed = np.empty((pixels.shape[0] + 2 * border, pixels.shape[1] + 2 * border, 3), dtype=np.uint8)
-        framed[:] = colour
-        framed[border:-border, border:-border] = pixels
-        out.append(framed)
-    return out
-
-
 def draw_neighbours(queries, query_labels, panels: list[tuple[str, np.ndarray, np.ndarray]], classes: list[str],
                     title: str) -> np.ndarray:
     """Each test image (a row) followed by its nearest train images under each feature extractor (a panel), framed
@@ -172,22 +158,23 @@ def draw_neighbours(queries, query_labels, panels: list[tuple[str, np.ndarray, n
     scale = max(1, 64 // side)  # small images (digits, CIFAR) enlarged so that a digit can be read
     border, gap = max(2, side * scale // 24), max(2, side * scale // 32)
     cell = side * scale + 2 * border
-    group_gap = cell // 2
-    rows, headers = [], []
-    for q in range(len(queries)):
-        blocks = [np.concatenate(_framed(queries[q:q + 1], [(90, 90, 90)], border, scale), 1)]
-        for _, images, labels in panels:
-            colours = [RIGHT if label == query_labels[q] else WRONG for label in np.asarray(labels[q])]
-            framed = _framed(np.asarray(images[q]), colours, border, scale)
-            spaced = [x for f in framed for x in (f, np.full((cell, gap, 3), 255, np.uint8))][:-1]
-            blocks.append(np.concatenate(spaced, 1))
-        pieces = [x for b in blocks for x in (b, np.full((cell, group_gap, 3), 255, np.uint8))][:-1]
-        rows.append(np.concatenate(pieces, 1))
-    canvas = np.concatenate([x for r in rows for x in (r, np.full((gap, r.shape[1], 3), 255, np.uint8))][:-1], 0)
-    starts = [0, cell + group_gap]
+    # each row: the test image, then each panel's k neighbours, a gap between cells and half a cell between groups
+    starts = [0, cell + cell // 2]
     for _, images, _ in panels[:-1]:
-        width = images.shape[1] * (cell + gap) - gap
-        starts.append(starts[-1] + width + group_gap)
+        starts.append(starts[-1] + images.shape[1] * (cell + gap) - gap + cell // 2)
+    k = panels[-1][1].shape[1]
+    canvas = np.full((len(queries) * (cell + gap) - gap, starts[len(panels)] + k * (cell + gap) - gap, 3), 255,
+                     np.uint8)
+    for q in range(len(queries)):
+        y = q * (cell + gap)
+        cells = [(starts[0], queries[q], (90, 90, 90))]
+        for start, (_, images, labels) in zip(starts[1:], panels):
+            cells += [(start + j * (cell + gap), image, RIGHT if label == query_labels[q] else WRONG)
+                      for j, (image, label) in enumerate(zip(np.asarray(images[q]), np.asarray(labels[q])))]
+        for x, image, colour in cells:
+            pixels = np.asarray(image).transpose(1, 2, 0).repeat(scale, 0).repeat(scale, 1)
+            canvas[y:y + cell, x:x + cell] = colour
+            canvas[y + border:y + cell - border, x + border:x + cell - border] = pixels  # one channel: grey
     left, top = 110, 60  # pixels for the class names and the headers
     width, height = canvas.shape[1] + left + 20, canvas.shape[0] + top + 10
     figure = Figure(figsize=(width / 100, height / 100), dpi=100)
