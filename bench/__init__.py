@@ -20,20 +20,15 @@ def add_record_args(parser: argparse.ArgumentParser, how: str) -> None:
                         help="record into this markdown file instead of docs/BENCHMARKS.md (implies --record)")
 
 
-def record_path(args: argparse.Namespace) -> Path | None:
-    """Where `add_record_args`' flags say to record, or None to print only (and say so: the flag that records)."""
-    path = args.output or (BENCHMARKS if args.record else None)
-    if path is None:
-        print("(printed only: --record writes it to docs/BENCHMARKS.md)")
-    return path
-
-
 def print_and_record(args: argparse.Namespace, block: str, start: str, end: str, head: str = "",
                      replace: bool = False) -> None:
-    """Print a run's `block`; write it to its marked section (`write_section`) where `add_record_args`' flags ask."""
+    """Print a run's `block`; write it to its marked section (`write_section`) where `add_record_args`' flags ask
+    (else say which flag records)."""
     print(block)
-    target = record_path(args)
-    if target:
+    target = args.output or (BENCHMARKS if args.record else None)
+    if target is None:
+        print("(printed only: --record writes it to docs/BENCHMARKS.md)")
+    else:
         write_section(target, start, end, block, head, replace)
         print(f"{'wrote' if replace else 'appended to'} {target}")
 

@@ -117,11 +117,9 @@ run_part() {
 
 env_info() {
   echo "date: $(date -Is)"; echo "host: $(hostname)"; echo "mode: $MODE"
-  if git rev-parse HEAD > /dev/null 2>&1; then
-    echo "git: $(git rev-parse HEAD)$(git diff --quiet HEAD 2> /dev/null || echo ' (with local changes)')"
-  else
-    echo "git: no repository here (a copied working tree): take the commit from the machine that sent it"
-  fi
+  if commit=$(git rev-parse HEAD 2> /dev/null); then
+    echo "git: $commit$(git diff --quiet HEAD || echo ' (with local changes)')"
+  else echo "git: no repository here (a copied working tree): take the commit from the machine that sent it"; fi
   echo "machine: $("$PYTHON" -c 'from bench import describe_machine; print(describe_machine())')"
   echo "memory: $(free -g | awk '/^Mem:/ {print $2 " GiB, " $7 " GiB available"}')"
   "$PYTHON" -c "import sys, torch, torchvision, numpy; print('python', sys.version.split()[0], '| torch', torch.__version__, \

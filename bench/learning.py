@@ -36,7 +36,7 @@ if __name__ == "__main__":  # a mismatched torch/torchvision pair: one line, not
 import numpy as np
 import torch
 
-from bench import add_record_args, command_line, describe_machine, record_path
+from bench import add_record_args, command_line, describe_machine, print_and_record
 from data_aug.datasets import ImageFiles, TensorImages, load_split
 from data_aug.errors import DataError
 from feature_eval import baselines
@@ -52,6 +52,7 @@ CLASSIFIERS = ("lbfgs", "knn")
 COLUMNS = ("lbfgs", "lbfgs margin", "knn", "knn margin", "seconds")  # of a SimCLR row: a value per seed each
 HOLDOUT_FRACTION, HOLDOUT_SEED = 0.2, 0
 BASE = "base"
+START, END = "<!-- bench/learning.py: start -->", "<!-- bench/learning.py: end -->"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -75,7 +76,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="holdout: fit on 80%% of train, score the other 20%% (choose recipes here); test: fit "
                              "on train, score test (only for a recipe already chosen)")
     parser.add_argument("--out-dir", help="where the runs go (default: runs/learning/<date>_<time>)")
-    add_record_args(parser, "the study appended to the end")
+    add_record_args(parser, "the study appended to its section")
     return parser.parse_args(argv)
 
 
@@ -249,15 +250,10 @@ def main(argv: list[str] | None = None, trainer_class=Trainer) -> int:
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return startup.EXIT_USAGE if isinstance(err, ConfigError) else startup.EXIT_ERROR
-    command = command_line("bench.learning", argv)
     minutes = (time.perf_counter() - started) / 60
-    print(table)
-    target = record_path(args)
-    if target:
-        with open(target, "a") as f:
-            f.write(f"\n## Recipe study ({datetime.date.today().isoformat()})\n\n`{command}` ({minutes:.0f} min)\n\n"
-                    f"Machine: {machine()}.\n\n{table}\n")
-        print(f"appended to {target}")
+    block = (f"### {datetime.date.today().isoformat()}\n\n`{command_line('bench.learning', argv)}` ({minutes:.0f} "
+             f"min)\n\nMachine: {machine()}.\n\n{table}")
+    print_and_record(args, block, START, END, "## Recipe study (bench/learning.py)")
     return 0
 
 

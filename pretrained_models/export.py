@@ -162,11 +162,8 @@ def _stage(root: Path, name: str) -> Path:
 
 
 def _write_package(tmp: Path, dest: Path, name: str, source: Source, log: Callable[[str], None]) -> list:
-    """Write every file of the package into `tmp`: weights, config, the evaluations of these weights, manifest, card.
-
-    Returns:
-        `(path, results)` of the evaluations copied.
-    """
+    """Write every file of the package into `tmp`: weights, config, the evaluations of these weights (returned as
+    `(path, results)`), manifest, card."""
     files = _write_weights(tmp, name, source)
     config = config_to_dict(source.config)
     (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
@@ -182,18 +179,19 @@ def _write_package(tmp: Path, dest: Path, name: str, source: Source, log: Callab
     evaluations = list({path.name: (path, results) for folder, skipped in (
         (dest / EVAL_DIR, "dropped (from the replaced package)"), (source.run_dir / EVAL_DIR, "skipped"))
         for path, results in _matching_evaluations(folder, digests, log, skipped)}.values())
-    manifest = _manifest(name, source, files, _copy_evaluations(tmp, evaluations))
-    (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-    (tmp / CARD_FILE).write_text(model_card(manifest, config, [r for _, r in evaluations]))
+    _write_card(tmp, _manifest(name, source, files, _copy_evaluations(tmp, evaluations)), config, evaluations)
     return evaluations
 
 
-def _write_weights(tmp: Path, name: str, source: Source) -> dict[str, dict]:
-    """`model.safetensors` (full state dict, its architecture in the metadata) and the plain torchvision trunk.
+def _write_card(folder: Path, manifest: dict, config: dict, evaluations: list[tuple[Path, Results]]) -> None:
+    """`package.json` and the model card (README.md) of `folder`."""
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    (folder / CARD_FILE).write_text(model_card(manifest, config, [results for _, results in evaluations]))
 
-    Returns:
-        file name -> `{"sha256", "bytes"}`, the manifest's `files`.
-    """
+
+def _write_weights(tmp: Path, name: str, source: Source) -> dict[str, dict]:
+    """`model.safetensors` (full state dict, its architecture in the metadata) and the plain torchvision trunk;
+    the manifest's `files` (file name -> `{"sha256", "bytes"}`)."""
     m, encoder = source.config.model, source.model.encoder
     weights = {k: v.detach().cpu().contiguous() for k, v in source.model.state_dict().items()}
     save_file(weights, str(tmp / WEIGHTS_FILE), metadata={
@@ -275,8 +273,7 @@ def refresh_package(folder: str | Path, log: Callable[[str], None] = print) -> P
     evaluations = _matching_evaluations(folder / EVAL_DIR, _package_digests(manifest), log)
     manifest["evaluations"] = [f"{EVAL_DIR}/{p.name}" for path, results in evaluations
                                for p in evaluation_files(path, results)]
-    (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-    (folder / CARD_FILE).write_text(model_card(manifest, config, [r for _, r in evaluations]))
+    _write_card(folder, manifest, config, evaluations)
     update_index(folder.parent)
     log(f"refreshed {folder / CARD_FILE}: {len(evaluations)} evaluation result(s)")
     return folder

@@ -128,7 +128,7 @@ def test_the_recipe_study_records_only_with_record(tmp_path, monkeypatch, capsys
     assert learning.main(["--seeds", "0"]) == 0
     assert docs.read_bytes() == before and "| study | table |" in capsys.readouterr().out
     assert learning.main(["--seeds", "0", "--record"]) == 0
-    assert docs.read_text().endswith("Machine: a test machine.\n\n| study | table |\n")
+    assert docs.read_text().endswith(f"Machine: a test machine.\n\n| study | table |\n{learning.END}\n")
     out = tmp_path / "elsewhere.md"
     assert learning.main(["--seeds", "0", "--output", str(out)]) == 0 and "## Recipe study" in out.read_text()
 
