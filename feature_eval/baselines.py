@@ -22,13 +22,8 @@ def pca_baseline(train_dataset, test_dataset, crop_size: int, n_components: int,
 
     Pixels are those of the deterministic eval view, flattened to `[3 * crop * crop]`. Test images are
     projected batch by batch, so only the training pixels are held in memory at once.
-
-    Args:
-        train_dataset, test_dataset: items `(uint8 [3, H, W], label)`.
-        n_components: the projection size (the head's `out_dim`, so that both have as many dimensions); capped
-            at min(N, pixels).
-    Returns:
-        train `[N, K]` and test `[M, K]` float32 projections, and facts (components, explained variance).
+    `n_components` is the head's `out_dim` (so that both have as many dimensions), capped at min(N, pixels).
+    Returns train `[N, K]` and test `[M, K]` float32 projections, and facts (components, explained variance).
     """
     from sklearn.decomposition import PCA
     from sklearn.preprocessing import StandardScaler

@@ -124,15 +124,10 @@ class EvalContext:
 
 def open_context(checkpoint: str | Path, options: RunOptions,
                  encoder_device: str | torch.device | None = None) -> EvalContext:
-    """Open `checkpoint` for evaluation: every user error is raised here, before any long computation.
-
-    Args:
-        checkpoint: a run directory (its `checkpoints/last.pt`), a `.pt` file, or a pretrained package (name,
-            folder or `model.safetensors`; see `models.loading.resolve_checkpoint`).
-        encoder_device: where the encoder goes (default: the evaluation's device).
-    Raises:
-        EvalError, CheckpointLoadError, DataError: user errors, each with a one-line message.
-    """
+    """Open `checkpoint` (a run directory: its `checkpoints/last.pt`; a `.pt` file; a pretrained package's name,
+    folder or `model.safetensors`: `models.loading.resolve_checkpoint`), its encoder on `encoder_device` (default:
+    the evaluation's). Every user error (EvalError, CheckpointLoadError, DataError: one line each) is raised here,
+    before any long computation."""
     device = check_device(options.device)
     file = resolve_checkpoint(checkpoint)
     state = read_weights(file)

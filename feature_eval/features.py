@@ -34,7 +34,7 @@ def best_device() -> torch.device:
     """CUDA if present, else Apple's MPS, else the CPU."""
     if torch.cuda.is_available():
         return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+    if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
 
@@ -42,13 +42,9 @@ def best_device() -> torch.device:
 def image_batches(dataset, crop_size: int, batch_size: int, num_workers: int = 0, desc: str = "images"):
     """Yield `(images, labels)`: float `[B, 3, crop, crop]` in [0, 1] (the deterministic eval view), int64 `[B]`.
 
-    Data sets held in memory (`TensorImages`) are transformed a whole batch at a time, which is several
-    times faster than per image; others go through a DataLoader with `num_workers` workers.
-
-    Args:
-        dataset: items `(uint8 [3, H, W], label)`; `.images`/`.labels` tensors are used when present.
-        crop_size: side of the square view (resize the short side, centre-crop).
-        batch_size: images per batch.
+    Data sets held in memory (`.images`/`.labels` tensors, as `TensorImages`) are transformed a whole batch at a
+    time, which is several times faster than per image; others (items `(uint8 [3, H, W], label)`) go through a
+    DataLoader with `num_workers` workers. The view: resize the short side, centre-crop to `crop_size`.
     """
     transform = create_eval_transform(crop_size)
     total = len(dataset)
@@ -73,15 +69,9 @@ def extract_features(encoder: torch.nn.Module, dataset, crop_size: int, batch_si
     its running statistics and so change the model being evaluated. Its train/eval mode is restored after.
     It runs in float32 and channels-last (moved there in place), the trainer's layout: faster on the CPU and
     CUDA, and the same features as NCHW up to float32 rounding (never autocast: bfloat16 would move the numbers).
-
-    Args:
-        encoder: maps float images `[B, 3, crop, crop]` in [0, 1] to `[B, D]`.
-        dataset: items `(uint8 [3, H, W], label)`.
-        crop_size: input size of the eval view.
-        batch_size: images per forward pass.
-        device: where the encoder runs (default: `best_device()`); the encoder is moved there.
-    Returns:
-        FeatureSplit with float32 `[N, D]` features and int64 `[N]` labels on the CPU.
+    The encoder (float images `[B, 3, crop, crop]` in [0, 1] -> `[B, D]`) is moved to `device` (default:
+    `best_device()`); `dataset` holds items `(uint8 [3, H, W], label)`. Returns float32 `[N, D]` features and int64
+    `[N]` labels on the CPU.
     """
     device = torch.device(device) if device is not None else best_device()
     was_training = encoder.training

@@ -98,13 +98,7 @@ def label_subset(labels, fraction: float, seed: int) -> np.ndarray:
     so that the total is `round(fraction * N)`; a class with fewer items gives all it has. Each class's
     items are taken in one seeded order that does not depend on `fraction`, so for a given seed the 1 %
     subset lies inside the 10 % one. `fraction >= 1` takes every labelled item.
-
-    Args:
-        labels: int `[N]`; negative labels (unlabelled items) are never chosen.
-        fraction: in (0, 1].
-        seed: the subset's seed.
-    Returns:
-        int64 `[K]` sorted indices into `labels`.
+    Negative labels (unlabelled items) are never chosen. Returns int64 `[K]` sorted indices into `labels` `[N]`.
     """
     labels = np.asarray(labels, dtype=np.int64)
     labelled = np.flatnonzero(labels >= 0)
@@ -133,16 +127,9 @@ class Diverged(EvalError):
 class Schedule:
     """How one fine-tuning run trains (Appendix B.5), whatever its learning rate: one value for every run of a search.
 
-    Attributes:
-        input_size: side of the square views.
-        epochs: passes over the labelled images.
-        batch_size: images per step (at least 2: BatchNorm), capped at the data set's size; the lr is
-            `base_lr x batch / 256` with the batch actually used.
-        momentum: SGD's Nesterov momentum (the paper's 0.9).
-        hflip: probability that a view is mirrored: 0.5 the paper's; 0 where a mirror image is another shape
-            (digits: pretraining's quickstart uses no flip either).
-        seed: head initialisation, order and views.
-        device: where it trains (a name is made a `torch.device`).
+    `batch_size` (at least 2: BatchNorm) is capped at the data set's size, and the lr is `base_lr x batch / 256`
+    with the batch actually used. `hflip`: 0.5 the paper's; 0 where a mirror image is another shape (digits:
+    pretraining's quickstart uses no flip either). `seed`: head initialisation, order and views.
     """
 
     input_size: int
@@ -181,12 +168,8 @@ def crop_flip_batches(dataset, schedule: Schedule, epoch: int):
     the schedule's device (torchvision's RandomResizedCrop law and antialiased resize), those of one size at
     a time: an image folder's may differ. A last batch of one image is dropped: BatchNorm cannot normalise a
     single image in train mode.
-
-    Args:
-        dataset: items `(uint8 [3, H, W], label)` (`TensorImages` or any data set).
-        schedule: its `input_size`, `batch_size`, `hflip` (each view mirrored with that probability), `seed`, `device`.
-    Yields:
-        float `[B, 3, input_size, input_size]` in [0, 1] and int64 `[B]`, on the device.
+    `dataset` holds items `(uint8 [3, H, W], label)`; yields float `[B, 3, S, S]` views in [0, 1] and int64 `[B]`
+    labels on the device (S: the schedule's `input_size`; each view mirrored with probability `hflip`).
     """
     s, device = schedule, schedule.device
     generator = torch.Generator().manual_seed(_batch_seed(s.seed, epoch))
@@ -211,12 +194,8 @@ def finetune(encoder: nn.Module, dataset, num_classes: int, schedule: Schedule, 
     SGD with Nesterov momentum, no weight decay, lr `base_lr * batch / 256` decayed by a per-step cosine
     to 0, no warmup (Appendix B.5). BatchNorm is in train mode: the whole network adapts. The encoder is
     trained in place (pass a copy to keep the original) and its parameters are unfrozen.
-
-    Args:
-        encoder: maps float images `[B, 3, S, S]` in [0, 1] to `[B, D]`; has `feature_dim`.
-        dataset: labelled items `(uint8 [3, H, W], label)` with labels in `[0, num_classes)`; at least 2.
-    Returns:
-        The trained `FineTuned` model (encoder + classifier) on the schedule's device, in eval mode.
+    `encoder` maps float images `[B, 3, S, S]` in [0, 1] to `[B, feature_dim]`; `dataset`: at least 2 items
+    `(uint8 [3, H, W], label in [0, num_classes))`. Returns the `FineTuned` model on the device, in eval mode.
     """
     s, device = schedule, schedule.device
     if len(dataset) < 2:
@@ -258,13 +237,9 @@ def select_lr(encoder: nn.Module, labelled, num_classes: int, lrs: tuple[float, 
               valid_fraction: float, desc: str = "") -> tuple[float, dict]:
     """The base lr of `lrs` with the best held-out top-1 (then the lowest held-out loss); the test split is not seen.
 
-    The labelled subset is split (seeded, stratified where every class allows) into a fit part and a
-    `valid_fraction` hold-out; each lr fine-tunes a copy of `encoder` on the fit part under `schedule`.
-
-    Args:
-        labelled: the labelled subset, items `(uint8 [3, H, W], label)`.
-    Returns:
-        (chosen base lr, facts: fit/hold-out sizes and each lr's hold-out top-1 and loss).
+    The labelled subset (items `(uint8 [3, H, W], label)`) is split (seeded, stratified where every class allows)
+    into a fit part and a `valid_fraction` hold-out; each lr fine-tunes a copy of `encoder` on the fit part under
+    `schedule`. Returns the chosen base lr and facts (fit/hold-out sizes, each lr's hold-out top-1 and loss).
     """
     if len(lrs) == 1:
         return lrs[0], {"chosen_by": "only value of --lrs (no hold-out)"}
@@ -374,11 +349,8 @@ def finetune_evaluate(checkpoint: str | Path, options: FineTuneOptions | None = 
 
 
 def _labelled_subset(ctx: EvalContext, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, str, str]:
-    """The `label_subset` of the train split, checked to hold two classes at least.
-
-    Returns:
-        (its indices, its images per class, its real share of the labels as `"0.974%"`, a line saying what is fit).
-    """
+    """The `label_subset` of the train split, checked to hold two classes at least: its indices, its images per
+    class, its real share of the labels (`"0.974%"`) and a line saying what is fit."""
     indices = label_subset(ctx.train_set.labels.numpy(), fraction, seed)
     counts = np.bincount(ctx.train_set.labels.numpy()[indices], minlength=len(ctx.classes))
     if (counts > 0).sum() < 2:
