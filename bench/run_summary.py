@@ -151,8 +151,8 @@ def summarize_run(run_dir: str | Path, gpu_csv: str | Path | None = None) -> dic
 def format_summary(summary: dict, target_seconds: float | None = None, target_busy: float | None = None) -> str:
     """Human-readable lines: the run, one line per epoch, the steady state, and the targets met or missed."""
     s, st = summary, summary["steady"]
-    lines = [f"run {s['run_dir']}: {s['model']}, batch {s['batch_size']}, {s['crop']} px, augment_on {s['augment_on']}, "
-             f"amp {s['amp']}, device {s['device']}"]
+    lines = [f"run {s['run_dir']}: {s['model']}, batch {s['batch_size']}, {s['crop']} px, augment_on "
+             f"{s['augment_on']}, amp {s['amp']}, device {s['device']}"]
     for r in s["epochs"]:
         rate = f"{r['images']:,} images, {r['images_per_s']:,.0f} img/s" if r["images"] else "images unknown"
         busy = (f"GPU busy {r['gpu_busy_percent']:.1f}% ({r['gpu_samples']} samples), GPU memory max "

@@ -55,7 +55,8 @@ def write_synthetic_stl10(root: str | Path, n_train: int = FULL["train"], n_test
     counts = {"train": n_train, "test": n_test, "unlabeled": n_unlabeled}
     bad = [f"{name}={n}" for name, n in counts.items() if n < 1]
     if bad or chunk < 1:
-        raise ValueError(f"every split needs at least one image and chunk >= 1 (got {', '.join(bad) or f'chunk={chunk}'})")
+        raise ValueError("every split needs at least one image and chunk >= 1 "
+                         f"(got {', '.join(bad) or f'chunk={chunk}'})")
     folder = Path(root) / "stl10_binary"
     sizes = expected_sizes(n_train, n_test, n_unlabeled)
     if reuse and all((folder / name).is_file() and (folder / name).stat().st_size == size

@@ -121,23 +121,21 @@ def per_core_rates(images: torch.Tensor, crop: int, views: int) -> tuple[float, 
     try:
         pairs = TwoViews(TensorImages(images, torch.zeros(len(images), dtype=torch.int64), ["x"]),
                          create_view_transform(ViewSettings(crop)), seed=0)
-        pairs[0]
-        start = time.process_time()
-        for i in range(views // 2):
-            pairs[i % len(pairs)]
-        pil = 2 * (views // 2) / (time.process_time() - start)
         batch = min(len(images), max(32, views // 2))
         device_batches = DeviceBatches(images[:batch], batch, ViewSettings(crop), seed=0, device="cpu")
-        device_batches.make_batch(0, 0)
-        start = time.process_time()
-        made = 0
-        while made < views:
-            device_batches.make_batch(0, 0)
-            made += 2 * batch
-        device = made / (time.process_time() - start)
+        return (_views_per_cpu_second(lambda i: pairs[i % len(pairs)], 2, views),
+                _views_per_cpu_second(lambda i: device_batches.make_batch(0, 0), 2 * batch, views))
     finally:
         torch.set_num_threads(threads)
-    return pil, device
+
+
+def _views_per_cpu_second(make, per_call: int, views: int) -> float:
+    """`make(i)` (`per_call` views each) called until `views` are made, after one untimed call; views per CPU-second."""
+    make(0)
+    start, calls = time.process_time(), -(-views // per_call)
+    for i in range(calls):
+        make(i)
+    return calls * per_call / (time.process_time() - start)
 
 
 def run(args, trainer_class=Trainer) -> dict:
