@@ -27,18 +27,18 @@ if __name__ == "__main__":  # as a command: the CPU policy goes into the environ
 
 import numpy as np
 
+from data_aug.view_grid import save_png
+from data_aug.views import create_eval_resize
 from feature_eval import baselines as baseline_features
 from feature_eval.classifiers import (MIN_HOLDOUT_ITEMS, ClassifierResult, adam_probe, knn_classifier, lbfgs_probe,
                                       weighted_knn)
 from feature_eval.context import (EvalContext, EvalError, RunOptions, add_options, check_bounds, open_context, option,
                                   parse_names, run_cli)
-from data_aug.view_grid import save_png
-from data_aug.views import create_eval_resize
 from feature_eval.features import FeatureSplit, cached_features, data_fingerprint, extract_features
-from knn.neighbours import cosine_neighbours
 from feature_eval.plots import confusion_counts, draw_neighbours, write_evaluation_plots
-from feature_eval.results import (Results, Row, current_rows, data_key, log_row, markdown_table, read_results,
-                                  rewrite_command, table_caption, write_results)
+from feature_eval.results import (Row, current_rows, data_key, log_row, markdown_table, read_results, rewrite_command,
+                                  table_caption, write_results)
+from knn.neighbours import cosine_neighbours
 
 CLASSIFIERS = ("lbfgs", "adam", "knn")
 BASELINES = ("pca", "random")
@@ -255,7 +255,8 @@ def _add_to_table(path: Path, results: dict, rows: list[Row], settings: dict[str
                   log: Callable[[str], None]) -> tuple[dict, list[Row]]:
     """`results` and `rows` with the table in `path` (an earlier evaluation's JSON) added: `current_rows` of its
     rows and these. `options`, `baselines` and `command` then describe every row (the command makes them all
-    again), and `earlier` names the rows of the earlier table kept, replaced and dropped."""
+    again), and `earlier` says what became of the earlier table's rows: replaced by `rows`, kept, or dropped as
+    made under other settings (which ones: the `reason`); the log gets one short line of it."""
     try:
         earlier = read_results(path) if path.is_file() else None
     except (OSError, ValueError):
@@ -264,31 +265,25 @@ def _add_to_table(path: Path, results: dict, rows: list[Row], settings: dict[str
     if earlier is None:
         return results, rows
     table = current_rows([*earlier.rows, *rows], settings)
+    done = {(row.classifier, row.extractor) for row in rows}
+    replaced = [r.name for r in earlier.rows if (r.classifier, r.extractor) in done]
+    kept = [r.name for r in earlier.rows if r in table]
+    dropped = [r for r in earlier.rows if r.name not in replaced and r not in table]
+    changed = dict.fromkeys(key for r in dropped for key, value in settings.get(r.classifier, {}).items()
+                            if r.settings.get(key) != value)
+    reason = f"other {', '.join(changed)}" if changed else None
+    log(f"merged with the earlier evaluation of {earlier.finished}: kept {len(kept)} row(s), replaced "
+        f"{len(replaced)}, dropped {len(dropped)}" + (f" ({reason})" if dropped else ""))
     classifiers = list(dict.fromkeys("knn" if r.classifier == "weighted_knn" else r.classifier for r in table))
     baselines = list(dict.fromkeys(r.extractor for r in table if r.extractor != "simclr"))
     facts = {**(earlier.record.get("baselines") or {}), **results["baselines"]}
-    return {**results, "rows": [row.to_json() for row in table], "earlier": _report(earlier, rows, settings, log),
+    return {**results, "rows": [row.to_json() for row in table],
+            "earlier": {"finished": earlier.finished, "kept": kept, "replaced": replaced,
+                        "dropped": [r.name for r in dropped], "reason": reason},
             "options": {**results["options"], "classifiers": classifiers, "baselines": baselines},
             "baselines": {name: facts[name] for name in baselines if name in facts},
             "command": rewrite_command(results["command"], {"--classifiers": ",".join(classifiers),
                                                             "--baselines": ",".join(baselines) or None})}, table
-
-
-def _report(earlier: Results, rows: list[Row], settings: dict[str, dict], log: Callable[[str], None]) -> dict:
-    """What became of the earlier table's rows: replaced by `rows`, kept, or dropped as made under other settings
-    (which ones: the `reason`); one line in the log, and the JSON's `earlier`."""
-    done = {(row.classifier, row.extractor) for row in rows}
-    replaced = [r for r in earlier.rows if (r.classifier, r.extractor) in done]
-    kept = [r for r in earlier.rows if r not in replaced and r.fits(settings.get(r.classifier, {}))]
-    dropped = [r for r in earlier.rows if r not in replaced and r not in kept]
-    changed = dict.fromkeys(key for r in dropped for key, value in settings.get(r.classifier, {}).items()
-                            if r.settings.get(key) != value)
-    reason = f"other {', '.join(changed)}" if changed else None
-    # one short line: the rows kept and dropped are named under the table and in the JSON's "earlier"
-    log(f"merged with the earlier evaluation of {earlier.finished}: kept {len(kept)} row(s), replaced "
-        f"{len(replaced)}, dropped {len(dropped)}" + (f" ({reason})" if dropped else ""))
-    return {"finished": earlier.finished, "kept": [r.name for r in kept], "replaced": [r.name for r in replaced],
-            "dropped": [r.name for r in dropped], "reason": reason}
 
 
 def write_pictures(rows: list[Row], features: dict, ctx: EvalContext, stem: str, seed: int) -> dict[str, Path]:
@@ -317,12 +312,9 @@ def write_pictures(rows: list[Row], features: dict, ctx: EvalContext, stem: str,
 def neighbour_panels(features: dict, train_set, test_set, input_size: int, seed: int,
                      queries: int = NEIGHBOUR_QUERIES, k: int = NEIGHBOURS) -> tuple:
     """Seeded test images and their `k` nearest train images (cosine similarity, as the weighted KNN) under the
-    SimCLR features and, when evaluated, the random-init ones: what `draw_neighbours` draws.
-
-    Returns:
-        (test images uint8 `[Q, 3, S, S]`, their labels `[Q]`, [(name, neighbour images uint8 `[Q, k, 3, S, S]`,
-        neighbour labels `[Q, k]`) per extractor]), images at the evaluation view of `input_size`.
-    """
+    SimCLR features and, when evaluated, the random-init ones, at the evaluation view: what `draw_neighbours` draws
+    (test images uint8 `[Q, 3, S, S]`, their labels `[Q]`, and per extractor (name, neighbours `[Q, k, 3, S, S]`,
+    their labels `[Q, k]`))."""
     resize = create_eval_resize(input_size)
 
     def images(dataset, index) -> np.ndarray:
