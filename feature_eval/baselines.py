@@ -7,7 +7,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from feature_eval.features import FeatureSplit, cached_features, data_fingerprint, extract_features, image_batches
+from feature_eval.features import FeatureSplit, cached_features, data_fingerprint, encoder_features, image_batches
 from models.loading import RUNS_DIR, freeze
 from models.resnet_simclr import Encoder
 
@@ -74,14 +74,11 @@ def random_init_features(base_model: str, cifar_stem: bool, seed: int, train_dat
     so a run on the same data reuses them and other data never does (pass `BASELINE_CACHE` to share them
     with `feature_eval.evaluate`). `cache_dir=None` caches nothing.
     """
-    encoder = random_encoder(base_model, cifar_stem, seed)
     key = {"extractor": "random", "base_model": base_model, "cifar_stem": cifar_stem, "seed": seed,
            "torch": torch.__version__, "input_size": crop_size}
-    return tuple(cached_features(cache_dir, {**key, "split": name, "data": data_fingerprint(data)},
-                                 lambda data=data, name=name: extract_features(
-                                     encoder, data, crop_size, batch_size, device, num_workers,
-                                     f"Random init features ({name})"), log)
-                 for name, data in (("train", train_dataset), ("test", test_dataset)))
+    return encoder_features(random_encoder(base_model, cifar_stem, seed), "Random init", key,
+                            {"train": train_dataset, "test": test_dataset}, crop_size, batch_size, device,
+                            num_workers, cache_dir, log)
 
 
 def pca_features(train_dataset, test_dataset, crop_size: int, n_components: int, batch_size: int = 256,

@@ -34,7 +34,7 @@ from feature_eval.classifiers import (MIN_HOLDOUT_ITEMS, ClassifierResult, adam_
                                       weighted_knn)
 from feature_eval.context import (EvalContext, EvalError, RunOptions, add_options, check_bounds, open_context, option,
                                   parse_names, run_cli)
-from feature_eval.features import FeatureSplit, cached_features, data_fingerprint, extract_features
+from feature_eval.features import FeatureSplit, encoder_features
 from feature_eval.plots import confusion_counts, draw_neighbours, write_evaluation_plots
 from feature_eval.results import (Row, current_rows, data_key, log_row, markdown_table, read_results, rewrite_command,
                                   table_caption, write_results)
@@ -62,8 +62,8 @@ class EvalOptions(RunOptions):
     """
 
     classifiers: str | tuple[str, ...] = option(
-        DEFAULT_CLASSIFIERS, f"comma-separated, from {','.join(CLASSIFIERS)} (default: {','.join(DEFAULT_CLASSIFIERS)}); "
-        "knn gives two rows: the original repository's k=10 Euclidean vote and the weighted cosine KNN")
+        DEFAULT_CLASSIFIERS, f"comma-separated, from {','.join(CLASSIFIERS)} (default: {','.join(DEFAULT_CLASSIFIERS)})"
+        "; knn gives two rows: the original repository's k=10 Euclidean vote and the weighted cosine KNN")
     baselines: str | tuple[str, ...] = option((), "comma-separated, from pca (raw pixels, PCA to model.out_dim) and "
                                                   "random (random-init encoder), or none (default); pca is slow on "
                                                   "large images")
@@ -160,16 +160,11 @@ def extract_all(ctx: EvalContext, options: EvalOptions, baselines: tuple[str, ..
     # Baselines do not depend on the checkpoint: their features are shared by every run on the same data.
     baseline_cache = cache_dir / "baselines" if o.cache_dir is not None else baseline_features.BASELINE_CACHE
     cache_dir, baseline_cache = (cache_dir, baseline_cache) if o.cache else (None, None)
-    splits = (("train", ctx.train_set), ("test", ctx.test_set))
-    fingerprints = {name: data_fingerprint(data) for name, data in splits} if cache_dir else {}
     tic = time.perf_counter()
     key = {"extractor": "simclr", "checkpoint_sha256": ctx.checkpoint_sha256, "dataset": ctx.dataset,
            "root": str(ctx.root.resolve()), "input_size": ctx.input_size}
-    features = {"simclr": tuple(cached_features(
-        cache_dir, {**key, "split": name, "data": fingerprints.get(name)},
-        lambda data=data, name=name: extract_features(ctx.encoder, data, ctx.input_size, o.batch_size, ctx.device,
-                                                      o.num_workers, f"SimCLR features ({name})"), log)
-        for name, data in splits)}
+    features = {"simclr": encoder_features(ctx.encoder, "SimCLR", key, {"train": ctx.train_set, "test": ctx.test_set},
+                                           ctx.input_size, o.batch_size, ctx.device, o.num_workers, cache_dir, log)}
     timings["features_simclr"] = round(time.perf_counter() - tic, 3)
     simclr = {"architecture": ctx.architecture, "feature_dim": ctx.encoder.feature_dim,
               "projection_dim": model.out_dim, "epochs": ctx.trained_epochs}

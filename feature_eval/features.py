@@ -107,6 +107,18 @@ def data_fingerprint(dataset) -> str:
     return digest.hexdigest()
 
 
+def encoder_features(encoder: torch.nn.Module, name: str, key: dict, splits: dict, crop_size: int,
+                     batch_size: int, device, num_workers: int, cache_dir: str | Path | None,
+                     log: Callable[[str], None] = print) -> tuple[FeatureSplit, ...]:
+    """`extract_features` of each split of `splits` (split name -> data set), cached under `key` plus the split's
+    name and content digest (`data_fingerprint`): features of other data are never reused."""
+    return tuple(cached_features(
+        cache_dir, {**key, "split": split, "data": data_fingerprint(data) if cache_dir else None},
+        lambda data=data, split=split: extract_features(encoder, data, crop_size, batch_size, device, num_workers,
+                                                        f"{name} features ({split})"), log)
+        for split, data in splits.items())
+
+
 def cached_features(cache_dir: str | Path | None, key: dict, compute: Callable[[], FeatureSplit],
                     log: Callable[[str], None] = print) -> FeatureSplit:
     """`compute()` once per `key`: stored as `<cache_dir>/<sha256 of key>.pt` and loaded from there after.

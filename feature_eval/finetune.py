@@ -383,7 +383,8 @@ def _record(ctx: EvalContext, o: FineTuneOptions, fit: str, indices: np.ndarray,
             rows: list[Row], timings: dict) -> dict:
     """The JSON record of a fine-tuning evaluation."""
     return ctx.record(
-        o.command, o.seed, {"fit": fit, "train": len(ctx.train_set), "labelled": len(indices), "test": len(ctx.test_set)},
+        o.command, o.seed,
+        {"fit": fit, "train": len(ctx.train_set), "labelled": len(indices), "test": len(ctx.test_set)},
         {"label_fraction": o.label_fraction, "epochs": o.epochs, "batch_size": o.batch_size, "lrs": list(o.lrs),
          "momentum": o.momentum, "hflip": o.hflip, "valid_fraction": o.valid_fraction, "baselines": list(o.baselines),
          "augmentation": augmentation(o.hflip),

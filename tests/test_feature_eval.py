@@ -16,6 +16,7 @@ from sklearn.preprocessing import StandardScaler
 
 from feature_eval import context as context_module
 from feature_eval import evaluate as evaluate_module
+from feature_eval import features as features_module
 from feature_eval.classifiers import (adam_probe, holdout_split, knn_classifier, lbfgs_probe, topk_accuracy,
                                       weighted_knn)
 from feature_eval.features import FeatureSplit, cached_features, extract_features
@@ -327,7 +328,7 @@ def test_evaluate_writes_table_and_json_and_keeps_the_encoder(tiny_run, monkeypa
     saved = json.loads(out.paths["json"].read_text())
     assert saved["rows"][0]["top1"] == rows[0]["top1"] and saved["checkpoint"].endswith("last.pt")
     # The second evaluation reads the cached features instead of running the encoder.
-    monkeypatch.setattr(evaluate_module, "extract_features", lambda *a, **k: pytest.fail("features not cached"))
+    monkeypatch.setattr(features_module, "extract_features", lambda *a, **k: pytest.fail("features not cached"))
     again = evaluate_module.evaluate(tiny_run, classifiers="knn", device="cpu", write=False, log=lambda *_: None)
     assert again.results["rows"][0]["top1"] == rows[3]["top1"] and not again.paths
 
@@ -443,7 +444,7 @@ def test_cli_records_its_command_and_checks_the_output_folder_first(tiny_run, tm
     assert saved["command"] == "python -m feature_eval.evaluate " + " ".join(argv)
     blocked = tmp_path / "file"
     blocked.write_text("")
-    monkeypatch.setattr(evaluate_module, "extract_features", lambda *a, **k: pytest.fail("extracted first"))
+    monkeypatch.setattr(features_module, "extract_features", lambda *a, **k: pytest.fail("extracted first"))
     code, err = run_cli(argv[:-1] + [str(blocked / "out")], capsys)
     assert code == 2 and "cannot write results" in err and err.count("\n") == 0
 
@@ -486,8 +487,9 @@ def test_baseline_features_are_shared_by_every_checkpoint_on_the_same_data(tmp_p
                                    write=False, log=lambda *_: None)
     assert any(baselines.BASELINE_CACHE.glob("*.pt"))  # the conftest points it at a temporary folder
     # Another run on the same data: its own features are computed, the baselines' are read back.
-    calls = []
-    monkeypatch.setattr(baselines, "extract_features", lambda *a, **k: calls.append(a) or pytest.fail("random"))
+    calls, extract = [], features_module.extract_features
+    monkeypatch.setattr(features_module, "extract_features", lambda *a, **k: extract(*a, **k) if "SimCLR" in a[-1]
+                        else calls.append(a) or pytest.fail("random"))
     monkeypatch.setattr(baselines, "pca_baseline", lambda *a, **k: pytest.fail("PCA recomputed"))
     again = evaluate_module.evaluate(tmp_path / "b", classifiers="knn", baselines="pca,random", device="cpu",
                                      write=False, log=lambda *_: None)
