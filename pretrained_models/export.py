@@ -211,7 +211,7 @@ def _write_weights(tmp: Path, name: str, source: Source) -> dict[str, dict]:
 
 def _copy_evaluations(tmp: Path, evaluations: list[tuple[Path, Results]]) -> list[str]:
     """Copy each evaluation's files (JSON, table, pictures) into `tmp/eval/`; their package-relative paths."""
-    copied = [companion for path, results in evaluations for companion in evaluation_files(path, results)]
+    copied = evaluation_files(evaluations)
     for companion in copied:
         (tmp / EVAL_DIR).mkdir(exist_ok=True)
         shutil.copy2(companion, tmp / EVAL_DIR / companion.name)
@@ -271,8 +271,7 @@ def refresh_package(folder: str | Path, log: Callable[[str], None] = print) -> P
     except (OSError, yaml.YAMLError) as err:
         raise ExportError(f"{folder / CONFIG_FILE} is unreadable ({err}): re-export the package") from None
     evaluations = _matching_evaluations(folder / EVAL_DIR, _package_digests(manifest), log)
-    manifest["evaluations"] = [f"{EVAL_DIR}/{p.name}" for path, results in evaluations
-                               for p in evaluation_files(path, results)]
+    manifest["evaluations"] = [f"{EVAL_DIR}/{file.name}" for file in evaluation_files(evaluations)]
     _write_card(folder, manifest, config, evaluations)
     update_index(folder.parent)
     log(f"refreshed {folder / CARD_FILE}: {len(evaluations)} evaluation result(s)")
@@ -303,10 +302,11 @@ def _matching_evaluations(folder: Path, digests: set[str], log,
     return found
 
 
-def evaluation_files(path: Path, results: Results) -> list[Path]:
-    """An evaluation's JSON, its markdown table and the pictures the table shows, those of them that exist."""
-    pictures = [path.with_name(Path(str(name)).name) for name in results.pictures.values()]
-    return [file for file in (path, path.with_suffix(".md"), *pictures) if file.is_file()]
+def evaluation_files(evaluations: list[tuple[Path, Results]]) -> list[Path]:
+    """Each evaluation's JSON, its markdown table and the pictures the table shows, those of them that exist."""
+    return [file for path, results in evaluations for file in (
+        path, path.with_suffix(".md"), *(path.with_name(Path(str(name)).name) for name in results.pictures.values()))
+        if file.is_file()]
 
 
 def _records(path: Path) -> list[dict]:
