@@ -526,28 +526,28 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def print_list(root: Path) -> None:
+    """`--list`: a line per package in `root`."""
+    rows = [package_summary(root / name) for name in list_packages(root)]
+    for r in rows:
+        top1 = "-" if r["linear_top1"] is None else f"{r['linear_top1']:.1f}%"
+        print(f"{r['name']}: {r['architecture']}, {r['data']}, {r['epochs']} epochs, batch {r['batch']}, "
+              f"linear top-1 {top1}, weights {'present' if r['weights'] else 'missing'}")
+    if not rows:
+        print(f"no packages in {root}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    with startup.one_line_warnings():  # no CPU policy: exporting computes nothing in parallel
-        return _main(args)
-
-
-def _main(args: argparse.Namespace) -> int:
     root = Path(args.packages_dir) if args.packages_dir else PACKAGES_DIR
-    if args.list:
-        rows = [package_summary(root / name) for name in list_packages(root)]
-        for r in rows:
-            top1 = "-" if r["linear_top1"] is None else f"{r['linear_top1']:.1f}%"
-            print(f"{r['name']}: {r['architecture']}, {r['data']}, {r['epochs']} epochs, batch {r['batch']}, "
-                  f"linear top-1 {top1}, weights {'present' if r['weights'] else 'missing'}")
-        if not rows:
-            print(f"no packages in {root}")
-        return 0
     try:
-        if args.refresh:
-            refresh_package(find_package(args.refresh, root))
-        else:
-            export_package(args.source, args.name, root=root, force=args.force)
+        with startup.one_line_warnings():  # no CPU policy: exporting computes nothing in parallel
+            if args.list:
+                print_list(root)
+            elif args.refresh:
+                refresh_package(find_package(args.refresh, root))
+            else:
+                export_package(args.source, args.name, root=root, force=args.force)
     except BaseException as err:  # one line and its status, as startup.ERROR_POLICY says; a bug is raised again
         stopped = ("stopped; no package is left half-written (each is staged in a temporary folder, then renamed "
                    "into place)")
