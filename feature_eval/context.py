@@ -3,7 +3,7 @@
 A checkpoint is opened once into an `EvalContext`: the frozen encoder, its typed training config, the two
 splits of the data (checked), the device and the folder results go to. Every user error is raised there, in
 one line, before any long computation. The drivers' options share `RunOptions`; their command lines share
-`add_options` (a command-line option per field) and `run_cli`.
+`parse_options` (a command-line option per field) and `run_cli`.
 """
 from __future__ import annotations
 
@@ -37,8 +37,9 @@ class EvalError(ValueError):
 
 
 def option(default=dataclasses.MISSING, help: str | None = None, **cli) -> dataclasses.Field:
-    """A field of the drivers' options and, with `help`, its command-line option `--<field-name>` (`add_options`):
-    `cli` goes to argparse (`type`, `action`, `default` where the command line's differs, `flag` for its name)."""
+    """A field of the drivers' options and, with `help`, its command-line option `--<field-name>` (`parse_options`):
+    `cli` goes to argparse (`type`, `action`, `default` where the command line's differs, `flag` for its name) but
+    `bound`, a key of `BOUNDS` that the value is held to."""
     return field(default=default, metadata={"help": help, **cli} if help else {})
 
 
@@ -51,7 +52,7 @@ class RunOptions:
     dataset: str | None = option(None, "data set name (default: the checkpoint's dataset.name)")
     root: str | Path | None = option(None, "data set folder (default: the checkpoint's dataset.root)")
     input_size: int | None = option(None, "image size the encoder sees (default: the checkpoint's input_shape)",
-                                    type=int)
+                                    type=int, bound=">= 8")
     device: str | torch.device = option("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
     out_dir: str | Path | None = option(None, "where to write the table and JSON (default: <run_dir>/eval, or a "
                                         "package's own eval/)")
@@ -62,6 +63,11 @@ class RunOptions:
                                           action=argparse.BooleanOptionalAction)
     seed: int = option(0, "every random choice of the protocol (baselines, hold-out, label subset, batches, views)")
     command: str | None = None
+
+    def __post_init__(self):
+        for flag, value, words in out_of_bounds(type(self), lambda name: getattr(self, name)):
+            shown = ",".join(f"{v:g}" for v in value) if isinstance(value, tuple) else value
+            raise EvalError(f"{flag} {shown}: must be {words}")
 
     @classmethod
     def of(cls, options: RunOptions | None = None, **fields):
@@ -233,14 +239,27 @@ def results_stem(checkpoint_file: Path, dataset: str, root: Path, input_size: in
     return stem
 
 
-def add_options(parser: argparse.ArgumentParser, options: type[RunOptions]) -> None:
-    """`--checkpoint`, then an option per field of `options` made with `option(..., help)`: `--no-<name>` for a
-    field that defaults to True, a flag for one that defaults to False, else a value of the default's type."""
+# The bounds an option can be held to (`option(..., bound=...)`): the test of its value and the words of the error.
+BOUNDS = {">= 0": (lambda v: v >= 0, ">= 0"), ">= 1": (lambda v: v >= 1, "at least 1"),
+          ">= 2": (lambda v: v >= 2, "at least 2"), "> 0": (lambda v: v > 0, "> 0"),
+          ">= 8": (lambda v: v >= 8, "at least 8 (e.g. 96 for STL10)"),
+          "(0, 1)": (lambda v: 0 < v < 1, "in (0, 1)"), "[0, 1)": (lambda v: 0 <= v < 1, "in [0, 1)"),
+          "[0, 1]": (lambda v: 0 <= v <= 1, "in [0, 1]"), "(0, 1]": (lambda v: 0 < v <= 1, "in (0, 1]"),
+          "all > 0": (lambda v: v and all(x > 0 and math.isfinite(x) for x in v),
+                      "one or more positive numbers, e.g. 0.05,0.1,0.2")}
+
+
+def parse_options(options: type[RunOptions], module: str, doc: str, argv: list[str]) -> argparse.Namespace:
+    """A driver's command line: `--checkpoint`, then an option per field of `options` made with `option(..., help)`
+    (`--no-<name>` for a field that defaults to True, a flag for one that defaults to False, else a value of the
+    default's type); each field's `bound` is checked once parsed, with `parser.error` (one line, exit status 2)
+    for the first option out of it (`--epochs must be at least 1`), as `RunOptions` checks them when made."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n")[0])
     parser.add_argument("--checkpoint", required=True,
                         help="run dir or name (runs/<name>), checkpoint .pt file, package dir or package name "
                              "(pretrained_models/<name>)")
     for f in dataclasses.fields(options):
-        cli = dict(f.metadata)
+        cli = {key: value for key, value in f.metadata.items() if key != "bound"}
         if not cli:
             continue
         cli.setdefault("default", None if f.default is dataclasses.MISSING else f.default)
@@ -251,27 +270,19 @@ def add_options(parser: argparse.ArgumentParser, options: type[RunOptions]) -> N
         elif "action" not in cli and cli["default"] is not None:  # a tuple: comma-separated, as a string
             cli.setdefault("type", str if isinstance(cli["default"], tuple) else type(cli["default"]))
         parser.add_argument(flag, dest=f.name, **cli)
+    args = parser.parse_args(argv)
+    for flag, _, words in out_of_bounds(options, lambda name: getattr(args, name)):
+        parser.error(f"{flag} must be {words}")
+    return args
 
 
-# The bounds an option can be held to: the test of its value and the words of the error.
-BOUNDS = {">= 0": (lambda v: v >= 0, ">= 0"), ">= 1": (lambda v: v >= 1, "at least 1"),
-          ">= 2": (lambda v: v >= 2, "at least 2"), "> 0": (lambda v: v > 0, "> 0"),
-          "(0, 1)": (lambda v: 0 < v < 1, "in (0, 1)"), "[0, 1)": (lambda v: 0 <= v < 1, "in [0, 1)"),
-          "[0, 1]": (lambda v: 0 <= v <= 1, "in [0, 1]"), "(0, 1]": (lambda v: 0 < v <= 1, "in (0, 1]"),
-          "all > 0": (lambda v: v and all(x > 0 and math.isfinite(x) for x in v),
-                      "one or more positive numbers, e.g. 0.05,0.1,0.2")}
-
-
-def check_bounds(parser: argparse.ArgumentParser, args: argparse.Namespace, **bounds: str) -> None:
-    """Both drivers' checks of parsed numbers: `parser.error` (one line, exit status 2) for the first option out of
-    its bound, e.g. `check_bounds(parser, args, epochs=">= 1", momentum="[0, 1)")` -> `--epochs must be at least 1`.
-    `--input-size` (`RunOptions`) is held to 8 or more; an option not given (None) is not checked."""
-    if args.input_size is not None and args.input_size < 8:
-        parser.error("--input-size must be at least 8 (e.g. 96 for STL10)")
-    for name, bound in bounds.items():
-        inside, words = BOUNDS[bound]
-        if getattr(args, name) is not None and not inside(getattr(args, name)):
-            parser.error(f"--{name.replace('_', '-')} must be {words}")
+def out_of_bounds(options: type[RunOptions], value_of: Callable[[str], object]):
+    """Yield `(--option, value, words of its bound)` for each field of `options` whose value (`value_of(name)`) is out
+    of its `bound` (`BOUNDS`); a value not given (None) is not checked."""
+    for f in (f for f in dataclasses.fields(options) if "bound" in f.metadata):
+        inside, words = BOUNDS[f.metadata["bound"]]
+        if value_of(f.name) is not None and not inside(value_of(f.name)):
+            yield "--" + f.name.replace("_", "-"), value_of(f.name), words
 
 
 def run_cli(module: str, argv: list[str] | None, parse_args: Callable[[list[str]], argparse.Namespace],

@@ -32,8 +32,8 @@ from data_aug.views import create_eval_resize
 from feature_eval import baselines as baseline_features
 from feature_eval.classifiers import (MIN_HOLDOUT_ITEMS, ClassifierResult, adam_probe, knn_classifier, lbfgs_probe,
                                       weighted_knn)
-from feature_eval.context import (EvalContext, EvalError, RunOptions, add_options, check_bounds, open_context, option,
-                                  parse_names, run_cli)
+from feature_eval.context import (EvalContext, EvalError, RunOptions, open_context, option, parse_names, parse_options,
+                                  run_cli)
 from feature_eval.features import FeatureSplit, encoder_features
 from feature_eval.plots import confusion_counts, draw_neighbours, write_evaluation_plots
 from feature_eval.results import (Row, current_rows, data_key, log_row, markdown_table, read_results, rewrite_command,
@@ -67,17 +67,17 @@ class EvalOptions(RunOptions):
     baselines: str | tuple[str, ...] = option((), "comma-separated, from pca (raw pixels, PCA to model.out_dim) and "
                                                   "random (random-init encoder), or none (default); pca is slow on "
                                                   "large images")
-    batch_size: int = option(256, "images per forward pass (lower it on OOM)")
-    num_workers: int = option(0, "decoding workers for image folders")
+    batch_size: int = option(256, "images per forward pass (lower it on OOM)", bound=">= 1")
+    num_workers: int = option(0, "decoding workers for image folders", bound=">= 0")
     cache: bool = option(True, "neither read nor write cached features")
     cache_dir: str | Path | None = option(None, "feature cache folder (default: <out-dir>/cache; "
                                           "runs/eval_cache/<package> for a package)")
     # C=1.0 and 1200 iterations: the original repository's logistic regression, so its numbers compare
-    C: float = option(1.0, "L-BFGS logistic regression inverse L2 strength")
-    max_iter: int = option(1200, "L-BFGS iterations (default 1200)")
-    knn_k: int = option(10, "neighbours of the Euclidean KNN vote (default 10)")
-    weighted_knn_k: int = option(200, "neighbours of the weighted KNN")
-    weighted_knn_temperature: float = option(0.1, "weighted KNN temperature")
+    C: float = option(1.0, "L-BFGS logistic regression inverse L2 strength", bound="> 0")
+    max_iter: int = option(1200, "L-BFGS iterations (default 1200)", bound=">= 1")
+    knn_k: int = option(10, "neighbours of the Euclidean KNN vote (default 10)", bound=">= 1")
+    weighted_knn_k: int = option(200, "neighbours of the weighted KNN", bound=">= 1")
+    weighted_knn_temperature: float = option(0.1, "weighted KNN temperature", bound="> 0")
     plots: bool = option(True, "draw no t-SNE, confusion-matrix and neighbours PNGs (the t-SNE takes seconds: it "
                                "embeds at most 2,000 test images)")
 
@@ -384,12 +384,7 @@ def evaluate_run(run_dir: str | Path, log: Callable[[str], None] = print) -> Eva
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m feature_eval.evaluate", description=__doc__.split("\n")[0])
-    add_options(parser, EvalOptions)
-    args = parser.parse_args(argv)
-    check_bounds(parser, args, batch_size=">= 1", max_iter=">= 1", knn_k=">= 1", weighted_knn_k=">= 1",
-                 num_workers=">= 0", C="> 0", weighted_knn_temperature="> 0")
-    return args
+    return parse_options(EvalOptions, "feature_eval.evaluate", __doc__, argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,8 +41,8 @@ from data_aug.datasets import TensorImages
 from data_aug.device_views import resized_crop, sample_crop_boxes
 from feature_eval.baselines import random_encoder
 from feature_eval.classifiers import holdout_split, topk_accuracy
-from feature_eval.context import (EvalContext, EvalError, RunOptions, add_options, check_bounds, open_context, option,
-                                  parse_names, run_cli)
+from feature_eval.context import (EvalContext, EvalError, RunOptions, open_context, option, parse_names, parse_options,
+                                  run_cli)
 from feature_eval.features import extract_features
 from feature_eval.results import EXTRACTOR_NAMES, Row, log_row, markdown_table, table_caption, write_results
 
@@ -285,31 +285,27 @@ class FineTuneOptions(RunOptions):
     `epochs`, `batch_size`, `momentum` and `hflip` make the `Schedule` of every run."""
 
     label_fraction: float = option(0.01, "fraction of the labelled train split, class-balanced (default 0.01; the "
-                                         "paper's 0.01 and 0.1; 1.0 for all)", type=_number)
-    epochs: int | None = option(None, "fine-tuning epochs (default: 60 for <= 1%% of labels, else 30)", type=int)
+                                         "paper's 0.01 and 0.1; 1.0 for all)", type=_number, bound="(0, 1]")
+    epochs: int | None = option(None, "fine-tuning epochs (default: 60 for <= 1%% of labels, else 30)", type=int,
+                                bound=">= 1")
     batch_size: int = option(64, "images per step (2 or more: BatchNorm), capped at the labelled subset (default "
-                                 "64); lr = base lr x batch/256")
+                                 "64); lr = base lr x batch/256", bound=">= 2")
     lrs: tuple[float, ...] = option(DEFAULT_LRS, "base learning rates per 256 images to choose from on the hold-out "
                                                  f"(default {','.join(f'{v:g}' for v in DEFAULT_LRS)}); one value "
-                                                 "skips the choice", type=_numbers)
-    momentum: float = option(0.9, "Nesterov momentum (the paper's 0.9)")
+                                                 "skips the choice", type=_numbers, bound="all > 0")
+    momentum: float = option(0.9, "Nesterov momentum (the paper's 0.9)", bound="[0, 1)")
     hflip: float = option(0.5, "probability that a fine-tuning view is mirrored (default 0.5, the paper's; 0 where a "
-                               "mirror image is another shape, e.g. digits)")
-    valid_fraction: float = option(0.2, "part of the labelled subset held out to choose the lr (default 0.2)")
+                               "mirror image is another shape, e.g. digits)", bound="[0, 1]")
+    valid_fraction: float = option(0.2, "part of the labelled subset held out to choose the lr (default 0.2)",
+                                   bound="(0, 1)")
     baselines: str | tuple[str, ...] = option((), "random: also fine-tune a randomly initialised encoder "
                                                   "(supervised from scratch on the same labels); none (default)")
-    eval_batch_size: int = option(256, "images per forward pass when scoring")
+    eval_batch_size: int = option(256, "images per forward pass when scoring", bound=">= 1")
 
     def __post_init__(self):
-        if not 0 < self.label_fraction <= 1:
-            raise EvalError(f"--label-fraction {self.label_fraction}: must be in (0, 1], e.g. 0.01, 0.1 or 1.0")
-        lrs = tuple(dict.fromkeys(float(lr) for lr in self.lrs))
-        if not lrs or any(not lr > 0 for lr in lrs):
-            raise EvalError(f"--lrs {','.join(map(str, lrs))}: give one or more positive base learning rates")
-        if not 0 <= self.hflip <= 1:
-            raise EvalError(f"--hflip {self.hflip}: must be in [0, 1] (the probability that a view is mirrored)")
-        object.__setattr__(self, "lrs", lrs)
+        object.__setattr__(self, "lrs", tuple(dict.fromkeys(float(lr) for lr in self.lrs)))
         object.__setattr__(self, "baselines", parse_names(self.baselines, BASELINES, "--baselines"))
+        super().__post_init__()
 
 
 def finetune_evaluate(checkpoint: str | Path, options: FineTuneOptions | None = None, *,
@@ -412,12 +408,7 @@ def caption(results: dict) -> str:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m feature_eval.finetune", description=__doc__.split("\n")[0])
-    add_options(parser, FineTuneOptions)
-    args = parser.parse_args(argv)
-    check_bounds(parser, args, label_fraction="(0, 1]", lrs="all > 0", epochs=">= 1", batch_size=">= 2",
-                 eval_batch_size=">= 1", valid_fraction="(0, 1)", momentum="[0, 1)", hflip="[0, 1]")
-    return args
+    return parse_options(FineTuneOptions, "feature_eval.finetune", __doc__, argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -383,6 +383,14 @@ def test_cli_bad_options_are_one_line_exit_2(tiny_run, capsys):
     assert stop.value.code == 2 and "--input-size" in capsys.readouterr().err
 
 
+def test_options_are_held_to_the_bounds_the_command_line_checks():
+    """The Python API checks each bounded option as the command line does, in one line that names it."""
+    with pytest.raises(context_module.EvalError, match=r"--knn-k 0: must be at least 1"):
+        evaluate_module.EvalOptions(knn_k=0)
+    with pytest.raises(context_module.EvalError, match=r"--input-size 4: must be at least 8"):
+        evaluate_module.evaluate("anything", input_size=4)
+
+
 def write_image_folder(root: Path, layout: dict[str, dict[str, int]]) -> None:
     """`<root>/<split>/<class>/<i>.png` with `layout[split][class]` seeded random 20x20 images."""
     from PIL import Image
