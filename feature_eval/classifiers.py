@@ -20,14 +20,9 @@ from knn.neighbours import nearest, weighted_knn_scores
 
 @dataclass
 class ClassifierResult:
-    """Scores, predictions and (when test labels were given) accuracies of one protocol.
-
-    Attributes:
-        scores: float `[M, C]`, higher is more likely (logits, decision values or votes).
-        predictions: int64 `[M]`, the first class of the stable descending order of `scores`.
-        top1, top5: accuracy in percent, or None without test labels.
-        details: JSON-able facts about the fit (chosen hyperparameters, convergence, ...).
-    """
+    """One protocol's `scores` (float `[M, C]`, higher is more likely: logits, decision values or votes),
+    `predictions` (int64 `[M]`: the first class of the stable descending order of `scores`), top-1/top-5 accuracy
+    in percent (None without test labels) and `details`, JSON-able facts of the fit (chosen settings, convergence)."""
 
     scores: np.ndarray
     predictions: np.ndarray

@@ -287,14 +287,9 @@ def out_of_bounds(options: type[RunOptions], value_of: Callable[[str], object]):
 
 def run_cli(module: str, argv: list[str] | None, parse_args: Callable[[list[str]], argparse.Namespace],
             run: Callable[[argparse.Namespace, str], object]) -> int:
-    """A driver's `main`: parse `argv`, `run(args, command)`, print the table and the files written.
-
-    Returns:
-        the exit status, after one line on stderr for an error as `startup.ERROR_POLICY` says (docs/EXIT_CODES.md):
-        `EXIT_OK`; `EXIT_USAGE` for an option (EvalError; argparse exits 2 itself); `EXIT_ERROR` for a checkpoint,
-        data set or folder that cannot be read or written; `EXIT_INTERRUPTED` after Ctrl-C (nothing written but
-        the feature caches). Any other error is a bug, raised with its traceback.
-    """
+    """A driver's `main`: parse `argv`, `run(args, command)`, print the table and the files written; return the exit
+    status, after one line on stderr for an error as `startup.ERROR_POLICY` says (docs/EXIT_CODES.md: 2 for an
+    option, 1 for a checkpoint, data set or folder; Ctrl-C writes nothing but the feature caches)."""
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     try:

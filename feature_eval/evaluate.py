@@ -351,11 +351,9 @@ def _protocols(ctx: EvalContext, o: EvalOptions) -> dict[str, tuple[str, Callabl
 def how_to_read(present: set[str]) -> str:
     """One sentence on reading the SimCLR rows against the baselines among the extractors `present` (or on adding
     them)."""
-    parts = []
-    if "random" in present:
-        parts.append("*Random init* is this network untrained (the gap to it is what pretraining learned)")
-    if "pca" in present:
-        parts.append("*PCA* of the raw pixels is a floor that useful features must clear")
+    parts = [text for key, text in (
+        ("random", "*Random init* is this network untrained (the gap to it is what pretraining learned)"),
+        ("pca", "*PCA* of the raw pixels is a floor that useful features must clear")) if key in present]
     if not parts:
         return ("How to read it: with no baselines these numbers stand alone; add `--baselines random,pca` to see "
                 "what pretraining adds over the untrained network and over raw pixels.")

@@ -101,6 +101,16 @@ def plot_confusion_counts(counts, classes: list[str], ax=None, title: str = "Con
     return ax
 
 
+def _figure(width: float, height: float):
+    """A matplotlib figure of `width` x `height` inches at 100 dpi on the Agg canvas: no display, no pyplot state."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(figure)
+    return figure
+
+
 def write_evaluation_plots(out_dir: Path, stem: str, test_features, test_labels, classes: list[str],
                            confusions: list[tuple[str, np.ndarray]], max_points: int = 2000,
                            seed: int = 0) -> dict[str, Path]:
@@ -111,13 +121,9 @@ def write_evaluation_plots(out_dir: Path, stem: str, test_features, test_labels,
         `{"tsne": path, "confusion": path}` of the files written (no t-SNE of NaN or Inf features, no confusion
         picture without confusions).
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     paths = {}
     if np.isfinite(np.asarray(test_features)).all():  # else there is nothing to embed (see embed_2d)
-        figure = Figure(figsize=(8, 6.5) if len(classes) <= 10 else (10, 8), dpi=100)
-        FigureCanvasAgg(figure)
+        figure = _figure(*((8, 6.5) if len(classes) <= 10 else (10, 8)))
         plot_embedding(test_features, test_labels, classes, max_points, seed, ax=figure.subplots(),
                        title="t-SNE of the SimCLR test features")
         figure.tight_layout()
@@ -125,8 +131,7 @@ def write_evaluation_plots(out_dir: Path, stem: str, test_features, test_labels,
         figure.savefig(paths["tsne"])
     if confusions:
         side = 4.6 if len(classes) <= 10 else 6.0
-        figure = Figure(figsize=(side * len(confusions), side + 0.6), dpi=100)
-        FigureCanvasAgg(figure)
+        figure = _figure(side * len(confusions), side + 0.6)
         for ax, (title, counts) in zip(figure.subplots(1, len(confusions), squeeze=False)[0], confusions):
             plot_confusion_counts(counts, classes, ax, title)
         figure.suptitle("Confusion matrices on the SimCLR features (rows: true class, each row sums to 1)")
@@ -150,9 +155,6 @@ def draw_neighbours(queries, query_labels, panels: list[tuple[str, np.ndarray, n
     Returns:
         the picture, uint8 `[H, W, 3]`.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     queries, query_labels = np.asarray(queries), np.asarray(query_labels)
     side = queries.shape[-1]
     scale = max(1, 64 // side)  # small images (digits, CIFAR) enlarged so that a digit can be read
@@ -177,8 +179,7 @@ def draw_neighbours(queries, query_labels, panels: list[tuple[str, np.ndarray, n
             canvas[y + border:y + cell - border, x + border:x + cell - border] = pixels  # one channel: grey
     left, top = 110, 60  # pixels for the class names and the headers
     width, height = canvas.shape[1] + left + 20, canvas.shape[0] + top + 10
-    figure = Figure(figsize=(width / 100, height / 100), dpi=100)
-    FigureCanvasAgg(figure)
+    figure = _figure(width / 100, height / 100)
     ax = figure.add_axes([left / width, 10 / height, canvas.shape[1] / width, canvas.shape[0] / height])
     ax.imshow(canvas, interpolation="nearest")
     ax.set_axis_off()
