@@ -225,10 +225,8 @@ def _write(evaluation: Evaluation, ctx: EvalContext, options: EvalOptions, setti
                 log(f"removed {path}: drawn for an earlier table (drop --no-plots to draw it again)")
     results["pictures"] = {key: path.name for key, path in pictures.items()}
     evaluation.results, evaluation.rows, evaluation.table = results, rows, markdown_table(rows)
-    splits = results["splits"]
-    line = table_caption(f"Frozen features of `{results['checkpoint']}`", ctx.dataset, ctx.input_size,
-                         f"train ({splits['train']})", splits["test"], options.seed, timings["total"], str(ctx.device),
-                         results["command"])
+    line = table_caption(results, f"Frozen features of `{results['checkpoint']}`",
+                         f"train ({results['splits']['train']})")
     evaluation.paths = {**write_results(results, evaluation.table, ctx.out_dir, stem, line, notes(results, rows)),
                         **pictures}
 

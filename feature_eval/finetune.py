@@ -340,7 +340,10 @@ def finetune_evaluate(checkpoint: str | Path, options: FineTuneOptions | None = 
     outcome = FineTuneResult(results, markdown_table(rows, FINETUNE_COLUMNS), models)
     if o.write:
         stem = f"{ctx.results_stem()}_finetune-{fraction_tag(o.label_fraction)}"  # next to evaluate's results
-        outcome.paths = write_results(results, outcome.table, ctx.out_dir, stem, caption(results))
+        caption = table_caption(results, f"`{ctx.checkpoint}` fine-tuned end to end", f"{fit}, class-balanced "
+                                f"({counts.min()}-{counts.max()} per class), views: {results['options']['augmentation']}"
+                                " only, base lr chosen on a hold-out of those labels")
+        outcome.paths = write_results(results, outcome.table, ctx.out_dir, stem, caption)
     return outcome
 
 
@@ -383,28 +386,14 @@ def _record(ctx: EvalContext, o: FineTuneOptions, fit: str, indices: np.ndarray,
         {"fit": fit, "train": len(ctx.train_set), "labelled": len(indices), "test": len(ctx.test_set)},
         {"label_fraction": o.label_fraction, "epochs": o.epochs, "batch_size": o.batch_size, "lrs": list(o.lrs),
          "momentum": o.momentum, "hflip": o.hflip, "valid_fraction": o.valid_fraction, "baselines": list(o.baselines),
-         "augmentation": augmentation(o.hflip),
+         # the views in words, as the caption quotes them
+         "augmentation": "random resized crop (scale 0.08-1)" + (f" + horizontal flip (p {o.hflip:g})" if o.hflip
+                                                                 else ", no flip"),
          "optimizer": "SGD, Nesterov momentum, no weight decay, cosine decay, no warmup"}, timings,
         protocol="finetune", label_subset={"fraction": o.label_fraction, "seed": o.seed,
                                            "per_class": {c: int(n) for c, n in zip(ctx.classes, counts)},
                                            "indices": indices.tolist() if len(indices) <= 5000 else None},
         selection={row.extractor: row.details["selection"] for row in rows}, rows=[row.to_json() for row in rows])
-
-
-def augmentation(hflip: float) -> str:
-    """The fine-tuning views in words, as the JSON records them and the caption quotes them."""
-    return "random resized crop (scale 0.08-1)" + (f" + horizontal flip (p {hflip:g})" if hflip else ", no flip")
-
-
-def caption(results: dict) -> str:
-    """The line above the table (`table_caption`): what was fine-tuned on which labels, how, scored where."""
-    data, splits = results["dataset"], results["splits"]
-    per_class = results["label_subset"]["per_class"].values()
-    return table_caption(f"`{results['checkpoint']}` fine-tuned end to end", data["name"], data["input_size"],
-                         f"{splits['fit']}, class-balanced ({min(per_class)}-{max(per_class)} per class), views: "
-                         f"{results['options']['augmentation']} only, base lr chosen on a hold-out of those labels",
-                         splits["test"], results["seed"], results["timings_s"]["total"], results["device"],
-                         results["command"])
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -208,12 +208,13 @@ def markdown_table(rows: Sequence[Row], columns: Sequence[str] = COLUMNS) -> str
     return "\n".join(lines)
 
 
-def table_caption(subject: str, dataset: str, input_size: int, fit: str, test: int, seed: int, seconds: float,
-                  device: str, command: str | None = None) -> str:
-    """The line above a table: what was evaluated on which data, what was fit (and how), what it was scored on,
-    the seed, the time taken, and the command that makes the table."""
-    return (f"{subject} on {dataset} ({input_size}px): fit on {fit}; scored on test ({test}); seed {seed}, "
-            f"{seconds:.0f} s on {device}." + (f" Command: `{command}`" if command else ""))
+def table_caption(record: dict, subject: str, fit: str) -> str:
+    """The line above a table: `subject` on which data, what was `fit` (and how), then from the results `record`
+    what it was scored on, the seed, the time taken, and the command that makes the table."""
+    data, command = record["dataset"], record["command"]
+    return (f"{subject} on {data['name']} ({data['input_size']}px): fit on {fit}; scored on test "
+            f"({record['splits']['test']}); seed {record['seed']}, {record['timings_s']['total']:.0f} s on "
+            f"{record['device']}." + (f" Command: `{command}`" if command else ""))
 
 
 def write_results(record: dict, table: str, out_dir: Path, stem: str, caption: str,
