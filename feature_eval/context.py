@@ -299,10 +299,13 @@ def run_cli(module: str, argv: list[str] | None, parse_args: Callable[[list[str]
         stopped = f"{module} stopped; no results written (features already extracted stay cached)"
         return startup.report_error(err, text=stopped if isinstance(err, KeyboardInterrupt)
                                     else option_advice(startup.error_text(err)))
-    paths = outcome.paths
-    print(f"{outcome.table}\nwrote {paths['markdown']} and {paths['json']} "
-          f"({outcome.results['timings_s']['total']:.1f} s)")
-    pictures = [str(paths[key]) for key in ("tsne", "confusion", "neighbours") if key in paths]
-    if pictures:
-        print(f"pictures: {', '.join(pictures)}")
+    print(summary(outcome))
     return startup.EXIT_OK
+
+
+def summary(outcome) -> str:
+    """The end of a driver's run (an `Evaluation` or `FineTuneResult`): the table, the files written, the time taken."""
+    paths = outcome.paths
+    pictures = ", ".join(str(paths[key]) for key in ("tsne", "confusion", "neighbours") if key in paths)
+    return (f"{outcome.table}\nwrote {paths['markdown']} and {paths['json']} "
+            f"({outcome.results['timings_s']['total']:.1f} s)" + (f"\npictures: {pictures}" if pictures else ""))

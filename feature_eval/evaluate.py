@@ -33,7 +33,7 @@ from feature_eval import baselines as baseline_features
 from feature_eval.classifiers import (MIN_HOLDOUT_ITEMS, ClassifierResult, adam_probe, knn_classifier, lbfgs_probe,
                                       weighted_knn)
 from feature_eval.context import (EvalContext, EvalError, RunOptions, open_context, option, parse_names, parse_options,
-                                  run_cli)
+                                  run_cli, summary)
 from feature_eval.features import FeatureSplit, encoder_features
 from feature_eval.plots import confusion_counts, draw_neighbours, write_evaluation_plots
 from feature_eval.results import (Row, current_rows, data_key, log_row, markdown_table, read_results, rewrite_command,
@@ -372,10 +372,7 @@ def evaluate_run(run_dir: str | Path, log: Callable[[str], None] = print) -> Eva
     writes it to `<run_dir>/eval/`. Any error is raised: run.py reports it in one line with `rerun_command`."""
     evaluation = evaluate(run_dir, classifiers=RUN_CLASSIFIERS, baselines=RUN_BASELINES,
                           command=rerun_command(run_dir), log=log)
-    log(evaluation.table)
-    pictures = [str(evaluation.paths[key]) for key in ("tsne", "confusion", "neighbours") if key in evaluation.paths]
-    log(f"final_eval: {evaluation.results['timings_s']['total']:.1f} s; wrote {evaluation.paths['markdown']} "
-        f"and {evaluation.paths['json']}" + (f"; pictures {', '.join(pictures)}" if pictures else ""))
+    log(summary(evaluation))
     return evaluation
 
 

@@ -341,8 +341,9 @@ def finetune_evaluate(checkpoint: str | Path, options: FineTuneOptions | None = 
     if o.write:
         stem = f"{ctx.results_stem()}_finetune-{fraction_tag(o.label_fraction)}"  # next to evaluate's results
         caption = table_caption(results, f"`{ctx.checkpoint}` fine-tuned end to end", f"{fit}, class-balanced "
-                                f"({counts.min()}-{counts.max()} per class), views: {results['options']['augmentation']}"
-                                " only, base lr chosen on a hold-out of those labels")
+                                f"({counts.min()}-{counts.max()} per class), views: "
+                                f"{results['options']['augmentation']} only, base lr chosen on a hold-out of those "
+                                "labels")
         outcome.paths = write_results(results, outcome.table, ctx.out_dir, stem, caption)
     return outcome
 
