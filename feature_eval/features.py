@@ -68,7 +68,8 @@ def extract_features(encoder: torch.nn.Module, dataset, crop_size: int, batch_si
     The encoder runs in eval mode under `torch.inference_mode()`: BatchNorm in train mode would update
     its running statistics and so change the model being evaluated. Its train/eval mode is restored after.
     It runs in float32 and channels-last (moved there in place), the trainer's layout: faster on the CPU and
-    CUDA, and the same features as NCHW up to float32 rounding (never autocast: bfloat16 would move the numbers).
+    CUDA, and the same features as NCHW up to float32 rounding (never autocast: the
+    evaluation is the instrument, so it stays float32 whatever precision the run trained in).
     The encoder (float images `[B, 3, crop, crop]` in [0, 1] -> `[B, D]`) is moved to `device` (default:
     `best_device()`); `dataset` holds items `(uint8 [3, H, W], label)`. Returns float32 `[N, D]` features and int64
     `[N]` labels on the CPU.
