@@ -74,10 +74,17 @@ def error_rule(err: BaseException) -> ErrorRule | None:
     """`ERROR_POLICY`'s row for `err`: its class's, else the nearest base class's; None for an error it does not
     know (a bug)."""
     for cls in type(err).__mro__:
-        rule = ERROR_POLICY.get(f"{cls.__module__}.{cls.__qualname__}")
+        rule = ERROR_POLICY.get(f"{_module_name(cls.__module__)}.{cls.__qualname__}")
         if rule is not None:
             return rule
     return None
+
+
+def _module_name(module: str) -> str:
+    """A module's importable name: under `python -m pretrained_models.export` its classes live in `__main__`, whose
+    spec still names the module (a script run as `python run.py` has no spec and stays `__main__`)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None) if module == "__main__" else None
+    return spec.name if spec is not None else module
 
 
 def error_text(err: BaseException) -> str:

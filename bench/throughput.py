@@ -28,8 +28,9 @@ from pathlib import Path
 
 import startup  # standard library only
 
-if __name__ == "__main__":  # a mismatched torch/torchvision pair: one line, not the traceback of the imports below
-    startup.exit_if_torch_is_broken()
+if __name__ == "__main__":  # as a command: run.py's CPU policy goes into the environment before torch loads OpenMP
+    startup.prepare_cpu(startup.device_from_argv(sys.argv[1:]), owner="bench.throughput")
+    startup.exit_if_torch_is_broken()  # a mismatched torch/torchvision pair: one line, not a traceback
 
 import torch
 

@@ -189,6 +189,13 @@ def _write_card(folder: Path, manifest: dict, config: dict, evaluations: list[tu
     (folder / CARD_FILE).write_text(model_card(manifest, config, [results for _, results in evaluations]))
 
 
+def torchvision_state_dict(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The encoder trunk of a full SimCLR state dict under plain torchvision keys (`conv1.weight`, ...; no `fc`):
+    the package's torchvision file, and pretrained_models/README.md's recipe for older packages."""
+    return {k.removeprefix("backbone."): v for k, v in encoder_state_dict(model_state).items()
+            if k.startswith("backbone.")}
+
+
 def _write_weights(tmp: Path, name: str, source: Source) -> dict[str, dict]:
     """`model.safetensors` (full state dict, its architecture in the metadata) and the plain torchvision trunk;
     the manifest's `files` (file name -> `{"sha256", "bytes"}`)."""
@@ -198,9 +205,7 @@ def _write_weights(tmp: Path, name: str, source: Source) -> dict[str, dict]:
         "format": FORMAT, "format_version": str(FORMAT_VERSION), "name": name, "base_model": m.base_model,
         "cifar_stem": str(m.cifar_stem).lower(), "out_dim": str(m.out_dim), "feature_dim": str(encoder.feature_dim),
         "epochs": "" if source.epochs is None else str(source.epochs)})
-    trunk = {k.removeprefix("backbone."): v for k, v in encoder_state_dict(weights).items()
-             if k.startswith("backbone.")}  # under plain torchvision keys (conv1.weight, ...), no fc
-    save_file(trunk, str(tmp / torchvision_file(m.base_model)), metadata={
+    save_file(torchvision_state_dict(weights), str(tmp / torchvision_file(m.base_model)), metadata={
         "format": "torchvision", "base_model": m.base_model, "cifar_stem": str(m.cifar_stem).lower(),
         "input": "float RGB in [0, 1], normalised with mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225)"})
     names = (WEIGHTS_FILE, torchvision_file(m.base_model))

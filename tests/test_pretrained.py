@@ -6,6 +6,7 @@ import json
 import shutil
 import struct
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -335,6 +336,26 @@ def test_export_errors_are_one_line(exported, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         export_module.main([])
     assert stop.value.code == 2
+
+
+def test_export_refusals_are_one_line_when_run_as_a_module(exported):
+    """`python -m pretrained_models.export` defines ExportError in `__main__`: the error policy still finds its row."""
+    command = [sys.executable, "-m", "pretrained_models.export", str(exported["run_dir"]), "--as", "resnet-18_3-epochs",
+               "--packages-dir", str(exported["root"])]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 2, done.stderr
+    assert "already exists" in done.stderr and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
+def test_the_readme_recipe_for_a_torchvision_file_runs(exported, tmp_path):
+    """pretrained_models/README.md: `torchvision_state_dict` of a checkpoint's weights loads into plain torchvision."""
+    from models.loading import read_weights
+
+    trunk = export_module.torchvision_state_dict(read_weights(str(exported["checkpoint"]))["model"])
+    save_file(trunk, str(tmp_path / "resnet18.safetensors"))
+    resnet = torchvision.models.resnet18()
+    missing, unexpected = resnet.load_state_dict(load_file(str(tmp_path / "resnet18.safetensors")), strict=False)
+    assert not unexpected and set(missing) == {"fc.weight", "fc.bias"}
 
 
 def test_export_rejects_weights_that_do_not_fit_their_config(tmp_path, capsys):
