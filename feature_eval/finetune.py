@@ -342,8 +342,9 @@ def finetune_evaluate(checkpoint: str | Path, options: FineTuneOptions | None = 
         stem = f"{ctx.results_stem()}_finetune-{fraction_tag(o.label_fraction)}"  # next to evaluate's results
         caption = table_caption(results, f"`{ctx.checkpoint}` fine-tuned end to end", f"{fit}, class-balanced "
                                 f"({counts.min()}-{counts.max()} per class), views: "
-                                f"{results['options']['augmentation']} only, base lr chosen on a hold-out of those "
-                                "labels")
+                                f"{results['options']['augmentation']} only, " + (
+                                    "base lr chosen on a hold-out of those labels" if len(o.lrs) > 1 else
+                                    f"base lr {o.lrs[0]:g} (one --lrs value: no hold-out)"))
         outcome.paths = write_results(results, outcome.table, ctx.out_dir, stem, caption)
     return outcome
 
@@ -389,7 +390,7 @@ def _record(ctx: EvalContext, o: FineTuneOptions, fit: str, indices: np.ndarray,
          "momentum": o.momentum, "hflip": o.hflip, "valid_fraction": o.valid_fraction, "baselines": list(o.baselines),
          # the views in words, as the caption quotes them
          "augmentation": "random resized crop (scale 0.08-1)" + (f" + horizontal flip (p {o.hflip:g})" if o.hflip
-                                                                 else ", no flip"),
+                                                                 else " without flips"),
          "optimizer": "SGD, Nesterov momentum, no weight decay, cosine decay, no warmup"}, timings,
         protocol="finetune", label_subset={"fraction": o.label_fraction, "seed": o.seed,
                                            "per_class": {c: int(n) for c, n in zip(ctx.classes, counts)},

@@ -245,9 +245,11 @@ def test_cli_runs_on_tiny_data_and_one_lr_skips_the_hold_out(digits_run, tmp_pat
     assert "Fine-tuned end to end (0.974% labels)" in capsys.readouterr().out
     # --hflip 0 reaches every fine-tuning view and is recorded: the JSON, and the caption says what was used
     assert flips == [0.0, 0.0] and results["options"]["hflip"] == 0.0
-    assert results["options"]["augmentation"] == "random resized crop (scale 0.08-1), no flip"
+    assert results["options"]["augmentation"] == "random resized crop (scale 0.08-1) without flips"
     caption = (out / "last_digits_finetune-1pct.md").read_text().split("\n\n")[0]
-    assert "views: random resized crop (scale 0.08-1), no flip only" in caption and "horizontal" not in caption
+    assert "views: random resized crop (scale 0.08-1) without flips only" in caption and "horizontal" not in caption
+    # one --lrs value: the caption says so instead of claiming a hold-out choice
+    assert "base lr 0.1 (one --lrs value: no hold-out)" in caption and "chosen on a hold-out" not in caption
 
 
 @pytest.mark.parametrize("argv, message", [
