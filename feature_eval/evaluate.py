@@ -260,7 +260,9 @@ def _add_to_table(path: Path, results: dict, rows: list[Row], settings: dict[str
     table = current_rows([*earlier.rows, *rows], settings)
     done = {(row.classifier, row.extractor) for row in rows}
     replaced = [r.name for r in earlier.rows if (r.classifier, r.extractor) in done]
-    kept = [r.name for r in earlier.rows if r in table]
+    # by (protocol, extractor), not by equality: a row made again within the same second, with the same score,
+    # equals the one it replaces
+    kept = [r.name for r in earlier.rows if (r.classifier, r.extractor) not in done and r in table]
     dropped = [r for r in earlier.rows if r.name not in replaced and r not in table]
     changed = dict.fromkeys(key for r in dropped for key, value in settings.get(r.classifier, {}).items()
                             if r.settings.get(key) != value)

@@ -286,3 +286,19 @@ def test_an_evaluation_adds_its_rows_to_a_table_written_before_rows_carried_sett
     logged.clear()
     evaluate_module.evaluate(run_dir, classifiers="knn", out_dir=out, plots=False, device="cpu", log=logged.append)
     assert any("dropped 1 (other --max-iter)" in line for line in logged)
+
+
+def test_rows_made_again_in_the_same_second_are_replaced_not_kept(tmp_path):
+    """A rerun that scores the same rows within the same second makes rows equal to the earlier ones: they are
+    still 'replaced', and 'kept' names only earlier rows the rerun did not make."""
+    path = tmp_path / "last_digits.json"
+    path.write_text((V1 / "last_digits.json").read_text())
+    earlier = read_results(path)
+    settings = {row.classifier: row.settings for row in earlier.rows}
+    again = [row for row in earlier.rows if row.classifier == earlier.rows[0].classifier]
+    record = {**earlier.record, "baselines": {}, "command": earlier.command}
+    logged = []
+    merged, table = evaluate_module._add_to_table(path, record, again, settings, logged.append)
+    assert merged["earlier"]["replaced"] == [row.name for row in again]
+    assert not set(merged["earlier"]["kept"]) & {row.name for row in again}
+    assert len(merged["earlier"]["kept"]) == len(earlier.rows) - len(again) and len(table) == len(earlier.rows)
