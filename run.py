@@ -97,7 +97,9 @@ def run_words(err: BaseException, run_dir: Path | None) -> str | None:
                 f"(continue with python run.py {where})")
     if isinstance(err, OSError):  # a file or folder the run cannot make, read or write (a run_dir it may not create)
         return f"{startup.error_text(err)} (check run_dir, dataset.root and the free disk space)"
-    if type(err).__name__ == "OutOfMemoryError":  # torch.cuda's
+    import torch  # already loaded by train()
+
+    if isinstance(err, torch.OutOfMemoryError):  # torch.cuda.OutOfMemoryError
         return "the GPU ran out of memory: lower batch_size, use grad_cache_chunks, or set fp16_precision: true"
     return None
 
