@@ -4,7 +4,8 @@
     python -m feature_eval.finetune --checkpoint resnet-18_40-epochs --label-fraction 0.1 --baselines random
 
 The paper's protocol (Section 6 and Appendix B.5): a seeded, class-balanced `--label-fraction` of the
-labelled `train` split; random resized crops (scale 0.08-1) and horizontal flips (`--hflip`, p 0.5) only;
+labelled `train` split; random resized crops and horizontal flips only, at the pretraining's crop scale and flip
+probability (`dataset.min_crop_scale`, `dataset.hflip`: the paper's 0.08-1 and 0.5 in its own config);
 SGD with Nesterov momentum 0.9, learning rate `base_lr x batch / 256` with cosine decay and no warmup, no weight
 decay; 60 epochs for 1 % of the labels or fewer, 30 otherwise; at test time the resize + centre crop of feature_eval.
 The base learning rate is chosen from `--lrs` by top-1 on a held-out part of the labelled fraction after
@@ -45,6 +46,7 @@ from feature_eval.context import (EvalContext, EvalError, RunOptions, open_conte
                                   run_cli)
 from feature_eval.features import extract_features
 from feature_eval.results import EXTRACTOR_NAMES, Row, log_row, markdown_table, table_caption, write_results
+from simclr.config import DatasetConfig
 
 DEFAULT_LRS = (0.05, 0.1, 0.2)  # per 256 images; the paper's 0.05 (0.8 at batch 4096) and two larger steps
 BASELINES = ("random",)
@@ -128,8 +130,8 @@ class Schedule:
     """How one fine-tuning run trains (Appendix B.5), whatever its learning rate: one value for every run of a search.
 
     `batch_size` (at least 2: BatchNorm) is capped at the data set's size, and the lr is `base_lr x batch / 256`
-    with the batch actually used. `hflip`: 0.5 the paper's; 0 where a mirror image is another shape (digits:
-    pretraining's quickstart uses no flip either). `seed`: head initialisation, order and views.
+    with the batch actually used. Views: random resized crops of area `min_crop_scale`-1, mirrored with probability
+    `hflip` (the paper's 0.08 and 0.5). `seed`: head initialisation, order and views.
     """
 
     input_size: int
@@ -137,6 +139,7 @@ class Schedule:
     batch_size: int
     momentum: float = 0.9
     hflip: float = 0.5
+    min_crop_scale: float = 0.08
     seed: int = 0
     device: torch.device = torch.device("cpu")
 
@@ -162,7 +165,7 @@ def _batch_seed(seed: int, epoch: int) -> int:
 
 
 def crop_flip_batches(dataset, schedule: Schedule, epoch: int):
-    """Yield `(images, labels)` of one epoch: random resized crop (scale 0.08-1) + horizontal flip, nothing else.
+    """Yield `(images, labels)` of one epoch: random resized crop + horizontal flip (the schedule's), nothing else.
 
     The order, crops and flips are a function of (seed, epoch). The images of a batch are cropped together on
     the schedule's device (torchvision's RandomResizedCrop law and antialiased resize), those of one size at
@@ -182,7 +185,7 @@ def crop_flip_batches(dataset, schedule: Schedule, epoch: int):
         for size in dict.fromkeys(image.shape[-2:] for image in images):  # (H, W) in order of first appearance
             same = [i for i, image in enumerate(images) if image.shape[-2:] == size]
             batch = torch.stack([images[i] for i in same]).to(device).float().mul_(1 / 255)  # (M, 3, H, W)
-            boxes = sample_crop_boxes(len(same), *size, generator).to(device)
+            boxes = sample_crop_boxes(len(same), *size, generator, scale=(s.min_crop_scale, 1.0)).to(device)
             views[same] = resized_crop(batch, boxes, s.input_size, flip[same].to(device))
         yield views.clamp_(0, 1), torch.as_tensor(labels, dtype=torch.int64).to(device)
 
@@ -294,8 +297,11 @@ class FineTuneOptions(RunOptions):
                                                  f"(default {','.join(f'{v:g}' for v in DEFAULT_LRS)}); one value "
                                                  "skips the choice", type=_numbers, bound="all > 0")
     momentum: float = option(0.9, "Nesterov momentum (the paper's 0.9)", bound="[0, 1)")
-    hflip: float = option(0.5, "probability that a fine-tuning view is mirrored (default 0.5, the paper's; 0 where a "
-                               "mirror image is another shape, e.g. digits)", bound="[0, 1]")
+    hflip: float | None = option(None, "probability that a fine-tuning view is mirrored (default: the checkpoint's "
+                                       "dataset.hflip, else 0.5, the paper's)", type=_number, bound="[0, 1]")
+    min_crop_scale: float | None = option(None, "smallest area of a random resized crop (default: the checkpoint's "
+                                                "dataset.min_crop_scale, else 0.08, the paper's)", type=_number,
+                                          bound="(0, 1]")
     valid_fraction: float = option(0.2, "part of the labelled subset held out to choose the lr (default 0.2)",
                                    bound="(0, 1)")
     baselines: str | tuple[str, ...] = option((), "random: also fine-tune a randomly initialised encoder "
@@ -318,13 +324,18 @@ def finetune_evaluate(checkpoint: str | Path, options: FineTuneOptions | None = 
     started = time.perf_counter()
     o = FineTuneOptions.of(options, **fields)
     ctx = open_context(checkpoint, o, encoder_device="cpu")
+    views = ctx.trained_data or DatasetConfig()  # the pretraining's views; the paper's where the file names no data
     o = dataclasses.replace(o, epochs=o.epochs if o.epochs is not None else default_epochs(o.label_fraction),
+                            hflip=views.hflip if o.hflip is None else o.hflip,
+                            min_crop_scale=views.min_crop_scale if o.min_crop_scale is None else o.min_crop_scale,
                             command=o.command or shlex.join(["python", "-m", "feature_eval.finetune", *sys.argv[1:]]))
-    schedule = Schedule(ctx.input_size, o.epochs, o.batch_size, o.momentum, o.hflip, o.seed, ctx.device)
+    schedule = Schedule(ctx.input_size, o.epochs, o.batch_size, o.momentum, o.hflip, o.min_crop_scale, o.seed,
+                        ctx.device)
     indices, counts, share, fit = _labelled_subset(ctx, o.label_fraction, o.seed)
     labelled = _subset(ctx.train_set, indices)
     log(f"fine-tuning {ctx.checkpoint} on {fit} of {ctx.dataset}, {counts.min()}-{counts.max()} per class, "
-        f"{o.epochs} epochs, {ctx.input_size}px, hflip {o.hflip:g}, on {ctx.device}; base lr from "
+        f"{o.epochs} epochs, {ctx.input_size}px, crop scale {o.min_crop_scale:g}-1, hflip {o.hflip:g}, on {ctx.device}; "
+        f"base lr from "
         f"{', '.join(f'{lr:g}' for lr in o.lrs)}")
     rows, models = [], {}
     starts = {"simclr": (ctx.encoder, ctx.trained_epochs)}  # extractor key: (encoder to start from, pretraining epochs)
@@ -387,10 +398,11 @@ def _record(ctx: EvalContext, o: FineTuneOptions, fit: str, indices: np.ndarray,
         o.command, o.seed,
         {"fit": fit, "train": len(ctx.train_set), "labelled": len(indices), "test": len(ctx.test_set)},
         {"label_fraction": o.label_fraction, "epochs": o.epochs, "batch_size": o.batch_size, "lrs": list(o.lrs),
-         "momentum": o.momentum, "hflip": o.hflip, "valid_fraction": o.valid_fraction, "baselines": list(o.baselines),
+         "momentum": o.momentum, "hflip": o.hflip, "min_crop_scale": o.min_crop_scale,
+         "valid_fraction": o.valid_fraction, "baselines": list(o.baselines),
          # the views in words, as the caption quotes them
-         "augmentation": "random resized crop (scale 0.08-1)" + (f" + horizontal flip (p {o.hflip:g})" if o.hflip
-                                                                 else " without flips"),
+         "augmentation": f"random resized crop (scale {o.min_crop_scale:g}-1)" + (
+             f" + horizontal flip (p {o.hflip:g})" if o.hflip else " without flips"),
          "optimizer": "SGD, Nesterov momentum, no weight decay, cosine decay, no warmup"}, timings,
         protocol="finetune", label_subset={"fraction": o.label_fraction, "seed": o.seed,
                                            "per_class": {c: int(n) for c, n in zip(ctx.classes, counts)},

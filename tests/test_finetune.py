@@ -135,10 +135,11 @@ def test_views_keep_colours_no_jitter_grayscale_or_blur(in_memory):
         torch.testing.assert_close(views, expected, atol=1e-5, rtol=0)
 
 
-def test_images_of_several_sizes_are_cropped_as_torchvision_crops_each():
+@pytest.mark.parametrize("scale", [0.08, 0.5])  # the paper's and a pretraining's `dataset.min_crop_scale`
+def test_images_of_several_sizes_are_cropped_as_torchvision_crops_each(scale):
     torch.manual_seed(0)
     images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8) for h, w in ((20, 24), (16, 16), (20, 24), (9, 30))]
-    schedule = Schedule(input_size=12, epochs=1, batch_size=4, seed=5, device="cpu")
+    schedule = Schedule(input_size=12, epochs=1, batch_size=4, min_crop_scale=scale, seed=5, device="cpu")
     (views, labels), = crop_flip_batches(MixedSizes(images), schedule, epoch=1)
     # The reference: the order, the flips, then the boxes of each size in order of first appearance.
     generator = torch.Generator().manual_seed(finetune_module._batch_seed(5, 1))
@@ -147,7 +148,8 @@ def test_images_of_several_sizes_are_cropped_as_torchvision_crops_each():
     assert labels.tolist() == rows
     for size in dict.fromkeys(images[row].shape[-2:] for row in rows):
         places = [i for i, row in enumerate(rows) if images[row].shape[-2:] == size]
-        for place, box in zip(places, sample_crop_boxes(len(places), *size, generator).int().tolist()):
+        boxes = sample_crop_boxes(len(places), *size, generator, scale=(scale, 1.0))
+        for place, box in zip(places, boxes.int().tolist()):
             expected = TF.resized_crop(images[rows[place]].float() / 255, *box, [12, 12], antialias=True)
             expected = TF.horizontal_flip(expected) if flip[place] else expected
             torch.testing.assert_close(views[place], expected.clamp(0, 1), atol=2e-5, rtol=0)
@@ -326,11 +328,28 @@ def test_the_real_share_of_labels_is_reported_when_each_class_needs_one(digits_r
     assert result.results["rows"][0]["classifier_name"] == "Fine-tuned end to end (0.696% labels)"
     caption = result.paths["markdown"].read_text().split("\n\n")[0]
     assert f"fit on {fit}" in caption and "0.1%" not in caption
-    # the default views, the paper's, are said too; the Python API checks --hflip as the command line does
+    # the default views, the checkpoint's (the paper's), are said too; the API checks --hflip as the command line does
     assert "views: random resized crop (scale 0.08-1) + horizontal flip (p 0.5) only" in caption
     assert result.results["options"]["hflip"] == 0.5
     with pytest.raises(finetune_module.EvalError, match=r"--hflip 2: must be in \[0, 1\]"):
         finetune_evaluate(digits_run, label_fraction=0.1, hflip=2, device="cpu", write=False)
+
+
+def test_the_views_follow_the_pretraining_unless_asked_otherwise(tmp_path):
+    # A checkpoint pretrained without flips and with crops of 0.3-1 of the image (the quickstart's): fine-tuning
+    # makes the same views by default, for SimCLR and scratch alike; --hflip and --min-crop-scale override.
+    config = load_config(None, ["dataset.name=digits", "model.out_dim=8", "dataset.input_shape=(16,16,3)",
+                                "dataset.hflip=0", "dataset.min_crop_scale=0.3"])
+    save_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt", {"model": create_model("resnet18", 8).state_dict(),
+                                                                   "config": config_to_dict(config), "next_epoch": 1})
+    asked = dict(label_fraction=0.01, epochs=1, lrs=(0.1,), device="cpu", write=False, log=lambda _: None)
+    options = finetune_evaluate(tmp_path / "run", **asked).results["options"]
+    assert (options["hflip"], options["min_crop_scale"]) == (0, 0.3)
+    assert options["augmentation"] == "random resized crop (scale 0.3-1) without flips"
+    options = finetune_evaluate(tmp_path / "run", hflip=0.5, min_crop_scale=0.08, **asked).results["options"]
+    assert options["augmentation"] == "random resized crop (scale 0.08-1) + horizontal flip (p 0.5)"
+    with pytest.raises(finetune_module.EvalError, match=r"--min-crop-scale 0: must be in \(0, 1\]"):
+        finetune_evaluate(tmp_path / "run", min_crop_scale=0, **asked)
 
 
 def test_cli_checks_the_output_folder_before_fine_tuning_and_names_another_size(digits_run, tmp_path, capsys,
