@@ -5,13 +5,10 @@
     python -m bench.run_summary runs/x --gpu-csv gpu.csv --json out/summary.json \\
         --target-epoch-seconds 10 --target-busy 90
 
-Seconds per epoch are the `seconds` of the epoch records in `metrics.jsonl` (`simclr.run_dir.read_records`;
-training plus validation, when the run validates); images per epoch are steps x `batch_size` (the last step record
-of an epoch has `step = steps - 1`). Each epoch's wall-clock window ends at the `wall_time` of its `epoch/seconds`
-TensorBoard event and starts `seconds` before; its GPU busy % is the mean `utilization.gpu` of the samples in that
-window: NVML's share of the sample period in which a kernel ran ("GPU busy", not how full the GPU is). The first
-epoch pays for start-up (cuDNN autotuning, DataLoader workers, compilation), so the steady-state figures are those
-of the later epochs; a run cut short before its first epoch ended is summarised from its step records.
+An epoch's window is the `seconds` before its record's `ended` time; its GPU busy % is the mean `utilization.gpu`
+of the samples inside (NVML's share of the sample period in which a kernel ran, not how full the GPU is). The first
+epoch pays for start-up, so the steady state is the median of the later ones; a run cut short before its first
+epoch ended is summarised from its step records.
 """
 from __future__ import annotations
 
@@ -24,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from simclr.run_dir import read_records
+from simclr.run_plots import read_metrics
 
 STL10_IMAGES = 105_000  # train + unlabeled: one STL10 pretraining epoch
 
@@ -34,23 +31,21 @@ class SummaryError(RuntimeError):
 
 
 def read_run(run_dir: Path) -> tuple[dict, list[dict], list[dict]]:
-    """The run's config (as saved: a dict) and the step and epoch records of its metrics.jsonl."""
+    """The run's saved config (a dict) and the step and epoch records of its metrics.jsonl."""
     metrics, config = run_dir / "metrics.jsonl", run_dir / "config.yaml"
     if not metrics.is_file():
         raise SummaryError(f"{metrics} is missing: give the run dir of a run that logged at least one step")
     if not config.is_file():
         raise SummaryError(f"{config} is missing: {run_dir} is not a run dir written by run.py")
-    records = [record for _, record in read_records(metrics)]
-    steps = [r for r in records if r.get("kind") == "step"]
-    epochs = [r for r in records if r.get("kind") == "epoch"]
+    steps, epochs = read_metrics(metrics)
     if not steps and not epochs:
         raise SummaryError(f"{metrics} has no step or epoch record: the run stopped before its first log step")
     return yaml.safe_load(config.read_text()), steps, epochs
 
 
 def read_gpu_samples(path: Path) -> list[tuple[float, float, float]]:
-    """`(Unix time, util %, memory MiB)` of each line of nvidia-smi's `timestamp,utilization.gpu,memory.used`
-    CSV (e.g. `2026/11/30 10:01:02.345, 97, 20480`, local time); other lines (a header, `[N/A]`) are skipped."""
+    """`(Unix time, util %, memory MiB)` per line of nvidia-smi's CSV (`2026/11/30 10:01:02.345, 97, 20480`, local
+    time); other lines (a header, `[N/A]`) are skipped."""
     samples = []
     for line in path.read_text(errors="replace").splitlines() if path.is_file() else []:
         parts = [part.strip() for part in line.split(",")]
@@ -73,31 +68,15 @@ def gpu_stats(samples: list[tuple[float, float, float]]) -> dict:
             "memory_used_max_mib": max(s[2] for s in samples)}
 
 
-def epoch_end_times(run_dir: Path) -> dict[int, float]:
-    """Global step -> wall time (Unix seconds) of the run's `epoch/seconds` TensorBoard events (latest wins)."""
-    try:
-        from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-    except ImportError:
-        return {}
-    ends = {}
-    for path in sorted(run_dir.glob("events.out.tfevents.*")):
-        for event in EventFileLoader(str(path)).Load():
-            if any(value.tag == "epoch/seconds" for value in event.summary.value):
-                ends[event.step] = max(event.wall_time, ends.get(event.step, 0.0))
-    return ends
-
-
-def epoch_rows(steps: list[dict], epochs: list[dict], batch: int, ends: dict, samples: list) -> list[dict]:
-    """One row per epoch record: seconds, images, images/s, and the GPU samples inside its window."""
-    rows, done_steps = [], 0
+def epoch_rows(steps: list[dict], epochs: list[dict], batch: int, samples: list) -> list[dict]:
+    """One row per epoch record: seconds, images (steps x batch), images/s, and the GPU samples in its window."""
+    rows = []
     for record in epochs:
         in_epoch = [r["step"] for r in steps if r["epoch"] == record["epoch"]]
         images = (max(in_epoch) + 1) * batch if in_epoch else None
         row = {"epoch": record["epoch"] + 1, "seconds": record["seconds"], "images": images,
                "images_per_s": images / record["seconds"] if images else None, "validated": "valid_loss" in record}
-        if in_epoch:
-            done_steps = (record["epoch"] + 1) * (max(in_epoch) + 1)
-        end = ends.get(done_steps)
+        end = datetime.datetime.fromisoformat(record["ended"]).timestamp() if "ended" in record else None
         window = [s for s in samples if end is not None and end - record["seconds"] <= s[0] <= end]
         if window:
             row.update(gpu_busy_percent=statistics.fmean(s[1] for s in window), gpu_samples=len(window),
@@ -129,10 +108,9 @@ def steady_state(rows: list[dict], step_rates: list[float], steps: list[dict], s
 
 def summarize_run(run_dir: str | Path, gpu_csv: str | Path | None = None) -> dict:
     """Per-epoch seconds, images, images/s and GPU busy %, and their steady state (epochs after the first)."""
-    run_dir = Path(run_dir)
-    config, steps, epochs = read_run(run_dir)
+    config, steps, epochs = read_run(Path(run_dir))
     samples = read_gpu_samples(Path(gpu_csv)) if gpu_csv else []
-    rows = epoch_rows(steps, epochs, config["batch_size"], epoch_end_times(run_dir), samples)
+    rows = epoch_rows(steps, epochs, config["batch_size"], samples)
     # each step record's images_per_s covers the steps since the previous record; an epoch's first, its start too
     step_rates = [r["images_per_s"] for r in steps
                   if any(o["epoch"] == r["epoch"] and o["global_step"] < r["global_step"] for o in steps)]
@@ -143,7 +121,7 @@ def summarize_run(run_dir: str | Path, gpu_csv: str | Path | None = None) -> dic
                "device": config["device"], "epochs": rows, "steady": steady, "gpu": gpu_stats(samples),
                "step_images_per_s_median": statistics.median(step_rates) if step_rates else None}
     if "gpu_busy_percent" not in steady:
-        summary["gpu_note"] = ("no TensorBoard epoch events to place the epochs in time" if samples else
+        summary["gpu_note"] = ("no 'ended' time in the epoch records to place the epochs in time" if samples else
                                f"no GPU samples in {gpu_csv}" if gpu_csv else "no --gpu-csv given")
     return summary
 

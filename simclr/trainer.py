@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import math
 import shlex
 import time
@@ -432,6 +433,7 @@ class Trainer:
         if self.monitor is not None and ((epoch + 1) % every == 0 or epoch + 1 == c.epochs):
             record.update(self._measure_knn())
         record["seconds"] = time.perf_counter() - start
+        record["ended"] = datetime.datetime.now().astimezone().isoformat(timespec="milliseconds")  # for GPU samples
         return record
 
     def _end_epoch(self, epoch: int, record: dict, writer: RunWriter | None) -> None:
@@ -551,5 +553,5 @@ def epoch_summary(record: dict) -> str:
     """An epoch record as people read it: losses to 4 decimals, accuracies in % to 1, the time in whole tenths
     of a second (metrics.jsonl keeps the full values)."""
     shown = [f"{k} {v:.1f}%" if k.endswith(("top1", "top5")) else f"{k} {v:.4f}"
-             for k, v in record.items() if k not in ("kind", "epoch", "seconds", "knn_seconds")]
+             for k, v in record.items() if k not in ("kind", "epoch", "seconds", "knn_seconds", "ended")]
     return ", ".join(shown) + (f" ({record['seconds']:.1f} s)" if "seconds" in record else "")

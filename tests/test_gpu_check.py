@@ -127,10 +127,11 @@ def tiny_run(tmp_path_factory):
 
 def test_run_summary_of_a_real_run_places_gpu_samples_in_each_epoch(tiny_run, tmp_path):
     _, steps, epochs = run_summary.read_run(tiny_run)
-    ends = run_summary.epoch_end_times(tiny_run)
-    assert len(epochs) == 2 and len(ends) == 2
+    assert len(epochs) == 2
     steps_per_epoch = max(r["step"] for r in steps if r["epoch"] == 0) + 1
-    second_end = ends[2 * steps_per_epoch]
+    second_end = datetime.datetime.fromisoformat(epochs[1]["ended"]).timestamp()  # the trainer's wall clock
+    assert abs(second_end - time.time()) < 600 and second_end > datetime.datetime.fromisoformat(
+        epochs[0]["ended"]).timestamp()
     second_start = second_end - epochs[1]["seconds"]
     samples = [(second_start - 50 + t, 0.0, 100.0) for t in range(0, 50, 5)]  # before it: idle
     samples += [(second_start + f * (second_end - second_start), 80.0, 500.0) for f in (0.1, 0.5, 0.9)]
@@ -175,6 +176,9 @@ def test_run_summary_without_samples_says_why_and_names_a_missing_file_in_one_li
     summary = run_summary.summarize_run(tmp_path / "run", tmp_path / "gpu.csv")
     assert summary["gpu_note"] == f"no GPU samples in {tmp_path / 'gpu.csv'}"
     assert "GPU busy n/a (no GPU samples in" in run_summary.format_summary(summary, target_busy=90)
+    (tmp_path / "gpu.csv").write_text(_smi_line(1.0, 50, 10))  # samples, but a record without its end time
+    summary = run_summary.summarize_run(tmp_path / "run", tmp_path / "gpu.csv")
+    assert summary["gpu_note"] == "no 'ended' time in the epoch records to place the epochs in time"
     assert run_summary.main([str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "metrics.jsonl is missing" in err

@@ -97,7 +97,8 @@ def test_preview_errors_are_one_line(tmp_path, capsys, one_thread):
 
 def test_epoch_summary_rounds_what_people_read():
     line = epoch_summary({"kind": "epoch", "epoch": 0, "train_loss": 4.123456, "valid_loss": 3.98766,
-                          "valid_top1": 12.3456, "valid_top5": 40.0, "seconds": 125.7883})
+                          "valid_top1": 12.3456, "valid_top5": 40.0, "seconds": 125.7883,
+                          "ended": "2026-12-05T05:30:00.123+00:00"})  # the wall clock: for programs, not the line
     assert line == "train_loss 4.1235, valid_loss 3.9877, valid_top1 12.3%, valid_top5 40.0% (125.8 s)"
 
 
