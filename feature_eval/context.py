@@ -1,9 +1,7 @@
-"""What both evaluation drivers (`feature_eval.evaluate`, `feature_eval.finetune`) start from.
-
-A checkpoint is opened once into an `EvalContext`: the frozen encoder, its typed training config, the two
-splits of the data (checked), the device and the folder results go to. Every user error is raised there, in
-one line, before any long computation. The drivers' options share `RunOptions`; their command lines share
-`parse_options` (a command-line option per field) and `run_cli`.
+"""What both evaluation drivers (`feature_eval.evaluate`, `feature_eval.finetune`) start from: `open_context` opens
+a checkpoint once into an `EvalContext` (frozen encoder, typed training config, checked splits, device, output
+folder), raising every user error in one line before any long computation; their options share `RunOptions`,
+their command lines `parse_options` and `run_cli`.
 """
 from __future__ import annotations
 
@@ -37,17 +35,16 @@ class EvalError(ValueError):
 
 
 def option(default=dataclasses.MISSING, help: str | None = None, **cli) -> dataclasses.Field:
-    """A field of the drivers' options and, with `help`, its command-line option `--<field-name>` (`parse_options`):
-    `cli` goes to argparse (`type`, `action`, `default` where the command line's differs, `flag` for its name) but
-    `bound`, a key of `BOUNDS` that the value is held to."""
+    """A field of the drivers' options and, with `help`, its command-line option (`parse_options`): `cli` goes to
+    argparse (`type`, `action`, `flag` for its name), except `bound`, a key of `BOUNDS` the value is held to."""
     return field(default=default, metadata={"help": help, **cli} if help else {})
 
 
 @dataclass(frozen=True, kw_only=True)
 class RunOptions:
-    """What every evaluation driver is asked, whatever its protocol: each field's command-line help says what it is;
-    `write` False writes nothing, and `command` (the command line that asked, recorded in the JSON, quoted by model
-    cards) is filled by `run_cli`. The data options default to the checkpoint's training config."""
+    """What every evaluation driver is asked (each field's help says what). `write` False writes nothing; `command`
+    is recorded in the JSON (`run_cli` fills it; from Python, `command_line` rebuilds it). The data options default
+    to the checkpoint's training config."""
 
     dataset: str | None = option(None, "data set name (default: the checkpoint's dataset.name)")
     root: str | Path | None = option(None, "data set folder (default: the checkpoint's dataset.root)")
@@ -65,9 +62,8 @@ class RunOptions:
     command: str | None = None
 
     def __post_init__(self):
-        for flag, value, words in out_of_bounds(type(self), lambda name: getattr(self, name)):
-            shown = ",".join(f"{v:g}" for v in value) if isinstance(value, tuple) else value
-            raise EvalError(f"{flag} {shown}: must be {words}")
+        for message in bound_errors(type(self), lambda name: getattr(self, name)):
+            raise EvalError(message)
 
     @classmethod
     def of(cls, options: RunOptions | None = None, **fields):
@@ -79,6 +75,22 @@ class RunOptions:
         """The options of a parsed command line: each field from the argument of the same name, then `fields`."""
         given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
         return cls(**{**given, **fields})
+
+    def command_line(self, module: str, checkpoint: str | Path) -> str:
+        """`python -m <module> --checkpoint <checkpoint>` and each option that differs from its default: the command
+        that asks for these options (recorded for an evaluation asked from Python, which has no command line)."""
+        words = ["python", "-m", module, "--checkpoint", str(checkpoint)]
+        for f in dataclasses.fields(self):
+            value, name = getattr(self, f.name), f.name.replace("_", "-")
+            if not f.metadata or value == f.default or value is None:
+                continue
+            if isinstance(value, bool):
+                words.append(f"--{name}" if value else f"--no-{name}")
+            else:
+                shown = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) \
+                    if isinstance(value, (tuple, list)) else str(value)
+                words += [f.metadata.get("flag", f"--{name}"), shown]
+        return shlex.join(words)
 
 
 @dataclass
@@ -107,9 +119,8 @@ class EvalContext:
         return ARCHITECTURES.get(model.base_model, model.base_model) + (" (CIFAR stem)" if model.cifar_stem else "")
 
     def record(self, command: str | None, seed: int, splits: dict, options: dict, timings: dict, **parts) -> dict:
-        """A results JSON (`feature_eval.results.Results` reads it back): the command, the checkpoint (digest,
-        epochs), the data, the splits (`fit`: what was fit on; sizes), seed, device, options, `parts` (rows, ...),
-        the timings, the machine it ran on and when it finished."""
+        """A results JSON (`feature_eval.results.Results` reads it back): what was evaluated, on what, how, `parts`
+        (rows, ...), the timings, the machine and when it finished. `splits`: `fit` (what was fit on) and sizes."""
         gpu = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
         return {"command": command, "checkpoint": str(self.checkpoint), "checkpoint_sha256": self.checkpoint_sha256,
                 "trained_epochs": self.trained_epochs,
@@ -130,10 +141,8 @@ class EvalContext:
 
 def open_context(checkpoint: str | Path, options: RunOptions,
                  encoder_device: str | torch.device | None = None) -> EvalContext:
-    """Open `checkpoint` (a run directory: its `checkpoints/last.pt`; a `.pt` file; a pretrained package's name,
-    folder or `model.safetensors`: `models.loading.resolve_checkpoint`), its encoder on `encoder_device` (default:
-    the evaluation's). Every user error (EvalError, CheckpointLoadError, DataError: one line each) is raised here,
-    before any long computation."""
+    """Open `checkpoint` (anything `models.loading.resolve_checkpoint` takes), its encoder on `encoder_device`
+    (default: the evaluation's device). Raises EvalError, CheckpointLoadError or DataError, one line each."""
     device = check_device(options.device)
     file = resolve_checkpoint(checkpoint)
     state = read_weights(file)
@@ -154,8 +163,7 @@ def open_context(checkpoint: str | Path, options: RunOptions,
     skip_bad_images = options.skip_bad_images if options.skip_bad_images is not None else \
         bool(trained and trained.skip_bad_images)
     train_set, test_set = load_splits(dataset, root, options.download, skip_bad_images)
-    # default: `<run_dir>/eval`, or a package's own `eval/` (from which `pretrained_models.export --refresh`
-    # builds the model card)
+    # a package's own `eval/`, from which `pretrained_models.export --refresh` builds the model card
     out_dir = Path(options.out_dir) if options.out_dir is not None else run_dir_of(file.resolve()) / "eval"
     if options.write:
         check_writable(out_dir)  # now, not after minutes of features or hours of fine-tuning
@@ -199,10 +207,10 @@ def check_device(device) -> torch.device:
         device = torch.device(device)
     except RuntimeError:
         raise EvalError(f"--device {device!r}: use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise EvalError(f"--device {device}: CUDA is not available on this machine; use --device cpu or auto")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise EvalError(f"--device {device}: MPS is not available on this machine; use --device cpu or auto")
+    for kind, backend in (("cuda", torch.cuda), ("mps", torch.backends.mps)):
+        if device.type == kind and not backend.is_available():
+            raise EvalError(f"--device {device}: {kind.upper()} is not available on this machine; use --device cpu "
+                            "or auto")
     return device
 
 
@@ -249,11 +257,21 @@ BOUNDS = {">= 0": (lambda v: v >= 0, ">= 0"), ">= 1": (lambda v: v >= 1, "at lea
                       "one or more positive numbers, e.g. 0.05,0.1,0.2")}
 
 
+def bound_errors(options: type[RunOptions], value_of: Callable[[str], object]):
+    """Yield `--option value: must be <bound>` for each field of `options` whose value (`value_of(name)`; None is not
+    checked) is out of its `bound`: the one message of the command line and the Python API."""
+    for f in (f for f in dataclasses.fields(options) if "bound" in f.metadata):
+        inside, words = BOUNDS[f.metadata["bound"]]
+        value = value_of(f.name)
+        if value is not None and not inside(value):
+            shown = ",".join(f"{v:g}" for v in value) if isinstance(value, tuple) else f"{value:g}"
+            yield f"--{f.name.replace('_', '-')} {shown}: must be {words}"
+
+
 def parse_options(options: type[RunOptions], module: str, doc: str, argv: list[str]) -> argparse.Namespace:
     """A driver's command line: `--checkpoint`, then an option per field of `options` made with `option(..., help)`
     (`--no-<name>` for a field that defaults to True, a flag for one that defaults to False, else a value of the
-    default's type); each field's `bound` is checked once parsed, with `parser.error` (one line, exit status 2)
-    for the first option out of it (`--epochs must be at least 1`), as `RunOptions` checks them when made."""
+    default's type). A value out of its field's bound ends it with one line (`bound_errors`) and exit status 2."""
     parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n")[0])
     parser.add_argument("--checkpoint", required=True,
                         help="run dir or name (runs/<name>), checkpoint .pt file, package dir or package name "
@@ -271,25 +289,15 @@ def parse_options(options: type[RunOptions], module: str, doc: str, argv: list[s
             cli.setdefault("type", str if isinstance(cli["default"], tuple) else type(cli["default"]))
         parser.add_argument(flag, dest=f.name, **cli)
     args = parser.parse_args(argv)
-    for flag, _, words in out_of_bounds(options, lambda name: getattr(args, name)):
-        parser.error(f"{flag} must be {words}")
+    for message in bound_errors(options, lambda name: getattr(args, name)):
+        parser.exit(startup.EXIT_USAGE, f"{parser.prog}: error: {message}\n")  # no usage: the line says it all
     return args
-
-
-def out_of_bounds(options: type[RunOptions], value_of: Callable[[str], object]):
-    """Yield `(--option, value, words of its bound)` for each field of `options` whose value (`value_of(name)`) is out
-    of its `bound` (`BOUNDS`); a value not given (None) is not checked."""
-    for f in (f for f in dataclasses.fields(options) if "bound" in f.metadata):
-        inside, words = BOUNDS[f.metadata["bound"]]
-        if value_of(f.name) is not None and not inside(value_of(f.name)):
-            yield "--" + f.name.replace("_", "-"), value_of(f.name), words
 
 
 def run_cli(module: str, argv: list[str] | None, parse_args: Callable[[list[str]], argparse.Namespace],
             run: Callable[[argparse.Namespace, str], object]) -> int:
-    """A driver's `main`: parse `argv`, `run(args, command)`, print the table and the files written; return the exit
-    status, after one line on stderr for an error as `startup.ERROR_POLICY` says (docs/EXIT_CODES.md: 2 for an
-    option, 1 for a checkpoint, data set or folder; Ctrl-C writes nothing but the feature caches)."""
+    """A driver's `main`: parse `argv`, `run(args, command)`, print `summary`; return the exit status, after one line
+    on stderr for an error as `startup.ERROR_POLICY` says (docs/EXIT_CODES.md)."""
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     try:
@@ -306,6 +314,6 @@ def run_cli(module: str, argv: list[str] | None, parse_args: Callable[[list[str]
 def summary(outcome) -> str:
     """The end of a driver's run (an `Evaluation` or `FineTuneResult`): the table, the files written, the time taken."""
     paths = outcome.paths
-    pictures = ", ".join(str(paths[key]) for key in ("tsne", "confusion", "neighbours") if key in paths)
+    pictures = ", ".join(str(paths[key]) for key in paths if key not in ("markdown", "json"))
     return (f"{outcome.table}\nwrote {paths['markdown']} and {paths['json']} "
             f"({outcome.results['timings_s']['total']:.1f} s)" + (f"\npictures: {pictures}" if pictures else ""))

@@ -1,17 +1,14 @@
-"""Linear-probe and KNN evaluation of a SimCLR checkpoint, with PCA and random-init baselines.
+"""Linear-probe and KNN evaluation of a SimCLR checkpoint's frozen encoder, with PCA and random-init baselines.
 
-    python -m feature_eval.evaluate --checkpoint runs/<name>            # or a .pt path
     python -m feature_eval.evaluate --checkpoint runs/<name> --classifiers lbfgs,adam,knn --baselines pca,random
 
-The encoder is frozen; features of the `train` split (fit) and the `test` split (report) are extracted
-once and cached; every classifier sees the same features. Writes `<run_dir>/eval/<checkpoint>_<dataset>.md`
-and `.json`. One line on stderr for a bad option (exit status 2), checkpoint or data set (1): docs/EXIT_CODES.md.
+Features of `train` (fit) and `test` (report) are extracted once and cached; every classifier sees the same ones.
+Writes `<run_dir>/eval/<checkpoint>_<dataset>.md`, `.json` and pictures (docs/EVALUATION.md).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -56,10 +53,8 @@ PICTURES = {"tsne": "t-SNE of the SimCLR test features, coloured by class",
 
 @dataclass(frozen=True, kw_only=True)
 class EvalOptions(RunOptions):
-    """`RunOptions` plus what the linear and KNN protocols are asked (a comma-separated string or a tuple of names for
-    `classifiers` and `baselines`). Features are cached under a key of checkpoint content and split; baseline features
-    go to `runs/eval_cache/baselines` (`<cache_dir>/baselines` when given), shared by every checkpoint on the same data.
-    """
+    """`RunOptions` plus what the linear and KNN protocols are asked; `classifiers` and `baselines` (comma-separated
+    or a tuple) are checked and read as a tuple of names when made."""
 
     classifiers: str | tuple[str, ...] = option(
         DEFAULT_CLASSIFIERS, f"comma-separated, from {','.join(CLASSIFIERS)} (default: {','.join(DEFAULT_CLASSIFIERS)})"
@@ -81,13 +76,19 @@ class EvalOptions(RunOptions):
     plots: bool = option(True, "draw no t-SNE, confusion-matrix and neighbours PNGs (the t-SNE takes seconds: it "
                                "embeds at most 2,000 test images)")
 
+    def __post_init__(self):
+        object.__setattr__(self, "classifiers", parse_names(self.classifiers, CLASSIFIERS, "--classifiers"))
+        object.__setattr__(self, "baselines", parse_names(self.baselines, BASELINES, "--baselines"))
+        if not self.classifiers:
+            raise EvalError(f"--classifiers: name at least one of {', '.join(CLASSIFIERS)}")
+        super().__post_init__()
+
 
 @dataclass
 class Evaluation:
-    """What `evaluate` found: the JSON record, the table's rows (with those of an earlier evaluation in the same file,
-    once written) and its markdown, the class names, extractor key (`simclr`, `random`, `pca`) -> (train, test)
-    FeatureSplit, (classifier, extractor) key -> ClassifierResult (`("lbfgs", "simclr")`) and the files written
-    (`markdown`, `json`, pictures; none when nothing was written)."""
+    """What `evaluate` found: the JSON record, the table's rows (an earlier evaluation's too, once written) and its
+    markdown, the class names, extractor -> (train, test) features, (classifier, extractor) -> ClassifierResult
+    and the files written (none without `write`)."""
 
     results: dict
     rows: list[Row]
@@ -97,62 +98,49 @@ class Evaluation:
     outcomes: dict[tuple[str, str], ClassifierResult]
     paths: dict[str, Path] = field(default_factory=dict)
 
-    @property
-    def test_labels(self) -> np.ndarray:
-        """int64 `[M]` labels of the test split."""
-        return next(iter(self.features.values()))[1].labels.numpy()
-
 
 def evaluate(checkpoint: str | Path, options: EvalOptions | None = None, *, log: Callable[[str], None] = print,
              **fields) -> Evaluation:
-    """Evaluate a checkpoint's frozen encoder: fit on the `train` split, report on `test` (DINO's eval_knn shape:
-    open the checkpoint, extract features once, run each protocol on the tensors, write).
+    """Evaluate a checkpoint's frozen encoder (anything `open_context` opens): fit on `train`, report on `test`.
 
-    `checkpoint`: anything `context.open_context` opens; `options` (`EvalOptions`), or its fields as keywords
-    (`evaluate(run, classifiers="knn", device="cpu")`). Written results add these rows to the table already in the
-    same file: its rows made under the same settings that this evaluation did not redo stay (`_add_to_table`).
-    Raises EvalError, CheckpointLoadError, DataError: user errors, in one line each.
+    `options` (`EvalOptions`) or its fields as keywords (`evaluate(run, classifiers="knn", device="cpu")`). Written
+    rows join the table already in the same file (`_add_to_table`). Raises EvalError, CheckpointLoadError,
+    DataError: user errors, in one line each.
     """
     started = time.perf_counter()
-    options = EvalOptions.of(options, **fields)
-    classifiers = parse_names(options.classifiers, CLASSIFIERS, "--classifiers")
-    baselines = parse_names(options.baselines, BASELINES, "--baselines")
-    if not classifiers:
-        raise EvalError(f"--classifiers: name at least one of {', '.join(CLASSIFIERS)}")
-    ctx = open_context(checkpoint, options)
-    if "adam" in classifiers and len(ctx.train_set) < MIN_HOLDOUT_ITEMS:
+    o = EvalOptions.of(options, **fields)
+    ctx = open_context(checkpoint, o)
+    if "adam" in o.classifiers and len(ctx.train_set) < MIN_HOLDOUT_ITEMS:
         raise EvalError(f"--classifiers adam: the train split has {len(ctx.train_set)} images, too few to tune on a "
                         f"hold-out (need {MIN_HOLDOUT_ITEMS}); use --classifiers lbfgs,knn")
     log(f"evaluating {ctx.checkpoint} on {ctx.dataset} (train {len(ctx.train_set)}, test {len(ctx.test_set)}, "
-        f"{ctx.input_size}px) on {ctx.device}; classifiers {', '.join(classifiers)}; baselines "
-        f"{', '.join(baselines) or 'none'}")
+        f"{ctx.input_size}px) on {ctx.device}; classifiers {', '.join(o.classifiers)}; baselines "
+        f"{', '.join(o.baselines) or 'none'}")
     timings: dict[str, float] = {}
-    features, extractors = extract_all(ctx, options, baselines, timings, log)
-    protocols = _protocols(ctx, options)  # `knn` asks for both KNN rows
+    features, extractors = extract_all(ctx, o, timings, log)
+    protocols = _protocols(ctx, o)  # `knn` asks for both KNN rows
     settings = {key: protocol[2] for key, protocol in protocols.items()}
     rows, outcomes = score(ctx, features, extractors, [(key, *protocols[key]) for key in protocols
-                                                       if key.replace("weighted_", "") in classifiers], log)
+                                                       if key.replace("weighted_", "") in o.classifiers], log)
     timings["total"] = round(time.perf_counter() - started, 3)
-    o = options
-    results = ctx.record(o.command, o.seed, {"fit": "train", "train": len(ctx.train_set), "test": len(ctx.test_set)},
-                         {"classifiers": list(classifiers), "baselines": list(baselines), "batch_size": o.batch_size,
-                          "C": o.C, "max_iter": o.max_iter, "knn_k": o.knn_k, "weighted_knn_k": o.weighted_knn_k,
-                          "weighted_knn_temperature": o.weighted_knn_temperature}, timings,
-                         baselines={name: extractors[name] for name in baselines})
+    results = ctx.record(o.command or o.command_line("feature_eval.evaluate", checkpoint), o.seed,
+                         {"fit": "train", "train": len(ctx.train_set), "test": len(ctx.test_set)},
+                         {"classifiers": list(o.classifiers), "baselines": list(o.baselines),
+                          "batch_size": o.batch_size, "C": o.C, "max_iter": o.max_iter, "knn_k": o.knn_k,
+                          "weighted_knn_k": o.weighted_knn_k, "weighted_knn_temperature": o.weighted_knn_temperature},
+                         timings, baselines={name: extractors[name] for name in o.baselines})
     rows = current_rows([dataclasses.replace(row, evaluated=results["finished"]) for row in rows], settings)
     results["rows"] = [row.to_json() for row in rows]
     evaluation = Evaluation(results, rows, markdown_table(rows), ctx.classes, features, outcomes)
-    if options.write:
-        _write(evaluation, ctx, options, settings, started, log)
+    if o.write:
+        _write(evaluation, ctx, o, settings, started, log)
     return evaluation
 
 
-def extract_all(ctx: EvalContext, options: EvalOptions, baselines: tuple[str, ...], timings: dict,
-                log: Callable[[str], None]) -> tuple[dict, dict]:
-    """The SimCLR features of both splits (cached by checkpoint digest and data), then each baseline's: extractor key
-    -> (train, test) FeatureSplit, and -> facts (architecture, feature and projection dims, epochs; PCA's `pca`
-    info); `timings` gets `features_<extractor>` seconds."""
-    o, model = options, ctx.config.model
+def extract_all(ctx: EvalContext, o: EvalOptions, timings: dict, log: Callable[[str], None]) -> tuple[dict, dict]:
+    """The SimCLR features of both splits, then each baseline's: extractor -> (train, test) FeatureSplit, and ->
+    its facts (architecture, feature and projection dims, epochs; PCA's `pca`); `timings` gets their seconds."""
+    model = ctx.config.model
     # a package holds no caches: its features go to runs/eval_cache/<package>
     package = ctx.checkpoint.suffix == ".safetensors"
     cache_dir = Path(o.cache_dir) if o.cache_dir is not None else \
@@ -166,16 +154,15 @@ def extract_all(ctx: EvalContext, options: EvalOptions, baselines: tuple[str, ..
     features = {"simclr": encoder_features(ctx.encoder, "SimCLR", key, {"train": ctx.train_set, "test": ctx.test_set},
                                            ctx.input_size, o.batch_size, ctx.device, o.num_workers, cache_dir, log)}
     timings["features_simclr"] = round(time.perf_counter() - tic, 3)
-    simclr = {"architecture": ctx.architecture, "feature_dim": ctx.encoder.feature_dim,
-              "projection_dim": model.out_dim, "epochs": ctx.trained_epochs}
-    extractors = {"simclr": simclr}
-    for baseline in baselines:
+    extractors = {"simclr": {"architecture": ctx.architecture, "feature_dim": ctx.encoder.feature_dim,
+                             "projection_dim": model.out_dim, "epochs": ctx.trained_epochs}}
+    for baseline in o.baselines:
         tic = time.perf_counter()
         if baseline == "random":
             features["random"] = baseline_features.random_init_features(
                 model.base_model, model.cifar_stem, o.seed, ctx.train_set, ctx.test_set, ctx.input_size,
                 o.batch_size, ctx.device, o.num_workers, baseline_cache, log)
-            extractors["random"] = {**simclr, "projection_dim": None, "epochs": 0}
+            extractors["random"] = {**extractors["simclr"], "projection_dim": None, "epochs": 0}
         else:
             train_pca, test_pca, info = baseline_features.pca_features(
                 ctx.train_set, ctx.test_set, ctx.input_size, model.out_dim, o.batch_size, o.num_workers, o.seed,
@@ -189,8 +176,7 @@ def extract_all(ctx: EvalContext, options: EvalOptions, baselines: tuple[str, ..
 
 def score(ctx: EvalContext, features: dict, extractors: dict, protocols: list,
           log: Callable[[str], None]) -> tuple[list[Row], dict]:
-    """Each protocol `(key, name, function, settings)` on each extractor's features: the rows and their
-    ClassifierResults."""
+    """Each protocol `(key, name, function, settings)` on each extractor's features: the rows, their outcomes."""
     rows, outcomes = [], {}
     for key, name, protocol, settings in protocols:
         for extractor, (train, test) in features.items():
@@ -207,15 +193,15 @@ def score(ctx: EvalContext, features: dict, extractors: dict, protocols: list,
     return rows, outcomes
 
 
-def _write(evaluation: Evaluation, ctx: EvalContext, options: EvalOptions, settings: dict[str, dict],
+def _write(evaluation: Evaluation, ctx: EvalContext, o: EvalOptions, settings: dict[str, dict],
            started: float, log: Callable[[str], None]) -> None:
     """Add the rows to the table in the same file (`_add_to_table`), draw the pictures, write table and JSON."""
     stem = ctx.results_stem()
     results, rows = _add_to_table(ctx.out_dir / f"{stem}.json", evaluation.results, evaluation.rows, settings, log)
     timings, pictures = results["timings_s"], {}
-    if options.plots:
+    if o.plots:
         tic = time.perf_counter()
-        pictures = write_pictures(rows, evaluation.features, ctx, stem, options.seed)
+        pictures = write_pictures(rows, evaluation.features, ctx, stem, o.seed, log)
         timings["pictures"] = round(time.perf_counter() - tic, 3)
         timings["total"] = round(time.perf_counter() - started, 3)
     else:  # those of an earlier table need not match this one
@@ -233,8 +219,8 @@ def _write(evaluation: Evaluation, ctx: EvalContext, options: EvalOptions, setti
 
 def notes(results: dict, rows: list[Row]) -> list[str]:
     """The paragraphs under the table: how to read it, the rows kept or dropped from an earlier run, the pictures."""
-    paragraphs = [how_to_read({row.extractor for row in rows})]
     earlier = results.get("earlier") or {}
+    paragraphs = [how_to_read({row.extractor for row in rows})]
     if earlier.get("kept"):
         paragraphs.append(f"Kept from the evaluation of {earlier['finished']} (not redone by this one, whose rows "
                           f"are dated {results['finished']} in the JSON): {'; '.join(earlier['kept'])}.")
@@ -246,10 +232,9 @@ def notes(results: dict, rows: list[Row]) -> list[str]:
 
 def _add_to_table(path: Path, results: dict, rows: list[Row], settings: dict[str, dict],
                   log: Callable[[str], None]) -> tuple[dict, list[Row]]:
-    """`results` and `rows` with the table in `path` (an earlier evaluation's JSON) added: `current_rows` of its
-    rows and these. `options`, `baselines` and `command` then describe every row (the command makes them all
-    again), and `earlier` says what became of the earlier table's rows: replaced by `rows`, kept, or dropped as
-    made under other settings (which ones: the `reason`); the log gets one short line of it."""
+    """`results` and `rows` with the table of the earlier JSON at `path`: `current_rows` of its rows and these.
+    `options`, `baselines` and `command` then describe every row, and `earlier` says which earlier rows were
+    replaced, kept, or dropped as made under other settings (`reason`); the log gets one line of it."""
     try:
         earlier = read_results(path) if path.is_file() else None
     except (OSError, ValueError):
@@ -260,8 +245,7 @@ def _add_to_table(path: Path, results: dict, rows: list[Row], settings: dict[str
     table = current_rows([*earlier.rows, *rows], settings)
     done = {(row.classifier, row.extractor) for row in rows}
     replaced = [r.name for r in earlier.rows if (r.classifier, r.extractor) in done]
-    # by (protocol, extractor), not by equality: a row made again within the same second, with the same score,
-    # equals the one it replaces
+    # by (protocol, extractor), not equality: a row made again within the same second may equal the one it replaces
     kept = [r.name for r in earlier.rows if (r.classifier, r.extractor) not in done and r in table]
     dropped = [r for r in earlier.rows if r.name not in replaced and r not in table]
     changed = dict.fromkeys(key for r in dropped for key, value in settings.get(r.classifier, {}).items()
@@ -281,24 +265,30 @@ def _add_to_table(path: Path, results: dict, rows: list[Row], settings: dict[str
                                                             "--baselines": ",".join(baselines) or None})}, table
 
 
-def write_pictures(rows: list[Row], features: dict, ctx: EvalContext, stem: str, seed: int) -> dict[str, Path]:
-    """`<stem>_tsne.png` (SimCLR test features, at most `TSNE_POINTS`, seeded), `<stem>_confusion.png` (a panel
-    per SimCLR row of the table, earlier ones included) and `<stem>_neighbours.png`: `NEIGHBOUR_QUERIES` seeded
-    test images, each followed by its `NEIGHBOURS` nearest train images under the SimCLR and (with the random
-    baseline) the random-init features, framed green where the neighbour's class is the test image's, red where not."""
+def write_pictures(rows: list[Row], features: dict, ctx: EvalContext, stem: str, seed: int,
+                   log: Callable[[str], None] = print) -> dict[str, Path]:
+    """`<stem>_tsne.png` (SimCLR test features, at most `TSNE_POINTS`, seeded), `<stem>_confusion.png` (a panel per
+    SimCLR row of the table, earlier ones included) and `<stem>_neighbours.png` (`neighbour_panels`). A comparison
+    picture of the same weights (an earlier evaluation's, whose random-init rows the table keeps) is not replaced by
+    a SimCLR-only one: evaluating without `--baselines random` keeps it, and says so."""
     test = features["simclr"][1]
     confusions = [(f"{row.classifier_name}: top-1 {row.top1:.1f}%", np.asarray(row.confusion))
                   for row in rows if row.extractor == "simclr" and row.confusion is not None]
-    queries, labels, panels = neighbour_panels(features, ctx.train_set, ctx.test_set, ctx.input_size, seed)
-    missing = "" if len(panels) > 1 else " (evaluate with --baselines random for the random-init panel)"
+    neighbours = ctx.out_dir / f"{stem}_neighbours.png"
+    keep = "random" not in features and any(row.extractor == "random" for row in rows) and neighbours.is_file()
     try:
         pictures = write_evaluation_plots(ctx.out_dir, stem, test.features.numpy(), test.labels.numpy(), ctx.classes,
                                           confusions, max_points=TSNE_POINTS, seed=seed)
-        pictures["neighbours"] = ctx.out_dir / f"{stem}_neighbours.png"
-        save_png(draw_neighbours(queries, labels, panels, ctx.classes, f"{ctx.dataset}: test images (left) and their "
-                                 f"nearest train images by cosine similarity of the features{missing}"),
-                 pictures["neighbours"])
-        return pictures
+        if keep:
+            log(f"kept {neighbours}: it has the random-init panel of the table's rows (evaluated without "
+                "--baselines random, this evaluation would draw SimCLR's alone)")
+        else:
+            queries, labels, panels = neighbour_panels(features, ctx.train_set, ctx.test_set, ctx.input_size, seed)
+            missing = "" if len(panels) > 1 else " (evaluate with --baselines random for the random-init panel)"
+            save_png(draw_neighbours(queries, labels, panels, ctx.classes, f"{ctx.dataset}: test images (left) and "
+                                     f"their nearest train images by cosine similarity of the features{missing}"),
+                     neighbours)
+        return {**pictures, "neighbours": neighbours}
     except OSError as err:
         raise EvalError(f"cannot write pictures to {ctx.out_dir} ({err.strerror or err}): pass --out-dir DIR, "
                         "or --no-plots") from None
@@ -306,10 +296,9 @@ def write_pictures(rows: list[Row], features: dict, ctx: EvalContext, stem: str,
 
 def neighbour_panels(features: dict, train_set, test_set, input_size: int, seed: int,
                      queries: int = NEIGHBOUR_QUERIES, k: int = NEIGHBOURS) -> tuple:
-    """Seeded test images and their `k` nearest train images (cosine similarity, as the weighted KNN) under the
-    SimCLR features and, when evaluated, the random-init ones, at the evaluation view: what `draw_neighbours` draws
-    (test images uint8 `[Q, 3, S, S]`, their labels `[Q]`, and per extractor (name, neighbours `[Q, k, 3, S, S]`,
-    their labels `[Q, k]`))."""
+    """Seeded test images and their `k` nearest train images (cosine, as the weighted KNN) under the SimCLR and, when
+    evaluated, the random-init features, at the evaluation view: what `draw_neighbours` draws (test images uint8
+    `[Q, 3, S, S]`, labels `[Q]`, per extractor (name, neighbours `[Q, k, 3, S, S]`, their labels `[Q, k]`))."""
     resize = create_eval_resize(input_size)
 
     def images(dataset, index) -> np.ndarray:
@@ -329,8 +318,7 @@ def neighbour_panels(features: dict, train_set, test_set, input_size: int, seed:
 
 def _protocols(ctx: EvalContext, o: EvalOptions) -> dict[str, tuple[str, Callable, dict]]:
     """Each row's protocol: key -> (display name, function(train_x, train_y, test_x, test_y) -> ClassifierResult,
-    the settings its numbers depend on, by option). Rows stand in one table only when made under the same
-    settings: the same weights, data and seed, and the same options of their protocol."""
+    the settings its numbers depend on: the same weights, data and seed, and the options of its protocol)."""
     n, device = len(ctx.classes), ctx.device
     same = {"weights": ctx.checkpoint_sha256, "--seed": o.seed,
             "data": data_key(ctx.dataset, ctx.root, ctx.input_size, len(ctx.train_set), len(ctx.test_set))}
@@ -349,8 +337,7 @@ def _protocols(ctx: EvalContext, o: EvalOptions) -> dict[str, tuple[str, Callabl
 
 
 def how_to_read(present: set[str]) -> str:
-    """One sentence on reading the SimCLR rows against the baselines among the extractors `present` (or on adding
-    them)."""
+    """One sentence on reading the SimCLR rows against the baselines `present` (or on adding them)."""
     parts = [text for key, text in (
         ("random", "*Random init* is this network untrained (the gap to it is what pretraining learned)"),
         ("pca", "*PCA* of the raw pixels is a floor that useful features must clear")) if key in present]
@@ -362,16 +349,15 @@ def how_to_read(present: set[str]) -> str:
 
 
 def rerun_command(run_dir: str | Path) -> str:
-    """The command that makes `evaluate_run`'s evaluation of `run_dir` (recorded with it; printed by run.py when
-    that evaluation fails or is skipped). It needs no data options: they default to the run's saved config."""
-    return (f"python -m feature_eval.evaluate --checkpoint {shlex.quote(str(run_dir))} --classifiers "
-            f"{','.join(RUN_CLASSIFIERS)} --baselines {','.join(RUN_BASELINES)}")
+    """The command of `evaluate_run`'s evaluation of `run_dir` (run.py prints it when that evaluation fails)."""
+    return EvalOptions(classifiers=RUN_CLASSIFIERS, baselines=RUN_BASELINES).command_line("feature_eval.evaluate",
+                                                                                          run_dir)
 
 
 def evaluate_run(run_dir: str | Path, log: Callable[[str], None] = print) -> Evaluation:
     """The evaluation `run.py` runs after training (`final_eval: true`): all classifiers, random and PCA baselines,
-    on the data and settings of the run's saved config (`dataset.skip_bad_images` included); prints the table and
-    writes it to `<run_dir>/eval/`. Any error is raised: run.py reports it in one line with `rerun_command`."""
+    on the data and settings of the run's saved config; logs the table, writes it to `<run_dir>/eval/`. Any error
+    is raised: run.py reports it in one line with `rerun_command`."""
     evaluation = evaluate(run_dir, classifiers=RUN_CLASSIFIERS, baselines=RUN_BASELINES,
                           command=rerun_command(run_dir), log=log)
     log(summary(evaluation))

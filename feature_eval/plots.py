@@ -1,11 +1,9 @@
-"""Figures of an evaluation: a 2-D t-SNE embedding of features and confusion matrices.
-
-The notebook draws them inline; `feature_eval.evaluate` writes them as PNGs next to its table
-(`write_evaluation_plots`, with matplotlib's Agg canvas: no display and no pyplot state needed).
-"""
+"""Figures of an evaluation: a t-SNE of features, confusion matrices and nearest neighbours, drawn on matplotlib's
+Agg canvas (no display, no pyplot state) by `feature_eval.evaluate`, or inline by the notebook."""
 from __future__ import annotations
 
 import inspect
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -14,16 +12,10 @@ TSNE_ITERATIONS = 500  # scikit-learn's 1000 barely changes a 2,000-point pictur
 
 
 def embed_2d(features, max_points: int = 2000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """t-SNE (scikit-learn) of at most `max_points` rows, drawn with a seeded permutation.
+    """t-SNE of at most `max_points` rows of `features` `[N, D]` (a seeded choice): points `[n, 2]`, their rows `[n]`.
 
-    Runs on one thread: Barnes-Hut t-SNE's OpenMP threads spin while they wait, and on a shared 2-core machine
-    one thread was 3-6x faster (2,000 points: 7 s against 20-40 s); one thread also gives the same picture on
-    every machine.
-
-    Args:
-        features: `[N, D]` array or tensor.
-    Returns:
-        the 2-D points `[n, 2]` and the indices `[n]` of the rows they embed.
+    One thread: Barnes-Hut t-SNE's OpenMP threads spin while they wait, and on a shared 2-core machine one thread
+    was 3-6x faster (2,000 points: 7 s against 20-40 s); it also gives the same picture on every machine.
     """
     from sklearn.manifold import TSNE
     from threadpoolctl import threadpool_limits
@@ -46,17 +38,21 @@ def embed_2d(features, max_points: int = 2000, seed: int = 0) -> tuple[np.ndarra
     return points, rows
 
 
+def _axes(ax):
+    if ax is None:
+        import matplotlib.pyplot as plt
+
+        _, ax = plt.subplots(figsize=(7, 6))
+    return ax
+
+
 def plot_embedding(features, labels, classes: list[str], max_points: int = 2000, seed: int = 0, ax=None,
                    title: str = "t-SNE of test features"):
     """Scatter the t-SNE embedding of `features` `[N, D]`, coloured by `labels` `[N]`; returns the axes."""
     import matplotlib
 
     points, rows = embed_2d(features, max_points, seed)
-    labels = np.asarray(labels)[rows]
-    if ax is None:
-        import matplotlib.pyplot as plt
-
-        _, ax = plt.subplots(figsize=(7, 6))
+    labels, ax = np.asarray(labels)[rows], _axes(ax)
     colours = matplotlib.colormaps["tab10" if len(classes) <= 10 else "tab20"]
     for index, name in enumerate(classes):
         mask = labels == index
@@ -76,20 +72,11 @@ def confusion_counts(labels, predictions, num_classes: int) -> np.ndarray:
     return np.bincount(labels * num_classes + predictions, minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
-def plot_confusion(labels, predictions, classes: list[str], ax=None, title: str = "Confusion matrix"):
-    """Row-normalised confusion matrix of `predictions` `[M]` against `labels` `[M]`; returns the axes."""
-    return plot_confusion_counts(confusion_counts(labels, predictions, len(classes)), classes, ax, title)
-
-
-def plot_confusion_counts(counts, classes: list[str], ax=None, title: str = "Confusion matrix"):
+def plot_confusion(counts, classes: list[str], ax=None, title: str = "Confusion matrix"):
     """A `[C, C]` confusion count matrix (rows: true class), each row divided by its total; returns the axes."""
     from sklearn.metrics import ConfusionMatrixDisplay
 
-    if ax is None:
-        import matplotlib.pyplot as plt
-
-        _, ax = plt.subplots(figsize=(7, 6))
-    counts = np.asarray(counts, dtype=np.float64)
+    ax, counts = _axes(ax), np.asarray(counts, dtype=np.float64)
     shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     many = len(classes) > 20  # 100 classes: values and names would cover the picture
     ConfusionMatrixDisplay(shares, display_labels=None if many else classes).plot(
@@ -102,7 +89,7 @@ def plot_confusion_counts(counts, classes: list[str], ax=None, title: str = "Con
 
 
 def _figure(width: float, height: float):
-    """A matplotlib figure of `width` x `height` inches at 100 dpi on the Agg canvas: no display, no pyplot state."""
+    """A matplotlib figure of `width` x `height` inches at 100 dpi on the Agg canvas."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -114,29 +101,24 @@ def _figure(width: float, height: float):
 def write_evaluation_plots(out_dir: Path, stem: str, test_features, test_labels, classes: list[str],
                            confusions: list[tuple[str, np.ndarray]], max_points: int = 2000,
                            seed: int = 0) -> dict[str, Path]:
-    """Write `<stem>_tsne.png` (t-SNE of `test_features` `[N, D]`, coloured by `test_labels` `[N]`, on a seeded
-    subsample of `max_points`) and `<stem>_confusion.png` (one panel per `(title, counts [C, C])`).
-
-    Returns:
-        `{"tsne": path, "confusion": path}` of the files written (no t-SNE of NaN or Inf features, no confusion
-        picture without confusions).
-    """
+    """Write `<stem>_tsne.png` (`plot_embedding`; none for NaN or Inf features) and `<stem>_confusion.png` (a panel
+    per `(title, counts [C, C])`; none without confusions); returns `{"tsne": path, "confusion": path}`."""
     paths = {}
-    if np.isfinite(np.asarray(test_features)).all():  # else there is nothing to embed (see embed_2d)
+    if np.isfinite(np.asarray(test_features)).all():
         figure = _figure(*((8, 6.5) if len(classes) <= 10 else (10, 8)))
         plot_embedding(test_features, test_labels, classes, max_points, seed, ax=figure.subplots(),
                        title="t-SNE of the SimCLR test features")
-        figure.tight_layout()
         paths["tsne"] = out_dir / f"{stem}_tsne.png"
+        figure.tight_layout()
         figure.savefig(paths["tsne"])
     if confusions:
         side = 4.6 if len(classes) <= 10 else 6.0
         figure = _figure(side * len(confusions), side + 0.6)
         for ax, (title, counts) in zip(figure.subplots(1, len(confusions), squeeze=False)[0], confusions):
-            plot_confusion_counts(counts, classes, ax, title)
+            plot_confusion(counts, classes, ax, title)
         figure.suptitle("Confusion matrices on the SimCLR features (rows: true class, each row sums to 1)")
-        figure.tight_layout()
         paths["confusion"] = out_dir / f"{stem}_confusion.png"
+        figure.tight_layout()
         figure.savefig(paths["confusion"])
     return paths
 
@@ -144,18 +126,8 @@ def write_evaluation_plots(out_dir: Path, stem: str, test_features, test_labels,
 RIGHT, WRONG = (0, 160, 60), (220, 30, 30)  # frame colours: the neighbour's class is the test image's, or not
 
 
-def draw_neighbours(queries, query_labels, panels: list[tuple[str, np.ndarray, np.ndarray]], classes: list[str],
-                    title: str) -> np.ndarray:
-    """Each test image (a row) followed by its nearest train images under each feature extractor (a panel), framed
-    green where the neighbour has the test image's class and red where not.
-
-    Args:
-        queries: uint8 `[Q, 3, S, S]` test images; query_labels: `[Q]`.
-        panels: `(name, neighbour images uint8 [Q, K, 3, S, S], neighbour labels [Q, K])` per extractor.
-    Returns:
-        the picture, uint8 `[H, W, 3]`.
-    """
-    queries, query_labels = np.asarray(queries), np.asarray(query_labels)
+def _neighbour_grid(queries: np.ndarray, query_labels: np.ndarray, panels: list) -> tuple[np.ndarray, list, int]:
+    """The framed cells of `draw_neighbours`: the canvas uint8 `[H, W, 3]`, each group's left edge, the cell size."""
     side = queries.shape[-1]
     scale = max(1, 64 // side)  # small images (digits, CIFAR) enlarged so that a digit can be read
     border, gap = max(2, side * scale // 24), max(2, side * scale // 32)
@@ -164,9 +136,8 @@ def draw_neighbours(queries, query_labels, panels: list[tuple[str, np.ndarray, n
     starts = [0, cell + cell // 2]
     for _, images, _ in panels[:-1]:
         starts.append(starts[-1] + images.shape[1] * (cell + gap) - gap + cell // 2)
-    k = panels[-1][1].shape[1]
-    canvas = np.full((len(queries) * (cell + gap) - gap, starts[len(panels)] + k * (cell + gap) - gap, 3), 255,
-                     np.uint8)
+    width = starts[len(panels)] + panels[-1][1].shape[1] * (cell + gap) - gap
+    canvas = np.full((len(queries) * (cell + gap) - gap, width, 3), 255, np.uint8)
     for q in range(len(queries)):
         y = q * (cell + gap)
         cells = [(starts[0], queries[q], (90, 90, 90))]
@@ -174,23 +145,39 @@ def draw_neighbours(queries, query_labels, panels: list[tuple[str, np.ndarray, n
             cells += [(start + j * (cell + gap), image, RIGHT if label == query_labels[q] else WRONG)
                       for j, (image, label) in enumerate(zip(np.asarray(images[q]), np.asarray(labels[q])))]
         for x, image, colour in cells:
-            pixels = np.asarray(image).transpose(1, 2, 0).repeat(scale, 0).repeat(scale, 1)
             canvas[y:y + cell, x:x + cell] = colour
-            canvas[y + border:y + cell - border, x + border:x + cell - border] = pixels  # one channel: grey
-    left, top = 110, 60  # pixels for the class names and the headers
-    width, height = canvas.shape[1] + left + 20, canvas.shape[0] + top + 10
+            canvas[y + border:y + cell - border, x + border:x + cell - border] = \
+                np.asarray(image).transpose(1, 2, 0).repeat(scale, 0).repeat(scale, 1)  # one channel: grey
+    return canvas, starts, cell + gap
+
+
+def draw_neighbours(queries, query_labels, panels: list[tuple[str, np.ndarray, np.ndarray]], classes: list[str],
+                    title: str) -> np.ndarray:
+    """Each test image (a row) followed by its nearest train images under each feature extractor (a panel), framed
+    green where the neighbour has the test image's class and red where not; `title` wrapped to the picture's width.
+
+    Args: queries uint8 `[Q, 3, S, S]`, query_labels `[Q]`; panels: `(name, neighbours uint8 [Q, K, 3, S, S],
+    their labels [Q, K])` per extractor. Returns the picture, uint8 `[H, W, 3]`.
+    """
+    query_labels = np.asarray(query_labels)
+    canvas, starts, pitch = _neighbour_grid(np.asarray(queries), query_labels, panels)
+    headers = [f"{name}: {int((np.asarray(labels) == query_labels[:, None]).sum())} of {labels.size} of the test "
+               "image's class" for name, _, labels in panels]
+    left = 110  # pixels for the class names; at most 8 pixels a character at 9 or 10 points
+    width = max(canvas.shape[1] + 130, left + starts[len(panels)] + 8 * len(headers[-1]))
+    lines = textwrap.wrap(title, width=max(30, width // 8))
+    top = 46 + 14 * len(lines)  # the title, then the panels' headers
+    height = canvas.shape[0] + top + 10
     figure = _figure(width / 100, height / 100)
     ax = figure.add_axes([left / width, 10 / height, canvas.shape[1] / width, canvas.shape[0] / height])
     ax.imshow(canvas, interpolation="nearest")
     ax.set_axis_off()
-    ax.text(starts[0] + cell / 2, -8, "test image", ha="center", va="bottom", fontsize=9)
-    for start, (name, images, labels) in zip(starts[1:], panels):
-        right = int((np.asarray(labels) == query_labels[:, None]).sum())
-        ax.text(start, -8, f"{name}: {right} of {labels.size} of the test image's class", ha="left", va="bottom",
-                fontsize=9)
+    ax.text(pitch / 2, -8, "test image", ha="center", va="bottom", fontsize=9)
+    for start, header in zip(starts[1:], headers):
+        ax.text(start, -8, header, ha="left", va="bottom", fontsize=9)
     for q, label in enumerate(query_labels):
-        ax.text(-10, q * (cell + gap) + cell / 2, classes[int(label)] if int(label) < len(classes) else str(label),
+        ax.text(-10, q * pitch + pitch / 2, classes[int(label)] if int(label) < len(classes) else str(label),
                 ha="right", va="center", fontsize=9)
-    figure.suptitle(title, fontsize=10, y=1 - 8 / height, va="top")
+    figure.suptitle("\n".join(lines), fontsize=10, y=1 - 8 / height, va="top")
     figure.canvas.draw()
     return np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()

@@ -173,6 +173,29 @@ def test_an_exported_package_carries_the_pictures_its_table_shows(tmp_path, one_
     assert {Path(entry).name for entry in manifest["evaluations"]} == names
 
 
+@pytest.mark.slow
+def test_a_rerun_without_the_random_baseline_keeps_the_comparison_picture(run_dir, tmp_path, one_thread):
+    out, logged = tmp_path / "out", []
+    evaluate_module.evaluate(run_dir, classifiers="knn", baselines="random", out_dir=out, device="cpu",
+                             log=logged.append)
+    picture = (out / "last_digits_neighbours.png").read_bytes()
+    again = evaluate_module.evaluate(run_dir, classifiers="knn", out_dir=out, device="cpu", log=logged.append)
+    assert (out / "last_digits_neighbours.png").read_bytes() == picture  # the random-init rows' picture stays
+    assert again.paths["neighbours"] == out / "last_digits_neighbours.png"
+    assert any(line.startswith(f"kept {out / 'last_digits_neighbours.png'}") for line in logged)
+
+
+def test_the_neighbours_title_is_wrapped_to_the_picture_not_clipped():
+    """One panel (no random baseline) makes a narrow picture: a long title wraps instead of running off both edges."""
+    from feature_eval.plots import draw_neighbours
+
+    images = np.zeros((2, 3, 16, 16), np.uint8)
+    panels = [("SimCLR", np.zeros((2, 3, 3, 16, 16), np.uint8), np.zeros((2, 3), int))]
+    picture = draw_neighbours(images, np.zeros(2, int), panels, ["a"], "a long title " * 12)
+    assert (picture[:, 0] == 255).all() and (picture[:, -1] == 255).all()  # nothing drawn at the edges
+    assert (picture[:40, 1:-1] < 128).any()  # the title is there
+
+
 def test_neighbours_are_the_cosine_nearest_train_images_and_the_picture_has_their_grid(one_thread):
     """8 seeded test images; for each, the 8 train images of largest cosine similarity under each extractor (found
     here by brute force); the picture: a row per test image, 1 + 8 + 8 framed cells, green right, red wrong."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -340,6 +341,19 @@ def test_evaluate_run_prints_the_table(tiny_run, monkeypatch, capsys):
     evaluation = evaluate_module.evaluate_run(tiny_run)
     printed = capsys.readouterr().out
     assert "| Weighted KNN (k=200, T=0.1) | Random init |" in printed and evaluation.paths["json"].is_file()
+
+
+def test_an_evaluation_from_python_records_the_command_that_makes_it_again(tiny_run, tmp_path):
+    """No command line asked for it: the JSON records the equivalent one, built from the options (not null)."""
+    options = dict(classifiers="knn", baselines="random", knn_k=5, plots=False, cache=False, device="cpu",
+                   skip_bad_images=False, out_dir=str(tmp_path / "my out"))
+    result = evaluate_module.evaluate(tiny_run, log=lambda *_: None, **options)
+    words = shlex.split(result.results["command"])
+    assert words[:5] == ["python", "-m", "feature_eval.evaluate", "--checkpoint", str(tiny_run)]
+    again = evaluate_module.EvalOptions.from_args(evaluate_module.parse_args(words[3:]))
+    assert again == evaluate_module.EvalOptions(**options) and "--max-iter" not in words  # defaults left out
+    assert evaluate_module.rerun_command("runs/a b") == ("python -m feature_eval.evaluate --checkpoint 'runs/a b' "
+                                                         "--classifiers lbfgs,adam,knn --baselines random,pca")
 
 
 def test_evaluate_run_raises_a_user_error_for_run_py_to_report(tmp_path):

@@ -259,12 +259,12 @@ def test_cli_runs_on_tiny_data_and_one_lr_skips_the_hold_out(digits_run, tmp_pat
     (["--label-fraction", "1.5"], "must be in (0, 1]"),
     (["--label-fraction", "ten"], "is not a number"),
     (["--lrs", "0.1,-1"], "positive numbers"),
-    (["--epochs", "0"], "--epochs must be at least 1"),
-    (["--valid-fraction", "1"], "--valid-fraction must be in (0, 1)"),
-    (["--hflip", "1.5"], "--hflip must be in [0, 1]"),
-    (["--hflip", "-0.1"], "--hflip must be in [0, 1]"),
-    (["--batch-size", "1"], "--batch-size must be at least 2"),  # BatchNorm: one image a step trained nothing
-    (["--momentum", "1"], "--momentum must be in [0, 1)"),
+    (["--epochs", "0"], "--epochs 0: must be at least 1"),
+    (["--valid-fraction", "1"], "--valid-fraction 1: must be in (0, 1)"),
+    (["--hflip", "1.5"], "--hflip 1.5: must be in [0, 1]"),
+    (["--hflip", "-0.1"], "--hflip -0.1: must be in [0, 1]"),
+    (["--batch-size", "1"], "--batch-size 1: must be at least 2"),  # BatchNorm: one image a step trained nothing
+    (["--momentum", "1"], "--momentum 1: must be in [0, 1)"),
 ])
 def test_cli_bad_options_exit_2(digits_run, argv, message, capsys):
     with pytest.raises(SystemExit) as stop:
@@ -273,8 +273,8 @@ def test_cli_bad_options_exit_2(digits_run, argv, message, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--input-size", "4"], "--input-size must be at least 8 (e.g. 96 for STL10)"),
-    (["--batch-size", "0"], "--batch-size must be at least"),
+    (["--input-size", "4"], "--input-size 4: must be at least 8 (e.g. 96 for STL10)"),
+    (["--batch-size", "0"], "--batch-size 0: must be at least"),
 ])
 def test_both_drivers_check_numbers_with_one_function(argv, message, capsys):
     from feature_eval import evaluate as evaluate_module
@@ -282,14 +282,15 @@ def test_both_drivers_check_numbers_with_one_function(argv, message, capsys):
     for parse_args in (finetune_module.parse_args, evaluate_module.parse_args):
         with pytest.raises(SystemExit) as stop:
             parse_args(["--checkpoint", "x", *argv])
-        assert stop.value.code == 2 and message in capsys.readouterr().err
+        err = capsys.readouterr().err  # one line: the option, its value and bound; no usage
+        assert stop.value.code == 2 and message in err and err.count("\n") == 1
     with pytest.raises(SystemExit):
         evaluate_module.parse_args(["--checkpoint", "x", "--num-workers", "-1"])
-    assert "--num-workers must be >= 0" in capsys.readouterr().err
+    assert "--num-workers -1: must be >= 0" in capsys.readouterr().err
     for option in ("--C", "--weighted-knn-temperature"):
         with pytest.raises(SystemExit):
             evaluate_module.parse_args(["--checkpoint", "x", option, "0"])
-        assert f"{option} must be > 0" in capsys.readouterr().err
+        assert f"{option} 0: must be > 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("extra, message, code", [  # docs/EXIT_CODES.md: 1 for a checkpoint, 2 for an option
