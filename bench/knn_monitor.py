@@ -4,10 +4,9 @@
     python -m bench.knn_monitor --device cuda --images 5000 --size 96
     python -m bench.knn_monitor --run-dir runs/quickstart   # its share of that run, from metrics.jsonl
 
-Times `simclr.monitor.KnnMonitor.measure`, the code the trainer calls, on synthetic uint8 images of 10 classes
-(its cost does not depend on content): preparing the images once, then each call's feature extraction (eval
-mode, no gradients) and weighted kNN (k=200, T=0.1). Prints a markdown table with the command, the machine and
-its load (other processes share a CPU); `--record` also appends it to its section of docs/BENCHMARKS.md.
+Times `simclr.monitor.KnnMonitor.measure`, the trainer's own call, on synthetic images of 10 classes (its cost does
+not depend on content), and each call's two parts: feature extraction and the weighted kNN. `--record` appends the
+table, with the command, the machine and its load, to its section of docs/BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -33,6 +32,13 @@ def time_calls(images: int, size: int, base_model: str, device: str, repeats: in
     from models.resnet_simclr import create_model
     from simclr.monitor import KnnMonitor
 
+    def seconds(work) -> float:
+        tic = time.perf_counter()
+        work()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - tic
+
     g = torch.Generator().manual_seed(seed)
     data = TensorImages(torch.randint(0, 256, (images, 3, size, size), dtype=torch.uint8, generator=g),
                         torch.randint(0, 10, (images,), generator=g), [str(i) for i in range(10)])
@@ -41,16 +47,7 @@ def time_calls(images: int, size: int, base_model: str, device: str, repeats: in
     prepare = time.perf_counter() - tic
     torch.manual_seed(seed)
     encoder = create_model(base_model, 128).encoder.to(device)
-
-    def seconds(work) -> float:
-        tic = time.perf_counter()
-        work()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        return time.perf_counter() - tic
-
-    calls = [seconds(lambda: monitor.measure(encoder)) for _ in range(repeats)]
-    made = []
+    calls, made = [seconds(lambda: monitor.measure(encoder)) for _ in range(repeats)], []
     extract = [seconds(lambda: made.append(monitor.features(encoder))) for _ in range(repeats)]
     features, n, labels = made[-1], monitor.fit_count, monitor.labels
     search = seconds(lambda: weighted_knn_top1(features[:n], labels[:n], features[n:], labels[n:], 10))
@@ -75,14 +72,13 @@ def load() -> str:
     return ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "unknown"
 
 
-def share_table(run_dir: Path) -> str:
-    share = run_share(run_dir)
-    return (f"| run | monitor calls | monitor s | training s (epochs + reference) | share |\n|---|---|---|---|---|\n"
-            f"| `{run_dir}` | {share['calls']} | {share['knn_s']:.1f} | {share['training_s']:.1f} | "
-            f"{100 * share['share']:.1f} % |")
-
-
-def calls_table(args) -> str:
+def table(args) -> str:
+    """The markdown table: the monitor's share of `args.run_dir`'s training, or else the timed calls."""
+    if args.run_dir is not None:
+        s = run_share(args.run_dir)
+        return (f"| run | monitor calls | monitor s | training s (epochs + reference) | share |\n|---|---|---|---|---|"
+                f"\n| `{args.run_dir}` | {s['calls']} | {s['knn_s']:.1f} | {s['training_s']:.1f} | "
+                f"{100 * s['share']:.1f} % |")
     import torch
 
     t = time_calls(args.images, args.size, args.base_model, args.device, args.repeats)
@@ -104,21 +100,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", type=Path, help="instead: the monitor's share of this finished run's training")
     add_record_args(parser, "the run appended to this benchmark's section")
     args = parser.parse_args(argv)
+    if args.run_dir is not None and not (args.run_dir / "metrics.jsonl").is_file():
+        print(f"error: {args.run_dir / 'metrics.jsonl'} not found: pass the run dir of a finished run", file=sys.stderr)
+        return 2
+    if args.run_dir is None and (args.images < 10 or args.size < 8 or args.repeats < 1):
+        parser.error("--images must be >= 10, --size >= 8, --repeats >= 1")
     before = load()
-    if args.run_dir is not None:
-        if not (args.run_dir / "metrics.jsonl").is_file():
-            print(f"error: {args.run_dir / 'metrics.jsonl'} not found: pass the run dir of a finished run",
-                  file=sys.stderr)
-            return 2
-        table, when = share_table(args.run_dir), ("the run's own seconds, as its metrics.jsonl has them (the load "
-                                                  "during that run is not known here)")
-    else:
-        if args.images < 10 or args.size < 8 or args.repeats < 1:
-            parser.error("--images must be >= 10, --size >= 8, --repeats >= 1")
-        table = calls_table(args)
-        when = f"load average {before} before, {load()} after"
+    made = table(args)
+    when = (f"load average {before} before, {load()} after" if args.run_dir is None else
+            "the run's own seconds, as its metrics.jsonl has them (the load during that run is not known here)")
     block = (f"`{command_line('bench.knn_monitor', argv)}` ({datetime.date.today()}; {describe_machine(args.device)}; "
-             f"{when}):\n\n{table}")
+             f"{when}):\n\n{made}")
     print_and_record(args, block, START, END, SECTION_HEAD)
     return 0
 

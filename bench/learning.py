@@ -2,26 +2,21 @@
 
     python -m bench.learning                                  # the study behind configs/quickstart.yaml (digits)
     python -m bench.learning --record                         # ... appended to docs/BENCHMARKS.md
-    python -m bench.learning --dataset imagefolder --root /data/x --epochs 50 --device cuda \\
+    python -m bench.learning --set dataset.name=imagefolder dataset.root=/data/x epochs=50 device=cuda \\
         --variants "loss.temperature=0.2" "model.head_bn=true"
 
-Every variant is the base config (`--config`, default the quickstart's) plus `key=value` overrides, trained once
-per seed (the same seeds for every variant). Each encoder is then scored with the feature_eval protocols
-(L-BFGS logistic regression and KNN, k=10, on standardised features) next to a random-init encoder of the same
-architecture and seed and PCA on raw pixels, at the same eval view. Nothing is chosen on test labels: by
-default (`--report holdout`) the classifiers are fitted on 80% of the labelled `train` split and scored on the
-other 20% (seeded, stratified, the same for every run); `--report test` fits on `train` and scores `test`, for
-a recipe already chosen. Baseline features are cached in `runs/eval_cache/baselines` and reused across runs.
-
-Prints one table (mean and standard deviation over seeds of top-1, of its margin over the better baseline, and
-of the pretraining time); `--record` also appends it, with the machine, versions and command, to
-docs/BENCHMARKS.md (`--output FILE`: to FILE instead).
+Every variant is the base config (`--config`, default the quickstart's) plus `--set` and its own `key=value`
+overrides, trained once per seed. Each encoder is scored with the feature_eval protocols (L-BFGS logistic
+regression and KNN, k=10) next to a random-init encoder of the same architecture and seed and PCA on raw pixels.
+Nothing is chosen on test labels: by default (`--report holdout`) the classifiers are fitted on 80% of the labelled
+`train` split and scored on the other 20% (seeded, stratified); `--report test` fits on `train` and scores `test`,
+for a recipe already chosen. Baseline features are cached in `runs/eval_cache/baselines`. The table gives mean and
+standard deviation over seeds of top-1, of its margin over the better baseline, and of the pretraining time.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
-import math
 import shlex
 import statistics
 import sys
@@ -33,11 +28,10 @@ import startup  # standard library only
 if __name__ == "__main__":  # a mismatched torch/torchvision pair: one line, not the traceback of the imports below
     startup.exit_if_torch_is_broken()
 
-import numpy as np
 import torch
 
 from bench import add_record_args, command_line, describe_machine, print_and_record
-from data_aug.datasets import ImageFiles, TensorImages, load_split
+from data_aug.datasets import load_split, subset
 from data_aug.errors import DataError
 from feature_eval import baselines
 from feature_eval.classifiers import holdout_split, knn_classifier, lbfgs_probe
@@ -53,33 +47,6 @@ COLUMNS = ("lbfgs", "lbfgs margin", "knn", "knn margin", "seconds")  # of a SimC
 HOLDOUT_FRACTION, HOLDOUT_SEED = 0.2, 0
 BASE = "base"
 START, END = "<!-- bench/learning.py: start -->", "<!-- bench/learning.py: end -->"
-
-
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(REPO / "configs" / "quickstart.yaml"),
-                        help="base config of every run (default: configs/quickstart.yaml)")
-    parser.add_argument("--variants", nargs="*", default=None,
-                        help='variants, each a quoted string of key=value overrides, e.g. "loss.temperature=0.5 '
-                             'model.head_bn=true"; the base config is always studied too (default: the built-in '
-                             "study, see DEFAULT_VARIANTS)")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of every variant")
-    parser.add_argument("--dataset", help="dataset.name of every run (e.g. imagefolder)")
-    parser.add_argument("--root", help="dataset.root of every run")
-    parser.add_argument("--input-size", type=int, help="view and eval size (dataset.input_shape N,N,3)")
-    parser.add_argument("--epochs", type=int, help="epochs of every run")
-    parser.add_argument("--device", help="device of every run and of the evaluation (auto, cpu, cuda, cuda:N)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="more overrides for every run, e.g. batch_size=128 dataset.num_workers=2")
-    parser.add_argument("--report", choices=("holdout", "test"), default="holdout",
-                        help="holdout: fit on 80%% of train, score the other 20%% (choose recipes here); test: fit "
-                             "on train, score test (only for a recipe already chosen)")
-    parser.add_argument("--out-dir", help="where the runs go (default: runs/learning/<date>_<time>)")
-    add_record_args(parser, "the study appended to its section")
-    return parser.parse_args(argv)
-
-
 # The study behind configs/quickstart.yaml: one knob at a time around its recipe.
 DEFAULT_VARIANTS = (
     "model.head_bn=false model.head_layers=2",  # the original repository's head
@@ -92,35 +59,36 @@ DEFAULT_VARIANTS = (
 )
 
 
-def common_overrides(args: argparse.Namespace) -> list[str]:
-    size = args.input_size and f"{args.input_size},{args.input_size},3"
-    given = {"dataset.name": args.dataset, "dataset.root": args.root, "dataset.input_shape": size,
-             "epochs": args.epochs, "device": args.device}
-    return ([f"{key}={value}" for key, value in given.items() if value] + list(args.set)
-            + ["final_eval=false", "resume=None", "fine_tune_from=None"])
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(REPO / "configs" / "quickstart.yaml"),
+                        help="base config of every run (default: configs/quickstart.yaml)")
+    parser.add_argument("--variants", nargs="*", default=None,
+                        help='variants, each a quoted string of key=value overrides, e.g. "loss.temperature=0.5 '
+                             'model.head_bn=true"; the base config is always studied too (default: the built-in '
+                             "study, see DEFAULT_VARIANTS)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of every variant")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="overrides for every run, e.g. dataset.name=imagefolder dataset.root=/data/x "
+                             "\"dataset.input_shape=(32,32,3)\" epochs=50 device=cuda")
+    parser.add_argument("--report", choices=("holdout", "test"), default="holdout",
+                        help="holdout: fit on 80%% of train, score the other 20%% (choose recipes here); test: fit "
+                             "on train, score test (only for a recipe already chosen)")
+    parser.add_argument("--out-dir", help="where the runs go (default: runs/learning/<date>_<time>)")
+    add_record_args(parser, "the study appended to its section")
+    return parser.parse_args(argv)
 
 
-def check_variants(args: argparse.Namespace, variants: list[str]) -> None:
-    """Build every run's config before training anything: a bad variant fails in one line, naming it."""
-    for variant in variants:
-        for seed in args.seeds:
-            try:
-                load_config(args.config, common_overrides(args) + variant_overrides(variant) + [f"seed={seed}"])
-            except ConfigError as err:
-                raise ConfigError(f"variant {variant!r}: {err}") from None
-
-
-def variant_overrides(variant: str) -> list[str]:
-    return [] if variant == BASE else shlex.split(variant)
-
-
-def subset(data, index: np.ndarray):
-    """The items `index` of a data set from `load_split`, as the same kind of data set."""
-    if isinstance(data, TensorImages):
-        idx = torch.as_tensor(index)
-        return TensorImages(data.images[idx], data.labels[idx], data.classes)
-    assert isinstance(data, ImageFiles)
-    return ImageFiles([data.files[i] for i in index], data.labels[torch.as_tensor(index)].tolist(), data.classes)
+def run_config(args: argparse.Namespace, variant: str, seed: int, *more: str):
+    """The config of one run: the base config, `--set`, the variant's overrides, its seed, then `more`; a bad
+    variant raises ConfigError naming it."""
+    overrides = [*args.set, "final_eval=false", "resume=None", "fine_tune_from=None",
+                 *([] if variant == BASE else shlex.split(variant)), f"seed={seed}", *more]
+    try:
+        return load_config(args.config, overrides)
+    except ConfigError as err:
+        raise ConfigError(f"variant {variant!r}: {err}") from None
 
 
 def split_for_report(config, report: str):
@@ -140,28 +108,24 @@ def score(features: tuple[FeatureSplit, FeatureSplit], device: torch.device) -> 
 
 
 def mean_sd(values: list[float]) -> str:
-    if not values:
-        return "-"
-    if len(values) == 1:  # one seed: no spread to show
-        return f"{values[0]:.1f}"
+    if len(values) < 2:  # one seed: no spread to show
+        return f"{values[0]:.1f}" if values else "-"
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
 def study(args: argparse.Namespace, trainer_class=Trainer) -> str:
     """Train every variant with every seed (`trainer_class`: a `Trainer`, or a test's subclass), score each encoder
-    and the baselines of its seed; the table (`render`)."""
+    and the baselines of its seed; the table (`render`). Every config is built first: a bad variant fails before
+    any training."""
     variants = [BASE] + list(DEFAULT_VARIANTS if args.variants is None else args.variants)
-    check_variants(args, variants)
     out_dir = Path(args.out_dir or Path("runs") / "learning" / datetime.datetime.now().strftime("%Y%m%d_%H%M%S"))
+    runs = {(v, s): run_config(args, v, s, f"run_dir={out_dir / f'{variant_slug(v)}_seed{s}'}")
+            for v in variants for s in args.seeds}
     simclr = {v: {c: [] for c in COLUMNS} for v in variants}
     baseline_scores: dict[tuple[str, int], dict[str, float]] = {}  # (baseline, seed) -> top-1 per classifier
     splits: dict[tuple, tuple] = {}
-    runs = [(v, s) for v in variants for s in args.seeds]
-    for i, (variant, seed) in enumerate(runs, start=1):
-        run_dir = out_dir / f"{variant_slug(variant)}_seed{seed}"
-        config = load_config(args.config, common_overrides(args) + variant_overrides(variant)
-                             + [f"seed={seed}", f"run_dir={run_dir}"])
-        print(f"[{i}/{len(runs)}] {variant} seed {seed} -> {run_dir}", flush=True)
+    for i, ((variant, seed), config) in enumerate(runs.items(), start=1):
+        print(f"[{i}/{len(runs)}] {variant} seed {seed} -> {config.run_dir}", flush=True)
         info = init_distributed(config.device)
         tic = time.perf_counter()
         trainer_class(config, info).fit()
@@ -169,7 +133,7 @@ def study(args: argparse.Namespace, trainer_class=Trainer) -> str:
         data_key = (config.dataset.name, config.dataset.root, config.dataset.crop_size, args.report)
         if data_key not in splits:
             splits[data_key] = split_for_report(config, args.report)
-        found, best = score_run(config, run_dir, seed, splits[data_key], info.device, baseline_scores)
+        found, best = score_run(config, seed, splits[data_key], info.device, baseline_scores)
         row = simclr[variant]
         row["seconds"].append(seconds)
         for c in CLASSIFIERS:
@@ -181,33 +145,26 @@ def study(args: argparse.Namespace, trainer_class=Trainer) -> str:
     return render(args, simclr, baseline_scores, next(iter(splits.values())))
 
 
-def score_run(config, run_dir: Path, seed: int, data: tuple, device: torch.device, baseline_scores: dict):
+def score_run(config, seed: int, data: tuple, device: torch.device, baseline_scores: dict):
     """Top-1 per classifier of the run's encoder, and the best baseline's of its seed (each baseline scored once
     per seed, into `baseline_scores`: the same for every variant with this seed, data and size)."""
     fit, report = data
-    encoder = load_encoder(run_dir, device)
+    encoder = load_encoder(config.run_dir, device)
     found = score(tuple(extract_features(encoder, part, config.dataset.crop_size, device=device,
                                          desc=f"SimCLR features ({name})")
                         for name, part in (("fit", fit), ("report", report))), device)
-    best = {c: -math.inf for c in CLASSIFIERS}
-    for name, compute in baseline_extractors(config, seed, fit, report, device):
+    m, size, cache = config.model, config.dataset.crop_size, baselines.BASELINE_CACHE
+    extractors = {  # both at the run's eval size, their features cached across runs
+        f"Random init ({m.base_model}{', CIFAR stem' if m.cifar_stem else ''}, {size}px)":
+            lambda: baselines.random_init_features(m.base_model, m.cifar_stem, seed, fit, report, size,
+                                                   device=device, cache_dir=cache),
+        f"PCA ({m.out_dim} components, {size}px)":
+            lambda: baselines.pca_features(fit, report, size, m.out_dim, seed=seed, cache_dir=cache)[:2]}
+    for name, compute in extractors.items():
         if (name, seed) not in baseline_scores:
             baseline_scores[name, seed] = score(compute(), device)
-        best = {c: max(best[c], baseline_scores[name, seed][c]) for c in CLASSIFIERS}
+    best = {c: max(baseline_scores[name, seed][c] for name in extractors) for c in CLASSIFIERS}
     return found, best
-
-
-def baseline_extractors(config, seed: int, fit, report, device: torch.device):
-    """(name, features function) of the baselines for a run: random init of its architecture and seed, and PCA
-    to its projection size, both at its eval size; features are cached across runs (`BASELINE_CACHE`)."""
-    m, size = config.model, config.dataset.crop_size
-    stem = ", CIFAR stem" if m.cifar_stem else ""
-    yield (f"Random init ({m.base_model}{stem}, {size}px)",
-           lambda: baselines.random_init_features(m.base_model, m.cifar_stem, seed, fit, report, size, device=device,
-                                                  cache_dir=baselines.BASELINE_CACHE))
-    yield (f"PCA ({m.out_dim} components, {size}px)",
-           lambda: baselines.pca_features(fit, report, size, m.out_dim, seed=seed,
-                                          cache_dir=baselines.BASELINE_CACHE)[:2])
 
 
 def variant_slug(variant: str) -> str:
@@ -228,8 +185,7 @@ def render(args, simclr: dict, baseline_scores: dict, data: tuple) -> str:
         label = "SimCLR, base config" if variant == BASE else f"SimCLR, `{variant}`"
         lines.append(f"| {label} | " + " | ".join(mean_sd(row[c]) for c in COLUMNS) + " |")
     for name in dict.fromkeys(name for name, _ in baseline_scores):
-        per_seed = [scores for (n, _), scores in baseline_scores.items() if n == name]
-        lbfgs, knn = ([s[c] for s in per_seed] for c in CLASSIFIERS)
+        lbfgs, knn = ([s[c] for (n, _), s in baseline_scores.items() if n == name] for c in CLASSIFIERS)
         lines.append(f"| {name} | {mean_sd(lbfgs)} | - | {mean_sd(knn)} | - | - |")
     return "\n".join(lines)
 

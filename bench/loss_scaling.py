@@ -2,19 +2,18 @@
 
     python -m bench.loss_scaling                       # CPU: prints the table
     python -m bench.loss_scaling --record              # ... and replaces its CPU section of docs/BENCHMARKS.md
-    python -m bench.loss_scaling --device cuda         # the same on the GPU
-    python -m bench.loss_scaling --sizes 256 512
     python -m bench.loss_scaling --device cuda --sizes 256 1024 4096 16384 --output out/loss.md
 
-Each batch size runs in a fresh process, so that the CPU's peak resident memory (`ru_maxrss`) belongs
-to that size alone; the table reports the peak above the memory held before the loss ran (inputs
-included). On CUDA it reports `torch.cuda.max_memory_allocated` above the same starting point. The original repository's
-loss (sthalles/SimCLR), which broadcasts a `[2N, 2N, D]` tensor to get cosine similarities, is measured
-beside it for the small sizes only: its memory grows as N^2 D.
+Each batch size runs in a fresh process, so that the CPU's peak resident memory (`ru_maxrss`) belongs to that size
+alone; the table reports the peak above the memory held before the loss ran (on CUDA, `max_memory_allocated`). The
+original repository's loss (sthalles/SimCLR's `loss/nt_xent.py`, imported from ../shared/seed/code: see
+bench.original_step), which broadcasts a `[2N, 2N, D]` tensor for its cosine similarities, runs beside it for the
+small sizes only: its memory grows as N^2 D.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -25,43 +24,21 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 from bench import add_record_args, describe_machine, device_arg, print_and_record
+from bench.original_step import SEED_CODE, seed_code_problem
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 2**30
 
 
-class SeedNTXentLoss(nn.Module):
-    """The original repository's NT-Xent (sthalles/SimCLR `loss/nt_xent.py`), kept only to measure what it cost.
-
-    Its cosine similarity broadcasts `[2N, 1, D]` against `[1, 2N, D]`, materialising `[2N, 2N, D]`.
-    """
-
-    def __init__(self, batch_size: int, temperature: float):
-        super().__init__()
-        self.batch_size, self.temperature = batch_size, temperature
-        index = torch.arange(2 * batch_size)
-        other = (index + batch_size) % (2 * batch_size)
-        mask = torch.ones(2 * batch_size, 2 * batch_size, dtype=torch.bool)
-        mask[index, index] = mask[index, other] = False  # neither itself nor its positive is a negative
-        self.register_buffer("mask", mask)
-
-    def forward(self, zis: torch.Tensor, zjs: torch.Tensor) -> torch.Tensor:
-        representations = torch.cat([zjs, zis], dim=0)
-        similarity = F.cosine_similarity(representations.unsqueeze(1), representations.unsqueeze(0), dim=-1)
-        positives = torch.cat([torch.diag(similarity, self.batch_size), torch.diag(similarity, -self.batch_size)])
-        negatives = similarity[self.mask].view(2 * self.batch_size, -1)
-        logits = torch.cat([positives[:, None], negatives], dim=1) / self.temperature
-        labels = torch.zeros(2 * self.batch_size, dtype=torch.long, device=zis.device)
-        return F.cross_entropy(logits, labels, reduction="sum") / (2 * self.batch_size)
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+def original_loss(code: Path, n: int, device: torch.device) -> torch.nn.Module:
+    """The original repository's `NTXentLoss` for `n` pairs (temperature 0.5, cosine similarity), loaded from its
+    file in `code` (never copied here) so that our `loss` package does not shadow its `loss/`."""
+    spec = importlib.util.spec_from_file_location("original_nt_xent", code / "loss" / "nt_xent.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.NTXentLoss(device, n, 0.5, True)
 
 
 def _sync(device: torch.device) -> None:
@@ -69,23 +46,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_one(n: int, dim: int, device: torch.device, which: str, repeats: int) -> dict:
-    """Forward + backward of one loss on random `[n, dim]` projections; median seconds and peak extra GiB."""
+def measure_one(n: int, dim: int, device: torch.device, which: str, repeats: int, code: Path) -> dict:
+    """Forward + backward of one loss ("ntxent": ours; "seed": the original's, from `code`) on random `[n, dim]`
+    projections; median seconds of `repeats` after one warm-up, and peak extra GiB."""
     from loss.nt_xent import NTXentLoss
 
     torch.manual_seed(0)
-    criterion = NTXentLoss(temperature=0.5) if which == "ntxent" else SeedNTXentLoss(n, 0.5)
-    criterion = criterion.to(device)
-    z1 = torch.randn(n, dim, device=device, requires_grad=True)
-    z2 = torch.randn(n, dim, device=device, requires_grad=True)
+    criterion = (NTXentLoss(temperature=0.5) if which == "ntxent" else original_loss(code, n, device)).to(device)
+    z1, z2 = (torch.randn(n, dim, device=device, requires_grad=True) for _ in range(2))
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         start_mem = torch.cuda.memory_allocated(device)
     else:
-        start_mem = _rss_bytes()
+        with open("/proc/self/statm") as f:
+            start_mem = int(f.read().split()[1]) * resource.getpagesize()
     times = []
-    for _ in range(repeats + 1):  # the first run warms up and is not timed
+    for _ in range(repeats + 1):
         z1.grad = z2.grad = None
         _sync(device)
         tick = time.perf_counter()
@@ -100,9 +77,9 @@ def measure_one(n: int, dim: int, device: torch.device, which: str, repeats: int
             "repeats": repeats}
 
 
-def _run_in_subprocess(n: int, dim: int, device: str, which: str, repeats: int) -> dict:
-    cmd = [sys.executable, "-m", "bench.loss_scaling", "--one", str(n), "--dim", str(dim), "--device", device,
-           "--which", which, "--repeats", str(repeats)]
+def _run_in_subprocess(n: int, args, which: str, repeats: int) -> dict:
+    cmd = [sys.executable, "-m", "bench.loss_scaling", "--one", str(n), "--dim", str(args.dim), "--device",
+           args.device, "--which", which, "--repeats", str(repeats), "--seed-code", str(args.seed_code)]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if done.returncode != 0:
         return {"n": n, "which": which, "error": (done.stderr.strip().splitlines() or ["failed"])[-1][:120]}
@@ -143,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--seed-up-to", type=int, default=512,
                         help="run the original repository's [2N,2N,D] loss up to this N")
+    parser.add_argument("--seed-code", type=Path, default=SEED_CODE,
+                        help="the original repository's code (default: ../shared/seed/code)")
     parser.add_argument("--repeats", type=int, default=3)
     add_record_args(parser, "the table replacing this device's section (the file is created if absent)")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
@@ -150,15 +129,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if args.one is not None:
-        print(json.dumps(measure_one(args.one, args.dim, device, args.which, args.repeats)))
+        print(json.dumps(measure_one(args.one, args.dim, device, args.which, args.repeats, args.seed_code)))
         return 0
+    seed_sizes = [n for n in args.sizes if n <= args.seed_up_to]
+    if seed_sizes and seed_code_problem(args.seed_code):
+        print(f"the original repository's loss is not measured: {seed_code_problem(args.seed_code)}", file=sys.stderr)
+        seed_sizes = []
     rows, load = [], os.getloadavg()[0] if device.type == "cpu" else None
-    jobs = [(n, "ntxent") for n in args.sizes] + [(n, "seed") for n in args.sizes if n <= args.seed_up_to]
-    for n, which in jobs:
-        repeats = args.repeats if n <= 2048 or device.type == "cuda" else 1
-        row = _run_in_subprocess(n, args.dim, args.device, which, repeats)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+    for n, which in [(n, "ntxent") for n in args.sizes] + [(n, "seed") for n in seed_sizes]:
+        rows.append(_run_in_subprocess(n, args, which, args.repeats if n <= 2048 or device.type == "cuda" else 1))
+        print(json.dumps(rows[-1]), flush=True)
     marks = (f"<!-- bench/loss_scaling.py {device.type}: {end} -->" for end in ("start", "end"))
     print_and_record(args, format_table(rows, device, args.dim, load), *marks, replace=True)
     return 0

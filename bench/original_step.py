@@ -4,17 +4,12 @@
     python -m bench.original_step --crops 32 --repeats 1 --steps 2   # a quick look
     python -m bench.original_step --record           # ... and append the table to docs/BENCHMARKS.md
 
-The original is sthalles/SimCLR at e8a690a, kept unchanged in ../shared/seed/code (../shared/seed/CODE.md; never
-copied into this repository; `--seed-code DIR` points elsewhere). Its DataLoader (`DataSetWrapper`'s train loader
-and `SimCLRDataTransform`), `ResNetSimCLR` and `NTXentLoss` are imported from there in a child process started
-from this file as a script, without this project on sys.path: its `data_aug/`, `models/` and `loss/` have no
-`__init__.py`, so ours would shadow them. That loader makes the views (from synthetic images, as
-bench.throughput's) once per crop; the child times the original's step on them (forward of each view, NT-Xent,
-backward, Adam, as its `SimCLR.train`), and this process times `simclr.trainer.Trainer.train_step` on the very same
-views (bench.throughput's `create_trainer`) in three settings: float32 NCHW (forced), float32 channels-last
-(the default), and `fp16_precision: auto`. Repeats interleave all four, so that other load on a shared machine
-falls on each alike; the table gives the median images/s and the median of each repeat's ratio to the original.
-This module imports only the standard library at the top, so that the child can run it.
+The original (sthalles/SimCLR e8a690a, ../shared/seed/code, see ../shared/seed/CODE.md; `--seed-code DIR`) runs in
+a child process started from this file as a script, without this project on sys.path (its `data_aug/`, `models/`
+and `loss/` have no `__init__.py`, so ours would shadow them): its DataLoader makes the views once per crop, and it
+times its own step on them (as its `SimCLR.train`). This process times `Trainer.train_step` on the very same views
+in three settings (`TRAINER_SETTINGS`). Repeats interleave all four, so that other load on a shared machine falls
+on each alike. This module imports only the standard library at the top, so that the child can run it.
 """
 from __future__ import annotations
 
@@ -76,9 +71,6 @@ def original_views(images_file: Path, views_file: Path, batch_size: int) -> None
 def original_worker(code: str, images_file: str, views_file: str, batch_size: int, warmup: int, steps: int) -> float:
     """Images/s of the original's step on the views in `views_file`, made first by its DataLoader if absent."""
     sys.path.insert(0, code)
-    import contextlib
-    import io
-
     import torch
     import torch.nn.functional as F
     from loss.nt_xent import NTXentLoss
@@ -88,8 +80,7 @@ def original_worker(code: str, images_file: str, views_file: str, batch_size: in
         original_views(Path(images_file), Path(views_file), batch_size)
     views = torch.load(views_file, weights_only=True)
     torch.manual_seed(0)
-    with contextlib.redirect_stdout(io.StringIO()):  # it prints "Feature extractor: resnet18"
-        model = ResNetSimCLR("resnet18", 256)
+    model = ResNetSimCLR("resnet18", 256)  # prints "Feature extractor: resnet18": the parent reads the last line
     optimizer = torch.optim.Adam(model.parameters(), 3e-4, weight_decay=1e-5)
     criterion = NTXentLoss("cpu", batch_size, 0.5, True)
     model.train()
@@ -98,8 +89,7 @@ def original_worker(code: str, images_file: str, views_file: str, batch_size: in
         optimizer.zero_grad()
         _, zis = model(xis)
         _, zjs = model(xjs)
-        loss = criterion(F.normalize(zis, dim=1), F.normalize(zjs, dim=1))
-        loss.backward()
+        criterion(F.normalize(zis, dim=1), F.normalize(zjs, dim=1)).backward()
         optimizer.step()
 
     for i in range(warmup):
@@ -125,50 +115,37 @@ def run_original(code: Path, images_file: Path, views_file: Path, batch_size: in
 # ---- the parent: this project ----
 
 def measure(args) -> dict:
-    """{crop: {row: [images/s per repeat]}} plus the load average at each repeat, all rows interleaved."""
-    import torch
-
-    from bench.throughput import create_trainer, synthetic_images
-
-    results = {"loads": [], "rows": {}}
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        for crop in args.crops:
-            torch.save(synthetic_images(args.batch_size * (args.warmup + args.steps), crop), tmp / f"images{crop}.pt")
-            trainers = {}
-            for amp, layout, setting in TRAINER_SETTINGS:
-                trainer = create_trainer(tmp / f"run{crop}{amp}{layout}", "resnet18", crop, args.batch_size, "cpu",
-                                         amp, layout)
-                trainers[f"Trainer.train_step, {trainer.precision.summary()} ({setting})"] = trainer
-            results["rows"][crop] = _repeats(args, crop, trainers, tmp, results["loads"])
-    return results
-
-
-def _repeats(args, crop: int, trainers: dict, tmp: Path, loads: list) -> dict[str, list[float]]:
-    """Images/s of the original's step, then of each trainer's, `args.repeats` times in turn on the same views (made
-    by the original's DataLoader from `tmp/images<crop>.pt` into `tmp/views<crop>.pt`)."""
+    """{"rows": {crop: {row: [images/s per repeat]}}, "loads": [1-minute load at each repeat's start]}: per crop,
+    the original's step then each trainer's, `args.repeats` times in turn on the views of the original's loader."""
     import itertools
 
     import torch
 
-    from bench.throughput import timed, trainer_step
+    from bench.throughput import create_trainer, synthetic_images, timed, trainer_step
     from simclr.trainer import flushed_denormals
 
-    images_file, views_file = tmp / f"images{crop}.pt", tmp / f"views{crop}.pt"
-    rows = {ORIGINAL: [], **{name: [] for name in trainers}}
-    for repeat in range(args.repeats):
-        loads.append(os.getloadavg()[0])
-        print(f"{crop} px, repeat {repeat + 1}/{args.repeats}: the original's step ...", flush=True)
-        rows[ORIGINAL].append(run_original(args.seed_code, images_file, views_file, args.batch_size, args.warmup,
-                                           args.steps))
-        views = torch.load(views_file, weights_only=True)
-        for name, trainer in trainers.items():
-            print(f"  {name} ...", flush=True)
-            with flushed_denormals():  # as Trainer.fit
-                seconds = timed(itertools.cycle(views), args.warmup, args.steps, torch.device("cpu"),
-                                trainer_step(trainer))
-            rows[name].append(args.batch_size * args.steps / seconds)
-    return rows
+    results = {"loads": [], "rows": {}}
+    with tempfile.TemporaryDirectory() as tmp, flushed_denormals():  # the trainer's steps run as in Trainer.fit
+        for crop in args.crops:
+            images_file, views_file = Path(tmp, f"images{crop}.pt"), Path(tmp, f"views{crop}.pt")
+            torch.save(synthetic_images(args.batch_size * (args.warmup + args.steps), crop), images_file)
+            trainers = {}
+            for amp, layout, setting in TRAINER_SETTINGS:
+                trainer = create_trainer(Path(tmp, "run"), "resnet18", crop, args.batch_size, "cpu", amp, layout)
+                trainers[f"Trainer.train_step, {trainer.precision.summary()} ({setting})"] = trainer
+            rows = results["rows"][crop] = {ORIGINAL: [], **{name: [] for name in trainers}}
+            for repeat in range(args.repeats):
+                results["loads"].append(os.getloadavg()[0])
+                print(f"{crop} px, repeat {repeat + 1}/{args.repeats}: the original's step ...", flush=True)
+                rows[ORIGINAL].append(run_original(args.seed_code, images_file, views_file, args.batch_size,
+                                                   args.warmup, args.steps))
+                views = torch.load(views_file, weights_only=True)
+                for name, trainer in trainers.items():
+                    print(f"  {name} ...", flush=True)
+                    seconds = timed(itertools.cycle(views), args.warmup, args.steps, torch.device("cpu"),
+                                    trainer_step(trainer))
+                    rows[name].append(args.batch_size * args.steps / seconds)
+    return results
 
 
 def format_run(args, results: dict, command: str) -> str:
@@ -190,8 +167,9 @@ def format_run(args, results: dict, command: str) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from bench import add_record_args
+def main(argv: list[str] | None = None) -> int:
+    import startup
+    from bench import add_record_args, command_line, print_and_record
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--crops", type=int, nargs="+", default=[96, 32],
@@ -203,11 +181,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed-code", type=Path, default=SEED_CODE,
                         help="the original repository's code (default: ../shared/seed/code)")
     add_record_args(parser, "the table appended to its section")
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = parser.parse_args(argv)
     bad_numbers = args.batch_size < 2 or args.steps < 1 or args.warmup < 0 or args.repeats < 1 or min(args.crops) < 8
     problem = ("--batch-size must be >= 2, --steps and --repeats >= 1, --warmup >= 0, --crops >= 8" if bad_numbers
                else seed_code_problem(args.seed_code))
@@ -215,13 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     args.seed_code = args.seed_code.resolve()
-    import startup
-
     cpu = startup.prepare_cpu("cpu", owner="bench.original_step")  # run.py's CPU policy, inherited by the child
     startup.exit_if_torch_is_broken()
     args.cpu_policy = f"OMP_WAIT_POLICY={cpu['omp_wait_policy']} (set by {cpu['set_by']})"
-    from bench import command_line, print_and_record
-
     block = format_run(args, measure(args), command_line("bench.original_step", argv))
     print_and_record(args, block, START, END, SECTION_HEAD)
     return 0

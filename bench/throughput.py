@@ -1,19 +1,12 @@
-"""Training throughput: the model alone, and the full step fed by the CPU (PIL) or the device view pipeline.
+"""Training throughput: `Trainer.train_step` on pre-made views, fed by the CPU (PIL) pipeline and by the device one.
 
     python -m bench.throughput --device cuda     # ResNet-18, 96x96, batch 512, bf16, channels_last
     python -m bench.throughput --device cpu      # batch 32, a few steps: about a minute on 2 cores
-    python -m bench.throughput --device cpu --amp auto            # fp16_precision: auto (bf16 where native)
-    python -m bench.throughput --device cpu --layout nchw    # float32, NCHW: the layout the trainer does not choose
+    python -m bench.throughput --device cpu --amp auto --layout nchw   # other precision, a forced layout
     python -m bench.throughput --device cuda --record   # ... and append the run to docs/BENCHMARKS.md
 
-One run, one device, synthetic uint8 images of the crop size (the pipelines' cost does not depend on
-content). Rows: images/s of the training step, `simclr.trainer.Trainer.train_step` itself (a Trainer built for
-these settings: its model, optimiser, precision, layout, loss and denormal flush; `create_trainer`), on
-pre-made views (the ceiling), fed by the DataLoader + PIL pipeline with one worker per core, and fed by
-`data_aug.batches.DeviceBatches`; views/s of each pipeline alone; and views per CPU-second of one
-thread for both pipelines (the per-core comparison, robust to other load on a shared machine). The table
-is printed; with `--record` it is also appended, with hardware, versions and settings, to its section of
-docs/BENCHMARKS.md (`--output FILE`: to FILE instead).
+Synthetic uint8 images of the crop size (the pipelines' cost does not depend on content). The rows are explained
+in docs/TRAINING_SPEED.md ("Measuring it").
 """
 from __future__ import annotations
 
@@ -46,6 +39,10 @@ from simclr.trainer import Trainer, flushed_denormals
 START, END = "<!-- bench/throughput.py: start -->", "<!-- bench/throughput.py: end -->"
 STL10_IMAGES = 105_000  # STL10 train + unlabeled
 SECTION_HEAD = "## Training throughput (bench/throughput.py)"
+AMP_SETTINGS = {"none": ["fp16_precision=false"], "auto": ["fp16_precision=auto"],
+                "bf16": ["fp16_precision=true", "amp_dtype=bfloat16"],
+                "fp16": ["fp16_precision=true", "amp_dtype=float16"]}
+LAYOUTS = ("trainer", "channels-last", "nchw")
 
 
 def synthetic_images(count: int, side: int, seed: int = 0) -> torch.Tensor:
@@ -61,22 +58,10 @@ def synthetic_images(count: int, side: int, seed: int = 0) -> torch.Tensor:
     return out
 
 
-AMP_SETTINGS = {"none": ["fp16_precision=false"], "auto": ["fp16_precision=auto"],
-                "bf16": ["fp16_precision=true", "amp_dtype=bfloat16"],
-                "fp16": ["fp16_precision=true", "amp_dtype=float16"]}
-LAYOUTS = ("trainer", "channels-last", "nchw")
-
-
 def create_trainer(run_dir: Path, model: str, crop: int, batch_size: int, device: str, amp: str = "none",
                    layout: str = "trainer", compile_model: bool = False, trainer_class=Trainer) -> Trainer:
-    """A real `simclr.trainer.Trainer` for these settings, whose `train_step` the benchmark times.
-
-    It is what `python run.py` builds (model, optimiser, schedule, precision and layout, NT-Xent) with
-    `fp16_precision`/`amp_dtype` from `amp` (a key of `AMP_SETTINGS`); its own data, scikit-learn's digits (no
-    download), is never stepped on. `layout` "trainer" keeps the trainer's choice; "channels-last" or "nchw"
-    forces one, to measure the layout the trainer does not choose on this device. `trainer_class` (a `Trainer`
-    subclass, as `run.main` takes) is what is built. Nothing is written to `run_dir`.
-    """
+    """The `trainer_class` that `python run.py` would build for these settings (`amp`: a key of `AMP_SETTINGS`;
+    `layout` other than "trainer" forces one), on scikit-learn's digits that it never steps on; writes nothing."""
     overrides = [f"batch_size={batch_size}", f"model.base_model={model}", f"dataset.input_shape=({crop},{crop},3)",
                  "dataset.name=digits", "dataset.valid_size=0", "knn_monitor.enabled=false", f"device={device}",
                  f"compile={str(compile_model).lower()}", f"run_dir={run_dir}", "epochs=1000", *AMP_SETTINGS[amp]]
@@ -92,96 +77,76 @@ def create_trainer(run_dir: Path, model: str, crop: int, batch_size: int, device
 
 def trainer_step(trainer: Trainer):
     """`work` for `timed`: the trainer's own step on a pair of views, as `Trainer.train_epoch` calls it."""
-    def step(x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-        return trainer.train_step(trainer.to_device(x1), trainer.to_device(x2))[0]
-    return step
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    return lambda x1, x2: trainer.train_step(trainer.to_device(x1), trainer.to_device(x2))[0]
 
 
 def timed(batches, warmup: int, steps: int, device: torch.device, work) -> float:
     """Seconds for `steps` calls of `work(x1, x2)` on successive batches, after `warmup` untimed ones."""
-    iterator = iter(batches)
+    iterator, sync = iter(batches), torch.cuda.synchronize if device.type == "cuda" else lambda device: None
     for _ in range(warmup):
         work(*next(iterator))
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     for _ in range(steps):
         work(*next(iterator))
-    _sync(device)
+    sync(device)
     return time.perf_counter() - start
 
 
-def per_core_rates(images: torch.Tensor, crop: int, views: int) -> tuple[float, float]:
-    """Views per CPU-second of one thread: the PIL pipeline, then the device pipeline on the CPU."""
+def per_core_rate(make, per_call: int, views: int) -> float:
+    """Views per CPU-second of one thread: `make(i)` (`per_call` views each) until `views` are made, after one
+    untimed call. CPU time, so other load on a shared machine does not bias it."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        pairs = TwoViews(TensorImages(images, torch.zeros(len(images), dtype=torch.int64), ["x"]),
-                         create_view_transform(ViewSettings(crop)), seed=0)
-        batch = min(len(images), max(32, views // 2))
-        device_batches = DeviceBatches(images[:batch], batch, ViewSettings(crop), seed=0, device="cpu")
-        return (_views_per_cpu_second(lambda i: pairs[i % len(pairs)], 2, views),
-                _views_per_cpu_second(lambda i: device_batches.make_batch(0, 0), 2 * batch, views))
+        make(0)
+        start, calls = time.process_time(), -(-views // per_call)
+        for i in range(calls):
+            make(i)
+        return calls * per_call / (time.process_time() - start)
     finally:
         torch.set_num_threads(threads)
 
 
-def _views_per_cpu_second(make, per_call: int, views: int) -> float:
-    """`make(i)` (`per_call` views each) called until `views` are made, after one untimed call; views per CPU-second."""
-    make(0)
-    start, calls = time.process_time(), -(-views // per_call)
-    for i in range(calls):
-        make(i)
-    return calls * per_call / (time.process_time() - start)
-
-
 def run(args, trainer_class=Trainer) -> dict:
-    """Measure every row; returns the numbers and settings for the table."""
+    """Every row's images/s (views/s for the pipelines alone) and the settings for the table."""
     with tempfile.TemporaryDirectory() as run_dir, flushed_denormals():  # the trainer's step, as `fit` runs it
         trainer = create_trainer(Path(run_dir), args.model, args.crop, args.batch_size, args.device, args.amp,
                                  args.layout, args.compile, trainer_class)
-        return _measure(args, trainer)
+        device, step = torch.device(args.device), trainer_step(trainer)
+        images = synthetic_images(args.batch_size * (args.warmup + args.steps), args.crop)
+        results = {"load": os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"),
+                   "precision": trainer.precision.describe()}
+        views = ViewSettings(args.crop)
+        pairs = TwoViews(TensorImages(images, torch.zeros(len(images), dtype=torch.int64), ["x"]),
+                         create_view_transform(views), seed=0)
+        device_batches = DeviceBatches(images, args.batch_size, views, seed=0, device=device, compile=args.compile)
+        loader = LoaderBatches(pairs, args.batch_size, seed=0, num_workers=args.workers,
+                               pin_memory=device.type == "cuda")
+        fixed = device_batches.make_batch(0, 0)
+        rows = (  # key, what, its batches (made when timed: a loader's workers live only for its row), the work
+            ("ceiling", "model alone on pre-made views", lambda: iter(lambda: fixed, None), step),
+            ("cpu_step", f"full step, CPU pipeline ({args.workers} workers)", lambda: loader.batches(0), step),
+            ("device_step", "full step, device pipeline", lambda: device_batches.batches(1), step),
+            ("cpu_views", "CPU pipeline alone", lambda: loader.batches(1),
+             lambda a, b: (trainer.to_device(a), trainer.to_device(b))),
+            ("device_views", "device pipeline alone", lambda: device_batches.batches(2), lambda a, b: None))
+        for key, what, batches, work in rows:
+            print(f"{what} ...", flush=True)
+            views_per_image = 2 if key.endswith("_views") else 1
+            seconds = timed(batches(), args.warmup, args.steps, device, work)
+            results[key] = views_per_image * args.batch_size * args.steps / seconds
+        print("per core (one thread, CPU time) ...", flush=True)
+        batch = min(len(images), max(32, args.per_core_views // 2))
+        on_cpu = DeviceBatches(images[:batch], batch, views, seed=0, device="cpu")
+        results["pil_core"] = per_core_rate(lambda i: pairs[i % len(pairs)], 2, args.per_core_views)
+        results["device_core"] = per_core_rate(lambda i: on_cpu.make_batch(0, 0), 2 * batch, args.per_core_views)
+        return results
 
 
-def _measure(args, trainer: Trainer) -> dict:
-    device = torch.device(args.device)
-    total_steps = args.warmup + args.steps
-    images = synthetic_images(args.batch_size * total_steps, args.crop)
-    results = {"load": os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"),
-               "precision": trainer.precision.describe()}
-    step = trainer_step(trainer)
-    views = ViewSettings(args.crop)
-    device_batches = DeviceBatches(images, args.batch_size, views, seed=0, device=device, compile=args.compile)
-    loader = LoaderBatches(TwoViews(TensorImages(images, torch.zeros(len(images), dtype=torch.int64), ["x"]),
-                                    create_view_transform(views), seed=0), args.batch_size, seed=0,
-                           num_workers=args.workers, pin_memory=device.type == "cuda")
-
-    fixed = device_batches.make_batch(0, 0)
-    rows = (  # key, what, its batches, the work on each, views per image counted
-        ("ceiling", "model alone on pre-made views", lambda: iter(lambda: fixed, None), step, 1),
-        ("cpu_step", f"full step, CPU pipeline ({args.workers} workers)", lambda: loader.batches(0), step, 1),
-        ("device_step", "full step, device pipeline", lambda: device_batches.batches(1), step, 1),
-        ("cpu_views", "CPU pipeline alone", lambda: loader.batches(1),
-         lambda a, b: (trainer.to_device(a), trainer.to_device(b)), 2),
-        ("device_views", "device pipeline alone", lambda: device_batches.batches(2), lambda a, b: None, 2))
-    for key, what, batches, work, views_per_image in rows:
-        print(f"{what} ...", flush=True)
-        seconds = timed(batches(), args.warmup, args.steps, device, work)
-        results[key] = views_per_image * args.batch_size * args.steps / seconds
-
-    print("per core (one thread, CPU time) ...", flush=True)
-    results["pil_core"], results["device_core"] = per_core_rates(images, args.crop, args.per_core_views)
-    return results
-
-
-def format_run(args, results: dict, command: str) -> str:
+def format_run(args, r: dict, command: str) -> str:
     """One run as a markdown block: settings, the table, and the derived targets."""
-    device, r, workers = torch.device(args.device), results, args.workers
-    ceiling = r["ceiling"]
+    device, workers, ceiling = torch.device(args.device), args.workers, r["ceiling"]
     env = "".join(f", {k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY") if k in os.environ)
     steps = (("model alone on pre-made views (ceiling)", ceiling),
              (f"full step, CPU pipeline (PIL, {workers} workers)", r["cpu_step"]),
@@ -211,6 +176,7 @@ def format_run(args, results: dict, command: str) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The options; those left unset take their CUDA or CPU default."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cuda, cuda:N or cpu (default: cuda if visible)")
@@ -232,19 +198,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--per-core-views", type=int, help="views for the per-core rows (default 1024 / 256)")
     add_record_args(parser, "the run appended to this benchmark's section")
     args = parser.parse_args(argv)
-    cuda = args.device.startswith("cuda")
     defaults = {"batch_size": (512, 32), "steps": (20, 3), "warmup": (5, 1), "amp": ("bf16", "none"),
                 "per_core_views": (1024, 256)}
     for key, (on_cuda, on_cpu) in defaults.items():
         if getattr(args, key) is None:
-            setattr(args, key, on_cuda if cuda else on_cpu)
+            setattr(args, key, on_cuda if args.device.startswith("cuda") else on_cpu)
     return args
 
 
 def main(argv: list[str] | None = None, trainer_class=Trainer) -> int:
     """The benchmark's command; `trainer_class` is `create_trainer`'s (a test passes a subclass that counts steps)."""
     args = parse_args(argv)
-    if min(args.batch_size, args.steps) < 1 or args.warmup < 0 or args.batch_size < 2:
+    if args.batch_size < 2 or args.steps < 1 or args.warmup < 0:
         print("error: --batch-size must be >= 2, --steps >= 1 and --warmup >= 0", file=sys.stderr)
         return 2
     if args.threads:

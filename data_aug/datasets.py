@@ -93,6 +93,15 @@ def split_validation(n: int, valid_size: float, seed: int) -> tuple[torch.Tensor
     return order[n_valid:].sort().values, order[:n_valid].sort().values
 
 
+def subset(data: TensorImages | ImageFiles, indices) -> TensorImages | ImageFiles:
+    """The items `indices` (a sequence or array of ints) of a data set from `load_split`, as the same kind of data
+    set, labels included: a gather of tensors or file names, no image decoded."""
+    index = torch.as_tensor(indices, dtype=torch.int64)
+    if isinstance(data, TensorImages):
+        return TensorImages(data.images[index], data.labels[index], data.classes)
+    return ImageFiles([data.files[i] for i in index.tolist()], data.labels[index].tolist(), data.classes)
+
+
 def _load_cifar(name: str, root: Path, split: str, download: bool) -> TensorImages:
     from torchvision import datasets
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data_aug.datasets import load_split, split_validation
+from data_aug.datasets import ImageFiles, TensorImages, load_split, split_validation, subset
 from data_aug.errors import DataError
 
 
@@ -137,6 +137,20 @@ def test_validation_split_is_seeded_and_disjoint():
     assert torch.equal(a_valid, b_valid) and not torch.equal(a_valid, c_valid)
     assert len(a_valid) == 10 and len(set(a_train.tolist()) | set(a_valid.tolist())) == 100
     assert len(split_validation(100, 0.0, 0)[1]) == 0
+
+
+def test_a_subset_keeps_the_kind_of_data_set_and_its_labels(tmp_path):
+    """`subset` gathers tensors or file names (no image decoded) and keeps classes and labels in index order."""
+    digits = load_split("digits", "", "train")
+    part = subset(digits, np.array([5, 0, 7]))
+    assert isinstance(part, TensorImages) and part.classes == digits.classes
+    assert torch.equal(part.images, digits.images[[5, 0, 7]])
+    assert part.labels.tolist() == digits.labels[[5, 0, 7]].tolist()
+    _image_folder(tmp_path)
+    train = load_split("imagefolder", tmp_path, "train")
+    files = subset(train, [7, 1])
+    assert isinstance(files, ImageFiles) and files.files == [train.files[7], train.files[1]]
+    assert files.labels.tolist() == [int(train.labels[7]), int(train.labels[1])] and files.classes == train.classes
 
 
 def test_an_image_folder_of_one_size_trains_with_device_views(tmp_path):
