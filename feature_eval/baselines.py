@@ -17,14 +17,9 @@ BASELINE_CACHE = RUNS_DIR / "eval_cache" / "baselines"
 
 def pca_baseline(train_dataset, test_dataset, crop_size: int, n_components: int, batch_size: int = 256,
                  num_workers: int = 0, seed: int = 0) -> tuple[FeatureSplit, FeatureSplit, dict]:
-    """PCA of raw pixels, the original repository's (sthalles/SimCLR) baseline: `StandardScaler`, then
-    `PCA(n_components)`, both fitted on train.
-
-    Pixels are those of the deterministic eval view, flattened to `[3 * crop * crop]`. Test images are
-    projected batch by batch, so only the training pixels are held in memory at once.
-    `n_components` is the head's `out_dim` (so that both have as many dimensions), capped at min(N, pixels).
-    Returns train `[N, K]` and test `[M, K]` float32 projections, and facts (components, explained variance).
-    """
+    """The original repository's (sthalles/SimCLR) baseline: `StandardScaler`, then `PCA(n_components)` (capped at
+    min(N, pixels)), fitted on train's eval-view pixels; test is projected batch by batch, so only the training
+    pixels are held at once. Returns train `[N, K]`, test `[M, K]` float32 and facts (components, variance)."""
     from sklearn.decomposition import PCA
     from sklearn.preprocessing import StandardScaler
 
@@ -54,10 +49,8 @@ def pca_baseline(train_dataset, test_dataset, crop_size: int, n_components: int,
 
 
 def random_encoder(base_model: str, cifar_stem: bool, seed: int) -> Encoder:
-    """The encoder architecture with torchvision's random initialisation (seeded), frozen.
-
-    Its BatchNorm layers keep their initial statistics (mean 0, variance 1), as the untrained network has.
-    """
+    """The encoder architecture with torchvision's seeded random initialisation, frozen (BatchNorm keeps its initial
+    statistics, as the untrained network has)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         encoder = Encoder(base_model, cifar_stem)
@@ -68,12 +61,8 @@ def random_init_features(base_model: str, cifar_stem: bool, seed: int, train_dat
                          batch_size: int = 256, device: str | torch.device = "cpu", num_workers: int = 0,
                          cache_dir: str | Path | None = None,
                          log: Callable[[str], None] = print) -> tuple[FeatureSplit, FeatureSplit]:
-    """Features of both splits under `random_encoder(base_model, cifar_stem, seed)`, cached across runs.
-
-    The cache key names the architecture, seed, torch version, eval size and each split's content digest,
-    so a run on the same data reuses them and other data never does (pass `BASELINE_CACHE` to share them
-    with `feature_eval.evaluate`). `cache_dir=None` caches nothing.
-    """
+    """Features of both splits under `random_encoder(base_model, cifar_stem, seed)`, cached by architecture, seed,
+    torch version, eval size and content (`BASELINE_CACHE` shares them with `feature_eval.evaluate`)."""
     key = {"extractor": "random", "base_model": base_model, "cifar_stem": cifar_stem, "seed": seed,
            "torch": torch.__version__, "input_size": crop_size}
     return encoder_features(random_encoder(base_model, cifar_stem, seed), "Random init", key,

@@ -1,9 +1,7 @@
 """Evaluation protocols on frozen features: L-BFGS logistic regression, an Adam linear probe, and two KNNs.
 
-Every protocol is a function `(train_features [N, D], train_labels [N], test_features [M, D], test_labels
-[M] or None, ...) -> ClassifierResult`. Labels are integers in `[0, num_classes)`. Test labels, when
-given, are read once, after the classifier is fixed, to compute top-1/top-5; predictions never depend on
-them. Top-k with fewer than k classes is top-min(k, classes).
+Each is a function `(train_features [N, D], train_labels [N], test_features [M, D], test_labels [M] or None, ...)
+-> ClassifierResult`. Test labels are read once, after the classifier is fixed, only to score it.
 """
 from __future__ import annotations
 
@@ -20,9 +18,8 @@ from knn.neighbours import nearest, weighted_knn_scores
 
 @dataclass
 class ClassifierResult:
-    """One protocol's `scores` (float `[M, C]`, higher is more likely: logits, decision values or votes),
-    `predictions` (int64 `[M]`: the first class of the stable descending order of `scores`), top-1/top-5 accuracy
-    in percent (None without test labels) and `details`, JSON-able facts of the fit (chosen settings, convergence)."""
+    """One protocol's `scores` (float `[M, C]`, higher is more likely), `predictions` (int64 `[M]`), top-1/top-5 %
+    (None without test labels) and `details`, JSON-able facts of the fit (chosen settings, convergence)."""
 
     scores: np.ndarray
     predictions: np.ndarray
@@ -60,21 +57,17 @@ def _numpy(x, dtype) -> np.ndarray:
     return np.asarray(x, dtype=dtype)
 
 
-def _num_classes(train_labels: np.ndarray, num_classes: int | None) -> int:
-    if len(train_labels) == 0:
+def _train_labels(train_labels, num_classes: int | None) -> tuple[np.ndarray, int]:
+    """int64 training labels `[N]`, checked, and the number of classes."""
+    labels = _numpy(train_labels, np.int64)
+    if len(labels) == 0:
         raise ValueError("no training items")
-    if train_labels.min() < 0:
+    if labels.min() < 0:
         raise ValueError("training labels must be >= 0 (unlabelled items cannot train a classifier)")
-    found = int(train_labels.max()) + 1
+    found = int(labels.max()) + 1
     if num_classes is not None and num_classes < found:
         raise ValueError(f"num_classes={num_classes} but training labels go up to {found - 1}")
-    return num_classes or found
-
-
-def _knn_setup(train_labels, num_classes: int | None, k: int, device) -> tuple[np.ndarray, int, int, torch.device]:
-    """A KNN's training labels, class count, k (at most the training items) and device."""
-    y = _numpy(train_labels, np.int64)
-    return y, _num_classes(y, num_classes), min(k, len(y)), torch.device(device)
+    return labels, num_classes or found
 
 
 def standardize(train_features, test_features) -> tuple[np.ndarray, np.ndarray]:
@@ -87,16 +80,12 @@ def standardize(train_features, test_features) -> tuple[np.ndarray, np.ndarray]:
 
 def lbfgs_probe(train_features, train_labels, test_features, test_labels=None, *, num_classes: int | None = None,
                 C: float = 1.0, max_iter: int = 1200, seed: int = 0) -> ClassifierResult:
-    """The linear protocol of the original repository (sthalles/SimCLR), kept so its numbers compare:
-    `StandardScaler`, then `LogisticRegression(solver="lbfgs")`.
-    `C` (inverse L2 strength) and `max_iter` default to its 1.0 and 1200. Scores: decision values (classes absent
-    from training score -inf).
-    """
+    """The original repository's (sthalles/SimCLR) linear protocol, so its numbers compare: `StandardScaler`, then
+    `LogisticRegression(solver="lbfgs", C, max_iter)`. Scores: decision values (-inf for classes absent from train)."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
-    y = _numpy(train_labels, np.int64)
-    classes = _num_classes(y, num_classes)
+    y, classes = _train_labels(train_labels, num_classes)
     x_train, x_test = standardize(train_features, test_features)
     clf = LogisticRegression(solver="lbfgs", C=C, max_iter=max_iter, random_state=seed)
     with warnings.catch_warnings(record=True) as caught:
@@ -133,8 +122,8 @@ def holdout_split(labels: np.ndarray, valid_fraction: float, seed: int) -> tuple
 
 @contextlib.contextmanager
 def _one_cpu_thread(device: torch.device):
-    """One intra-op thread on the CPU: a linear layer on a few hundred rows is dominated by thread hand-offs,
-    which cost more than the arithmetic (10-40x slower per step with two threads on a busy machine)."""
+    """One intra-op thread on the CPU: a linear layer on a few hundred rows costs less than the thread hand-offs
+    (10-40x slower per step with two threads on a busy machine)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1 if device.type == "cpu" else previous)
     try:
@@ -144,11 +133,9 @@ def _one_cpu_thread(device: torch.device):
 
 
 class _LinearStack:
-    """G independent linear classifiers `[D] -> [C]` on standardised features, one per weight decay.
-
-    Training them side by side on the same mini-batches costs about as much as training one, and each
-    follows exactly the trajectory it would follow alone (Adam is element-wise; the L2 term is per layer).
-    """
+    """G independent linear classifiers `[D] -> [C]` on standardised features, one per weight decay: side by side on
+    the same mini-batches they cost about one, and each follows the trajectory it would alone (Adam is element-wise;
+    the L2 term is per layer)."""
 
     def __init__(self, x: torch.Tensor, num_classes: int, weight_decays: tuple[float, ...]):
         self.mean, std = x.mean(0), x.std(0, unbiased=False)
@@ -169,11 +156,8 @@ class _LinearStack:
 def _fit_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decays: tuple[float, ...], epochs: int,
                 lr: float, batch_size: int, seed: int, checkpoints: tuple[int, ...] = (),
                 score=None) -> tuple[_LinearStack, dict]:
-    """Train one linear layer per weight decay on `x` `[N, D]`, `y` `[N]` with Adam and a seeded batch order.
-
-    Weight decay is Adam's (an L2 term added to the gradient, as `torch.optim.Adam(weight_decay=...)`).
-    Returns the layers and `{epoch: score(layers)}` at each epoch of `checkpoints`.
-    """
+    """Train one linear layer per weight decay (Adam's: an L2 term added to the gradient) on `x` `[N, D]`, `y` `[N]`
+    with a seeded batch order; returns the layers and `{epoch: score(layers)}` at each epoch of `checkpoints`."""
     model = _LinearStack(x, num_classes, weight_decays)
     x = (x - model.mean) / model.std
     optimizer = torch.optim.Adam([model.weight, model.bias], lr=lr)
@@ -201,19 +185,14 @@ def adam_probe(train_features, train_labels, test_features, test_labels=None, *,
                weight_decays: tuple[float, ...] = (0.0, 1e-4, 1e-3, 1e-2), max_epochs: int = 100,
                eval_every: int = 10, lr: float = 1e-3, batch_size: int = 256, valid_fraction: float = 0.2,
                seed: int = 0, device: str | torch.device = "cpu") -> ClassifierResult:
-    """A linear layer trained with Adam on standardised features; hyperparameters chosen without the test set.
-
-    Weight decay (from `weight_decays`) and the epoch count (a multiple of `eval_every` up to `max_epochs`)
-    are chosen by accuracy on a seeded, stratified `valid_fraction` of the *training* items, the layers
-    being fitted on the rest. The chosen pair is then refitted on all training items and applied once to
-    the test features. Test labels are read only after that, to score.
-    Scores: logits; details hold the grid's validation accuracies and the choice.
-    """
+    """A linear layer trained with Adam on standardised features, tuned without the test set: weight decay and epoch
+    count (a multiple of `eval_every`) are chosen on a seeded, stratified `valid_fraction` of the training items (the
+    layers fit on the rest), then refitted on all of them and applied once to test. Scores: logits; details: the
+    grid's validation accuracies and the choice."""
     device = torch.device(device)
     weight_decays = tuple(float(wd) for wd in weight_decays)
     x = torch.as_tensor(_numpy(train_features, np.float32), device=device)
-    y_np = _numpy(train_labels, np.int64)
-    classes = _num_classes(y_np, num_classes)
+    y_np, classes = _train_labels(train_labels, num_classes)
     y = torch.as_tensor(y_np, device=device)
     fit, valid = holdout_split(y_np, valid_fraction, seed)
     fit, valid = torch.as_tensor(fit, device=device), torch.as_tensor(valid, device=device)
@@ -242,14 +221,11 @@ def adam_probe(train_features, train_labels, test_features, test_labels=None, *,
 def knn_classifier(train_features, train_labels, test_features, test_labels=None, *, num_classes: int | None = None,
                    k: int = 10, query_chunk: int = 256, key_chunk: int = 8192,
                    device: str | torch.device = "cpu") -> ClassifierResult:
-    """Majority vote of the k nearest training items, Euclidean on standardised features (the original
-    repository's KNN; `weighted_knn` is the cosine-weighted one of DINO).
-
-    Matches `KNeighborsClassifier(n_neighbors=k)` on `StandardScaler` output: distances in float64,
-    equal votes go to the lower class. Chunked over test and training items (any count, bounded memory).
-    Scores: vote counts `[M, C]`.
-    """
-    y_np, classes, k, device = _knn_setup(train_labels, num_classes, k, device)
+    """The original repository's KNN: majority vote of the k nearest training items, Euclidean (float64) on
+    standardised features, as `KNeighborsClassifier(n_neighbors=k)` on `StandardScaler` output; equal votes go to the
+    lower class. Chunked over test and training items. Scores: vote counts `[M, C]`."""
+    (y_np, classes), device = _train_labels(train_labels, num_classes), torch.device(device)
+    k = min(k, len(y_np))
     x_train, x_test = standardize(train_features, test_features)
     dtype = torch.float64 if device.type != "mps" else torch.float32
     keys = torch.as_tensor(x_train, dtype=dtype, device=device)
@@ -270,14 +246,11 @@ def knn_classifier(train_features, train_labels, test_features, test_labels=None
 def weighted_knn(train_features, train_labels, test_features, test_labels=None, *, num_classes: int | None = None,
                  k: int = 200, temperature: float = 0.1, query_chunk: int = 256, key_chunk: int = 8192,
                  device: str | torch.device = "cpu") -> ClassifierResult:
-    """Weighted cosine KNN (Wu et al. 2018, Section 3.4; DINO's `knn_classifier`): `knn.weighted_knn_scores`, the
-    protocol the trainer's kNN monitor also measures.
-
-    Features are L2-normalised; each of the k most similar training items votes for its class with
-    weight `exp(cosine / temperature)`. Chunked over test and training items.
-    Scores: summed weights `[M, C]`.
-    """
-    y_np, classes, k, device = _knn_setup(train_labels, num_classes, k, device)
+    """Weighted cosine KNN (Wu et al. 2018, Section 3.4; DINO's `knn_classifier`), the trainer's kNN monitor's: each
+    of the k most cosine-similar training items votes for its class with weight `exp(cosine / temperature)`
+    (`knn.weighted_knn_scores`, chunked). Scores: summed weights `[M, C]`."""
+    (y_np, classes), device = _train_labels(train_labels, num_classes), torch.device(device)
+    k = min(k, len(y_np))
     keys = torch.as_tensor(_numpy(train_features, np.float32), device=device)  # (N, D)
     queries = torch.as_tensor(_numpy(test_features, np.float32), device=device)  # (M, D)
     scores = weighted_knn_scores(keys, torch.as_tensor(y_np, device=device), queries, classes, k, temperature,

@@ -19,8 +19,8 @@ from data_aug.views import Transformed, create_eval_transform
 
 @dataclass
 class FeatureSplit:
-    """Features of one split: `features` float32 `[N, D]` and `labels` int64 `[N]`, both on the CPU; `facts`, what
-    the extractor found along with them (PCA: its components and explained variance), cached with them."""
+    """One split's features float32 `[N, D]` and labels int64 `[N]`, on the CPU, and `facts` the extractor found
+    with them (PCA: components, explained variance), cached with them."""
 
     features: torch.Tensor
     labels: torch.Tensor
@@ -40,12 +40,9 @@ def best_device() -> torch.device:
 
 
 def image_batches(dataset, crop_size: int, batch_size: int, num_workers: int = 0, desc: str = "images"):
-    """Yield `(images, labels)`: float `[B, 3, crop, crop]` in [0, 1] (the deterministic eval view), int64 `[B]`.
-
-    Data sets held in memory (`.images`/`.labels` tensors, as `TensorImages`) are transformed a whole batch at a
-    time, which is several times faster than per image; others (items `(uint8 [3, H, W], label)`) go through a
-    DataLoader with `num_workers` workers. The view: resize the short side, centre-crop to `crop_size`.
-    """
+    """Yield `(images, labels)`: float `[B, 3, crop, crop]` in [0, 1] (the deterministic eval view), int64 `[B]`;
+    an in-memory data set (`.images`/`.labels` tensors) a whole batch at a time (several times faster), others
+    (items `(uint8 [3, H, W], label)`) through a DataLoader with `num_workers` workers."""
     transform = create_eval_transform(crop_size)
     total = len(dataset)
     if isinstance(getattr(dataset, "images", None), torch.Tensor) and isinstance(getattr(dataset, "labels", None),
@@ -63,16 +60,12 @@ def image_batches(dataset, crop_size: int, batch_size: int, num_workers: int = 0
 def extract_features(encoder: torch.nn.Module, dataset, crop_size: int, batch_size: int = 256,
                      device: str | torch.device | None = None, num_workers: int = 0,
                      desc: str = "features") -> FeatureSplit:
-    """Features of every image of `dataset` under a frozen encoder, in dataset order.
+    """Features of every image of `dataset` (items `(uint8 [3, H, W], label)`) under a frozen encoder, in order, on
+    `device` (default `best_device()`): float32 `[N, D]` and int64 labels `[N]` on the CPU.
 
-    The encoder runs in eval mode under `torch.inference_mode()`: BatchNorm in train mode would update
-    its running statistics and so change the model being evaluated. Its train/eval mode is restored after.
-    It runs in float32 and channels-last (moved there in place), the trainer's layout: faster on the CPU and
-    CUDA, and the same features as NCHW up to float32 rounding (never autocast: the
-    evaluation is the instrument, so it stays float32 whatever precision the run trained in).
-    The encoder (float images `[B, 3, crop, crop]` in [0, 1] -> `[B, D]`) is moved to `device` (default:
-    `best_device()`); `dataset` holds items `(uint8 [3, H, W], label)`. Returns float32 `[N, D]` features and int64
-    `[N]` labels on the CPU.
+    Eval mode under `torch.inference_mode()`: BatchNorm in train mode would update its running statistics and so
+    change the model being evaluated (its mode is restored after). Channels-last (moved in place), the trainer's
+    layout: faster, the same features up to float32 rounding. Never autocast: the instrument stays float32.
     """
     device = torch.device(device) if device is not None else best_device()
     was_training = encoder.training
@@ -92,8 +85,8 @@ def extract_features(encoder: torch.nn.Module, dataset, crop_size: int, batch_si
 
 
 def data_fingerprint(dataset) -> str:
-    """A digest of what a data set holds, for cache keys: images and labels of an in-memory set, or each
-    file's path, size, modification time and label for an image folder (a moved or replaced file changes it)."""
+    """A digest of a data set's content for cache keys: an in-memory set's images and labels, or an image folder's
+    labels and each file's path, size and modification time."""
     digest = hashlib.blake2b(digest_size=16)
     labels = torch.as_tensor(dataset.labels, dtype=torch.int64).contiguous()
     digest.update(labels.numpy())
@@ -122,12 +115,9 @@ def encoder_features(encoder: torch.nn.Module, name: str, key: dict, splits: dic
 
 def cached_features(cache_dir: str | Path | None, key: dict, compute: Callable[[], FeatureSplit],
                     log: Callable[[str], None] = print) -> FeatureSplit:
-    """`compute()` once per `key`: stored as `<cache_dir>/<sha256 of key>.pt` and loaded from there after.
-
-    The key is a JSON-able dict naming everything the features depend on (checkpoint digest, data set,
-    root, split, input size, ...). A file whose stored key or shapes disagree is recomputed. With
-    `cache_dir=None` nothing is read or written. A cache that cannot be written only warns.
-    """
+    """`compute()` once per `key` (JSON-able: everything the features depend on), stored as `<cache_dir>/<sha256 of
+    key>.pt`; a file whose key or shapes disagree is recomputed, one that cannot be written only warns, and
+    `cache_dir=None` reads and writes nothing."""
     if cache_dir is None:
         return compute()
     text = json.dumps(key, sort_keys=True)

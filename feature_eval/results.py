@@ -1,12 +1,7 @@
-"""feature_eval's one results format, typed: a `Row` per (protocol, feature extractor) with its top-1/top-5, and
-`Results`, one evaluation's record read back. A results JSON holds what was evaluated (checkpoint and its sha256,
-data, splits, seed, options, machine) and the table's rows; each row is a record of its own, with its date
-(`evaluated`) and the `settings` its number depends on, so an evaluation of the same weights adds its rows to the
-table (`current_rows`: the latest row of each pair made under today's settings) instead of merging two files.
-
-One reader (`read_results`, `Results.from_json`: files of every version of this code), one writer
-(`write_results`), one table formatter (`markdown_table`), one caption (`table_caption`) and one command rewriter
-(`rewrite_command`), for feature_eval.evaluate, feature_eval.finetune and pretrained_models.export's model card.
+"""feature_eval's one results format, typed: a `Row` per (protocol, feature extractor), `Results` for one
+evaluation's JSON read back; one reader (`read_results`, for files of every version of this code), one writer
+(`write_results`), one table formatter, caption and command rewriter, for evaluate, finetune and the model card.
+Each row carries its date and the `settings` its number depends on: a table is `current_rows` of its records.
 """
 from __future__ import annotations
 
@@ -31,21 +26,10 @@ COLUMNS = ("Classifier", "Feature extractor", "Architecture", "Feature dim", "Pr
 
 @dataclass(frozen=True)
 class Row:
-    """One row of a results table: a protocol on a feature extractor's features, scored on the test split.
-
-    Attributes:
-        classifier, classifier_name: the protocol's key (`lbfgs`, `adam`, `knn`, `weighted_knn`, `finetune`) and
-            its name in the table (`KNN (k=10, Euclidean)`).
-        extractor: `simclr`, `random` (the untrained network) or `pca` (raw pixels); `extractor_name` names it.
-        architecture, feature_dim, projection_dim, epochs: the extractor's facts (None where one does not apply).
-        top1, top5: test accuracy in %.
-        seconds: the protocol's time on the extracted features.
-        details: what the protocol reports of itself (chosen lr, hold-out grid, convergence, fine-tune epochs).
-        settings: what the number depends on, by option (`weights`, `data`, `--seed`, `--max-iter`, ...): a row
-            stands in a table only beside rows made under the same settings.
-        evaluated: when it was computed (ISO time).
-        confusion: test confusion counts `[C][C]` (rows: true class) of the SimCLR rows, for their picture.
-    """
+    """One row of a results table: a protocol (`classifier`: `lbfgs`, ..., `finetune`) on a feature `extractor`'s
+    features (`simclr`, `random`, `pca`) and its facts, scored on test (top-1/top-5 %). `details`: what the protocol
+    reports of itself; `settings`: what the number depends on, by option (`weights`, `data`, `--seed`, ...);
+    `evaluated`: when (ISO time); `confusion`: test confusion counts `[C][C]` of a SimCLR row, for its picture."""
 
     classifier: str
     classifier_name: str
@@ -89,17 +73,9 @@ class Row:
 
 @dataclass(frozen=True)
 class Results:
-    """One evaluation's record as read back (`Results.from_json`): the parts every reader needs, typed.
-
-    Attributes:
-        checkpoint_sha256: the digest of the weights scored.
-        dataset, root, input_size: the data evaluated on (None where a file does not say).
-        splits: `fit` (what was fit on: `train`, or a labelled subset), `train`, `test`: split sizes.
-        command: the command that reproduces every row (for a file that recorded none, rebuilt from its options).
-        finished: when it finished; pictures: kind (`tsne`, ...) -> file name next to the JSON.
-        rows: the table's rows.
-        record: the whole JSON, for the parts only one protocol has (options, baselines, timings, label subset).
-    """
+    """One evaluation's JSON as read back (`from_json`): the parts every reader needs, typed (None where a file does
+    not say), and the whole `record` for the parts only one protocol has. `command` makes every row again (rebuilt
+    from the options for a file that recorded none); `pictures`: kind -> file name next to the JSON."""
 
     checkpoint_sha256: str | None
     dataset: str | None
@@ -147,15 +123,14 @@ def _command_of(record: dict) -> str:
 
 
 def data_key(name: str | None, root, input_size: int | None, train: int | None, test: int | None) -> list:
-    """The `data` setting of a row: the data set's name, its root as given (`./data` is `data`; not resolved, so
-    rows stay comparable when the repository moves), image size and split sizes."""
+    """The `data` setting of a row: name, root as given (not resolved: rows stay comparable when the checkout moves),
+    image size and split sizes."""
     return [name, str(Path(root)) if root else None, input_size, train, test]
 
 
 def current_rows(rows: Iterable[Row], settings: dict[str, dict]) -> list[Row]:
     """The rows a table shows, from `rows` oldest first: per (protocol, extractor), the latest one made under the
-    settings its protocol has now (`settings[classifier]`); in `PROTOCOL_ORDER`, each protocol's extractors in the
-    order they first came."""
+    settings its protocol has now (`settings[classifier]`), in `PROTOCOL_ORDER`."""
     latest = {(row.classifier, row.extractor): row for row in rows if row.fits(settings.get(row.classifier, {}))}
     order = {protocol: place for place, protocol in enumerate(PROTOCOL_ORDER)}
     return sorted(latest.values(), key=lambda row: order.get(row.classifier, len(order)))
@@ -196,8 +171,7 @@ CELLS = {"Classifier": lambda row: (row.classifier_name,), "Feature extractor": 
 
 
 def markdown_table(rows: Sequence[Row], columns: Sequence[str] = COLUMNS) -> str:
-    """The table of `rows`: `COLUMNS` (classifier, feature extractor, architecture, feature dim, projection dim,
-    epochs, top-1/5), or `columns` named in `CELLS` (fine-tuning shows pretraining and fine-tuning epochs apart)."""
+    """The markdown table of `rows`, one column per name of `columns` (keys of `CELLS`)."""
     def cell(value, digits: int | None = None) -> str:
         if value is None:
             return "-"
@@ -209,8 +183,8 @@ def markdown_table(rows: Sequence[Row], columns: Sequence[str] = COLUMNS) -> str
 
 
 def table_caption(record: dict, subject: str, fit: str) -> str:
-    """The line above a table: `subject` on which data, what was `fit` (and how), then from the results `record`
-    what it was scored on, the seed, the time taken, and the command that makes the table."""
+    """The line above a table: `subject` on which data, what was `fit`, then from `record` the test size, seed, time
+    and the command that makes the table."""
     data, command = record["dataset"], record["command"]
     return (f"{subject} on {data['name']} ({data['input_size']}px): fit on {fit}; scored on test "
             f"({record['splits']['test']}); seed {record['seed']}, {record['timings_s']['total']:.0f} s on "
@@ -219,14 +193,8 @@ def table_caption(record: dict, subject: str, fit: str) -> str:
 
 def write_results(record: dict, table: str, out_dir: Path, stem: str, caption: str,
                   notes: Sequence[str] = ()) -> dict[str, Path]:
-    """Write `<out_dir>/<stem>.md` (the caption, the table, then each note as a paragraph) and `<out_dir>/<stem>.json`
-    (`record`, JSON-able: rows as `Row.to_json` gives them).
-
-    Returns:
-        `{"markdown": path, "json": path}`.
-    Raises:
-        EvalError: the folder cannot be written.
-    """
+    """Write `<out_dir>/<stem>.md` (the caption, the table, then each note as a paragraph) and `<stem>.json`
+    (`record`); returns `{"markdown": path, "json": path}`. Raises EvalError: the folder cannot be written."""
     paths = {"markdown": out_dir / f"{stem}.md", "json": out_dir / f"{stem}.json"}
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
