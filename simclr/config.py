@@ -124,9 +124,22 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     for item in overrides:
         key, value = _parse_override(item)
         _set_dotted(raw, key, value)
-    config = _build(Config, raw, prefix="")
-    validate(config)
+    try:
+        config = _build(Config, raw, prefix="")
+        validate(config)
+    except ConfigError as err:  # a mistake in the file names the file; one in a key=value typed just now needs not
+        if path is None or (overrides and _reads(path)):
+            raise
+        raise ConfigError(f"in {path}: {err}") from None
     return config
+
+
+def _reads(path: str | Path) -> bool:
+    try:
+        load_config(path)
+    except ConfigError:
+        return False
+    return True
 
 
 def config_to_dict(config) -> dict:

@@ -156,7 +156,15 @@ def test_run_py_keeps_to_the_table(tmp_path, capsys, raised, code, first):
 
 def test_a_config_error_is_2_before_torch_would_matter(capsys):
     assert run.main(["--config", str(ROOT / "config.yaml"), "batch_sise=4"]) == startup.EXIT_USAGE
-    assert capsys.readouterr().err.startswith("config error: unknown key batch_sise")
+    assert capsys.readouterr().err.startswith("config error: unknown key batch_sise")  # typed now: no file named
+
+
+def test_a_mistake_in_the_yaml_file_names_the_file(tmp_path, capsys):
+    config = tmp_path / "mine.yaml"
+    config.write_text("batch_size: 8\nbogus_key: 3\n")
+    for overrides in ([], ["epochs=2"]):  # a valid override does not hide which file holds the mistake
+        assert run.main(["--config", str(config), *overrides]) == startup.EXIT_USAGE
+        assert capsys.readouterr().err.startswith(f"config error: in {config}: unknown key bogus_key")
 
 
 @pytest.mark.parametrize("error, reason", [(DataError("cannot decode image /d/x.png (truncated)"), "cannot decode"),
