@@ -2,20 +2,16 @@
 
     python -m pretrained_models.export runs/<name> --as resnet-18_40-epochs     # its checkpoints/last.pt
     python -m pretrained_models.export runs/<name>/checkpoints/best.pt --as my-encoder
-    python -m pretrained_models.export --list
+    python -m pretrained_models.export --list                           # the packages present, as a table
     python -m pretrained_models.export --refresh resnet-18_40-epochs    # card from its eval/; no weights needed
 
-Writes `pretrained_models/<name>/` (see pretrained_models/README.md for the format) and refreshes the list
-of packages in pretrained_models/INDEX.md. Both are gitignored: exporting never changes a tracked file, so the
-runs that follow do not record a `-dirty` git commit. Evaluation results under `<run_dir>/eval/*.json`, and with
---force those in the replaced package's own `eval/`, are kept when they scored these exact weights (their
-`checkpoint_sha256` is the checkpoint's or the new `model.safetensors`'); the others are named and left out. One
-line on stderr for a bad name or destination (exit status 2) or a checkpoint that cannot be read (1):
-docs/EXIT_CODES.md.
+Writes `pretrained_models/<name>/` (gitignored: exporting never changes a tracked file). The format, the results a
+package keeps and the names allowed: pretrained_models/README.md; exit statuses: docs/EXIT_CODES.md.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import json
 import os
@@ -23,7 +19,6 @@ import re
 import shutil
 import string
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -35,18 +30,17 @@ if __name__ == "__main__":  # a mismatched torch/torchvision pair: one line, not
 
 import torch
 import yaml
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from models.loading import (RUNS_DIR, CheckpointLoadError, encoder_state_dict, file_sha256, read_weights,
                             resolve_checkpoint, run_dir_of)
 from models.packages import (CARD_FILE, CONFIG_FILE, EVAL_DIR, FORMAT, FORMAT_VERSION, MANIFEST_FILE, PACKAGES_DIR,
-                             WEIGHTS_FILE, find_package, is_package_dir, is_package_name, list_packages, read_manifest,
+                             WEIGHTS_FILE, is_package_dir, is_package_name, list_packages, read_manifest,
                              torchvision_file)
-from feature_eval.results import Results, markdown_table, read_results, rewrite_command
+from feature_eval.results import Results, Row, current_rows, markdown_table, read_results, rewrite_command
 from models.resnet_simclr import ARCHITECTURES, create_model
 from simclr.config import Config, ConfigError, config_to_dict, saved_config
 
-INDEX_FILE = "INDEX.md"  # generated, gitignored (as the package folders); README.md is tracked and never written
 # No image counts: a run does not record how many images it trained on (a data set folder may hold a subset).
 _PRETRAIN_SPLITS = {"stl10": "train + unlabeled", "cifar10": "train", "cifar100": "train",
                     "digits": "train (scikit-learn digits' 80% split)", "imagefolder": "train + unlabeled"}
@@ -57,36 +51,26 @@ class ExportError(ValueError):
 
 
 def default_name(base_model: str, epochs: int | None) -> str:
-    """The repo's naming scheme, e.g. `resnet-18_40-epochs`: that of the original repository's (sthalles/SimCLR)
-    pretrained models (`resnet-18_80-epochs`), so a config naming one of those finds its kind here; the other
-    trunks alike (`wide-resnet-50-2_40-epochs`, `resnext-50-32x4d_40-epochs`), `_` left to separate the epochs."""
+    """`resnet-18_40-epochs`: the naming of the original repository's (sthalles/SimCLR) pretrained models, so a
+    config naming one of those finds its kind here; other trunks alike (`wide-resnet-50-2_40-epochs`)."""
     arch = re.sub(r"(resnet|resnext)(\d+)", r"\1-\2", base_model).replace("_", "-")
     return f"{arch}_{epochs}-epochs" if epochs is not None else arch
 
 
 def export_package(source: str | Path, name: str | None = None, *, root: str | Path | None = None,
                    force: bool = False, log: Callable[[str], None] = print) -> Path:
-    """Write the package `<root>/<name>/` from a run directory or a checkpoint `.pt`: staged in a temporary folder
-    next to it, then renamed into place, so a package is never seen half-written.
-
-    Args:
-        source: a run directory or run name (its `checkpoints/last.pt`) or a checkpoint file
-            (`models.loading.resolve_checkpoint`).
-        name: package name (default: `resnet-18_<epochs>-epochs` style).
-        root: packages folder (default: `pretrained_models/`); its generated INDEX.md is rewritten.
-        force: replace an existing package of that name (never a file or a folder that is not a package); its
-            `eval/` results of these same weights are kept.
-    Returns:
-        The package folder.
-    Raises:
-        ExportError, CheckpointLoadError: user errors, each with a one-line message.
-    """
+    """Write the package `<root>/<name>/` (default root `pretrained_models/`, name `default_name`'s) of a run dir,
+    run name or checkpoint `.pt`, staged in a hidden folder beside it and renamed into place, so that it is never
+    seen half-written. `force` replaces a package (nothing else) and keeps its results of these same weights.
+    Raises ExportError, CheckpointLoadError: user errors, one line each."""
     root = Path(root) if root is not None else PACKAGES_DIR
     source = read_source(source)
     name = name or default_name(source.config.model.base_model, source.epochs)
     dest = _check_destination(root, name, force)
-    tmp = _stage(root, name)
+    tmp = root / f".{name}.{os.getpid()}.tmp"
     try:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a killed export that had this process id
+        tmp.mkdir(parents=True)
         evaluations = _write_package(tmp, dest, name, source, log)
         _replace(tmp, dest)
     except OSError as err:
@@ -94,9 +78,8 @@ def export_package(source: str | Path, name: str | None = None, *, root: str | P
                           "--packages-dir DIR") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already once renamed into place
-    update_index(root)
     log(f"exported {source.file} -> {dest} ({', '.join(sorted(os.listdir(dest)))}); "
-        f"{len(evaluations)} evaluation result(s) copied")
+        f"{evaluations} evaluation result(s) copied")
     return dest
 
 
@@ -150,80 +133,51 @@ def _check_destination(root: Path, name: str, force: bool) -> Path:
     return dest
 
 
-def _stage(root: Path, name: str) -> Path:
-    """A new temporary folder in `root` (hidden, same file system) to write the package into."""
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
-        os.chmod(tmp, _mode(0o777))  # mkdtemp makes it private; a package is as readable as any file here
-    except OSError as err:
-        raise ExportError(f"cannot write into {root} ({err.strerror or err}): pass --packages-dir DIR") from None
-    return tmp
-
-
-def _write_package(tmp: Path, dest: Path, name: str, source: Source, log: Callable[[str], None]) -> list:
-    """Write every file of the package into `tmp`: weights, config, the evaluations of these weights (returned as
-    `(path, results)`), manifest, card."""
-    files = _write_weights(tmp, name, source)
-    config = config_to_dict(source.config)
-    (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
-    # Results of the package being replaced (feature_eval run on it) stay when they scored these same weights:
-    # the same source checkpoint (safetensors orders its metadata at random, so the file's sha256 differs).
-    digests = {source.sha256, files[WEIGHTS_FILE]["sha256"]}
+def _write_package(tmp: Path, dest: Path, name: str, source: Source, log: Callable[[str], None]) -> int:
+    """Write the package into `tmp`: weights, config, the results of these weights (from the run's eval/ and from
+    the replaced package's), manifest and card. Returns how many evaluations it holds."""
+    manifest = _manifest(name, source, _write_weights(tmp, name, source))
+    (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config_to_dict(source.config), sort_keys=False))
     try:
         replaced = read_manifest(dest)
-    except CheckpointLoadError:  # missing or damaged: nothing of it is kept
+    except CheckpointLoadError:  # damaged: nothing of it is kept
         replaced = {}
+    # A package of the same checkpoint holds these weights, though its model.safetensors has another sha256
+    # (safetensors writes its metadata in a random order): its results stay, now and at each --refresh.
     if replaced.get("source", {}).get("checkpoint_sha256") == source.sha256:
-        digests |= _package_digests(replaced)
-    evaluations = list({path.name: (path, results) for folder, skipped in (
-        (dest / EVAL_DIR, "dropped (from the replaced package)"), (source.run_dir / EVAL_DIR, "skipped"))
-        for path, results in _matching_evaluations(folder, digests, log, skipped)}.values())
-    _write_card(tmp, _manifest(name, source, files, _copy_evaluations(tmp, evaluations)), config, evaluations)
-    return evaluations
-
-
-def _write_card(folder: Path, manifest: dict, config: dict, evaluations: list[tuple[Path, Results]]) -> None:
-    """`package.json` and the model card (README.md) of `folder`."""
-    (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-    (folder / CARD_FILE).write_text(model_card(manifest, config, [results for _, results in evaluations]))
+        manifest["source"]["weights_sha256"] = sorted(_package_digests(replaced) - {source.sha256})
+    for folder, skipped in ((dest / EVAL_DIR, "dropped (from the replaced package)"),
+                            (source.run_dir / EVAL_DIR, "skipped")):  # the run's replace the package's of one name
+        for file in evaluation_files(_matching_evaluations(folder, _package_digests(manifest), log, skipped)):
+            (tmp / EVAL_DIR).mkdir(exist_ok=True)
+            shutil.copy2(file, tmp / EVAL_DIR / file.name)
+    return len(_write_card(tmp, manifest, log))
 
 
 def torchvision_state_dict(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The encoder trunk of a full SimCLR state dict under plain torchvision keys (`conv1.weight`, ...; no `fc`):
-    the package's torchvision file, and pretrained_models/README.md's recipe for older packages."""
+    """The encoder trunk of a full SimCLR state dict under plain torchvision keys (`conv1.weight`, ...; no `fc`)."""
     return {k.removeprefix("backbone."): v for k, v in encoder_state_dict(model_state).items()
             if k.startswith("backbone.")}
 
 
 def _write_weights(tmp: Path, name: str, source: Source) -> dict[str, dict]:
-    """`model.safetensors` (full state dict, its architecture in the metadata) and the plain torchvision trunk;
-    the manifest's `files` (file name -> `{"sha256", "bytes"}`)."""
-    m, encoder = source.config.model, source.model.encoder
+    """`model.safetensors` (the full state dict; its metadata names the architecture) and the torchvision trunk;
+    returns the manifest's `files`: file name -> `{"sha256", "bytes"}`."""
+    m, stem = source.config.model, str(source.config.model.cifar_stem).lower()
     weights = {k: v.detach().cpu().contiguous() for k, v in source.model.state_dict().items()}
-    save_file(weights, str(tmp / WEIGHTS_FILE), metadata={
+    files = {WEIGHTS_FILE: save(weights, metadata={
         "format": FORMAT, "format_version": str(FORMAT_VERSION), "name": name, "base_model": m.base_model,
-        "cifar_stem": str(m.cifar_stem).lower(), "out_dim": str(m.out_dim), "feature_dim": str(encoder.feature_dim),
-        "epochs": "" if source.epochs is None else str(source.epochs)})
-    save_file(torchvision_state_dict(weights), str(tmp / torchvision_file(m.base_model)), metadata={
-        "format": "torchvision", "base_model": m.base_model, "cifar_stem": str(m.cifar_stem).lower(),
-        "input": "float RGB in [0, 1], normalised with mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225)"})
-    names = (WEIGHTS_FILE, torchvision_file(m.base_model))
-    for weights_name in names:
-        os.chmod(tmp / weights_name, _mode(0o666))
-    return {f: {"sha256": file_sha256(tmp / f), "bytes": (tmp / f).stat().st_size} for f in names}
+        "cifar_stem": stem, "out_dim": str(m.out_dim), "feature_dim": str(source.model.encoder.feature_dim),
+        "epochs": "" if source.epochs is None else str(source.epochs)}),
+        torchvision_file(m.base_model): save(torchvision_state_dict(weights), metadata={
+            "format": "torchvision", "base_model": m.base_model, "cifar_stem": stem,
+            "input": "float RGB in [0, 1], normalised with mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225)"})}
+    for file, data in files.items():  # written here, not by save_file, whose files are private (mode 0600)
+        (tmp / file).write_bytes(data)
+    return {file: {"sha256": file_sha256(tmp / file), "bytes": len(data)} for file, data in files.items()}
 
 
-def _copy_evaluations(tmp: Path, evaluations: list[tuple[Path, Results]]) -> list[str]:
-    """Copy each evaluation's files (JSON, table, pictures) into `tmp/eval/`; their package-relative paths."""
-    copied = evaluation_files(evaluations)
-    for companion in copied:
-        (tmp / EVAL_DIR).mkdir(exist_ok=True)
-        shutil.copy2(companion, tmp / EVAL_DIR / companion.name)
-    return [f"{EVAL_DIR}/{companion.name}" for companion in copied]
-
-
-def _manifest(name: str, source: Source, files: dict, eval_files: list[str]) -> dict:
+def _manifest(name: str, source: Source, files: dict) -> dict:
     """`package.json`: what the package is, where it came from, and the digest of every weights file."""
     m = source.config.model
     meta = (_records(source.run_dir / "meta.jsonl") or [{}])[0]
@@ -237,62 +191,63 @@ def _manifest(name: str, source: Source, files: dict, eval_files: list[str]) -> 
                    "command": meta.get("command"),
                    "final_epoch_metrics": {k: v for k, v in last.items()
                                            if k in ("epoch", "train_loss", "valid_loss", "valid_top1", "valid_top5")}},
-        "files": files, "evaluations": eval_files,
-        "exported": datetime.datetime.now().isoformat(timespec="seconds"),
+        "files": files, "exported": datetime.datetime.now().isoformat(timespec="seconds"),
     }
 
 
-def _mode(bits: int) -> int:
-    """`bits` less the process's umask: a package is as readable as any file written here."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return bits & ~mask
+def _records(path: Path) -> list[dict]:
+    """The objects of a run's meta.jsonl or metrics.jsonl, up to a line a crash cut short; none if it is missing."""
+    records = []
+    try:
+        for line in path.read_text().splitlines():
+            records.append(json.loads(line))
+    except (OSError, ValueError):
+        pass
+    return [record for record in records if isinstance(record, dict)]
 
 
 def _replace(tmp: Path, dest: Path) -> None:
     """Move the finished package into place; an old one is removed only after the new one is complete."""
-    old = None
+    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
     if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
         os.replace(dest, old)
     os.replace(tmp, dest)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def refresh_package(folder: str | Path, log: Callable[[str], None] = print) -> Path:
-    """Rebuild a package's model card and manifest from the evaluation results in its own `eval/` folder.
-
-    Results count when they scored the package's weights or its source checkpoint (same sha256), e.g.
-    after `python -m feature_eval.evaluate --checkpoint <name>`, which writes into the package's `eval/`.
-    Only `package.json`, `config.yaml` and `eval/` are read: the weights may be absent (as after a clone).
-    """
+    """Rebuild a package's card and manifest from the results in its eval/ (as `feature_eval.evaluate --checkpoint
+    <name>` writes them). Reads `package.json`, `config.yaml` and `eval/` only: the weights may be absent."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     if not manifest:
         raise ExportError(f"{folder} has no {MANIFEST_FILE}: it is not a package made by this exporter")
+    log(f"refreshed {folder / CARD_FILE}: {len(_write_card(folder, manifest, log))} evaluation result(s)")
+    return folder
+
+
+def _write_card(folder: Path, manifest: dict, log: Callable[[str], None]) -> list[tuple[Path, Results]]:
+    """Write `package.json` and the card of `folder` from the results in its eval/ of its weights; return those."""
     try:
         config = yaml.safe_load((folder / CONFIG_FILE).read_text()) or {}
     except (OSError, yaml.YAMLError) as err:
         raise ExportError(f"{folder / CONFIG_FILE} is unreadable ({err}): re-export the package") from None
     evaluations = _matching_evaluations(folder / EVAL_DIR, _package_digests(manifest), log)
     manifest["evaluations"] = [f"{EVAL_DIR}/{file.name}" for file in evaluation_files(evaluations)]
-    _write_card(folder, manifest, config, evaluations)
-    update_index(folder.parent)
-    log(f"refreshed {folder / CARD_FILE}: {len(evaluations)} evaluation result(s)")
-    return folder
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    (folder / CARD_FILE).write_text(model_card(manifest, config, [results for _, results in evaluations]))
+    return evaluations
 
 
 def _package_digests(manifest: dict) -> set[str]:
-    """The sha256s that identify a package's weights: its source checkpoint's and each of its weights files'."""
-    return ({manifest.get("source", {}).get("checkpoint_sha256")}
+    """The sha256s of a package's weights: its source checkpoint's, its files' and its earlier exports' files'."""
+    source = manifest.get("source", {})
+    return ({source.get("checkpoint_sha256"), *source.get("weights_sha256", [])}
             | {f.get("sha256") for f in manifest.get("files", {}).values()}) - {None}
 
 
-def _matching_evaluations(folder: Path, digests: set[str], log,
-                          skipped: str = "skipped") -> list[tuple[Path, Results]]:
-    """`(path, results)` of the evaluation JSON files in `folder` that scored weights with one of these sha256s
-    (their `checkpoint_sha256`); each other one is logged as `skipped`."""
+def _matching_evaluations(folder: Path, digests: set[str], log, skipped="skipped") -> list[tuple[Path, Results]]:
+    """`(path, results)` of the results in `folder` that scored weights of these sha256s; others logged as `skipped`."""
     found = []
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
         try:
@@ -314,103 +269,22 @@ def evaluation_files(evaluations: list[tuple[Path, Results]]) -> list[Path]:
         if file.is_file()]
 
 
-def _records(path: Path) -> list[dict]:
-    """The objects of a run's JSON-lines file (meta.jsonl, metrics.jsonl) up to a damaged line (a crash can cut
-    the last one short); none where it is missing."""
-    records = []
-    try:
-        for line in path.read_text().splitlines():
-            records.append(json.loads(line))
-    except (OSError, ValueError):
-        pass
-    return [record for record in records if isinstance(record, dict)]
-
-
-# The model card. `$`-fields are filled by `model_card`: the saved config's as `section_key` (`$optimizer_lr`, see
-# `_flat_config`); the blocks in capitals are lines it builds (each ends in a newline, so an empty block leaves no
-# blank line behind).
-MODEL_CARD = string.Template("""\
-# $name
-
-A SimCLR $arch encoder and its projection head, trained by this repository (`python run.py`), packaged by \
-`python -m pretrained_models.export`.
-
-| | |
-|---|---|
-| Data | $dataset_name (`$dataset_root`), pretrained on its $pretrain_split split, ${size}x${size} px, \
-$dataset_valid_size of it held out for validation$counted |
-| Epochs | $epochs (of $configured_epochs configured) |
-| Batch | $batch_size (global) |
-| Recipe | $optimizer_name lr $optimizer_lr (scaling $optimizer_lr_scaling, warmup $optimizer_warmup_epochs epochs, \
-cosine $optimizer_cosine), weight decay $weight_decay, NT-Xent temperature $loss_temperature, colour strength \
-s=$dataset_s, blur $dataset_blur, mixed precision $fp16_precision, seed $seed |
-| Model | $arch, feature dim $feature_dim, projection dim $out_dim |
-${SOURCE_ROWS}
-Full training config: [config.yaml](config.yaml).
-
-## Evaluation
-
-${EVALUATIONS}## Files
-
-| File | Bytes | sha256 |
-|---|---|---|
-${FILE_ROWS}
-The weights are not in git (`.gitignore`: `pretrained_models/*/*.safetensors`). With downloaded weights, put \
-`$weights` (and, for plain torchvision use, `$torchvision`) in `pretrained_models/$name/`, next to this card, and \
-check `sha256sum $weights` against the table: loading refuses a file whose sha256 differs from package.json.
-
-## Use
-
-```bash
-python run.py fine_tune_from=$name                   # continue pretraining from these weights
-python -m feature_eval.evaluate --checkpoint $name     # linear / KNN evaluation
-python -m feature_eval.finetune --checkpoint $name --label-fraction 0.01
-```
-
-```python
-import models
-encoder = models.load_encoder("pretrained_models/$name")  # frozen; images in [0, 1], normalised inside
-```
-
-Plain torchvision (normalise with ImageNet mean/std yourself):
-
-```python
-import torch, torchvision
-from safetensors.torch import load_file
-
-net = torchvision.models.$base_model()
-${CIFAR_STEM}missing, unexpected = net.load_state_dict(load_file("pretrained_models/$name/$torchvision"), strict=False)
-# missing == ['fc.weight', 'fc.bias']: add your own classifier, or net.fc = torch.nn.Identity()
-```
-""")
-NO_EVALUATION = """\
-No evaluation results were found for these exact weights. Produce them with
-
-```
-python -m feature_eval.evaluate --checkpoint $name --classifiers lbfgs,adam,knn
-```
-
-"""
-CIFAR_STEM_LINES = """\
-net.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)  # this encoder's CIFAR stem
-net.maxpool = torch.nn.Identity()
-"""
+# The model card, markdown with `$`-fields: the saved config's as `section_key` (`$optimizer_lr`: `_flat_config`)
+# and those `model_card` names; a field in capitals is lines it builds, each ending in a newline.
+MODEL_CARD = string.Template((Path(__file__).parent / "model_card_template.md").read_text())
+NO_EVALUATION = ("No evaluation results were found for these exact weights. Produce them with\n\n```\n"
+                 "python -m feature_eval.evaluate --checkpoint {name} --classifiers lbfgs,adam,knn\n```\n\n")
+CIFAR_STEM_LINES = ("net.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)  # this encoder's CIFAR stem\n"
+                    "net.maxpool = torch.nn.Identity()\n")
 # What a config written before these keys existed meant by their absence.
 CONFIG_DEFAULTS = {"optimizer_lr_scaling": "none", "optimizer_warmup_epochs": 0, "optimizer_cosine": True,
                    "fp16_precision": False}
 CARD_COLUMNS = ("Protocol", "Feature extractor", "Top-1 %", "Top-5 %")
 
 
-class _Lenient(dict):
-    """The card's fields: a config key that the package's version of this code did not write reads as `?`."""
-
-    def __missing__(self, key):
-        return "?"
-
-
 def _flat_config(config: dict) -> dict:
-    """A saved training config (config.yaml) as `section_key` -> value (`optimizer_lr`, `dataset_name`,
-    `batch_size`), over `CONFIG_DEFAULTS`: a card is rebuilt from whatever version of this code wrote the file."""
+    """A saved config.yaml as `section_key` -> value (`optimizer_lr`, `batch_size`) over `CONFIG_DEFAULTS`: a card
+    is rebuilt from whatever version of this code wrote the file."""
     flat = dict(CONFIG_DEFAULTS)
     for key, value in (config if isinstance(config, dict) else {}).items():
         flat.update({f"{key}_{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value})
@@ -418,15 +292,15 @@ def _flat_config(config: dict) -> dict:
 
 
 def model_card(manifest: dict, config: dict, evaluations: list[Results]) -> str:
-    """The package's README.md (`MODEL_CARD`): data, epochs, batch, recipe, evaluation numbers with their commands,
-    sha256, usage. `config` is the saved training config dict (config.yaml), read by `_flat_config`."""
+    """The package's README.md (`MODEL_CARD`); `config` is the saved training config (config.yaml's dict)."""
     name, base_model, flat = manifest["name"], manifest["base_model"], _flat_config(config)
     counted = next((r.splits for r in evaluations if _counts_split(r, flat)), None)
-    evaluated = "".join(_evaluation_block(results, name) for results in evaluations)
+    evaluated = "".join(_evaluation_block(group, name) for group in _by_data(evaluations))
     if manifest.get("evaluations"):
         evaluated += "Result files: " + ", ".join(f"[{f}]({f})" for f in manifest["evaluations"]) + ".\n\n"
-    return MODEL_CARD.substitute(_Lenient(
-        flat, name=name, base_model=base_model, weights=WEIGHTS_FILE, torchvision=torchvision_file(base_model),
+    fields = collections.defaultdict(lambda: "?", flat)  # a key an older version of the config lacks reads as ?
+    fields.update(
+        name=name, base_model=base_model, weights=WEIGHTS_FILE, torchvision=torchvision_file(base_model),
         arch=ARCHITECTURES.get(base_model, base_model) + (" (CIFAR stem: 3x3 conv1, no max-pool)"
                                                           if manifest["cifar_stem"] else ""),
         pretrain_split=_PRETRAIN_SPLITS.get(flat.get("dataset_name"), "pretrain"),
@@ -435,10 +309,11 @@ def model_card(manifest: dict, config: dict, evaluations: list[Results]) -> str:
                 "images" if counted else "",
         epochs=manifest.get("epochs"), configured_epochs=manifest.get("configured_epochs"),
         feature_dim=manifest["feature_dim"], out_dim=manifest["out_dim"], SOURCE_ROWS=_source_rows(manifest),
-        EVALUATIONS=evaluated or string.Template(NO_EVALUATION).substitute(name=name),
+        EVALUATIONS=evaluated or NO_EVALUATION.format(name=name),
         FILE_ROWS="".join(f"| {file} | {info['bytes']} | `{info['sha256']}` |\n"
                           for file, info in manifest["files"].items()),
-        CIFAR_STEM=CIFAR_STEM_LINES if manifest["cifar_stem"] else ""))
+        CIFAR_STEM=CIFAR_STEM_LINES if manifest["cifar_stem"] else "")
+    return MODEL_CARD.substitute(fields)
 
 
 def _source_rows(manifest: dict) -> str:
@@ -455,65 +330,75 @@ def _source_rows(manifest: dict) -> str:
     return rows
 
 
-def _evaluation_block(results: Results, name: str) -> str:
-    """One evaluation on the card: its data and splits, its rows, and the commands that produce it (the second
-    on this package, its results into the package's own eval/)."""
-    splits = results.splits
+def _by_data(evaluations: list[Results]) -> list[list[Results]]:
+    """The evaluations by what they measured (data, size, splits), oldest first: a section of the card each. The
+    run's (`last_<data>.json`) and the package's own (`model_<data>.json`: evaluate names its files after the
+    weights file) scored the same weights, so they share one."""
+    groups: dict[str, list[Results]] = {}
+    for results in sorted(evaluations, key=lambda r: r.finished or ""):
+        key = json.dumps([results.dataset, results.root, results.input_size, results.splits], default=str)
+        groups.setdefault(key, []).append(results)
+    return list(groups.values())
+
+
+def _latest_rows(evaluations: list[Results]) -> list[Row]:
+    """The latest row of each (protocol, extractor) of these evaluations, by the date of each row (else its file's)."""
+    dated = sorted(((row.evaluated or r.finished or "", row) for r in evaluations for row in r.rows),
+                   key=lambda pair: pair[0])
+    return current_rows([row for _, row in dated], {})
+
+
+def _evaluation_block(group: list[Results], name: str) -> str:
+    """A section of the card: the data and splits, the latest rows of the `group`, the commands that made them and
+    each of those run on this package (whose results go into its own eval/)."""
+    splits, rows = group[-1].splits, _latest_rows(group)
     fit = splits.get("fit", "train")
     if fit == "train" and isinstance(splits.get("train"), int):
         fit = f"train ({splits['train']:,} images)"
-    here = rewrite_command(results.command, {"--checkpoint": name, "--out-dir": None})
-    return (f"On {results.dataset} ({results.input_size} px), fit on {fit}, scored on test ({splits.get('test', '?')} "
-            f"images):\n\n{markdown_table(results.rows, CARD_COLUMNS)}\n\nProduced by `{results.command}`; from this "
-            f"package: `{here}`.\n\n")
+    commands = [r.command for r in group if any(row in rows for row in r.rows)] or [r.command for r in group]
+    here = [rewrite_command(command, {"--checkpoint": name, "--out-dir": None}) for command in commands]
+    return (f"On {group[-1].dataset} ({group[-1].input_size} px), fit on {fit}, scored on test "
+            f"({splits.get('test', '?')} images):\n\n{markdown_table(rows, CARD_COLUMNS)}\n\nProduced by "
+            f"{_quoted(commands)}; from this package: {_quoted(here)}.\n\n")
+
+
+def _quoted(commands: list[str | None]) -> str:
+    return " and ".join(f"`{command}`" for command in dict.fromkeys(commands))
 
 
 def _counts_split(results: Results, config: dict) -> bool:
-    """Whether an evaluation counted the labelled train and test images of the training data set (same name and
-    root); `config` is `_flat_config`'s."""
+    """Whether an evaluation counted the labelled train and test images of the training data (same name and root);
+    `config` is `_flat_config`'s."""
     return (results.dataset == config.get("dataset_name") and results.root is not None
             and Path(str(results.root)) == Path(str(config.get("dataset_root")))
             and all(isinstance(results.splits.get(k), int) for k in ("train", "test")))
 
 
-def package_summary(folder: Path) -> dict:
-    """One row of the packages list: name, architecture, data, epochs, batch, linear/KNN top-1, weights present."""
+LIST_COLUMNS = ("Package", "Architecture", "Data", "Epochs", "Batch", "Linear top-1 %", "KNN top-1 %", "Weights here")
+
+
+def package_table(root: Path) -> str:
+    """`--list`: the packages in `root` as a markdown table (`LIST_COLUMNS`), or a line saying there are none."""
+    rows = [_package_row(root / name) for name in list_packages(root)]
+    header = [f"| {' | '.join(LIST_COLUMNS)} |", "|---" * len(LIST_COLUMNS) + "|"]
+    return "\n".join(header + rows) if rows else f"no packages in {root}"
+
+
+def _package_row(folder: Path) -> str:
+    """A package's row of `package_table`; its top-1s are its card's (the latest SimCLR rows of its eval/)."""
     manifest = read_manifest(folder)
     try:
         config = _flat_config(yaml.safe_load((folder / CONFIG_FILE).read_text()))
     except (OSError, yaml.YAMLError):
         config = {}
-    top1 = {}  # protocol -> top-1 of its first SimCLR row
-    for entry in (e for e in manifest.get("evaluations", []) if e.endswith(".json")):
-        try:
-            rows = read_results(folder / entry).rows
-        except (OSError, ValueError):
-            continue
-        for row in (row for row in rows if row.extractor == "simclr"):
-            top1.setdefault(row.classifier, row.top1)
+    evaluations = _matching_evaluations(folder / EVAL_DIR, _package_digests(manifest), lambda _: None)
+    top1 = {row.classifier: f"{row.top1:.1f}" for row in _latest_rows([results for _, results in evaluations])
+            if row.extractor == "simclr" and row.top1 is not None}
     base_model = manifest.get("base_model")
-    return {"name": folder.name, "architecture": ARCHITECTURES.get(base_model, base_model),
-            "data": config.get("dataset_name"), "epochs": manifest.get("epochs"), "batch": config.get("batch_size"),
-            "linear_top1": top1.get("lbfgs"), "knn_top1": top1.get("knn"), "weights": (folder / WEIGHTS_FILE).is_file()}
-
-
-def update_index(root: Path) -> Path:
-    """Write the packages list to `<root>/INDEX.md` (generated, gitignored: never a tracked file); return its path."""
-    rows = [package_summary(root / name) for name in list_packages(root)]
-
-    def cell(value, digits=None):
-        return "-" if value is None else (f"{value:.1f}" if digits else str(value))
-
-    lines = ["| Package | Architecture | Data | Epochs | Batch | Linear top-1 % | KNN top-1 % | Weights here |",
-             "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| [{r['name']}]({r['name']}/README.md) | {cell(r['architecture'])} | {cell(r['data'])} | "
-              f"{cell(r['epochs'])} | {cell(r['batch'])} | {cell(r['linear_top1'], 1)} | {cell(r['knn_top1'], 1)} | "
-              f"{'yes' if r['weights'] else 'no (download)'} |" for r in rows]
-    body = "\n".join(lines) if rows else "None yet: nothing has been packaged here."
-    index = root / INDEX_FILE
-    index.write_text(f"# Packages in {root}\n\nGenerated by `python -m pretrained_models.export` (also printed by "
-                     f"`--list`); not in git. The format: pretrained_models/README.md.\n\n{body}\n")
-    return index
+    cells = (folder.name, ARCHITECTURES.get(base_model, base_model), config.get("dataset_name"), manifest.get("epochs"),
+             config.get("batch_size"), top1.get("lbfgs"), top1.get("knn"),
+             "yes" if (folder / WEIGHTS_FILE).is_file() else "no (download)")
+    return "| " + " | ".join("-" if cell is None else str(cell) for cell in cells) + " |"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -522,7 +407,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--as", dest="name", help="package name (default: e.g. resnet-18_40-epochs)")
     parser.add_argument("--packages-dir", help="where packages live (default: pretrained_models/)")
     parser.add_argument("--force", action="store_true", help="replace an existing package of that name")
-    parser.add_argument("--list", action="store_true", help="list the packages present and exit")
+    parser.add_argument("--list", action="store_true", help="print the packages present as a table and exit")
     parser.add_argument("--refresh", metavar="NAME",
                         help="rebuild package NAME's model card from the results in its eval/ folder and exit")
     args = parser.parse_args(argv)
@@ -531,26 +416,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def print_list(root: Path) -> None:
-    """`--list`: a line per package in `root`."""
-    rows = [package_summary(root / name) for name in list_packages(root)]
-    for r in rows:
-        top1 = "-" if r["linear_top1"] is None else f"{r['linear_top1']:.1f}%"
-        print(f"{r['name']}: {r['architecture']}, {r['data']}, {r['epochs']} epochs, batch {r['batch']}, "
-              f"linear top-1 {top1}, weights {'present' if r['weights'] else 'missing'}")
-    if not rows:
-        print(f"no packages in {root}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     root = Path(args.packages_dir) if args.packages_dir else PACKAGES_DIR
     try:
         with startup.one_line_warnings():  # no CPU policy: exporting computes nothing in parallel
             if args.list:
-                print_list(root)
+                print(package_table(root))
+            elif args.refresh and is_package_name(args.refresh) and is_package_dir(root / args.refresh):
+                refresh_package(root / args.refresh)
             elif args.refresh:
-                refresh_package(find_package(args.refresh, root))
+                raise CheckpointLoadError(f"--refresh {args.refresh!r}: no package of that name in {root} (present: "
+                                          f"{', '.join(list_packages(root)) or 'none'}); python -m "
+                                          "pretrained_models.export --list shows them, runs/<run> --as NAME makes one")
             else:
                 export_package(args.source, args.name, root=root, force=args.force)
     except BaseException as err:  # one line and its status, as startup.ERROR_POLICY says; a bug is raised again

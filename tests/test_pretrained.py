@@ -3,7 +3,10 @@ checkpoint) and every error, plain torchvision weights, and `fine_tune_from=<pac
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import stat
 import struct
 import subprocess
 import sys
@@ -131,11 +134,16 @@ def test_model_card_has_data_recipe_numbers_commands_sha_and_download_place(expo
     assert "10.0" not in card  # the stale evaluation's numbers
 
 
-def test_index_lists_the_packages_in_its_own_file_and_leaves_the_readme_alone(exported):
+def test_list_prints_the_packages_as_a_table_and_export_leaves_the_folder_alone(exported, capsys):
+    assert export_module.main(["--list", "--packages-dir", str(exported["root"])]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == ("| Package | Architecture | Data | Epochs | Batch | Linear top-1 % | KNN top-1 % | "
+                        "Weights here |")
+    assert lines[2:] == ["| resnet-18_3-epochs | ResNet-18 | stl10 | 3 | 4 | 41.5 | 42.5 | yes |"]
     assert (exported["root"] / "README.md").read_text() == README
-    text = (exported["root"] / "INDEX.md").read_text()
-    line = next(line for line in text.splitlines() if "resnet-18_3-epochs" in line)
-    assert "ResNet-18" in line and "stl10" in line and "41.5" in line and "42.5" in line and "| yes |" in line
+    assert sorted(p.name for p in exported["root"].iterdir()) == ["README.md", "resnet-18_3-epochs"]  # no index file
+    assert export_module.main(["--list", "--packages-dir", str(exported["root"] / "none")]) == 0
+    assert capsys.readouterr().out == f"no packages in {exported['root'] / 'none'}\n"
 
 
 def test_torchvision_resnet18_loads_the_exported_trunk_with_only_fc_missing(exported):
@@ -328,7 +336,10 @@ def test_export_errors_are_one_line(exported, tmp_path, capsys):
              ([str(exported["run_dir"]), "--as", "../evil", "--packages-dir", root], "a package name is", 2),
              ([str(tmp_path / "nothing"), "--packages-dir", root], "not found", 1),
              ([str(exported["folder"]), "--as", "again", "--packages-dir", root], "already a package", 2),
-             (["--refresh", "nope", "--packages-dir", root], "no pretrained package 'nope'", 1)]
+             (["--refresh", "nope", "--packages-dir", root], "--refresh 'nope': no package of that name in "
+              f"{root} (present: resnet-18_3-epochs); python -m pretrained_models.export --list shows them", 1),
+             (["--refresh", "nope", "--packages-dir", str(tmp_path)], "(present: none)", 1),
+             ([str(exported["run_dir"]), "--packages-dir", str(exported["checkpoint"])], "cannot write package", 2)]
     for argv, message, code in cases:
         assert export_module.main(argv) == code, argv
         err = capsys.readouterr().err
@@ -375,7 +386,7 @@ def test_force_replaces_a_package_and_the_default_name_follows_the_scheme(tmp_pa
     first = export_package(tmp_path / "a", root=root, log=lambda _: None)
     assert first.name == "resnet-18_3-epochs"
     second = export_package(tmp_path / "b", root=root, force=True, log=lambda _: None)
-    assert second == first and sorted(p.name for p in root.iterdir()) == ["INDEX.md", "resnet-18_3-epochs"]  # no temp
+    assert second == first and sorted(p.name for p in root.iterdir()) == ["resnet-18_3-epochs"]  # no temp
     b_weights = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=True)["model"]
     assert_same_weights(packages.read_package(second)["model"], b_weights, atol=0)
 
@@ -436,10 +447,59 @@ def test_force_keeps_the_package_evaluations_of_identical_weights_and_drops_the_
                                                                                 "eval/model_stl10.md"]
     assert "55.5" in (folder / "README.md").read_text() and "12.0" not in (folder / "README.md").read_text()
     assert any("other_stl10.json" in line and "other weights" in line for line in logs)
+    refresh_package(folder, log=lambda _: None)  # the manifest knows the replaced weights file held these weights
+    assert "55.5" in (folder / "README.md").read_text()
     logs.clear()
     export_package(tmp_path / "b", "p", root=root, force=True, log=logs.append)  # other weights
     assert not (folder / "eval").exists() and "55.5" not in (folder / "README.md").read_text()
     assert any("model_stl10.json" in line and "other weights" in line for line in logs)
+
+
+def test_the_card_shows_one_section_for_the_run_and_the_package_evaluated_on_the_same_data(tmp_path):
+    """evaluate names its files after the weights file: the run's `last_stl10.*`, copied into the package, and the
+    package's own `model_stl10.*` scored the same weights, so the card shows one table of their latest rows."""
+    make_run(tmp_path / "run")
+    write_eval(tmp_path / "run", packages.file_sha256(tmp_path / "run" / "checkpoints" / "last.pt"), "last_stl10", 41.5)
+    folder = export_package(tmp_path / "run", "p", root=tmp_path / "packages", log=lambda _: None)
+    write_eval(folder, packages.file_sha256(folder / "model.safetensors"), "model_stl10", 55.5)
+    path, again = folder / "eval" / "model_stl10.json", "python -m feature_eval.evaluate --checkpoint p --classifiers knn"
+    later = json.loads(path.read_text())  # KNN only, redone on the package
+    path.write_text(json.dumps({**later, "rows": later["rows"][1:], "command": again, "finished": "2030-01-01T00:00"}))
+    refresh_package(folder, log=lambda _: None)
+    card = (folder / "README.md").read_text()
+    assert card.count("On stl10 (32 px)") == 1
+    section = card.split("On stl10 (32 px)")[1].split("Result files")[0]
+    assert "| 41.5 |" in section and "| 56.5 |" in section and "| 42.5 |" not in section  # the run's L-BFGS row
+    assert ("Produced by `python -m feature_eval.evaluate --checkpoint runs/x/checkpoints/last.pt --dataset stl10 "
+            f"--root data --input-size 32 --classifiers lbfgs,knn --seed 0` and `{again}`; from this package: "
+            "`python -m feature_eval.evaluate --checkpoint p --dataset stl10 --root data --input-size 32 --classifiers "
+            f"lbfgs,knn --seed 0` and `{again}`.") in section
+
+
+def test_the_readme_names_the_head_keys_of_each_head():
+    """pretrained_models/README.md's `head.net` indices for each head config are those of the model's state dict."""
+    text = (REPO / "pretrained_models" / "README.md").read_text()
+    claims = {words: indices for indices, words in re.findall(
+        r"`\{([\d,]+)\}` (by default|with `model.head_layers: 3`|with `model.head_bn: true`|with both)", text)}
+    assert set(claims) == {"by default", "with `model.head_layers: 3`", "with `model.head_bn: true`", "with both"}
+    for layers, bn, words in ((2, False, "by default"), (3, False, "with `model.head_layers: 3`"),
+                              (2, True, "with `model.head_bn: true`"), (3, True, "with both")):
+        state = create_model("resnet18", 8, False, layers, bn).state_dict()
+        assert {int(k.split(".")[2]) for k in state if k.startswith("head.")} == set(map(int, claims[words].split(",")))
+
+
+def test_a_package_is_as_readable_as_any_file_written_here(tmp_path):
+    """safetensors writes private files (0600); a package's files follow the umask, as every other file here does."""
+    make_run(tmp_path / "run")
+    old = os.umask(0o027)
+    try:
+        folder = export_package(tmp_path / "run", "p", root=tmp_path / "packages", log=lambda _: None)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o750
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()} == {
+        name: 0o640 for name in ("model.safetensors", "torchvision_resnet18.safetensors", "config.yaml",
+                                 "package.json", "README.md")}
 
 
 def test_refresh_needs_no_weights_as_after_a_clone(tmp_path, capsys):
@@ -453,7 +513,9 @@ def test_refresh_needs_no_weights_as_after_a_clone(tmp_path, capsys):
         weights.unlink()
     assert export_module.main(["--refresh", "p", "--packages-dir", str(root)]) == 0, capsys.readouterr().err
     assert "55.5" in (folder / "README.md").read_text()
-    assert "no (download)" in (root / "INDEX.md").read_text()
+    capsys.readouterr()
+    assert export_module.main(["--list", "--packages-dir", str(root)]) == 0
+    assert capsys.readouterr().out.splitlines()[2] == "| p | ResNet-18 | stl10 | 3 | 4 | 55.5 | 56.5 | no (download) |"
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
@@ -463,7 +525,7 @@ def test_export_and_refresh_leave_a_clean_checkout(tmp_path):
     repo = tmp_path / "clone"
     (repo / "pretrained_models").mkdir(parents=True)
     shutil.copy(REPO / ".gitignore", repo / ".gitignore")
-    for name in ("README.md", "__init__.py", "export.py"):
+    for name in ("README.md", "__init__.py", "export.py", "model_card_template.md"):
         shutil.copy(REPO / "pretrained_models" / name, repo / "pretrained_models" / name)
 
     def git(*args):
@@ -478,7 +540,7 @@ def test_export_and_refresh_leave_a_clean_checkout(tmp_path):
     folder = export_package(tmp_path / "run", "p", root=root, log=lambda _: None)
     write_eval(folder, packages.file_sha256(folder / "model.safetensors"), "model_stl10", 55.5)
     refresh_package(folder, log=lambda _: None)
-    assert (root / "INDEX.md").is_file() and "55.5" in (folder / "README.md").read_text()
+    assert "55.5" in (folder / "README.md").read_text()
     assert git("status", "--porcelain", "--untracked-files=all") == ""
 
 
@@ -564,8 +626,3 @@ def test_a_package_may_not_take_the_name_of_a_run_and_a_run_name_with_a_space_re
         export_package(runs / "enc", "enc", root=packages, log=lambda *_: None)
     assert resolve_checkpoint("my run") == runs / "my run" / "checkpoints" / "last.pt"
 
-
-def test_list_prints_each_package_with_a_rounded_linear_top1(exported, capsys):
-    assert export_module.main(["--list", "--packages-dir", str(exported["root"])]) == 0
-    out = capsys.readouterr().out
-    assert out.startswith("resnet-18_3-epochs: ") and "linear top-1 41.5%, weights present" in out
