@@ -119,8 +119,7 @@ class EvalContext:
         return ARCHITECTURES.get(model.base_model, model.base_model) + (" (CIFAR stem)" if model.cifar_stem else "")
 
     def record(self, command: str | None, seed: int, splits: dict, options: dict, timings: dict, **parts) -> dict:
-        """A results JSON (`feature_eval.results.Results` reads it back): what was evaluated, on what, how, `parts`
-        (rows, ...), the timings, the machine and when it finished. `splits`: `fit` (what was fit on) and sizes."""
+        """A results JSON (`feature_eval.results.Results` reads it back); `splits`: `fit` (what was fit on), sizes."""
         gpu = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
         return {"command": command, "checkpoint": str(self.checkpoint), "checkpoint_sha256": self.checkpoint_sha256,
                 "trained_epochs": self.trained_epochs,
@@ -181,8 +180,8 @@ def option_advice(message: str) -> str:
 
 
 def load_splits(dataset: str, root: Path, download: bool, skip_bad_images: bool = False):
-    """The `train` and `test` splits of `dataset` under `root`, checked: a test split to score on, and train labels
-    of at least two classes to fit on. Raises EvalError or DataError in one line that names the option to change."""
+    """The `train` and `test` splits of `dataset` under `root`, checked: a test split to score on, train labels of
+    two classes or more to fit on."""
     try:
         train_set = load_split(dataset, root, "train", download=download, skip_bad_images=skip_bad_images)
         test_set = load_split(dataset, root, "test", download=download, skip_bad_images=skip_bad_images)
@@ -236,9 +235,8 @@ def parse_names(text: str | tuple | list, allowed: tuple[str, ...], option: str)
 
 
 def results_stem(checkpoint_file: Path, dataset: str, root: Path, input_size: int, trained: dict) -> str:
-    """`<checkpoint>_<dataset>`, then `_<root folder>` when the data's root is not the one trained on and
-    `_<size>px` when the input size is not: other data or another size never overwrite the training data's
-    results. `trained` is the checkpoint's `dataset` config (`root`, `input_shape`), `{}` where it has none."""
+    """`<checkpoint>_<dataset>`, then `_<root folder>` and `_<size>px` where data root and input size are not those
+    of `trained` (the checkpoint's `dataset` config, `{}` if none): other data never overwrite its results."""
     stem = f"{checkpoint_file.stem}_{dataset}"
     if Path(root).resolve() != Path(trained.get("root") or "data").resolve():
         stem += "_" + (re.sub(r"[^A-Za-z0-9._-]+", "-", Path(root).resolve().name) or "root")
@@ -258,8 +256,8 @@ BOUNDS = {">= 0": (lambda v: v >= 0, ">= 0"), ">= 1": (lambda v: v >= 1, "at lea
 
 
 def bound_errors(options: type[RunOptions], value_of: Callable[[str], object]):
-    """Yield `--option value: must be <bound>` for each field of `options` whose value (`value_of(name)`; None is not
-    checked) is out of its `bound`: the one message of the command line and the Python API."""
+    """`--option value: must be <bound>` for each field of `options` whose value (`value_of(name)`, unless None) is
+    out of its `bound`: the message of the command line and of the Python API."""
     for f in (f for f in dataclasses.fields(options) if "bound" in f.metadata):
         inside, words = BOUNDS[f.metadata["bound"]]
         value = value_of(f.name)
@@ -270,8 +268,7 @@ def bound_errors(options: type[RunOptions], value_of: Callable[[str], object]):
 
 def parse_options(options: type[RunOptions], module: str, doc: str, argv: list[str]) -> argparse.Namespace:
     """A driver's command line: `--checkpoint`, then an option per field of `options` made with `option(..., help)`
-    (`--no-<name>` for a field that defaults to True, a flag for one that defaults to False, else a value of the
-    default's type). A value out of its field's bound ends it with one line (`bound_errors`) and exit status 2."""
+    (`--no-<name>` for a field that defaults to True). A value out of its bound: one line, exit status 2."""
     parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n")[0])
     parser.add_argument("--checkpoint", required=True,
                         help="run dir or name (runs/<name>), checkpoint .pt file, package dir or package name "

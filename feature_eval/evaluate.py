@@ -56,12 +56,10 @@ class EvalOptions(RunOptions):
     """`RunOptions` plus what the linear and KNN protocols are asked; `classifiers` and `baselines` (comma-separated
     or a tuple) are checked and read as a tuple of names when made."""
 
-    classifiers: str | tuple[str, ...] = option(
-        DEFAULT_CLASSIFIERS, f"comma-separated, from {','.join(CLASSIFIERS)} (default: {','.join(DEFAULT_CLASSIFIERS)})"
-        "; knn gives two rows: the original repository's k=10 Euclidean vote and the weighted cosine KNN")
-    baselines: str | tuple[str, ...] = option((), "comma-separated, from pca (raw pixels, PCA to model.out_dim) and "
-                                                  "random (random-init encoder), or none (default); pca is slow on "
-                                                  "large images")
+    classifiers: str | tuple[str, ...] = option(DEFAULT_CLASSIFIERS, "comma-separated, from lbfgs,adam,knn (default: "
+                                                "lbfgs,knn); knn: the Euclidean vote and the weighted cosine KNN")
+    baselines: str | tuple[str, ...] = option((), "comma-separated, from pca (raw pixels, PCA to model.out_dim; slow "
+                                                  "on large images) and random (random-init encoder), or none")
     batch_size: int = option(256, "images per forward pass (lower it on OOM)", bound=">= 1")
     num_workers: int = option(0, "decoding workers for image folders", bound=">= 0")
     cache: bool = option(True, "neither read nor write cached features")
@@ -73,8 +71,7 @@ class EvalOptions(RunOptions):
     knn_k: int = option(10, "neighbours of the Euclidean KNN vote (default 10)", bound=">= 1")
     weighted_knn_k: int = option(200, "neighbours of the weighted KNN", bound=">= 1")
     weighted_knn_temperature: float = option(0.1, "weighted KNN temperature", bound="> 0")
-    plots: bool = option(True, "draw no t-SNE, confusion-matrix and neighbours PNGs (the t-SNE takes seconds: it "
-                               "embeds at most 2,000 test images)")
+    plots: bool = option(True, "draw no t-SNE, confusion-matrix and neighbours PNGs")
 
     def __post_init__(self):
         object.__setattr__(self, "classifiers", parse_names(self.classifiers, CLASSIFIERS, "--classifiers"))
@@ -86,9 +83,8 @@ class EvalOptions(RunOptions):
 
 @dataclass
 class Evaluation:
-    """What `evaluate` found: the JSON record, the table's rows (an earlier evaluation's too, once written) and its
-    markdown, the class names, extractor -> (train, test) features, (classifier, extractor) -> ClassifierResult
-    and the files written (none without `write`)."""
+    """What `evaluate` found: the JSON record, the table (rows, markdown), the class names, extractor -> (train, test)
+    features, (classifier, extractor) -> ClassifierResult, and the files written."""
 
     results: dict
     rows: list[Row]
@@ -138,8 +134,8 @@ def evaluate(checkpoint: str | Path, options: EvalOptions | None = None, *, log:
 
 
 def extract_all(ctx: EvalContext, o: EvalOptions, timings: dict, log: Callable[[str], None]) -> tuple[dict, dict]:
-    """The SimCLR features of both splits, then each baseline's: extractor -> (train, test) FeatureSplit, and ->
-    its facts (architecture, feature and projection dims, epochs; PCA's `pca`); `timings` gets their seconds."""
+    """Extractor -> (train, test) FeatureSplit, and -> its facts (architecture, dims, epochs; PCA's `pca`), for
+    SimCLR and each baseline; `timings` gets their seconds."""
     model = ctx.config.model
     # a package holds no caches: its features go to runs/eval_cache/<package>
     package = ctx.checkpoint.suffix == ".safetensors"
@@ -267,10 +263,9 @@ def _add_to_table(path: Path, results: dict, rows: list[Row], settings: dict[str
 
 def write_pictures(rows: list[Row], features: dict, ctx: EvalContext, stem: str, seed: int,
                    log: Callable[[str], None] = print) -> dict[str, Path]:
-    """`<stem>_tsne.png` (SimCLR test features, at most `TSNE_POINTS`, seeded), `<stem>_confusion.png` (a panel per
-    SimCLR row of the table, earlier ones included) and `<stem>_neighbours.png` (`neighbour_panels`). A comparison
-    picture of the same weights (an earlier evaluation's, whose random-init rows the table keeps) is not replaced by
-    a SimCLR-only one: evaluating without `--baselines random` keeps it, and says so."""
+    """`<stem>_tsne.png`, `<stem>_confusion.png` (a panel per SimCLR row of the table, earlier ones included) and
+    `<stem>_neighbours.png`, unless that is the comparison picture of the random-init rows the table keeps and this
+    evaluation has no random-init features: then it stays, and the log says so."""
     test = features["simclr"][1]
     confusions = [(f"{row.classifier_name}: top-1 {row.top1:.1f}%", np.asarray(row.confusion))
                   for row in rows if row.extractor == "simclr" and row.confusion is not None]
@@ -297,8 +292,7 @@ def write_pictures(rows: list[Row], features: dict, ctx: EvalContext, stem: str,
 def neighbour_panels(features: dict, train_set, test_set, input_size: int, seed: int,
                      queries: int = NEIGHBOUR_QUERIES, k: int = NEIGHBOURS) -> tuple:
     """Seeded test images and their `k` nearest train images (cosine, as the weighted KNN) under the SimCLR and, when
-    evaluated, the random-init features, at the evaluation view: what `draw_neighbours` draws (test images uint8
-    `[Q, 3, S, S]`, labels `[Q]`, per extractor (name, neighbours `[Q, k, 3, S, S]`, their labels `[Q, k]`))."""
+    evaluated, the random-init features, at the evaluation view: `draw_neighbours`' arguments."""
     resize = create_eval_resize(input_size)
 
     def images(dataset, index) -> np.ndarray:
@@ -355,9 +349,8 @@ def rerun_command(run_dir: str | Path) -> str:
 
 
 def evaluate_run(run_dir: str | Path, log: Callable[[str], None] = print) -> Evaluation:
-    """The evaluation `run.py` runs after training (`final_eval: true`): all classifiers, random and PCA baselines,
-    on the data and settings of the run's saved config; logs the table, writes it to `<run_dir>/eval/`. Any error
-    is raised: run.py reports it in one line with `rerun_command`."""
+    """The evaluation `run.py` runs after training (`final_eval: true`): every classifier and baseline, on the run's
+    data; logs the table. Errors are raised: run.py reports them in one line with `rerun_command`."""
     evaluation = evaluate(run_dir, classifiers=RUN_CLASSIFIERS, baselines=RUN_BASELINES,
                           command=rerun_command(run_dir), log=log)
     log(summary(evaluation))
