@@ -93,21 +93,6 @@ def timed(batches, warmup: int, steps: int, device: torch.device, work) -> float
     return time.perf_counter() - start
 
 
-def per_core_rate(make, per_call: int, views: int) -> float:
-    """Views per CPU-second of one thread: `make(i)` (`per_call` views each) until `views` are made, after one
-    untimed call. CPU time, so other load on a shared machine does not bias it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        make(0)
-        start, calls = time.process_time(), -(-views // per_call)
-        for i in range(calls):
-            make(i)
-        return calls * per_call / (time.process_time() - start)
-    finally:
-        torch.set_num_threads(threads)
-
-
 def run(args, trainer_class=Trainer) -> dict:
     """Every row's images/s (views/s for the pipelines alone) and the settings for the table."""
     with tempfile.TemporaryDirectory() as run_dir, flushed_denormals():  # the trainer's step, as `fit` runs it
@@ -136,11 +121,6 @@ def run(args, trainer_class=Trainer) -> dict:
             views_per_image = 2 if key.endswith("_views") else 1
             seconds = timed(batches(), args.warmup, args.steps, device, work)
             results[key] = views_per_image * args.batch_size * args.steps / seconds
-        print("per core (one thread, CPU time) ...", flush=True)
-        batch = min(len(images), max(32, args.per_core_views // 2))
-        on_cpu = DeviceBatches(images[:batch], batch, views, seed=0, device="cpu")
-        results["pil_core"] = per_core_rate(lambda i: pairs[i % len(pairs)], 2, args.per_core_views)
-        results["device_core"] = per_core_rate(lambda i: on_cpu.make_batch(0, 0), 2 * batch, args.per_core_views)
         return results
 
 
@@ -161,16 +141,12 @@ def format_run(args, r: dict, command: str) -> str:
         *(f"| {what} | {rate:,.0f} | {2 * rate:,.0f} | {rate / ceiling:.2f} |" for what, rate in steps),
         f"| CPU pipeline alone (PIL, {workers} workers) | | {r['cpu_views']:,.0f} | |",
         f"| device pipeline alone ({device.type}) | | {r['device_views']:,.0f} | |", "",
-        "| per core: views per CPU-second, one thread | PIL pipeline | device pipeline on the CPU | ratio |",
-        "|---|---:|---:|---:|",
-        f"| {args.crop}x{args.crop} views | {r['pil_core']:,.0f} | {r['device_core']:,.0f} | "
-        f"{r['device_core'] / r['pil_core']:.2f} |", "",
         f"Full step with the device pipeline: {r['device_step'] / ceiling:.2f}x the model-only ceiling, "
         f"{r['device_step'] / r['cpu_step']:.2f}x the CPU pipeline with {workers} workers. At this rate an "
         f"STL10 epoch ({STL10_IMAGES:,} images, two views each) takes {STL10_IMAGES / r['device_step']:,.1f} s "
         f"(CPU pipeline: {STL10_IMAGES / r['cpu_step']:,.1f} s)."
-        + (f" Feeding the ceiling with PIL would take about {2 * ceiling / r['pil_core']:,.0f} cores."
-           if device.type == "cuda" else ""),
+        + (f" Feeding the ceiling with PIL would take about {2 * ceiling * workers / r['cpu_views']:,.0f} workers."
+           if device.type == "cuda" and workers else ""),
     ]
     return "\n".join(lines)
 
@@ -194,12 +170,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "for --amp on this device (default), or channels-last / nchw forced")
     parser.add_argument("--workers", type=int, default=startup.available_cpus(),
                         help="DataLoader workers (default: the cores this process may use)")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, one per core)")
-    parser.add_argument("--per-core-views", type=int, help="views for the per-core rows (default 1024 / 256)")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, one per core); "
+                        "--threads 1 --workers 0: the pipelines' rows are per core")
     add_record_args(parser, "the run appended to this benchmark's section")
     args = parser.parse_args(argv)
-    defaults = {"batch_size": (512, 32), "steps": (20, 3), "warmup": (5, 1), "amp": ("bf16", "none"),
-                "per_core_views": (1024, 256)}
+    defaults = {"batch_size": (512, 32), "steps": (20, 3), "warmup": (5, 1), "amp": ("bf16", "none")}
     for key, (on_cuda, on_cpu) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, on_cuda if args.device.startswith("cuda") else on_cpu)

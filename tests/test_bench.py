@@ -61,10 +61,10 @@ def test_benchmark_runs_end_to_end_on_the_cpu(tmp_path, capsys):
 
     out = tmp_path / "BENCHMARKS.md"
     assert throughput.main(["--device", "cpu", "--crop", "32", "--batch-size", "4", "--steps", "1", "--warmup", "1",
-                            "--workers", "0", "--per-core-views", "16", "--output", str(out)]) == 0
+                            "--workers", "0", "--output", str(out)]) == 0
     text = out.read_text()
     for row in ("model alone on pre-made views", "full step, CPU pipeline", "full step, device pipeline",
-                "CPU pipeline alone", "device pipeline alone", "per core", "torch " + torch.__version__):
+                "CPU pipeline alone (PIL, 0 workers)", "device pipeline alone", "torch " + torch.__version__):
         assert row in text
     assert "appended to" in capsys.readouterr().out
 
@@ -82,7 +82,7 @@ def test_benchmarks_refuse_a_bad_device_in_one_line(device, capsys):
 
 
 TINY_THROUGHPUT = ["--device", "cpu", "--crop", "32", "--batch-size", "4", "--steps", "1", "--warmup", "1",
-                   "--workers", "0", "--per-core-views", "16"]
+                   "--workers", "0"]
 TINY_LOSS = ["--sizes", "8", "--seed-up-to", "0", "--repeats", "1"]
 
 
