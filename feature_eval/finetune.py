@@ -4,8 +4,8 @@
     python -m feature_eval.finetune --checkpoint resnet-18_40-epochs --label-fraction 0.1 --baselines random
 
 The paper's protocol (Section 6 and Appendix B.5): a seeded, class-balanced `--label-fraction` of the
-labelled `train` split; random resized crops and horizontal flips only, at the pretraining's crop scale and flip
-probability (`dataset.min_crop_scale`, `dataset.hflip`: the paper's 0.08-1 and 0.5 in its own config);
+labelled `train` split; random resized crops (scale 0.08-1, `--min-crop-scale`) and horizontal flips only, mirrored
+as often as in pretraining (`dataset.hflip`: the paper's 0.5; 0 where a mirror image is another symbol, as digits);
 SGD with Nesterov momentum 0.9, learning rate `base_lr x batch / 256` with cosine decay and no warmup, no weight
 decay; 60 epochs for 1 % of the labels or fewer, 30 otherwise; at test time the resize + centre crop of feature_eval.
 The base learning rate is chosen from `--lrs` by top-1 on a held-out part of the labelled fraction after
@@ -48,7 +48,9 @@ from feature_eval.features import extract_features
 from feature_eval.results import EXTRACTOR_NAMES, Row, log_row, markdown_table, table_caption, write_results
 from simclr.config import DatasetConfig
 
-DEFAULT_LRS = (0.05, 0.1, 0.2)  # per 256 images; the paper's 0.05 (0.8 at batch 4096) and two larger steps
+# per 256 images: the paper's 0.05 (0.8 at batch 4096), a smaller step (fine-tuning a pretrained encoder often
+# wants less than training from scratch) and two larger ones; each start's own hold-out chooses
+DEFAULT_LRS = (0.02, 0.05, 0.1, 0.2)
 BASELINES = ("random",)
 # The evaluation table's columns, with both epoch counts: the checkpoint's pretraining and this fine-tuning.
 FINETUNE_COLUMNS = ("Classifier", "Feature extractor", "Architecture", "Feature dim", "Projection dim",
@@ -299,9 +301,8 @@ class FineTuneOptions(RunOptions):
     momentum: float = option(0.9, "Nesterov momentum (the paper's 0.9)", bound="[0, 1)")
     hflip: float | None = option(None, "probability that a fine-tuning view is mirrored (default: the checkpoint's "
                                        "dataset.hflip, else 0.5, the paper's)", type=_number, bound="[0, 1]")
-    min_crop_scale: float | None = option(None, "smallest area of a random resized crop (default: the checkpoint's "
-                                                "dataset.min_crop_scale, else 0.08, the paper's)", type=_number,
-                                          bound="(0, 1]")
+    min_crop_scale: float = option(0.08, "smallest area of a random resized crop (default 0.08, the paper's)",
+                                   type=_number, bound="(0, 1]")
     valid_fraction: float = option(0.2, "part of the labelled subset held out to choose the lr (default 0.2)",
                                    bound="(0, 1)")
     baselines: str | tuple[str, ...] = option((), "random: also fine-tune a randomly initialised encoder "
@@ -324,10 +325,9 @@ def finetune_evaluate(checkpoint: str | Path, options: FineTuneOptions | None = 
     started = time.perf_counter()
     o = FineTuneOptions.of(options, **fields)
     ctx = open_context(checkpoint, o, encoder_device="cpu")
-    views = ctx.trained_data or DatasetConfig()  # the pretraining's views; the paper's where the file names no data
+    pretraining = ctx.trained_data or DatasetConfig()  # its flip; the paper's 0.5 where the file names no data
     o = dataclasses.replace(o, epochs=o.epochs if o.epochs is not None else default_epochs(o.label_fraction),
-                            hflip=views.hflip if o.hflip is None else o.hflip,
-                            min_crop_scale=views.min_crop_scale if o.min_crop_scale is None else o.min_crop_scale,
+                            hflip=pretraining.hflip if o.hflip is None else o.hflip,
                             command=o.command or shlex.join(["python", "-m", "feature_eval.finetune", *sys.argv[1:]]))
     schedule = Schedule(ctx.input_size, o.epochs, o.batch_size, o.momentum, o.hflip, o.min_crop_scale, o.seed,
                         ctx.device)

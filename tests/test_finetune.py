@@ -135,7 +135,7 @@ def test_views_keep_colours_no_jitter_grayscale_or_blur(in_memory):
         torch.testing.assert_close(views, expected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("scale", [0.08, 0.5])  # the paper's and a pretraining's `dataset.min_crop_scale`
+@pytest.mark.parametrize("scale", [0.08, 0.5])  # the paper's and a --min-crop-scale
 def test_images_of_several_sizes_are_cropped_as_torchvision_crops_each(scale):
     torch.manual_seed(0)
     images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8) for h, w in ((20, 24), (16, 16), (20, 24), (9, 30))]
@@ -336,19 +336,19 @@ def test_the_real_share_of_labels_is_reported_when_each_class_needs_one(digits_r
         finetune_evaluate(digits_run, label_fraction=0.1, hflip=2, device="cpu", write=False)
 
 
-def test_the_views_follow_the_pretraining_unless_asked_otherwise(tmp_path):
-    # A checkpoint pretrained without flips and with crops of 0.3-1 of the image (the quickstart's): fine-tuning
-    # makes the same views by default, for SimCLR and scratch alike; --hflip and --min-crop-scale override.
+def test_the_flip_follows_the_pretraining_unless_asked_otherwise(tmp_path):
+    # A checkpoint pretrained without flips (the quickstart's: a mirrored digit is another symbol): fine-tuning
+    # mirrors no view either, for SimCLR and scratch alike; the crops stay the paper's; both options override.
     config = load_config(None, ["dataset.name=digits", "model.out_dim=8", "dataset.input_shape=(16,16,3)",
                                 "dataset.hflip=0", "dataset.min_crop_scale=0.3"])
     save_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt", {"model": create_model("resnet18", 8).state_dict(),
                                                                    "config": config_to_dict(config), "next_epoch": 1})
     asked = dict(label_fraction=0.01, epochs=1, lrs=(0.1,), device="cpu", write=False, log=lambda _: None)
     options = finetune_evaluate(tmp_path / "run", **asked).results["options"]
-    assert (options["hflip"], options["min_crop_scale"]) == (0, 0.3)
-    assert options["augmentation"] == "random resized crop (scale 0.3-1) without flips"
-    options = finetune_evaluate(tmp_path / "run", hflip=0.5, min_crop_scale=0.08, **asked).results["options"]
-    assert options["augmentation"] == "random resized crop (scale 0.08-1) + horizontal flip (p 0.5)"
+    assert (options["hflip"], options["min_crop_scale"]) == (0, 0.08)
+    assert options["augmentation"] == "random resized crop (scale 0.08-1) without flips"
+    options = finetune_evaluate(tmp_path / "run", hflip=0.5, min_crop_scale=0.3, **asked).results["options"]
+    assert options["augmentation"] == "random resized crop (scale 0.3-1) + horizontal flip (p 0.5)"
     with pytest.raises(finetune_module.EvalError, match=r"--min-crop-scale 0: must be in \(0, 1\]"):
         finetune_evaluate(tmp_path / "run", min_crop_scale=0, **asked)
 
