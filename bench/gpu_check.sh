@@ -57,7 +57,7 @@ if [ "$DRY_RUN" = 1 ]; then
   SYNTH=(--train 32 --test 16 --unlabeled 64)
   RUN_SIZE=(dataset.input_shape="(16,16,3)" batch_size=16 log_every_n_steps=2 model.out_dim=32)
   DEVICE_EPOCHS=2
-  THROUGHPUT=(--device cpu --crop 32 --batch-size 8 --steps 1 --warmup 1 --workers 1 --per-core-views 32)
+  THROUGHPUT=(--device cpu --crop 32 --batch-size 8 --steps 1 --warmup 1 --workers 1)
   COMPILE=("${THROUGHPUT[@]}" --compile)
   LOSS=(--device cpu --sizes 64 128 --seed-up-to 64 --repeats 1)
   LIMITS=(env=60 synth=120 cuda_tests=180 run=240 throughput=180 loss_scaling=120 throughput_compile=420 summary=60)
