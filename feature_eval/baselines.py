@@ -16,10 +16,10 @@ BASELINE_CACHE = RUNS_DIR / "eval_cache" / "baselines"
 
 
 def pca_baseline(train_dataset, test_dataset, crop_size: int, n_components: int, batch_size: int = 256,
-                 num_workers: int = 0, seed: int = 0) -> tuple[FeatureSplit, FeatureSplit, dict]:
+                 num_workers: int = 0, seed: int = 0) -> tuple[FeatureSplit, FeatureSplit]:
     """The original repository's (sthalles/SimCLR) baseline: `StandardScaler`, then `PCA(n_components)` (capped at
     min(N, pixels)), fitted on train's eval-view pixels; test is projected batch by batch, so only the training
-    pixels are held at once. Returns train `[N, K]`, test `[M, K]` float32 and facts (components, variance)."""
+    pixels are held at once. Returns train `[N, K]` (its facts: components, variance) and test `[M, K]`."""
     from sklearn.decomposition import PCA
     from sklearn.preprocessing import StandardScaler
 
@@ -34,8 +34,8 @@ def pca_baseline(train_dataset, test_dataset, crop_size: int, n_components: int,
     train = scaler.transform(train)  # a scaled copy replaces the pixels: one training-size array at a time
     pca = PCA(n_components=components, random_state=seed)
     projected_train = torch.from_numpy(pca.fit_transform(train).astype(np.float32))
-    info = {"n_components": components, "explained_variance": float(pca.explained_variance_ratio_.sum())}
-    train_split = FeatureSplit(projected_train, torch.cat(train_labels).long(), info)  # info cached with it
+    train_split = FeatureSplit(projected_train, torch.cat(train_labels).long(), {
+        "n_components": components, "explained_variance": float(pca.explained_variance_ratio_.sum())})
     del train
 
     def project(x: np.ndarray) -> torch.Tensor:
@@ -45,7 +45,7 @@ def pca_baseline(train_dataset, test_dataset, crop_size: int, n_components: int,
     for images, labels in image_batches(test_dataset, crop_size, batch_size, num_workers, "pixels (test)"):
         projected.append(project(images.flatten(1).numpy()))
         test_labels.append(labels)
-    return train_split, FeatureSplit(torch.cat(projected), torch.cat(test_labels).long()), info
+    return train_split, FeatureSplit(torch.cat(projected), torch.cat(test_labels).long())
 
 
 def random_encoder(base_model: str, cifar_stem: bool, seed: int) -> Encoder:
@@ -79,17 +79,14 @@ def pca_features(train_dataset, test_dataset, crop_size: int, n_components: int,
     key = {"extractor": "pca", "n_components": n_components, "seed": seed, "input_size": crop_size,
            "sklearn": sklearn.__version__, "train": data_fingerprint(train_dataset),
            "test": data_fingerprint(test_dataset)}
-    computed: list = []
+    computed: list = []  # both splits, once, for whichever is not cached
 
     def compute(index: int) -> FeatureSplit:
-        if not computed:
-            computed.extend(pca_baseline(train_dataset, test_dataset, crop_size, n_components, batch_size,
-                                         num_workers, seed))
+        computed[:] = computed or pca_baseline(train_dataset, test_dataset, crop_size, n_components, batch_size,
+                                               num_workers, seed)
         return computed[index]
 
     train = cached_features(cache_dir, {**key, "split": "train"}, lambda: compute(0), log)
     test = cached_features(cache_dir, {**key, "split": "test"}, lambda: compute(1), log)
-    # from the cache: the train split's facts (a cache file written before they were kept has none)
-    info = computed[2] if computed else train.facts or {"n_components": int(train.features.shape[1]),
-                                                        "explained_variance": None}
-    return train, test, info
+    # a cache file written before the facts were kept has none
+    return train, test, train.facts or {"n_components": int(train.features.shape[1]), "explained_variance": None}

@@ -160,25 +160,21 @@ def log_row(log: Callable[[str], None], row: Row, note: str = "") -> None:
         f"({note}{row.seconds:.1f} s)")
 
 
-# What each column shows of a row: (value, decimals or None).
-CELLS = {"Classifier": lambda row: (row.classifier_name,), "Feature extractor": lambda row: (row.extractor_name,),
-         "Architecture": lambda row: (row.architecture,), "Feature dim": lambda row: (row.feature_dim,),
-         "Projection dim": lambda row: (row.projection_dim,), "Epochs": lambda row: (row.epochs,),
-         "Pretrain epochs": lambda row: (row.epochs,),
-         "Fine-tune epochs": lambda row: (row.details.get("finetune_epochs"),),
-         "Protocol": lambda row: (row.classifier_name,),
-         "Top-1 %": lambda row: (row.top1, 1), "Top-5 %": lambda row: (row.top5, 1)}
+# What each column shows of a row; the scores with one decimal.
+CELLS = {"Classifier": lambda row: row.classifier_name, "Feature extractor": lambda row: row.extractor_name,
+         "Architecture": lambda row: row.architecture, "Feature dim": lambda row: row.feature_dim,
+         "Projection dim": lambda row: row.projection_dim, "Epochs": lambda row: row.epochs,
+         "Pretrain epochs": lambda row: row.epochs, "Fine-tune epochs": lambda row: row.details.get("finetune_epochs"),
+         "Protocol": lambda row: row.classifier_name, "Top-1 %": lambda row: row.top1, "Top-5 %": lambda row: row.top5}
 
 
 def markdown_table(rows: Sequence[Row], columns: Sequence[str] = COLUMNS) -> str:
     """The markdown table of `rows`, one column per name of `columns` (keys of `CELLS`)."""
-    def cell(value, digits: int | None = None) -> str:
-        if value is None:
-            return "-"
-        return f"{value:.{digits}f}" if digits is not None else str(value)
+    def cell(value) -> str:
+        return "-" if value is None else f"{value:.1f}" if isinstance(value, float) else str(value)
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(cell(*CELLS[column](row)) for column in columns) + " |" for row in rows]
+    lines += ["| " + " | ".join(cell(CELLS[column](row)) for column in columns) + " |" for row in rows]
     return "\n".join(lines)
 
 
