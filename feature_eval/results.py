@@ -160,7 +160,7 @@ def log_row(log: Callable[[str], None], row: Row, note: str = "") -> None:
         f"({note}{row.seconds:.1f} s)")
 
 
-# What each column shows of a row; the scores with one decimal.
+# What each column shows of a row; the scores (`%`) with one decimal.
 CELLS = {"Classifier": lambda row: row.classifier_name, "Feature extractor": lambda row: row.extractor_name,
          "Architecture": lambda row: row.architecture, "Feature dim": lambda row: row.feature_dim,
          "Projection dim": lambda row: row.projection_dim, "Epochs": lambda row: row.epochs,
@@ -170,11 +170,12 @@ CELLS = {"Classifier": lambda row: row.classifier_name, "Feature extractor": lam
 
 def markdown_table(rows: Sequence[Row], columns: Sequence[str] = COLUMNS) -> str:
     """The markdown table of `rows`, one column per name of `columns` (keys of `CELLS`)."""
-    def cell(value) -> str:
-        return "-" if value is None else f"{value:.1f}" if isinstance(value, float) else str(value)
+    def cell(column: str, row: Row) -> str:
+        value = CELLS[column](row)
+        return "-" if value is None else f"{value:.1f}" if column.endswith("%") else str(value)
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(cell(CELLS[column](row)) for column in columns) + " |" for row in rows]
+    lines += ["| " + " | ".join(cell(column, row) for column in columns) + " |" for row in rows]
     return "\n".join(lines)
 
 
