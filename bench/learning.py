@@ -5,13 +5,10 @@
     python -m bench.learning --set dataset.name=imagefolder dataset.root=/data/x epochs=50 device=cuda \\
         --variants "loss.temperature=0.2" "model.head_bn=true"
 
-Every variant is the base config (`--config`, default the quickstart's) plus `--set` and its own `key=value`
-overrides, trained once per seed. Each encoder is scored with the feature_eval protocols (L-BFGS logistic
-regression and KNN, k=10) next to a random-init encoder of the same architecture and seed and PCA on raw pixels.
-Nothing is chosen on test labels: by default (`--report holdout`) the classifiers are fitted on 80% of the labelled
-`train` split and scored on the other 20% (seeded, stratified); `--report test` fits on `train` and scores `test`,
-for a recipe already chosen. Baseline features are cached in `runs/eval_cache/baselines`. The table gives mean and
-standard deviation over seeds of top-1, of its margin over the better baseline, and of the pretraining time.
+Each variant (the base config, `--set`, then its `key=value` overrides) is trained once per seed; each encoder is
+scored by L-BFGS and KNN (k=10) next to a random-init encoder of its architecture and seed and PCA on raw pixels,
+fitted on 80% of the labelled `train` split and scored on the other 20% (`--report test`: train, then test, only
+for a recipe already chosen). docs/RECIPE.md says what the studies found.
 """
 from __future__ import annotations
 
@@ -117,12 +114,11 @@ def study(args: argparse.Namespace, trainer_class=Trainer) -> str:
     """Train every variant with every seed (`trainer_class`: a `Trainer`, or a test's subclass), score each encoder
     and the baselines of its seed; the table (`render`). Every config is built first: a bad variant fails before
     any training."""
-    variants = [BASE] + list(DEFAULT_VARIANTS if args.variants is None else args.variants)
+    variants = [BASE, *(DEFAULT_VARIANTS if args.variants is None else args.variants)]
     out_dir = Path(args.out_dir or Path("runs") / "learning" / datetime.datetime.now().strftime("%Y%m%d_%H%M%S"))
     runs = {(v, s): run_config(args, v, s, f"run_dir={out_dir / f'{variant_slug(v)}_seed{s}'}")
             for v in variants for s in args.seeds}
-    simclr = {v: {c: [] for c in COLUMNS} for v in variants}
-    baseline_scores: dict[tuple[str, int], dict[str, float]] = {}  # (baseline, seed) -> top-1 per classifier
+    scores: dict[tuple[str, int], dict[str, float]] = {}  # (variant or baseline, seed) -> its COLUMNS
     splits: dict[tuple, tuple] = {}
     for i, ((variant, seed), config) in enumerate(runs.items(), start=1):
         print(f"[{i}/{len(runs)}] {variant} seed {seed} -> {config.run_dir}", flush=True)
@@ -130,24 +126,20 @@ def study(args: argparse.Namespace, trainer_class=Trainer) -> str:
         tic = time.perf_counter()
         trainer_class(config, info).fit()
         seconds = time.perf_counter() - tic
-        data_key = (config.dataset.name, config.dataset.root, config.dataset.crop_size, args.report)
-        if data_key not in splits:
-            splits[data_key] = split_for_report(config, args.report)
-        found, best = score_run(config, seed, splits[data_key], info.device, baseline_scores)
-        row = simclr[variant]
-        row["seconds"].append(seconds)
-        for c in CLASSIFIERS:
-            row[c].append(found[c])
-            row[f"{c} margin"].append(found[c] - best[c])
+        data = (config.dataset.name, config.dataset.root, config.dataset.crop_size)
+        if data not in splits:
+            splits[data] = split_for_report(config, args.report)
+        found = scores[variant, seed] = {**score_run(config, seed, splits[data], info.device, scores),
+                                         "seconds": seconds}
         print(f"[{i}/{len(runs)}] {variant} seed {seed}: L-BFGS {found['lbfgs']:.1f} (margin "
-              f"{row['lbfgs margin'][-1]:+.1f}), KNN {found['knn']:.1f} (margin {row['knn margin'][-1]:+.1f}), "
+              f"{found['lbfgs margin']:+.1f}), KNN {found['knn']:.1f} (margin {found['knn margin']:+.1f}), "
               f"pretraining {seconds:.0f} s", flush=True)
-    return render(args, simclr, baseline_scores, next(iter(splits.values())))
+    return render(args, variants, scores, next(iter(splits.values())))
 
 
-def score_run(config, seed: int, data: tuple, device: torch.device, baseline_scores: dict):
-    """Top-1 per classifier of the run's encoder, and the best baseline's of its seed (each baseline scored once
-    per seed, into `baseline_scores`: the same for every variant with this seed, data and size)."""
+def score_run(config, seed: int, data: tuple, device: torch.device, scores: dict) -> dict[str, float]:
+    """Top-1 per classifier of the run's encoder, and its margin over the better baseline of its seed (each baseline
+    scored once per seed, into `scores`: the same for every variant with this seed, data and size)."""
     fit, report = data
     encoder = load_encoder(config.run_dir, device)
     found = score(tuple(extract_features(encoder, part, config.dataset.crop_size, device=device,
@@ -161,17 +153,17 @@ def score_run(config, seed: int, data: tuple, device: torch.device, baseline_sco
         f"PCA ({m.out_dim} components, {size}px)":
             lambda: baselines.pca_features(fit, report, size, m.out_dim, seed=seed, cache_dir=cache)[:2]}
     for name, compute in extractors.items():
-        if (name, seed) not in baseline_scores:
-            baseline_scores[name, seed] = score(compute(), device)
-    best = {c: max(baseline_scores[name, seed][c] for name in extractors) for c in CLASSIFIERS}
-    return found, best
+        if (name, seed) not in scores:
+            scores[name, seed] = score(compute(), device)
+    best = {c: max(scores[name, seed][c] for name in extractors) for c in CLASSIFIERS}
+    return {**found, **{f"{c} margin": found[c] - best[c] for c in CLASSIFIERS}}
 
 
 def variant_slug(variant: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in variant)[:80] or BASE
 
 
-def render(args, simclr: dict, baseline_scores: dict, data: tuple) -> str:
+def render(args, variants: list[str], scores: dict, data: tuple) -> str:
     """The study's markdown table: a row per variant (mean ± sd over seeds), then a row per baseline."""
     fit, report = data
     where = ("fitted on 80% of the labelled train split, scored on the other 20% (seeded, stratified)"
@@ -181,12 +173,10 @@ def render(args, simclr: dict, baseline_scores: dict, data: tuple) -> str:
              "",
              "| Feature extractor | L-BFGS top-1 | L-BFGS margin | KNN (k=10) top-1 | KNN margin | pretraining s |",
              "|---|---|---|---|---|---|"]
-    for variant, row in simclr.items():
-        label = "SimCLR, base config" if variant == BASE else f"SimCLR, `{variant}`"
-        lines.append(f"| {label} | " + " | ".join(mean_sd(row[c]) for c in COLUMNS) + " |")
-    for name in dict.fromkeys(name for name, _ in baseline_scores):
-        lbfgs, knn = ([s[c] for (n, _), s in baseline_scores.items() if n == name] for c in CLASSIFIERS)
-        lines.append(f"| {name} | {mean_sd(lbfgs)} | - | {mean_sd(knn)} | - | - |")
+    for name in sorted(dict.fromkeys(name for name, _ in scores), key=lambda name: name not in variants):
+        per_seed = [found for (n, _), found in scores.items() if n == name]
+        label = name if name not in variants else "SimCLR, base config" if name == BASE else f"SimCLR, `{name}`"
+        lines.append(f"| {label} | " + " | ".join(mean_sd([s[c] for s in per_seed if c in s]) for c in COLUMNS) + " |")
     return "\n".join(lines)
 
 

@@ -4,12 +4,11 @@
     python -m bench.original_step --crops 32 --repeats 1 --steps 2   # a quick look
     python -m bench.original_step --record           # ... and append the table to docs/BENCHMARKS.md
 
-The original (sthalles/SimCLR e8a690a, ../shared/seed/code, see ../shared/seed/CODE.md; `--seed-code DIR`) runs in
-a child process started from this file as a script, without this project on sys.path (its `data_aug/`, `models/`
-and `loss/` have no `__init__.py`, so ours would shadow them): its DataLoader makes the views once per crop, and it
-times its own step on them (as its `SimCLR.train`). This process times `Trainer.train_step` on the very same views
-in three settings (`TRAINER_SETTINGS`). Repeats interleave all four, so that other load on a shared machine falls
-on each alike. This module imports only the standard library at the top, so that the child can run it.
+The original (sthalles/SimCLR e8a690a in ../shared/seed/code, see ../shared/seed/CODE.md) runs in a child process
+started from this file as a script, without this project on sys.path (its packages have no `__init__.py`, so ours
+would shadow them): its DataLoader makes the views, and it times its own step on them. This process times
+`Trainer.train_step` on the same views in each of `TRAINER_SETTINGS`, the repeats interleaved so that other load
+falls on each alike. Only the standard library is imported at the top, so that the child can run this file.
 """
 from __future__ import annotations
 
@@ -56,15 +55,7 @@ def original_views(images_file: Path, views_file: Path, batch_size: int) -> None
     crop = images.shape[-1]
     wrapper = DataSetWrapper(batch_size, 0, 0.0, f"({crop},{crop},3)", 1.0)
     transform = SimCLRDataTransform(wrapper._get_simclr_pipeline_transform())
-
-    class Images(torch.utils.data.Dataset):
-        def __len__(self):
-            return len(images)
-
-        def __getitem__(self, i):
-            return transform(to_pil_image(images[i])), 0
-
-    loader, _ = wrapper.get_train_validation_data_loaders(Images())
+    loader, _ = wrapper.get_train_validation_data_loaders([(transform(to_pil_image(image)), 0) for image in images])
     torch.save([pair for pair, _ in loader], views_file)
 
 

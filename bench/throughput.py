@@ -152,18 +152,19 @@ def format_run(args, r: dict, command: str) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """The options; those left unset take their CUDA or CPU default."""
+    visible = "cuda" if torch.cuda.is_available() else "cpu"
+    cuda = startup.device_from_argv(sys.argv[1:] if argv is None else argv, visible).startswith("cuda")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cuda, cuda:N or cpu (default: cuda if visible)")
+    parser.add_argument("--device", type=device_arg, default=visible, help="cuda, cuda:N or cpu (default: cuda if "
+                        "visible); the defaults below are CUDA's or the CPU's")
     parser.add_argument("--model", default="resnet18", choices=FEATURE_DIMS, help="the encoder (model.base_model)")
     parser.add_argument("--crop", type=int, default=96, help="view side (and synthetic image side)")
-    parser.add_argument("--batch-size", type=int, help="images per step (default 512 on CUDA, 32 on the CPU)")
-    parser.add_argument("--steps", type=int, help="timed steps per row (default 20 on CUDA, 3 on the CPU)")
-    parser.add_argument("--warmup", type=int, help="untimed steps first (default 5 on CUDA, 1 on the CPU)")
-    parser.add_argument("--amp", choices=list(AMP_SETTINGS), help="the trainer's precision: bf16 or fp16 "
-                        "(fp16_precision: true with that amp_dtype), auto (fp16_precision: auto) or none (float32); "
-                        "default bf16 on CUDA, none on the CPU")
+    parser.add_argument("--batch-size", type=int, default=512 if cuda else 32, help="images per step (512 / 32)")
+    parser.add_argument("--steps", type=int, default=20 if cuda else 3, help="timed steps per row (20 / 3)")
+    parser.add_argument("--warmup", type=int, default=5 if cuda else 1, help="untimed steps first (5 / 1)")
+    parser.add_argument("--amp", choices=list(AMP_SETTINGS), default="bf16" if cuda else "none", help="the "
+                        "trainer's precision: bf16 or fp16 (fp16_precision: true with that amp_dtype), auto "
+                        "(fp16_precision: auto) or none (float32); bf16 / none")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model and the device pipeline's "
                         "ops (the first steps compile: warm-up takes a minute or more)")
     parser.add_argument("--layout", choices=LAYOUTS, default="trainer", help="memory layout: the trainer's choice "
@@ -173,12 +174,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, one per core); "
                         "--threads 1 --workers 0: the pipelines' rows are per core")
     add_record_args(parser, "the run appended to this benchmark's section")
-    args = parser.parse_args(argv)
-    defaults = {"batch_size": (512, 32), "steps": (20, 3), "warmup": (5, 1), "amp": ("bf16", "none")}
-    for key, (on_cuda, on_cpu) in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, on_cuda if args.device.startswith("cuda") else on_cpu)
-    return args
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None, trainer_class=Trainer) -> int:
