@@ -1,12 +1,10 @@
 """Package a training run as a pretrained model: safetensors weights, config, evaluation results, model card.
 
-    python -m pretrained_models.export runs/<name> --as resnet-18_40-epochs     # its checkpoints/last.pt
-    python -m pretrained_models.export runs/<name>/checkpoints/best.pt --as my-encoder
+    python -m pretrained_models.export runs/<name> --as resnet-18_40-epochs     # or a checkpoint .pt
     python -m pretrained_models.export --list                           # the packages present, as a table
     python -m pretrained_models.export --refresh resnet-18_40-epochs    # card from its eval/; no weights needed
 
-Writes `pretrained_models/<name>/` (gitignored: exporting never changes a tracked file). The format, the results a
-package keeps and the names allowed: pretrained_models/README.md; exit statuses: docs/EXIT_CODES.md.
+The format, the results a package keeps, the names allowed: pretrained_models/README.md; statuses: docs/EXIT_CODES.md.
 """
 from __future__ import annotations
 
@@ -51,18 +49,15 @@ class ExportError(ValueError):
 
 
 def default_name(base_model: str, epochs: int | None) -> str:
-    """`resnet-18_40-epochs`: the naming of the original repository's (sthalles/SimCLR) pretrained models, so a
-    config naming one of those finds its kind here; other trunks alike (`wide-resnet-50-2_40-epochs`)."""
+    """`resnet-18_40-epochs`, `wide-resnet-50-2_40-epochs`: as the original repository (sthalles/SimCLR) named its."""
     arch = re.sub(r"(resnet|resnext)(\d+)", r"\1-\2", base_model).replace("_", "-")
     return f"{arch}_{epochs}-epochs" if epochs is not None else arch
 
 
 def export_package(source: str | Path, name: str | None = None, *, root: str | Path | None = None,
                    force: bool = False, log: Callable[[str], None] = print) -> Path:
-    """Write the package `<root>/<name>/` (default root `pretrained_models/`, name `default_name`'s) of a run dir,
-    run name or checkpoint `.pt`, staged in a hidden folder beside it and renamed into place, so that it is never
-    seen half-written. `force` replaces a package (nothing else) and keeps its results of these same weights.
-    Raises ExportError, CheckpointLoadError: user errors, one line each."""
+    """Write `<root>/<name>/` (default: `pretrained_models/<default_name>`) from a run or checkpoint `.pt` into a
+    hidden folder, then rename it into place. Raises ExportError, CheckpointLoadError: one line each."""
     root = Path(root) if root is not None else PACKAGES_DIR
     source = read_source(source)
     name = name or default_name(source.config.model.base_model, source.epochs)
@@ -134,8 +129,7 @@ def _check_destination(root: Path, name: str, force: bool) -> Path:
 
 
 def _write_package(tmp: Path, dest: Path, name: str, source: Source, log: Callable[[str], None]) -> int:
-    """Write the package into `tmp`: weights, config, the results of these weights (from the run's eval/ and from
-    the replaced package's), manifest and card. Returns how many evaluations it holds."""
+    """Write the package into `tmp`, with the run's and the replaced package's results of these weights."""
     manifest = _manifest(name, source, _write_weights(tmp, name, source))
     (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config_to_dict(source.config), sort_keys=False))
     try:
@@ -161,8 +155,7 @@ def torchvision_state_dict(model_state: dict[str, torch.Tensor]) -> dict[str, to
 
 
 def _write_weights(tmp: Path, name: str, source: Source) -> dict[str, dict]:
-    """`model.safetensors` (the full state dict; its metadata names the architecture) and the torchvision trunk;
-    returns the manifest's `files`: file name -> `{"sha256", "bytes"}`."""
+    """The full state dict (its metadata names the architecture) and the torchvision trunk; the manifest's `files`."""
     m, stem = source.config.model, str(source.config.model.cifar_stem).lower()
     weights = {k: v.detach().cpu().contiguous() for k, v in source.model.state_dict().items()}
     files = {WEIGHTS_FILE: save(weights, metadata={
@@ -182,17 +175,15 @@ def _manifest(name: str, source: Source, files: dict) -> dict:
     m = source.config.model
     meta = (_records(source.run_dir / "meta.jsonl") or [{}])[0]
     last = ([r for r in _records(source.run_dir / "metrics.jsonl") if r.get("kind") == "epoch"] or [{}])[-1]
-    return {
-        "name": name, "format": FORMAT, "format_version": FORMAT_VERSION,
-        "base_model": m.base_model, "cifar_stem": m.cifar_stem, "feature_dim": source.model.encoder.feature_dim,
-        "out_dim": m.out_dim, "epochs": source.epochs, "configured_epochs": source.config.epochs,
-        "source": {"checkpoint": str(source.file), "checkpoint_sha256": source.sha256,
-                   "run_dir": str(source.run_dir), "git_commit": meta.get("git_commit"),
-                   "command": meta.get("command"),
-                   "final_epoch_metrics": {k: v for k, v in last.items()
-                                           if k in ("epoch", "train_loss", "valid_loss", "valid_top1", "valid_top5")}},
-        "files": files, "exported": datetime.datetime.now().isoformat(timespec="seconds"),
-    }
+    metrics = ("epoch", "train_loss", "valid_loss", "valid_top1", "valid_top5")
+    return {"name": name, "format": FORMAT, "format_version": FORMAT_VERSION, "base_model": m.base_model,
+            "cifar_stem": m.cifar_stem, "feature_dim": source.model.encoder.feature_dim, "out_dim": m.out_dim,
+            "epochs": source.epochs, "configured_epochs": source.config.epochs,
+            "source": {"checkpoint": str(source.file), "checkpoint_sha256": source.sha256,
+                       "run_dir": str(source.run_dir), "git_commit": meta.get("git_commit"),
+                       "command": meta.get("command"),
+                       "final_epoch_metrics": {k: v for k, v in last.items() if k in metrics}},
+            "files": files, "exported": datetime.datetime.now().isoformat(timespec="seconds")}
 
 
 def _records(path: Path) -> list[dict]:
@@ -216,8 +207,8 @@ def _replace(tmp: Path, dest: Path) -> None:
 
 
 def refresh_package(folder: str | Path, log: Callable[[str], None] = print) -> Path:
-    """Rebuild a package's card and manifest from the results in its eval/ (as `feature_eval.evaluate --checkpoint
-    <name>` writes them). Reads `package.json`, `config.yaml` and `eval/` only: the weights may be absent."""
+    """Rebuild a package's card and manifest from its eval/ (`feature_eval.evaluate --checkpoint <name>` writes
+    there); the weights may be absent."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     if not manifest:
@@ -283,8 +274,7 @@ CARD_COLUMNS = ("Protocol", "Feature extractor", "Top-1 %", "Top-5 %")
 
 
 def _flat_config(config: dict) -> dict:
-    """A saved config.yaml as `section_key` -> value (`optimizer_lr`, `batch_size`) over `CONFIG_DEFAULTS`: a card
-    is rebuilt from whatever version of this code wrote the file."""
+    """config.yaml, of any version of this code, as `section_key` -> value (`optimizer_lr`) over `CONFIG_DEFAULTS`."""
     flat = dict(CONFIG_DEFAULTS)
     for key, value in (config if isinstance(config, dict) else {}).items():
         flat.update({f"{key}_{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value})
@@ -331,9 +321,8 @@ def _source_rows(manifest: dict) -> str:
 
 
 def _by_data(evaluations: list[Results]) -> list[list[Results]]:
-    """The evaluations by what they measured (data, size, splits), oldest first: a section of the card each. The
-    run's (`last_<data>.json`) and the package's own (`model_<data>.json`: evaluate names its files after the
-    weights file) scored the same weights, so they share one."""
+    """The evaluations by data, size and splits, oldest first: a card section each, so that the run's results
+    (`last_<data>.json`) and the package's own (`model_<data>.json`) of the same weights share one."""
     groups: dict[str, list[Results]] = {}
     for results in sorted(evaluations, key=lambda r: r.finished or ""):
         key = json.dumps([results.dataset, results.root, results.input_size, results.splits], default=str)
@@ -349,8 +338,7 @@ def _latest_rows(evaluations: list[Results]) -> list[Row]:
 
 
 def _evaluation_block(group: list[Results], name: str) -> str:
-    """A section of the card: the data and splits, the latest rows of the `group`, the commands that made them and
-    each of those run on this package (whose results go into its own eval/)."""
+    """A card section: data, splits, the latest rows of the `group`, their commands, and those on this package."""
     splits, rows = group[-1].splits, _latest_rows(group)
     fit = splits.get("fit", "train")
     if fit == "train" and isinstance(splits.get("train"), int):
@@ -367,8 +355,7 @@ def _quoted(commands: list[str | None]) -> str:
 
 
 def _counts_split(results: Results, config: dict) -> bool:
-    """Whether an evaluation counted the labelled train and test images of the training data (same name and root);
-    `config` is `_flat_config`'s."""
+    """Whether an evaluation counted the labelled train and test images of the data (`_flat_config`) trained on."""
     return (results.dataset == config.get("dataset_name") and results.root is not None
             and Path(str(results.root)) == Path(str(config.get("dataset_root")))
             and all(isinstance(results.splits.get(k), int) for k in ("train", "test")))
@@ -432,8 +419,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 export_package(args.source, args.name, root=root, force=args.force)
     except BaseException as err:  # one line and its status, as startup.ERROR_POLICY says; a bug is raised again
-        stopped = ("stopped; no package is left half-written (each is staged in a temporary folder, then renamed "
-                   "into place)")
+        stopped = "stopped; no package is left half-written (each is staged in a hidden folder, then renamed)"
         return startup.report_error(err, text=stopped if isinstance(err, KeyboardInterrupt) else None)
     return startup.EXIT_OK
 
