@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from simclr.run_plots import read_metrics
+from simclr.run_dir import read_records
 
 STL10_IMAGES = 105_000  # train + unlabeled: one STL10 pretraining epoch
 
@@ -37,7 +37,8 @@ def read_run(run_dir: Path) -> tuple[dict, list[dict], list[dict]]:
         raise SummaryError(f"{metrics} is missing: give the run dir of a run that logged at least one step")
     if not config.is_file():
         raise SummaryError(f"{config} is missing: {run_dir} is not a run dir written by run.py")
-    steps, epochs = read_metrics(metrics)
+    records = [record for _, record in read_records(metrics)]
+    steps, epochs = ([r for r in records if r.get("kind") == kind] for kind in ("step", "epoch"))
     if not steps and not epochs:
         raise SummaryError(f"{metrics} has no step or epoch record: the run stopped before its first log step")
     return yaml.safe_load(config.read_text()), steps, epochs

@@ -204,9 +204,9 @@ def test_gpu_check_without_a_gpu_stops_at_once_unless_dry_run(tmp_path):
 
 
 FAKE_NVIDIA_SMI = """#!/bin/sh
-# a stand-in for nvidia-smi: with -lms, a sample every 0.05 s as the real one prints them; else one line
+# a stand-in for nvidia-smi: with -lms, a sample every 0.1 s as the real one prints them; else one line
 case "$*" in
-  *-lms*) while true; do echo "$(date '+%Y/%m/%d %H:%M:%S.%3N'), 87, 1024"; sleep 0.05; done ;;
+  *-lms*) while true; do echo "$(date '+%Y/%m/%d %H:%M:%S.%3N'), 87, 1024"; sleep 0.1; done ;;
   *) echo "fake nvidia-smi $*" ;;
 esac
 """
