@@ -6,9 +6,9 @@
 
 The original (sthalles/SimCLR e8a690a in ../shared/seed/code, see ../shared/seed/CODE.md) runs in a child process
 started from this file as a script, without this project on sys.path (its packages have no `__init__.py`, so ours
-would shadow them): its DataLoader makes the views, and it times its own step on them. This process times
-`Trainer.train_step` on the same views in each of `TRAINER_SETTINGS`, the repeats interleaved so that other load
-falls on each alike. Only the standard library is imported at the top, so that the child can run this file.
+would shadow them), and times its own step on views saved by this process; this process times `Trainer.train_step`
+on the same views in each of `TRAINER_SETTINGS`, the repeats interleaved so that other load falls on each alike.
+Only the standard library is imported at the top, so that the child can run this file.
 """
 from __future__ import annotations
 
@@ -34,8 +34,8 @@ ORIGINAL = "original (sthalles/SimCLR e8a690a)"
 
 
 def seed_code_problem(code: Path) -> str | None:
-    """Why `code` is not the original's code (one of its data_aug/, models/, loss/ files missing), or None."""
-    needed = ("data_aug/dataset_wrapper.py", "models/resnet_simclr.py", "loss/nt_xent.py")
+    """Why `code` is not the original's code (its model or loss file missing), or None."""
+    needed = ("models/resnet_simclr.py", "loss/nt_xent.py")
     missing = [name for name in needed if not (code / name).is_file()]
     return (f"--seed-code {code}: {', '.join(missing)} not found there; it must hold sthalles/SimCLR at commit "
             "e8a690a (../shared/seed/code next to this repository, see ../shared/seed/CODE.md), e.g. git clone "
@@ -45,30 +45,14 @@ def seed_code_problem(code: Path) -> str | None:
 
 # ---- the child: the original's code only (this project is not importable here) ----
 
-def original_views(images_file: Path, views_file: Path, batch_size: int) -> None:
-    """Write to `views_file` the `(xis, xjs)` batches that the original's DataLoader makes of `images_file`."""
-    import torch
-    from data_aug.dataset_wrapper import DataSetWrapper, SimCLRDataTransform
-    from torchvision.transforms.functional import to_pil_image
-
-    images = torch.load(images_file, weights_only=True)
-    crop = images.shape[-1]
-    wrapper = DataSetWrapper(batch_size, 0, 0.0, f"({crop},{crop},3)", 1.0)
-    transform = SimCLRDataTransform(wrapper._get_simclr_pipeline_transform())
-    loader, _ = wrapper.get_train_validation_data_loaders([(transform(to_pil_image(image)), 0) for image in images])
-    torch.save([pair for pair, _ in loader], views_file)
-
-
-def original_worker(code: str, images_file: str, views_file: str, batch_size: int, warmup: int, steps: int) -> float:
-    """Images/s of the original's step on the views in `views_file`, made first by its DataLoader if absent."""
+def original_worker(code: str, views_file: str, batch_size: int, warmup: int, steps: int) -> float:
+    """Images/s of the original's step on the `(xis, xjs)` batches in `views_file`."""
     sys.path.insert(0, code)
     import torch
     import torch.nn.functional as F
     from loss.nt_xent import NTXentLoss
     from models.resnet_simclr import ResNetSimCLR
 
-    if not Path(views_file).exists():
-        original_views(Path(images_file), Path(views_file), batch_size)
     views = torch.load(views_file, weights_only=True)
     torch.manual_seed(0)
     model = ResNetSimCLR("resnet18", 256)  # prints "Feature extractor: resnet18": the parent reads the last line
@@ -91,11 +75,10 @@ def original_worker(code: str, images_file: str, views_file: str, batch_size: in
     return batch_size * steps / (time.perf_counter() - start)
 
 
-def run_original(code: Path, images_file: Path, views_file: Path, batch_size: int, warmup: int, steps: int) -> float:
+def run_original(code: Path, views_file: Path, batch_size: int, warmup: int, steps: int) -> float:
     """`original_worker` in a child process with none of this project on its path; its images/s."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    job = dict(code=str(code), images_file=str(images_file), views_file=str(views_file), batch_size=batch_size,
-               warmup=warmup, steps=steps)
+    job = dict(code=str(code), views_file=str(views_file), batch_size=batch_size, warmup=warmup, steps=steps)
     done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)], cwd=code,
                           env=env, capture_output=True, text=True)
     if done.returncode != 0:
@@ -107,19 +90,23 @@ def run_original(code: Path, images_file: Path, views_file: Path, batch_size: in
 
 def measure(args) -> dict:
     """{"rows": {crop: {row: [images/s per repeat]}}, "loads": [1-minute load at each repeat's start]}: per crop,
-    the original's step then each trainer's, `args.repeats` times in turn on the views of the original's loader."""
+    the original's step then each trainer's, `args.repeats` times in turn on the same views (the device pipeline's,
+    made on the CPU)."""
     import itertools
 
     import torch
 
     from bench.throughput import create_trainer, synthetic_images, timed, trainer_step
+    from data_aug.batches import DeviceBatches
+    from data_aug.views import ViewSettings
     from simclr.trainer import flushed_denormals
 
     results = {"loads": [], "rows": {}}
     with tempfile.TemporaryDirectory() as tmp, flushed_denormals():  # the trainer's steps run as in Trainer.fit
         for crop in args.crops:
-            images_file, views_file = Path(tmp, f"images{crop}.pt"), Path(tmp, f"views{crop}.pt")
-            torch.save(synthetic_images(args.batch_size * (args.warmup + args.steps), crop), images_file)
+            images = synthetic_images(args.batch_size * (args.warmup + args.steps), crop)
+            views = list(DeviceBatches(images, args.batch_size, ViewSettings(crop), seed=0, device="cpu").batches(0))
+            torch.save(views, Path(tmp, "views.pt"))
             trainers = {}
             for amp, layout, setting in TRAINER_SETTINGS:
                 trainer = create_trainer(Path(tmp, "run"), "resnet18", crop, args.batch_size, "cpu", amp, layout)
@@ -128,9 +115,8 @@ def measure(args) -> dict:
             for repeat in range(args.repeats):
                 results["loads"].append(os.getloadavg()[0])
                 print(f"{crop} px, repeat {repeat + 1}/{args.repeats}: the original's step ...", flush=True)
-                rows[ORIGINAL].append(run_original(args.seed_code, images_file, views_file, args.batch_size,
+                rows[ORIGINAL].append(run_original(args.seed_code, Path(tmp, "views.pt"), args.batch_size,
                                                    args.warmup, args.steps))
-                views = torch.load(views_file, weights_only=True)
                 for name, trainer in trainers.items():
                     print(f"  {name} ...", flush=True)
                     seconds = timed(itertools.cycle(views), args.warmup, args.steps, torch.device("cpu"),
@@ -163,8 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench import add_record_args, command_line, print_and_record
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--crops", type=int, nargs="+", default=[96, 32],
-                        help="view sides (the original's blur kernel, 10%% of it, must come out odd: 96, 32 do)")
+    parser.add_argument("--crops", type=int, nargs="+", default=[96, 32], help="view sides")
     parser.add_argument("--batch-size", type=int, default=64, help="images per step")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per row and repeat")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them")

@@ -196,7 +196,6 @@ def test_original_step_says_where_the_original_code_should_be(tmp_path, capsys):
 @pytest.mark.skipif(not (REPO.parent / "shared" / "seed" / "code" / "models").is_dir(),
                     reason="the original repository's code (../shared/seed/code) is not next to this checkout")
 def test_original_step_times_the_original_next_to_the_trainer(tmp_path, capsys):
-    pytest.importorskip("cv2", reason="the original's blur needs opencv-python-headless")
     from bench import original_step
 
     out = tmp_path / "BENCHMARKS.md"
