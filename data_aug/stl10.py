@@ -49,12 +49,16 @@ def download_stl10(root: str | Path) -> None:
     """Download and extract the STL10 archive into `root` (verified against its MD5) unless present."""
     from torchvision.datasets.utils import download_and_extract_archive
 
-    folder = Path(root) / "stl10_binary"
+    root, archive = Path(root), Path(root) / "stl10_binary.tar.gz"
+    folder, existed = root / "stl10_binary", root.exists()
     if all((folder / name).is_file() for pair in _FILES.values() for name in pair if name):
         return
     try:
-        download_and_extract_archive(URL, str(root), filename="stl10_binary.tar.gz", md5=ARCHIVE_MD5)
+        download_and_extract_archive(URL, str(root), filename=archive.name, md5=ARCHIVE_MD5)
     except (OSError, RuntimeError) as err:  # no network, a full disk, a checksum mismatch
+        archive.unlink(missing_ok=True)  # a partial archive cannot be resumed: the next try starts over anyway
+        if not existed and root.is_dir() and not any(root.iterdir()):
+            root.rmdir()  # leave no empty folder behind that looks like a data set
         raise DataError(f"downloading STL10 into {root} failed ({err}): check the network and disk space, or "
                         f"fetch {URL} yourself and extract it so that {folder} holds the .bin files") from None
 

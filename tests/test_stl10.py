@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -88,9 +90,17 @@ def test_unknown_split():
 def test_failed_download_is_a_clear_error(tmp_path, monkeypatch):
     import urllib.error
 
-    def offline(*args, **kwargs):
+    def offline(url, root, filename, md5):  # as torchvision does: the folder and a partial archive, then the error
+        Path(root).mkdir(parents=True, exist_ok=True)
+        (Path(root) / filename).write_bytes(b"partial")
         raise urllib.error.URLError("Name or service not known")
 
     monkeypatch.setattr("torchvision.datasets.utils.download_and_extract_archive", offline)
     with pytest.raises(DataError, match="downloading STL10.*failed.*network"):
-        load_split("stl10", tmp_path, "pretrain", download=True)
+        load_split("stl10", tmp_path / "data", "pretrain", download=True)
+    assert not (tmp_path / "data").exists()  # nothing left behind that looks like a data set
+    (tmp_path / "mine").mkdir()  # a folder the user made stays, emptied of the partial archive only
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(DataError):
+        load_split("stl10", tmp_path / "mine", "pretrain", download=True)
+    assert [f.name for f in (tmp_path / "mine").iterdir()] == ["notes.txt"]
