@@ -210,6 +210,12 @@ def refresh_package(folder: str | Path, log: Callable[[str], None] = print) -> P
     """Rebuild a package's card and manifest from its eval/ (`feature_eval.evaluate --checkpoint <name>` writes
     there); the weights may be absent."""
     folder = Path(folder)
+    if not is_package_dir(folder):
+        present = ", ".join(list_packages(folder.parent))
+        advice = "python -m pretrained_models.export --list describes each" if present else \
+            "make one with python -m pretrained_models.export runs/<run>"
+        raise CheckpointLoadError(f"--refresh {folder.name!r}: no package of that name in {folder.parent} (present: "
+                                  f"{present or 'none'}); {advice}")
     manifest = read_manifest(folder)
     if not manifest:
         raise ExportError(f"{folder} has no {MANIFEST_FILE}: it is not a package made by this exporter")
@@ -410,12 +416,8 @@ def main(argv: list[str] | None = None) -> int:
         with startup.one_line_warnings():  # no CPU policy: exporting computes nothing in parallel
             if args.list:
                 print(package_table(root))
-            elif args.refresh and is_package_name(args.refresh) and is_package_dir(root / args.refresh):
-                refresh_package(root / args.refresh)
             elif args.refresh:
-                raise CheckpointLoadError(f"--refresh {args.refresh!r}: no package of that name in {root} (present: "
-                                          f"{', '.join(list_packages(root)) or 'none'}); python -m "
-                                          "pretrained_models.export --list shows them, runs/<run> --as NAME makes one")
+                refresh_package(root / args.refresh)
             else:
                 export_package(args.source, args.name, root=root, force=args.force)
     except BaseException as err:  # one line and its status, as startup.ERROR_POLICY says; a bug is raised again

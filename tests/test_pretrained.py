@@ -337,8 +337,9 @@ def test_export_errors_are_one_line(exported, tmp_path, capsys):
              ([str(tmp_path / "nothing"), "--packages-dir", root], "not found", 1),
              ([str(exported["folder"]), "--as", "again", "--packages-dir", root], "already a package", 2),
              (["--refresh", "nope", "--packages-dir", root], "--refresh 'nope': no package of that name in "
-              f"{root} (present: resnet-18_3-epochs); python -m pretrained_models.export --list shows them", 1),
-             (["--refresh", "nope", "--packages-dir", str(tmp_path)], "(present: none)", 1),
+              f"{root} (present: resnet-18_3-epochs); python -m pretrained_models.export --list describes each", 1),
+             (["--refresh", "nope", "--packages-dir", str(tmp_path)], "(present: none); make one with python -m "
+              "pretrained_models.export runs/<run>", 1),
              ([str(exported["run_dir"]), "--packages-dir", str(exported["checkpoint"])], "cannot write package", 2)]
     for argv, message, code in cases:
         assert export_module.main(argv) == code, argv
