@@ -5,8 +5,8 @@
     python -m bench.throughput --device cpu --amp auto --layout nchw   # other precision, a forced layout
     python -m bench.throughput --device cuda --record   # ... and append the run to docs/BENCHMARKS.md
 
-Synthetic uint8 images of the crop size (the pipelines' cost does not depend on content). The rows are explained
-in docs/TRAINING_SPEED.md ("Measuring it").
+Random uint8 images of the crop size (the pipelines' cost does not depend on content). The rows are explained in
+docs/TRAINING_SPEED.md ("Measuring it").
 """
 from __future__ import annotations
 
@@ -46,16 +46,9 @@ LAYOUTS = ("trainer", "channels-last", "nchw")
 
 
 def synthetic_images(count: int, side: int, seed: int = 0) -> torch.Tensor:
-    """Smooth random colour images with fine noise, uint8 `[count, 3, side, side]`, made in slices."""
-    g = torch.Generator().manual_seed(seed)
-    out = torch.empty(count, 3, side, side, dtype=torch.uint8)
-    for start in range(0, count, 1024):
-        n = min(1024, count - start)
-        coarse = torch.rand(n, 3, max(2, side // 8), max(2, side // 8), generator=g)
-        smooth = torch.nn.functional.interpolate(coarse, size=(side, side), mode="bilinear", align_corners=False)
-        image = 0.8 * smooth + 0.2 * torch.rand(n, 3, side, side, generator=g)
-        out[start:start + n] = (image * 255).round().to(torch.uint8)
-    return out
+    """Seeded random uint8 images `[count, 3, side, side]` (what the views cost does not depend on their content)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (count, 3, side, side), dtype=torch.uint8, generator=generator)
 
 
 def create_trainer(run_dir: Path, model: str, crop: int, batch_size: int, device: str, amp: str = "none",
