@@ -337,10 +337,13 @@ def _by_data(evaluations: list[Results]) -> list[list[Results]]:
 
 
 def _latest_rows(evaluations: list[Results]) -> list[Row]:
-    """The latest row of each (protocol, extractor) of these evaluations, by the date of each row (else its file's)."""
+    """The latest row of each (protocol, extractor) of these evaluations (oldest first), by the date of each row
+    (else its file's), in the order of the newest file."""
     dated = sorted(((row.evaluated or r.finished or "", row) for r in evaluations for row in r.rows),
                    key=lambda pair: pair[0])
-    return current_rows([row for _, row in dated], {})
+    latest = {(row.classifier, row.extractor): row for _, row in dated}
+    pairs = [(row.classifier, row.extractor) for r in reversed(evaluations) for row in r.rows]
+    return current_rows([latest.pop(pair) for pair in pairs if pair in latest], {})
 
 
 def _evaluation_block(group: list[Results], name: str) -> str:

@@ -477,6 +477,16 @@ def test_the_card_shows_one_section_for_the_run_and_the_package_evaluated_on_the
             f"lbfgs,knn --seed 0` and `{again}`.") in section
 
 
+def test_a_card_table_keeps_the_order_of_its_results_file_when_rows_have_different_dates():
+    rows = [{"classifier": "knn", "classifier_name": "KNN", "extractor": extractor, "top1": top1, "top5": 90.0,
+             "evaluated": evaluated} for extractor, top1, evaluated in (("simclr", 70.0, "2030-01-02T00:00"),
+                                                                      ("random", 20.0, "2030-01-01T00:00"))]
+    manifest = {"name": "p", "base_model": "resnet18", "cifar_stem": False, "feature_dim": 512, "out_dim": 8,
+                "files": {}}
+    card = export_module.model_card(manifest, {}, [Results.from_json({"rows": rows, "finished": "2030-01-02T00:00"})])
+    assert card.index("| KNN | SimCLR | 70.0 |") < card.index("| KNN | Random init | 20.0 |")
+
+
 def test_the_readme_names_the_head_keys_of_each_head():
     """pretrained_models/README.md's `head.net` indices for each head config are those of the model's state dict."""
     text = (REPO / "pretrained_models" / "README.md").read_text()
