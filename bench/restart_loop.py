@@ -1,15 +1,11 @@
 """How often a torchrun restart after a SIGKILLed worker resumes cleanly: the issue-19 command, N times in a row.
 
     python -m bench.restart_loop --runs 20                        # rank 1 killed after the first checkpoint
-    python -m bench.restart_loop --runs 10 --kill-rank 0          # the run lock's holder
-    python -m bench.restart_loop --runs 10 --when validate        # as the second epoch's validation starts
-    python -m bench.restart_loop --repo /tmp/old-checkout         # another checkout of this repository
+    python -m bench.restart_loop --runs 10 --kill-rank 0 --when validate --repo /tmp/old-checkout
 
-Each run is the command of tests/test_restarts.py (`torchrun --standalone --nproc_per_node=2 --max-restarts=2
-run.py dataset.name=digits ... resume=auto`, 3 epochs on the CPU); a run passes when torchrun exits 0, the log
-shows the resume and the final weights equal a straight run's (made once per checkout). A run that has not
-ended `--hang-after` seconds after the kill counts as a hang. Prints one JSON line per run and a count; writes
-nothing under docs/.
+Each run is tests/test_restarts.py's (torchrun, 2 processes, `--max-restarts=2`, 3 epochs of digits on the CPU,
+`resume=auto`); it passes when torchrun exits 0, the log shows the resume and the final weights equal a straight
+run's. A run not ended `--hang-after` seconds after the kill is a hang. Prints a JSON line per run and a count.
 """
 from __future__ import annotations
 
@@ -24,15 +20,14 @@ from pathlib import Path
 
 import startup
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--kill-rank", type=int, choices=(0, 1), default=1)
     parser.add_argument("--when", choices=("checkpoint", "validate"), default="checkpoint")
-    parser.add_argument("--repo", type=Path, default=REPO, help="checkout whose run.py is launched")
+    parser.add_argument("--repo", type=Path, default=Path(__file__).resolve().parents[1],
+                        help="checkout whose run.py is launched (default: this one)")
     parser.add_argument("--hang-after", type=float, default=240, help="seconds after the kill that count as a hang")
     args = parser.parse_args(argv)
     if args.runs < 1:
@@ -44,15 +39,13 @@ def main(argv: list[str] | None = None) -> int:
 
     restarts.REPO = args.repo.resolve()  # the helpers read it at each call
     work = Path(tempfile.mkdtemp(prefix="restart_loop_"))
-    straight = work / "straight"
-    done = subprocess.run(restarts._command(straight, restarts=0), cwd=restarts.REPO, env=restarts._env(),
+    done = subprocess.run(restarts._command(work / "straight", restarts=0), cwd=restarts.REPO, env=restarts._env(),
                           capture_output=True, text=True)
     if done.returncode != 0:
         print(f"error: the straight run failed (exit {done.returncode}): {done.stderr.strip()[-300:]}",
               file=sys.stderr)
         return startup.EXIT_ERROR
-    reference = restarts._weights(straight)
-    passed = 0
+    reference, passed = restarts._weights(work / "straight"), 0
     for i in range(args.runs):
         run_dir, start = work / f"run{i}", time.monotonic()
         try:
