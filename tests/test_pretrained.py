@@ -477,6 +477,23 @@ def test_the_card_shows_one_section_for_the_run_and_the_package_evaluated_on_the
             f"lbfgs,knn --seed 0` and `{again}`.") in section
 
 
+@pytest.mark.slow
+def test_evaluating_the_run_and_then_its_package_gives_one_card_section(tmp_path):
+    """The real stems: evaluate writes `last_digits.*` for the run's last.pt, `model_digits.*` for the package."""
+    from tests.test_feature_eval import make_checkpoint
+
+    make_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    quiet = dict(device="cpu", plots=False, log=lambda *_: None)
+    evaluate(tmp_path / "run", classifiers="lbfgs,knn", max_iter=50, **quiet)
+    folder = export_package(tmp_path / "run", "p", root=tmp_path / "packages", log=lambda _: None)
+    evaluate(folder, classifiers="knn", **quiet)
+    refresh_package(folder, log=lambda _: None)
+    assert sorted(p.name for p in (folder / "eval").iterdir()) == ["last_digits.json", "last_digits.md",
+                                                                   "model_digits.json", "model_digits.md"]
+    card = (folder / "README.md").read_text()
+    assert card.count("On digits (16 px)") == 1 and card.count("| SimCLR |") == 3
+
+
 def test_a_card_table_keeps_the_order_of_its_results_file_when_rows_have_different_dates():
     rows = [{"classifier": "knn", "classifier_name": "KNN", "extractor": extractor, "top1": top1, "top5": 90.0,
              "evaluated": evaluated} for extractor, top1, evaluated in (("simclr", 70.0, "2030-01-02T00:00"),
