@@ -264,8 +264,8 @@ def _add_to_table(path: Path, results: dict, rows: list[Row], settings: dict[str
 def write_pictures(rows: list[Row], features: dict, ctx: EvalContext, stem: str, seed: int,
                    log: Callable[[str], None] = print) -> dict[str, Path]:
     """`<stem>_tsne.png`, `<stem>_confusion.png` (a panel per SimCLR row of the table, earlier ones included) and
-    `<stem>_neighbours.png`, unless that is the comparison picture of the random-init rows the table keeps and this
-    evaluation has no random-init features: then it stays, and the log says so."""
+    `<stem>_neighbours.png`, unless the table keeps random-init rows this evaluation has no features for: then an
+    earlier evaluation's picture (their comparison) is not replaced by SimCLR's panel alone, and the log says so."""
     test = features["simclr"][1]
     confusions = [(f"{row.classifier_name}: top-1 {row.top1:.1f}%", np.asarray(row.confusion))
                   for row in rows if row.extractor == "simclr" and row.confusion is not None]
@@ -275,8 +275,8 @@ def write_pictures(rows: list[Row], features: dict, ctx: EvalContext, stem: str,
         pictures = write_evaluation_plots(ctx.out_dir, stem, test.features.numpy(), test.labels.numpy(), ctx.classes,
                                           confusions, max_points=TSNE_POINTS, seed=seed)
         if keep:
-            log(f"kept {neighbours}: it has the random-init panel of the table's rows (evaluated without "
-                "--baselines random, this evaluation would draw SimCLR's alone)")
+            log(f"kept {neighbours}, drawn by an earlier evaluation: this one has no random-init features for the "
+                "table's random-init rows (--baselines random draws it again)")
         else:
             queries, labels, panels = neighbour_panels(features, ctx.train_set, ctx.test_set, ctx.input_size, seed)
             missing = "" if len(panels) > 1 else " (evaluate with --baselines random for the random-init panel)"
