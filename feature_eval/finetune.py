@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data_aug.datasets import TensorImages
+from data_aug.datasets import subset
 from data_aug.device_views import resized_crop, sample_crop_boxes
 from feature_eval.baselines import random_encoder
 from feature_eval.classifiers import holdout_split, topk_accuracy
@@ -152,16 +152,6 @@ class Schedule:
         object.__setattr__(self, "device", torch.device(self.device))
 
 
-def _subset(dataset, indices: np.ndarray):
-    """`dataset` restricted to `indices` with its `labels`, kept as `TensorImages` where it was (a cheap gather)."""
-    index = torch.as_tensor(indices, dtype=torch.int64)
-    if isinstance(dataset, TensorImages):
-        return TensorImages(dataset.images[index], dataset.labels[index], dataset.classes)
-    subset = torch.utils.data.Subset(dataset, index.tolist())
-    subset.labels = dataset.labels[index]  # read without decoding a single image
-    return subset
-
-
 def _batch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch) & (2**63 - 1)
 
@@ -252,7 +242,7 @@ def select_lr(encoder: nn.Module, labelled, num_classes: int, lrs: tuple[float, 
         fit, valid = holdout_split(labelled.labels.numpy(), valid_fraction, schedule.seed)
     except ValueError as err:
         raise EvalError(f"{err}: raise --label-fraction, or pass one value to --lrs to skip the selection") from None
-    fit_set, valid_set = _subset(labelled, fit), _subset(labelled, valid)
+    fit_set, valid_set = subset(labelled, fit), subset(labelled, valid)
     grid = {}
     for lr in lrs:
         try:
@@ -332,7 +322,7 @@ def finetune_evaluate(checkpoint: str | Path, options: FineTuneOptions | None = 
     schedule = Schedule(ctx.input_size, o.epochs, o.batch_size, o.momentum, o.hflip, o.min_crop_scale, o.seed,
                         ctx.device)
     indices, counts, share, fit = _labelled_subset(ctx, o.label_fraction, o.seed)
-    labelled = _subset(ctx.train_set, indices)
+    labelled = subset(ctx.train_set, indices)
     log(f"fine-tuning {ctx.checkpoint} on {fit} of {ctx.dataset}, {counts.min()}-{counts.max()} per class, "
         f"{o.epochs} epochs, {ctx.input_size}px, crop scale {o.min_crop_scale:g}-1, hflip {o.hflip:g}, on {ctx.device}; "
         f"base lr from "
