@@ -4,14 +4,11 @@
 #   bash bench/gpu_check.sh [OUT_DIR]              # on a CUDA machine; OUT_DIR defaults to $OUT, else bench_out/<time>
 #   bash bench/gpu_check.sh --dry-run [OUT_DIR]    # the same parts on the CPU with tiny sizes (also: DRY_RUN=1)
 #
-# Parts, in order: env, synth (synthetic STL10, written during cuda_tests), cuda_tests (pytest -m cuda), run_device
-# and run_cpu (run.py with the GPU sampled by nvidia-smi, then bench.run_summary), throughput, loss_scaling,
-# throughput_compile. Each runs under its own `timeout`, capped by what is left of the budget (a part with less than
-# MIN_PART_S left is skipped), and logs to <part>.log; summary.txt lists every part's outcome and the headline
-# numbers. Exit status 0 when no part failed or timed out. docs/BENCHMARKS.md says what each part runs.
-#
-# Environment: OUT, DRY_RUN=1, DATA_DIR (synthetic data and the runs' checkpoints; default bench_data, kept out
-# of OUT so that gigabytes do not travel back), BUDGET_S, PYTHON.
+# Parts: env, synth, cuda_tests, run_device and run_cpu (each then its run_summary), throughput, loss_scaling,
+# throughput_compile, each under a `timeout` capped by what is left of the budget (skipped with less than MIN_PART_S
+# left), its output in <part>.log. summary.txt lists their outcomes and the headline numbers; exit status 0 when
+# none failed or timed out. What each part runs and why: docs/BENCHMARKS.md. Environment: OUT, DRY_RUN=1, BUDGET_S,
+# PYTHON, DATA_DIR (synthetic data and the runs' checkpoints, kept out of OUT; default bench_data).
 set -u
 cd "$(dirname "$0")/.." || exit 1
 die() { echo "error: $*" >&2; exit 2; }
@@ -35,7 +32,8 @@ export PYTHONUNBUFFERED=1
 export TQDM_MININTERVAL=${TQDM_MININTERVAL:-5}  # progress bars in the logs: a line every 5 s, not every step
 MIN_PART_S=20    # a part with less time than this left is skipped
 RESERVE_S=15     # kept back for the run summaries and summary.txt
-declare -A LIMIT
+declare -A LIMIT=([env]=30 [synth]=120 [cuda_tests]=150 [run]=150 [throughput]=90 [loss_scaling]=100
+                  [throughput_compile]=200 [summary]=30)  # seconds on the GPU, twice these in the dry run
 
 if [ "$DRY_RUN" = 1 ]; then
   MODE="dry run on the CPU (tiny sizes: checks the script, not the speed)"
@@ -49,8 +47,7 @@ if [ "$DRY_RUN" = 1 ]; then
   THROUGHPUT=(--device cpu --crop 32 --batch-size 8 --steps 1 --warmup 1 --workers 1)
   COMPILE=("${THROUGHPUT[@]}" --compile)
   LOSS=(--device cpu --sizes 64 --seed-up-to 64 --repeats 1)
-  LIMIT=([env]=60 [synth]=120 [cuda_tests]=180 [run]=240 [throughput]=180 [loss_scaling]=120 [throughput_compile]=420
-         [summary]=60)
+  for part in "${!LIMIT[@]}"; do LIMIT[$part]=$(( 2 * LIMIT[$part] )); done
 else
   MODE="GPU run"
   BUDGET_S=${BUDGET_S:-480}
@@ -61,8 +58,6 @@ else
   THROUGHPUT=(--device cuda)                              # batch 512, bf16, channels_last, 20 steps after 5
   COMPILE=(--device cuda --compile --warmup 10)
   LOSS=(--device cuda --sizes 256 512 1024 2048 4096 8192 16384)
-  LIMIT=([env]=30 [synth]=120 [cuda_tests]=150 [run]=150 [throughput]=90 [loss_scaling]=100 [throughput_compile]=200
-         [summary]=30)
   "$PYTHON" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" \
     || die "torch sees no CUDA GPU here: run this on a GPU machine, or add --dry-run for the CPU"
 fi

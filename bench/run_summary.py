@@ -5,10 +5,9 @@
     python -m bench.run_summary runs/x --gpu-csv gpu.csv --json out/summary.json \\
         --target-epoch-seconds 10 --target-busy 90
 
-An epoch's window is the `seconds` before its record's `ended` time; its GPU busy % is the mean `utilization.gpu`
-of the samples inside (NVML's share of the sample period in which a kernel ran, not how full the GPU is). The first
-epoch pays for start-up, so the steady state is the median of the later ones; a run cut short before its first
-epoch ended is summarised from its step records.
+An epoch's GPU busy % is the mean `utilization.gpu` (NVML's share of time a kernel ran, not how full the GPU is) of
+the samples in the `seconds` before its record's `ended` time. The steady state is the median of the epochs after
+the first (which pays for start-up); a run cut short before its first epoch ended, its step records.
 """
 from __future__ import annotations
 
@@ -154,20 +153,15 @@ def format_summary(summary: dict, target_seconds: float | None = None, target_bu
     if s["step_images_per_s_median"]:
         lines.append(f"step records (median images_per_s, each epoch's first left out): "
                      f"{s['step_images_per_s_median']:,.0f} img/s")
-    return "\n".join(lines + _targets(st, target_seconds, target_busy))
-
-
-def _targets(steady: dict, target_seconds: float | None, target_busy: float | None) -> list[str]:
-    lines = []
-    if target_seconds is not None and "stl10_epoch_seconds" in steady:
-        met = steady["stl10_epoch_seconds"] <= target_seconds
-        lines.append(f"target: an STL10 epoch <= {target_seconds:g} s: {'met' if met else 'MISSED'} "
-                     f"({steady['stl10_epoch_seconds']:,.1f} s)")
+    if target_seconds is not None and "stl10_epoch_seconds" in st:
+        lines.append(f"target: an STL10 epoch <= {target_seconds:g} s: "
+                     f"{'met' if st['stl10_epoch_seconds'] <= target_seconds else 'MISSED'} "
+                     f"({st['stl10_epoch_seconds']:,.1f} s)")
     if target_busy is not None:
-        value = steady.get("gpu_busy_percent")
-        lines.append(f"target: GPU busy >= {target_busy:g}%: " + ("n/a (no GPU samples)" if value is None else
-                     f"{'met' if value >= target_busy else 'MISSED'} ({value:.1f}%)"))
-    return lines
+        busy = st.get("gpu_busy_percent")
+        lines.append(f"target: GPU busy >= {target_busy:g}%: " + ("n/a (no GPU samples)" if busy is None else
+                     f"{'met' if busy >= target_busy else 'MISSED'} ({busy:.1f}%)"))
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,9 +7,9 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
+from xml.etree import ElementTree
 
 import numpy as np
 import pytest
@@ -69,17 +69,8 @@ def test_cuda_tests_carry_the_marker_not_a_skipif_of_their_own():
     assert sum(line.startswith("@pytest.mark.cuda") for line in (REPO / "tests" / "test_batches.py").open()) == 3
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-@pytest.mark.slow
-def test_the_cuda_marker_selects_those_tests_and_skips_them_without_a_gpu():
-    done = subprocess.run([sys.executable, "-m", "pytest", "-v", "-rs", "-m", "cuda", "-p", "no:cacheprovider",
-                           "tests/test_batches.py"], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:]
-    skipped = [line.split(" ")[0] for line in done.stdout.splitlines() if line.startswith("tests/") and " SKIPPED " in line]
-    assert skipped == ["tests/test_batches.py::test_cuda_batches_never_sync_with_the_host_and_match_the_cpu_ops",
-                       "tests/test_batches.py::test_cuda_training_step_never_syncs_with_the_host",
-                       "tests/test_batches.py::test_compiled_view_ops_match_eager_on_cuda"]
-    assert "needs CUDA (marked cuda)" in done.stdout and " passed" not in done.stdout.splitlines()[-1]
+CUDA_TESTS = ("test_cuda_batches_never_sync_with_the_host_and_match_the_cpu_ops",
+              "test_cuda_training_step_never_syncs_with_the_host", "test_compiled_view_ops_match_eager_on_cuda")
 
 
 # ---------- nvidia-smi's samples and the run summary ----------
@@ -218,8 +209,9 @@ PARTS = ("env", "synth", "cuda_tests", "run_device", "run_device_summary", "run_
 @pytest.mark.slow
 def test_gpu_check_dry_run_passes_every_part(tmp_path):
     """`bash bench/gpu_check.sh --dry-run` end to end, with a stand-in nvidia-smi on PATH so that each run's GPU
-    sampling and summary are exercised too. The first run on a machine compiles ResNet-18 cold (minutes on 2 cores);
-    later ones find inductor's cache."""
+    sampling and summary are exercised too; its cuda_tests part shows that `pytest -m cuda tests` selects exactly the
+    marked tests and skips them without a GPU. The first run on a machine compiles ResNet-18 cold (minutes on 2
+    cores); later ones find inductor's cache."""
     fake = tmp_path / "bin" / "nvidia-smi"
     fake.parent.mkdir()
     fake.write_text(FAKE_NVIDIA_SMI)
@@ -233,6 +225,9 @@ def test_gpu_check_dry_run_passes_every_part(tmp_path):
     assert outcomes == {part: "passed" for part in PARTS}
     summary = (out / "summary.txt").read_text()
     assert "3 skipped" in summary  # the cuda-marked tests, collected and skipped here
+    cases = ElementTree.parse(out / "cuda_tests.xml").getroot().iter("testcase")
+    assert {(case.get("classname"), case.get("name"), case.find("skipped").get("message")) for case in cases} == \
+        {("tests.test_batches", name, "needs CUDA (marked cuda)") for name in CUDA_TESTS}
     device_run = (out / "run_device_summary.log").read_text()
     assert "epoch 2:" in device_run and "GPU busy 87.0%" in device_run and "MISSED (87.0%)" in device_run
     assert json.loads((out / "run_cpu_summary.json").read_text())["gpu"]["util_mean"] == 87
