@@ -463,7 +463,8 @@ def test_the_card_shows_one_section_for_the_run_and_the_package_evaluated_on_the
     write_eval(tmp_path / "run", packages.file_sha256(tmp_path / "run" / "checkpoints" / "last.pt"), "last_stl10", 41.5)
     folder = export_package(tmp_path / "run", "p", root=tmp_path / "packages", log=lambda _: None)
     write_eval(folder, packages.file_sha256(folder / "model.safetensors"), "model_stl10", 55.5)
-    path, again = folder / "eval" / "model_stl10.json", "python -m feature_eval.evaluate --checkpoint p --classifiers knn"
+    path = folder / "eval" / "model_stl10.json"
+    again = "python -m feature_eval.evaluate --checkpoint p --classifiers knn"
     later = json.loads(path.read_text())  # KNN only, redone on the package
     path.write_text(json.dumps({**later, "rows": later["rows"][1:], "command": again, "finished": "2030-01-01T00:00"}))
     refresh_package(folder, log=lambda _: None)
