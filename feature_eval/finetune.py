@@ -19,7 +19,6 @@ import argparse
 import copy
 import dataclasses
 import math
-import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -309,8 +308,8 @@ def finetune_evaluate(checkpoint: str | Path, options: FineTuneOptions | None = 
                       log: Callable[[str], None] = print, **fields) -> FineTuneResult:
     """Fine-tune a checkpoint's encoder (any that `evaluate` takes) on `label_fraction` of the labels and report
     top-1/top-5 on test. `options` (`FineTuneOptions`), or its fields as keywords
-    (`finetune_evaluate(run, label_fraction=0.01, device="cpu")`); the recorded `command` defaults to this
-    process's command line. Raises EvalError, CheckpointLoadError, DataError: user errors, in one line each.
+    (`finetune_evaluate(run, label_fraction=0.01, device="cpu")`); the recorded `command` defaults to the
+    `python -m feature_eval.finetune` command that asks for the same. Raises EvalError, CheckpointLoadError, DataError: user errors, in one line each.
     """
     started = time.perf_counter()
     o = FineTuneOptions.of(options, **fields)
@@ -318,7 +317,7 @@ def finetune_evaluate(checkpoint: str | Path, options: FineTuneOptions | None = 
     pretraining = ctx.trained_data or DatasetConfig()  # its flip; the paper's 0.5 where the file names no data
     o = dataclasses.replace(o, epochs=o.epochs if o.epochs is not None else default_epochs(o.label_fraction),
                             hflip=pretraining.hflip if o.hflip is None else o.hflip,
-                            command=o.command or shlex.join(["python", "-m", "feature_eval.finetune", *sys.argv[1:]]))
+                            command=o.command or o.command_line("feature_eval.finetune", checkpoint))
     schedule = Schedule(ctx.input_size, o.epochs, o.batch_size, o.momentum, o.hflip, o.min_crop_scale, o.seed,
                         ctx.device)
     indices, counts, share, fit = _labelled_subset(ctx, o.label_fraction, o.seed)

@@ -347,8 +347,11 @@ def test_the_flip_follows_the_pretraining_unless_asked_otherwise(tmp_path):
     options = finetune_evaluate(tmp_path / "run", **asked).results["options"]
     assert (options["hflip"], options["min_crop_scale"]) == (0, 0.08)
     assert options["augmentation"] == "random resized crop (scale 0.08-1) without flips"
-    options = finetune_evaluate(tmp_path / "run", hflip=0.5, min_crop_scale=0.3, **asked).results["options"]
-    assert options["augmentation"] == "random resized crop (scale 0.3-1) + horizontal flip (p 0.5)"
+    results = finetune_evaluate(tmp_path / "run", hflip=0.5, min_crop_scale=0.3, **asked).results
+    assert results["options"]["augmentation"] == "random resized crop (scale 0.3-1) + horizontal flip (p 0.5)"
+    # from Python, the command recorded is the one that asks for the same (not the interpreter's own arguments)
+    assert results["command"] == (f"python -m feature_eval.finetune --checkpoint {tmp_path / 'run'} --device cpu "
+                                  "--epochs 1 --lrs 0.1 --hflip 0.5 --min-crop-scale 0.3")
     with pytest.raises(finetune_module.EvalError, match=r"--min-crop-scale 0: must be in \(0, 1\]"):
         finetune_evaluate(tmp_path / "run", min_crop_scale=0, **asked)
 
