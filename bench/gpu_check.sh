@@ -41,7 +41,7 @@ if [ "$DRY_RUN" = 1 ]; then
   DEVICE=cpu
   export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}  # shared small machines: spinning OpenMP waits stall torch
   SYNTH=(--train 16 --test 8 --unlabeled 32)
-  # float32: bfloat16 autocast on a CPU took 6x as long here, and the dry run checks the script, not the precision
+  # float32: bfloat16 autocast on a CPU took 6x as long (docs/BENCHMARKS.md); the dry run checks the script
   RUN_SIZE=(dataset.input_shape="(16,16,3)" batch_size=16 log_every_n_steps=1 model.out_dim=32 fp16_precision=false)
   DEVICE_EPOCHS=2
   THROUGHPUT=(--device cpu --crop 32 --batch-size 8 --steps 1 --warmup 1 --workers 1)
