@@ -187,8 +187,8 @@ def freeze(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def load_weights_only(model: nn.Module, source: str, log) -> None:
-    """Initialise `model` from a checkpoint or package (weights only: `fine_tune_from`); the head is kept fresh
-    if its shape differs.
+    """Initialise `model` from a checkpoint or package (weights only: `fine_tune_from`); the whole head is kept
+    fresh if its layout differs in any layer.
 
     Raises:
         CheckpointLoadError: `source` names nothing (except one of `SEED_PACKAGES`: a warning, then nothing is
@@ -207,6 +207,11 @@ def load_weights_only(model: nn.Module, source: str, log) -> None:
     weights = read_weights(path)["model"]
     own = model.state_dict()
     usable = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
+    head = {k for k in own if k.startswith("head.")}
+    if head != {k for k in weights if k.startswith("head.")} or not head <= usable.keys():
+        # another head layout (head_layers, head_bn, out_dim): a layer whose shape happens to fit is another
+        # layer, so all of the head stays fresh, never a mix
+        usable = {k: v for k, v in usable.items() if not k.startswith("head.")}
     missing = [k for k in own if k not in usable]
     if any(k.startswith("encoder.") for k in missing):
         raise CheckpointLoadError(f"fine_tune_from = {source!r}: {path} does not fit this model's encoder "

@@ -8,6 +8,9 @@ import yaml
 
 import run
 from loss.nt_xent import NTXentLoss
+from models.loading import load_weights_only
+from models.resnet_simclr import create_model
+from simclr.checkpoint import save_checkpoint
 from simclr.config import config_to_dict, load_config
 from simclr.dist import init_distributed
 from simclr.optim import warmup_cosine
@@ -92,6 +95,24 @@ def test_fine_tune_from_initialises_weights_only(data_root, straight_run, tmp_pa
     trainer = Trainer(config, init_distributed("cpu"))
     assert_same_weights(trainer.model.state_dict(), final_weights(straight_run))
     assert trainer.next_epoch == 0 and not trainer.optimizer.state
+
+
+@pytest.mark.parametrize("head_layers, head_bn", [(2, True), (3, False)])
+def test_fine_tune_from_another_head_layout_keeps_the_whole_head_fresh(tmp_path, head_layers, head_bn):
+    # The default head's first Linear has the shape of this head's first Linear: loading it alone would make a
+    # head that is half one model's, half fresh. The encoder loads; the head is the fresh one, whole.
+    torch.manual_seed(0)
+    source = create_model("resnet18", 16)
+    save_checkpoint(tmp_path / "src.pt", {"model": source.state_dict(), "config": {}, "next_epoch": 1})
+    torch.manual_seed(1)
+    model = create_model("resnet18", 16, head_layers=head_layers, head_bn=head_bn)
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    lines = []
+    load_weights_only(model, str(tmp_path / "src.pt"), lines.append)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], source.state_dict()[k]) for k in state if k.startswith("encoder."))
+    assert all(torch.equal(state[k], fresh[k]) for k in state if k.startswith("head."))
+    assert lines == [f"initialised weights from {tmp_path / 'src.pt'} (projection head kept fresh: other shape)"]
 
 
 def test_fine_tune_from_unknown_name_is_a_clear_error(data_root, tmp_path, capsys):
