@@ -76,6 +76,10 @@ class RunOptions:
         given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
         return cls(**{**given, **fields})
 
+    def recorded(self, *names: str) -> dict:
+        """The options `names` as a results JSON records them (a tuple as a list)."""
+        return {name: list(value) if isinstance(value := getattr(self, name), tuple) else value for name in names}
+
     def command_line(self, module: str, checkpoint: str | Path) -> str:
         """`python -m <module> --checkpoint <checkpoint>` and each option that differs from its default: the command
         that asks for these options (recorded for an evaluation asked from Python, which has no command line)."""
@@ -259,8 +263,7 @@ def bound_errors(options: type[RunOptions], value_of: Callable[[str], object]):
     """`--option value: must be <bound>` for each field of `options` whose value (`value_of(name)`, unless None) is
     out of its `bound`: the message of the command line and of the Python API."""
     for f in (f for f in dataclasses.fields(options) if "bound" in f.metadata):
-        inside, words = BOUNDS[f.metadata["bound"]]
-        value = value_of(f.name)
+        (inside, words), value = BOUNDS[f.metadata["bound"]], value_of(f.name)
         if value is not None and not inside(value):
             shown = ",".join(f"{v:g}" for v in value) if isinstance(value, tuple) else f"{value:g}"
             yield f"--{f.name.replace('_', '-')} {shown}: must be {words}"
@@ -273,18 +276,14 @@ def parse_options(options: type[RunOptions], module: str, doc: str, argv: list[s
     parser.add_argument("--checkpoint", required=True,
                         help="run dir or name (runs/<name>), checkpoint .pt file, package dir or package name "
                              "(pretrained_models/<name>)")
-    for f in dataclasses.fields(options):
-        cli = {key: value for key, value in f.metadata.items() if key != "bound"}
-        if not cli:
-            continue
-        cli.setdefault("default", None if f.default is dataclasses.MISSING else f.default)
-        flag = cli.pop("flag", "--" + f.name.replace("_", "-"))
-        if cli["default"] is True or cli["default"] is False:
-            cli.setdefault("action", "store_false" if cli["default"] else "store_true")
-            flag = f"--no-{f.name.replace('_', '-')}" if cli["default"] else flag
-        elif "action" not in cli and cli["default"] is not None:  # a tuple: comma-separated, as a string
-            cli.setdefault("type", str if isinstance(cli["default"], tuple) else type(cli["default"]))
-        parser.add_argument(flag, dest=f.name, **cli)
+    for f in (f for f in dataclasses.fields(options) if f.metadata):
+        cli = {key: value for key, value in f.metadata.items() if key not in ("bound", "flag")}
+        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+        if isinstance(f.default, bool):
+            cli["action"], flag = ("store_false", f"--no-{flag[2:]}") if f.default else ("store_true", flag)
+        elif "action" not in cli and f.default is not None:  # a tuple: comma-separated, as a string
+            cli.setdefault("type", str if isinstance(f.default, tuple) else type(f.default))
+        parser.add_argument(flag, dest=f.name, default=f.default, **cli)
     args = parser.parse_args(argv)
     for message in bound_errors(options, lambda name: getattr(args, name)):
         parser.exit(startup.EXIT_USAGE, f"{parser.prog}: error: {message}\n")  # no usage: the line says it all

@@ -98,11 +98,8 @@ class Evaluation:
 def evaluate(checkpoint: str | Path, options: EvalOptions | None = None, *, log: Callable[[str], None] = print,
              **fields) -> Evaluation:
     """Evaluate a checkpoint's frozen encoder (anything `open_context` opens): fit on `train`, report on `test`.
-
-    `options` (`EvalOptions`) or its fields as keywords (`evaluate(run, classifiers="knn", device="cpu")`). Written
-    rows join the table already in the same file (`_add_to_table`). Raises EvalError, CheckpointLoadError,
-    DataError: user errors, in one line each.
-    """
+    `options` (`EvalOptions`) or its fields as keywords (`evaluate(run, classifiers="knn", device="cpu")`). Raises
+    EvalError, CheckpointLoadError, DataError: user errors, in one line each."""
     started = time.perf_counter()
     o = EvalOptions.of(options, **fields)
     ctx = open_context(checkpoint, o)
@@ -121,9 +118,8 @@ def evaluate(checkpoint: str | Path, options: EvalOptions | None = None, *, log:
     timings["total"] = round(time.perf_counter() - started, 3)
     results = ctx.record(o.command or o.command_line("feature_eval.evaluate", checkpoint), o.seed,
                          {"fit": "train", "train": len(ctx.train_set), "test": len(ctx.test_set)},
-                         {"classifiers": list(o.classifiers), "baselines": list(o.baselines),
-                          "batch_size": o.batch_size, "C": o.C, "max_iter": o.max_iter, "knn_k": o.knn_k,
-                          "weighted_knn_k": o.weighted_knn_k, "weighted_knn_temperature": o.weighted_knn_temperature},
+                         o.recorded("classifiers", "baselines", "batch_size", "C", "max_iter", "knn_k", "weighted_knn_k",
+                                    "weighted_knn_temperature"),
                          timings, baselines={name: extractors[name] for name in o.baselines})
     rows = current_rows([dataclasses.replace(row, evaluated=results["finished"]) for row in rows], settings)
     results["rows"] = [row.to_json() for row in rows]

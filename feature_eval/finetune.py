@@ -3,15 +3,9 @@
     python -m feature_eval.finetune --checkpoint runs/<name> --label-fraction 0.01
     python -m feature_eval.finetune --checkpoint resnet-18_40-epochs --label-fraction 0.1 --baselines random
 
-The paper's protocol (Section 6 and Appendix B.5): a seeded, class-balanced `--label-fraction` of the
-labelled `train` split; random resized crops (scale 0.08-1, `--min-crop-scale`) and horizontal flips only, mirrored
-as often as in pretraining (`dataset.hflip`: the paper's 0.5; 0 where a mirror image is another symbol, as digits);
-SGD with Nesterov momentum 0.9, learning rate `base_lr x batch / 256` with cosine decay and no warmup, no weight
-decay; 60 epochs for 1 % of the labels or fewer, 30 otherwise; at test time the resize + centre crop of feature_eval.
-The base learning rate is chosen from `--lrs` by top-1 on a held-out part of the labelled fraction after
-fine-tuning on the rest; the encoder is then fine-tuned on the whole fraction and scored once on `test`.
-Writes `<run_dir>/eval/<checkpoint>_<dataset>_finetune-<pct>pct.md` and `.json` (feature_eval's format).
-One line on stderr for a bad option (exit status 2), checkpoint or data set (1): docs/EXIT_CODES.md.
+The paper's protocol (Section 6 and Appendix B.5; docs/EVALUATION.md says each step): the base learning rate is
+chosen from `--lrs` on a hold-out of the labelled fraction, then the encoder is fine-tuned on all of it and scored
+once on `test`. Writes `<run_dir>/eval/<checkpoint>_<dataset>_finetune-<pct>pct.md` and `.json`.
 """
 from __future__ import annotations
 
@@ -58,9 +52,8 @@ FINETUNE_COLUMNS = ("Classifier", "Feature extractor", "Architecture", "Feature 
 
 @dataclass
 class FineTuneResult:
-    """What `finetune_evaluate` found: the JSON record (rows, checkpoint, data, label subset, selection grid,
-    timings), its markdown table, the fine-tuned `FineTuned` model per extractor (`simclr`, `random`; on the CPU)
-    and the files written (`markdown`, `json`; none when nothing was written)."""
+    """What `finetune_evaluate` found: the JSON record, its table, the `FineTuned` model per extractor (on the CPU)
+    and the files written (none when nothing was written)."""
 
     results: dict
     table: str
@@ -129,10 +122,7 @@ class Diverged(EvalError):
 @dataclass(frozen=True)
 class Schedule:
     """How one fine-tuning run trains (Appendix B.5), whatever its learning rate: one value for every run of a search.
-
-    `batch_size` (at least 2: BatchNorm) is capped at the data set's size, and the lr is `base_lr x batch / 256`
-    with the batch actually used. Views: random resized crops of area `min_crop_scale`-1, mirrored with probability
-    `hflip` (the paper's 0.08 and 0.5). `seed`: head initialisation, order and views.
+    `batch_size` (at least 2: BatchNorm) is capped at the data set's size; `seed`: head initialisation, order, views.
     """
 
     input_size: int
@@ -156,15 +146,9 @@ def _batch_seed(seed: int, epoch: int) -> int:
 
 
 def crop_flip_batches(dataset, schedule: Schedule, epoch: int):
-    """Yield `(images, labels)` of one epoch: random resized crop + horizontal flip (the schedule's), nothing else.
-
-    The order, crops and flips are a function of (seed, epoch). The images of a batch are cropped together on
-    the schedule's device (torchvision's RandomResizedCrop law and antialiased resize), those of one size at
-    a time: an image folder's may differ. A last batch of one image is dropped: BatchNorm cannot normalise a
-    single image in train mode.
-    `dataset` holds items `(uint8 [3, H, W], label)`; yields float `[B, 3, S, S]` views in [0, 1] and int64 `[B]`
-    labels on the device (S: the schedule's `input_size`; each view mirrored with probability `hflip`).
-    """
+    """Yield one epoch's float views `[B, 3, S, S]` in [0, 1] and int64 labels `[B]` of `dataset`'s items
+    `(uint8 [3, H, W], label)`, on the schedule's device: random resized crop + flip, a function of (seed, epoch).
+    A batch is cropped together (torchvision's RandomResizedCrop law), one image size at a time."""
     s, device = schedule, schedule.device
     generator = torch.Generator().manual_seed(_batch_seed(s.seed, epoch))
     order = torch.randperm(len(dataset), generator=generator)
@@ -183,14 +167,8 @@ def crop_flip_batches(dataset, schedule: Schedule, epoch: int):
 
 def finetune(encoder: nn.Module, dataset, num_classes: int, schedule: Schedule, base_lr: float,
              desc: str = "fine-tune") -> FineTuned:
-    """Fine-tune `encoder` and a new linear head end to end on `dataset` (crop + flip views, cross-entropy).
-
-    SGD with Nesterov momentum, no weight decay, lr `base_lr * batch / 256` decayed by a per-step cosine
-    to 0, no warmup (Appendix B.5). BatchNorm is in train mode: the whole network adapts. The encoder is
-    trained in place (pass a copy to keep the original) and its parameters are unfrozen.
-    `encoder` maps float images `[B, 3, S, S]` in [0, 1] to `[B, feature_dim]`; `dataset`: at least 2 items
-    `(uint8 [3, H, W], label in [0, num_classes))`. Returns the `FineTuned` model on the device, in eval mode.
-    """
+    """Fine-tune `encoder` (in place: pass a copy to keep it) and a new linear head end to end on `dataset`'s
+    crop + flip views (Appendix B.5; BatchNorm in train mode). Returns the `FineTuned` model, in eval mode."""
     s, device = schedule, schedule.device
     if len(dataset) < 2:
         raise EvalError(f"{desc}: {len(dataset)} labelled image(s) are too few to fine-tune on (need 2); "
@@ -229,12 +207,8 @@ def predict(model: nn.Module, dataset, input_size: int, batch_size: int = 256,
 
 def select_lr(encoder: nn.Module, labelled, num_classes: int, lrs: tuple[float, ...], schedule: Schedule,
               valid_fraction: float, desc: str = "") -> tuple[float, dict]:
-    """The base lr of `lrs` with the best held-out top-1 (then the lowest held-out loss); the test split is not seen.
-
-    The labelled subset (items `(uint8 [3, H, W], label)`) is split (seeded, stratified where every class allows)
-    into a fit part and a `valid_fraction` hold-out; each lr fine-tunes a copy of `encoder` on the fit part under
-    `schedule`. Returns the chosen base lr and facts (fit/hold-out sizes, each lr's hold-out top-1 and loss).
-    """
+    """The base lr of `lrs` with the best top-1 (then loss) on a seeded `valid_fraction` hold-out of `labelled`,
+    each lr fine-tuning a copy of `encoder` on the rest; the test split is not seen. Returns it and the grid."""
     if len(lrs) == 1:
         return lrs[0], {"chosen_by": "only value of --lrs (no hold-out)"}
     try:
@@ -306,11 +280,8 @@ class FineTuneOptions(RunOptions):
 
 def finetune_evaluate(checkpoint: str | Path, options: FineTuneOptions | None = None, *,
                       log: Callable[[str], None] = print, **fields) -> FineTuneResult:
-    """Fine-tune a checkpoint's encoder (any that `evaluate` takes) on `label_fraction` of the labels and report
-    top-1/top-5 on test. `options` (`FineTuneOptions`), or its fields as keywords
-    (`finetune_evaluate(run, label_fraction=0.01, device="cpu")`); the recorded `command` defaults to the
-    `python -m feature_eval.finetune` command that asks for the same. Raises EvalError, CheckpointLoadError, DataError: user errors, in one line each.
-    """
+    """Fine-tune a checkpoint's encoder on `label_fraction` of the labels and score it on test: `options`
+    (`FineTuneOptions`) or its fields as keywords, as `evaluate` takes them. Raises the user errors of `evaluate`."""
     started = time.perf_counter()
     o = FineTuneOptions.of(options, **fields)
     ctx = open_context(checkpoint, o, encoder_device="cpu")
@@ -324,8 +295,7 @@ def finetune_evaluate(checkpoint: str | Path, options: FineTuneOptions | None = 
     labelled = subset(ctx.train_set, indices)
     log(f"fine-tuning {ctx.checkpoint} on {fit} of {ctx.dataset}, {counts.min()}-{counts.max()} per class, "
         f"{o.epochs} epochs, {ctx.input_size}px, crop scale {o.min_crop_scale:g}-1, hflip {o.hflip:g}, on {ctx.device}; "
-        f"base lr from "
-        f"{', '.join(f'{lr:g}' for lr in o.lrs)}")
+        f"base lr from {', '.join(f'{lr:g}' for lr in o.lrs)}")
     rows, models = [], {}
     starts = {"simclr": (ctx.encoder, ctx.trained_epochs)}  # extractor key: (encoder to start from, pretraining epochs)
     if "random" in o.baselines:  # supervised from scratch: the same protocol from random weights
@@ -386,9 +356,8 @@ def _record(ctx: EvalContext, o: FineTuneOptions, fit: str, indices: np.ndarray,
     return ctx.record(
         o.command, o.seed,
         {"fit": fit, "train": len(ctx.train_set), "labelled": len(indices), "test": len(ctx.test_set)},
-        {"label_fraction": o.label_fraction, "epochs": o.epochs, "batch_size": o.batch_size, "lrs": list(o.lrs),
-         "momentum": o.momentum, "hflip": o.hflip, "min_crop_scale": o.min_crop_scale,
-         "valid_fraction": o.valid_fraction, "baselines": list(o.baselines),
+        {**o.recorded("label_fraction", "epochs", "batch_size", "lrs", "momentum", "hflip", "min_crop_scale",
+                      "valid_fraction", "baselines"),
          # the views in words, as the caption quotes them
          "augmentation": f"random resized crop (scale {o.min_crop_scale:g}-1)" + (
              f" + horizontal flip (p {o.hflip:g})" if o.hflip else " without flips"),
