@@ -1,7 +1,6 @@
-"""What both evaluation drivers (`feature_eval.evaluate`, `feature_eval.finetune`) start from: `open_context` opens
-a checkpoint once into an `EvalContext` (frozen encoder, typed training config, checked splits, device, output
-folder), raising every user error in one line before any long computation; their options share `RunOptions`,
-their command lines `parse_options` and `run_cli`.
+"""What both evaluation drivers (`feature_eval.evaluate`, `feature_eval.finetune`) share: `open_context` opens a
+checkpoint into an `EvalContext`, raising every user error in one line before any long computation; `RunOptions`,
+`parse_options` and `run_cli` make their options and command lines.
 """
 from __future__ import annotations
 
@@ -43,8 +42,7 @@ def option(default=dataclasses.MISSING, help: str | None = None, **cli) -> datac
 @dataclass(frozen=True, kw_only=True)
 class RunOptions:
     """What every evaluation driver is asked (each field's help says what). `write` False writes nothing; `command`
-    is recorded in the JSON (`run_cli` fills it; from Python, `command_line` rebuilds it). The data options default
-    to the checkpoint's training config."""
+    is recorded in the JSON (`run_cli` fills it; from Python, `of` rebuilds it)."""
 
     dataset: str | None = option(None, "data set name (default: the checkpoint's dataset.name)")
     root: str | Path | None = option(None, "data set folder (default: the checkpoint's dataset.root)")
@@ -66,9 +64,11 @@ class RunOptions:
             raise EvalError(message)
 
     @classmethod
-    def of(cls, options: RunOptions | None = None, **fields):
-        """`options` (or the defaults) with `fields` replaced: how the drivers take keyword arguments too."""
-        return dataclasses.replace(options, **fields) if options is not None else cls(**fields)
+    def of(cls, module: str, checkpoint: str | Path, options: RunOptions | None = None, **fields):
+        """`options` (or the defaults) with `fields` replaced, and the `command_line` that asks for them where no
+        `command` is given: how a driver takes options from Python."""
+        o = dataclasses.replace(options, **fields) if options is not None else cls(**fields)
+        return o if o.command else dataclasses.replace(o, command=o.command_line(module, checkpoint))
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **fields):
@@ -122,14 +122,14 @@ class EvalContext:
         model = self.config.model
         return ARCHITECTURES.get(model.base_model, model.base_model) + (" (CIFAR stem)" if model.cifar_stem else "")
 
-    def record(self, command: str | None, seed: int, splits: dict, options: dict, timings: dict, **parts) -> dict:
+    def record(self, o: RunOptions, splits: dict, options: dict, timings: dict, **parts) -> dict:
         """A results JSON (`feature_eval.results.Results` reads it back); `splits`: `fit` (what was fit on), sizes."""
         gpu = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
-        return {"command": command, "checkpoint": str(self.checkpoint), "checkpoint_sha256": self.checkpoint_sha256,
+        return {"command": o.command, "checkpoint": str(self.checkpoint), "checkpoint_sha256": self.checkpoint_sha256,
                 "trained_epochs": self.trained_epochs,
                 "dataset": {"name": self.dataset, "root": str(self.root), "input_size": self.input_size,
                             "classes": self.classes},
-                "splits": {"report": "test", **splits}, "seed": seed, "device": str(self.device), "options": options,
+                "splits": {"report": "test", **splits}, "seed": o.seed, "device": str(self.device), "options": options,
                 **parts, "timings_s": timings,
                 "machine": {"host": platform.node(), "cpu_threads": torch.get_num_threads(),
                             "python": platform.python_version(), "torch": torch.__version__, "gpu": gpu},

@@ -54,7 +54,7 @@ PICTURES = {"tsne": "t-SNE of the SimCLR test features, coloured by class",
 @dataclass(frozen=True, kw_only=True)
 class EvalOptions(RunOptions):
     """`RunOptions` plus what the linear and KNN protocols are asked; `classifiers` and `baselines` (comma-separated
-    or a tuple) are checked and read as a tuple of names when made."""
+    or a tuple) become checked tuples of names."""
 
     classifiers: str | tuple[str, ...] = option(DEFAULT_CLASSIFIERS, "comma-separated, from lbfgs,adam,knn (default: "
                                                 "lbfgs,knn); knn: the Euclidean vote and the weighted cosine KNN")
@@ -101,7 +101,7 @@ def evaluate(checkpoint: str | Path, options: EvalOptions | None = None, *, log:
     `options` (`EvalOptions`) or its fields as keywords (`evaluate(run, classifiers="knn", device="cpu")`). Raises
     EvalError, CheckpointLoadError, DataError: user errors, in one line each."""
     started = time.perf_counter()
-    o = EvalOptions.of(options, **fields)
+    o = EvalOptions.of("feature_eval.evaluate", checkpoint, options, **fields)
     ctx = open_context(checkpoint, o)
     if "adam" in o.classifiers and len(ctx.train_set) < MIN_HOLDOUT_ITEMS:
         raise EvalError(f"--classifiers adam: the train split has {len(ctx.train_set)} images, too few to tune on a "
@@ -116,8 +116,7 @@ def evaluate(checkpoint: str | Path, options: EvalOptions | None = None, *, log:
     rows, outcomes = score(ctx, features, extractors, [(key, *protocols[key]) for key in protocols
                                                        if key.replace("weighted_", "") in o.classifiers], log)
     timings["total"] = round(time.perf_counter() - started, 3)
-    results = ctx.record(o.command or o.command_line("feature_eval.evaluate", checkpoint), o.seed,
-                         {"fit": "train", "train": len(ctx.train_set), "test": len(ctx.test_set)},
+    results = ctx.record(o, {"fit": "train", "train": len(ctx.train_set), "test": len(ctx.test_set)},
                          o.recorded("classifiers", "baselines", "batch_size", "C", "max_iter", "knn_k", "weighted_knn_k",
                                     "weighted_knn_temperature"),
                          timings, baselines={name: extractors[name] for name in o.baselines})
@@ -130,8 +129,8 @@ def evaluate(checkpoint: str | Path, options: EvalOptions | None = None, *, log:
 
 
 def extract_all(ctx: EvalContext, o: EvalOptions, timings: dict, log: Callable[[str], None]) -> tuple[dict, dict]:
-    """Extractor -> (train, test) FeatureSplit, and -> its facts (architecture, dims, epochs; PCA's `pca`), for
-    SimCLR and each baseline; `timings` gets their seconds."""
+    """Extractor -> (train, test) FeatureSplit, and -> its facts (a row's columns; PCA's `pca`), for SimCLR and each
+    baseline; `timings` gets their seconds."""
     model = ctx.config.model
     # a package holds no caches: its features go to runs/eval_cache/<package>
     package = ctx.checkpoint.suffix == ".safetensors"
@@ -224,9 +223,9 @@ def notes(results: dict, rows: list[Row]) -> list[str]:
 
 def _add_to_table(path: Path, results: dict, rows: list[Row], settings: dict[str, dict],
                   log: Callable[[str], None]) -> tuple[dict, list[Row]]:
-    """`results` and `rows` with the table of the earlier JSON at `path`: `current_rows` of its rows and these.
-    `options`, `baselines` and `command` then describe every row, and `earlier` says which earlier rows were
-    replaced, kept, or dropped as made under other settings (`reason`); the log gets one line of it."""
+    """`results` and `rows` with the table of the earlier JSON at `path` (`current_rows` of its rows and these):
+    `options`, `baselines` and `command` describe every row; `earlier` (and a log line) says what was replaced, kept,
+    or dropped as made under other settings (`reason`)."""
     try:
         earlier = read_results(path) if path.is_file() else None
     except (OSError, ValueError):
@@ -347,8 +346,7 @@ def rerun_command(run_dir: str | Path) -> str:
 def evaluate_run(run_dir: str | Path, log: Callable[[str], None] = print) -> Evaluation:
     """The evaluation `run.py` runs after training (`final_eval: true`): every classifier and baseline, on the run's
     data; logs the table. Errors are raised: run.py reports them in one line with `rerun_command`."""
-    evaluation = evaluate(run_dir, classifiers=RUN_CLASSIFIERS, baselines=RUN_BASELINES,
-                          command=rerun_command(run_dir), log=log)
+    evaluation = evaluate(run_dir, classifiers=RUN_CLASSIFIERS, baselines=RUN_BASELINES, log=log)
     log(summary(evaluation))
     return evaluation
 

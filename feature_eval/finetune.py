@@ -283,12 +283,11 @@ def finetune_evaluate(checkpoint: str | Path, options: FineTuneOptions | None = 
     """Fine-tune a checkpoint's encoder on `label_fraction` of the labels and score it on test: `options`
     (`FineTuneOptions`) or its fields as keywords, as `evaluate` takes them. Raises the user errors of `evaluate`."""
     started = time.perf_counter()
-    o = FineTuneOptions.of(options, **fields)
+    o = FineTuneOptions.of("feature_eval.finetune", checkpoint, options, **fields)
     ctx = open_context(checkpoint, o, encoder_device="cpu")
     pretraining = ctx.trained_data or DatasetConfig()  # its flip; the paper's 0.5 where the file names no data
     o = dataclasses.replace(o, epochs=o.epochs if o.epochs is not None else default_epochs(o.label_fraction),
-                            hflip=pretraining.hflip if o.hflip is None else o.hflip,
-                            command=o.command or o.command_line("feature_eval.finetune", checkpoint))
+                            hflip=pretraining.hflip if o.hflip is None else o.hflip)
     schedule = Schedule(ctx.input_size, o.epochs, o.batch_size, o.momentum, o.hflip, o.min_crop_scale, o.seed,
                         ctx.device)
     indices, counts, share, fit = _labelled_subset(ctx, o.label_fraction, o.seed)
@@ -354,8 +353,7 @@ def _record(ctx: EvalContext, o: FineTuneOptions, fit: str, indices: np.ndarray,
             rows: list[Row], timings: dict) -> dict:
     """The JSON record of a fine-tuning evaluation."""
     return ctx.record(
-        o.command, o.seed,
-        {"fit": fit, "train": len(ctx.train_set), "labelled": len(indices), "test": len(ctx.test_set)},
+        o, {"fit": fit, "train": len(ctx.train_set), "labelled": len(indices), "test": len(ctx.test_set)},
         {**o.recorded("label_fraction", "epochs", "batch_size", "lrs", "momentum", "hflip", "min_crop_scale",
                       "valid_fraction", "baselines"),
          # the views in words, as the caption quotes them

@@ -1,7 +1,6 @@
 """feature_eval's one results format, typed: a `Row` per (protocol, feature extractor), `Results` for one
-evaluation's JSON read back; one reader (`read_results`, for files of every version of this code), one writer
-(`write_results`), one table formatter, caption and command rewriter, for evaluate, finetune and the model card.
-Each row carries its date and the `settings` its number depends on: a table is `current_rows` of its records.
+evaluation's JSON read back (`read_results`, files of every version of this code), its writer and table, for
+evaluate, finetune and the model card. A table is `current_rows` of the rows, each with the `settings` it depends on.
 """
 from __future__ import annotations
 
@@ -73,9 +72,8 @@ class Row:
 
 @dataclass(frozen=True)
 class Results:
-    """One evaluation's JSON as read back (`from_json`): the parts every reader needs, typed (None where a file does
-    not say), and the whole `record` for the parts only one protocol has. `command` makes every row again (rebuilt
-    from the options for a file that recorded none); `pictures`: kind -> file name next to the JSON."""
+    """One evaluation's JSON as read back: the parts every reader needs, typed (None where a file does not say), and
+    the whole `record`. `command` makes every row again; `pictures`: kind -> file name next to the JSON."""
 
     checkpoint_sha256: str | None
     dataset: str | None
@@ -138,7 +136,7 @@ def current_rows(rows: Iterable[Row], settings: dict[str, dict]) -> list[Row]:
 
 def rewrite_command(command: str | None, options: dict[str, str | None]) -> str | None:
     """`command` with each option of `options` (`--name value` or `--name=value`) given that value where it stood,
-    or added at the end where it was not given; None takes the option out."""
+    or at the end; None takes the option out."""
     if not command:
         return command
     words, todo, skip = [], dict(options), False
