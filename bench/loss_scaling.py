@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from bench import add_record_args, describe_machine, device_arg, print_and_record
+from bench import add_record_args, command_line, describe_machine, device_arg, print_and_record
 from bench.original_step import SEED_CODE, seed_code_problem
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,12 +93,13 @@ def _cells(r: dict | None) -> str:
     return f"{r['seconds']:.3f} s | {r['peak_gib']:.2f} GiB"
 
 
-def format_table(rows: list[dict], device: torch.device, dim: int, load: float | None = None) -> str:
+def format_table(rows: list[dict], device: torch.device, dim: int, load: float | None = None,
+                 command: str = "python -m bench.loss_scaling") -> str:
     """The markdown section: one line per N, the original repository's loss beside ours where it was measured."""
     seed = {r["n"]: r for r in rows if r["which"] == "seed"}
     memory = "peak extra RSS" if device.type == "cpu" else "peak extra allocated"
     lines = [f"## NT-Xent loss: time and memory vs batch size, {device.type} (bench/loss_scaling.py)", "",
-             f"`python -m bench.loss_scaling{' --device cuda' if device.type == 'cuda' else ''}`: "
+             f"`{command}`: "
              f"{describe_machine(str(device))}; D = {dim}, float32, median of the timed runs "
              f"after one warm-up; {memory} over the inputs."
              + (f" CPU load average {load:.1f} when it started (on a shared machine, times are upper bounds)."
@@ -140,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(_run_in_subprocess(n, args, which, args.repeats if n <= 2048 or device.type == "cuda" else 1))
         print(json.dumps(rows[-1]), flush=True)
     marks = (f"<!-- bench/loss_scaling.py {device.type}: {end} -->" for end in ("start", "end"))
-    print_and_record(args, format_table(rows, device, args.dim, load), *marks, replace=True)
+    print_and_record(args, format_table(rows, device, args.dim, load, command_line("bench.loss_scaling", argv)),
+                     *marks, replace=True)
     return 0
 
 

@@ -113,6 +113,7 @@ def test_a_benchmark_prints_by_default_and_records_only_with_record(name, argv, 
     out = capsys.readouterr().out
     assert docs.read_bytes() == before and bench.BENCHMARKS.is_relative_to(tmp_path) and "--record" in out
     assert "| " in out  # the table itself, printed
+    assert f"`python -m bench.{name} {' '.join(argv)}" in out  # the command that made it, with its options
     assert module.main([*argv, "--record"]) == 0
     assert docs.read_bytes() != before and str(docs) in capsys.readouterr().out
     assert Path(module.__file__).parents[1].joinpath("docs", "BENCHMARKS.md").read_bytes() == real
