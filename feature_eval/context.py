@@ -290,15 +290,15 @@ def parse_options(options: type[RunOptions], module: str, doc: str, argv: list[s
     return args
 
 
-def run_cli(module: str, argv: list[str] | None, parse_args: Callable[[list[str]], argparse.Namespace],
-            run: Callable[[argparse.Namespace, str], object]) -> int:
-    """A driver's `main`: parse `argv`, `run(args, command)`, print `summary`; return the exit status, after one line
-    on stderr for an error as `startup.ERROR_POLICY` says (docs/EXIT_CODES.md)."""
+def run_cli(options: type[RunOptions], module: str, doc: str, argv: list[str] | None,
+            run: Callable[[str, RunOptions], object]) -> int:
+    """A driver's `main`: parse `argv`, `run(checkpoint, options)`, print `summary`; return the exit status, after one
+    line on stderr for an error as `startup.ERROR_POLICY` says (docs/EXIT_CODES.md)."""
     argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
+    args = parse_options(options, module, doc, argv)
     try:
         with startup.one_line_warnings():
-            outcome = run(args, shlex.join(["python", "-m", module, *argv]))
+            outcome = run(args.checkpoint, options.from_args(args, command=shlex.join(["python", "-m", module, *argv])))
     except BaseException as err:  # the loaders' advice names config keys: say this command's options instead
         stopped = f"{module} stopped; no results written (features already extracted stay cached)"
         return startup.report_error(err, text=stopped if isinstance(err, KeyboardInterrupt)

@@ -117,8 +117,8 @@ def evaluate(checkpoint: str | Path, options: EvalOptions | None = None, *, log:
                                                        if key.replace("weighted_", "") in o.classifiers], log)
     timings["total"] = round(time.perf_counter() - started, 3)
     results = ctx.record(o, {"fit": "train", "train": len(ctx.train_set), "test": len(ctx.test_set)},
-                         o.recorded("classifiers", "baselines", "batch_size", "C", "max_iter", "knn_k", "weighted_knn_k",
-                                    "weighted_knn_temperature"),
+                         o.recorded("classifiers", "baselines", "batch_size", "C", "max_iter", "knn_k",
+                                    "weighted_knn_k", "weighted_knn_temperature"),
                          timings, baselines={name: extractors[name] for name in o.baselines})
     rows = current_rows([dataclasses.replace(row, evaluated=results["finished"]) for row in rows], settings)
     results["rows"] = [row.to_json() for row in rows]
@@ -356,8 +356,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli("feature_eval.evaluate", argv, parse_args,
-                   lambda args, command: evaluate(args.checkpoint, EvalOptions.from_args(args, command=command)))
+    return run_cli(EvalOptions, "feature_eval.evaluate", __doc__, argv, evaluate)
 
 
 if __name__ == "__main__":

@@ -293,8 +293,8 @@ def finetune_evaluate(checkpoint: str | Path, options: FineTuneOptions | None = 
     indices, counts, share, fit = _labelled_subset(ctx, o.label_fraction, o.seed)
     labelled = subset(ctx.train_set, indices)
     log(f"fine-tuning {ctx.checkpoint} on {fit} of {ctx.dataset}, {counts.min()}-{counts.max()} per class, "
-        f"{o.epochs} epochs, {ctx.input_size}px, crop scale {o.min_crop_scale:g}-1, hflip {o.hflip:g}, on {ctx.device}; "
-        f"base lr from {', '.join(f'{lr:g}' for lr in o.lrs)}")
+        f"{o.epochs} epochs, {ctx.input_size}px, crop scale {o.min_crop_scale:g}-1, hflip {o.hflip:g}, on "
+        f"{ctx.device}; base lr from {', '.join(f'{lr:g}' for lr in o.lrs)}")
     rows, models = [], {}
     starts = {"simclr": (ctx.encoder, ctx.trained_epochs)}  # extractor key: (encoder to start from, pretraining epochs)
     if "random" in o.baselines:  # supervised from scratch: the same protocol from random weights
@@ -371,8 +371,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli("feature_eval.finetune", argv, parse_args, lambda args, command: finetune_evaluate(
-        args.checkpoint, FineTuneOptions.from_args(args, command=command)))
+    return run_cli(FineTuneOptions, "feature_eval.finetune", __doc__, argv, finetune_evaluate)
 
 
 if __name__ == "__main__":
