@@ -88,14 +88,9 @@ def fraction_tag(label_fraction: float) -> str:
 
 
 def label_subset(labels, fraction: float, seed: int) -> np.ndarray:
-    """A seeded, class-balanced subset of the labelled items: about `fraction * N / C` of each class.
-
-    Every class gets `floor(fraction * N / C)` items (at least 1) and a seeded choice of classes one more,
-    so that the total is `round(fraction * N)`; a class with fewer items gives all it has. Each class's
-    items are taken in one seeded order that does not depend on `fraction`, so for a given seed the 1 %
-    subset lies inside the 10 % one. `fraction >= 1` takes every labelled item.
-    Negative labels (unlabelled items) are never chosen. Returns int64 `[K]` sorted indices into `labels` `[N]`.
-    """
+    """Sorted int64 indices into `labels` of a seeded, class-balanced subset of the labelled (>= 0) items: each class
+    `floor(fraction * N / C)` items (at least 1, or all it has), a seeded choice of classes one more, `round(fraction *
+    N)` in all. A class's items come in one seeded order whatever `fraction`: for a seed, 1 % lies inside 10 %."""
     labels = np.asarray(labels, dtype=np.int64)
     labelled = np.flatnonzero(labels >= 0)
     if not 0 < fraction <= 1:
@@ -309,11 +304,11 @@ def finetune_evaluate(checkpoint: str | Path, options: FineTuneOptions | None = 
     outcome = FineTuneResult(results, markdown_table(rows, FINETUNE_COLUMNS), models)
     if o.write:
         stem = f"{ctx.results_stem()}_finetune-{fraction_tag(o.label_fraction)}"  # next to evaluate's results
-        caption = table_caption(results, f"`{ctx.checkpoint}` fine-tuned end to end", f"{fit}, class-balanced "
-                                f"({counts.min()}-{counts.max()} per class), views: "
-                                f"{results['options']['augmentation']} only, " + (
-                                    "base lr chosen on a hold-out of those labels" if len(o.lrs) > 1 else
-                                    f"base lr {o.lrs[0]:g} (one --lrs value: no hold-out)"))
+        lr = "base lr chosen on a hold-out of those labels" if len(o.lrs) > 1 else \
+            f"base lr {o.lrs[0]:g} (one --lrs value: no hold-out)"
+        views = results["options"]["augmentation"]
+        caption = table_caption(results, f"`{ctx.checkpoint}` fine-tuned end to end", f"{fit}, class-balanced ("
+                                f"{counts.min()}-{counts.max()} per class), views: {views} only, {lr}")
         outcome.paths = write_results(results, outcome.table, ctx.out_dir, stem, caption)
     return outcome
 
