@@ -191,7 +191,9 @@ def _read_yaml(path: Path) -> dict:
     except UnicodeDecodeError as err:
         raise ConfigError(f"config file {path} is not UTF-8 text (byte {err.start}): save it as UTF-8") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except DuplicateKey as err:
+        raise ConfigError(f"config file {path}: {err}: keep one (the last would silently replace the first)") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML{_yaml_problem(err, text)}") from None
     except RecursionError:
@@ -201,6 +203,24 @@ def _read_yaml(path: Path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys to values, got {type(data).__name__}")
     return data
+
+
+class DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.safe_load`, but a key given twice in one mapping is an error: PyYAML keeps the last, so a second
+    `dataset:` section would silently replace the whole first one."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise DuplicateKey(f"key {key} appears twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1})")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
 
 
 def _yaml_problem(err: yaml.YAMLError, text: str) -> str:

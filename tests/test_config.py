@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -88,6 +89,19 @@ def test_unknown_base_model_lists_the_choices_and_the_nearest(value, hint):
 def test_every_resnet_family_name_is_accepted():
     for name in BASE_MODELS:
         assert load_config(None, [f"model.base_model={name}"]).model.base_model == name
+
+
+@pytest.mark.parametrize("text, message", [
+    ("epochs: 3\ndataset:\n  name: digits\nepochs: 4\n", "key epochs appears twice (lines 1 and 4)"),
+    # a second section would replace the whole first one (name, input_shape, ...), not add its keys
+    ("dataset:\n  name: digits\nbatch_size: 8\ndataset:\n  hflip: 0.5\n", "key dataset appears twice (lines 1 and 4)"),
+    ("dataset:\n  hflip: 0\n  hflip: 0.5\n", "key hflip appears twice (lines 2 and 3)"),
+])
+def test_a_key_given_twice_in_yaml_is_an_error_not_the_last_one_silently(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(f"config file {path}: {message}: keep one")):
+        load_config(path)
 
 
 def test_unknown_key_in_yaml(tmp_path):
