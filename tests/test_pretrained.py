@@ -363,7 +363,10 @@ def test_the_readme_recipe_for_a_torchvision_file_runs(exported, tmp_path):
     """pretrained_models/README.md: `torchvision_state_dict` of a checkpoint's weights loads into plain torchvision."""
     from models.loading import read_weights
 
-    trunk = export_module.torchvision_state_dict(read_weights(str(exported["checkpoint"]))["model"])
+    weights = read_weights(str(exported["checkpoint"]))["model"]
+    # as a trained run's checkpoint holds them: channels-last convolutions (safetensors refuses non-contiguous ones)
+    weights = {k: v.to(memory_format=torch.channels_last) if v.dim() == 4 else v for k, v in weights.items()}
+    trunk = export_module.torchvision_state_dict(weights)
     save_file(trunk, str(tmp_path / "resnet18.safetensors"))
     resnet = torchvision.models.resnet18()
     missing, unexpected = resnet.load_state_dict(load_file(str(tmp_path / "resnet18.safetensors")), strict=False)
