@@ -140,8 +140,9 @@ def extract_all(ctx: EvalContext, o: EvalOptions, timings: dict, log: Callable[[
     baseline_cache = cache_dir / "baselines" if o.cache_dir is not None else baseline_features.BASELINE_CACHE
     cache_dir, baseline_cache = (cache_dir, baseline_cache) if o.cache else (None, None)
     tic = time.perf_counter()
+    # no data root: the splits' content digests say which data (a copied or moved run reuses its cache)
     key = {"extractor": "simclr", "checkpoint_sha256": ctx.checkpoint_sha256, "dataset": ctx.dataset,
-           "root": str(ctx.root.resolve()), "input_size": ctx.input_size}
+           "input_size": ctx.input_size}
     features = {"simclr": encoder_features(ctx.encoder, "SimCLR", key, {"train": ctx.train_set, "test": ctx.test_set},
                                            ctx.input_size, o.batch_size, ctx.device, o.num_workers, cache_dir, log)}
     timings["features_simclr"] = round(time.perf_counter() - tic, 3)

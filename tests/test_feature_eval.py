@@ -435,6 +435,18 @@ def test_feature_cache_follows_the_data_not_only_its_size(tiny_run, tmp_path):
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 3  # the unchanged test split was reused
 
 
+def test_the_same_data_under_another_root_reuses_the_cache(tiny_run, tmp_path):
+    # A run copied to another machine or folder names another data root; the content digests decide, not the path.
+    logged = []
+    options = dict(dataset="digits", classifiers="knn", device="cpu", write=False, cache_dir=tmp_path / "cache",
+                   log=logged.append)
+    first = evaluate_module.evaluate(tiny_run, root=tmp_path / "here", **options)
+    logged.clear()
+    second = evaluate_module.evaluate(tiny_run, root=tmp_path / "there", **options)
+    assert sum("from cache" in line for line in logged) == 2 and len(list((tmp_path / "cache").glob("*.pt"))) == 2
+    assert torch.equal(first.features["simclr"][1].features, second.features["simclr"][1].features)
+
+
 def test_data_fingerprint_changes_with_pixels_labels_and_files(tmp_path):
     from data_aug.datasets import TensorImages, load_split
     from feature_eval.features import data_fingerprint
