@@ -281,6 +281,7 @@ def finetune_evaluate(checkpoint: str | Path, options: FineTuneOptions | None = 
     o = FineTuneOptions.of("feature_eval.finetune", checkpoint, options, **fields)
     ctx = open_context(checkpoint, o, encoder_device="cpu")
     pretraining = ctx.trained_data or DatasetConfig()  # its flip; the paper's 0.5 where the file names no data
+    flip_from = "--hflip" if o.hflip is not None else "as pretrained" if ctx.trained_data else "the paper's"
     o = dataclasses.replace(o, epochs=o.epochs if o.epochs is not None else default_epochs(o.label_fraction),
                             hflip=pretraining.hflip if o.hflip is None else o.hflip)
     schedule = Schedule(ctx.input_size, o.epochs, o.batch_size, o.momentum, o.hflip, o.min_crop_scale, o.seed,
@@ -288,7 +289,7 @@ def finetune_evaluate(checkpoint: str | Path, options: FineTuneOptions | None = 
     indices, counts, share, fit = _labelled_subset(ctx, o.label_fraction, o.seed)
     labelled = subset(ctx.train_set, indices)
     log(f"fine-tuning {ctx.checkpoint} on {fit} of {ctx.dataset}, {counts.min()}-{counts.max()} per class, "
-        f"{o.epochs} epochs, {ctx.input_size}px, crop scale {o.min_crop_scale:g}-1, hflip {o.hflip:g}, on "
+        f"{o.epochs} epochs, {ctx.input_size}px, crop scale {o.min_crop_scale:g}-1, hflip {o.hflip:g} ({flip_from}), on "
         f"{ctx.device}; base lr from {', '.join(f'{lr:g}' for lr in o.lrs)}")
     rows, models = [], {}
     starts = {"simclr": (ctx.encoder, ctx.trained_epochs)}  # extractor key: (encoder to start from, pretraining epochs)

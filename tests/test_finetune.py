@@ -343,12 +343,14 @@ def test_the_flip_follows_the_pretraining_unless_asked_otherwise(tmp_path):
                                 "dataset.hflip=0", "dataset.min_crop_scale=0.3"])
     save_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt", {"model": create_model("resnet18", 8).state_dict(),
                                                                    "config": config_to_dict(config), "next_epoch": 1})
-    asked = dict(label_fraction=0.01, epochs=1, lrs=(0.1,), device="cpu", write=False, log=lambda _: None)
+    lines = []
+    asked = dict(label_fraction=0.01, epochs=1, lrs=(0.1,), device="cpu", write=False, log=lines.append)
     options = finetune_evaluate(tmp_path / "run", **asked).results["options"]
-    assert (options["hflip"], options["min_crop_scale"]) == (0, 0.08)
+    assert (options["hflip"], options["min_crop_scale"]) == (0, 0.08) and "hflip 0 (as pretrained)" in lines[0]
     assert options["augmentation"] == "random resized crop (scale 0.08-1) without flips"
     results = finetune_evaluate(tmp_path / "run", hflip=0.5, min_crop_scale=0.3, **asked).results
     assert results["options"]["augmentation"] == "random resized crop (scale 0.3-1) + horizontal flip (p 0.5)"
+    assert any("hflip 0.5 (--hflip)" in line for line in lines)
     # from Python, the command recorded is the one that asks for the same (not the interpreter's own arguments)
     assert results["command"] == (f"python -m feature_eval.finetune --checkpoint {tmp_path / 'run'} --device cpu "
                                   "--epochs 1 --lrs 0.1 --hflip 0.5 --min-crop-scale 0.3")
