@@ -217,6 +217,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         seen = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, typing.Hashable):
+                continue  # a list or mapping as a key: super() says what is wrong with it
             if key in seen:
                 raise DuplicateKey(f"key {key} appears twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1})")
             seen[key] = key_node.start_mark.line

@@ -58,8 +58,10 @@ def test_the_quickstart_config_is_the_one_its_numbers_were_measured_with():
 
 def test_the_digest_ignores_where_a_run_goes_and_sees_what_it_learns(tmp_path):
     base = (REPO / "configs" / "quickstart.yaml").read_text()
-    variants = {"same": base + "\nrun_dir: elsewhere\nkeep_checkpoints: all\n",
+    same = base.replace("run_dir: runs/quickstart", "run_dir: elsewhere")
+    variants = {"same": same.replace("keep_checkpoints: last", "keep_checkpoints: all"),
                 "longer": base.replace("epochs: 25", "epochs: 26")}
+    assert "run_dir: elsewhere" in variants["same"] and "keep_checkpoints: all" in variants["same"]
     digests = {}
     for name, text in variants.items():
         (tmp_path / f"{name}.yaml").write_text(text)
