@@ -245,7 +245,7 @@ def _numbers(text: str) -> tuple[float, ...]:
 @dataclass(frozen=True, kw_only=True)
 class FineTuneOptions(RunOptions):
     """`RunOptions` plus what the fine-tuning protocol is asked; checked when made (EvalError naming the option).
-    `epochs`, `batch_size`, `momentum` and `hflip` make the `Schedule` of every run."""
+    `epochs`, `batch_size`, `momentum`, `hflip` and `min_crop_scale` make the `Schedule` of every run."""
 
     label_fraction: float = option(0.01, "fraction of the labelled train split, class-balanced (default 0.01; the "
                                          "paper's 0.01 and 0.1; 1.0 for all)", type=_number, bound="(0, 1]")
@@ -280,17 +280,17 @@ def finetune_evaluate(checkpoint: str | Path, options: FineTuneOptions | None = 
     started = time.perf_counter()
     o = FineTuneOptions.of("feature_eval.finetune", checkpoint, options, **fields)
     ctx = open_context(checkpoint, o, encoder_device="cpu")
-    pretraining = ctx.trained_data or DatasetConfig()  # its flip; the paper's 0.5 where the file names no data
+    # the flip as pretrained; the paper's 0.5 (DatasetConfig's default) where the file names no data
     flip_from = "--hflip" if o.hflip is not None else "as pretrained" if ctx.trained_data else "the paper's"
     o = dataclasses.replace(o, epochs=o.epochs if o.epochs is not None else default_epochs(o.label_fraction),
-                            hflip=pretraining.hflip if o.hflip is None else o.hflip)
+                            hflip=o.hflip if o.hflip is not None else (ctx.trained_data or DatasetConfig()).hflip)
     schedule = Schedule(ctx.input_size, o.epochs, o.batch_size, o.momentum, o.hflip, o.min_crop_scale, o.seed,
                         ctx.device)
     indices, counts, share, fit = _labelled_subset(ctx, o.label_fraction, o.seed)
     labelled = subset(ctx.train_set, indices)
     log(f"fine-tuning {ctx.checkpoint} on {fit} of {ctx.dataset}, {counts.min()}-{counts.max()} per class, "
-        f"{o.epochs} epochs, {ctx.input_size}px, crop scale {o.min_crop_scale:g}-1, hflip {o.hflip:g} ({flip_from}), on "
-        f"{ctx.device}; base lr from {', '.join(f'{lr:g}' for lr in o.lrs)}")
+        f"{o.epochs} epochs, {ctx.input_size}px, crop scale {o.min_crop_scale:g}-1, hflip {o.hflip:g} ({flip_from}), "
+        f"on {ctx.device}; base lr from {', '.join(f'{lr:g}' for lr in o.lrs)}")
     rows, models = [], {}
     starts = {"simclr": (ctx.encoder, ctx.trained_epochs)}  # extractor key: (encoder to start from, pretraining epochs)
     if "random" in o.baselines:  # supervised from scratch: the same protocol from random weights

@@ -149,9 +149,10 @@ def _write_package(tmp: Path, dest: Path, name: str, source: Source, log: Callab
 
 
 def torchvision_state_dict(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The encoder trunk of a full SimCLR state dict under plain torchvision keys (`conv1.weight`, ...; no `fc`)."""
+    """The encoder trunk of a full SimCLR state dict under plain torchvision keys (`conv1.weight`, ...; no `fc`),
+    contiguous: a checkpoint holds channels-last weights, which safetensors refuses to save."""
     return {k.removeprefix("backbone."): v.contiguous() for k, v in encoder_state_dict(model_state).items()
-            if k.startswith("backbone.")}  # contiguous: checkpoints hold channels-last weights, safetensors refuses them
+            if k.startswith("backbone.")}
 
 
 def _write_weights(tmp: Path, name: str, source: Source) -> dict[str, dict]:

@@ -220,7 +220,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             if not isinstance(key, typing.Hashable):
                 continue  # a list or mapping as a key: super() says what is wrong with it
             if key in seen:
-                raise DuplicateKey(f"key {key} appears twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1})")
+                lines = f"lines {seen[key] + 1} and {key_node.start_mark.line + 1}"
+                raise DuplicateKey(f"key {key} appears twice ({lines})")
             seen[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep)
 
