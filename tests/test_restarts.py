@@ -2,6 +2,14 @@
 
 torchrun's agent hosts one TCPStore for the whole job and every restart reuses it, so the process groups of a
 restarted job must not read the addresses that the killed processes published there (docs/RESUMING.md).
+
+How often a restart resumes cleanly, the killed-worker cases N times in a row, here or on an older checkout's run.py:
+
+    RESTART_REPEATS=20 python -m pytest -q -rA tests/test_restarts.py -k rank1-after-checkpoint
+    RESTART_REPEATS=20 RESTART_HANG_AFTER=120 RESTART_REPO=/tmp/old-checkout python -m pytest -q -rA \\
+        tests/test_restarts.py -k killed
+
+A run not ended `RESTART_HANG_AFTER` seconds (240) after the kill fails as a hang; `--durations=0` lists each run's time.
 """
 from __future__ import annotations
 
@@ -21,7 +29,9 @@ import torch.multiprocessing as mp
 
 from simclr.dist import StartError, attempt_token
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(os.environ.get("RESTART_REPO") or Path(__file__).resolve().parents[1]).resolve()  # whose run.py runs
+REPEATS = int(os.environ.get("RESTART_REPEATS") or 1)  # each killed-worker case, this many times
+HANG_AFTER = float(os.environ.get("RESTART_HANG_AFTER") or 240)  # seconds after the kill
 
 
 def _free_port() -> int:
@@ -150,7 +160,7 @@ def straight_run(tmp_path_factory) -> Path:
     return run_dir
 
 
-def _killed_run(run_dir: Path, rank: int, when: str, timeout: float = 240) -> str:
+def _killed_run(run_dir: Path, rank: int, when: str, timeout: float = HANG_AFTER) -> str:
     """Run the command, SIGKILL worker `rank` when `when` happens; torchrun's output once it ends (<= `timeout` s)."""
     script = "tests/fault_runner.py" if when == "validate" else "run.py"  # prints @@validate as validation starts
     launcher = subprocess.Popen(_command(run_dir, script), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
@@ -181,10 +191,11 @@ def _killed_run(run_dir: Path, rank: int, when: str, timeout: float = 240) -> st
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds torchrun's workers through /proc")
+@pytest.mark.parametrize("repeat", range(REPEATS), ids=lambda i: f"run{i + 1}")
 @pytest.mark.parametrize("rank, when", [(1, "checkpoint"), (0, "checkpoint"), (1, "validate")],
                          ids=["rank1-after-checkpoint", "rank0-lock-holder", "rank1-in-validation"])
 def test_torchrun_restart_after_a_killed_worker_resumes_and_matches_a_straight_run(tmp_path, straight_run, rank,
-                                                                                   when):
+                                                                                   when, repeat):
     run_dir = tmp_path / "run"
     out = _killed_run(run_dir, rank, when)
     assert "resuming from" in out and "after epoch" in out
@@ -192,3 +203,13 @@ def test_torchrun_restart_after_a_killed_worker_resumes_and_matches_a_straight_r
     restarted = _weights(run_dir)
     assert straight.keys() == restarted.keys()
     assert all(torch.equal(straight[k], restarted[k]) for k in straight)
+
+
+def test_restart_repeats_runs_each_killed_worker_case_that_many_times():
+    """RESTART_REPEATS=N collects each killed-worker case N times (the loop that measured the issue-19 fix)."""
+    done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                           str(Path(__file__))], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "RESTART_REPEATS": "3"})
+    killed = [line for line in done.stdout.splitlines() if "matches_a_straight_run[" in line]
+    assert done.returncode == 0 and len(killed) == 9, done.stdout[-2000:]
+    assert sum(line.endswith("-run3]") for line in killed) == 3
