@@ -1,8 +1,7 @@
-"""The kNN monitor's cost: seconds per call, and its share of a finished run's training time.
+"""The kNN monitor's cost: seconds per call (its share of a finished run: `python -m bench.run_summary RUN_DIR`).
 
     python -m bench.knn_monitor                          # 5,000 images at 96 px, ResNet-18, on the CPU
     python -m bench.knn_monitor --device cuda --images 5000 --size 96
-    python -m bench.knn_monitor --run-dir runs/quickstart   # its share of that run, from metrics.jsonl
 
 Times `simclr.monitor.KnnMonitor.measure`, the trainer's own call, on synthetic images of 10 classes (its cost does
 not depend on content), and each call's two parts: feature extraction and the weighted kNN. `--record` appends the
@@ -16,7 +15,6 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 START, END = "<!-- bench/knn_monitor.py: start -->", "<!-- bench/knn_monitor.py: end -->"
 SECTION_HEAD = "## kNN monitor (bench/knn_monitor.py)"
@@ -55,40 +53,14 @@ def time_calls(images: int, size: int, base_model: str, device: str, repeats: in
             "knn_s": search, "calls": calls}
 
 
-def run_share(run_dir: Path) -> dict:
-    """The monitor's seconds in a run's metrics.jsonl against the seconds of its epochs (reference included)."""
-    from simclr.run_dir import read_records
-
-    records = [record for _, record in read_records(run_dir / "metrics.jsonl")]
-    knn = [record["knn_seconds"] for record in records if "knn_seconds" in record]
-    epochs = sum(record.get("seconds", 0.0) for record in records if record.get("kind") == "epoch")
-    epochs += sum(r["knn_seconds"] for r in records if r.get("kind") == "knn_reference")  # before epoch 1's seconds
-    return {"calls": len(knn), "knn_s": sum(knn), "training_s": epochs,
-            "share": sum(knn) / epochs if epochs else float("nan")}
-
-
 def load() -> str:
     """`uptime`'s load averages (1, 5, 15 minutes): other processes share the CPU this measures."""
-    return ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "unknown"
-
-
-def table(args) -> str:
-    """The markdown table: the monitor's share of `args.run_dir`'s training, or else the timed calls."""
-    if args.run_dir is not None:
-        s = run_share(args.run_dir)
-        return (f"| run | monitor calls | monitor s | training s (epochs + reference) | share |\n|---|---|---|---|---|"
-                f"\n| `{args.run_dir}` | {s['calls']} | {s['knn_s']:.1f} | {s['training_s']:.1f} | "
-                f"{100 * s['share']:.1f} % |")
-    import torch
-
-    t = time_calls(args.images, args.size, args.base_model, args.device, args.repeats)
-    return (f"| images | size | model | device | threads | prepare s | s per call (median of {args.repeats}) | "
-            f"of which features s | of which kNN s |\n|---|---|---|---|---|---|---|---|---|\n"
-            f"| {args.images:,} | {args.size} | {args.base_model} | {args.device} | {torch.get_num_threads()} | "
-            f"{t['prepare_s']:.2f} | {t['call_s']:.2f} | {t['features_s']:.2f} | {t['knn_s']:.3f} |")
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def main(argv: list[str] | None = None) -> int:
+    import torch
+
     from bench import add_record_args, command_line, describe_machine, device_arg, print_and_record
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -97,20 +69,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base-model", default="resnet18")
     parser.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--repeats", type=int, default=2, help="calls timed (the median is shown)")
-    parser.add_argument("--run-dir", type=Path, help="instead: the monitor's share of this finished run's training")
     add_record_args(parser, "the run appended to this benchmark's section")
     args = parser.parse_args(argv)
-    if args.run_dir is not None and not (args.run_dir / "metrics.jsonl").is_file():
-        print(f"error: {args.run_dir / 'metrics.jsonl'} not found: pass the run dir of a finished run", file=sys.stderr)
-        return 2
-    if args.run_dir is None and (args.images < 10 or args.size < 8 or args.repeats < 1):
+    if args.images < 10 or args.size < 8 or args.repeats < 1:
         parser.error("--images must be >= 10, --size >= 8, --repeats >= 1")
     before = load()
-    made = table(args)
-    when = (f"load average {before} before, {load()} after" if args.run_dir is None else
-            "the run's own seconds, as its metrics.jsonl has them (the load during that run is not known here)")
+    t = time_calls(args.images, args.size, args.base_model, args.device, args.repeats)
     block = (f"`{command_line('bench.knn_monitor', argv)}` ({datetime.date.today()}; {describe_machine(args.device)}; "
-             f"{when}):\n\n{made}")
+             f"load average {before} before, {load()} after):\n\n"
+             f"| images | size | model | device | threads | prepare s | s per call (median of {args.repeats}) | "
+             f"of which features s | of which kNN s |\n|---|---|---|---|---|---|---|---|---|\n"
+             f"| {args.images:,} | {args.size} | {args.base_model} | {args.device} | {torch.get_num_threads()} | "
+             f"{t['prepare_s']:.2f} | {t['call_s']:.2f} | {t['features_s']:.2f} | {t['knn_s']:.3f} |")
     print_and_record(args, block, START, END, SECTION_HEAD)
     return 0
 

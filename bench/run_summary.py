@@ -1,4 +1,4 @@
-"""Seconds per epoch, images/s and GPU busy % of a training run: its metrics.jsonl against nvidia-smi's samples.
+"""Seconds per epoch, images/s, GPU busy % and the kNN monitor's share of a run: metrics.jsonl and nvidia-smi.
 
     nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader,nounits -lms 200 > gpu.csv &
     python run.py run_dir=runs/x ...; kill %1      # bench/gpu_check.sh does this for each of its runs
@@ -7,7 +7,8 @@
 
 An epoch's GPU busy % is the mean `utilization.gpu` (NVML's share of time a kernel ran, not how full the GPU is) of
 the samples in the `seconds` before its record's `ended` time. The steady state is the median of the epochs after
-the first (which pays for start-up); a run cut short before its first epoch ended, its step records.
+the first (which pays for start-up); a run cut short before its first epoch ended, its step records. The kNN
+monitor's share: its seconds against the epochs' (its calls at their ends included) and the reference call's.
 """
 from __future__ import annotations
 
@@ -29,18 +30,19 @@ class SummaryError(RuntimeError):
     """The run dir cannot be summarised; the message says which file and why."""
 
 
-def read_run(run_dir: Path) -> tuple[dict, list[dict], list[dict]]:
-    """The run's saved config (a dict) and the step and epoch records of its metrics.jsonl."""
+def read_run(run_dir: Path) -> tuple[dict, list[dict], list[dict], list[dict]]:
+    """The run's saved config (a dict) and the step, epoch and `knn_reference` records of its metrics.jsonl."""
     metrics, config = run_dir / "metrics.jsonl", run_dir / "config.yaml"
     if not metrics.is_file():
         raise SummaryError(f"{metrics} is missing: give the run dir of a run that logged at least one step")
     if not config.is_file():
         raise SummaryError(f"{config} is missing: {run_dir} is not a run dir written by run.py")
     records = [record for _, record in read_records(metrics)]
-    steps, epochs = ([r for r in records if r.get("kind") == kind] for kind in ("step", "epoch"))
+    kinds = ("step", "epoch", "knn_reference")
+    steps, epochs, references = ([r for r in records if r.get("kind") == kind] for kind in kinds)
     if not steps and not epochs:
         raise SummaryError(f"{metrics} has no step or epoch record: the run stopped before its first log step")
-    return yaml.safe_load(config.read_text()), steps, epochs
+    return yaml.safe_load(config.read_text()), steps, epochs, references
 
 
 def read_gpu_samples(path: Path) -> list[tuple[float, float, float]]:
@@ -106,9 +108,17 @@ def steady_state(rows: list[dict], step_rates: list[float], steps: list[dict], s
     return steady
 
 
+def knn_share(epochs: list[dict], references: list[dict]) -> dict | None:
+    """The kNN monitor's calls and seconds, and their percent of the training seconds; None where it never ran."""
+    calls = [r["knn_seconds"] for r in references + epochs if "knn_seconds" in r]
+    training = sum(r["seconds"] for r in epochs) + sum(r["knn_seconds"] for r in references)
+    return {"calls": len(calls), "seconds": sum(calls), "training_seconds": training,
+            "percent": 100 * sum(calls) / training if training else 0.0} if calls else None
+
+
 def summarize_run(run_dir: str | Path, gpu_csv: str | Path | None = None) -> dict:
     """Per-epoch seconds, images, images/s and GPU busy %, and their steady state (epochs after the first)."""
-    config, steps, epochs = read_run(Path(run_dir))
+    config, steps, epochs, references = read_run(Path(run_dir))
     samples = read_gpu_samples(Path(gpu_csv)) if gpu_csv else []
     rows = epoch_rows(steps, epochs, config["batch_size"], samples)
     # each step record's images_per_s covers the steps since the previous record; an epoch's first, its start too
@@ -119,7 +129,8 @@ def summarize_run(run_dir: str | Path, gpu_csv: str | Path | None = None) -> dic
                "crop": config["dataset"]["input_shape"][0], "augment_on": config["dataset"]["augment_on"],
                "amp": {True: config["amp_dtype"], False: "none"}.get(config["fp16_precision"], "auto"),
                "device": config["device"], "epochs": rows, "steady": steady, "gpu": gpu_stats(samples),
-               "step_images_per_s_median": statistics.median(step_rates) if step_rates else None}
+               "step_images_per_s_median": statistics.median(step_rates) if step_rates else None,
+               "knn_monitor": knn_share(epochs, references)}
     if "gpu_busy_percent" not in steady:
         summary["gpu_note"] = ("no 'ended' time in the epoch records to place the epochs in time" if samples else
                                f"no GPU samples in {gpu_csv}" if gpu_csv else "no --gpu-csv given")
@@ -153,6 +164,10 @@ def format_summary(summary: dict, target_seconds: float | None = None, target_bu
     if s["step_images_per_s_median"]:
         lines.append(f"step records (median images_per_s, each epoch's first left out): "
                      f"{s['step_images_per_s_median']:,.0f} img/s")
+    if s["knn_monitor"]:
+        k = s["knn_monitor"]
+        lines.append(f"kNN monitor: {k['calls']} calls, {k['seconds']:.1f} s, {k['percent']:.1f} % of the training "
+                     f"seconds (epochs + reference: {k['training_seconds']:.1f} s)")
     if target_seconds is not None and "stl10_epoch_seconds" in st:
         lines.append(f"target: an STL10 epoch <= {target_seconds:g} s: "
                      f"{'met' if st['stl10_epoch_seconds'] <= target_seconds else 'MISSED'} "

@@ -117,7 +117,7 @@ def tiny_run(tmp_path_factory):
 
 
 def test_run_summary_of_a_real_run_places_gpu_samples_in_each_epoch(tiny_run, tmp_path):
-    _, steps, epochs = run_summary.read_run(tiny_run)
+    _, steps, epochs, _ = run_summary.read_run(tiny_run)
     assert len(epochs) == 2
     steps_per_epoch = max(r["step"] for r in steps if r["epoch"] == 0) + 1
     second_end = datetime.datetime.fromisoformat(epochs[1]["ended"]).timestamp()  # the trainer's wall clock
@@ -159,6 +159,21 @@ def test_run_summary_of_a_run_cut_short_uses_its_step_records(tmp_path, capsys):
     steady = json.loads((tmp_path / "s.json").read_text())["steady"]
     assert steady["images_per_s"] == 10_000 and steady["gpu_busy_percent"] == 60  # the first record left out
     assert "no epoch finished" in out and "target: an STL10 epoch <= 10 s: MISSED (10.5 s)" in out
+    assert "kNN monitor" not in out and json.loads((tmp_path / "s.json").read_text())["knn_monitor"] is None
+
+
+def test_run_summary_gives_the_knn_monitors_share_of_the_training_seconds(tmp_path, capsys):
+    """The epochs' seconds (their own calls inside) and the reference call's, made before epoch 1's clock starts."""
+    _write_run(tmp_path / "run", [
+        {"kind": "knn_reference", "epoch": 0, "global_step": 0, "knn_top1": 50.0, "knn_seconds": 1.0},
+        {"kind": "step", "epoch": 0, "step": 0, "global_step": 1, "loss": 5.0, "images_per_s": 100.0},
+        {"kind": "epoch", "epoch": 0, "train_loss": 5.0, "seconds": 10.0},
+        {"kind": "epoch", "epoch": 1, "train_loss": 4.0, "knn_top1": 60.0, "knn_seconds": 1.5, "seconds": 9.0}])
+    assert run_summary.main([str(tmp_path / "run"), "--json", str(tmp_path / "s.json")]) == 0
+    assert json.loads((tmp_path / "s.json").read_text())["knn_monitor"] == {
+        "calls": 2, "seconds": 2.5, "training_seconds": 20.0, "percent": 12.5}
+    assert ("kNN monitor: 2 calls, 2.5 s, 12.5 % of the training seconds (epochs + reference: 20.0 s)"
+            in capsys.readouterr().out)
 
 
 def test_run_summary_without_samples_says_why_and_names_a_missing_file_in_one_line(tmp_path, capsys):

@@ -190,18 +190,12 @@ def test_a_data_set_of_one_class_says_so_in_one_line_and_trains_on(tmp_path, cap
     assert knn_values(tmp_path / "run") == []
 
 
-def test_the_bench_prints_a_run_share_and_records_only_when_asked(tmp_path, capsys):
+def test_the_bench_times_the_calls_and_records_only_when_asked(tmp_path, capsys):
     from bench import knn_monitor
 
-    lines = [{"kind": "knn_reference", "epoch": 0, "global_step": 0, "knn_top1": 50.0, "knn_seconds": 1.0},
-             {"kind": "step", "epoch": 0, "global_step": 1, "loss": 5.0},
-             {"kind": "epoch", "epoch": 0, "train_loss": 5.0, "seconds": 10.0},
-             {"kind": "epoch", "epoch": 1, "train_loss": 4.0, "knn_top1": 60.0, "knn_seconds": 1.5, "seconds": 9.0}]
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    assert knn_monitor.run_share(tmp_path) == {"calls": 2, "knn_s": 2.5, "training_s": 20.0, "share": 0.125}
     docs = tmp_path / "BENCHMARKS.md"
-    assert knn_monitor.main(["--run-dir", str(tmp_path)]) == 0
+    assert knn_monitor.main(["--images", "20", "--size", "8", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
-    assert "| 2 | 2.5 | 20.0 | 12.5 % |" in out and "--record" in out and not docs.exists()
+    assert "| 20 | 8 | resnet18 | cpu |" in out and "--record" in out and not docs.exists()
     assert knn_monitor.main(["--images", "20", "--size", "8", "--repeats", "1", "--output", str(docs)]) == 0
     assert "## kNN monitor" in docs.read_text() and "| 20 | 8 | resnet18 | cpu |" in docs.read_text()
