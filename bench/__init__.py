@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import platform
+import re
 import shlex
 import sys
+import time
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "docs" / "BENCHMARKS.md"
@@ -21,7 +23,7 @@ def add_record_args(parser: argparse.ArgumentParser, how: str) -> None:
 
 def print_and_record(args: argparse.Namespace, block: str, start: str, end: str, head: str = "",
                      replace: bool = False) -> None:
-    """Print `block`; write it to its section (`write_section`) where `add_record_args`' flags ask, else say how."""
+    """Print `block`; write it to its section where `add_record_args`' flags ask, else say how."""
     print(block)
     target = args.output or (BENCHMARKS if args.record else None)
     if target is None:
@@ -51,6 +53,22 @@ def command_line(module: str, argv: list[str] | None) -> str:
     return shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
 
 
+def timed(batches, warmup: int, steps: int, device, work) -> float:
+    """Seconds for `steps` calls of `work(x1, x2)` on successive batches, after `warmup` untimed ones."""
+    import torch  # here: the torch-free scripts of this package start at once
+
+    iterator = iter(batches)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda device: None
+    for _ in range(warmup):
+        work(*next(iterator))
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        work(*next(iterator))
+    sync(device)
+    return time.perf_counter() - start
+
+
 def describe_machine(device: str = "cpu") -> str:
     """Where a benchmark ran: a CUDA `device`'s GPU, the CPU model and usable cores (as run.py counts), versions."""
     import torch
@@ -71,12 +89,8 @@ def device_arg(value: str) -> str:
     """argparse type for `--device`: cpu, cuda or cuda:N, and a CUDA device only where one is visible."""
     import torch  # here: the torch-free scripts of this package start at once
 
-    try:
-        device = torch.device(value)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a device: use cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"{value!r}: use cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a device here: use cpu, cuda or cuda:N")
+    if value != "cpu" and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError(f"{value!r}: no CUDA GPU is visible here; use cpu")
     return value

@@ -1,14 +1,9 @@
 """Time and peak memory of NT-Xent forward + backward as the batch grows (N = 256 ... 8192 pairs, D = 128).
 
-    python -m bench.loss_scaling                       # CPU: prints the table
-    python -m bench.loss_scaling --record              # ... and replaces its CPU section of docs/BENCHMARKS.md
-    python -m bench.loss_scaling --device cuda --sizes 256 1024 4096 16384 --output out/loss.md
-
 Each batch size runs in a fresh process, so that the CPU's peak resident memory (`ru_maxrss`) belongs to that size
 alone; the table reports the peak above the memory held before the loss ran (on CUDA, `max_memory_allocated`). The
 original repository's loss (sthalles/SimCLR's `loss/nt_xent.py`, imported from ../shared/seed/code: see
-bench.original_step), which broadcasts a `[2N, 2N, D]` tensor for its cosine similarities, runs beside it for the
-small sizes only: its memory grows as N^2 D.
+bench.original_step) broadcasts a `[2N, 2N, D]` tensor, so it runs beside ours for the small sizes only.
 """
 from __future__ import annotations
 
@@ -20,12 +15,11 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from bench import add_record_args, command_line, describe_machine, device_arg, print_and_record
+from bench import add_record_args, command_line, describe_machine, device_arg, print_and_record, timed
 from bench.original_step import SEED_CODE, seed_code_problem
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,11 +35,6 @@ def original_loss(code: Path, n: int, device: torch.device) -> torch.nn.Module:
     return module.NTXentLoss(device, n, 0.5, True)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure_one(n: int, dim: int, device: torch.device, which: str, repeats: int, code: Path) -> dict:
     """Forward + backward of one loss ("ntxent": ours; "seed": the original's, from `code`) on random `[n, dim]`
     projections; median seconds of `repeats` after one warm-up, and peak extra GiB."""
@@ -54,25 +43,20 @@ def measure_one(n: int, dim: int, device: torch.device, which: str, repeats: int
     torch.manual_seed(0)
     criterion = (NTXentLoss(temperature=0.5) if which == "ntxent" else original_loss(code, n, device)).to(device)
     z1, z2 = (torch.randn(n, dim, device=device, requires_grad=True) for _ in range(2))
-    _sync(device)
-    if device.type == "cuda":
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-        start_mem = torch.cuda.memory_allocated(device)
-    else:
-        with open("/proc/self/statm") as f:
-            start_mem = int(f.read().split()[1]) * resource.getpagesize()
-    times = []
-    for _ in range(repeats + 1):
-        z1.grad = z2.grad = None
-        _sync(device)
-        tick = time.perf_counter()
-        criterion(z1, z2).backward()
-        _sync(device)
-        times.append(time.perf_counter() - tick)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) - start_mem
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - start_mem  # ru_maxrss is in KiB
+    start_mem = (torch.cuda.memory_allocated(device) if cuda  # else the resident pages, as /proc counts them
+                 else int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize())
+
+    def step(a, b):
+        a.grad = b.grad = None
+        criterion(a, b).backward()
+
+    times = [timed([(z1, z2)], 0, 1, device, step) for _ in range(repeats + 1)]
+    peak = (torch.cuda.max_memory_allocated(device) if cuda  # ru_maxrss is in KiB
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - start_mem
     return {"n": n, "which": which, "seconds": statistics.median(times[1:]), "peak_gib": max(peak, 0) / GIB,
             "repeats": repeats}
 
@@ -99,9 +83,8 @@ def format_table(rows: list[dict], device: torch.device, dim: int, load: float |
     seed = {r["n"]: r for r in rows if r["which"] == "seed"}
     memory = "peak extra RSS" if device.type == "cpu" else "peak extra allocated"
     lines = [f"## NT-Xent loss: time and memory vs batch size, {device.type} (bench/loss_scaling.py)", "",
-             f"`{command}`: "
-             f"{describe_machine(str(device))}; D = {dim}, float32, median of the timed runs "
-             f"after one warm-up; {memory} over the inputs."
+             f"`{command}`: {describe_machine(str(device))}; D = {dim}, float32, median of the timed runs after one "
+             f"warm-up; {memory} over the inputs."
              + (f" CPU load average {load:.1f} when it started (on a shared machine, times are upper bounds)."
                 if load is not None else ""), "",
              "| N pairs (2N views) | `[2N, 2N]` logits | loss/nt_xent.py: time | memory | "

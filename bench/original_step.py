@@ -1,18 +1,15 @@
 """The original repository's training step next to the trainer's, on the same views, machine and invocation.
 
-    python -m bench.original_step                    # 96 and 32 px, batch 64, ResNet-18, 3 interleaved repeats
-    python -m bench.original_step --crops 32 --repeats 1 --steps 2   # a quick look
-    python -m bench.original_step --record           # ... and append the table to docs/BENCHMARKS.md
-
 The original (sthalles/SimCLR e8a690a in ../shared/seed/code, see ../shared/seed/CODE.md) runs in a child process
 started from this file as a script, without this project on sys.path (its packages have no `__init__.py`, so ours
 would shadow them), and times its own step on views saved by this process; this process times `Trainer.train_step`
 on the same views in each of `TRAINER_SETTINGS`, the repeats interleaved so that other load falls on each alike.
-Only the standard library is imported at the top, so that the child can run this file.
+Only the standard library is imported at the top, so that the child can run this file. Results: docs/BENCHMARKS.md.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -43,10 +40,9 @@ def seed_code_problem(code: Path) -> str | None:
             if missing else None)
 
 
-# ---- the child: the original's code only (this project is not importable here) ----
-
 def original_worker(code: str, views_file: str, batch_size: int, warmup: int, steps: int) -> float:
-    """Images/s of the original's step on the `(xis, xjs)` batches in `views_file`."""
+    """In the child, where this project is not importable: images/s of the original's step on the `(xis, xjs)`
+    batches in `views_file`."""
     sys.path.insert(0, code)
     import torch
     import torch.nn.functional as F
@@ -67,11 +63,10 @@ def original_worker(code: str, views_file: str, batch_size: int, warmup: int, st
         criterion(F.normalize(zis, dim=1), F.normalize(zjs, dim=1)).backward()
         optimizer.step()
 
-    for i in range(warmup):
+    for i in range(warmup + steps):
+        if i == warmup:
+            start = time.perf_counter()
         step(*views[i % len(views)])
-    start = time.perf_counter()
-    for i in range(steps):
-        step(*views[(warmup + i) % len(views)])
     return batch_size * steps / (time.perf_counter() - start)
 
 
@@ -86,17 +81,14 @@ def run_original(code: Path, views_file: Path, batch_size: int, warmup: int, ste
     return float(done.stdout.strip().splitlines()[-1])
 
 
-# ---- the parent: this project ----
-
 def measure(args) -> dict:
     """{"rows": {crop: {row: [images/s per repeat]}}, "loads": [1-minute load at each repeat's start]}: per crop,
     the original's step then each trainer's, `args.repeats` times in turn on the same views (the device pipeline's,
     made on the CPU)."""
-    import itertools
-
     import torch
 
-    from bench.throughput import create_trainer, synthetic_images, timed, trainer_step
+    from bench import timed
+    from bench.throughput import create_trainer, synthetic_images, trainer_step
     from data_aug.batches import DeviceBatches
     from data_aug.views import ViewSettings
     from simclr.trainer import flushed_denormals
@@ -107,10 +99,9 @@ def measure(args) -> dict:
             images = synthetic_images(args.batch_size * (args.warmup + args.steps), crop)
             views = list(DeviceBatches(images, args.batch_size, ViewSettings(crop), seed=0, device="cpu").batches(0))
             torch.save(views, Path(tmp, "views.pt"))
-            trainers = {}
-            for amp, layout, setting in TRAINER_SETTINGS:
-                trainer = create_trainer(Path(tmp, "run"), "resnet18", crop, args.batch_size, "cpu", amp, layout)
-                trainers[f"Trainer.train_step, {trainer.precision.summary()} ({setting})"] = trainer
+            made = [(create_trainer(Path(tmp, "run"), "resnet18", crop, args.batch_size, "cpu", amp, layout), setting)
+                    for amp, layout, setting in TRAINER_SETTINGS]
+            trainers = {f"Trainer.train_step, {t.precision.summary()} ({setting})": t for t, setting in made}
             rows = results["rows"][crop] = {ORIGINAL: [], **{name: [] for name in trainers}}
             for repeat in range(args.repeats):
                 results["loads"].append(os.getloadavg()[0])
@@ -119,8 +110,7 @@ def measure(args) -> dict:
                                                    args.warmup, args.steps))
                 for name, trainer in trainers.items():
                     print(f"  {name} ...", flush=True)
-                    seconds = timed(itertools.cycle(views), args.warmup, args.steps, torch.device("cpu"),
-                                    trainer_step(trainer))
+                    seconds = timed(itertools.cycle(views), args.warmup, args.steps, "cpu", trainer_step(trainer))
                     rows[name].append(args.batch_size * args.steps / seconds)
     return results
 

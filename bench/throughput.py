@@ -1,12 +1,7 @@
 """Training throughput: `Trainer.train_step` on pre-made views, fed by the CPU (PIL) pipeline and by the device one.
 
-    python -m bench.throughput --device cuda     # ResNet-18, 96x96, batch 512, bf16, channels_last
-    python -m bench.throughput --device cpu      # batch 32, a few steps: about a minute on 2 cores
-    python -m bench.throughput --device cpu --amp auto --layout nchw   # other precision, a forced layout
-    python -m bench.throughput --device cuda --record   # ... and append the run to docs/BENCHMARKS.md
-
-Random uint8 images of the crop size (the pipelines' cost does not depend on content). The rows are explained in
-docs/TRAINING_SPEED.md ("Measuring it").
+The commands, and what each row means: docs/TRAINING_SPEED.md ("Measuring it"). The images are random uint8 of the
+crop size: what the pipelines cost does not depend on content.
 """
 from __future__ import annotations
 
@@ -16,7 +11,6 @@ import datetime
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import startup  # standard library only
@@ -27,7 +21,7 @@ if __name__ == "__main__":  # as a command: run.py's CPU policy goes into the en
 
 import torch
 
-from bench import add_record_args, command_line, describe_machine, device_arg, print_and_record
+from bench import add_record_args, command_line, describe_machine, device_arg, print_and_record, timed
 from data_aug.datasets import TensorImages
 from data_aug.batches import DeviceBatches, LoaderBatches
 from data_aug.views import TwoViews, ViewSettings, create_view_transform
@@ -43,6 +37,9 @@ AMP_SETTINGS = {"none": ["fp16_precision=false"], "auto": ["fp16_precision=auto"
                 "bf16": ["fp16_precision=true", "amp_dtype=bfloat16"],
                 "fp16": ["fp16_precision=true", "amp_dtype=float16"]}
 LAYOUTS = ("trainer", "channels-last", "nchw")
+ROWS = {"ceiling": "model alone on pre-made views (ceiling)",  # the "_views" rows count views, the others images
+        "cpu_step": "full step, CPU pipeline (PIL, {workers} workers)", "device_step": "full step, device pipeline",
+        "cpu_views": "CPU pipeline alone (PIL, {workers} workers)", "device_views": "device pipeline alone ({device})"}
 
 
 def synthetic_images(count: int, side: int, seed: int = 0) -> torch.Tensor:
@@ -73,21 +70,8 @@ def trainer_step(trainer: Trainer):
     return lambda x1, x2: trainer.train_step(trainer.to_device(x1), trainer.to_device(x2))[0]
 
 
-def timed(batches, warmup: int, steps: int, device: torch.device, work) -> float:
-    """Seconds for `steps` calls of `work(x1, x2)` on successive batches, after `warmup` untimed ones."""
-    iterator, sync = iter(batches), torch.cuda.synchronize if device.type == "cuda" else lambda device: None
-    for _ in range(warmup):
-        work(*next(iterator))
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        work(*next(iterator))
-    sync(device)
-    return time.perf_counter() - start
-
-
 def run(args, trainer_class=Trainer) -> dict:
-    """Every row's images/s (views/s for the pipelines alone) and the settings for the table."""
+    """Every row of `ROWS` (images/s, or views/s), the load at the start and the trainer's precision."""
     with tempfile.TemporaryDirectory() as run_dir, flushed_denormals():  # the trainer's step, as `fit` runs it
         trainer = create_trainer(Path(run_dir), args.model, args.crop, args.batch_size, args.device, args.amp,
                                  args.layout, args.compile, trainer_class)
@@ -102,18 +86,15 @@ def run(args, trainer_class=Trainer) -> dict:
         loader = LoaderBatches(pairs, args.batch_size, seed=0, num_workers=args.workers,
                                pin_memory=device.type == "cuda")
         fixed = device_batches.make_batch(0, 0)
-        rows = (  # key, what, its batches (made when timed: a loader's workers live only for its row), the work
-            ("ceiling", "model alone on pre-made views", lambda: iter(lambda: fixed, None), step),
-            ("cpu_step", f"full step, CPU pipeline ({args.workers} workers)", lambda: loader.batches(0), step),
-            ("device_step", "full step, device pipeline", lambda: device_batches.batches(1), step),
-            ("cpu_views", "CPU pipeline alone", lambda: loader.batches(1),
-             lambda a, b: (trainer.to_device(a), trainer.to_device(b))),
-            ("device_views", "device pipeline alone", lambda: device_batches.batches(2), lambda a, b: None))
-        for key, what, batches, work in rows:
-            print(f"{what} ...", flush=True)
-            views_per_image = 2 if key.endswith("_views") else 1
+        rows = {  # a row's batches (made when timed: a loader's workers live only for its row) and its work
+            "ceiling": (lambda: iter(lambda: fixed, None), step), "cpu_step": (lambda: loader.batches(0), step),
+            "device_step": (lambda: device_batches.batches(1), step),
+            "cpu_views": (lambda: loader.batches(1), lambda a, b: (trainer.to_device(a), trainer.to_device(b))),
+            "device_views": (lambda: device_batches.batches(2), lambda a, b: None)}
+        for key, (batches, work) in rows.items():
+            print(f"{ROWS[key].format(workers=args.workers, device=device.type)} ...", flush=True)
             seconds = timed(batches(), args.warmup, args.steps, device, work)
-            results[key] = views_per_image * args.batch_size * args.steps / seconds
+            results[key] = (2 if key.endswith("_views") else 1) * args.batch_size * args.steps / seconds
         return results
 
 
@@ -121,27 +102,22 @@ def format_run(args, r: dict, command: str) -> str:
     """One run as a markdown block: settings, the table, and the derived targets."""
     device, workers, ceiling = torch.device(args.device), args.workers, r["ceiling"]
     env = "".join(f", {k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY") if k in os.environ)
-    steps = (("model alone on pre-made views (ceiling)", ceiling),
-             (f"full step, CPU pipeline (PIL, {workers} workers)", r["cpu_step"]),
-             ("full step, device pipeline", r["device_step"]))
-    lines = [
+    label = {key: text.format(workers=workers, device=device.type) for key, text in ROWS.items()}
+    return "\n".join([
         f"### {datetime.date.today().isoformat()}, {device.type}", "",
         f"`{command}`; {describe_machine(args.device)}{env}; {args.model}, {args.crop}x{args.crop}, batch "
         f"{args.batch_size}, `--amp {args.amp} --layout {args.layout}`: {r['precision']}; torch.compile "
         f"{'on' if args.compile else 'off'}; {args.steps} timed steps after {args.warmup} warm-up; "
         f"{workers} DataLoader workers; load average {r['load']:.2f} at start.", "",
         "| measurement | images/s | views/s | vs model alone |", "|---|---:|---:|---:|",
-        *(f"| {what} | {rate:,.0f} | {2 * rate:,.0f} | {rate / ceiling:.2f} |" for what, rate in steps),
-        f"| CPU pipeline alone (PIL, {workers} workers) | | {r['cpu_views']:,.0f} | |",
-        f"| device pipeline alone ({device.type}) | | {r['device_views']:,.0f} | |", "",
+        *(f"| {label[k]} | | {r[k]:,.0f} | |" if k.endswith("_views") else
+          f"| {label[k]} | {r[k]:,.0f} | {2 * r[k]:,.0f} | {r[k] / ceiling:.2f} |" for k in ROWS), "",
         f"Full step with the device pipeline: {r['device_step'] / ceiling:.2f}x the model-only ceiling, "
         f"{r['device_step'] / r['cpu_step']:.2f}x the CPU pipeline with {workers} workers. At this rate an "
         f"STL10 epoch ({STL10_IMAGES:,} images, two views each) takes {STL10_IMAGES / r['device_step']:,.1f} s "
         f"(CPU pipeline: {STL10_IMAGES / r['cpu_step']:,.1f} s)."
         + (f" Feeding the ceiling with PIL would take about {2 * ceiling * workers / r['cpu_views']:,.0f} workers."
-           if device.type == "cuda" and workers else ""),
-    ]
-    return "\n".join(lines)
+           if device.type == "cuda" and workers else "")])
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -149,15 +125,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     cuda = startup.device_from_argv(sys.argv[1:] if argv is None else argv, visible).startswith("cuda")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", type=device_arg, default=visible, help="cuda, cuda:N or cpu (default: cuda if "
-                        "visible); the defaults below are CUDA's or the CPU's")
+                        "visible); the defaults below are CUDA's / the CPU's")
     parser.add_argument("--model", default="resnet18", choices=FEATURE_DIMS, help="the encoder (model.base_model)")
     parser.add_argument("--crop", type=int, default=96, help="view side (and synthetic image side)")
     parser.add_argument("--batch-size", type=int, default=512 if cuda else 32, help="images per step (512 / 32)")
     parser.add_argument("--steps", type=int, default=20 if cuda else 3, help="timed steps per row (20 / 3)")
     parser.add_argument("--warmup", type=int, default=5 if cuda else 1, help="untimed steps first (5 / 1)")
-    parser.add_argument("--amp", choices=list(AMP_SETTINGS), default="bf16" if cuda else "none", help="the "
-                        "trainer's precision: bf16 or fp16 (fp16_precision: true with that amp_dtype), auto "
-                        "(fp16_precision: auto) or none (float32); bf16 / none")
+    parser.add_argument("--amp", choices=list(AMP_SETTINGS), default="bf16" if cuda else "none", help="fp16_precision: "
+                        "true with that amp_dtype (bf16, fp16), auto, or none (float32); default bf16 / none")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model and the device pipeline's "
                         "ops (the first steps compile: warm-up takes a minute or more)")
     parser.add_argument("--layout", choices=LAYOUTS, default="trainer", help="memory layout: the trainer's choice "
@@ -167,15 +142,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, one per core); "
                         "--threads 1 --workers 0: the pipelines' rows are per core")
     add_record_args(parser, "the run appended to this benchmark's section")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.batch_size < 2 or args.steps < 1 or args.warmup < 0:
+        parser.error("--batch-size must be >= 2, --steps >= 1 and --warmup >= 0")
+    return args
 
 
 def main(argv: list[str] | None = None, trainer_class=Trainer) -> int:
     """The benchmark's command; `trainer_class` is `create_trainer`'s (a test passes a subclass that counts steps)."""
     args = parse_args(argv)
-    if args.batch_size < 2 or args.steps < 1 or args.warmup < 0:
-        print("error: --batch-size must be >= 2, --steps >= 1 and --warmup >= 0", file=sys.stderr)
-        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     block = format_run(args, run(args, trainer_class), command_line("bench.throughput", argv))
