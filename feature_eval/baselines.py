@@ -23,29 +23,21 @@ def pca_baseline(train_dataset, test_dataset, crop_size: int, n_components: int,
     from sklearn.decomposition import PCA
     from sklearn.preprocessing import StandardScaler
 
-    pixels, train_labels = [], []
-    for images, labels in image_batches(train_dataset, crop_size, batch_size, num_workers, "pixels (train)"):
-        pixels.append(images.flatten(1).numpy())
-        train_labels.append(labels)
-    train = np.concatenate(pixels)  # (N, P) float32
-    del pixels
+    def pixels(dataset, split: str, project=lambda x: x) -> tuple[np.ndarray, torch.Tensor]:
+        batches = [(project(images.flatten(1).numpy()), labels) for images, labels
+                   in image_batches(dataset, crop_size, batch_size, num_workers, f"pixels ({split})")]
+        return np.concatenate([x for x, _ in batches]), torch.cat([y for _, y in batches]).long()
+
+    train, train_labels = pixels(train_dataset, "train")  # (N, P) float32
     components = min(n_components, train.shape[0], train.shape[1])
     scaler = StandardScaler().fit(train)
     train = scaler.transform(train)  # a scaled copy replaces the pixels: one training-size array at a time
     pca = PCA(n_components=components, random_state=seed)
-    projected_train = torch.from_numpy(pca.fit_transform(train).astype(np.float32))
-    train_split = FeatureSplit(projected_train, torch.cat(train_labels).long(), {
+    train_split = FeatureSplit(torch.from_numpy(pca.fit_transform(train).astype(np.float32)), train_labels, {
         "n_components": components, "explained_variance": float(pca.explained_variance_ratio_.sum())})
     del train
-
-    def project(x: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(pca.transform(scaler.transform(x)).astype(np.float32))
-
-    projected, test_labels = [], []
-    for images, labels in image_batches(test_dataset, crop_size, batch_size, num_workers, "pixels (test)"):
-        projected.append(project(images.flatten(1).numpy()))
-        test_labels.append(labels)
-    return train_split, FeatureSplit(torch.cat(projected), torch.cat(test_labels).long())
+    test, test_labels = pixels(test_dataset, "test", lambda x: pca.transform(scaler.transform(x)).astype(np.float32))
+    return train_split, FeatureSplit(torch.from_numpy(test), test_labels)
 
 
 def random_encoder(base_model: str, cifar_stem: bool, seed: int) -> Encoder:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,11 +31,7 @@ class FeatureSplit:
 
 def best_device() -> torch.device:
     """CUDA if present, else Apple's MPS, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
 
 
 def image_batches(dataset, crop_size: int, batch_size: int, num_workers: int = 0, desc: str = "images"):
@@ -60,16 +55,15 @@ def image_batches(dataset, crop_size: int, batch_size: int, num_workers: int = 0
 def extract_features(encoder: torch.nn.Module, dataset, crop_size: int, batch_size: int = 256,
                      device: str | torch.device | None = None, num_workers: int = 0,
                      desc: str = "features") -> FeatureSplit:
-    """Features of every image of `dataset` (items `(uint8 [3, H, W], label)`) under a frozen encoder, in order, on
-    `device` (default `best_device()`): float32 `[N, D]` and int64 labels `[N]` on the CPU.
+    """Features of every image of `dataset` (items `(uint8 [3, H, W], label)`), in order, on `device` (default
+    `best_device()`): float32 `[N, D]` and int64 labels `[N]` on the CPU.
 
-    Eval mode under `torch.inference_mode()`: BatchNorm in train mode would update its running statistics and so
-    change the model being evaluated (its mode is restored after). Channels-last (moved in place), the trainer's
-    layout: faster, the same features up to float32 rounding. Never autocast: the instrument stays float32.
+    Eval mode under `torch.inference_mode()`: BatchNorm in train mode would change the model being evaluated (the
+    mode is restored after). Never autocast: the instrument stays float32.
     """
     device = torch.device(device) if device is not None else best_device()
     was_training = encoder.training
-    encoder.eval().to(device, memory_format=torch.channels_last)  # the trainer's layout: faster, same numbers
+    encoder.eval().to(device, memory_format=torch.channels_last)  # in place; the trainer's layout: faster, same numbers
     features, labels = [], []
     try:
         with torch.inference_mode():
@@ -134,9 +128,8 @@ def cached_features(cache_dir: str | Path | None, key: dict, compute: Callable[[
     split = compute()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"key": text, "features": split.features, "labels": split.labels, "facts": split.facts}, f)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # renamed once whole: a reader never sees half
+        torch.save({"key": text, "features": split.features, "labels": split.labels, "facts": split.facts}, tmp)
         os.replace(tmp, path)
     except OSError as err:
         warnings.warn(f"could not write feature cache {path} ({err.strerror or err}); pass --cache-dir to a "

@@ -7,6 +7,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import torch
 
 TSNE_ITERATIONS = 500  # scikit-learn's 1000 barely changes a 2,000-point picture and takes twice as long
 
@@ -88,8 +89,7 @@ def plot_confusion(counts, classes: list[str], ax=None, title: str = "Confusion 
     return ax
 
 
-def _figure(width: float, height: float):
-    """A matplotlib figure of `width` x `height` inches at 100 dpi on the Agg canvas."""
+def _figure(width: float, height: float):  # inches at 100 dpi, on the Agg canvas
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -126,31 +126,6 @@ def write_evaluation_plots(out_dir: Path, stem: str, test_features, test_labels,
 RIGHT, WRONG = (0, 160, 60), (220, 30, 30)  # frame colours: the neighbour's class is the test image's, or not
 
 
-def _neighbour_grid(queries: np.ndarray, query_labels: np.ndarray, panels: list) -> tuple[np.ndarray, list, int]:
-    """The framed cells of `draw_neighbours`: the canvas uint8 `[H, W, 3]`, each group's left edge, the cell size."""
-    side = queries.shape[-1]
-    scale = max(1, 64 // side)  # small images (digits, CIFAR) enlarged so that a digit can be read
-    border, gap = max(2, side * scale // 24), max(2, side * scale // 32)
-    cell = side * scale + 2 * border
-    # each row: the test image, then each panel's k neighbours, a gap between cells and half a cell between groups
-    starts = [0, cell + cell // 2]
-    for _, images, _ in panels[:-1]:
-        starts.append(starts[-1] + images.shape[1] * (cell + gap) - gap + cell // 2)
-    width = starts[len(panels)] + panels[-1][1].shape[1] * (cell + gap) - gap
-    canvas = np.full((len(queries) * (cell + gap) - gap, width, 3), 255, np.uint8)
-    for q in range(len(queries)):
-        y = q * (cell + gap)
-        cells = [(starts[0], queries[q], (90, 90, 90))]
-        for start, (_, images, labels) in zip(starts[1:], panels):
-            cells += [(start + j * (cell + gap), image, RIGHT if label == query_labels[q] else WRONG)
-                      for j, (image, label) in enumerate(zip(np.asarray(images[q]), np.asarray(labels[q])))]
-        for x, image, colour in cells:
-            canvas[y:y + cell, x:x + cell] = colour
-            canvas[y + border:y + cell - border, x + border:x + cell - border] = \
-                np.asarray(image).transpose(1, 2, 0).repeat(scale, 0).repeat(scale, 1)  # one channel: grey
-    return canvas, starts, cell + gap
-
-
 def draw_neighbours(queries, query_labels, panels: list[tuple[str, np.ndarray, np.ndarray]], classes: list[str],
                     title: str) -> np.ndarray:
     """Each test image (a row) followed by its nearest train images under each feature extractor (a panel), framed
@@ -159,24 +134,42 @@ def draw_neighbours(queries, query_labels, panels: list[tuple[str, np.ndarray, n
     Args: queries uint8 `[Q, 3, S, S]`, query_labels `[Q]`; panels: `(name, neighbours uint8 [Q, K, 3, S, S],
     their labels [Q, K])` per extractor. Returns the picture, uint8 `[H, W, 3]`.
     """
-    query_labels = np.asarray(query_labels)
-    canvas, starts, pitch = _neighbour_grid(np.asarray(queries), query_labels, panels)
-    headers = [f"{name}: {int((np.asarray(labels) == query_labels[:, None]).sum())} of {labels.size} of the test "
-               "image's class" for name, _, labels in panels]
+    from torchvision.utils import make_grid
+
+    queries, query_labels = np.asarray(queries), np.asarray(query_labels)
+    side = queries.shape[-1]
+    scale = max(1, 64 // side)  # small images (digits, CIFAR) enlarged so that a digit can be read
+    border, gap = max(2, side * scale // 24), max(2, side * scale // 32)
+    cell = side * scale + 2 * border
+
+    def grid(images, colours, columns: int) -> torch.Tensor:  # images framed in their colours, white gaps: [3, H, W]
+        images = torch.as_tensor(images).repeat_interleave(scale, 2).repeat_interleave(scale, 3)
+        cells = torch.as_tensor(np.asarray(colours, np.uint8))[:, :, None, None].repeat(1, 1, cell, cell)
+        cells[:, :, border:-border, border:-border] = images  # one channel broadcasts: grey
+        return make_grid(cells, nrow=columns, padding=gap, pad_value=255)
+
+    groups = [grid(queries, [(90, 90, 90)] * len(queries), 1)]
+    for _, images, labels in panels:
+        right = (np.asarray(labels) == query_labels[:, None]).reshape(-1, 1)  # (Q * K, 1)
+        groups.append(grid(np.asarray(images).reshape(-1, *images.shape[2:]), np.where(right, RIGHT, WRONG),
+                           images.shape[1]))
+    space = torch.full((3, groups[0].shape[1], cell // 2), 255, dtype=torch.uint8)  # half a cell between groups
+    canvas = torch.cat([part for group in groups for part in (space, group)][1:], dim=2).permute(1, 2, 0).numpy()
+    starts = np.cumsum([gap] + [group.shape[2] + space.shape[2] for group in groups])  # each group's first cell
+    headers = ["test image"] + [f"{name}: {int((np.asarray(labels) == query_labels[:, None]).sum())} of "
+                                f"{labels.size} of the test image's class" for name, _, labels in panels]
     left = 110  # pixels for the class names; at most 8 pixels a character at 9 or 10 points
-    width = max(canvas.shape[1] + 130, left + starts[len(panels)] + 8 * len(headers[-1]))
+    width = max(canvas.shape[1] + 130, left + starts[-2] + 8 * len(headers[-1]))
     lines = textwrap.wrap(title, width=max(30, width // 8))
-    top = 46 + 14 * len(lines)  # the title, then the panels' headers
-    height = canvas.shape[0] + top + 10
+    height = canvas.shape[0] + 56 + 14 * len(lines)  # the title, then the headers above the cells
     figure = _figure(width / 100, height / 100)
     ax = figure.add_axes([left / width, 10 / height, canvas.shape[1] / width, canvas.shape[0] / height])
     ax.imshow(canvas, interpolation="nearest")
     ax.set_axis_off()
-    ax.text(pitch / 2, -8, "test image", ha="center", va="bottom", fontsize=9)
-    for start, header in zip(starts[1:], headers):
-        ax.text(start, -8, header, ha="left", va="bottom", fontsize=9)
-    for q, label in enumerate(query_labels):
-        ax.text(-10, q * pitch + pitch / 2, classes[int(label)] if int(label) < len(classes) else str(label),
+    for start, header in zip(starts, headers):
+        ax.text(start, -4, header, ha="left", va="bottom", fontsize=9)
+    for q, label in enumerate(query_labels.astype(int)):
+        ax.text(-10, gap + q * (cell + gap) + cell / 2, classes[label] if label < len(classes) else str(label),
                 ha="right", va="center", fontsize=9)
     figure.suptitle("\n".join(lines), fontsize=10, y=1 - 8 / height, va="top")
     figure.canvas.draw()
