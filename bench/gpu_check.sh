@@ -4,11 +4,10 @@
 #   bash bench/gpu_check.sh [OUT_DIR]              # on a CUDA machine; OUT_DIR defaults to $OUT, else bench_out/<time>
 #   bash bench/gpu_check.sh --dry-run [OUT_DIR]    # the same parts on the CPU with tiny sizes (also: DRY_RUN=1)
 #
-# Parts: env, synth, cuda_tests, run_device and run_cpu (each then its run_summary), throughput, loss_scaling,
-# throughput_compile, each under a `timeout` capped by what is left of the budget (skipped with less than MIN_PART_S
-# left), its output in <part>.log. summary.txt lists their outcomes and the headline numbers; exit status 0 when
-# none failed or timed out. What each part runs and why: docs/BENCHMARKS.md. Environment: OUT, DRY_RUN=1, BUDGET_S,
-# PYTHON, DATA_DIR (synthetic data and the runs' checkpoints, kept out of OUT; default bench_data).
+# Each part (env, synth, cuda_tests, run_device, run_cpu, throughput, loss_scaling, throughput_compile) runs under a
+# `timeout` capped by what is left of the budget, its output in <part>.log; summary.txt lists their outcomes and the
+# headline numbers; exit status 0 when none failed or timed out. What each runs and why: docs/BENCHMARKS.md.
+# Environment: OUT, DRY_RUN=1, BUDGET_S, PYTHON, DATA_DIR (synthetic data and checkpoints; default bench_data).
 set -u
 cd "$(dirname "$0")/.." || exit 1
 die() { echo "error: $*" >&2; exit 2; }
@@ -61,7 +60,6 @@ else
   "$PYTHON" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" \
     || die "torch sees no CUDA GPU here: run this on a GPU machine, or add --dry-run for the CPU"
 fi
-T0=$SECONDS
 RUN_COMMON=(dataset.name=stl10 dataset.download=false fine_tune_from=None device=$DEVICE seed=0 "${RUN_SIZE[@]}")
 PARTS="$OUT/parts.tsv"
 : > "$PARTS"
@@ -76,16 +74,16 @@ note() {
 # run_part [--always] NAME LIMIT COMMAND...: COMMAND under `timeout`, its output in NAME.log, its outcome in
 # parts.tsv; the limit is capped by what is left of the budget, except with --always (the seconds-long summaries).
 run_part() {
-  local always=0 start=$SECONDS rc status note=""
-  [ "$1" = --always ] && { always=1; shift; }
-  local name=$1 limit=$2 left=$(( BUDGET_S - (SECONDS - T0) - RESERVE_S ))
+  local start=$SECONDS rc status note="" left=$(( BUDGET_S - SECONDS - RESERVE_S ))
+  [ "$1" = --always ] && { left=$3; shift; }  # its own limit: never skipped (LIMIT[summary] >= MIN_PART_S) or cut
+  local name=$1 limit=$2
   shift 2
-  if [ "$always" = 0 ] && [ "$left" -lt "$MIN_PART_S" ]; then
+  if [ "$left" -lt "$MIN_PART_S" ]; then
     note "$name" skipped "$limit" "no time left in the ${BUDGET_S} s budget"
     return 1
   fi
-  [ "$always" = 0 ] && [ "$limit" -gt "$left" ] && limit=$left
-  echo "-- $name (limit ${limit} s, at $(( SECONDS - T0 )) s): $*" | tee -a "$OUT/progress.log"
+  [ "$limit" -gt "$left" ] && limit=$left
+  echo "-- $name (limit ${limit} s, at ${SECONDS} s): $*" | tee -a "$OUT/progress.log"
   timeout --kill-after=15 "$limit" "$@" > "$OUT/$name.log" 2>&1
   rc=$?
   case $rc in
@@ -171,20 +169,17 @@ run_part throughput_compile "${LIMIT[throughput_compile]}" "$PYTHON" -m bench.th
   --output "$OUT/throughput_compile.md"
 
 {
-  echo "gpu_check: $MODE, $(date -Is), $(( SECONDS - T0 )) s of a ${BUDGET_S} s budget"
+  echo "gpu_check: $MODE, $(date -Is), ${SECONDS} s of a ${BUDGET_S} s budget"
   echo "output: $OUT"
   grep -m1 '^machine' "$OUT/env.log"
   grep -m1 -A1 '^name, driver_version' "$OUT/env.log" | tail -n 1
   printf '\n%-20s %-10s %8s %8s  %s\n' part status seconds limit note
-  while IFS=$'\t' read -r name status seconds limit note; do
-    printf '%-20s %-10s %8s %8s  %s\n' "$name" "$status" "$seconds" "$limit" "$note"
-  done < "$PARTS"
+  awk -F '\t' '{printf "%-20s %-10s %8s %8s  %s\n", $1, $2, $3, $4, $5}' "$PARTS"
   echo; echo "== cuda_tests"; grep -E 'passed|failed|skipped|error' "$OUT/cuda_tests.log" 2> /dev/null | tail -n 6
   for name in run_device run_cpu; do echo "== $name"; cat "$OUT/${name}_summary.log" 2> /dev/null; done
-  for name in throughput throughput_compile; do
+  for name in throughput throughput_compile loss_scaling; do  # their tables, and throughput's verdict line
     echo "== $name"; grep -E '^\||^Full step' "$OUT/$name.md" 2> /dev/null
   done
-  echo "== loss_scaling"; grep -E '^\|' "$OUT/loss_scaling.md" 2> /dev/null
   [ "$DRY_RUN" = 1 ] && printf '\n%s\n%s\n' \
     "Dry run: no CUDA here, so the CUDA-only tests were collected and skipped, no GPU utilisation was sampled" \
     "(unless an nvidia-smi is on PATH), and every figure above measures a tiny CPU run, not the targets."

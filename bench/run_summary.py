@@ -164,8 +164,7 @@ def format_summary(summary: dict, target_seconds: float | None = None, target_bu
     if s["step_images_per_s_median"]:
         lines.append(f"step records (median images_per_s, each epoch's first left out): "
                      f"{s['step_images_per_s_median']:,.0f} img/s")
-    if s["knn_monitor"]:
-        k = s["knn_monitor"]
+    if k := s["knn_monitor"]:
         lines.append(f"kNN monitor: {k['calls']} calls, {k['seconds']:.1f} s, {k['percent']:.1f} % of the training "
                      f"seconds (epochs + reference: {k['training_seconds']:.1f} s)")
     if target_seconds is not None and "stl10_epoch_seconds" in st:
