@@ -62,12 +62,15 @@ def export_package(source: str | Path, name: str | None = None, *, root: str | P
     source = read_source(source)
     name = name or default_name(source.config.model.base_model, source.epochs)
     dest = _check_destination(root, name, force)
-    tmp = root / f".{name}.{os.getpid()}.tmp"
+    tmp, old = root / f".{name}.{os.getpid()}.tmp", root / f".{name}.old-{os.getpid()}"
     try:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a killed export that had this process id
         tmp.mkdir(parents=True)
         evaluations = _write_package(tmp, dest, name, source, log)
-        _replace(tmp, dest)
+        if dest.exists():  # the old package goes only once the new one is complete
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
     except OSError as err:
         raise ExportError(f"cannot write package {dest} ({err.strerror or err}): free space or pass "
                           "--packages-dir DIR") from None
@@ -198,15 +201,6 @@ def _records(path: Path) -> list[dict]:
     return [record for record in records if isinstance(record, dict)]
 
 
-def _replace(tmp: Path, dest: Path) -> None:
-    """Move the finished package into place; an old one is removed only after the new one is complete."""
-    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-    if dest.exists():
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def refresh_package(folder: str | Path, log: Callable[[str], None] = print) -> Path:
     """Rebuild a package's card and manifest from its eval/ (`feature_eval.evaluate --checkpoint <name>` writes
     there); the weights may be absent."""
@@ -291,10 +285,16 @@ def _flat_config(config: dict) -> dict:
 def model_card(manifest: dict, config: dict, evaluations: list[Results]) -> str:
     """The package's README.md (`MODEL_CARD`); `config` is the saved training config (config.yaml's dict)."""
     name, base_model, flat = manifest["name"], manifest["base_model"], _flat_config(config)
-    counted = next((r.splits for r in evaluations if _counts_split(r, flat)), None)
+    source = manifest.get("source", {})
     evaluated = "".join(_evaluation_block(group, name) for group in _by_data(evaluations))
     if manifest.get("evaluations"):
         evaluated += "Result files: " + ", ".join(f"[{f}]({f})" for f in manifest["evaluations"]) + ".\n\n"
+    counted = next((r.splits for r in evaluations if r.dataset == flat.get("dataset_name") and r.root is not None
+                    and Path(str(r.root)) == Path(str(flat.get("dataset_root")))  # the labelled data trained on
+                    and all(isinstance(r.splits.get(k), int) for k in ("train", "test"))), None)
+    last = source.get("final_epoch_metrics")
+    metrics = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in (last or {}).items()
+                        if k != "epoch")
     fields = collections.defaultdict(lambda: "?", flat)  # a key an older version of the config lacks reads as ?
     fields.update(
         name=name, base_model=base_model, weights=WEIGHTS_FILE, torchvision=torchvision_file(base_model),
@@ -305,26 +305,15 @@ def model_card(manifest: dict, config: dict, evaluations: list[Results]) -> str:
         counted=f"; the evaluation below counted {counted['train']:,} labelled train and {counted['test']:,} test "
                 "images" if counted else "",
         epochs=manifest.get("epochs"), configured_epochs=manifest.get("configured_epochs"),
-        feature_dim=manifest["feature_dim"], out_dim=manifest["out_dim"], SOURCE_ROWS=_source_rows(manifest),
+        feature_dim=manifest["feature_dim"], out_dim=manifest["out_dim"],
+        LAST_EPOCH=f"| Last epoch | {metrics} |\n" if last else "", source_checkpoint=source.get("checkpoint"),
+        source_commit=source.get("git_commit") or "unknown", exported=manifest.get("exported"),
+        COMMAND=f"| Training command | `{source['command']}` |\n" if source.get("command") else "",
         EVALUATIONS=evaluated or NO_EVALUATION.format(name=name),
         FILE_ROWS="".join(f"| {file} | {info['bytes']} | `{info['sha256']}` |\n"
                           for file, info in manifest["files"].items()),
         CIFAR_STEM=CIFAR_STEM_LINES if manifest["cifar_stem"] else "")
     return MODEL_CARD.substitute(fields)
-
-
-def _source_rows(manifest: dict) -> str:
-    """The card's table rows after Model: the last epoch's metrics, the source checkpoint, the training command."""
-    source, rows = manifest.get("source", {}), ""
-    if source.get("final_epoch_metrics"):
-        metrics = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                            for k, v in source["final_epoch_metrics"].items() if k != "epoch")
-        rows += f"| Last epoch | {metrics} |\n"
-    rows += (f"| Source | `{source.get('checkpoint')}` (git {source.get('git_commit') or 'unknown'}), "
-             f"exported {manifest.get('exported')} |\n")
-    if source.get("command"):
-        rows += f"| Training command | `{source['command']}` |\n"
-    return rows
 
 
 def _by_data(evaluations: list[Results]) -> list[list[Results]]:
@@ -340,11 +329,11 @@ def _by_data(evaluations: list[Results]) -> list[list[Results]]:
 def _latest_rows(evaluations: list[Results]) -> list[Row]:
     """The latest row of each (protocol, extractor) of these evaluations (oldest first), by the date of each row
     (else its file's), in the order of the newest file."""
-    dated = sorted(((row.evaluated or r.finished or "", row) for r in evaluations for row in r.rows),
-                   key=lambda pair: pair[0])
-    latest = {(row.classifier, row.extractor): row for _, row in dated}
-    pairs = [(row.classifier, row.extractor) for r in reversed(evaluations) for row in r.rows]
-    return current_rows([latest.pop(pair) for pair in pairs if pair in latest], {})
+    latest = dict.fromkeys((row.classifier, row.extractor) for r in reversed(evaluations) for row in r.rows)
+    for _, row in sorted(((row.evaluated or r.finished or "", row) for r in evaluations for row in r.rows),
+                         key=lambda pair: pair[0]):
+        latest[row.classifier, row.extractor] = row
+    return current_rows(latest.values(), {})
 
 
 def _evaluation_block(group: list[Results], name: str) -> str:
@@ -355,20 +344,10 @@ def _evaluation_block(group: list[Results], name: str) -> str:
         fit = f"train ({splits['train']:,} images)"
     commands = [r.command for r in group if any(row in rows for row in r.rows)] or [r.command for r in group]
     here = [rewrite_command(command, {"--checkpoint": name, "--out-dir": None}) for command in commands]
+    made, again = (" and ".join(f"`{command}`" for command in dict.fromkeys(each)) for each in (commands, here))
     return (f"On {group[-1].dataset} ({group[-1].input_size} px), fit on {fit}, scored on test "
             f"({splits.get('test', '?')} images):\n\n{markdown_table(rows, CARD_COLUMNS)}\n\nProduced by "
-            f"{_quoted(commands)}; from this package: {_quoted(here)}.\n\n")
-
-
-def _quoted(commands: list[str | None]) -> str:
-    return " and ".join(f"`{command}`" for command in dict.fromkeys(commands))
-
-
-def _counts_split(results: Results, config: dict) -> bool:
-    """Whether an evaluation counted the labelled train and test images of the data (`_flat_config`) trained on."""
-    return (results.dataset == config.get("dataset_name") and results.root is not None
-            and Path(str(results.root)) == Path(str(config.get("dataset_root")))
-            and all(isinstance(results.splits.get(k), int) for k in ("train", "test")))
+            f"{made}; from this package: {again}.\n\n")
 
 
 LIST_COLUMNS = ("Package", "Architecture", "Data", "Epochs", "Batch", "Linear top-1 %", "KNN top-1 %", "Weights here")
