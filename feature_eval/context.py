@@ -1,7 +1,6 @@
 """What both evaluation drivers (`feature_eval.evaluate`, `feature_eval.finetune`) share: `open_context` opens a
 checkpoint into an `EvalContext`, raising every user error in one line before any long computation; `RunOptions`,
-`parse_options` and `run_cli` make their options and command lines.
-"""
+`parse_options` and `run_cli` make their options and command lines."""
 from __future__ import annotations
 
 import argparse
@@ -35,7 +34,7 @@ class EvalError(ValueError):
 
 def option(default=dataclasses.MISSING, help: str | None = None, **cli) -> dataclasses.Field:
     """A field of the drivers' options and, with `help`, its command-line option (`parse_options`): `cli` goes to
-    argparse (`type`, `action`, `flag` for its name), except `bound`, a key of `BOUNDS` the value is held to."""
+    argparse (`type`, `action`), except `bound`, a key of `BOUNDS` the value is held to."""
     return field(default=default, metadata={"help": help, **cli} if help else {})
 
 
@@ -49,13 +48,11 @@ class RunOptions:
     input_size: int | None = option(None, "image size the encoder sees (default: the checkpoint's input_shape)",
                                     type=int, bound=">= 8")
     device: str | torch.device = option("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
-    out_dir: str | Path | None = option(None, "where to write the table and JSON (default: <run_dir>/eval, or a "
-                                        "package's own eval/)")
+    out_dir: str | Path | None = option(None, "table and JSON folder (default: <run_dir>/eval, a package's eval/)")
     write: bool = True
     download: bool = option(False, "download the data set if it is missing")
     skip_bad_images: bool | None = option(None, "leave out image files that cannot be decoded, with a warning "
-                                          "(default: as the checkpoint's dataset.skip_bad_images)",
-                                          action=argparse.BooleanOptionalAction)
+                                          "(default: the checkpoint's setting)", action=argparse.BooleanOptionalAction)
     seed: int = option(0, "every random choice of the protocol (baselines, hold-out, label subset, batches, views)")
     command: str | None = None
 
@@ -85,15 +82,11 @@ class RunOptions:
         that asks for these options (recorded for an evaluation asked from Python, which has no command line)."""
         words = ["python", "-m", module, "--checkpoint", str(checkpoint)]
         for f in dataclasses.fields(self):
-            value, name = getattr(self, f.name), f.name.replace("_", "-")
-            if not f.metadata or value == f.default or value is None:
-                continue
-            if isinstance(value, bool):
-                words.append(f"--{name}" if value else f"--no-{name}")
-            else:
+            value, flag = getattr(self, f.name), "--" + f.name.replace("_", "-")
+            if f.metadata and value != f.default and value is not None:
                 shown = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) \
                     if isinstance(value, (tuple, list)) else str(value)
-                words += [f.metadata.get("flag", f"--{name}"), shown]
+                words += [flag if value else f"--no-{flag[2:]}"] if isinstance(value, bool) else [flag, shown]
         return shlex.join(words)
 
 
@@ -107,6 +100,7 @@ class EvalContext:
     config: Config  # the training config, typed
     trained_data: DatasetConfig | None  # the data set it trained on; None where the file names none
     trained_epochs: int | None
+    architecture: str  # `ResNet-18`, `ResNet-18 (CIFAR stem)`, ...: the tables' Architecture column
     dataset: str
     root: Path
     input_size: int
@@ -115,12 +109,6 @@ class EvalContext:
     classes: list[str]
     device: torch.device
     out_dir: Path
-
-    @property
-    def architecture(self) -> str:
-        """`ResNet-18`, `ResNet-18 (CIFAR stem)`, ...: the tables' Architecture column."""
-        model = self.config.model
-        return ARCHITECTURES.get(model.base_model, model.base_model) + (" (CIFAR stem)" if model.cifar_stem else "")
 
     def record(self, o: RunOptions, splits: dict, options: dict, timings: dict, **parts) -> dict:
         """A results JSON (`feature_eval.results.Results` reads it back); `splits`: `fit` (what was fit on), sizes."""
@@ -163,16 +151,17 @@ def open_context(checkpoint: str | Path, options: RunOptions,
         raise EvalError(f"checkpoint {file} does not name its data set: pass --dataset NAME (and --root DIR)")
     if input_size < 8:
         raise EvalError(f"input size {input_size or 'unknown'}: pass --input-size N (N >= 8, e.g. 96 for STL10)")
-    skip_bad_images = options.skip_bad_images if options.skip_bad_images is not None else \
-        bool(trained and trained.skip_bad_images)
-    train_set, test_set = load_splits(dataset, root, options.download, skip_bad_images)
+    skip = bool(trained and trained.skip_bad_images) if options.skip_bad_images is None else options.skip_bad_images
+    train_set, test_set = load_splits(dataset, root, options.download, skip)
     # a package's own `eval/`, from which `pretrained_models.export --refresh` builds the model card
     out_dir = Path(options.out_dir) if options.out_dir is not None else run_dir_of(file.resolve()) / "eval"
     if options.write:
         check_writable(out_dir)  # now, not after minutes of features or hours of fine-tuning
     classes = list(getattr(train_set, "classes", [])) or [str(i) for i in range(int(train_set.labels.max()) + 1)]
-    return EvalContext(file, file_sha256(file), encoder, config, trained, trained_epochs(state), dataset, root,
-                       input_size, train_set, test_set, classes, device, out_dir)
+    model = config.model
+    architecture = ARCHITECTURES.get(model.base_model, model.base_model) + (" (CIFAR stem)" if model.cifar_stem else "")
+    return EvalContext(file, file_sha256(file), encoder, config, trained, trained_epochs(state), architecture, dataset,
+                       root, input_size, train_set, test_set, classes, device, out_dir)
 
 
 def option_advice(message: str) -> str:
@@ -277,8 +266,8 @@ def parse_options(options: type[RunOptions], module: str, doc: str, argv: list[s
                         help="run dir or name (runs/<name>), checkpoint .pt file, package dir or package name "
                              "(pretrained_models/<name>)")
     for f in (f for f in dataclasses.fields(options) if f.metadata):
-        cli = {key: value for key, value in f.metadata.items() if key not in ("bound", "flag")}
-        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+        cli = {key: value for key, value in f.metadata.items() if key != "bound"}
+        flag = "--" + f.name.replace("_", "-")
         if isinstance(f.default, bool):
             cli["action"], flag = ("store_false", f"--no-{flag[2:]}") if f.default else ("store_true", flag)
         elif "action" not in cli and f.default is not None:  # a tuple: comma-separated, as a string

@@ -3,9 +3,8 @@
     python -m feature_eval.finetune --checkpoint runs/<name> --label-fraction 0.01
     python -m feature_eval.finetune --checkpoint resnet-18_40-epochs --label-fraction 0.1 --baselines random
 
-The paper's protocol (Section 6 and Appendix B.5; docs/EVALUATION.md says each step): the base learning rate is
-chosen from `--lrs` on a hold-out of the labelled fraction, then the encoder is fine-tuned on all of it and scored
-once on `test`. Writes `<run_dir>/eval/<checkpoint>_<dataset>_finetune-<pct>pct.md` and `.json`.
+The paper's protocol (Section 6, Appendix B.5; each step in docs/EVALUATION.md): the base lr is chosen from `--lrs`
+on a hold-out of the labelled fraction, then the encoder is fine-tuned on all of it and scored once on `test`.
 """
 from __future__ import annotations
 
@@ -52,8 +51,7 @@ FINETUNE_COLUMNS = ("Classifier", "Feature extractor", "Architecture", "Feature 
 
 @dataclass
 class FineTuneResult:
-    """What `finetune_evaluate` found: the JSON record, its table, the `FineTuned` model per extractor (on the CPU)
-    and the files written (none when nothing was written)."""
+    """What `finetune_evaluate` found: the JSON record, its table, each extractor's model (CPU), the files written."""
 
     results: dict
     table: str
@@ -99,14 +97,10 @@ def label_subset(labels, fraction: float, seed: int) -> np.ndarray:
         return labelled
     classes = np.unique(labels[labelled])
     total = int(round(fraction * len(labelled)))
-    base = max(1, total // len(classes))
-    extra = max(0, total - base * len(classes))
-    bonus = set(np.random.default_rng([seed, 1]).permutation(len(classes))[:extra].tolist())
-    chosen = []
-    for position, c in enumerate(classes):
-        members = np.flatnonzero(labels == c)
-        order = np.random.default_rng([seed, 2, int(c)]).permutation(members)
-        chosen.append(order[:base + (position in bonus)])
+    takes = np.full(len(classes), max(1, total // len(classes)))
+    takes[np.random.default_rng([seed, 1]).permutation(len(classes))[:max(0, total - takes.sum())]] += 1
+    chosen = [np.random.default_rng([seed, 2, int(c)]).permutation(np.flatnonzero(labels == c))[:n]
+              for c, n in zip(classes, takes)]
     return np.sort(np.concatenate(chosen)).astype(np.int64)
 
 
@@ -117,8 +111,7 @@ class Diverged(EvalError):
 @dataclass(frozen=True)
 class Schedule:
     """How one fine-tuning run trains (Appendix B.5), whatever its learning rate: one value for every run of a search.
-    `batch_size` (at least 2: BatchNorm) is capped at the data set's size; `seed`: head initialisation, order, views.
-    """
+    `batch_size` (at least 2: BatchNorm) is capped at the data set's size; `seed`: head init, order, views."""
 
     input_size: int
     epochs: int
@@ -249,8 +242,7 @@ class FineTuneOptions(RunOptions):
 
     label_fraction: float = option(0.01, "fraction of the labelled train split, class-balanced (default 0.01; the "
                                          "paper's 0.01 and 0.1; 1.0 for all)", type=_number, bound="(0, 1]")
-    epochs: int | None = option(None, "fine-tuning epochs (default: 60 for <= 1%% of labels, else 30)", type=int,
-                                bound=">= 1")
+    epochs: int | None = option(None, "epochs (default: 60 for <= 1%% of labels, else 30)", type=int, bound=">= 1")
     batch_size: int = option(64, "images per step (2 or more: BatchNorm), capped at the labelled subset (default "
                                  "64); lr = base lr x batch/256", bound=">= 2")
     lrs: tuple[float, ...] = option(DEFAULT_LRS, "base learning rates per 256 images to choose from on the hold-out "
@@ -259,10 +251,8 @@ class FineTuneOptions(RunOptions):
     momentum: float = option(0.9, "Nesterov momentum (the paper's 0.9)", bound="[0, 1)")
     hflip: float | None = option(None, "probability that a fine-tuning view is mirrored (default: the checkpoint's "
                                        "dataset.hflip, else 0.5, the paper's)", type=_number, bound="[0, 1]")
-    min_crop_scale: float = option(0.08, "smallest area of a random resized crop (default 0.08, the paper's)",
-                                   type=_number, bound="(0, 1]")
-    valid_fraction: float = option(0.2, "part of the labelled subset held out to choose the lr (default 0.2)",
-                                   bound="(0, 1)")
+    min_crop_scale: float = option(0.08, "smallest crop area (default 0.08)", type=_number, bound="(0, 1]")
+    valid_fraction: float = option(0.2, "share held out to choose the lr (default 0.2)", bound="(0, 1)")
     baselines: str | tuple[str, ...] = option((), "random: also fine-tune a randomly initialised encoder "
                                                   "(supervised from scratch on the same labels); none (default)")
     eval_batch_size: int = option(256, "images per forward pass when scoring", bound=">= 1")
@@ -282,15 +272,15 @@ def finetune_evaluate(checkpoint: str | Path, options: FineTuneOptions | None = 
     ctx = open_context(checkpoint, o, encoder_device="cpu")
     # the flip as pretrained; the paper's 0.5 (DatasetConfig's default) where the file names no data
     flip_from = "--hflip" if o.hflip is not None else "as pretrained" if ctx.trained_data else "the paper's"
-    o = dataclasses.replace(o, epochs=o.epochs if o.epochs is not None else default_epochs(o.label_fraction),
+    o = dataclasses.replace(o, epochs=o.epochs or default_epochs(o.label_fraction),
                             hflip=o.hflip if o.hflip is not None else (ctx.trained_data or DatasetConfig()).hflip)
     schedule = Schedule(ctx.input_size, o.epochs, o.batch_size, o.momentum, o.hflip, o.min_crop_scale, o.seed,
                         ctx.device)
     indices, counts, share, fit = _labelled_subset(ctx, o.label_fraction, o.seed)
-    labelled = subset(ctx.train_set, indices)
-    log(f"fine-tuning {ctx.checkpoint} on {fit} of {ctx.dataset}, {counts.min()}-{counts.max()} per class, "
-        f"{o.epochs} epochs, {ctx.input_size}px, crop scale {o.min_crop_scale:g}-1, hflip {o.hflip:g} ({flip_from}), "
-        f"on {ctx.device}; base lr from {', '.join(f'{lr:g}' for lr in o.lrs)}")
+    labelled, per_class = subset(ctx.train_set, indices), f"{counts.min()}-{counts.max()} per class"
+    log(f"fine-tuning {ctx.checkpoint} on {fit} of {ctx.dataset}, {per_class}, {o.epochs} epochs, {ctx.input_size}px, "
+        f"crop scale {o.min_crop_scale:g}-1, hflip {o.hflip:g} ({flip_from}), on {ctx.device}; base lr from "
+        f"{', '.join(f'{lr:g}' for lr in o.lrs)}")
     rows, models = [], {}
     starts = {"simclr": (ctx.encoder, ctx.trained_epochs)}  # extractor key: (encoder to start from, pretraining epochs)
     if "random" in o.baselines:  # supervised from scratch: the same protocol from random weights
@@ -304,12 +294,11 @@ def finetune_evaluate(checkpoint: str | Path, options: FineTuneOptions | None = 
     results = _record(ctx, o, fit, indices, counts, rows, timings)
     outcome = FineTuneResult(results, markdown_table(rows, FINETUNE_COLUMNS), models)
     if o.write:
-        stem = f"{ctx.results_stem()}_finetune-{fraction_tag(o.label_fraction)}"  # next to evaluate's results
         lr = "base lr chosen on a hold-out of those labels" if len(o.lrs) > 1 else \
             f"base lr {o.lrs[0]:g} (one --lrs value: no hold-out)"
-        views = results["options"]["augmentation"]
-        caption = table_caption(results, f"`{ctx.checkpoint}` fine-tuned end to end", f"{fit}, class-balanced ("
-                                f"{counts.min()}-{counts.max()} per class), views: {views} only, {lr}")
+        caption = table_caption(results, f"`{ctx.checkpoint}` fine-tuned end to end", f"{fit}, class-balanced "
+                                f"({per_class}), views: {results['options']['augmentation']} only, {lr}")
+        stem = f"{ctx.results_stem()}_finetune-{fraction_tag(o.label_fraction)}"  # next to evaluate's results
         outcome.paths = write_results(results, outcome.table, ctx.out_dir, stem, caption)
     return outcome
 
@@ -347,14 +336,12 @@ def _finetune_row(ctx: EvalContext, o: FineTuneOptions, schedule: Schedule, labe
 
 def _record(ctx: EvalContext, o: FineTuneOptions, fit: str, indices: np.ndarray, counts: np.ndarray,
             rows: list[Row], timings: dict) -> dict:
-    """The JSON record of a fine-tuning evaluation."""
+    views = f"random resized crop (scale {o.min_crop_scale:g}-1)" + (  # in words, as the caption quotes them
+        f" + horizontal flip (p {o.hflip:g})" if o.hflip else " without flips")
     return ctx.record(
         o, {"fit": fit, "train": len(ctx.train_set), "labelled": len(indices), "test": len(ctx.test_set)},
         {**o.recorded("label_fraction", "epochs", "batch_size", "lrs", "momentum", "hflip", "min_crop_scale",
-                      "valid_fraction", "baselines"),
-         # the views in words, as the caption quotes them
-         "augmentation": f"random resized crop (scale {o.min_crop_scale:g}-1)" + (
-             f" + horizontal flip (p {o.hflip:g})" if o.hflip else " without flips"),
+                      "valid_fraction", "baselines"), "augmentation": views,
          "optimizer": "SGD, Nesterov momentum, no weight decay, cosine decay, no warmup"}, timings,
         protocol="finetune", label_subset={"fraction": o.label_fraction, "seed": o.seed,
                                            "per_class": {c: int(n) for c, n in zip(ctx.classes, counts)},
