@@ -8,10 +8,9 @@ Writes `<run_dir>/eval/<checkpoint>_<dataset>.md`, `.json` and pictures (docs/EV
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -56,19 +55,16 @@ class EvalOptions(RunOptions):
     """`RunOptions` plus what the linear and KNN protocols are asked; `classifiers` and `baselines` (comma-separated
     or a tuple) become checked tuples of names."""
 
-    classifiers: str | tuple[str, ...] = option(DEFAULT_CLASSIFIERS, "comma-separated, from lbfgs,adam,knn (default: "
-                                                "lbfgs,knn); knn: the Euclidean vote and the weighted cosine KNN")
-    baselines: str | tuple[str, ...] = option((), "comma-separated, from pca (raw pixels, PCA to model.out_dim; slow "
-                                                  "on large images) and random (random-init encoder), or none")
+    classifiers: str | tuple[str, ...] = option(DEFAULT_CLASSIFIERS, "comma-separated, from lbfgs,adam,knn")
+    baselines: str | tuple[str, ...] = option((), "comma-separated, from pca,random, or none")
     batch_size: int = option(256, "images per forward pass (lower it on OOM)", bound=">= 1")
     num_workers: int = option(0, "decoding workers for image folders", bound=">= 0")
     cache: bool = option(True, "neither read nor write cached features")
-    cache_dir: str | Path | None = option(None, "feature cache folder (default: <out-dir>/cache; "
-                                          "runs/eval_cache/<package> for a package)")
+    cache_dir: str | Path | None = option(None, "feature cache (default: <out-dir>/cache, runs/eval_cache/<package>)")
     # C=1.0 and 1200 iterations: the original repository's logistic regression, so its numbers compare
     C: float = option(1.0, "L-BFGS logistic regression inverse L2 strength", bound="> 0")
-    max_iter: int = option(1200, "L-BFGS iterations (default 1200)", bound=">= 1")
-    knn_k: int = option(10, "neighbours of the Euclidean KNN vote (default 10)", bound=">= 1")
+    max_iter: int = option(1200, "L-BFGS iterations", bound=">= 1")
+    knn_k: int = option(10, "neighbours of the Euclidean KNN vote", bound=">= 1")
     weighted_knn_k: int = option(200, "neighbours of the weighted KNN", bound=">= 1")
     weighted_knn_temperature: float = option(0.1, "weighted KNN temperature", bound="> 0")
     plots: bool = option(True, "draw no t-SNE, confusion-matrix and neighbours PNGs")
@@ -111,20 +107,19 @@ def evaluate(checkpoint: str | Path, options: EvalOptions | None = None, *, log:
         f"{', '.join(o.baselines) or 'none'}")
     timings: dict[str, float] = {}
     features, extractors = extract_all(ctx, o, timings, log)
-    protocols = _protocols(ctx, o)  # `knn` asks for both KNN rows
-    settings = {key: protocol[2] for key, protocol in protocols.items()}
-    rows, outcomes = score(ctx, features, extractors, [(key, *protocols[key]) for key in protocols
-                                                       if key.replace("weighted_", "") in o.classifiers], log)
+    protocols = _protocols(ctx, o)
+    rows, outcomes = score(ctx, features, extractors, {key: protocol for key, protocol in protocols.items()
+                                                       if key.replace("weighted_", "") in o.classifiers}, log)
     timings["total"] = round(time.perf_counter() - started, 3)
     results = ctx.record(o, {"fit": "train", "train": len(ctx.train_set), "test": len(ctx.test_set)},
                          o.recorded("classifiers", "baselines", "batch_size", "C", "max_iter", "knn_k",
                                     "weighted_knn_k", "weighted_knn_temperature"),
                          timings, baselines={name: extractors[name] for name in o.baselines})
-    rows = current_rows([dataclasses.replace(row, evaluated=results["finished"]) for row in rows], settings)
+    rows = [replace(row, evaluated=results["finished"]) for row in rows]
     results["rows"] = [row.to_json() for row in rows]
     evaluation = Evaluation(results, rows, markdown_table(rows), ctx.classes, features, outcomes)
     if o.write:
-        _write(evaluation, ctx, o, settings, started, log)
+        _write(evaluation, ctx, o, {key: protocol[2] for key, protocol in protocols.items()}, started, log)
     return evaluation
 
 
@@ -166,11 +161,11 @@ def extract_all(ctx: EvalContext, o: EvalOptions, timings: dict, log: Callable[[
     return features, extractors
 
 
-def score(ctx: EvalContext, features: dict, extractors: dict, protocols: list,
+def score(ctx: EvalContext, features: dict, extractors: dict, protocols: dict,
           log: Callable[[str], None]) -> tuple[list[Row], dict]:
-    """Each protocol `(key, name, function, settings)` on each extractor's features: the rows, their outcomes."""
+    """Each protocol (key -> (name, function, settings)) on each extractor's features: the rows, their outcomes."""
     rows, outcomes = [], {}
-    for key, name, protocol, settings in protocols:
+    for key, (name, protocol, settings) in protocols.items():
         for extractor, (train, test) in features.items():
             tic = time.perf_counter()
             outcome = outcomes[key, extractor] = protocol(train.features, train.labels, test.features, test.labels)
@@ -189,13 +184,14 @@ def _write(evaluation: Evaluation, ctx: EvalContext, o: EvalOptions, settings: d
            started: float, log: Callable[[str], None]) -> None:
     """Add the rows to the table in the same file (`_add_to_table`), draw the pictures, write table and JSON."""
     stem = ctx.results_stem()
-    results, rows = _add_to_table(ctx.out_dir / f"{stem}.json", evaluation.results, evaluation.rows, settings, log)
-    timings, pictures = results["timings_s"], {}
+    results, rows, notes = _add_to_table(ctx.out_dir / f"{stem}.json", evaluation.results, evaluation.rows, settings,
+                                         log)
+    pictures = {}
     if o.plots:
         tic = time.perf_counter()
         pictures = write_pictures(rows, evaluation.features, ctx, stem, o.seed, log)
-        timings["pictures"] = round(time.perf_counter() - tic, 3)
-        timings["total"] = round(time.perf_counter() - started, 3)
+        results["timings_s"].update(pictures=round(time.perf_counter() - tic, 3),
+                                    total=round(time.perf_counter() - started, 3))
     else:  # those of an earlier table need not match this one
         for path in (ctx.out_dir / f"{stem}_{key}.png" for key in PICTURES):
             if path.is_file():
@@ -203,58 +199,45 @@ def _write(evaluation: Evaluation, ctx: EvalContext, o: EvalOptions, settings: d
                 log(f"removed {path}: drawn for an earlier table (drop --no-plots to draw it again)")
     results["pictures"] = {key: path.name for key, path in pictures.items()}
     evaluation.results, evaluation.rows, evaluation.table = results, rows, markdown_table(rows)
+    notes = [how_to_read({row.extractor for row in rows}), *notes,
+             *(f"![{PICTURES[key]}]({path.name})" for key, path in pictures.items())]
     line = table_caption(results, f"Frozen features of `{results['checkpoint']}`",
                          f"train ({results['splits']['train']})")
-    evaluation.paths = {**write_results(results, evaluation.table, ctx.out_dir, stem, line, notes(results, rows)),
-                        **pictures}
-
-
-def notes(results: dict, rows: list[Row]) -> list[str]:
-    """The paragraphs under the table: how to read it, the rows kept or dropped from an earlier run, the pictures."""
-    earlier = results.get("earlier") or {}
-    paragraphs = [how_to_read({row.extractor for row in rows})]
-    if earlier.get("kept"):
-        paragraphs.append(f"Kept from the evaluation of {earlier['finished']} (not redone by this one, whose rows "
-                          f"are dated {results['finished']} in the JSON): {'; '.join(earlier['kept'])}.")
-    if earlier.get("dropped"):
-        paragraphs.append(f"Dropped from the evaluation of {earlier['finished']}, as made with "
-                          f"{earlier['reason']}: {'; '.join(earlier['dropped'])}.")
-    return paragraphs + [f"![{PICTURES[key]}]({name})" for key, name in (results.get("pictures") or {}).items()]
+    evaluation.paths = {**write_results(results, evaluation.table, ctx.out_dir, stem, line, notes), **pictures}
 
 
 def _add_to_table(path: Path, results: dict, rows: list[Row], settings: dict[str, dict],
-                  log: Callable[[str], None]) -> tuple[dict, list[Row]]:
-    """`results` and `rows` with the table of the earlier JSON at `path` (`current_rows` of its rows and these):
-    `options`, `baselines` and `command` describe every row; `earlier` (and a log line) says what was replaced, kept,
-    or dropped as made under other settings (`reason`)."""
+                  log: Callable[[str], None]) -> tuple[dict, list[Row], list[str]]:
+    """The table of the earlier JSON at `path` with `rows` added (`current_rows`: each row made again replaces
+    itself), `results` describing all its rows, and the notes naming the rows kept from earlier evaluations and
+    those dropped as made under settings other than `settings` (which the log line says too)."""
     try:
         earlier = read_results(path) if path.is_file() else None
     except (OSError, ValueError):
         log(f"note: {path} was unreadable; this evaluation replaces it")
         earlier = None
     if earlier is None:
-        return results, rows
+        return results, rows, []
     table = current_rows([*earlier.rows, *rows], settings)
-    done = {(row.classifier, row.extractor) for row in rows}
-    replaced = [r.name for r in earlier.rows if (r.classifier, r.extractor) in done]
-    # by (protocol, extractor), not equality: a row made again within the same second may equal the one it replaces
-    kept = [r.name for r in earlier.rows if (r.classifier, r.extractor) not in done and r in table]
-    dropped = [r for r in earlier.rows if r.name not in replaced and r not in table]
-    changed = dict.fromkeys(key for r in dropped for key, value in settings.get(r.classifier, {}).items()
-                            if r.settings.get(key) != value)
-    reason = f"other {', '.join(changed)}" if changed else None
-    log(f"merged with the earlier evaluation of {earlier.finished}: kept {len(kept)} row(s), replaced "
-        f"{len(replaced)}, dropped {len(dropped)}" + (f" ({reason})" if dropped else ""))
-    classifiers = list(dict.fromkeys("knn" if r.classifier == "weighted_knn" else r.classifier for r in table))
-    baselines = list(dict.fromkeys(r.extractor for r in table if r.extractor != "simclr"))
-    facts = {**(earlier.record.get("baselines") or {}), **results["baselines"]}
-    return {**results, "rows": [row.to_json() for row in table],
-            "earlier": {"finished": earlier.finished, "kept": kept, "replaced": replaced,
-                        "dropped": [r.name for r in dropped], "reason": reason},
-            "options": {**results["options"], "classifiers": classifiers, "baselines": baselines},
-            "baselines": {name: facts[name] for name in baselines if name in facts},
-            "command": rewrite_command(results["command"], {"--classifiers": ",".join(classifiers),
-                                                            "--baselines": ",".join(baselines) or None})}, table
+    kept = [row for row in table if row not in rows]
+    dropped = [row for row in earlier.rows if not row.fits(settings.get(row.classifier, {}))]
+    changed = ", ".join(dict.fromkeys(key for row in dropped for key, value in settings[row.classifier].items()
+                                      if row.settings.get(key) != value))
+    log(f"added to the table of {path.name}: kept {len(kept)} earlier row(s), dropped {len(dropped)}"
+        + (f" (made with other {changed})" if dropped else ""))
+    notes = [f"{text}: {'; '.join(f'{row.name} ({row.evaluated})' for row in named)}." for text, named in (
+        ("Kept from earlier evaluations (not redone by this one)", kept),
+        (f"Dropped, as made with other {changed}", dropped)) if named]
+    if kept:  # the options and command cover every row, so the command makes this table again
+        classifiers = ",".join(dict.fromkeys("knn" if r.classifier == "weighted_knn" else r.classifier for r in table))
+        baselines = list(dict.fromkeys(r.extractor for r in table if r.extractor != "simclr"))
+        facts = {**(earlier.record.get("baselines") or {}), **results["baselines"]}
+        results = {**results, "options": {**results["options"], "classifiers": classifiers.split(","),
+                                          "baselines": baselines},
+                   "baselines": {name: facts[name] for name in baselines if name in facts},
+                   "command": rewrite_command(results["command"], {"--classifiers": classifiers,
+                                                                   "--baselines": ",".join(baselines) or None})}
+    return {**results, "rows": [row.to_json() for row in table]}, table, notes
 
 
 def write_pictures(rows: list[Row], features: dict, ctx: EvalContext, stem: str, seed: int,
@@ -331,11 +314,9 @@ def how_to_read(present: set[str]) -> str:
     parts = [text for key, text in (
         ("random", "*Random init* is this network untrained (the gap to it is what pretraining learned)"),
         ("pca", "*PCA* of the raw pixels is a floor that useful features must clear")) if key in present]
-    if not parts:
-        return ("How to read it: with no baselines these numbers stand alone; add `--baselines random,pca` to see "
-                "what pretraining adds over the untrained network and over raw pixels.")
-    return "How to read it: compare each SimCLR row with the rows of the same classifier under it: " + \
-        "; ".join(parts) + "."
+    return ("How to read it: compare each SimCLR row with the rows of the same classifier under it: " +
+            "; ".join(parts) + "." if parts else "How to read it: with no baselines these numbers stand alone; add "
+            "`--baselines random,pca` to see what pretraining adds over the untrained network and over raw pixels.")
 
 
 def rerun_command(run_dir: str | Path) -> str:

@@ -88,8 +88,8 @@ def test_a_smaller_rerun_keeps_the_earlier_rows_and_says_so(run_dir, tmp_path, o
     pairs = [(r["classifier"], r["extractor"]) for r in second.results["rows"]]
     assert pairs == [("lbfgs", "simclr"), ("knn", "simclr"), ("knn", "random"), ("weighted_knn", "simclr"),
                      ("weighted_knn", "random")]  # the earlier 4 and the new 1, in the table's order
-    merged = [line for line in logged if line.startswith("merged with the earlier evaluation")]
-    assert len(merged) == 1 and "kept 4 row(s), replaced 0, dropped 0" in merged[0] and len(merged[0]) < 110
+    added = [line for line in logged if line.startswith("added to the table of last_digits.json")]
+    assert len(added) == 1 and added[0].endswith(": kept 4 earlier row(s), dropped 0") and len(added[0]) < 110
     saved = json.loads((out / "last_digits.json").read_text())
     markdown = (out / "last_digits.md").read_text()
     # JSON and markdown tell the same story, and the recorded command reproduces every row
@@ -98,7 +98,9 @@ def test_a_smaller_rerun_keeps_the_earlier_rows_and_says_so(run_dir, tmp_path, o
     assert saved["command"] == (f"python -m feature_eval.evaluate --checkpoint {run_dir} --classifiers lbfgs,knn "
                                 "--max-iter 50 --baselines random")
     assert f"Command: `{saved['command']}`" in markdown.split("\n\n")[0]  # the caption
-    assert "Kept from the evaluation of" in markdown and "KNN (k=10, Euclidean) / Random init" in markdown
+    kept_note = next(note for note in markdown.split("\n\n") if note.startswith("Kept from earlier evaluations"))
+    assert f"KNN (k=10, Euclidean) / Random init ({first.results['finished']})" in kept_note
+    assert "Logistic regression" not in kept_note
     kept = next(r for r in saved["rows"] if r["classifier"] == "knn" and r["extractor"] == "random")
     assert kept["top1"] == first.results["rows"][1]["top1"] and kept["evaluated"] == first.results["finished"]
     # the model card of a package made from this run lists all five rows and that command
@@ -108,10 +110,11 @@ def test_a_smaller_rerun_keeps_the_earlier_rows_and_says_so(run_dir, tmp_path, o
     # the same rows again replace themselves; the others stay
     logged.clear()
     third = evaluate_module.evaluate(run_dir, classifiers="knn", max_iter=50, **options)
-    assert len(third.results["rows"]) == 5 and third.results["earlier"]["replaced"] == [
-        "KNN (k=10, Euclidean) / SimCLR", "Weighted KNN (k=200, T=0.1) / SimCLR"]
-    merged = [line for line in logged if line.startswith("merged with the earlier evaluation of ")]
-    assert len(merged) == 1 and "kept 3 row(s), replaced 2, dropped 0" in merged[0] and len(merged[0]) <= 120
+    made_now = [r.name for r in third.rows if r.evaluated == third.results["finished"]]
+    assert len(third.rows) == 5 and made_now == ["KNN (k=10, Euclidean) / SimCLR",
+                                                 "Weighted KNN (k=200, T=0.1) / SimCLR"]
+    assert [line for line in logged if line.startswith("added to")] == [
+        "added to the table of last_digits.json: kept 3 earlier row(s), dropped 0"]
 
 
 @pytest.mark.slow
@@ -122,16 +125,16 @@ def test_rows_of_other_settings_are_dropped_not_mixed(run_dir, tmp_path, one_thr
     # another --max-iter: the L-BFGS row goes, the KNN rows (no such option) stay
     again = evaluate_module.evaluate(run_dir, classifiers="adam", max_iter=60, **options)
     assert [r["classifier"] for r in again.results["rows"]] == ["adam", "knn", "weighted_knn"]
-    assert again.results["earlier"]["dropped"] == ["Logistic regression (L-BFGS) / SimCLR"]
-    assert any("dropped 1 (other --max-iter)" in line for line in logged)  # the rows: in results["earlier"]
+    assert any(line.endswith("kept 2 earlier row(s), dropped 1 (made with other --max-iter)") for line in logged)
     markdown = (out / "last_digits.md").read_text()
-    assert "Dropped from the evaluation of" in markdown and "as made with other --max-iter" in markdown
+    assert "Dropped, as made with other --max-iter: Logistic regression (L-BFGS) / SimCLR (" in markdown
     assert len(table_rows(markdown)) == 3
     assert json.loads((out / "last_digits.json").read_text())["rows"] == again.results["rows"]
     # another seed changes every row: none is kept
     last = evaluate_module.evaluate(run_dir, classifiers="knn", seed=1, **options)
-    assert len(last.results["rows"]) == 2 and last.results["earlier"]["reason"] == "other --seed"
-    assert last.results["earlier"]["dropped"] == ["Linear (Adam, hold-out tuned) / SimCLR"]
+    assert len(last.results["rows"]) == 2
+    assert logged[-1].endswith("kept 0 earlier row(s), dropped 3 (made with other --seed)")
+    assert "Linear (Adam, hold-out tuned) / SimCLR" in (out / "last_digits.md").read_text()
 
 
 def test_a_damaged_earlier_file_is_replaced(run_dir, tmp_path):
@@ -301,19 +304,19 @@ def test_an_evaluation_adds_its_rows_to_a_table_written_before_rows_carried_sett
         "Logistic regression (L-BFGS) / SimCLR", "KNN (k=10, Euclidean) / SimCLR",
         "KNN (k=10, Euclidean) / Random init",
         "Weighted KNN (k=200, T=0.1) / SimCLR", "Weighted KNN (k=200, T=0.1) / Random init"]
-    assert any("kept 3 row(s), replaced 2, dropped 0" in line for line in logged)
+    assert any(line.endswith("kept 3 earlier row(s), dropped 0") for line in logged)
     lbfgs = earlier["rows"][0]
     assert again.rows[0].top1 == lbfgs["top1"] and again.rows[0].evaluated == lbfgs["evaluated"]
     # another --max-iter: the L-BFGS row of then goes, as a row of today's would
     (out / "last_digits.json").write_text(json.dumps(earlier))
     logged.clear()
     evaluate_module.evaluate(run_dir, classifiers="knn", out_dir=out, plots=False, device="cpu", log=logged.append)
-    assert any("dropped 1 (other --max-iter)" in line for line in logged)
+    assert any(line.endswith("dropped 1 (made with other --max-iter)") for line in logged)
 
 
 def test_rows_made_again_in_the_same_second_are_replaced_not_kept(tmp_path):
     """A rerun that scores the same rows within the same second makes rows equal to the earlier ones: they are
-    still 'replaced', and 'kept' names only earlier rows the rerun did not make."""
+    still made now, and 'kept' names only earlier rows the rerun did not make."""
     path = tmp_path / "last_digits.json"
     path.write_text((V1 / "last_digits.json").read_text())
     earlier = read_results(path)
@@ -321,7 +324,9 @@ def test_rows_made_again_in_the_same_second_are_replaced_not_kept(tmp_path):
     again = [row for row in earlier.rows if row.classifier == earlier.rows[0].classifier]
     record = {**earlier.record, "baselines": {}, "command": earlier.command}
     logged = []
-    merged, table = evaluate_module._add_to_table(path, record, again, settings, logged.append)
-    assert merged["earlier"]["replaced"] == [row.name for row in again]
-    assert not set(merged["earlier"]["kept"]) & {row.name for row in again}
-    assert len(merged["earlier"]["kept"]) == len(earlier.rows) - len(again) and len(table) == len(earlier.rows)
+    merged, table, notes = evaluate_module._add_to_table(path, record, again, settings, logged.append)
+    assert len(table) == len(earlier.rows) and len(merged["rows"]) == len(table)
+    assert logged == [f"added to the table of last_digits.json: kept {len(table) - len(again)} earlier row(s), "
+                      "dropped 0"]
+    assert notes[0].startswith("Kept from earlier evaluations") and len(notes) == 1
+    assert not any(row.name in notes[0] for row in again) and all(row.name in notes[0] for row in table[len(again):])
