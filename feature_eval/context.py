@@ -78,8 +78,7 @@ class RunOptions:
         return {name: list(value) if isinstance(value := getattr(self, name), tuple) else value for name in names}
 
     def command_line(self, module: str, checkpoint: str | Path) -> str:
-        """`python -m <module> --checkpoint <checkpoint>` and each option that differs from its default: the command
-        that asks for these options (recorded for an evaluation asked from Python, which has no command line)."""
+        """The command that asks for these options, for an evaluation from Python: each option off its default."""
         words = ["python", "-m", module, "--checkpoint", str(checkpoint)]
         for f in dataclasses.fields(self):
             value, flag = getattr(self, f.name), "--" + f.name.replace("_", "-")

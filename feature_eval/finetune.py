@@ -3,8 +3,7 @@
     python -m feature_eval.finetune --checkpoint runs/<name> --label-fraction 0.01
     python -m feature_eval.finetune --checkpoint resnet-18_40-epochs --label-fraction 0.1 --baselines random
 
-The paper's protocol (Section 6, Appendix B.5; each step in docs/EVALUATION.md): the base lr is chosen from `--lrs`
-on a hold-out of the labelled fraction, then the encoder is fine-tuned on all of it and scored once on `test`.
+The paper's protocol (Section 6 and Appendix B.5), each step of it in docs/EVALUATION.md.
 """
 from __future__ import annotations
 
@@ -134,9 +133,8 @@ def _batch_seed(seed: int, epoch: int) -> int:
 
 
 def crop_flip_batches(dataset, schedule: Schedule, epoch: int):
-    """Yield one epoch's float views `[B, 3, S, S]` in [0, 1] and int64 labels `[B]` of `dataset`'s items
-    `(uint8 [3, H, W], label)`, on the schedule's device: random resized crop + flip, a function of (seed, epoch).
-    A batch is cropped together (torchvision's RandomResizedCrop law), one image size at a time."""
+    """One epoch of random resized crop + flip views, a function of (seed, epoch): float `[B, 3, S, S]` in [0, 1] and
+    int64 labels `[B]` on the schedule's device, a batch cropped at once (torchvision's law) an image size at a time."""
     s, device = schedule, schedule.device
     generator = torch.Generator().manual_seed(_batch_seed(s.seed, epoch))
     order = torch.randperm(len(dataset), generator=generator)
@@ -276,8 +274,12 @@ def finetune_evaluate(checkpoint: str | Path, options: FineTuneOptions | None = 
                             hflip=o.hflip if o.hflip is not None else (ctx.trained_data or DatasetConfig()).hflip)
     schedule = Schedule(ctx.input_size, o.epochs, o.batch_size, o.momentum, o.hflip, o.min_crop_scale, o.seed,
                         ctx.device)
-    indices, counts, share, fit = _labelled_subset(ctx, o.label_fraction, o.seed)
-    labelled, per_class = subset(ctx.train_set, indices), f"{counts.min()}-{counts.max()} per class"
+    labels = ctx.train_set.labels.numpy()
+    indices = label_subset(labels, o.label_fraction, o.seed)
+    labelled, counts = subset(ctx.train_set, indices), np.bincount(labels[indices], minlength=len(ctx.classes))
+    # The subset is what was fit, not the fraction asked for: at least one image per class can make it larger.
+    share, per_class = f"{100 * len(indices) / (labels >= 0).sum():.3g}%", f"{counts.min()}-{counts.max()} per class"
+    fit = f"{len(indices)} of {(labels >= 0).sum()} train images ({share}; --label-fraction {o.label_fraction:g})"
     log(f"fine-tuning {ctx.checkpoint} on {fit} of {ctx.dataset}, {per_class}, {o.epochs} epochs, {ctx.input_size}px, "
         f"crop scale {o.min_crop_scale:g}-1, hflip {o.hflip:g} ({flip_from}), on {ctx.device}; base lr from "
         f"{', '.join(f'{lr:g}' for lr in o.lrs)}")
@@ -301,21 +303,6 @@ def finetune_evaluate(checkpoint: str | Path, options: FineTuneOptions | None = 
         stem = f"{ctx.results_stem()}_finetune-{fraction_tag(o.label_fraction)}"  # next to evaluate's results
         outcome.paths = write_results(results, outcome.table, ctx.out_dir, stem, caption)
     return outcome
-
-
-def _labelled_subset(ctx: EvalContext, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, str, str]:
-    """The `label_subset` of the train split, checked to hold two classes at least: its indices, its images per
-    class, its real share of the labels (`"0.974%"`) and a line saying what is fit."""
-    indices = label_subset(ctx.train_set.labels.numpy(), fraction, seed)
-    counts = np.bincount(ctx.train_set.labels.numpy()[indices], minlength=len(ctx.classes))
-    if (counts > 0).sum() < 2:
-        raise EvalError(f"{ctx.dataset} under {ctx.root}: the labelled subset has fewer than two classes; "
-                        "raise --label-fraction")
-    # The subset is what was fit, not the fraction asked for: at least one image per class can make it larger.
-    labelled_total = int((ctx.train_set.labels >= 0).sum())
-    share = f"{100 * len(indices) / labelled_total:.3g}%"
-    return indices, counts, share, f"{len(indices)} of {labelled_total} train images ({share}; --label-fraction " \
-                                   f"{fraction:g})"
 
 
 def _finetune_row(ctx: EvalContext, o: FineTuneOptions, schedule: Schedule, labelled, extractor: str,
