@@ -37,15 +37,13 @@ def write_section(path: Path, start: str, end: str, block: str, head: str = "", 
     """Append `block` to the section of `path` marked by `start`/`end` (with `replace`: instead of it), keeping the
     rest; an absent section is added at the end with `head` above the block, an absent file created."""
     old = path.read_text() if path.exists() else "# Benchmarks\n"
-    if start in old and end in old:
-        before, rest = old.split(start, 1)
-        section, after = rest.split(end, 1)
-        kept = "" if replace else section.rstrip("\n") + "\n\n"
-        new = before + start + (kept or "\n") + block + "\n" + end + after
-    else:
-        new = old.rstrip("\n") + "\n\n" + start + "\n" + (head + "\n\n" if head else "") + block + "\n" + end + "\n"
+    before, _, rest = old.partition(start)
+    section, found, after = rest.partition(end)
+    if not found:  # a new section at the end of the file
+        before, section, after = old.rstrip("\n") + "\n\n", "\n" + (head + "\n\n" if head else ""), "\n"
+    kept = section.rstrip("\n") + "\n\n" if section.strip() and not (replace and found) else "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(new)
+    path.write_text(before + start + kept + block + "\n" + end + after)
 
 
 def command_line(module: str, argv: list[str] | None) -> str:

@@ -1,14 +1,9 @@
 """Recipe study: short pretraining runs (seeds x config variants), each scored against random-init and PCA.
 
-    python -m bench.learning                                  # the study behind configs/quickstart.yaml (digits)
-    python -m bench.learning --record                         # ... appended to docs/BENCHMARKS.md
-    python -m bench.learning --set dataset.name=imagefolder dataset.root=/data/x epochs=50 device=cuda \\
-        --variants "loss.temperature=0.2" "model.head_bn=true"
-
 Each variant (the base config, `--set`, then its `key=value` overrides) is trained once per seed; each encoder is
 scored by L-BFGS and KNN (k=10) next to a random-init encoder of its architecture and seed and PCA on raw pixels,
 fitted on 80% of the labelled `train` split and scored on the other 20% (`--report test`: train, then test, only
-for a recipe already chosen). docs/RECIPE.md says what the studies found.
+for a recipe already chosen). docs/RECIPE.md shows the commands and says what the studies found.
 """
 from __future__ import annotations
 
@@ -45,15 +40,9 @@ HOLDOUT_FRACTION, HOLDOUT_SEED = 0.2, 0
 BASE = "base"
 START, END = "<!-- bench/learning.py: start -->", "<!-- bench/learning.py: end -->"
 # The study behind configs/quickstart.yaml: one knob at a time around its recipe.
-DEFAULT_VARIANTS = (
-    "model.head_bn=false model.head_layers=2",  # the original repository's head
-    "model.head_layers=2",
-    "batch_size=64",
-    "batch_size=256",
-    "loss.temperature=0.5",
-    "optimizer.lr=3e-3",
-    "dataset.s=1.0",
-)
+DEFAULT_VARIANTS = ("model.head_bn=false model.head_layers=2",  # the original repository's head
+                    "model.head_layers=2", "batch_size=64", "batch_size=256", "loss.temperature=0.5",
+                    "optimizer.lr=3e-3", "dataset.s=1.0")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -62,9 +51,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--config", default=str(REPO / "configs" / "quickstart.yaml"),
                         help="base config of every run (default: configs/quickstart.yaml)")
     parser.add_argument("--variants", nargs="*", default=None,
-                        help='variants, each a quoted string of key=value overrides, e.g. "loss.temperature=0.5 '
-                             'model.head_bn=true"; the base config is always studied too (default: the built-in '
-                             "study, see DEFAULT_VARIANTS)")
+                        help='variants, each a quoted string of key=value overrides ("loss.temperature=0.5 '
+                             'model.head_bn=true"); the base config is studied too (default: DEFAULT_VARIANTS)')
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of every variant")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="overrides for every run, e.g. dataset.name=imagefolder dataset.root=/data/x "
@@ -116,8 +104,9 @@ def study(args: argparse.Namespace, trainer_class=Trainer) -> str:
     any training."""
     variants = [BASE, *(DEFAULT_VARIANTS if args.variants is None else args.variants)]
     out_dir = Path(args.out_dir or Path("runs") / "learning" / datetime.datetime.now().strftime("%Y%m%d_%H%M%S"))
-    runs = {(v, s): run_config(args, v, s, f"run_dir={out_dir / f'{variant_slug(v)}_seed{s}'}")
-            for v in variants for s in args.seeds}
+    slug = {v: "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in v)[:80] or BASE for v in variants}
+    runs = {(v, s): run_config(args, v, s, f"run_dir={out_dir / f'{slug[v]}_seed{s}'}") for v in variants
+            for s in args.seeds}
     scores: dict[tuple[str, int], dict[str, float]] = {}  # (variant or baseline, seed) -> its COLUMNS
     splits: dict[tuple, tuple] = {}
     for i, ((variant, seed), config) in enumerate(runs.items(), start=1):
@@ -159,10 +148,6 @@ def score_run(config, seed: int, data: tuple, device: torch.device, scores: dict
     return {**found, **{f"{c} margin": found[c] - best[c] for c in CLASSIFIERS}}
 
 
-def variant_slug(variant: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in variant)[:80] or BASE
-
-
 def render(args, variants: list[str], scores: dict, data: tuple) -> str:
     """The study's markdown table: a row per variant (mean ± sd over seeds), then a row per baseline."""
     fit, report = data
@@ -180,13 +165,6 @@ def render(args, variants: list[str], scores: dict, data: tuple) -> str:
     return "\n".join(lines)
 
 
-def machine() -> str:
-    import sklearn
-
-    gpu = "" if torch.cuda.is_available() else "no GPU; "
-    return f"{gpu}{describe_machine('cuda' if gpu == '' else 'cpu')}, scikit-learn {sklearn.__version__}"
-
-
 def main(argv: list[str] | None = None, trainer_class=Trainer) -> int:
     """The study's command; `trainer_class` is `study`'s."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
@@ -196,9 +174,12 @@ def main(argv: list[str] | None = None, trainer_class=Trainer) -> int:
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return startup.EXIT_USAGE if isinstance(err, ConfigError) else startup.EXIT_ERROR
-    minutes = (time.perf_counter() - started) / 60
+    import sklearn
+
+    minutes, gpu = (time.perf_counter() - started) / 60, torch.cuda.is_available()
+    machine = f"{'' if gpu else 'no GPU; '}{describe_machine('cuda' if gpu else 'cpu')}"
     block = (f"### {datetime.date.today().isoformat()}\n\n`{command_line('bench.learning', argv)}` ({minutes:.0f} "
-             f"min)\n\nMachine: {machine()}.\n\n{table}")
+             f"min)\n\nMachine: {machine}, scikit-learn {sklearn.__version__}.\n\n{table}")
     print_and_record(args, block, START, END, "## Recipe study (bench/learning.py)")
     return 0
 

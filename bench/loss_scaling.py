@@ -35,13 +35,14 @@ def original_loss(code: Path, n: int, device: torch.device) -> torch.nn.Module:
     return module.NTXentLoss(device, n, 0.5, True)
 
 
-def measure_one(n: int, dim: int, device: torch.device, which: str, repeats: int, code: Path) -> dict:
+def measure_one(n: int, dim: int, device: str, which: str, repeats: int, code: str) -> dict:
     """Forward + backward of one loss ("ntxent": ours; "seed": the original's, from `code`) on random `[n, dim]`
     projections; median seconds of `repeats` after one warm-up, and peak extra GiB."""
     from loss.nt_xent import NTXentLoss
 
     torch.manual_seed(0)
-    criterion = (NTXentLoss(temperature=0.5) if which == "ntxent" else original_loss(code, n, device)).to(device)
+    device = torch.device(device)
+    criterion = (NTXentLoss(temperature=0.5) if which == "ntxent" else original_loss(Path(code), n, device)).to(device)
     z1, z2 = (torch.randn(n, dim, device=device, requires_grad=True) for _ in range(2))
     cuda = device.type == "cuda"
     if cuda:
@@ -61,12 +62,12 @@ def measure_one(n: int, dim: int, device: torch.device, which: str, repeats: int
             "repeats": repeats}
 
 
-def _run_in_subprocess(n: int, args, which: str, repeats: int) -> dict:
-    cmd = [sys.executable, "-m", "bench.loss_scaling", "--one", str(n), "--dim", str(args.dim), "--device",
-           args.device, "--which", which, "--repeats", str(repeats), "--seed-code", str(args.seed_code)]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+def _run_in_subprocess(job: dict) -> dict:
+    """`measure_one(**job)` in a fresh process (its peak memory is this size's alone), or the job and its error."""
+    done = subprocess.run([sys.executable, "-m", "bench.loss_scaling", "--worker", json.dumps(job)], cwd=REPO,
+                          capture_output=True, text=True)
     if done.returncode != 0:
-        return {"n": n, "which": which, "error": (done.stderr.strip().splitlines() or ["failed"])[-1][:120]}
+        return {**job, "error": (done.stderr.strip().splitlines() or ["failed"])[-1][:120]}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -108,20 +109,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="the original repository's code (default: ../shared/seed/code)")
     parser.add_argument("--repeats", type=int, default=3)
     add_record_args(parser, "the table replacing this device's section (the file is created if absent)")
-    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--which", default="ntxent", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    if args.one is not None:
-        print(json.dumps(measure_one(args.one, args.dim, device, args.which, args.repeats, args.seed_code)))
-        return 0
     seed_sizes = [n for n in args.sizes if n <= args.seed_up_to]
     if seed_sizes and seed_code_problem(args.seed_code):
         print(f"the original repository's loss is not measured: {seed_code_problem(args.seed_code)}", file=sys.stderr)
         seed_sizes = []
     rows, load = [], os.getloadavg()[0] if device.type == "cpu" else None
     for n, which in [(n, "ntxent") for n in args.sizes] + [(n, "seed") for n in seed_sizes]:
-        rows.append(_run_in_subprocess(n, args, which, args.repeats if n <= 2048 or device.type == "cuda" else 1))
+        repeats = args.repeats if n <= 2048 or device.type == "cuda" else 1
+        rows.append(_run_in_subprocess(dict(n=n, dim=args.dim, device=args.device, which=which, repeats=repeats,
+                                            code=str(args.seed_code))))
         print(json.dumps(rows[-1]), flush=True)
     marks = (f"<!-- bench/loss_scaling.py {device.type}: {end} -->" for end in ("start", "end"))
     print_and_record(args, format_table(rows, device, args.dim, load, command_line("bench.loss_scaling", argv)),
@@ -129,5 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:  # one size, in the fresh process of `_run_in_subprocess`
+    print(json.dumps(measure_one(**json.loads(sys.argv[2]))))
+elif __name__ == "__main__":
     sys.exit(main())

@@ -133,12 +133,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=5 if cuda else 1, help="untimed steps first (5 / 1)")
     parser.add_argument("--amp", choices=list(AMP_SETTINGS), default="bf16" if cuda else "none", help="fp16_precision: "
                         "true with that amp_dtype (bf16, fp16), auto, or none (float32); default bf16 / none")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model and the device pipeline's "
-                        "ops (the first steps compile: warm-up takes a minute or more)")
-    parser.add_argument("--layout", choices=LAYOUTS, default="trainer", help="memory layout: the trainer's choice "
-                        "for --amp on this device (default), or channels-last / nchw forced")
-    parser.add_argument("--workers", type=int, default=startup.available_cpus(),
-                        help="DataLoader workers (default: the cores this process may use)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model and the device pipeline "
+                        "(warm-up then takes a minute or more)")
+    parser.add_argument("--layout", choices=LAYOUTS, default="trainer", help="the trainer's layout, or one forced")
+    parser.add_argument("--workers", type=int, default=startup.available_cpus(), help="DataLoader workers (cores)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, one per core); "
                         "--threads 1 --workers 0: the pipelines' rows are per core")
     add_record_args(parser, "the run appended to this benchmark's section")

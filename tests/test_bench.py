@@ -118,16 +118,20 @@ def test_a_benchmark_prints_by_default_and_records_only_with_record(name, argv, 
 
 
 def test_the_recipe_study_records_only_with_record(tmp_path, monkeypatch, capsys):
+    import sklearn
+
     from bench import learning
 
     docs = _fake_docs(tmp_path, monkeypatch)
     before = docs.read_bytes()
     monkeypatch.setattr(learning, "study", lambda args, trainer_class: "| study | table |")
-    monkeypatch.setattr(learning, "machine", lambda: "a test machine")
+    monkeypatch.setattr(learning, "describe_machine", lambda device: f"a test machine ({device})")
     assert learning.main(["--seeds", "0"]) == 0
     assert docs.read_bytes() == before and "| study | table |" in capsys.readouterr().out
     assert learning.main(["--seeds", "0", "--record"]) == 0
-    assert docs.read_text().endswith(f"Machine: a test machine.\n\n| study | table |\n{learning.END}\n")
+    machine = "a test machine (cuda)" if torch.cuda.is_available() else "no GPU; a test machine (cpu)"
+    assert docs.read_text().endswith(f"Machine: {machine}, scikit-learn {sklearn.__version__}.\n\n| study | table |\n"
+                                     f"{learning.END}\n")
     out = tmp_path / "elsewhere.md"
     assert learning.main(["--seeds", "0", "--output", str(out)]) == 0 and "## Recipe study" in out.read_text()
 
