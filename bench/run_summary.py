@@ -7,8 +7,7 @@
 
 An epoch's GPU busy % is the mean `utilization.gpu` (NVML's share of time a kernel ran, not how full the GPU is) of
 the samples in the `seconds` before its record's `ended` time. The steady state is the median of the epochs after
-the first (which pays for start-up); a run cut short before its first epoch ended, its step records. The kNN
-monitor's share: its seconds against the epochs' (its calls at their ends included) and the reference call's.
+the first (which pays for start-up); a run cut short before its first epoch ended, its step records.
 """
 from __future__ import annotations
 
@@ -87,9 +86,9 @@ def epoch_rows(steps: list[dict], epochs: list[dict], batch: int, samples: list)
     return rows
 
 
-def steady_state(rows: list[dict], step_rates: list[float], steps: list[dict], samples: list) -> dict:
-    """Medians over the epochs after the first (the only one, if so); from the step records and every sample
-    when no epoch finished."""
+def steady_state(rows: list[dict], step_rates: list[float], samples: list) -> dict:
+    """Medians over the epochs after the first (the only one, if so); over `step_rates` and every sample when no
+    epoch finished."""
     later = rows[1:] or rows
     steady = {"epochs": [r["epoch"] for r in later]}
     if later:
@@ -97,7 +96,7 @@ def steady_state(rows: list[dict], step_rates: list[float], steps: list[dict], s
         rates = [r["images_per_s"] for r in later if r["images_per_s"]]
         busy = [r["gpu_busy_percent"] for r in later if "gpu_busy_percent" in r]
     else:
-        rates = [statistics.median(step_rates or [r["images_per_s"] for r in steps])]
+        rates = step_rates
         busy = [statistics.fmean(s[1] for s in samples)] if samples else []
         steady["gpu_window"] = "the whole run (no epoch finished)"
     if rates:
@@ -109,7 +108,8 @@ def steady_state(rows: list[dict], step_rates: list[float], steps: list[dict], s
 
 
 def knn_share(epochs: list[dict], references: list[dict]) -> dict | None:
-    """The kNN monitor's calls and seconds, and their percent of the training seconds; None where it never ran."""
+    """The kNN monitor's calls and seconds, and their percent of the training seconds: the epochs' (their calls
+    included) and the reference call's, made before epoch 1's clock starts. None where the monitor never ran."""
     calls = [r["knn_seconds"] for r in references + epochs if "knn_seconds" in r]
     training = sum(r["seconds"] for r in epochs) + sum(r["knn_seconds"] for r in references)
     return {"calls": len(calls), "seconds": sum(calls), "training_seconds": training,
@@ -124,7 +124,7 @@ def summarize_run(run_dir: str | Path, gpu_csv: str | Path | None = None) -> dic
     # each step record's images_per_s covers the steps since the previous record; an epoch's first, its start too
     step_rates = [r["images_per_s"] for r in steps
                   if any(o["epoch"] == r["epoch"] and o["global_step"] < r["global_step"] for o in steps)]
-    steady = steady_state(rows, step_rates, steps, samples)
+    steady = steady_state(rows, step_rates or [r["images_per_s"] for r in steps], samples)
     summary = {"run_dir": str(run_dir), "batch_size": config["batch_size"], "model": config["model"]["base_model"],
                "crop": config["dataset"]["input_shape"][0], "augment_on": config["dataset"]["augment_on"],
                "amp": {True: config["amp_dtype"], False: "none"}.get(config["fp16_precision"], "auto"),
