@@ -241,7 +241,7 @@ def _package_digests(manifest: dict) -> set[str]:
 def _matching_evaluations(folder: Path, digests: set[str], log, skipped="skipped") -> list[tuple[Path, Results]]:
     """`(path, results)` of the results in `folder` that scored weights of these sha256s; others logged as `skipped`."""
     found = []
-    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+    for path in sorted(folder.glob("*.json")):
         try:
             results = read_results(path)
         except (OSError, ValueError) as err:
@@ -354,30 +354,27 @@ LIST_COLUMNS = ("Package", "Architecture", "Data", "Epochs", "Batch", "Linear to
 
 
 def package_table(root: Path) -> str:
-    """`--list`: the packages in `root` as a markdown table (`LIST_COLUMNS`), or a line saying there are none."""
-    rows = [_package_row(root / name) for name in list_packages(root)]
-    header = [f"| {' | '.join(LIST_COLUMNS)} |", "|---" * len(LIST_COLUMNS) + "|"]
-    return "\n".join(header + rows) if rows else f"no packages in {root}"
+    """`--list`: the packages in `root` as a markdown table (`LIST_COLUMNS`), or a line saying there are none; a
+    package's top-1s are its card's (the latest SimCLR rows of its eval/)."""
+    lines = [f"| {' | '.join(LIST_COLUMNS)} |", "|---" * len(LIST_COLUMNS) + "|"]
+    for folder in [root / name for name in list_packages(root)]:
+        manifest = read_manifest(folder)
+        try:
+            config = _flat_config(yaml.safe_load((folder / CONFIG_FILE).read_text()))
+        except (OSError, yaml.YAMLError):
+            config = {}
+        evaluations = _matching_evaluations(folder / EVAL_DIR, _package_digests(manifest), lambda _: None)
+        top1 = {row.classifier: f"{row.top1:.1f}" for row in _latest_rows([results for _, results in evaluations])
+                if row.extractor == "simclr" and row.top1 is not None}
+        base_model = manifest.get("base_model")
+        cells = (folder.name, ARCHITECTURES.get(base_model, base_model), config.get("dataset_name"),
+                 manifest.get("epochs"), config.get("batch_size"), top1.get("lbfgs"), top1.get("knn"),
+                 "yes" if (folder / WEIGHTS_FILE).is_file() else "no (download)")
+        lines.append("| " + " | ".join("-" if cell is None else str(cell) for cell in cells) + " |")
+    return "\n".join(lines) if len(lines) > 2 else f"no packages in {root}"
 
 
-def _package_row(folder: Path) -> str:
-    """A package's row of `package_table`; its top-1s are its card's (the latest SimCLR rows of its eval/)."""
-    manifest = read_manifest(folder)
-    try:
-        config = _flat_config(yaml.safe_load((folder / CONFIG_FILE).read_text()))
-    except (OSError, yaml.YAMLError):
-        config = {}
-    evaluations = _matching_evaluations(folder / EVAL_DIR, _package_digests(manifest), lambda _: None)
-    top1 = {row.classifier: f"{row.top1:.1f}" for row in _latest_rows([results for _, results in evaluations])
-            if row.extractor == "simclr" and row.top1 is not None}
-    base_model = manifest.get("base_model")
-    cells = (folder.name, ARCHITECTURES.get(base_model, base_model), config.get("dataset_name"), manifest.get("epochs"),
-             config.get("batch_size"), top1.get("lbfgs"), top1.get("knn"),
-             "yes" if (folder / WEIGHTS_FILE).is_file() else "no (download)")
-    return "| " + " | ".join("-" if cell is None else str(cell) for cell in cells) + " |"
-
-
-def parse_args(argv: list[str]) -> argparse.Namespace:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pretrained_models.export", description=__doc__.split("\n")[0])
     parser.add_argument("source", nargs="?", help="run directory or run name (runs/<name>), or checkpoint .pt file")
     parser.add_argument("--as", dest="name", help="package name (default: e.g. resnet-18_40-epochs)")
@@ -386,14 +383,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--list", action="store_true", help="print the packages present as a table and exit")
     parser.add_argument("--refresh", metavar="NAME",
                         help="rebuild package NAME's model card from the results in its eval/ folder and exit")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if not args.list and not args.refresh and not args.source:
         parser.error("pass a run directory or checkpoint to export (or --list, or --refresh NAME)")
-    return args
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
     root = Path(args.packages_dir) if args.packages_dir else PACKAGES_DIR
     try:
         with startup.one_line_warnings():  # no CPU policy: exporting computes nothing in parallel
