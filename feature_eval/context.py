@@ -124,9 +124,7 @@ class EvalContext:
 
     def results_stem(self) -> str:
         """The results files' name, as `results_stem` makes it for this checkpoint and data."""
-        trained = {} if self.trained_data is None else {"root": self.trained_data.root,
-                                                         "input_shape": self.trained_data.input_shape}
-        return results_stem(self.checkpoint, self.dataset, self.root, self.input_size, trained)
+        return results_stem(self.checkpoint, self.dataset, self.root, self.input_size, self.trained_data)
 
 
 def open_context(checkpoint: str | Path, options: RunOptions,
@@ -226,13 +224,13 @@ def parse_names(text: str | tuple | list, allowed: tuple[str, ...], option: str)
     return tuple(dict.fromkeys(names))
 
 
-def results_stem(checkpoint_file: Path, dataset: str, root: Path, input_size: int, trained: dict) -> str:
+def results_stem(checkpoint: Path, dataset: str, root: Path, input_size: int, trained: DatasetConfig | None) -> str:
     """`<checkpoint>_<dataset>`, then `_<root folder>` and `_<size>px` where data root and input size are not those
-    of `trained` (the checkpoint's `dataset` config, `{}` if none): other data never overwrite its results."""
-    stem = f"{checkpoint_file.stem}_{dataset}"
-    if Path(root).resolve() != Path(trained.get("root") or "data").resolve():
+    the checkpoint `trained` on (None where it names no data): other data never overwrite its results."""
+    stem = f"{checkpoint.stem}_{dataset}"
+    if Path(root).resolve() != Path(trained and trained.root or "data").resolve():
         stem += "_" + (re.sub(r"[^A-Za-z0-9._-]+", "-", Path(root).resolve().name) or "root")
-    if input_size != int((trained.get("input_shape") or [0])[0]):
+    if input_size != (trained.crop_size if trained else 0):
         stem += f"_{input_size}px"
     return stem
 

@@ -33,8 +33,7 @@ from data_aug.datasets import subset
 from data_aug.device_views import resized_crop, sample_crop_boxes
 from feature_eval.baselines import random_encoder
 from feature_eval.classifiers import holdout_split, topk_accuracy
-from feature_eval.context import (EvalContext, EvalError, RunOptions, open_context, option, parse_names, parse_options,
-                                  run_cli)
+from feature_eval.context import EvalContext, EvalError, RunOptions, open_context, option, parse_names, run_cli
 from feature_eval.features import extract_features
 from feature_eval.results import EXTRACTOR_NAMES, Row, log_row, markdown_table, table_caption, write_results
 from simclr.config import DatasetConfig
@@ -334,10 +333,6 @@ def _record(ctx: EvalContext, o: FineTuneOptions, fit: str, indices: np.ndarray,
                                            "per_class": {c: int(n) for c, n in zip(ctx.classes, counts)},
                                            "indices": indices.tolist() if len(indices) <= 5000 else None},
         selection={row.extractor: row.details["selection"] for row in rows}, rows=[row.to_json() for row in rows])
-
-
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    return parse_options(FineTuneOptions, "feature_eval.finetune", __doc__, argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,7 @@ from feature_eval.features import FeatureSplit, cached_features, extract_feature
 from models.loading import CheckpointLoadError
 from models.resnet_simclr import Encoder, create_model
 from simclr.checkpoint import save_checkpoint
-from simclr.config import config_to_dict, load_config
+from simclr.config import DatasetConfig, config_to_dict, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -503,7 +503,7 @@ def test_embedding_works_for_tiny_test_sets(n):
 
 
 def test_results_of_other_data_or_sizes_get_their_own_file_names(tmp_path):
-    trained = {"root": str(tmp_path / "data"), "input_shape": [96, 96, 3]}
+    trained = DatasetConfig(root=str(tmp_path / "data"), input_shape=(96, 96, 3))
     stem = context_module.results_stem
     assert stem(Path("runs/r/checkpoints/last.pt"), "stl10", tmp_path / "data", 96, trained) == "last_stl10"
     assert stem(Path("last.pt"), "imagefolder", tmp_path / "my set", 96, trained) == "last_imagefolder_my-set"

@@ -279,7 +279,7 @@ def test_cli_bad_options_exit_2(digits_run, argv, message, capsys):
 def test_both_drivers_check_numbers_with_one_function(argv, message, capsys):
     from feature_eval import evaluate as evaluate_module
 
-    for parse_args in (finetune_module.parse_args, evaluate_module.parse_args):
+    for parse_args in (main, evaluate_module.parse_args):  # finetune's main stops as it parses
         with pytest.raises(SystemExit) as stop:
             parse_args(["--checkpoint", "x", *argv])
         err = capsys.readouterr().err  # one line: the option, its value and bound; no usage
