@@ -1,6 +1,7 @@
 """Baseline feature extractors: PCA of raw pixels, and the same encoder architecture with random weights."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Callable
 
@@ -71,14 +72,9 @@ def pca_features(train_dataset, test_dataset, crop_size: int, n_components: int,
     key = {"extractor": "pca", "n_components": n_components, "seed": seed, "input_size": crop_size,
            "sklearn": sklearn.__version__, "train": data_fingerprint(train_dataset),
            "test": data_fingerprint(test_dataset)}
-    computed: list = []  # both splits, once, for whichever is not cached
-
-    def compute(index: int) -> FeatureSplit:
-        computed[:] = computed or pca_baseline(train_dataset, test_dataset, crop_size, n_components, batch_size,
-                                               num_workers, seed)
-        return computed[index]
-
-    train = cached_features(cache_dir, {**key, "split": "train"}, lambda: compute(0), log)
-    test = cached_features(cache_dir, {**key, "split": "test"}, lambda: compute(1), log)
+    both = functools.cache(lambda: pca_baseline(train_dataset, test_dataset, crop_size, n_components, batch_size,
+                                                num_workers, seed))  # once, for whichever split is not cached
+    train, test = (cached_features(cache_dir, {**key, "split": split}, lambda i=i: both()[i], log)
+                   for i, split in enumerate(("train", "test")))
     # a cache file written before the facts were kept has none
     return train, test, train.facts or {"n_components": int(train.features.shape[1]), "explained_variance": None}

@@ -5,7 +5,6 @@ Each is a function `(train_features [N, D], train_labels [N], test_features [M, 
 """
 from __future__ import annotations
 
-import contextlib
 import warnings
 from dataclasses import dataclass, field
 
@@ -112,24 +111,11 @@ def holdout_split(labels: np.ndarray, valid_fraction: float, seed: int) -> tuple
     if n < MIN_HOLDOUT_ITEMS:
         raise ValueError(f"{n} training items are too few to hold out a validation part (need {MIN_HOLDOUT_ITEMS})")
     n_valid = min(max(int(round(n * valid_fraction)), 1), n - 2)
-    index = np.arange(n)
     counts = np.bincount(labels)
     counts = counts[counts > 0]
     stratify = labels if counts.min() >= 2 and len(counts) <= n_valid and len(counts) <= n - n_valid else None
-    fit, valid = train_test_split(index, test_size=n_valid, random_state=seed, stratify=stratify)
+    fit, valid = train_test_split(np.arange(n), test_size=n_valid, random_state=seed, stratify=stratify)
     return np.sort(fit), np.sort(valid)
-
-
-@contextlib.contextmanager
-def _one_cpu_thread(device: torch.device):
-    """One intra-op thread on the CPU: a linear layer on a few hundred rows costs less than the thread hand-offs
-    (10-40x slower per step with two threads on a busy machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1 if device.type == "cpu" else previous)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 class _LinearStack:
@@ -146,27 +132,23 @@ class _LinearStack:
         self.bias = torch.zeros(groups, num_classes, device=x.device, requires_grad=True)  # (G, C)
         self.decay = torch.tensor(weight_decays, dtype=x.dtype, device=x.device).view(groups, 1, 1)
 
-    def logits(self, features: torch.Tensor, standardized: bool = False) -> torch.Tensor:
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
         """`[G, M, C]` logits of every layer for features `[M, D]`."""
-        if not standardized:
-            features = (features - self.mean) / self.std
+        features = (features - self.mean) / self.std
         return torch.einsum("md,gdc->gmc", features, self.weight) + self.bias[:, None, :]
 
 
 def _fit_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decays: tuple[float, ...], epochs: int,
-                lr: float, batch_size: int, seed: int, checkpoints: tuple[int, ...] = (),
-                score=None) -> tuple[_LinearStack, dict]:
+                lr: float, batch_size: int, seed: int):
     """Train one linear layer per weight decay (Adam's: an L2 term added to the gradient) on `x` `[N, D]`, `y` `[N]`
-    with a seeded batch order; returns the layers and `{epoch: score(layers)}` at each epoch of `checkpoints`."""
+    with a seeded batch order; yields the layers (one `_LinearStack`, trained on) after each epoch."""
     model = _LinearStack(x, num_classes, weight_decays)
-    x = (x - model.mean) / model.std
     optimizer = torch.optim.Adam([model.weight, model.bias], lr=lr)
     generator = torch.Generator().manual_seed(seed)
-    scored = {}
-    for epoch in range(1, epochs + 1):
+    for _ in range(epochs):
         for batch in torch.randperm(len(x), generator=generator).split(batch_size):
             batch = batch.to(x.device)
-            logits = model.logits(x[batch], standardized=True)  # (G, B, C)
+            logits = model.logits(x[batch])  # (G, B, C)
             # Sum of each layer's mean loss: every layer gets exactly the gradient it would get alone.
             loss = F.cross_entropy(logits.flatten(0, 1), y[batch].repeat(len(logits)), reduction="sum") / len(batch)
             optimizer.zero_grad(set_to_none=True)
@@ -175,10 +157,7 @@ def _fit_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay
                 model.weight.grad += model.decay * model.weight
                 model.bias.grad += model.decay[:, :, 0] * model.bias
             optimizer.step()
-        if epoch in checkpoints:
-            with torch.no_grad():
-                scored[epoch] = score(model)
-    return model, scored
+        yield model
 
 
 def adam_probe(train_features, train_labels, test_features, test_labels=None, *, num_classes: int | None = None,
@@ -194,24 +173,28 @@ def adam_probe(train_features, train_labels, test_features, test_labels=None, *,
     x = torch.as_tensor(_numpy(train_features, np.float32), device=device)
     y_np, classes = _train_labels(train_labels, num_classes)
     y = torch.as_tensor(y_np, device=device)
-    fit, valid = holdout_split(y_np, valid_fraction, seed)
-    fit, valid = torch.as_tensor(fit, device=device), torch.as_tensor(valid, device=device)
+    fit, valid = (torch.as_tensor(part, device=device) for part in holdout_split(y_np, valid_fraction, seed))
     checkpoints = tuple(range(eval_every, max_epochs + 1, eval_every)) or (max_epochs,)
-
-    def valid_accuracy(model: _LinearStack) -> list[float]:
-        hits = model.logits(x[valid]).argmax(2) == y[valid]  # (G, V)
-        return (hits.double().mean(1) * 100).tolist()
-
-    with _one_cpu_thread(device):
-        _, scored = _fit_linear(x[fit], y[fit], classes, weight_decays, max(checkpoints), lr, batch_size, seed,
-                                checkpoints, valid_accuracy)
-        grid = {(wd, ep): scored[ep][g] for g, wd in enumerate(weight_decays) for ep in checkpoints}
+    grid = {}  # (weight decay, epochs) -> validation top-1 %
+    # One intra-op thread on the CPU: a linear layer on a few hundred rows costs less than the thread hand-offs
+    # (10-40x slower per step with two threads on a busy machine).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if device.type == "cpu" else threads)
+    try:
+        layers = _fit_linear(x[fit], y[fit], classes, weight_decays, max(checkpoints), lr, batch_size, seed)
+        for epoch, model in enumerate(layers, 1):
+            if epoch in checkpoints:
+                with torch.no_grad():
+                    top1 = (model.logits(x[valid]).argmax(2) == y[valid]).double().mean(1) * 100  # (G,)
+                grid.update(((wd, epoch), acc) for wd, acc in zip(weight_decays, top1.tolist()))
         # Highest validation accuracy; ties go to the earlier weight decay of the list, then to fewer epochs.
         best_wd, best_epochs = max(grid, key=lambda c: (grid[c], -weight_decays.index(c[0]), -c[1]))
-        model, _ = _fit_linear(x, y, classes, (best_wd,), best_epochs, lr, batch_size, seed)
+        *_, model = _fit_linear(x, y, classes, (best_wd,), best_epochs, lr, batch_size, seed)  # after the last epoch
         with torch.no_grad():
             test = torch.as_tensor(_numpy(test_features, np.float32), device=device)
             logits = model.logits(test)[0].cpu().numpy()  # (M, C)
+    finally:
+        torch.set_num_threads(threads)
     details = {"weight_decay": best_wd, "epochs": best_epochs, "valid_top1": grid[best_wd, best_epochs],
                "lr": lr, "batch_size": batch_size, "fit_items": len(fit), "valid_items": len(valid),
                "valid_top1_grid": {str(wd): {str(ep): grid[wd, ep] for ep in checkpoints} for wd in weight_decays}}
@@ -226,10 +209,8 @@ def knn_classifier(train_features, train_labels, test_features, test_labels=None
     lower class. Chunked over test and training items. Scores: vote counts `[M, C]`."""
     (y_np, classes), device = _train_labels(train_labels, num_classes), torch.device(device)
     k = min(k, len(y_np))
-    x_train, x_test = standardize(train_features, test_features)
     dtype = torch.float64 if device.type != "mps" else torch.float32
-    keys = torch.as_tensor(x_train, dtype=dtype, device=device)
-    queries = torch.as_tensor(x_test, dtype=dtype, device=device)
+    keys, queries = (torch.as_tensor(x, dtype=dtype, device=device) for x in standardize(train_features, test_features))
     key_sq = (keys * keys).sum(1)
 
     def negative_sq_distance(q, start, stop):
@@ -251,8 +232,7 @@ def weighted_knn(train_features, train_labels, test_features, test_labels=None, 
     (`knn.weighted_knn_scores`, chunked). Scores: summed weights `[M, C]`."""
     (y_np, classes), device = _train_labels(train_labels, num_classes), torch.device(device)
     k = min(k, len(y_np))
-    keys = torch.as_tensor(_numpy(train_features, np.float32), device=device)  # (N, D)
-    queries = torch.as_tensor(_numpy(test_features, np.float32), device=device)  # (M, D)
+    keys, queries = (torch.as_tensor(_numpy(x, np.float32), device=device) for x in (train_features, test_features))
     scores = weighted_knn_scores(keys, torch.as_tensor(y_np, device=device), queries, classes, k, temperature,
-                                 query_chunk, key_chunk)
+                                 query_chunk, key_chunk)  # (M, C)
     return _finish(scores.cpu().numpy(), test_labels, {"k": k, "temperature": temperature, "metric": "cosine"})

@@ -89,11 +89,11 @@ def plot_confusion(counts, classes: list[str], ax=None, title: str = "Confusion 
     return ax
 
 
-def _figure(width: float, height: float):  # inches at 100 dpi, on the Agg canvas
+def _figure(width: float, height: float, layout: str | None = None):  # inches at 100 dpi, on the Agg canvas
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(width, height), dpi=100)
+    figure = Figure(figsize=(width, height), dpi=100, layout=layout)
     FigureCanvasAgg(figure)
     return figure
 
@@ -105,20 +105,18 @@ def write_evaluation_plots(out_dir: Path, stem: str, test_features, test_labels,
     per `(title, counts [C, C])`; none without confusions); returns `{"tsne": path, "confusion": path}`."""
     paths = {}
     if np.isfinite(np.asarray(test_features)).all():
-        figure = _figure(*((8, 6.5) if len(classes) <= 10 else (10, 8)))
+        figure = _figure(*((8, 6.5) if len(classes) <= 10 else (10, 8)), layout="tight")
         plot_embedding(test_features, test_labels, classes, max_points, seed, ax=figure.subplots(),
                        title="t-SNE of the SimCLR test features")
         paths["tsne"] = out_dir / f"{stem}_tsne.png"
-        figure.tight_layout()
         figure.savefig(paths["tsne"])
     if confusions:
         side = 4.6 if len(classes) <= 10 else 6.0
-        figure = _figure(side * len(confusions), side + 0.6)
+        figure = _figure(side * len(confusions), side + 0.6, layout="tight")
         for ax, (title, counts) in zip(figure.subplots(1, len(confusions), squeeze=False)[0], confusions):
             plot_confusion(counts, classes, ax, title)
         figure.suptitle("Confusion matrices on the SimCLR features (rows: true class, each row sums to 1)")
         paths["confusion"] = out_dir / f"{stem}_confusion.png"
-        figure.tight_layout()
         figure.savefig(paths["confusion"])
     return paths
 

@@ -201,7 +201,7 @@ def test_adam_probe_batched_grid_equals_one_layer_trained_alone():
 
     x_train, y_train, _, _ = features_problem(n_train=120)
     x, y = torch.from_numpy(x_train), torch.from_numpy(y_train)
-    stacked, _ = _fit_linear(x, y, 5, (0.0, 1e-2), epochs=3, lr=1e-3, batch_size=32, seed=0)
+    *_, stacked = _fit_linear(x, y, 5, (0.0, 1e-2), epochs=3, lr=1e-3, batch_size=32, seed=0)
     layer = torch.nn.Linear(x.shape[1], 5)
     torch.nn.init.zeros_(layer.weight)
     torch.nn.init.zeros_(layer.bias)
