@@ -115,11 +115,14 @@ def evaluate(checkpoint: str | Path, options: EvalOptions | None = None, *, log:
                          o.recorded("classifiers", "baselines", "batch_size", "C", "max_iter", "knn_k",
                                     "weighted_knn_k", "weighted_knn_temperature"),
                          timings, baselines={name: extractors[name] for name in o.baselines})
-    rows = [replace(row, evaluated=results["finished"]) for row in rows]
+    rows, notes, stem = [replace(row, evaluated=results["finished"]) for row in rows], [], ctx.results_stem()
+    if o.write:  # into the table of the same file
+        rows, notes = _add_to_table(ctx.out_dir / f"{stem}.json", results, rows,
+                                    {key: protocol[2] for key, protocol in protocols.items()}, log)
     results["rows"] = [row.to_json() for row in rows]
     evaluation = Evaluation(results, rows, markdown_table(rows), ctx.classes, features, outcomes)
     if o.write:
-        _write(evaluation, ctx, o, {key: protocol[2] for key, protocol in protocols.items()}, started, log)
+        evaluation.paths = _write(evaluation, ctx, o, stem, notes, started, log)
     return evaluation
 
 
@@ -180,13 +183,10 @@ def score(ctx: EvalContext, features: dict, extractors: dict, protocols: dict,
     return rows, outcomes
 
 
-def _write(evaluation: Evaluation, ctx: EvalContext, o: EvalOptions, settings: dict[str, dict],
-           started: float, log: Callable[[str], None]) -> None:
-    """Add the rows to the table in the same file (`_add_to_table`), draw the pictures, write table and JSON."""
-    stem = ctx.results_stem()
-    results, rows, notes = _add_to_table(ctx.out_dir / f"{stem}.json", evaluation.results, evaluation.rows, settings,
-                                         log)
-    pictures = {}
+def _write(evaluation: Evaluation, ctx: EvalContext, o: EvalOptions, stem: str, notes: list[str], started: float,
+           log: Callable[[str], None]) -> dict[str, Path]:
+    """Draw the pictures, write table and JSON (`notes` under the table); returns the files written."""
+    results, rows, pictures = evaluation.results, evaluation.rows, {}
     if o.plots:
         tic = time.perf_counter()
         pictures = write_pictures(rows, evaluation.features, ctx, stem, o.seed, log)
@@ -198,46 +198,42 @@ def _write(evaluation: Evaluation, ctx: EvalContext, o: EvalOptions, settings: d
                 path.unlink()
                 log(f"removed {path}: drawn for an earlier table (drop --no-plots to draw it again)")
     results["pictures"] = {key: path.name for key, path in pictures.items()}
-    evaluation.results, evaluation.rows, evaluation.table = results, rows, markdown_table(rows)
     notes = [how_to_read({row.extractor for row in rows}), *notes,
              *(f"![{PICTURES[key]}]({path.name})" for key, path in pictures.items())]
     line = table_caption(results, f"Frozen features of `{results['checkpoint']}`",
                          f"train ({results['splits']['train']})")
-    evaluation.paths = {**write_results(results, evaluation.table, ctx.out_dir, stem, line, notes), **pictures}
+    return {**write_results(results, evaluation.table, ctx.out_dir, stem, line, notes), **pictures}
 
 
 def _add_to_table(path: Path, results: dict, rows: list[Row], settings: dict[str, dict],
-                  log: Callable[[str], None]) -> tuple[dict, list[Row], list[str]]:
-    """The table of the earlier JSON at `path` with `rows` added (`current_rows`: each row made again replaces
-    itself), `results` describing all its rows, and the notes naming the rows kept from earlier evaluations and
-    those dropped as made under settings other than `settings` (which the log line says too)."""
+                  log: Callable[[str], None]) -> tuple[list[Row], list[str]]:
+    """The table of the earlier JSON at `path` with `rows` added (`current_rows`: a row made again replaces itself),
+    and the notes naming the rows kept from earlier evaluations and those dropped as made under settings other than
+    `settings` (the log says how many). Where rows are kept, `results`' options and command are made to cover them."""
     try:
         earlier = read_results(path) if path.is_file() else None
     except (OSError, ValueError):
         log(f"note: {path} was unreadable; this evaluation replaces it")
         earlier = None
-    if earlier is None:
-        return results, rows, []
-    table = current_rows([*earlier.rows, *rows], settings)
+    table = current_rows([*(earlier.rows if earlier else ()), *rows], settings)
     kept = [row for row in table if row not in rows]
-    dropped = [row for row in earlier.rows if not row.fits(settings.get(row.classifier, {}))]
+    dropped = [row for row in earlier.rows if not row.fits(settings.get(row.classifier, {}))] if earlier else []
     changed = ", ".join(dict.fromkeys(key for row in dropped for key, value in settings[row.classifier].items()
                                       if row.settings.get(key) != value))
-    log(f"added to the table of {path.name}: kept {len(kept)} earlier row(s), dropped {len(dropped)}"
-        + (f" (made with other {changed})" if dropped else ""))
-    notes = [f"{text}: {'; '.join(f'{row.name} ({row.evaluated})' for row in named)}." for text, named in (
-        ("Kept from earlier evaluations (not redone by this one)", kept),
-        (f"Dropped, as made with other {changed}", dropped)) if named]
+    if earlier:
+        log(f"added to the table of {path.name}: kept {len(kept)} earlier row(s), dropped {len(dropped)}"
+            + (f" (made with other {changed})" if dropped else ""))
     if kept:  # the options and command cover every row, so the command makes this table again
-        classifiers = ",".join(dict.fromkeys("knn" if r.classifier == "weighted_knn" else r.classifier for r in table))
+        classifiers = list(dict.fromkeys("knn" if r.classifier == "weighted_knn" else r.classifier for r in table))
         baselines = list(dict.fromkeys(r.extractor for r in table if r.extractor != "simclr"))
         facts = {**(earlier.record.get("baselines") or {}), **results["baselines"]}
-        results = {**results, "options": {**results["options"], "classifiers": classifiers.split(","),
-                                          "baselines": baselines},
-                   "baselines": {name: facts[name] for name in baselines if name in facts},
-                   "command": rewrite_command(results["command"], {"--classifiers": classifiers,
-                                                                   "--baselines": ",".join(baselines) or None})}
-    return {**results, "rows": [row.to_json() for row in table]}, table, notes
+        results.update(options={**results["options"], "classifiers": classifiers, "baselines": baselines},
+                       baselines={name: facts[name] for name in baselines if name in facts},
+                       command=rewrite_command(results["command"], {"--classifiers": ",".join(classifiers),
+                                                                    "--baselines": ",".join(baselines) or None}))
+    return table, [f"{text}: {'; '.join(f'{row.name} ({row.evaluated})' for row in named)}." for text, named in (
+        ("Kept from earlier evaluations (not redone by this one)", kept),
+        (f"Dropped, as made with other {changed}", dropped)) if named]
 
 
 def write_pictures(rows: list[Row], features: dict, ctx: EvalContext, stem: str, seed: int,
