@@ -46,8 +46,7 @@ DEFAULT_VARIANTS = ("model.head_bn=false model.head_layers=2",  # the original r
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(REPO / "configs" / "quickstart.yaml"),
                         help="base config of every run (default: configs/quickstart.yaml)")
     parser.add_argument("--variants", nargs="*", default=None,

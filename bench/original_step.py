@@ -1,10 +1,9 @@
 """The original repository's training step next to the trainer's, on the same views, machine and invocation.
 
-The original (sthalles/SimCLR e8a690a in ../shared/seed/code, see ../shared/seed/CODE.md) runs in a child process
-started from this file as a script, without this project on sys.path (its packages have no `__init__.py`, so ours
-would shadow them), and times its own step on views saved by this process; this process times `Trainer.train_step`
-on the same views in each of `TRAINER_SETTINGS`, the repeats interleaved so that other load falls on each alike.
-Only the standard library is imported at the top, so that the child can run this file. Results: docs/BENCHMARKS.md.
+The original (sthalles/SimCLR e8a690a in ../shared/seed/code, see ../shared/seed/CODE.md) times its own step on
+views saved by this process, in a child process that runs this file as a script without this project on sys.path
+(its packages have no `__init__.py`: ours would shadow them), so only the standard library is imported at the top.
+The repeats interleave the rows, so that other load falls on each alike. Results: docs/BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -41,8 +40,7 @@ def seed_code_problem(code: Path) -> str | None:
 
 
 def original_worker(code: str, views_file: str, batch_size: int, warmup: int, steps: int) -> float:
-    """In the child, where this project is not importable: images/s of the original's step on the `(xis, xjs)`
-    batches in `views_file`."""
+    """In the child (none of this project here): images/s of the original's step on the views in `views_file`."""
     sys.path.insert(0, code)
     import torch
     import torch.nn.functional as F
@@ -83,8 +81,7 @@ def run_original(code: Path, views_file: Path, batch_size: int, warmup: int, ste
 
 def measure(args) -> dict:
     """{"rows": {crop: {row: [images/s per repeat]}}, "loads": [1-minute load at each repeat's start]}: per crop,
-    the original's step then each trainer's, `args.repeats` times in turn on the same views (the device pipeline's,
-    made on the CPU)."""
+    the original's step then each trainer's, `args.repeats` times in turn on the same views (made on the CPU)."""
     import torch
 
     from bench import timed

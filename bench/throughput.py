@@ -124,7 +124,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     visible = "cuda" if torch.cuda.is_available() else "cpu"
     cuda = startup.device_from_argv(sys.argv[1:] if argv is None else argv, visible).startswith("cuda")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", type=device_arg, default=visible, help="cuda, cuda:N or cpu (default: cuda if "
+    parser.add_argument("--device", type=device_arg, default=visible, help="cpu, cuda or cuda:N (default: cuda if "
                         "visible); the defaults below are CUDA's / the CPU's")
     parser.add_argument("--model", default="resnet18", choices=FEATURE_DIMS, help="the encoder (model.base_model)")
     parser.add_argument("--crop", type=int, default=96, help="view side (and synthetic image side)")
@@ -132,13 +132,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20 if cuda else 3, help="timed steps per row (20 / 3)")
     parser.add_argument("--warmup", type=int, default=5 if cuda else 1, help="untimed steps first (5 / 1)")
     parser.add_argument("--amp", choices=list(AMP_SETTINGS), default="bf16" if cuda else "none", help="fp16_precision: "
-                        "true with that amp_dtype (bf16, fp16), auto, or none (float32); default bf16 / none")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model and the device pipeline "
-                        "(warm-up then takes a minute or more)")
+                        "true with that amp_dtype (bf16, fp16), auto, or none (float32); bf16 / none")
+    parser.add_argument("--compile", action="store_true", help="torch.compile model and pipeline (slow warm-up)")
     parser.add_argument("--layout", choices=LAYOUTS, default="trainer", help="the trainer's layout, or one forced")
     parser.add_argument("--workers", type=int, default=startup.available_cpus(), help="DataLoader workers (cores)")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, one per core); "
-                        "--threads 1 --workers 0: the pipelines' rows are per core")
     add_record_args(parser, "the run appended to this benchmark's section")
     args = parser.parse_args(argv)
     if args.batch_size < 2 or args.steps < 1 or args.warmup < 0:
@@ -149,8 +146,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None, trainer_class=Trainer) -> int:
     """The benchmark's command; `trainer_class` is `create_trainer`'s (a test passes a subclass that counts steps)."""
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     block = format_run(args, run(args, trainer_class), command_line("bench.throughput", argv))
     print_and_record(args, block, START, END, SECTION_HEAD)
     return 0
