@@ -62,8 +62,7 @@ class RunOptions:
 
     @classmethod
     def of(cls, module: str, checkpoint: str | Path, options: RunOptions | None = None, **fields):
-        """`options` (or the defaults) with `fields` replaced, and the `command_line` that asks for them where no
-        `command` is given: how a driver takes options from Python."""
+        """How a driver takes options from Python: `options` (or the defaults) with `fields` replaced, and a command."""
         o = dataclasses.replace(options, **fields) if options is not None else cls(**fields)
         return o if o.command else dataclasses.replace(o, command=o.command_line(module, checkpoint))
 
@@ -170,8 +169,7 @@ def option_advice(message: str) -> str:
 
 
 def load_splits(dataset: str, root: Path, download: bool, skip_bad_images: bool = False):
-    """The `train` and `test` splits of `dataset` under `root`, checked: a test split to score on, train labels of
-    two classes or more to fit on."""
+    """The `train` and `test` splits of `dataset` under `root`, checked: test images to score, two classes to fit."""
     try:
         train_set = load_split(dataset, root, "train", download=download, skip_bad_images=skip_bad_images)
         test_set = load_split(dataset, root, "test", download=download, skip_bad_images=skip_bad_images)
@@ -246,8 +244,7 @@ BOUNDS = {">= 0": (lambda v: v >= 0, ">= 0"), ">= 1": (lambda v: v >= 1, "at lea
 
 
 def bound_errors(options: type[RunOptions], value_of: Callable[[str], object]):
-    """`--option value: must be <bound>` for each field of `options` whose value (`value_of(name)`, unless None) is
-    out of its `bound`: the message of the command line and of the Python API."""
+    """`--option value: must be <bound>` for each field of `options` whose value (`value_of(name)`) is outside it."""
     for f in (f for f in dataclasses.fields(options) if "bound" in f.metadata):
         (inside, words), value = BOUNDS[f.metadata["bound"]], value_of(f.name)
         if value is not None and not inside(value):

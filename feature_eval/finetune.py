@@ -35,7 +35,7 @@ from feature_eval.baselines import random_encoder
 from feature_eval.classifiers import holdout_split, topk_accuracy
 from feature_eval.context import EvalContext, EvalError, RunOptions, open_context, option, parse_names, run_cli
 from feature_eval.features import extract_features
-from feature_eval.results import EXTRACTOR_NAMES, Row, log_row, markdown_table, table_caption, write_results
+from feature_eval.results import COLUMNS, EXTRACTOR_NAMES, Row, log_row, markdown_table, table_caption, write_results
 from simclr.config import DatasetConfig
 
 # per 256 images: the paper's 0.05 (0.8 at batch 4096), a smaller step (fine-tuning a pretrained encoder often
@@ -43,8 +43,7 @@ from simclr.config import DatasetConfig
 DEFAULT_LRS = (0.02, 0.05, 0.1, 0.2)
 BASELINES = ("random",)
 # The evaluation table's columns, with both epoch counts: the checkpoint's pretraining and this fine-tuning.
-FINETUNE_COLUMNS = ("Classifier", "Feature extractor", "Architecture", "Feature dim", "Projection dim",
-                    "Pretrain epochs", "Fine-tune epochs", "Top-1 %", "Top-5 %")
+FINETUNE_COLUMNS = (*COLUMNS[:5], "Pretrain epochs", "Fine-tune epochs", *COLUMNS[6:])
 
 
 @dataclass
@@ -182,14 +181,6 @@ def finetune(encoder: nn.Module, dataset, num_classes: int, schedule: Schedule, 
     return model.eval()
 
 
-def predict(model: nn.Module, dataset, input_size: int, batch_size: int = 256,
-            device: str | torch.device = "cpu", desc: str = "predict") -> tuple[np.ndarray, np.ndarray]:
-    """Logits `[M, C]` (float64) and labels `[M]` of `dataset` under `model` in eval mode, on the eval view: the
-    model's outputs are its features (`extract_features`: float32, no gradients, BatchNorm frozen)."""
-    logits = extract_features(model, dataset, input_size, batch_size, device, desc=desc)
-    return logits.features.double().numpy(), logits.labels.numpy()
-
-
 def select_lr(encoder: nn.Module, labelled, num_classes: int, lrs: tuple[float, ...], schedule: Schedule,
               valid_fraction: float, desc: str = "") -> tuple[float, dict]:
     """The base lr of `lrs` with the best top-1 (then loss) on a seeded `valid_fraction` hold-out of `labelled`,
@@ -209,9 +200,10 @@ def select_lr(encoder: nn.Module, labelled, num_classes: int, lrs: tuple[float, 
             grid[lr] = {"valid_top1": None, "valid_loss": None, "diverged": True}
             tqdm.write(f"{desc}base lr {lr:g}: diverged ({err})")
             continue
-        logits, valid_labels = predict(model, valid_set, schedule.input_size, device=schedule.device, desc="hold-out")
-        loss = float(F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(valid_labels)))
-        grid[lr] = {"valid_top1": topk_accuracy(logits, valid_labels, (1,))[0], "valid_loss": loss}
+        # a model's "features" are its logits `[M, C]`, on the eval view (eval mode, BatchNorm frozen)
+        out = extract_features(model, valid_set, schedule.input_size, device=schedule.device, desc="hold-out")
+        loss = float(F.cross_entropy(out.features.double(), out.labels))
+        grid[lr] = {"valid_top1": topk_accuracy(out.features, out.labels, (1,))[0], "valid_loss": loss}
         tqdm.write(f"{desc}base lr {lr:g}: hold-out top-1 {grid[lr]['valid_top1']:.1f}%, loss {loss:.3f}")
     if all(entry.get("diverged") for entry in grid.values()):
         raise EvalError(f"every base lr of --lrs {','.join(f'{lr:g}' for lr in lrs)} diverged: pass smaller ones")
@@ -234,8 +226,7 @@ def _numbers(text: str) -> tuple[float, ...]:
 
 @dataclass(frozen=True, kw_only=True)
 class FineTuneOptions(RunOptions):
-    """`RunOptions` plus what the fine-tuning protocol is asked; checked when made (EvalError naming the option).
-    `epochs`, `batch_size`, `momentum`, `hflip` and `min_crop_scale` make the `Schedule` of every run."""
+    """`RunOptions` plus the fine-tuning protocol's; `epochs` to `min_crop_scale` make the `Schedule` of every run."""
 
     label_fraction: float = option(0.01, "fraction of the labelled train split, class-balanced (default 0.01; the "
                                          "paper's 0.01 and 0.1; 1.0 for all)", type=_number, bound="(0, 1]")
@@ -290,8 +281,7 @@ def finetune_evaluate(checkpoint: str | Path, options: FineTuneOptions | None = 
         row, models[extractor] = _finetune_row(ctx, o, schedule, labelled, extractor, start, pretrained_epochs, share)
         rows.append(row)
         log_row(log, row, f"base lr {row.details['base_lr']:g}, ")
-    timings = {**{f"finetune_{row.extractor}": row.seconds for row in rows},
-               "total": round(time.perf_counter() - started, 3)}
+    timings = {f"finetune_{r.extractor}": r.seconds for r in rows} | {"total": round(time.perf_counter() - started, 3)}
     results = _record(ctx, o, fit, indices, counts, rows, timings)
     outcome = FineTuneResult(results, markdown_table(rows, FINETUNE_COLUMNS), models)
     if o.write:
@@ -311,8 +301,8 @@ def _finetune_row(ctx: EvalContext, o: FineTuneOptions, schedule: Schedule, labe
     tic, name = time.perf_counter(), EXTRACTOR_NAMES[extractor]
     chosen, selection = select_lr(start, labelled, len(ctx.classes), o.lrs, schedule, o.valid_fraction, f"{name}: ")
     model = finetune(copy.deepcopy(start), labelled, len(ctx.classes), schedule, chosen, desc=f"{name}: final")
-    logits, test_labels = predict(model, ctx.test_set, ctx.input_size, o.eval_batch_size, ctx.device, desc="test")
-    top1, top5 = topk_accuracy(logits, test_labels)  # the one place test labels are read
+    test = extract_features(model, ctx.test_set, ctx.input_size, o.eval_batch_size, ctx.device, desc="test")
+    top1, top5 = topk_accuracy(test.features, test.labels)  # the one place test labels are read
     batch = min(o.batch_size, len(labelled))
     return Row("finetune", f"Fine-tuned end to end ({share} labels)", extractor, ctx.architecture, start.feature_dim,
                None, pretrained_epochs, top1, top5, round(time.perf_counter() - tic, 3),

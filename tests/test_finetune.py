@@ -193,17 +193,17 @@ def test_finetune_changes_the_encoder_end_to_end_and_is_reproducible():
 
 def test_lr_is_chosen_on_the_labelled_hold_out_and_test_is_scored_once(digits_run, tmp_path, monkeypatch):
     events = []
-    original_predict, original_finetune = finetune_module.predict, finetune_module.finetune
+    original_extract, original_finetune = finetune_module.extract_features, finetune_module.finetune
 
-    def recording_predict(model, dataset, *args, **kwargs):
+    def recording_extract(model, dataset, *args, **kwargs):  # a fine-tuned model's outputs: its logits
         events.append(("predict", kwargs["desc"], len(dataset)))
-        return original_predict(model, dataset, *args, **kwargs)
+        return original_extract(model, dataset, *args, **kwargs)
 
     def recording_finetune(encoder, dataset, *args, **kwargs):
         events.append(("finetune", kwargs["desc"], len(dataset)))
         return original_finetune(encoder, dataset, *args, **kwargs)
 
-    monkeypatch.setattr(finetune_module, "predict", recording_predict)
+    monkeypatch.setattr(finetune_module, "extract_features", recording_extract)
     monkeypatch.setattr(finetune_module, "finetune", recording_finetune)
     result = finetune_evaluate(digits_run, label_fraction=0.02, epochs=1, batch_size=16, lrs=(0.05, 0.4),
                                device="cpu", out_dir=tmp_path / "out", command="test", log=lambda _: None)
@@ -219,9 +219,9 @@ def test_lr_is_chosen_on_the_labelled_hold_out_and_test_is_scored_once(digits_ru
     # The reported numbers are those of the returned model on the test split.
     from data_aug.datasets import load_split
 
-    logits, labels = original_predict(result.models["simclr"], load_split("digits", "data", "test"), 16)
+    logits = original_extract(result.models["simclr"], load_split("digits", "data", "test"), 16)
     row = result.results["rows"][0]
-    assert [row["top1"], row["top5"]] == pytest.approx(topk_accuracy(logits, labels), abs=1e-9)
+    assert [row["top1"], row["top5"]] == pytest.approx(topk_accuracy(logits.features, logits.labels), abs=1e-9)
     assert row["details"]["base_lr"] in (0.05, 0.4) and row["details"]["batch_size"] == 16
     # feature_eval's format (both epoch counts) and JSON row keys, in <out>/<ckpt>_<data>_finetune-<pct>.*
     assert result.paths["json"].name == "last_digits_finetune-2pct.json"
