@@ -2,8 +2,8 @@
 
     python -m feature_eval.evaluate --checkpoint runs/<name> --classifiers lbfgs,adam,knn --baselines pca,random
 
-Features of `train` (fit) and `test` (report) are extracted once and cached; every classifier sees the same ones.
-Writes `<run_dir>/eval/<checkpoint>_<dataset>.md`, `.json` and pictures (docs/EVALUATION.md).
+Fits on `train`, scores on `test`; writes `<run_dir>/eval/<checkpoint>_<dataset>.md`, `.json` and pictures
+(docs/EVALUATION.md).
 """
 from __future__ import annotations
 
@@ -79,8 +79,7 @@ class EvalOptions(RunOptions):
 
 @dataclass
 class Evaluation:
-    """What `evaluate` found: the JSON record, the table (rows, markdown), the class names, extractor -> (train, test)
-    features, (classifier, extractor) -> ClassifierResult, and the files written."""
+    """What `evaluate` found; `features`: extractor -> (train, test), `outcomes`: (classifier, extractor) -> result."""
 
     results: dict
     rows: list[Row]
@@ -238,18 +237,16 @@ def _add_to_table(path: Path, results: dict, rows: list[Row], settings: dict[str
 
 def write_pictures(rows: list[Row], features: dict, ctx: EvalContext, stem: str, seed: int,
                    log: Callable[[str], None] = print) -> dict[str, Path]:
-    """`<stem>_tsne.png`, `<stem>_confusion.png` (a panel per SimCLR row of the table, earlier ones included) and
-    `<stem>_neighbours.png`, unless the table keeps random-init rows this evaluation has no features for: then an
-    earlier evaluation's picture (their comparison) is not replaced by SimCLR's panel alone, and the log says so."""
+    """`<stem>_tsne.png`, `<stem>_confusion.png` (a panel per SimCLR row of the table) and `<stem>_neighbours.png`,
+    unless the table keeps random-init rows this evaluation has no features for: their comparison then stays."""
     test = features["simclr"][1]
     confusions = [(f"{row.classifier_name}: top-1 {row.top1:.1f}%", np.asarray(row.confusion))
                   for row in rows if row.extractor == "simclr" and row.confusion is not None]
     neighbours = ctx.out_dir / f"{stem}_neighbours.png"
-    keep = "random" not in features and any(row.extractor == "random" for row in rows) and neighbours.is_file()
     try:
         pictures = write_evaluation_plots(ctx.out_dir, stem, test.features.numpy(), test.labels.numpy(), ctx.classes,
                                           confusions, max_points=TSNE_POINTS, seed=seed)
-        if keep:
+        if "random" not in features and any(row.extractor == "random" for row in rows) and neighbours.is_file():
             log(f"kept {neighbours}, drawn by an earlier evaluation: this one has no random-init features for the "
                 "table's random-init rows (--baselines random draws it again)")
         else:
@@ -264,9 +261,8 @@ def write_pictures(rows: list[Row], features: dict, ctx: EvalContext, stem: str,
                         "or --no-plots") from None
 
 
-def neighbour_panels(features: dict, train_set, test_set, input_size: int, seed: int,
-                     queries: int = NEIGHBOUR_QUERIES, k: int = NEIGHBOURS) -> tuple:
-    """Seeded test images and their `k` nearest train images (cosine, as the weighted KNN) under the SimCLR and, when
+def neighbour_panels(features: dict, train_set, test_set, input_size: int, seed: int) -> tuple:
+    """Seeded test images and their nearest train images (cosine, as the weighted KNN) under the SimCLR and, when
     evaluated, the random-init features, at the evaluation view: `draw_neighbours`' arguments."""
     resize = create_eval_resize(input_size)
 
@@ -274,12 +270,12 @@ def neighbour_panels(features: dict, train_set, test_set, input_size: int, seed:
         return np.stack([resize(dataset[int(i)][0]).numpy() for i in index])
 
     test_labels = features["simclr"][1].labels
-    rows = np.sort(np.random.default_rng(seed).permutation(len(test_labels))[:queries])
+    rows = np.sort(np.random.default_rng(seed).permutation(len(test_labels))[:NEIGHBOUR_QUERIES])
     panels = []
     for key, name in (("simclr", "SimCLR"), ("random", "random init")):
         if key in features:
             train, test = features[key]
-            _, index = cosine_neighbours(train.features, test.features[rows], k)  # (Q, k)
+            _, index = cosine_neighbours(train.features, test.features[rows], NEIGHBOURS)  # (Q, k)
             found = images(train_set, index.flatten()).reshape(*index.shape, 3, input_size, input_size)
             panels.append((name, found, train.labels[index].numpy()))
     return images(test_set, rows), test_labels[rows].numpy(), panels
