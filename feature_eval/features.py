@@ -36,19 +36,16 @@ def best_device() -> torch.device:
 
 def image_batches(dataset, crop_size: int, batch_size: int, num_workers: int = 0, desc: str = "images"):
     """Yield `(images, labels)`: float `[B, 3, crop, crop]` in [0, 1] (the deterministic eval view), int64 `[B]`;
-    an in-memory data set (`.images`/`.labels` tensors) a whole batch at a time (several times faster), others
-    (items `(uint8 [3, H, W], label)`) through a DataLoader with `num_workers` workers."""
+    an in-memory data set (`.images`/`.labels` tensors) directly, others (items `(uint8 [3, H, W], label)`) through
+    a DataLoader with `num_workers` workers."""
     transform = create_eval_transform(crop_size)
-    total = len(dataset)
-    if isinstance(getattr(dataset, "images", None), torch.Tensor) and isinstance(getattr(dataset, "labels", None),
-                                                                                  torch.Tensor):
-        for start in tqdm(range(0, total, batch_size), desc=desc, unit="batch", leave=False, disable=None):
-            stop = min(start + batch_size, total)
-            yield transform(dataset.images[start:stop]), dataset.labels[start:stop]
-        return
-    loader = DataLoader(Transformed(dataset, transform), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers)
-    for images, labels in tqdm(loader, desc=desc, unit="batch", leave=False, disable=None):
+    if all(isinstance(getattr(dataset, name, None), torch.Tensor) for name in ("images", "labels")):
+        chunks = zip(dataset.images.split(batch_size), dataset.labels.split(batch_size))
+        batches = ((transform(x), y) for x, y in chunks)  # a whole batch at a time: several times faster
+    else:
+        batches = DataLoader(Transformed(dataset, transform), batch_size=batch_size, num_workers=num_workers)
+    for images, labels in tqdm(batches, desc=desc, unit="batch", leave=False, disable=None,
+                               total=(len(dataset) + batch_size - 1) // batch_size):
         yield images, torch.as_tensor(labels, dtype=torch.int64)
 
 
@@ -82,8 +79,7 @@ def data_fingerprint(dataset) -> str:
     """A digest of a data set's content for cache keys: an in-memory set's images and labels, or an image folder's
     labels and each file's path, size and modification time."""
     digest = hashlib.blake2b(digest_size=16)
-    labels = torch.as_tensor(dataset.labels, dtype=torch.int64).contiguous()
-    digest.update(labels.numpy())
+    digest.update(torch.as_tensor(dataset.labels, dtype=torch.int64).contiguous().numpy())
     images = getattr(dataset, "images", None)
     if isinstance(images, torch.Tensor):
         digest.update(str(tuple(images.shape)).encode())

@@ -59,9 +59,7 @@ def plot_embedding(features, labels, classes: list[str], max_points: int = 2000,
         mask = labels == index
         if mask.any():
             ax.scatter(points[mask, 0], points[mask, 1], s=6, color=colours(index % colours.N), label=name)
-    ax.set_title(f"{title} ({len(rows)} points)")
-    ax.set_xticks([])
-    ax.set_yticks([])
+    ax.set(title=f"{title} ({len(rows)} points)", xticks=[], yticks=[])
     if len(classes) <= 40:  # beyond that a legend hides the picture (colours repeat anyway)
         ax.legend(markerscale=3, fontsize="small", loc="best", ncol=1 if len(classes) <= 10 else 2)
     return ax
@@ -83,8 +81,7 @@ def plot_confusion(counts, classes: list[str], ax=None, title: str = "Confusion 
     ConfusionMatrixDisplay(shares, display_labels=None if many else classes).plot(
         ax=ax, include_values=not many, values_format=".2f", xticks_rotation=45, colorbar=False)
     if many:
-        ax.set_xticks([])
-        ax.set_yticks([])
+        ax.set(xticks=[], yticks=[])
     ax.set_title(title)
     return ax
 
@@ -146,16 +143,15 @@ def draw_neighbours(queries, query_labels, panels: list[tuple[str, np.ndarray, n
         cells[:, :, border:-border, border:-border] = images  # one channel broadcasts: grey
         return make_grid(cells, nrow=columns, padding=gap, pad_value=255)
 
-    groups = [grid(queries, [(90, 90, 90)] * len(queries), 1)]
-    for _, images, labels in panels:
-        right = (np.asarray(labels) == query_labels[:, None]).reshape(-1, 1)  # (Q * K, 1)
-        groups.append(grid(np.asarray(images).reshape(-1, *images.shape[2:]), np.where(right, RIGHT, WRONG),
-                           images.shape[1]))
+    groups, headers = [grid(queries, [(90, 90, 90)] * len(queries), 1)], ["test image"]
+    for name, images, labels in panels:
+        right = np.asarray(labels) == query_labels[:, None]  # (Q, K)
+        groups.append(grid(np.asarray(images).reshape(-1, *images.shape[2:]),
+                           np.where(right.reshape(-1, 1), RIGHT, WRONG), images.shape[1]))
+        headers.append(f"{name}: {int(right.sum())} of {right.size} of the test image's class")
     space = torch.full((3, groups[0].shape[1], cell // 2), 255, dtype=torch.uint8)  # half a cell between groups
     canvas = torch.cat([part for group in groups for part in (space, group)][1:], dim=2).permute(1, 2, 0).numpy()
     starts = np.cumsum([gap] + [group.shape[2] + space.shape[2] for group in groups])  # each group's first cell
-    headers = ["test image"] + [f"{name}: {int((np.asarray(labels) == query_labels[:, None]).sum())} of "
-                                f"{labels.size} of the test image's class" for name, _, labels in panels]
     left = 110  # pixels for the class names; at most 8 pixels a character at 9 or 10 points
     width = max(canvas.shape[1] + 130, left + starts[-2] + 8 * len(headers[-1]))
     lines = textwrap.wrap(title, width=max(30, width // 8))
