@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import datetime
 import json
 import os
@@ -193,11 +194,9 @@ def _manifest(name: str, source: Source, files: dict) -> dict:
 def _records(path: Path) -> list[dict]:
     """The objects of a run's meta.jsonl or metrics.jsonl, up to a line a crash cut short; none if it is missing."""
     records = []
-    try:
+    with contextlib.suppress(OSError, ValueError):
         for line in path.read_text().splitlines():
             records.append(json.loads(line))
-    except (OSError, ValueError):
-        pass
     return [record for record in records if isinstance(record, dict)]
 
 
