@@ -55,7 +55,7 @@ def train(args: argparse.Namespace, config: Config, rank: int, cpu: dict, on_eve
     (`startup.EXIT_*`, docs/EXIT_CODES.md). The user's errors end in one line each, as `startup.ERROR_POLICY` says."""
     import torch
 
-    from simclr.dist import init_distributed, shutdown
+    from simclr.dist import barrier, init_distributed, shutdown
     from simclr.guard import Preempted
     from simclr.trainer import Trainer, describe_resume, find_resume
 
@@ -74,6 +74,7 @@ def train(args: argparse.Namespace, config: Config, rank: int, cpu: dict, on_eve
         banner = startup.describe_cpu(cpu, torch.get_num_threads()) if info.device.type == "cpu" else None
         trainer = (trainer_class or Trainer)(config, info, resume, on_event, start_note=banner)
         run_dir = trainer.fit()
+        barrier()  # leave together: a gloo peer that closes while the other still reads can abort it (SIGABRT)
     except Preempted as stop:
         if info.is_main:  # under torchrun every rank stops; one message is enough
             print(str(stop))
