@@ -111,8 +111,7 @@ def holdout_split(labels: np.ndarray, valid_fraction: float, seed: int) -> tuple
     if n < MIN_HOLDOUT_ITEMS:
         raise ValueError(f"{n} training items are too few to hold out a validation part (need {MIN_HOLDOUT_ITEMS})")
     n_valid = min(max(int(round(n * valid_fraction)), 1), n - 2)
-    counts = np.bincount(labels)
-    counts = counts[counts > 0]
+    counts = np.unique(labels, return_counts=True)[1]  # of the classes present
     stratify = labels if counts.min() >= 2 and len(counts) <= n_valid and len(counts) <= n - n_valid else None
     fit, valid = train_test_split(np.arange(n), test_size=n_valid, random_state=seed, stratify=stratify)
     return np.sort(fit), np.sort(valid)
@@ -165,9 +164,8 @@ def adam_probe(train_features, train_labels, test_features, test_labels=None, *,
                eval_every: int = 10, lr: float = 1e-3, batch_size: int = 256, valid_fraction: float = 0.2,
                seed: int = 0, device: str | torch.device = "cpu") -> ClassifierResult:
     """A linear layer trained with Adam on standardised features, tuned without the test set: weight decay and epoch
-    count (a multiple of `eval_every`) are chosen on a seeded, stratified `valid_fraction` of the training items (the
-    layers fit on the rest), then refitted on all of them and applied once to test. Scores: logits; details: the
-    grid's validation accuracies and the choice."""
+    count (a multiple of `eval_every`) are chosen on a seeded, stratified `valid_fraction` of the training items,
+    then refitted on all of them and applied once to test. Scores: logits; details: the grid and the choice."""
     device = torch.device(device)
     weight_decays = tuple(float(wd) for wd in weight_decays)
     x = torch.as_tensor(_numpy(train_features, np.float32), device=device)
@@ -204,9 +202,8 @@ def adam_probe(train_features, train_labels, test_features, test_labels=None, *,
 def knn_classifier(train_features, train_labels, test_features, test_labels=None, *, num_classes: int | None = None,
                    k: int = 10, query_chunk: int = 256, key_chunk: int = 8192,
                    device: str | torch.device = "cpu") -> ClassifierResult:
-    """The original repository's KNN: majority vote of the k nearest training items, Euclidean (float64) on
-    standardised features, as `KNeighborsClassifier(n_neighbors=k)` on `StandardScaler` output; equal votes go to the
-    lower class. Chunked over test and training items. Scores: vote counts `[M, C]`."""
+    """The original repository's KNN: majority vote of the k nearest training items, Euclidean (float64, chunked) on
+    standardised features, as `KNeighborsClassifier(n_neighbors=k)`; ties go to the lower class. Scores: votes."""
     (y_np, classes), device = _train_labels(train_labels, num_classes), torch.device(device)
     k = min(k, len(y_np))
     dtype = torch.float64 if device.type != "mps" else torch.float32
@@ -227,9 +224,8 @@ def knn_classifier(train_features, train_labels, test_features, test_labels=None
 def weighted_knn(train_features, train_labels, test_features, test_labels=None, *, num_classes: int | None = None,
                  k: int = 200, temperature: float = 0.1, query_chunk: int = 256, key_chunk: int = 8192,
                  device: str | torch.device = "cpu") -> ClassifierResult:
-    """Weighted cosine KNN (Wu et al. 2018, Section 3.4; DINO's `knn_classifier`), the trainer's kNN monitor's: each
-    of the k most cosine-similar training items votes for its class with weight `exp(cosine / temperature)`
-    (`knn.weighted_knn_scores`, chunked). Scores: summed weights `[M, C]`."""
+    """Weighted cosine KNN (Wu et al. 2018, Section 3.4), the trainer's kNN monitor's (`knn.weighted_knn_scores`):
+    the k most cosine-similar training items vote with weight `exp(cosine / temperature)`. Scores: summed weights."""
     (y_np, classes), device = _train_labels(train_labels, num_classes), torch.device(device)
     k = min(k, len(y_np))
     keys, queries = (torch.as_tensor(_numpy(x, np.float32), device=device) for x in (train_features, test_features))

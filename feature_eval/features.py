@@ -30,7 +30,6 @@ class FeatureSplit:
 
 
 def best_device() -> torch.device:
-    """CUDA if present, else Apple's MPS, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
 
 
@@ -53,11 +52,8 @@ def extract_features(encoder: torch.nn.Module, dataset, crop_size: int, batch_si
                      device: str | torch.device | None = None, num_workers: int = 0,
                      desc: str = "features") -> FeatureSplit:
     """Features of every image of `dataset` (items `(uint8 [3, H, W], label)`), in order, on `device` (default
-    `best_device()`): float32 `[N, D]` and int64 labels `[N]` on the CPU.
-
-    Eval mode under `torch.inference_mode()`: BatchNorm in train mode would change the model being evaluated (the
-    mode is restored after). Never autocast: the instrument stays float32.
-    """
+    `best_device()`): float32 `[N, D]` and int64 labels `[N]` on the CPU. Eval mode under `torch.inference_mode()`:
+    BatchNorm in train mode would change the model being evaluated (the mode is restored after). Never autocast."""
     device = torch.device(device) if device is not None else best_device()
     was_training = encoder.training
     encoder.eval().to(device, memory_format=torch.channels_last)  # in place; the trainer's layout: faster, same numbers

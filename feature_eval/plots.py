@@ -16,8 +16,7 @@ def embed_2d(features, max_points: int = 2000, seed: int = 0) -> tuple[np.ndarra
     """t-SNE of at most `max_points` rows of `features` `[N, D]` (a seeded choice): points `[n, 2]`, their rows `[n]`.
 
     One thread: Barnes-Hut t-SNE's OpenMP threads spin while they wait, and on a shared 2-core machine one thread
-    was 3-6x faster (2,000 points: 7 s against 20-40 s); it also gives the same picture on every machine.
-    """
+    was 3-6x faster (2,000 points: 7 s against 20-40 s); it also gives the same picture on every machine."""
     from sklearn.manifold import TSNE
     from threadpoolctl import threadpool_limits
 
@@ -35,8 +34,7 @@ def embed_2d(features, max_points: int = 2000, seed: int = 0) -> tuple[np.ndarra
     tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed,
                 **{iterations: TSNE_ITERATIONS})
     with threadpool_limits(1):
-        points = tsne.fit_transform(chosen)
-    return points, rows
+        return tsne.fit_transform(chosen), rows
 
 
 def _axes(ax):
@@ -127,8 +125,7 @@ def draw_neighbours(queries, query_labels, panels: list[tuple[str, np.ndarray, n
     green where the neighbour has the test image's class and red where not; `title` wrapped to the picture's width.
 
     Args: queries uint8 `[Q, 3, S, S]`, query_labels `[Q]`; panels: `(name, neighbours uint8 [Q, K, 3, S, S],
-    their labels [Q, K])` per extractor. Returns the picture, uint8 `[H, W, 3]`.
-    """
+    their labels [Q, K])` per extractor. Returns the picture, uint8 `[H, W, 3]`."""
     from torchvision.utils import make_grid
 
     queries, query_labels = np.asarray(queries), np.asarray(query_labels)
