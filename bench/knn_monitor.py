@@ -25,17 +25,11 @@ def time_calls(images: int, size: int, base_model: str, device: str, repeats: in
     `repeats`), with the share spent extracting features."""
     import torch
 
+    from bench import timed
     from data_aug.datasets import TensorImages
     from knn.neighbours import weighted_knn_top1
     from models.resnet_simclr import create_model
     from simclr.monitor import KnnMonitor
-
-    def seconds(work) -> float:
-        tic = time.perf_counter()
-        work()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        return time.perf_counter() - tic
 
     g = torch.Generator().manual_seed(seed)
     data = TensorImages(torch.randint(0, 256, (images, 3, size, size), dtype=torch.uint8, generator=g),
@@ -45,10 +39,10 @@ def time_calls(images: int, size: int, base_model: str, device: str, repeats: in
     prepare = time.perf_counter() - tic
     torch.manual_seed(seed)
     encoder = create_model(base_model, 128).encoder.to(device)
-    calls, made = [seconds(lambda: monitor.measure(encoder)) for _ in range(repeats)], []
-    extract = [seconds(lambda: made.append(monitor.features(encoder))) for _ in range(repeats)]
-    features, n, labels = made[-1], monitor.fit_count, monitor.labels
-    search = seconds(lambda: weighted_knn_top1(features[:n], labels[:n], features[n:], labels[n:], 10))
+    calls, made = [timed([()], 0, 1, device, lambda: monitor.measure(encoder)) for _ in range(repeats)], []
+    extract = [timed([()], 0, 1, device, lambda: made.append(monitor.features(encoder))) for _ in range(repeats)]
+    x, y, n = made[-1], monitor.labels, monitor.fit_count  # features (N, D), labels (N,), the first n fitted
+    search = timed([()], 0, 1, device, lambda: weighted_knn_top1(x[:n], y[:n], x[n:], y[n:], 10))
     return {"prepare_s": prepare, "call_s": statistics.median(calls), "features_s": statistics.median(extract),
             "knn_s": search, "calls": calls}
 
