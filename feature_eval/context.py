@@ -45,8 +45,7 @@ class RunOptions:
 
     dataset: str | None = option(None, "data set name (default: the checkpoint's dataset.name)")
     root: str | Path | None = option(None, "data set folder (default: the checkpoint's dataset.root)")
-    input_size: int | None = option(None, "image size the encoder sees (default: the checkpoint's input_shape)",
-                                    type=int, bound=">= 8")
+    input_size: int | None = option(None, "image size (default: the checkpoint's input_shape)", type=int, bound=">= 8")
     device: str | torch.device = option("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
     out_dir: str | Path | None = option(None, "table and JSON folder (default: <run_dir>/eval, a package's eval/)")
     write: bool = True
@@ -65,12 +64,6 @@ class RunOptions:
         """How a driver takes options from Python: `options` (or the defaults) with `fields` replaced, and a command."""
         o = dataclasses.replace(options, **fields) if options is not None else cls(**fields)
         return o if o.command else dataclasses.replace(o, command=o.command_line(module, checkpoint))
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace, **fields):
-        """The options of a parsed command line: each field from the argument of the same name, then `fields`."""
-        given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
-        return cls(**{**given, **fields})
 
     def recorded(self, *names: str) -> dict:
         """The options `names` as a results JSON records them (a tuple as a list)."""
@@ -205,8 +198,7 @@ def check_writable(folder: Path) -> None:
     """EvalError unless `folder` exists or can be made, and a file can be written in it."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
+        tempfile.TemporaryFile(dir=folder).close()
     except OSError as err:
         raise EvalError(f"cannot write results to {folder} ({err.strerror or err}): pass --out-dir DIR") from None
 
@@ -256,9 +248,8 @@ def parse_options(options: type[RunOptions], module: str, doc: str, argv: list[s
     """A driver's command line: `--checkpoint`, then an option per field of `options` made with `option(..., help)`
     (`--no-<name>` for a field that defaults to True). A value out of its bound: one line, exit status 2."""
     parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n")[0])
-    parser.add_argument("--checkpoint", required=True,
-                        help="run dir or name (runs/<name>), checkpoint .pt file, package dir or package name "
-                             "(pretrained_models/<name>)")
+    parser.add_argument("--checkpoint", required=True, help="run dir or name (runs/<name>), checkpoint .pt file, "
+                        "package dir or package name (pretrained_models/<name>)")
     for f in (f for f in dataclasses.fields(options) if f.metadata):
         cli = {key: value for key, value in f.metadata.items() if key != "bound"}
         flag = "--" + f.name.replace("_", "-")
@@ -279,9 +270,10 @@ def run_cli(options: type[RunOptions], module: str, doc: str, argv: list[str] | 
     line on stderr for an error as `startup.ERROR_POLICY` says (docs/EXIT_CODES.md)."""
     argv = sys.argv[1:] if argv is None else argv
     args = parse_options(options, module, doc, argv)
+    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(options) if f.metadata}
     try:
         with startup.one_line_warnings():
-            outcome = run(args.checkpoint, options.from_args(args, command=shlex.join(["python", "-m", module, *argv])))
+            outcome = run(args.checkpoint, options(**fields, command=shlex.join(["python", "-m", module, *argv])))
     except BaseException as err:  # the loaders' advice names config keys: say this command's options instead
         stopped = f"{module} stopped; no results written (features already extracted stay cached)"
         return startup.report_error(err, text=stopped if isinstance(err, KeyboardInterrupt)

@@ -117,13 +117,12 @@ class Schedule:
     hflip: float = 0.5
     min_crop_scale: float = 0.08
     seed: int = 0
-    device: torch.device = torch.device("cpu")
+    device: str | torch.device = "cpu"
 
     def __post_init__(self):
         if self.batch_size < 2:
             raise EvalError(f"batch size {self.batch_size}: BatchNorm needs two images a step; "
                             "use --batch-size 2 or more")
-        object.__setattr__(self, "device", torch.device(self.device))
 
 
 def _batch_seed(seed: int, epoch: int) -> int:
@@ -153,18 +152,17 @@ def finetune(encoder: nn.Module, dataset, num_classes: int, schedule: Schedule, 
              desc: str = "fine-tune") -> FineTuned:
     """Fine-tune `encoder` (in place: pass a copy to keep it) and a new linear head end to end on `dataset`'s
     crop + flip views (Appendix B.5; BatchNorm in train mode). Returns the `FineTuned` model, in eval mode."""
-    s, device = schedule, schedule.device
+    s, device = schedule, torch.device(schedule.device)
     if len(dataset) < 2:
         raise EvalError(f"{desc}: {len(dataset)} labelled image(s) are too few to fine-tune on (need 2); "
                         "raise --label-fraction")
     batch_size = min(s.batch_size, len(dataset))
     torch.manual_seed(s.seed)
-    model = FineTuned(encoder, num_classes).to(device, memory_format=torch.channels_last).requires_grad_(True)
+    model = FineTuned(encoder, num_classes).to(device, memory_format=torch.channels_last).requires_grad_(True).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=base_lr * batch_size / 256, momentum=s.momentum, nesterov=True)
     total = max(1, s.epochs * (len(dataset) // batch_size + (len(dataset) % batch_size >= 2)))  # steps
     cosine = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    model.train()
     for epoch in (bar := tqdm(range(s.epochs), desc=desc, unit="epoch", leave=False, disable=None)):
         for images, labels in crop_flip_batches(dataset, s, epoch):
             with amp:
@@ -296,8 +294,7 @@ def finetune_evaluate(checkpoint: str | Path, options: FineTuneOptions | None = 
 
 def _finetune_row(ctx: EvalContext, o: FineTuneOptions, schedule: Schedule, labelled, extractor: str,
                   start: nn.Module, pretrained_epochs: int | None, share: str) -> tuple[Row, FineTuned]:
-    """Choose the base lr on a hold-out of `labelled`, fine-tune a copy of `start` on all of it, score it on test:
-    the table's row (its details: the lr chosen and how) and the fine-tuned model (on the CPU)."""
+    """Choose the base lr on a hold-out of `labelled`, fine-tune a copy of `start` on all of it, score it on test."""
     tic, name = time.perf_counter(), EXTRACTOR_NAMES[extractor]
     chosen, selection = select_lr(start, labelled, len(ctx.classes), o.lrs, schedule, o.valid_fraction, f"{name}: ")
     model = finetune(copy.deepcopy(start), labelled, len(ctx.classes), schedule, chosen, desc=f"{name}: final")

@@ -353,7 +353,8 @@ def test_an_evaluation_from_python_records_the_command_that_makes_it_again(tiny_
     result = evaluate_module.evaluate(tiny_run, log=lambda *_: None, **options)
     words = shlex.split(result.results["command"])
     assert words[:5] == ["python", "-m", "feature_eval.evaluate", "--checkpoint", str(tiny_run)]
-    again = evaluate_module.EvalOptions.from_args(evaluate_module.parse_args(words[3:]))
+    args = vars(evaluate_module.parse_args(words[3:]))
+    again = evaluate_module.EvalOptions(**{key: value for key, value in args.items() if key != "checkpoint"})
     assert again == evaluate_module.EvalOptions(**options) and "--max-iter" not in words  # defaults left out
     assert evaluate_module.rerun_command("runs/a b") == ("python -m feature_eval.evaluate --checkpoint 'runs/a b' "
                                                          "--classifiers lbfgs,adam,knn --baselines random,pca")
