@@ -111,9 +111,11 @@ def knn_share(epochs: list[dict], references: list[dict]) -> dict | None:
     """The kNN monitor's calls and seconds, and their percent of the training seconds: the epochs' (their calls
     included) and the reference call's, made before epoch 1's clock starts. None where the monitor never ran."""
     calls = [r["knn_seconds"] for r in references + epochs if "knn_seconds" in r]
+    if not calls:
+        return None
     training = sum(r["seconds"] for r in epochs) + sum(r["knn_seconds"] for r in references)
     return {"calls": len(calls), "seconds": sum(calls), "training_seconds": training,
-            "percent": 100 * sum(calls) / training if training else 0.0} if calls else None
+            "percent": 100 * sum(calls) / training if training else 0.0}
 
 
 def summarize_run(run_dir: str | Path, gpu_csv: str | Path | None = None) -> dict:
