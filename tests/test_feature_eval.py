@@ -218,6 +218,17 @@ def test_adam_probe_batched_grid_equals_one_layer_trained_alone():
     torch.testing.assert_close(stacked.bias[1].detach(), layer.bias.detach(), atol=1e-6, rtol=1e-5)
 
 
+def test_adam_probe_trains_on_one_cpu_thread_and_restores_the_callers_count(monkeypatch):
+    x_train, y_train, x_test, _ = features_problem(n_train=60, n_test=10)
+    threads, step = [], torch.optim.Adam.step
+    monkeypatch.setattr(torch.optim.Adam, "step", lambda self, *a, **k: threads.append(torch.get_num_threads())
+                        or step(self, *a, **k))
+    torch.set_num_threads(2)  # the module's fixture set 1; it restores the machine's count after
+    adam_probe(x_train, y_train, x_test, max_epochs=2, eval_every=1, weight_decays=(0.0,))
+    assert threads and set(threads) == {1} and torch.get_num_threads() == 2
+    torch.set_num_threads(1)
+
+
 # ---------------------------------------------------------------- features: frozen, batched, cached
 
 class _Images(torch.utils.data.Dataset):
@@ -276,6 +287,25 @@ def test_cached_features_computes_once_per_key(tmp_path):
     with pytest.warns(UserWarning, match="unreadable"):
         cached_features(tmp_path, {"split": "train"}, compute, log=lambda *_: None)
     assert len(calls) == 3
+
+
+def test_pca_features_fits_once_for_both_splits_and_again_only_for_a_lost_split(tmp_path, monkeypatch):
+    import feature_eval.baselines as baselines
+    from data_aug.datasets import TensorImages
+
+    g = torch.Generator().manual_seed(0)
+    train, test = (TensorImages(torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8, generator=g),
+                                torch.arange(n) % 2, ["a", "b"]) for n in (12, 6))
+    calls, fit = [], baselines.pca_baseline
+    monkeypatch.setattr(baselines, "pca_baseline", lambda *a, **k: calls.append(1) or fit(*a, **k))
+    first = baselines.pca_features(train, test, 8, 4, cache_dir=tmp_path, log=lambda *_: None)
+    assert len(calls) == 1 and first[0].features.shape == (12, 4) and first[1].features.shape == (6, 4)
+    assert first[2]["n_components"] == 4 and 0 < first[2]["explained_variance"] <= 1
+    for path in tmp_path.glob("*.pt"):  # the test split's file lost: one fit, and train read back
+        if len(torch.load(path, weights_only=True)["labels"]) == 6:
+            path.unlink()
+    again = baselines.pca_features(train, test, 8, 4, cache_dir=tmp_path, log=lambda *_: None)
+    assert len(calls) == 2 and all(torch.equal(a.features, b.features) for a, b in zip(first[:2], again[:2]))
 
 
 # ---------------------------------------------------------------- evaluate(), the files, the CLI
