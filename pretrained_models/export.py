@@ -136,10 +136,9 @@ def _write_package(tmp: Path, dest: Path, name: str, source: Source, log: Callab
     """Write the package into `tmp`, with the run's and the replaced package's results of these weights."""
     manifest = _manifest(name, source, _write_weights(tmp, name, source))
     (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config_to_dict(source.config), sort_keys=False))
-    try:
+    replaced = {}
+    with contextlib.suppress(CheckpointLoadError):  # a damaged one: nothing of it is kept
         replaced = read_manifest(dest)
-    except CheckpointLoadError:  # damaged: nothing of it is kept
-        replaced = {}
     # A package of the same checkpoint holds these weights, though its model.safetensors has another sha256
     # (safetensors writes its metadata in a random order): its results stay, now and at each --refresh.
     if replaced.get("source", {}).get("checkpoint_sha256") == source.sha256:
@@ -358,10 +357,9 @@ def package_table(root: Path) -> str:
     lines = [f"| {' | '.join(LIST_COLUMNS)} |", "|---" * len(LIST_COLUMNS) + "|"]
     for folder in [root / name for name in list_packages(root)]:
         manifest = read_manifest(folder)
-        try:
+        config = {}
+        with contextlib.suppress(OSError, yaml.YAMLError):
             config = _flat_config(yaml.safe_load((folder / CONFIG_FILE).read_text()))
-        except (OSError, yaml.YAMLError):
-            config = {}
         evaluations = _matching_evaluations(folder / EVAL_DIR, _package_digests(manifest), lambda _: None)
         top1 = {row.classifier: f"{row.top1:.1f}" for row in _latest_rows([results for _, results in evaluations])
                 if row.extractor == "simclr" and row.top1 is not None}

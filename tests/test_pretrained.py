@@ -459,6 +459,18 @@ def test_force_keeps_the_package_evaluations_of_identical_weights_and_drops_the_
     assert any("model_stl10.json" in line and "other weights" in line for line in logs)
 
 
+def test_a_damaged_config_or_manifest_neither_stops_list_nor_blocks_force(tmp_path, capsys):
+    make_run(tmp_path / "run")
+    root = tmp_path / "packages"
+    folder = export_package(tmp_path / "run", "p", root=root, log=lambda _: None)
+    (folder / "config.yaml").write_text("a: [unclosed\n")
+    assert export_module.main(["--list", "--packages-dir", str(root)]) == 0
+    assert capsys.readouterr().out.splitlines()[2] == "| p | ResNet-18 | - | 3 | - | - | - | yes |"
+    (folder / "package.json").write_text("{not json")
+    export_package(tmp_path / "run", "p", root=root, force=True, log=lambda _: None)  # nothing of it is kept
+    assert json.loads((folder / "package.json").read_text())["name"] == "p" and "stl10" in data_row(folder)
+
+
 def test_the_card_shows_one_section_for_the_run_and_the_package_evaluated_on_the_same_data(tmp_path):
     """evaluate names its files after the weights file: the run's `last_stl10.*`, copied into the package, and the
     package's own `model_stl10.*` scored the same weights, so the card shows one table of their latest rows."""
