@@ -284,21 +284,17 @@ def neighbour_panels(features: dict, train_set, test_set, input_size: int, seed:
 def _protocols(ctx: EvalContext, o: EvalOptions) -> dict[str, tuple[str, Callable, dict]]:
     """Each row's protocol: key -> (display name, function(train_x, train_y, test_x, test_y) -> ClassifierResult,
     the settings its numbers depend on: the same weights, data and seed, and the options of its protocol)."""
-    n, device = len(ctx.classes), ctx.device
+    n, device, k, t = len(ctx.classes), ctx.device, o.weighted_knn_k, o.weighted_knn_temperature
     same = {"weights": ctx.checkpoint_sha256, "--seed": o.seed,
             "data": data_key(ctx.dataset, ctx.root, ctx.input_size, len(ctx.train_set), len(ctx.test_set))}
-    return {"lbfgs": ("Logistic regression (L-BFGS)",
-                      partial(lbfgs_probe, num_classes=n, C=o.C, max_iter=o.max_iter, seed=o.seed),
-                      {**same, "--C": o.C, "--max-iter": o.max_iter}),
+    return {"lbfgs": ("Logistic regression (L-BFGS)", partial(lbfgs_probe, num_classes=n, C=o.C, max_iter=o.max_iter,
+                      seed=o.seed), {**same, "--C": o.C, "--max-iter": o.max_iter}),
             "adam": ("Linear (Adam, hold-out tuned)", partial(adam_probe, num_classes=n, seed=o.seed, device=device),
                      same),
             "knn": (f"KNN (k={o.knn_k}, Euclidean)", partial(knn_classifier, num_classes=n, k=o.knn_k, device=device),
                     {**same, "--knn-k": o.knn_k}),
-            "weighted_knn": (f"Weighted KNN (k={o.weighted_knn_k}, T={o.weighted_knn_temperature:g})",
-                             partial(weighted_knn, num_classes=n, k=o.weighted_knn_k,
-                                     temperature=o.weighted_knn_temperature, device=device),
-                             {**same, "--weighted-knn-k": o.weighted_knn_k,
-                              "--weighted-knn-temperature": o.weighted_knn_temperature})}
+            "weighted_knn": (f"Weighted KNN (k={k}, T={t:g})", partial(weighted_knn, num_classes=n, k=k, temperature=t,
+                             device=device), {**same, "--weighted-knn-k": k, "--weighted-knn-temperature": t})}
 
 
 def how_to_read(present: set[str]) -> str:
