@@ -61,11 +61,12 @@ class Row:
         return {"extractor_name": self.extractor_name, **dataclasses.asdict(self)}
 
     @classmethod
-    def from_json(cls, data: dict, settings: dict) -> Row:
+    def from_json(cls, data: dict, settings: dict, evaluated: str | None = None) -> Row:
         """A row as any version of this code wrote it: missing facts read as None, and a row written before rows
-        carried their `settings` gets `settings` (those of its evaluation)."""
+        carried their `settings` and date gets `settings` and `evaluated` (those of its evaluation)."""
         values = {f.name: data.get(f.name) for f in dataclasses.fields(cls)}
-        return cls(**{**values, "details": values["details"] or {}, "settings": values["settings"] or settings})
+        return cls(**{**values, "details": values["details"] or {}, "settings": values["settings"] or settings,
+                      "evaluated": values["evaluated"] or evaluated})
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ class Results:
                     "data": data_key(data.get("name"), data.get("root"), data.get("input_size"), splits.get("train"),
                                      splits.get("test")), "--seed": record.get("seed"),
                     **{f"--{k.replace('_', '-')}": v for k, v in options.items() if not isinstance(v, (list, dict))}}
-        rows = tuple(Row.from_json(row, settings) for row in record["rows"]
+        rows = tuple(Row.from_json(row, settings, record.get("finished")) for row in record["rows"]
                      if isinstance(row, dict) and "classifier" in row and "extractor" in row)
         return cls(record.get("checkpoint_sha256"), data.get("name"), data.get("root"), data.get("input_size"), splits,
                    record.get("command") or _command_of(record), record.get("finished"), pictures, rows, record)

@@ -290,6 +290,8 @@ def test_results_files_of_the_code_before_typed_rows_still_read():
         Results.from_json({"checkpoint": "x"})
     odd = Results.from_json({"dataset": "digits", "splits": None, "rows": [{"classifier": "knn"}, 3]})
     assert odd.dataset is None and odd.splits == {} and odd.rows == () and "--checkpoint <checkpoint>" in odd.command
+    undated = Results.from_json({"finished": "2026-11-01T10:00", "rows": [{"classifier": "knn", "extractor": "pca"}]})
+    assert undated.rows[0].evaluated == "2026-11-01T10:00"  # a row of before rows were dated: its evaluation's date
 
 
 def test_an_evaluation_adds_its_rows_to_a_table_written_before_rows_carried_settings(run_dir, tmp_path, one_thread):
