@@ -8,7 +8,6 @@ bench.original_step) broadcasts a `[2N, 2N, D]` tensor, so it runs beside ours f
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import resource
@@ -20,29 +19,22 @@ from pathlib import Path
 import torch
 
 from bench import add_record_args, command_line, describe_machine, device_arg, print_and_record, timed
-from bench.original_step import SEED_CODE, seed_code_problem
+from bench.original_step import SEED_CODE, load_original, seed_code_problem
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 2**30
 
 
-def original_loss(code: Path, n: int, device: torch.device) -> torch.nn.Module:
-    """The original repository's `NTXentLoss` for `n` pairs (temperature 0.5, cosine similarity), loaded from its
-    file in `code` (never copied here) so that our `loss` package does not shadow its `loss/`."""
-    spec = importlib.util.spec_from_file_location("original_nt_xent", code / "loss" / "nt_xent.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.NTXentLoss(device, n, 0.5, True)
-
-
 def measure_one(n: int, dim: int, device: str, which: str, repeats: int, code: str) -> dict:
-    """Forward + backward of one loss ("ntxent": ours; "seed": the original's, from `code`) on random `[n, dim]`
-    projections; median seconds of `repeats` after one warm-up, and peak extra GiB."""
+    """Forward + backward of one loss ("ntxent": ours; "seed": the original's from `code`, both at temperature 0.5
+    with cosine similarity) on random `[n, dim]` projections; median seconds of `repeats` after one warm-up, and peak
+    extra GiB."""
     from loss.nt_xent import NTXentLoss
 
     torch.manual_seed(0)
     device = torch.device(device)
-    criterion = (NTXentLoss(temperature=0.5) if which == "ntxent" else original_loss(Path(code), n, device)).to(device)
+    criterion = (NTXentLoss(temperature=0.5) if which == "ntxent"
+                 else load_original(Path(code), "loss/nt_xent").NTXentLoss(device, n, 0.5, True)).to(device)
     z1, z2 = (torch.randn(n, dim, device=device, requires_grad=True) for _ in range(2))
     cuda = device.type == "cuda"
     if cuda:

@@ -1,21 +1,23 @@
 """The original repository's training step next to the trainer's, on the same views, machine and invocation.
 
-The original (sthalles/SimCLR e8a690a in ../shared/seed/code, see ../shared/seed/CODE.md) times its own step on
-views saved by this process, in a child process that runs this file as a script without this project on sys.path
-(its packages have no `__init__.py`: ours would shadow them), so only the standard library is imported at the top.
-The repeats interleave the rows, so that other load falls on each alike. Results: docs/BENCHMARKS.md.
+The original's model and loss (sthalles/SimCLR e8a690a in ../shared/seed/code, see ../shared/seed/CODE.md) are
+loaded from their files (`load_original`: its packages have no `__init__.py`, so ours would shadow them on sys.path)
+and stepped as its `SimCLR.train` does, next to `Trainer.train_step` in each of `TRAINER_SETTINGS`. The repeats
+interleave the rows, so that other load falls on each alike. torch is imported once `main` has set run.py's CPU
+policy. Results: docs/BENCHMARKS.md.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import itertools
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,51 +41,39 @@ def seed_code_problem(code: Path) -> str | None:
             if missing else None)
 
 
-def original_worker(code: str, views_file: str, batch_size: int, warmup: int, steps: int) -> float:
-    """In the child (none of this project here): images/s of the original's step on the views in `views_file`."""
-    sys.path.insert(0, code)
+def load_original(code: Path, name: str):
+    """The original's module `name` ("models/resnet_simclr" or "loss/nt_xent"), loaded from its file in `code`
+    (never copied here) under another name, so that neither shadows our package of that name."""
+    spec = importlib.util.spec_from_file_location(f"original_{Path(name).name}", code / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def original_training_step(code: Path, batch_size: int):
+    """`work` for `timed`: the original's step, its `SimCLR.train` loop body and `SimCLR._step` as written there."""
     import torch
     import torch.nn.functional as F
-    from loss.nt_xent import NTXentLoss
-    from models.resnet_simclr import ResNetSimCLR
 
-    views = torch.load(views_file, weights_only=True)
     torch.manual_seed(0)
-    model = ResNetSimCLR("resnet18", 256)  # prints "Feature extractor: resnet18": the parent reads the last line
+    with warnings.catch_warnings():  # its torchvision call passes the deprecated `pretrained=False`: not ours to fix
+        warnings.simplefilter("ignore", UserWarning)
+        model = load_original(code, "models/resnet_simclr").ResNetSimCLR("resnet18", 256).train()
     optimizer = torch.optim.Adam(model.parameters(), 3e-4, weight_decay=1e-5)
-    criterion = NTXentLoss("cpu", batch_size, 0.5, True)
-    model.train()
+    criterion = load_original(code, "loss/nt_xent").NTXentLoss("cpu", batch_size, 0.5, True)
 
-    def step(xis, xjs):  # SimCLR.train's loop body and SimCLR._step, as written there
+    def step(xis, xjs):
         optimizer.zero_grad()
         _, zis = model(xis)
         _, zjs = model(xjs)
         criterion(F.normalize(zis, dim=1), F.normalize(zjs, dim=1)).backward()
         optimizer.step()
-
-    for i in range(warmup + steps):
-        if i == warmup:
-            start = time.perf_counter()
-        step(*views[i % len(views)])
-    return batch_size * steps / (time.perf_counter() - start)
-
-
-def run_original(code: Path, views_file: Path, batch_size: int, warmup: int, steps: int) -> float:
-    """`original_worker` in a child process with none of this project on its path; its images/s."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    job = dict(code=str(code), views_file=str(views_file), batch_size=batch_size, warmup=warmup, steps=steps)
-    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)], cwd=code,
-                          env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"the original's step failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
-    return float(done.stdout.strip().splitlines()[-1])
+    return step
 
 
 def measure(args) -> dict:
     """{"rows": {crop: {row: [images/s per repeat]}}, "loads": [1-minute load at each repeat's start]}: per crop,
     the original's step then each trainer's, `args.repeats` times in turn on the same views (made on the CPU)."""
-    import torch
-
     from bench import timed
     from bench.throughput import create_trainer, synthetic_images, trainer_step
     from data_aug.batches import DeviceBatches
@@ -91,23 +81,22 @@ def measure(args) -> dict:
     from simclr.trainer import flushed_denormals
 
     results = {"loads": [], "rows": {}}
-    with tempfile.TemporaryDirectory() as tmp, flushed_denormals():  # the trainer's steps run as in Trainer.fit
+    with tempfile.TemporaryDirectory() as tmp:
         for crop in args.crops:
             images = synthetic_images(args.batch_size * (args.warmup + args.steps), crop)
             views = list(DeviceBatches(images, args.batch_size, ViewSettings(crop), seed=0, device="cpu").batches(0))
-            torch.save(views, Path(tmp, "views.pt"))
-            made = [(create_trainer(Path(tmp, "run"), "resnet18", crop, args.batch_size, "cpu", amp, layout), setting)
-                    for amp, layout, setting in TRAINER_SETTINGS]
-            trainers = {f"Trainer.train_step, {t.precision.summary()} ({setting})": t for t, setting in made}
-            rows = results["rows"][crop] = {ORIGINAL: [], **{name: [] for name in trainers}}
+            steps = {ORIGINAL: original_training_step(args.seed_code, args.batch_size)}
+            for amp, layout, setting in TRAINER_SETTINGS:
+                trainer = create_trainer(Path(tmp, "run"), "resnet18", crop, args.batch_size, "cpu", amp, layout)
+                steps[f"Trainer.train_step, {trainer.precision.summary()} ({setting})"] = trainer_step(trainer)
+            rows = results["rows"][crop] = {name: [] for name in steps}
             for repeat in range(args.repeats):
                 results["loads"].append(os.getloadavg()[0])
-                print(f"{crop} px, repeat {repeat + 1}/{args.repeats}: the original's step ...", flush=True)
-                rows[ORIGINAL].append(run_original(args.seed_code, Path(tmp, "views.pt"), args.batch_size,
-                                                   args.warmup, args.steps))
-                for name, trainer in trainers.items():
-                    print(f"  {name} ...", flush=True)
-                    seconds = timed(itertools.cycle(views), args.warmup, args.steps, "cpu", trainer_step(trainer))
+                for name, step in steps.items():
+                    print(f"{crop} px, repeat {repeat + 1}/{args.repeats}: {name} ...", flush=True)
+                    # the trainer's steps flush denormals as Trainer.fit does; the original's do not
+                    with contextlib.nullcontext() if name == ORIGINAL else flushed_denormals():
+                        seconds = timed(itertools.cycle(views), args.warmup, args.steps, "cpu", step)
                     rows[name].append(args.batch_size * args.steps / seconds)
     return results
 
@@ -160,7 +149,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:  # the child: the original's code, not this project
-    print(original_worker(**json.loads(sys.argv[2])))
-elif __name__ == "__main__":
+if __name__ == "__main__":
     sys.exit(main())
