@@ -245,6 +245,7 @@ def test_gpu_check_dry_run_passes_every_part(tmp_path):
         {("tests.test_batches", name, "needs CUDA (marked cuda)") for name in CUDA_TESTS}
     device_run = (out / "run_device_summary.log").read_text()
     assert "epoch 2:" in device_run and "GPU busy 87.0%" in device_run and "MISSED (87.0%)" in device_run
+    assert "kNN monitor: 3 calls" in device_run  # before training and after each of the 2 epochs
     assert json.loads((out / "run_cpu_summary.json").read_text())["gpu"]["util_mean"] == 87
     assert "| model alone on pre-made views (ceiling) |" in (out / "throughput_compile.md").read_text()
     assert "<!-- bench/loss_scaling.py cpu: start -->" in (out / "loss_scaling.md").read_text()
