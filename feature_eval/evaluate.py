@@ -55,7 +55,8 @@ class EvalOptions(RunOptions):
     """`RunOptions` plus what the linear and KNN protocols are asked; `classifiers` and `baselines` (comma-separated
     or a tuple) become checked tuples of names."""
 
-    classifiers: str | tuple[str, ...] = option(DEFAULT_CLASSIFIERS, "comma-separated, from lbfgs,adam,knn")
+    classifiers: str | tuple[str, ...] = option(DEFAULT_CLASSIFIERS, "comma-separated, from lbfgs,adam,knn "
+                                                "(default: lbfgs,knn)")
     baselines: str | tuple[str, ...] = option((), "comma-separated, from pca,random, or none")
     batch_size: int = option(256, "images per forward pass (lower it on OOM)", bound=">= 1")
     num_workers: int = option(0, "decoding workers for image folders", bound=">= 0")
@@ -63,8 +64,8 @@ class EvalOptions(RunOptions):
     cache_dir: str | Path | None = option(None, "feature cache (default: <out-dir>/cache, runs/eval_cache/<package>)")
     # C=1.0 and 1200 iterations: the original repository's logistic regression, so its numbers compare
     C: float = option(1.0, "L-BFGS logistic regression inverse L2 strength", bound="> 0")
-    max_iter: int = option(1200, "L-BFGS iterations", bound=">= 1")
-    knn_k: int = option(10, "neighbours of the Euclidean KNN vote", bound=">= 1")
+    max_iter: int = option(1200, "L-BFGS iterations (default 1200)", bound=">= 1")
+    knn_k: int = option(10, "neighbours of the Euclidean KNN vote (default 10)", bound=">= 1")
     weighted_knn_k: int = option(200, "neighbours of the weighted KNN", bound=">= 1")
     weighted_knn_temperature: float = option(0.1, "weighted KNN temperature", bound="> 0")
     plots: bool = option(True, "draw no t-SNE, confusion-matrix and neighbours PNGs")
