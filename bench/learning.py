@@ -22,7 +22,7 @@ if __name__ == "__main__":  # a mismatched torch/torchvision pair: one line, not
 
 import torch
 
-from bench import add_record_args, command_line, describe_machine, print_and_record
+from bench import REPO, add_record_args, command_line, describe_machine, print_and_record
 from data_aug.datasets import load_split, subset
 from data_aug.errors import DataError
 from feature_eval import baselines
@@ -33,7 +33,6 @@ from simclr.config import ConfigError, load_config
 from simclr.dist import init_distributed
 from simclr.trainer import Trainer
 
-REPO = Path(__file__).resolve().parent.parent
 CLASSIFIERS = ("lbfgs", "knn")
 COLUMNS = ("lbfgs", "lbfgs margin", "knn", "knn margin", "seconds")  # of a SimCLR row: a value per seed each
 HOLDOUT_FRACTION, HOLDOUT_SEED = 0.2, 0
@@ -54,8 +53,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                              'model.head_bn=true"); the base config is studied too (default: DEFAULT_VARIANTS)')
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of every variant")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="overrides for every run, e.g. dataset.name=imagefolder dataset.root=/data/x "
-                             "\"dataset.input_shape=(32,32,3)\" epochs=50 device=cuda")
+                        help="overrides for every run, e.g. dataset.name=imagefolder dataset.root=/data/x epochs=50")
     parser.add_argument("--report", choices=("holdout", "test"), default="holdout",
                         help="holdout: fit on 80%% of train, score the other 20%% (choose recipes here); test: fit "
                              "on train, score test (only for a recipe already chosen)")
@@ -65,8 +63,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def run_config(args: argparse.Namespace, variant: str, seed: int, *more: str):
-    """The config of one run: the base config, `--set`, the variant's overrides, its seed, then `more`; a bad
-    variant raises ConfigError naming it."""
+    """One run's config: base, `--set`, the variant, its seed, then `more`; a bad variant's ConfigError names it."""
     overrides = [*args.set, "final_eval=false", "resume=None", "fine_tune_from=None",
                  *([] if variant == BASE else shlex.split(variant)), f"seed={seed}", *more]
     try:
@@ -85,8 +82,7 @@ def split_for_report(config, report: str):
     return subset(train, fit), subset(train, held)
 
 
-def score(features: tuple[FeatureSplit, FeatureSplit], device: torch.device) -> dict[str, float]:
-    fit, report = features
+def score(fit: FeatureSplit, report: FeatureSplit, device: torch.device) -> dict[str, float]:
     return {"lbfgs": lbfgs_probe(fit.features, fit.labels, report.features, report.labels).top1,
             "knn": knn_classifier(fit.features, fit.labels, report.features, report.labels, k=10, device=device).top1}
 
@@ -98,9 +94,8 @@ def mean_sd(values: list[float]) -> str:
 
 
 def study(args: argparse.Namespace, trainer_class=Trainer) -> str:
-    """Train every variant with every seed (`trainer_class`: a `Trainer`, or a test's subclass), score each encoder
-    and the baselines of its seed; the table (`render`). Every config is built first: a bad variant fails before
-    any training."""
+    """Train and score every variant with every seed (`trainer_class`: a test may pass a subclass); the table. Every
+    config is built first: a bad variant fails before any training."""
     variants = [BASE, *(DEFAULT_VARIANTS if args.variants is None else args.variants)]
     out_dir = Path(args.out_dir or Path("runs") / "learning" / datetime.datetime.now().strftime("%Y%m%d_%H%M%S"))
     slug = {v: "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in v)[:80] or BASE for v in variants}
@@ -129,11 +124,10 @@ def score_run(config, seed: int, data: tuple, device: torch.device, scores: dict
     """Top-1 per classifier of the run's encoder, and its margin over the better baseline of its seed (each baseline
     scored once per seed, into `scores`: the same for every variant with this seed, data and size)."""
     fit, report = data
-    encoder = load_encoder(config.run_dir, device)
-    found = score(tuple(extract_features(encoder, part, config.dataset.crop_size, device=device,
-                                         desc=f"SimCLR features ({name})")
-                        for name, part in (("fit", fit), ("report", report))), device)
     m, size, cache = config.model, config.dataset.crop_size, baselines.BASELINE_CACHE
+    encoder = load_encoder(config.run_dir, device)
+    found = score(*(extract_features(encoder, part, size, device=device, desc=f"SimCLR features ({name})")
+                    for name, part in (("fit", fit), ("report", report))), device)
     extractors = {  # both at the run's eval size, their features cached across runs
         f"Random init ({m.base_model}{', CIFAR stem' if m.cifar_stem else ''}, {size}px)":
             lambda: baselines.random_init_features(m.base_model, m.cifar_stem, seed, fit, report, size,
@@ -142,7 +136,7 @@ def score_run(config, seed: int, data: tuple, device: torch.device, scores: dict
             lambda: baselines.pca_features(fit, report, size, m.out_dim, seed=seed, cache_dir=cache)[:2]}
     for name, compute in extractors.items():
         if (name, seed) not in scores:
-            scores[name, seed] = score(compute(), device)
+            scores[name, seed] = score(*compute(), device)
     best = {c: max(scores[name, seed][c] for name in extractors) for c in CLASSIFIERS}
     return {**found, **{f"{c} margin": found[c] - best[c] for c in CLASSIFIERS}}
 
@@ -154,8 +148,7 @@ def render(args, variants: list[str], scores: dict, data: tuple) -> str:
              if args.report == "holdout" else "fitted on the train split, scored on the test split")
     lines = [f"Top-1 % {where}: {len(fit)} fit / {len(report)} scored images; mean ± sd over seeds "
              f"{', '.join(map(str, args.seeds))}; margin = SimCLR minus the better of random init and PCA, same seed.",
-             "",
-             "| Feature extractor | L-BFGS top-1 | L-BFGS margin | KNN (k=10) top-1 | KNN margin | pretraining s |",
+             "", "| Feature extractor | L-BFGS top-1 | L-BFGS margin | KNN (k=10) top-1 | KNN margin | pretraining s |",
              "|---|---|---|---|---|---|"]
     for name in sorted(dict.fromkeys(name for name, _ in scores), key=lambda name: name not in variants):
         per_seed = [found for (n, _), found in scores.items() if n == name]

@@ -18,17 +18,15 @@ from pathlib import Path
 
 import torch
 
-from bench import add_record_args, command_line, describe_machine, device_arg, print_and_record, timed
+from bench import REPO, add_record_args, command_line, describe_machine, device_arg, print_and_record, timed
 from bench.original_step import SEED_CODE, load_original, seed_code_problem
 
-REPO = Path(__file__).resolve().parents[1]
 GIB = 2**30
 
 
 def measure_one(n: int, dim: int, device: str, which: str, repeats: int, code: str) -> dict:
-    """Forward + backward of one loss ("ntxent": ours; "seed": the original's from `code`, both at temperature 0.5
-    with cosine similarity) on random `[n, dim]` projections; median seconds of `repeats` after one warm-up, and peak
-    extra GiB."""
+    """Forward + backward of ours ("ntxent") or the original's loss ("seed", from `code`), both at temperature 0.5,
+    on random `[n, dim]` projections: median seconds of `repeats` after one warm-up, and peak extra GiB."""
     from loss.nt_xent import NTXentLoss
 
     torch.manual_seed(0)

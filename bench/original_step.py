@@ -20,7 +20,9 @@ import time
 import warnings
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+import startup  # standard library only, as is bench/__init__.py
+from bench import REPO, add_record_args, command_line, describe_machine, print_and_record, timed
+
 SEED_CODE = REPO.parent / "shared" / "seed" / "code"
 START, END = "<!-- bench/original_step.py: start -->", "<!-- bench/original_step.py: end -->"
 SECTION_HEAD = "## The original repository's step next to the trainer's (bench/original_step.py)"
@@ -33,8 +35,7 @@ ORIGINAL = "original (sthalles/SimCLR e8a690a)"
 
 def seed_code_problem(code: Path) -> str | None:
     """Why `code` is not the original's code (its model or loss file missing), or None."""
-    needed = ("models/resnet_simclr.py", "loss/nt_xent.py")
-    missing = [name for name in needed if not (code / name).is_file()]
+    missing = [name for name in ("models/resnet_simclr.py", "loss/nt_xent.py") if not (code / name).is_file()]
     return (f"--seed-code {code}: {', '.join(missing)} not found there; it must hold sthalles/SimCLR at commit "
             "e8a690a (../shared/seed/code next to this repository, see ../shared/seed/CODE.md), e.g. git clone "
             "https://github.com/sthalles/SimCLR DIR && git -C DIR checkout e8a690a, then --seed-code DIR"
@@ -74,7 +75,6 @@ def original_training_step(code: Path, batch_size: int):
 def measure(args) -> dict:
     """{"rows": {crop: {row: [images/s per repeat]}}, "loads": [1-minute load at each repeat's start]}: per crop,
     the original's step then each trainer's, `args.repeats` times in turn on the same views (made on the CPU)."""
-    from bench import timed
     from bench.throughput import create_trainer, synthetic_images, trainer_step
     from data_aug.batches import DeviceBatches
     from data_aug.views import ViewSettings
@@ -103,13 +103,10 @@ def measure(args) -> dict:
 
 def format_run(args, results: dict, command: str) -> str:
     """The run as a markdown block: machine, load, and per crop the rows with their ratio to the original."""
-    from bench import describe_machine
-
-    loads = results["loads"]
     lines = [f"### {time.strftime('%Y-%m-%d')}, cpu", "",
              f"`{command}`; {describe_machine('cpu')}; ResNet-18, batch {args.batch_size}; {args.steps} timed steps "
              f"after {args.warmup} warm-up, {args.repeats} repeat(s) interleaved; 1-minute load average "
-             f"{min(loads):.2f}-{max(loads):.2f} at the repeats' starts; {args.cpu_policy}.", "",
+             f"{min(results['loads']):.2f}-{max(results['loads']):.2f} at the repeats' starts; {args.cpu_policy}.", "",
              "| crop | step | images/s (median) | range | vs original (median ratio) |",
              "|---|---|---:|---:|---:|"]
     for crop, rows in results["rows"].items():
@@ -121,9 +118,6 @@ def format_run(args, results: dict, command: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import startup
-    from bench import add_record_args, command_line, print_and_record
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--crops", type=int, nargs="+", default=[96, 32], help="view sides")
     parser.add_argument("--batch-size", type=int, default=64, help="images per step")
@@ -140,8 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    args.seed_code = args.seed_code.resolve()
-    cpu = startup.prepare_cpu("cpu", owner="bench.original_step")  # run.py's CPU policy, inherited by the child
+    cpu = startup.prepare_cpu("cpu", owner="bench.original_step")  # run.py's CPU policy, before torch is imported
     startup.exit_if_torch_is_broken()
     args.cpu_policy = f"OMP_WAIT_POLICY={cpu['omp_wait_policy']} (set by {cpu['set_by']})"
     block = format_run(args, measure(args), command_line("bench.original_step", argv))
