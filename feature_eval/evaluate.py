@@ -107,7 +107,7 @@ def evaluate(checkpoint: str | Path, options: EvalOptions | None = None, *, log:
         f"{', '.join(o.baselines) or 'none'}")
     timings: dict[str, float] = {}
     features, extractors = extract_all(ctx, o, timings, log)
-    protocols = _protocols(ctx, o)
+    protocols = _protocols(ctx, o)  # `knn` asks for both KNN rows
     rows, outcomes = score(ctx, features, extractors, {key: protocol for key, protocol in protocols.items()
                                                        if key.replace("weighted_", "") in o.classifiers}, log)
     timings["total"] = round(time.perf_counter() - started, 3)

@@ -90,7 +90,7 @@ class Results:
         """The one reader, for results JSON of every version of this code. Raises ValueError: not a results record."""
         if not isinstance(record, dict) or not isinstance(record.get("rows"), list):
             raise ValueError("not a results file of feature_eval (no rows)")
-        data, splits, options, pictures = (_dict(record, k) for k in ("dataset", "splits", "options", "pictures"))
+        data, splits, options, pictures = (_dict(record.get(k)) for k in ("dataset", "splits", "options", "pictures"))
         settings = {"weights": record.get("checkpoint_sha256"),
                     "data": data_key(data.get("name"), data.get("root"), data.get("input_size"), splits.get("train"),
                                      splits.get("test")), "--seed": record.get("seed"),
@@ -101,18 +101,18 @@ class Results:
                    record.get("command") or _command_of(record), record.get("finished"), pictures, rows, record)
 
 
+def _dict(value) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
 def read_results(path: Path) -> Results:
     """The results JSON at `path`. Raises OSError (unreadable) or ValueError (not JSON, not a results record)."""
     return Results.from_json(json.loads(path.read_text()))
 
 
-def _dict(record: dict, key: str) -> dict:
-    return value if isinstance(value := record.get(key), dict) else {}
-
-
 def _command_of(record: dict) -> str:
     """The evaluation command of a record from before commands were recorded, rebuilt from its options."""
-    data, options = _dict(record, "dataset"), _dict(record, "options")
+    data, options = _dict(record.get("dataset")), _dict(record.get("options"))
     baselines = f" --baselines {','.join(options['baselines'])}" if options.get("baselines") else ""
     return (f"python -m feature_eval.evaluate --checkpoint {record.get('checkpoint', '<checkpoint>')} --dataset "
             f"{data.get('name')} --root {data.get('root')} --input-size {data.get('input_size')} --classifiers "
