@@ -202,3 +202,68 @@ def test_original_step_times_the_original_next_to_the_trainer(tmp_path, capsys):
     for row in ("float32, NCHW (fp16_precision: false, NCHW forced", "float32, channels-last (fp16_precision: "
                 "false, the default)", "(fp16_precision: auto)"):
         assert row in text
+
+
+def test_timed_calls_the_work_for_warmup_then_steps_on_successive_batches():
+    from bench import timed
+
+    calls = []
+    seconds = timed(iter([(i, -i) for i in range(5)]), 2, 3, "cpu", lambda x1, x2: calls.append((x1, x2)))
+    assert calls == [(i, -i) for i in range(5)] and seconds >= 0
+
+
+def test_throughput_refuses_bad_numbers_before_building_anything(capsys):
+    from bench import throughput
+
+    with pytest.raises(SystemExit) as stop:
+        throughput.main(["--device", "cpu", "--steps", "0"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "--batch-size must be >= 2, --steps >= 1" in err and "Traceback" not in err
+
+
+FAKE_MODEL = '''import torch
+
+
+class ResNetSimCLR(torch.nn.Module):
+    def __init__(self, base_model, out_dim):
+        super().__init__()
+        self.head = torch.nn.Linear(3, out_dim)
+
+    def forward(self, x):
+        with open({log!r}, "a") as log:  # a denormal reads as 0 under the trainer's flush
+            log.write(f"{{(torch.tensor([1e-39]) * 1.0).item() == 0.0}}\\n")
+        h = x.float().mean((2, 3))
+        return h, self.head(h)
+'''
+FAKE_LOSS = '''import torch
+
+
+class NTXentLoss(torch.nn.Module):
+    def __init__(self, device, batch_size, temperature, use_cosine_similarity):
+        super().__init__()
+
+    def forward(self, zis, zjs):
+        return (zis * zjs).sum()
+'''
+
+
+def test_original_step_loads_the_originals_files_here_and_steps_them_without_the_trainers_flush(tmp_path):
+    """The original's model and loss come from the files under --seed-code, loaded in this process without
+    shadowing our `models` and `loss` packages; its steps run without the denormal flush of the trainer's."""
+    import sys
+
+    import models.resnet_simclr
+    from bench import original_step
+
+    code, log = tmp_path / "seed", tmp_path / "flushed.log"
+    (code / "models").mkdir(parents=True)
+    (code / "loss").mkdir()
+    (code / "models" / "resnet_simclr.py").write_text(FAKE_MODEL.format(log=str(log)))
+    (code / "loss" / "nt_xent.py").write_text(FAKE_LOSS)
+    out = tmp_path / "BENCHMARKS.md"
+    assert original_step.main(["--crops", "8", "--batch-size", "2", "--steps", "1", "--warmup", "1", "--repeats",
+                               "1", "--seed-code", str(code), "--output", str(out)]) == 0
+    assert log.read_text().split() == ["False"] * 4  # warm-up and timed step, two views each
+    text = out.read_text()
+    assert "| 8 px | original (sthalles/SimCLR e8a690a) |" in text and text.count("| 8 px | Trainer.train_step") == 3
+    assert sys.modules["models.resnet_simclr"] is models.resnet_simclr and hasattr(models.resnet_simclr, "FEATURE_DIMS")
