@@ -47,7 +47,7 @@ class RunOptions:
     root: str | Path | None = option(None, "data set folder (default: the checkpoint's dataset.root)")
     input_size: int | None = option(None, "image size (default: the checkpoint's input_shape)", type=int, bound=">= 8")
     device: str | torch.device = option("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
-    out_dir: str | Path | None = option(None, "table and JSON folder (default: <run_dir>/eval, a package's eval/)")
+    out_dir: str | Path | None = option(None, "table and JSON folder (default: <run_dir>/eval, or a package's eval/)")
     write: bool = True
     download: bool = option(False, "download the data set if it is missing")
     skip_bad_images: bool | None = option(None, "leave out image files that cannot be decoded, with a warning "

@@ -238,7 +238,7 @@ class FineTuneOptions(RunOptions):
     hflip: float | None = option(None, "probability that a fine-tuning view is mirrored (default: the checkpoint's "
                                        "dataset.hflip, else 0.5, the paper's)", type=_number, bound="[0, 1]")
     min_crop_scale: float = option(0.08, "smallest crop area (default 0.08)", type=_number, bound="(0, 1]")
-    valid_fraction: float = option(0.2, "share held out to choose the lr (default 0.2)", bound="(0, 1)")
+    valid_fraction: float = option(0.2, "share of the labels held out to choose the lr (default 0.2)", bound="(0, 1)")
     baselines: str | tuple[str, ...] = option((), "random: also fine-tune a randomly initialised encoder "
                                                   "(supervised from scratch on the same labels); none (default)")
     eval_batch_size: int = option(256, "images per forward pass when scoring", bound=">= 1")
