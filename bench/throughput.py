@@ -135,7 +135,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "true with that amp_dtype (bf16, fp16), auto, or none (float32); bf16 / none")
     parser.add_argument("--compile", action="store_true", help="torch.compile model and pipeline (slow warm-up)")
     parser.add_argument("--layout", choices=LAYOUTS, default="trainer", help="the trainer's layout, or one forced")
-    parser.add_argument("--workers", type=int, default=startup.available_cpus(), help="DataLoader workers (one per core)")
+    parser.add_argument("--workers", type=int, default=startup.available_cpus(), help="DataLoader workers (1 per core)")
     add_record_args(parser, "the run appended to this benchmark's section")
     args = parser.parse_args(argv)
     if args.batch_size < 2 or args.steps < 1 or args.warmup < 0:
