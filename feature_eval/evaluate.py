@@ -56,8 +56,9 @@ class EvalOptions(RunOptions):
     or a tuple) become checked tuples of names."""
 
     classifiers: str | tuple[str, ...] = option(DEFAULT_CLASSIFIERS, "comma-separated, from lbfgs,adam,knn "
-                                                "(default: lbfgs,knn)")
-    baselines: str | tuple[str, ...] = option((), "comma-separated, from pca,random, or none")
+                                                "(default: lbfgs,knn); knn: the Euclidean and the weighted cosine KNN")
+    baselines: str | tuple[str, ...] = option((), "comma-separated, from pca (raw pixels, PCA to model.out_dim) and "
+                                                  "random (the encoder untrained), or none")
     batch_size: int = option(256, "images per forward pass (lower it on OOM)", bound=">= 1")
     num_workers: int = option(0, "decoding workers for image folders", bound=">= 0")
     cache: bool = option(True, "neither read nor write cached features")
