@@ -37,10 +37,9 @@ def write_imagefolder(images: np.ndarray, labels: np.ndarray, out: Path, size: i
                                                           random_state=seed, stratify=labels)))
     for split, members in splits.items():
         for i in members:
-            (out / split / str(labels[i])).mkdir(parents=True, exist_ok=True)
-            image = Image.fromarray(images[i], mode="L")
-            image = image if image.size == (size, size) else image.resize((size, size), Image.BILINEAR)
-            image.save(out / split / str(labels[i]) / f"{i:06d}.png")
+            path = out / split / str(labels[i]) / f"{i:06d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(images[i]).resize((size, size), Image.BILINEAR).save(path)  # at its size: a copy
     return {split: len(members) for split, members in splits.items()}
 
 
