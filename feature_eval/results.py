@@ -194,9 +194,9 @@ def write_results(record: dict, table: str, out_dir: Path, stem: str, caption: s
         out_dir.mkdir(parents=True, exist_ok=True)
         paths["markdown"].write_text("\n\n".join([caption, table, *notes]) + "\n")
         text = json.dumps(record, indent=2, allow_nan=False, default=_json_default)
-        # a list of numbers on one line: a confusion matrix reads as rows, not as one number a line
-        text = re.sub(r"\[\s+(-?[\d.eE+-]+(?:,\s+-?[\d.eE+-]+)*)\s+\]",
-                      lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
+        # a list of numbers on one line: a confusion matrix reads as rows, not as one number a line. Only a list that
+        # json.dumps broke over lines ("[" then a newline, never inside a string) holding numbers alone is folded.
+        text = re.sub(r"\[\n[\d.eE+\-,\s]*\]", lambda m: "[" + " ".join(m.group()[1:-1].split()) + "]", text)
         paths["json"].write_text(text + "\n")
     except OSError as err:
         raise EvalError(f"cannot write results to {out_dir} ({err.strerror or err}): pass --out-dir DIR") from None

@@ -10,7 +10,8 @@ from PIL import Image
 
 from feature_eval import evaluate as evaluate_module
 from feature_eval.plots import embed_2d
-from feature_eval.results import Results, Row, current_rows, markdown_table, read_results, rewrite_command
+from feature_eval.results import (Results, Row, current_rows, markdown_table, read_results, rewrite_command,
+                                  write_results)
 from models.loading import file_sha256
 from pretrained_models.export import model_card
 from tests.test_feature_eval import make_checkpoint
@@ -264,6 +265,16 @@ def test_one_command_rewriter_replaces_in_place_adds_and_removes():
         "python -m feature_eval.evaluate --checkpoint 'runs/img run' --classifiers lbfgs,knn --out-dir /tmp/x --seed 1")
     assert rewrite_command("x --seed 1 --seed 2", {"--seed": "3"}) == "x --seed 3"  # a repeated option goes
     assert rewrite_command(None, {"--seed": "3"}) is None
+
+
+def test_the_json_writes_each_list_of_numbers_on_one_line_and_reads_back_the_same(tmp_path):
+    """A confusion matrix reads as rows; lists of anything else, and text that looks like a list, stay as they are."""
+    record = {"confusion": [[3, 0], [1, -2]], "scores": [0.5, 1e-07], "names": ["a", "b"], "empty": [],
+              "command": "python -m feature_eval.evaluate --root 'data/[ 1 ]'", "rows": []}
+    paths = write_results(record, "| table |", tmp_path, "r", "caption")
+    text = paths["json"].read_text()
+    assert '"confusion": [\n    [3, 0],\n    [1, -2]\n  ]' in text and '"scores": [0.5, 1e-07]' in text
+    assert '"names": [\n    "a",' in text and json.loads(text) == record  # the command's "[ 1 ]" untouched
 
 
 def test_results_files_of_the_code_before_typed_rows_still_read():
