@@ -56,7 +56,7 @@ class RunOptions:
     command: str | None = None
 
     def __post_init__(self):
-        for message in bound_errors(type(self), lambda name: getattr(self, name)):
+        for message in bound_errors(type(self), self):
             raise EvalError(message)
 
     @classmethod
@@ -235,10 +235,10 @@ BOUNDS = {">= 0": (lambda v: v >= 0, ">= 0"), ">= 1": (lambda v: v >= 1, "at lea
                       "one or more positive numbers, e.g. 0.05,0.1,0.2")}
 
 
-def bound_errors(options: type[RunOptions], value_of: Callable[[str], object]):
-    """`--option value: must be <bound>` for each field of `options` whose value (`value_of(name)`) is outside it."""
+def bound_errors(options: type[RunOptions], values: RunOptions | argparse.Namespace):
+    """`--option value: must be <bound>` for each field of `options` whose value in `values` is outside it."""
     for f in (f for f in dataclasses.fields(options) if "bound" in f.metadata):
-        (inside, words), value = BOUNDS[f.metadata["bound"]], value_of(f.name)
+        (inside, words), value = BOUNDS[f.metadata["bound"]], getattr(values, f.name)
         if value is not None and not inside(value):
             shown = ",".join(f"{v:g}" for v in value) if isinstance(value, tuple) else f"{value:g}"
             yield f"--{f.name.replace('_', '-')} {shown}: must be {words}"
@@ -259,7 +259,7 @@ def parse_options(options: type[RunOptions], module: str, doc: str, argv: list[s
             cli.setdefault("type", str if isinstance(f.default, tuple) else type(f.default))
         parser.add_argument(flag, dest=f.name, default=f.default, **cli)
     args = parser.parse_args(argv)
-    for message in bound_errors(options, lambda name: getattr(args, name)):
+    for message in bound_errors(options, args):
         parser.exit(startup.EXIT_USAGE, f"{parser.prog}: error: {message}\n")  # no usage: the line says it all
     return args
 
