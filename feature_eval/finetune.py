@@ -268,7 +268,8 @@ def finetune_evaluate(checkpoint: str | Path, options: FineTuneOptions | None = 
     # The subset is what was fit, not the fraction asked for: at least one image per class can make it larger.
     share, per_class = f"{100 * len(indices) / (labels >= 0).sum():.3g}%", f"{counts.min()}-{counts.max()} per class"
     fit = f"{len(indices)} of {(labels >= 0).sum()} train images ({share}; --label-fraction {o.label_fraction:g})"
-    log(f"fine-tuning {ctx.checkpoint} on {fit} of {ctx.dataset}, {per_class}, {o.epochs} epochs, {ctx.input_size}px, "
+    epochs = f"{o.epochs} epoch" if o.epochs == 1 else f"{o.epochs} epochs"
+    log(f"fine-tuning {ctx.checkpoint} on {fit} of {ctx.dataset}, {per_class}, {epochs}, {ctx.input_size}px, "
         f"crop scale {o.min_crop_scale:g}-1, hflip {o.hflip:g} ({flip_from}), on {ctx.device}; base lr from "
         f"{', '.join(f'{lr:g}' for lr in o.lrs)}")
     rows, models = [], {}
@@ -286,7 +287,7 @@ def finetune_evaluate(checkpoint: str | Path, options: FineTuneOptions | None = 
         lr = "base lr chosen on a hold-out of those labels" if len(o.lrs) > 1 else \
             f"base lr {o.lrs[0]:g} (one --lrs value: no hold-out)"
         caption = table_caption(results, f"`{ctx.checkpoint}` fine-tuned end to end", f"{fit}, class-balanced "
-                                f"({per_class}), views: {results['options']['augmentation']} only, {lr}")
+                                f"({per_class}), views: {results['options']['augmentation']}, {lr}")
         stem = f"{ctx.results_stem()}_finetune-{fraction_tag(o.label_fraction)}"  # next to evaluate's results
         outcome.paths = write_results(results, outcome.table, ctx.out_dir, stem, caption)
     return outcome

@@ -249,7 +249,7 @@ def test_cli_runs_on_tiny_data_and_one_lr_skips_the_hold_out(digits_run, tmp_pat
     assert flips == [0.0, 0.0] and results["options"]["hflip"] == 0.0
     assert results["options"]["augmentation"] == "random resized crop (scale 0.08-1) without flips"
     caption = (out / "last_digits_finetune-1pct.md").read_text().split("\n\n")[0]
-    assert "views: random resized crop (scale 0.08-1) without flips only" in caption and "horizontal" not in caption
+    assert "views: random resized crop (scale 0.08-1) without flips, base lr" in caption and "horizontal" not in caption
     # one --lrs value: the caption says so instead of claiming a hold-out choice
     assert "base lr 0.1 (one --lrs value: no hold-out)" in caption and "chosen on a hold-out" not in caption
 
@@ -330,7 +330,7 @@ def test_the_real_share_of_labels_is_reported_when_each_class_needs_one(digits_r
     caption = result.paths["markdown"].read_text().split("\n\n")[0]
     assert f"fit on {fit}" in caption and "0.1%" not in caption
     # the default views, the checkpoint's (the paper's), are said too; the API checks --hflip as the command line does
-    assert "views: random resized crop (scale 0.08-1) + horizontal flip (p 0.5) only" in caption
+    assert "views: random resized crop (scale 0.08-1) + horizontal flip (p 0.5), base lr" in caption
     assert result.results["options"]["hflip"] == 0.5
     with pytest.raises(finetune_module.EvalError, match=r"--hflip 2: must be in \[0, 1\]"):
         finetune_evaluate(digits_run, label_fraction=0.1, hflip=2, device="cpu", write=False)
@@ -347,13 +347,14 @@ def test_the_flip_follows_the_pretraining_unless_asked_otherwise(tmp_path):
     asked = dict(label_fraction=0.01, epochs=1, lrs=(0.1,), device="cpu", write=False, log=lines.append)
     options = finetune_evaluate(tmp_path / "run", **asked).results["options"]
     assert (options["hflip"], options["min_crop_scale"]) == (0, 0.08) and "hflip 0 (as pretrained)" in lines[0]
+    assert ", 1 epoch, " in lines[0]  # one epoch, in the singular
     assert options["augmentation"] == "random resized crop (scale 0.08-1) without flips"
-    results = finetune_evaluate(tmp_path / "run", hflip=0.5, min_crop_scale=0.3, **asked).results
+    results = finetune_evaluate(tmp_path / "run", **{**asked, "epochs": 2}, hflip=0.5, min_crop_scale=0.3).results
     assert results["options"]["augmentation"] == "random resized crop (scale 0.3-1) + horizontal flip (p 0.5)"
-    assert any("hflip 0.5 (--hflip)" in line for line in lines)
+    assert any("hflip 0.5 (--hflip)" in line and ", 2 epochs, " in line for line in lines)
     # from Python, the command recorded is the one that asks for the same (not the interpreter's own arguments)
     assert results["command"] == (f"python -m feature_eval.finetune --checkpoint {tmp_path / 'run'} --device cpu "
-                                  "--epochs 1 --lrs 0.1 --hflip 0.5 --min-crop-scale 0.3")
+                                  "--epochs 2 --lrs 0.1 --hflip 0.5 --min-crop-scale 0.3")
     with pytest.raises(finetune_module.EvalError, match=r"--min-crop-scale 0: must be in \(0, 1\]"):
         finetune_evaluate(tmp_path / "run", min_crop_scale=0, **asked)
 
