@@ -223,10 +223,24 @@ def _write_card(folder: Path, manifest: dict, log: Callable[[str], None]) -> lis
     except (OSError, yaml.YAMLError) as err:
         raise ExportError(f"{folder / CONFIG_FILE} is unreadable ({err}): re-export the package") from None
     evaluations = _matching_evaluations(folder / EVAL_DIR, _package_digests(manifest), log)
+    for path, results in evaluations:
+        _name_the_package(path.with_suffix(".md"), results, manifest["name"])
     manifest["evaluations"] = [f"{EVAL_DIR}/{file.name}" for file in evaluation_files(evaluations)]
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     (folder / CARD_FILE).write_text(model_card(manifest, config, [results for _, results in evaluations]))
     return evaluations
+
+
+def _name_the_package(markdown: Path, results: Results, name: str) -> None:
+    """Make the caption of a package's results table name the package (`name`) and the command that makes the table
+    from it, not the checkpoint path and command as run where it was evaluated: its JSON keeps those as evidence."""
+    if not markdown.is_file():
+        return
+    text = markdown.read_text()
+    for as_run, here in ((results.command, _package_command(results.command, name)),
+                         (results.record.get("checkpoint"), name)):
+        text = text.replace(f"`{as_run}`", f"`{here}`") if as_run else text
+    markdown.write_text(text)
 
 
 def _package_digests(manifest: dict) -> set[str]:
@@ -270,6 +284,7 @@ CIFAR_STEM_LINES = ("net.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)  # 
 CONFIG_DEFAULTS = {"optimizer_lr_scaling": "none", "optimizer_warmup_epochs": 0, "optimizer_cosine": True,
                    "fp16_precision": False}
 CARD_COLUMNS = ("Protocol", "Feature extractor", "Top-1 %", "Top-5 %")
+FINETUNE_CARD_COLUMNS = ("Protocol", "Feature extractor", "Fine-tune epochs", "Top-1 %", "Top-5 %")
 
 
 def _flat_config(config: dict) -> dict:
@@ -278,6 +293,11 @@ def _flat_config(config: dict) -> dict:
     for key, value in (config if isinstance(config, dict) else {}).items():
         flat.update({f"{key}_{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value})
     return flat
+
+
+def _yaml_spelling(value):
+    """A config value as config.yaml spells it where Python's spelling differs: `true`, `false`, `null`."""
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else value
 
 
 def model_card(manifest: dict, config: dict, evaluations: list[Results]) -> str:
@@ -293,7 +313,8 @@ def model_card(manifest: dict, config: dict, evaluations: list[Results]) -> str:
     last = source.get("final_epoch_metrics")
     metrics = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in (last or {}).items()
                         if k != "epoch")
-    fields = collections.defaultdict(lambda: "?", flat)  # a key an older version of the config lacks reads as ?
+    # as config.yaml spells them; a key an older version of the config lacks reads as ?
+    fields = collections.defaultdict(lambda: "?", {key: _yaml_spelling(value) for key, value in flat.items()})
     fields.update(
         name=name, base_model=base_model, weights=WEIGHTS_FILE, torchvision=torchvision_file(base_model),
         arch=ARCHITECTURES.get(base_model, base_model) + (" (CIFAR stem: 3x3 conv1, no max-pool)"
@@ -306,7 +327,7 @@ def model_card(manifest: dict, config: dict, evaluations: list[Results]) -> str:
         feature_dim=manifest["feature_dim"], out_dim=manifest["out_dim"],
         LAST_EPOCH=f"| Last epoch | {metrics} |\n" if last else "", source_checkpoint=source.get("checkpoint"),
         source_commit=source.get("git_commit") or "unknown", exported=manifest.get("exported"),
-        COMMAND=f"| Training command | `{source['command']}` |\n" if source.get("command") else "",
+        COMMAND=f"| Training command (as run on the training machine) | `{source['command']}` |\n" if source.get("command") else "",
         EVALUATIONS=evaluated or NO_EVALUATION.format(name=name),
         FILE_ROWS="".join(f"| {file} | {info['bytes']} | `{info['sha256']}` |\n"
                           for file, info in manifest["files"].items()),
@@ -339,13 +360,26 @@ def _evaluation_block(group: list[Results], name: str) -> str:
     splits, rows = group[-1].splits, _latest_rows(group)
     fit = splits.get("fit", "train")
     if fit == "train" and isinstance(splits.get("train"), int):
-        fit = f"train ({splits['train']:,} images)"
+        fit = f"train ({splits['train']} images)"
+    # a fine-tuned row's score depends on its fine-tuning epochs too, as in the fine-tune results' own table
+    columns = CARD_COLUMNS if all(row.classifier != "finetune" for row in rows) else FINETUNE_CARD_COLUMNS
     commands = [r.command for r in group if any(row in rows for row in r.rows)] or [r.command for r in group]
-    here = [rewrite_command(command, {"--checkpoint": name, "--out-dir": None}) for command in commands]
+    here = [_package_command(command, name) for command in commands]
     made, again = (" and ".join(f"`{command}`" for command in dict.fromkeys(each)) for each in (commands, here))
-    return (f"On {group[-1].dataset} ({group[-1].input_size} px), fit on {fit}, scored on test "
-            f"({splits.get('test', '?')} images):\n\n{markdown_table(rows, CARD_COLUMNS)}\n\nProduced by "
+    return (f"On {group[-1].dataset} ({group[-1].input_size} px), fit on {_thousands(fit)}, scored on test "
+            f"({_thousands(splits.get('test', '?'))} images):\n\n{markdown_table(rows, columns)}\n\nProduced by "
             f"{made}; from this package: {again}.\n\n")
+
+
+def _thousands(text) -> str:
+    """`text` with each whole number of four digits or more spelled `1,437`, as the card spells every image count
+    (feature_eval's fine-tune `fit` writes `1437`)."""
+    return re.sub(r"(?<![\d.])\d{4,}(?!\d|\.\d)", lambda number: f"{int(number[0]):,}", str(text))
+
+
+def _package_command(command: str, name: str) -> str:
+    """`command` as it reads for the package `name`: its results go to the package's eval/, not to `--out-dir`."""
+    return rewrite_command(command, {"--checkpoint": name, "--out-dir": None})
 
 
 LIST_COLUMNS = ("Package", "Architecture", "Data", "Epochs", "Batch", "Linear top-1 %", "KNN top-1 %", "Weights here")

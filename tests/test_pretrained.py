@@ -129,7 +129,8 @@ def test_model_card_has_data_recipe_numbers_commands_sha_and_download_place(expo
                      "NT-Xent temperature 0.5", "weight decay 1e-05", "41.5", "42.5",  # linear and KNN top-1
                      "python -m feature_eval.evaluate --checkpoint runs/x/checkpoints/last.pt --dataset stl10",
                      "--checkpoint resnet-18_3-epochs", sha, "put `model.safetensors`",
-                     "pretrained_models/resnet-18_3-epochs/", "`run.py epochs=5`"):
+                     "pretrained_models/resnet-18_3-epochs/",
+                     "| Training command (as run on the training machine) | `run.py epochs=5` |"):
         assert expected in card, expected
     assert "10.0" not in card  # the stale evaluation's numbers
 
@@ -670,3 +671,70 @@ def test_a_package_may_not_take_the_name_of_a_run_and_a_run_name_with_a_space_re
         export_package(runs / "enc", "enc", root=packages, log=lambda *_: None)
     assert resolve_checkpoint("my run") == runs / "my run" / "checkpoints" / "last.pt"
 
+
+
+V1 = Path(__file__).parent / "data" / "results_v1"  # results files as feature_eval wrote them before typed rows
+
+
+def v1_results(name: str, **changes) -> Results:
+    return Results.from_json({**json.loads((V1 / f"{name}.json").read_text()), **changes})
+
+
+def test_the_card_spells_config_values_as_config_yaml_does():
+    manifest = {"name": "p", "base_model": "resnet18", "cifar_stem": False, "feature_dim": 512, "out_dim": 8,
+                "files": {}}
+    config = {"fp16_precision": False, "optimizer": {"cosine": True, "lr_scaling": None}, "dataset": {"blur": True}}
+    recipe = next(line for line in export_module.model_card(manifest, config, []).splitlines()
+                  if line.startswith("| Recipe |"))
+    assert "cosine true" in recipe and "scaling null" in recipe and "blur true" in recipe
+    assert "mixed precision false" in recipe and not re.search(r"\b(True|False|None)\b", recipe)
+
+
+def test_the_card_spells_every_image_count_alike_and_shows_the_fine_tune_epochs_of_fine_tune_rows():
+    manifest = {"name": "p", "base_model": "resnet18", "cifar_stem": False, "feature_dim": 512, "out_dim": 8,
+                "files": {}}
+    evaluation, finetune = (v1_results(name, splits={**json.loads((V1 / f"{name}.json").read_text())["splits"],
+                                                     "test": 1200})
+                            for name in ("last_digits", "last_digits_finetune-1pct"))
+    card = export_module.model_card(manifest, {"dataset": {"name": "digits", "root": "data"}}, [evaluation, finetune])
+    assert "1437" not in card and "1200" not in card  # feature_eval's fine-tune `fit` spells 1437
+    assert "counted 1,437 labelled train and 1,200 test images" in card
+    assert "fit on train (1,437 images), scored on test (1,200 images)" in card
+    assert "fit on 14 of 1,437 train images (0.974%; --label-fraction 0.01), scored on test (1,200 images)" in card
+    linear, tuned = card.split("On digits (16 px)")[1:]
+    assert "| Protocol | Feature extractor | Top-1 % | Top-5 % |" in linear and "Fine-tune epochs" not in linear
+    top1 = f"{finetune.rows[0].top1:.1f}"
+    assert "| Protocol | Feature extractor | Fine-tune epochs | Top-1 % | Top-5 % |" in tuned
+    assert f"| Fine-tuned end to end (0.974% labels) | SimCLR | 1 | {top1} |" in tuned
+
+
+def test_a_package_eval_caption_names_the_package_not_the_exporting_machine_s_paths(tmp_path):
+    """The captions of the markdown tables in a package's eval/ name the package and its command; the JSON keeps
+    the checkpoint path and command as run, as evidence. A refresh does the same for the package's own results."""
+    _, checkpoint = make_run(tmp_path / "run")
+    (tmp_path / "run" / "eval").mkdir()
+    for name in ("last_digits_finetune-1pct", "last_digits"):
+        record = json.loads((V1 / f"{name}.json").read_text())
+        record["checkpoint_sha256"] = packages.file_sha256(checkpoint)  # the run's weights, as when it evaluated
+        (tmp_path / "run" / "eval" / f"{name}.json").write_text(json.dumps(record))
+        shutil.copy(V1 / f"{name}.md", tmp_path / "run" / "eval")
+    folder = export_package(tmp_path / "run", "p", root=tmp_path / "packages", log=lambda _: None)
+    tuned = (folder / "eval" / "last_digits_finetune-1pct.md").read_text()
+    assert tuned.startswith("`p` fine-tuned end to end on digits") and "/tmp/res" not in tuned
+    assert "Command: `python -m feature_eval.finetune --checkpoint p --label-fraction 0.01 --epochs 1 --lrs 0.1`" \
+        in tuned and "runs/tiny" not in tuned
+    assert (folder / "eval" / "last_digits.md").read_text().startswith("Frozen features of `p` on digits (16px)")
+    assert json.loads((folder / "eval" / "last_digits_finetune-1pct.json").read_text())["command"] == \
+        "python -m feature_eval.finetune --checkpoint runs/tiny --label-fraction 0.01 --epochs 1 --lrs 0.1"
+    assert "/tmp/res" in (tmp_path / "run" / "eval" / "last_digits.md").read_text()  # the run's own stay as written
+    own = folder / "model.safetensors"
+    record = {**json.loads((V1 / "last_digits.json").read_text()), "checkpoint": str(own),
+              "checkpoint_sha256": packages.file_sha256(own), "command": f"python -m feature_eval.evaluate "
+                                                                        f"--checkpoint {folder}"}
+    (folder / "eval" / "model_digits.json").write_text(json.dumps(record))
+    (folder / "eval" / "model_digits.md").write_text(f"Frozen features of `{own}` on digits (16px). Command: "
+                                                     f"`{record['command']}`\n\n| table |\n")
+    refresh_package(folder, log=lambda _: None)
+    assert (folder / "eval" / "model_digits.md").read_text() == (
+        "Frozen features of `p` on digits (16px). Command: `python -m feature_eval.evaluate --checkpoint p`\n\n"
+        "| table |\n")
