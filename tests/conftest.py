@@ -18,6 +18,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import startup  # noqa: E402
+from bench.stl10_synth import write_synthetic_stl10  # noqa: E402
 
 # e.g. a mismatched torch/torchvision pair: said in one line (pytest_configure), not as an error per test file
 INSTALL_PROBLEM = startup.torch_install_problem()
@@ -42,24 +43,9 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
-def write_stl10(root: Path, n_train: int = 6, n_test: int = 4, n_unlabeled: int = 10, seed: int = 0) -> dict:
-    """Write tiny STL10 files in the real binary layout (uint8, each channel column-major, labels 1..10).
-
-    Returns the images as torchvision orients them ([N, 3, 96, 96], row-major) and the 0-based labels.
-    """
-    rng = np.random.default_rng(seed)
-    folder = root / "stl10_binary"
-    folder.mkdir(parents=True, exist_ok=True)
-    out = {}
-    for split, n in (("train", n_train), ("test", n_test), ("unlabeled", n_unlabeled)):
-        images = rng.integers(0, 256, size=(n, 3, 96, 96), dtype=np.uint8)  # (row, column) orientation
-        images.transpose(0, 1, 3, 2).tofile(folder / f"{split}_X.bin")  # stored column-major
-        labels = None
-        if split != "unlabeled":
-            labels = rng.integers(1, 11, size=n, dtype=np.uint8)
-            labels.tofile(folder / f"{split}_y.bin")
-        out[split] = (images, None if labels is None else labels.astype(np.int64) - 1)
-    return out
+def write_stl10(root: Path, n_train: int = 6, n_test: int = 4, n_unlabeled: int = 10) -> Path:
+    """Tiny STL10 files in the real binary layout, by the project's one writer of it; their folder."""
+    return write_synthetic_stl10(root, n_train, n_test, n_unlabeled, reuse=False)
 
 
 @pytest.fixture(autouse=True)
@@ -72,7 +58,13 @@ def _baseline_cache_in_tmp(tmp_path_factory, monkeypatch):
 
 @pytest.fixture
 def stl10_root(tmp_path):
-    data = write_stl10(tmp_path)
+    """Tiny STL10 files, and each split's images and 0-based labels (None: unlabeled) decoded here from the format
+    (uint8, each channel column-major, labels 1..10), oriented as torchvision's: what the reader must return."""
+    folder, data = write_stl10(tmp_path), {}
+    for split in ("train", "test", "unlabeled"):
+        images = np.fromfile(folder / f"{split}_X.bin", dtype=np.uint8).reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2)
+        labels = None if split == "unlabeled" else np.fromfile(folder / f"{split}_y.bin", np.uint8).astype(np.int64)
+        data[split] = (images, None if labels is None else labels - 1)
     return tmp_path, data
 
 
