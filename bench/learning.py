@@ -62,10 +62,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def run_config(args: argparse.Namespace, variant: str, seed: int, *more: str):
-    """One run's config: base, `--set`, the variant, its seed, then `more`; a bad variant's ConfigError names it."""
+def run_config(args: argparse.Namespace, variant: str, seed: int, out_dir: Path):
+    """One run's config: base, `--set`, the variant, its seed and run dir; a bad variant's ConfigError names it."""
+    slug = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in variant)[:80] or BASE
     overrides = [*args.set, "final_eval=false", "resume=None", "fine_tune_from=None",
-                 *([] if variant == BASE else shlex.split(variant)), f"seed={seed}", *more]
+                 *([] if variant == BASE else shlex.split(variant)), f"seed={seed}",
+                 f"run_dir={out_dir / f'{slug}_seed{seed}'}"]
     try:
         return load_config(args.config, overrides)
     except ConfigError as err:
@@ -98,9 +100,7 @@ def study(args: argparse.Namespace, trainer_class=Trainer) -> str:
     config is built first: a bad variant fails before any training."""
     variants = [BASE, *(DEFAULT_VARIANTS if args.variants is None else args.variants)]
     out_dir = Path(args.out_dir or Path("runs") / "learning" / datetime.datetime.now().strftime("%Y%m%d_%H%M%S"))
-    slug = {v: "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in v)[:80] or BASE for v in variants}
-    runs = {(v, s): run_config(args, v, s, f"run_dir={out_dir / f'{slug[v]}_seed{s}'}") for v in variants
-            for s in args.seeds}
+    runs = {(v, s): run_config(args, v, s, out_dir) for v in variants for s in args.seeds}
     scores: dict[tuple[str, int], dict[str, float]] = {}  # (variant or baseline, seed) -> its COLUMNS
     splits: dict[tuple, tuple] = {}
     for i, ((variant, seed), config) in enumerate(runs.items(), start=1):
