@@ -236,11 +236,9 @@ def _name_the_package(markdown: Path, results: Results, name: str) -> None:
     from it, not the checkpoint path and command as run where it was evaluated: its JSON keeps those as evidence."""
     if not markdown.is_file():
         return
-    text = markdown.read_text()
-    for as_run, here in ((results.command, _package_command(results.command, name)),
-                         (results.record.get("checkpoint"), name)):
-        text = text.replace(f"`{as_run}`", f"`{here}`") if as_run else text
-    markdown.write_text(text)
+    text = markdown.read_text().replace(f"`{results.command}`", f"`{_package_command(results.command, name)}`")
+    checkpoint = results.record.get("checkpoint")
+    markdown.write_text(text.replace(f"`{checkpoint}`", f"`{name}`") if checkpoint else text)
 
 
 def _package_digests(manifest: dict) -> set[str]:
@@ -327,7 +325,8 @@ def model_card(manifest: dict, config: dict, evaluations: list[Results]) -> str:
         feature_dim=manifest["feature_dim"], out_dim=manifest["out_dim"],
         LAST_EPOCH=f"| Last epoch | {metrics} |\n" if last else "", source_checkpoint=source.get("checkpoint"),
         source_commit=source.get("git_commit") or "unknown", exported=manifest.get("exported"),
-        COMMAND=f"| Training command (as run on the training machine) | `{source['command']}` |\n" if source.get("command") else "",
+        COMMAND=(f"| Training command (as run on the training machine) | `{source['command']}` |\n"
+                 if source.get("command") else ""),
         EVALUATIONS=evaluated or NO_EVALUATION.format(name=name),
         FILE_ROWS="".join(f"| {file} | {info['bytes']} | `{info['sha256']}` |\n"
                           for file, info in manifest["files"].items()),
