@@ -216,14 +216,15 @@ def _add_to_table(path: Path, results: dict, rows: list[Row], settings: dict[str
     except (OSError, ValueError):
         log(f"note: {path} was unreadable; this evaluation replaces it")
         earlier = None
-    table = current_rows([*(earlier.rows if earlier else ()), *rows], settings)
+    if earlier is None:  # `rows` come in the table's order, one per protocol and extractor
+        return rows, []
+    table = current_rows([*earlier.rows, *rows], settings)
     kept = [row for row in table if row not in rows]
-    dropped = [row for row in earlier.rows if not row.fits(settings.get(row.classifier, {}))] if earlier else []
+    dropped = [row for row in earlier.rows if not row.fits(settings.get(row.classifier, {}))]
     changed = ", ".join(dict.fromkeys(key for row in dropped for key, value in settings[row.classifier].items()
                                       if row.settings.get(key) != value))
-    if earlier:
-        log(f"added to the table of {path.name}: kept {len(kept)} earlier row(s), dropped {len(dropped)}"
-            + (f" (made with other {changed})" if dropped else ""))
+    log(f"added to the table of {path.name}: kept {len(kept)} earlier row(s), dropped {len(dropped)}"
+        + (f" (made with other {changed})" if dropped else ""))
     if kept:  # the options and command cover every row, so the command makes this table again
         classifiers = list(dict.fromkeys("knn" if r.classifier == "weighted_knn" else r.classifier for r in table))
         baselines = list(dict.fromkeys(r.extractor for r in table if r.extractor != "simclr"))

@@ -160,7 +160,7 @@ def finetune(encoder: nn.Module, dataset, num_classes: int, schedule: Schedule, 
     torch.manual_seed(s.seed)
     model = FineTuned(encoder, num_classes).to(device, memory_format=torch.channels_last).requires_grad_(True).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=base_lr * batch_size / 256, momentum=s.momentum, nesterov=True)
-    total = max(1, s.epochs * (len(dataset) // batch_size + (len(dataset) % batch_size >= 2)))  # steps
+    total = max(1, s.epochs * len(range(0, len(dataset) - 1, batch_size)))  # steps, as crop_flip_batches cuts them
     cosine = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     for epoch in (bar := tqdm(range(s.epochs), desc=desc, unit="epoch", leave=False, disable=None)):
@@ -203,9 +203,9 @@ def select_lr(encoder: nn.Module, labelled, num_classes: int, lrs: tuple[float, 
         loss = float(F.cross_entropy(out.features.double(), out.labels))
         grid[lr] = {"valid_top1": topk_accuracy(out.features, out.labels, (1,))[0], "valid_loss": loss}
         tqdm.write(f"{desc}base lr {lr:g}: hold-out top-1 {grid[lr]['valid_top1']:.1f}%, loss {loss:.3f}")
-    if all(entry.get("diverged") for entry in grid.values()):
-        raise EvalError(f"every base lr of --lrs {','.join(f'{lr:g}' for lr in lrs)} diverged: pass smaller ones")
     finished = [lr for lr in lrs if not grid[lr].get("diverged")]
+    if not finished:
+        raise EvalError(f"every base lr of --lrs {','.join(f'{lr:g}' for lr in lrs)} diverged: pass smaller ones")
     chosen = max(finished, key=lambda lr: (grid[lr]["valid_top1"], -grid[lr]["valid_loss"]))
     return chosen, {"chosen_by": "hold-out top-1, then hold-out loss", "fit_items": len(fit),
                     "valid_items": len(valid), "grid": {f"{lr:g}": grid[lr] for lr in lrs}}
