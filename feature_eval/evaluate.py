@@ -131,12 +131,13 @@ def extract_all(ctx: EvalContext, o: EvalOptions, timings: dict, log: Callable[[
     """Extractor -> (train, test) FeatureSplit, and -> its facts (a row's columns; PCA's `pca`), for SimCLR and each
     baseline; `timings` gets their seconds."""
     model = ctx.config.model
-    # a package holds no caches: its features go to runs/eval_cache/<package>
-    package = ctx.checkpoint.suffix == ".safetensors"
-    cache_dir = Path(o.cache_dir) if o.cache_dir is not None else \
-        Path("runs") / "eval_cache" / ctx.checkpoint.resolve().parent.name if package else ctx.out_dir / "cache"
-    # Baselines do not depend on the checkpoint: their features are shared by every run on the same data.
-    baseline_cache = cache_dir / "baselines" if o.cache_dir is not None else baseline_features.BASELINE_CACHE
+    if o.cache_dir is not None:
+        cache_dir, baseline_cache = Path(o.cache_dir), Path(o.cache_dir) / "baselines"
+    else:  # a package holds no caches: its features go to runs/eval_cache/<package>
+        package = ctx.checkpoint.resolve().parent.name if ctx.checkpoint.suffix == ".safetensors" else None
+        cache_dir = Path("runs") / "eval_cache" / package if package is not None else ctx.out_dir / "cache"
+        # Baselines do not depend on the checkpoint: their features are shared by every run on the same data.
+        baseline_cache = baseline_features.BASELINE_CACHE
     cache_dir, baseline_cache = (cache_dir, baseline_cache) if o.cache else (None, None)
     tic = time.perf_counter()
     # no data root: the splits' content digests say which data (a copied or moved run reuses its cache)
