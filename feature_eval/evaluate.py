@@ -313,8 +313,8 @@ def how_to_read(present: set[str]) -> str:
 
 def rerun_command(run_dir: str | Path) -> str:
     """The command of `evaluate_run`'s evaluation of `run_dir` (run.py prints it when that evaluation fails)."""
-    return EvalOptions(classifiers=RUN_CLASSIFIERS, baselines=RUN_BASELINES).command_line("feature_eval.evaluate",
-                                                                                          run_dir)
+    options = EvalOptions(classifiers=RUN_CLASSIFIERS, baselines=RUN_BASELINES)
+    return options.command_line("feature_eval.evaluate", run_dir)
 
 
 def evaluate_run(run_dir: str | Path, log: Callable[[str], None] = print) -> Evaluation:
