@@ -203,7 +203,7 @@ def _write(evaluation: Evaluation, ctx: EvalContext, o: EvalOptions, stem: str, 
     notes = [how_to_read({row.extractor for row in rows}), *notes,
              *(f"![{PICTURES[key]}]({path.name})" for key, path in pictures.items())]
     line = table_caption(results, f"Frozen features of `{results['checkpoint']}`",
-                         f"train ({results['splits']['train']})")
+                         f"train ({results['splits']['train']:,})")
     return {**write_results(results, evaluation.table, ctx.out_dir, stem, line, notes), **pictures}
 
 

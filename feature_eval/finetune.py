@@ -267,7 +267,7 @@ def finetune_evaluate(checkpoint: str | Path, options: FineTuneOptions | None = 
     labelled, counts = subset(ctx.train_set, indices), np.bincount(labels[indices], minlength=len(ctx.classes))
     # The subset is what was fit, not the fraction asked for: at least one image per class can make it larger.
     share, per_class = f"{100 * len(indices) / (labels >= 0).sum():.3g}%", f"{counts.min()}-{counts.max()} per class"
-    fit = f"{len(indices)} of {(labels >= 0).sum()} train images ({share}; --label-fraction {o.label_fraction:g})"
+    fit = f"{len(indices):,} of {(labels >= 0).sum():,} train images ({share}; --label-fraction {o.label_fraction:g})"
     epochs = f"{o.epochs} epoch" if o.epochs == 1 else f"{o.epochs} epochs"
     log(f"fine-tuning {ctx.checkpoint} on {fit} of {ctx.dataset}, {per_class}, {epochs}, {ctx.input_size}px, "
         f"crop scale {o.min_crop_scale:g}-1, hflip {o.hflip:g} ({flip_from}), on {ctx.device}; base lr from "

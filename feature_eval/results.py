@@ -181,7 +181,7 @@ def table_caption(record: dict, subject: str, fit: str) -> str:
     and the command that makes the table."""
     data, command = record["dataset"], record["command"]
     return (f"{subject} on {data['name']} ({data['input_size']}px): fit on {fit}; scored on test "
-            f"({record['splits']['test']}); seed {record['seed']}, {record['timings_s']['total']:.0f} s on "
+            f"({record['splits']['test']:,}); seed {record['seed']}, {record['timings_s']['total']:.0f} s on "
             f"{record['device']}." + (f" Command: `{command}`" if command else ""))
 
 

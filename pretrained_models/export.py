@@ -372,7 +372,7 @@ def _evaluation_block(group: list[Results], name: str) -> str:
 
 def _thousands(text) -> str:
     """`text` with each whole number of four digits or more spelled `1,437`, as the card spells every image count
-    (feature_eval's fine-tune `fit` writes `1437`)."""
+    (results files written before 2026-12-05 spell `1437`)."""
     return re.sub(r"(?<![\d.])\d{4,}(?!\d|\.\d)", lambda number: f"{int(number[0]):,}", str(text))
 
 

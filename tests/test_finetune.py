@@ -324,7 +324,7 @@ def test_the_real_share_of_labels_is_reported_when_each_class_needs_one(digits_r
     # 0.1 % of 1437 digits would be 1 image; every one of the 10 classes gets one, so 10 (0.696 %) are used.
     result = finetune_evaluate(digits_run, label_fraction=0.001, epochs=1, lrs=(0.1,), device="cpu",
                                out_dir=tmp_path, command="test", log=lambda _: None)
-    fit = "10 of 1437 train images (0.696%; --label-fraction 0.001)"
+    fit = "10 of 1,437 train images (0.696%; --label-fraction 0.001)"
     assert result.results["splits"]["fit"] == fit and result.results["splits"]["labelled"] == 10
     assert result.results["rows"][0]["classifier_name"] == "Fine-tuned end to end (0.696% labels)"
     caption = result.paths["markdown"].read_text().split("\n\n")[0]

@@ -697,7 +697,7 @@ def test_the_card_spells_every_image_count_alike_and_shows_the_fine_tune_epochs_
                                                      "test": 1200})
                             for name in ("last_digits", "last_digits_finetune-1pct"))
     card = export_module.model_card(manifest, {"dataset": {"name": "digits", "root": "data"}}, [evaluation, finetune])
-    assert "1437" not in card and "1200" not in card  # feature_eval's fine-tune `fit` spells 1437
+    assert "1437" not in card and "1200" not in card  # the v1 results files spell 1437
     assert "counted 1,437 labelled train and 1,200 test images" in card
     assert "fit on train (1,437 images), scored on test (1,200 images)" in card
     assert "fit on 14 of 1,437 train images (0.974%; --label-fraction 0.01), scored on test (1,200 images)" in card
