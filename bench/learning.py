@@ -2,8 +2,8 @@
 
 Each variant (the base config, `--set`, then its `key=value` overrides) is trained once per seed; each encoder is
 scored by L-BFGS and KNN (k=10) next to a random-init encoder of its architecture and seed and PCA on raw pixels,
-fitted on 80% of the labelled `train` split and scored on the other 20% (`--report test`: train, then test, only
-for a recipe already chosen). docs/RECIPE.md shows the commands and says what the studies found.
+fitted on 80% of the labelled `train` split and scored on the other 20%: the test split is never read here (a chosen
+recipe's test numbers: `feature_eval.evaluate` on its runs). docs/RECIPE.md shows the commands and the findings.
 """
 from __future__ import annotations
 
@@ -54,9 +54,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of every variant")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="overrides for every run, e.g. dataset.name=imagefolder dataset.root=/data/x epochs=50")
-    parser.add_argument("--report", choices=("holdout", "test"), default="holdout",
-                        help="holdout: fit on 80%% of train, score the other 20%% (choose recipes here); test: fit "
-                             "on train, score test (only for a recipe already chosen)")
     parser.add_argument("--out-dir", help="where the runs go (default: runs/learning/<date>_<time>)")
     add_record_args(parser, "the study appended to its section")
     return parser.parse_args(argv)
@@ -74,12 +71,10 @@ def run_config(args: argparse.Namespace, variant: str, seed: int, out_dir: Path)
         raise ConfigError(f"variant {variant!r}: {err}") from None
 
 
-def split_for_report(config, report: str):
-    """(fit set, report set) of labelled images: a fixed stratified hold-out of `train`, or (train, test)."""
+def split_for_report(config):
+    """(fit set, report set) of labelled images: a fixed stratified hold-out of `train`."""
     d = config.dataset
     train = load_split(d.name, d.root, "train", download=d.download)
-    if report == "test":
-        return train, load_split(d.name, d.root, "test", download=d.download)
     fit, held = holdout_split(train.labels.numpy(), HOLDOUT_FRACTION, HOLDOUT_SEED)
     return subset(train, fit), subset(train, held)
 
@@ -111,7 +106,7 @@ def study(args: argparse.Namespace, trainer_class=Trainer) -> str:
         seconds = time.perf_counter() - tic
         data = (config.dataset.name, config.dataset.root, config.dataset.crop_size)
         if data not in splits:
-            splits[data] = split_for_report(config, args.report)
+            splits[data] = split_for_report(config)
         found = scores[variant, seed] = {**score_run(config, seed, splits[data], info.device, scores),
                                          "seconds": seconds}
         print(f"[{i}/{len(runs)}] {variant} seed {seed}: L-BFGS {found['lbfgs']:.1f} (margin "
@@ -144,8 +139,7 @@ def score_run(config, seed: int, data: tuple, device: torch.device, scores: dict
 def render(args, variants: list[str], scores: dict, data: tuple) -> str:
     """The study's markdown table: a row per variant (mean ± sd over seeds), then a row per baseline."""
     fit, report = data
-    where = ("fitted on 80% of the labelled train split, scored on the other 20% (seeded, stratified)"
-             if args.report == "holdout" else "fitted on the train split, scored on the test split")
+    where = "fitted on 80% of the labelled train split, scored on the other 20% (seeded, stratified)"
     lines = [f"Top-1 % {where}: {len(fit)} fit / {len(report)} scored images; mean ± sd over seeds "
              f"{', '.join(map(str, args.seeds))}; margin = SimCLR minus the better of random init and PCA, same seed.",
              "", "| Feature extractor | L-BFGS top-1 | L-BFGS margin | KNN (k=10) top-1 | KNN margin | pretraining s |",
