@@ -321,7 +321,7 @@ def model_card(manifest: dict, config: dict, evaluations: list[Results]) -> str:
         size=(flat.get("dataset_input_shape") or ["?"])[0],
         counted=f"; the evaluation below counted {counted['train']:,} labelled train and {counted['test']:,} test "
                 "images" if counted else "",
-        epochs=manifest.get("epochs"), configured_epochs=manifest.get("configured_epochs"),
+        **{key: "unknown" if manifest.get(key) is None else manifest[key] for key in ("epochs", "configured_epochs")},
         feature_dim=manifest["feature_dim"], out_dim=manifest["out_dim"],
         LAST_EPOCH=f"| Last epoch | {metrics} |\n" if last else "", source_checkpoint=source.get("checkpoint"),
         source_commit=source.get("git_commit") or "unknown", exported=manifest.get("exported"),

@@ -688,6 +688,7 @@ def test_the_card_spells_config_values_as_config_yaml_does():
                   if line.startswith("| Recipe |"))
     assert "cosine true" in recipe and "scaling null" in recipe and "blur true" in recipe
     assert "mixed precision false" in recipe and not re.search(r"\b(True|False|None)\b", recipe)
+    assert "| Epochs | unknown (of unknown configured) |" in export_module.model_card(manifest, config, [])
 
 
 def test_the_card_spells_every_image_count_alike_and_shows_the_fine_tune_epochs_of_fine_tune_rows():
