@@ -81,7 +81,7 @@ def describe_machine(device: str = "cpu") -> str:
     if device.startswith("cuda"):
         host = f"{torch.cuda.get_device_name(torch.device(device))}; host {host}"
     return (f"{host}; Python {platform.python_version()}, torch {torch.__version__}, torchvision "
-            f"{torchvision.__version__}; {torch.get_num_threads()} torch threads")
+            f"{torchvision.__version__}; {torch.get_num_threads()} torch thread{'s' * (torch.get_num_threads() != 1)}")
 
 
 def device_arg(value: str) -> str:

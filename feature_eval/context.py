@@ -52,7 +52,8 @@ class RunOptions:
     download: bool = option(False, "download the data set if it is missing")
     skip_bad_images: bool | None = option(None, "leave out image files that cannot be decoded, with a warning "
                                           "(default: the checkpoint's setting)", action=argparse.BooleanOptionalAction)
-    seed: int = option(0, "every random choice of the protocol (baselines, hold-out, label subset, batches, views)")
+    seed: int = option(0, "every random choice of the protocol: baselines, hold-out, label subset, batches, views "
+                                "(default 0)")
     command: str | None = None
 
     def __post_init__(self):

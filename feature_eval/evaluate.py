@@ -59,16 +59,17 @@ class EvalOptions(RunOptions):
                                                 "(default: lbfgs,knn); knn: the Euclidean and the weighted cosine KNN")
     baselines: str | tuple[str, ...] = option((), "comma-separated, from pca (raw pixels, PCA to model.out_dim) and "
                                                   "random (the encoder untrained), or none")
-    batch_size: int = option(256, "images per forward pass (lower it on OOM)", bound=">= 1")
+    batch_size: int = option(256, "images per forward pass (default 256; lower it on OOM)", bound=">= 1")
     num_workers: int = option(0, "decoding workers for image folders", bound=">= 0")
     cache: bool = option(True, "neither read nor write cached features")
-    cache_dir: str | Path | None = option(None, "feature cache (default: <out-dir>/cache, runs/eval_cache/<package>)")
+    cache_dir: str | Path | None = option(None, "feature cache (default: <out-dir>/cache; runs/eval_cache/<package> "
+                                          "for a package)")
     # C=1.0 and 1200 iterations: the original repository's logistic regression, so its numbers compare
-    C: float = option(1.0, "L-BFGS logistic regression inverse L2 strength", bound="> 0")
+    C: float = option(1.0, "L-BFGS logistic regression inverse L2 strength (default 1.0)", bound="> 0")
     max_iter: int = option(1200, "L-BFGS iterations (default 1200)", bound=">= 1")
     knn_k: int = option(10, "neighbours of the Euclidean KNN vote (default 10)", bound=">= 1")
-    weighted_knn_k: int = option(200, "neighbours of the weighted KNN", bound=">= 1")
-    weighted_knn_temperature: float = option(0.1, "weighted KNN temperature", bound="> 0")
+    weighted_knn_k: int = option(200, "neighbours of the weighted KNN (default 200)", bound=">= 1")
+    weighted_knn_temperature: float = option(0.1, "weighted KNN temperature (default 0.1)", bound="> 0")
     plots: bool = option(True, "draw no t-SNE, confusion-matrix and neighbours PNGs")
 
     def __post_init__(self):
@@ -103,7 +104,7 @@ def evaluate(checkpoint: str | Path, options: EvalOptions | None = None, *, log:
     if "adam" in o.classifiers and len(ctx.train_set) < MIN_HOLDOUT_ITEMS:
         raise EvalError(f"--classifiers adam: the train split has {len(ctx.train_set)} images, too few to tune on a "
                         f"hold-out (need {MIN_HOLDOUT_ITEMS}); use --classifiers lbfgs,knn")
-    log(f"evaluating {ctx.checkpoint} on {ctx.dataset} (train {len(ctx.train_set)}, test {len(ctx.test_set)}, "
+    log(f"evaluating {ctx.checkpoint} on {ctx.dataset} (train {len(ctx.train_set):,}, test {len(ctx.test_set):,}, "
         f"{ctx.input_size}px) on {ctx.device}; classifiers {', '.join(o.classifiers)}; baselines "
         f"{', '.join(o.baselines) or 'none'}")
     timings: dict[str, float] = {}

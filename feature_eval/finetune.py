@@ -241,7 +241,7 @@ class FineTuneOptions(RunOptions):
     valid_fraction: float = option(0.2, "share of the labels held out to choose the lr (default 0.2)", bound="(0, 1)")
     baselines: str | tuple[str, ...] = option((), "random: also fine-tune a randomly initialised encoder "
                                                   "(supervised from scratch on the same labels); none (default)")
-    eval_batch_size: int = option(256, "images per forward pass when scoring", bound=">= 1")
+    eval_batch_size: int = option(256, "images per forward pass when scoring (default 256)", bound=">= 1")
 
     def __post_init__(self):
         object.__setattr__(self, "lrs", tuple(dict.fromkeys(float(lr) for lr in self.lrs)))

@@ -42,7 +42,7 @@ from simclr.config import Config, ConfigError, config_to_dict, saved_config
 
 # No image counts: a run does not record how many images it trained on (a data set folder may hold a subset).
 _PRETRAIN_SPLITS = {"stl10": "train + unlabeled", "cifar10": "train", "cifar100": "train",
-                    "digits": "train (scikit-learn digits' 80% split)", "imagefolder": "train + unlabeled"}
+                    "digits": "train (scikit-learn digits' 80%)", "imagefolder": "train + unlabeled"}
 
 
 class ExportError(ValueError):
