@@ -135,7 +135,8 @@ def crop_flip_batches(dataset, schedule: Schedule, epoch: int):
     s, device = schedule, schedule.device
     generator = torch.Generator().manual_seed(_batch_seed(s.seed, epoch))
     order = torch.randperm(len(dataset), generator=generator)
-    for start in range(0, len(order) - 1, s.batch_size):  # a last batch of one image is dropped
+    # a last batch of one image is dropped: BatchNorm in train mode cannot normalise a single image
+    for start in range(0, len(order) - 1, s.batch_size):
         rows = order[start:start + s.batch_size]
         flip = torch.rand(len(rows), generator=generator) < s.hflip  # rand is in [0, 1): p 0 never, p 1 always
         images, labels = zip(*(dataset[row] for row in rows.tolist()))
@@ -266,8 +267,9 @@ def finetune_evaluate(checkpoint: str | Path, options: FineTuneOptions | None = 
     indices = label_subset(labels, o.label_fraction, o.seed)
     labelled, counts = subset(ctx.train_set, indices), np.bincount(labels[indices], minlength=len(ctx.classes))
     # The subset is what was fit, not the fraction asked for: at least one image per class can make it larger.
-    share, per_class = f"{100 * len(indices) / (labels >= 0).sum():.3g}%", f"{counts.min()}-{counts.max()} per class"
-    fit = f"{len(indices):,} of {(labels >= 0).sum():,} train images ({share}; --label-fraction {o.label_fraction:g})"
+    labelled_total, per_class = int((labels >= 0).sum()), f"{counts.min()}-{counts.max()} per class"
+    share = f"{100 * len(indices) / labelled_total:.3g}%"
+    fit = f"{len(indices):,} of {labelled_total:,} train images ({share}; --label-fraction {o.label_fraction:g})"
     epochs = f"{o.epochs} epoch" if o.epochs == 1 else f"{o.epochs} epochs"
     log(f"fine-tuning {ctx.checkpoint} on {fit} of {ctx.dataset}, {per_class}, {epochs}, {ctx.input_size}px, "
         f"crop scale {o.min_crop_scale:g}-1, hflip {o.hflip:g} ({flip_from}), on {ctx.device}; base lr from "
