@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     add_record_args(parser, "the run appended to this benchmark's section")
     args = parser.parse_args(argv)
     if args.images < 10 or args.size < 8 or args.repeats < 1:
-        parser.error("--images must be >= 10, --size >= 8, --repeats >= 1")
+        parser.exit(2, f"{parser.prog}: error: --images must be >= 10, --size >= 8, --repeats >= 1\n")  # one line
     before = load()
     t = time_calls(args.images, args.size, args.base_model, args.device, args.repeats)
     block = (f"`{command_line('bench.knn_monitor', argv)}` ({datetime.date.today()}; {describe_machine(args.device)}; "

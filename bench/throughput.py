@@ -139,7 +139,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_record_args(parser, "the run appended to this benchmark's section")
     args = parser.parse_args(argv)
     if args.batch_size < 2 or args.steps < 1 or args.warmup < 0:
-        parser.error("--batch-size must be >= 2, --steps >= 1 and --warmup >= 0")
+        parser.exit(2, f"{parser.prog}: error: --batch-size must be >= 2, --steps >= 1 and --warmup >= 0\n")  # one line
     return args
 
 

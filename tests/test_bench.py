@@ -219,6 +219,7 @@ def test_throughput_refuses_bad_numbers_before_building_anything(capsys):
         throughput.main(["--device", "cpu", "--steps", "0"])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and "--batch-size must be >= 2, --steps >= 1" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1  # the error alone, no usage block first
 
 
 FAKE_MODEL = '''import torch
