@@ -108,14 +108,14 @@ def steady_state(rows: list[dict], step_rates: list[float], samples: list) -> di
 
 
 def knn_share(epochs: list[dict], references: list[dict]) -> dict | None:
-    """The kNN monitor's calls and seconds, and their percent of the training seconds: the epochs' (their calls
-    included) and the reference call's, made before epoch 1's clock starts. None where the monitor never ran."""
+    """The kNN monitor's calls, seconds (in all and a call) and their percent of the training seconds: the epochs'
+    (their calls included) and the reference call's, made before epoch 1's clock starts. None where it never ran."""
     calls = [r["knn_seconds"] for r in references + epochs if "knn_seconds" in r]
     if not calls:
         return None
     training = sum(r["seconds"] for r in epochs) + sum(r["knn_seconds"] for r in references)
-    return {"calls": len(calls), "seconds": sum(calls), "training_seconds": training,
-            "percent": 100 * sum(calls) / training if training else 0.0}
+    return {"calls": len(calls), "seconds": sum(calls), "seconds_per_call": sum(calls) / len(calls),
+            "training_seconds": training, "percent": 100 * sum(calls) / training if training else 0.0}
 
 
 def summarize_run(run_dir: str | Path, gpu_csv: str | Path | None = None) -> dict:
@@ -167,8 +167,8 @@ def format_summary(summary: dict, target_seconds: float | None = None, target_bu
         lines.append(f"step records (median images_per_s, each epoch's first left out): "
                      f"{s['step_images_per_s_median']:,.0f} img/s")
     if k := s["knn_monitor"]:
-        lines.append(f"kNN monitor: {k['calls']} calls, {k['seconds']:.1f} s, {k['percent']:.1f} % of the training "
-                     f"seconds (epochs + reference: {k['training_seconds']:.1f} s)")
+        lines.append(f"kNN monitor: {k['calls']} calls, {k['seconds']:.1f} s ({k['seconds_per_call']:.2f} s a call), "
+                     f"{k['percent']:.1f} % of the training seconds (epochs + reference: {k['training_seconds']:.1f} s)")
     if target_seconds is not None and "stl10_epoch_seconds" in st:
         lines.append(f"target: an STL10 epoch <= {target_seconds:g} s: "
                      f"{'met' if st['stl10_epoch_seconds'] <= target_seconds else 'MISSED'} "

@@ -167,8 +167,8 @@ def test_run_summary_gives_the_knn_monitors_share_of_the_training_seconds(tmp_pa
         {"kind": "epoch", "epoch": 1, "train_loss": 4.0, "knn_top1": 60.0, "knn_seconds": 1.5, "seconds": 9.0}])
     assert run_summary.main([str(tmp_path / "run"), "--json", str(tmp_path / "s.json")]) == 0
     assert json.loads((tmp_path / "s.json").read_text())["knn_monitor"] == {
-        "calls": 2, "seconds": 2.5, "training_seconds": 20.0, "percent": 12.5}
-    assert ("kNN monitor: 2 calls, 2.5 s, 12.5 % of the training seconds (epochs + reference: 20.0 s)"
+        "calls": 2, "seconds": 2.5, "seconds_per_call": 1.25, "training_seconds": 20.0, "percent": 12.5}
+    assert ("kNN monitor: 2 calls, 2.5 s (1.25 s a call), 12.5 % of the training seconds (epochs + reference: 20.0 s)"
             in capsys.readouterr().out)
 
 

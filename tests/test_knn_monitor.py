@@ -188,24 +188,3 @@ def test_a_data_set_of_one_class_says_so_in_one_line_and_trains_on(tmp_path, cap
     assert lines == ["kNN monitor off: the train split's labelled images are all of one class (it needs labels of "
                      "two classes or more); training goes on"]
     assert knn_values(tmp_path / "run") == []
-
-
-def test_the_bench_times_the_calls_and_records_only_when_asked(tmp_path, capsys):
-    from bench import knn_monitor
-
-    docs = tmp_path / "BENCHMARKS.md"
-    assert knn_monitor.main(["--images", "20", "--size", "8", "--repeats", "1"]) == 0
-    out = capsys.readouterr().out
-    assert "| 20 | 8 | resnet18 | cpu |" in out and "--record" in out and not docs.exists()
-    assert knn_monitor.main(["--images", "20", "--size", "8", "--repeats", "1", "--output", str(docs)]) == 0
-    assert "## kNN monitor" in docs.read_text() and "| 20 | 8 | resnet18 | cpu |" in docs.read_text()
-
-
-def test_the_bench_refuses_too_few_images_in_one_line(capsys):
-    from bench import knn_monitor
-
-    with pytest.raises(SystemExit) as stop:
-        knn_monitor.main(["--images", "3"])
-    err = capsys.readouterr().err.strip()
-    assert stop.value.code == 2 and len(err.splitlines()) == 1  # the error alone, no usage block first
-    assert err.endswith("error: --images must be >= 10, --size >= 8, --repeats >= 1")
