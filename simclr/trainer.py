@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import math
 import shlex
 import time
@@ -114,6 +115,12 @@ def describe_resume(checkpoint: Path, state: dict, epochs: int) -> tuple[bool, s
     return True, f"resuming from {checkpoint} {where} (epochs={epochs})"
 
 
+def log_on_main(info: DistInfo, message: str) -> None:
+    """A line of the run's log: written by the main process, under any progress bar; the others say nothing."""
+    if info.is_main:
+        tqdm.write(message)
+
+
 class Trainer:
     """Owns the model, optimiser and loop; `fit()` runs the remaining epochs and returns the run dir."""
 
@@ -143,8 +150,9 @@ class Trainer:
         self.skipped_steps = torch.zeros((), dtype=torch.int64, device=self.device)
         if resume is not None:
             self.restore(resume[1])
-        # train_epoch and validate use it outside fit() too, where it holds no lock and never asks to stop
-        self.guard = RunGuard(self.run_dir, info, self.log, on_event)
+        # train_epoch and validate use it outside fit() too, where it holds no lock and never asks to stop; not
+        # `self.log`: a bound method would keep a finished trainer's tensors alive until a garbage collection
+        self.guard = RunGuard(self.run_dir, info, functools.partial(log_on_main, info), on_event)
 
     def _choose_run_dir(self, checkpoint: Path | None) -> Path:
         """`run_dir`, else the resumed checkpoint's run, else a new dated folder under runs/."""
@@ -166,8 +174,7 @@ class Trainer:
         return self.guard.signal
 
     def log(self, message: str) -> None:
-        if self.info.is_main:
-            tqdm.write(message)
+        log_on_main(self.info, message)
 
     def _build_model(self, fine_tune: bool) -> nn.Module:
         c = self.config

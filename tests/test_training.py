@@ -263,3 +263,22 @@ def test_training_flushes_denormals_and_gives_ieee_floats_back(data_root, tmp_pa
     assert run.main(tiny_args(data_root, tmp_path / "run", "epochs=1"), on_event=after_step) == 0
     assert seen and all(value == 0.0 for value in seen)
     assert torch.tensor(1e-40).item() != 0.0
+
+
+def test_a_trainer_is_freed_with_its_last_reference_not_at_the_next_garbage_collection(tmp_path):
+    """No reference cycle (the guard once held the bound `Trainer.log`): a process that trains one model after
+    another (bench.learning, a notebook, this suite) holds one at a time, not every one until a collection."""
+    import gc
+    import weakref
+
+    config = load_config(None, ["dataset.name=digits", "model.out_dim=8", "batch_size=2", "device=cpu",
+                                "dataset.input_shape=(16,16,3)", f"run_dir={tmp_path / 'run'}"])
+    trainer = Trainer(config, init_distributed("cpu"))
+    trainer.train_step(*next(iter(trainer.train_batches.batches(0))))
+    freed = [weakref.ref(trainer), weakref.ref(trainer.model), weakref.ref(trainer.optimizer)]
+    gc.disable()
+    try:
+        del trainer
+        assert [ref() for ref in freed] == [None, None, None]
+    finally:
+        gc.enable()
